@@ -1,0 +1,110 @@
+"""`memdeploy`: small verbs over the pipeline (init, selfcheck, ...). Errors print one line and exit 2."""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="MemMamba checkpoints to graphs, engines and runtimes with O(1) cost per generated token.")
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)   # one unbroken line per error: easy to grep
+
+# Errors a user can cause (bad path, bad config, bad checkpoint, missing optional package): one clear line.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NotADirectoryError)
+
+
+def user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            err_console.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def print_checks(title: str, rows) -> bool:
+    table = Table(title=title)
+    table.add_column("check")
+    table.add_column("max rel. error", justify="right")
+    table.add_column("tolerance", justify="right")
+    table.add_column("", justify="center")
+    for r in rows:
+        table.add_row(r.name, f"{r.error:.2e}", f"{r.tolerance:.0e}", "[green]ok[/]" if r.ok else "[red]FAIL[/]")
+    console.print(table)
+    return all(r.ok for r in rows)
+
+
+@app.command()
+@user_errors
+def init(directory: Path = typer.Argument(..., help="where to write config.json + model.safetensors"),
+         preset: str = typer.Option("tiny", help="tiny | 130m (spec §1)"),
+         memory: bool = typer.Option(True, "--memory/--no-memory", help="--no-memory gives plain Mamba"),
+         seed: int = typer.Option(0, help="seed of the random initialisation"),
+         force: bool = typer.Option(False, help="overwrite a non-empty DIRECTORY")):
+    """Write a seeded random-init checkpoint."""
+    import torch
+
+    from .models import MemMambaConfig, MemMambaLM
+    from .models.checkpoint import save_pretrained
+
+    config = MemMambaConfig.preset(preset, memory=memory)
+    torch.manual_seed(seed)
+    model = MemMambaLM(config)
+    save_pretrained(model, directory, force=force)
+    n = sum(p.numel() for p in model.parameters())
+    console.print(f"wrote {directory} ({preset}, memory={'on' if memory else 'off'}, {n / 1e6:.2f}M parameters, seed {seed})")
+
+
+@app.command()
+@user_errors
+def selfcheck(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
+              batch: int = typer.Option(2), tokens: Optional[int] = typer.Option(None, help="default: 4x pool size"),
+              seed: int = typer.Option(0), tol: float = typer.Option(1e-5, help="max relative error"),
+              json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here")):
+    """Check that the recurrent step reproduces the parallel forward pass (spec §8)."""
+    from .models import MemMambaLM
+    from .selfcheck import step_vs_forward
+
+    model = MemMambaLM.from_pretrained(checkpoint)
+    with console.status("running step vs forward..."):
+        rows, info = step_vs_forward(model, batch=batch, length=tokens, seed=seed, tol=tol)
+    ok = print_checks(f"step ≡ forward: {checkpoint} ({info['tokens']} tokens x {info['batch']})", rows)
+    if "pool_insertions_per_layer" in info:
+        console.print(f"pool insertions per layer (pool size {model.config.pool_size}): "
+                      f"{info['pool_insertions_per_layer']}")
+    if json_out:
+        json_out.write_text(json.dumps({"ok": ok, "info": info, "checks": [r.__dict__ for r in rows]}, indent=2))
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+@user_errors
+def demo(workdir: Path = typer.Option(Path("runs/demo"), help="where the checkpoint and reports go")):
+    """The main job on the bundled default: checkpoint -> step-vs-forward self-check, with a table."""
+    import torch
+
+    from .models import MemMambaConfig, MemMambaLM
+    from .models.checkpoint import save_pretrained
+    from .selfcheck import step_vs_forward
+
+    ckpt = workdir / "checkpoint"
+    torch.manual_seed(0)
+    save_pretrained(MemMambaLM(MemMambaConfig.preset("tiny")), ckpt)
+    console.print(f"[bold]1/2[/] checkpoint: {ckpt} (tiny preset, seed 0)")
+    model = MemMambaLM.from_pretrained(ckpt)
+    with console.status("[bold]2/2[/] step vs forward..."):
+        rows, info = step_vs_forward(model)
+    ok = print_checks(f"step ≡ forward ({info['tokens']} tokens x {info['batch']})", rows)
+    raise typer.Exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,181 @@
+"""Checkpoints: `config.json` + `model.safetensors`, written atomically; import of Hugging Face Mamba.
+
+Every failure names the problem (missing file, corrupt file, unknown architecture, a tensor of the wrong shape).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .config import ARCHITECTURE, MemMambaConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: the message says which file and why."""
+
+
+@contextmanager
+def atomic_directory(target, force: bool = True):
+    """Yield a temporary directory beside `target`; on success it replaces `target` in one rename.
+
+    On any exception the temporary directory is removed and `target` is left as it was. With force=False an
+    existing non-empty `target` is refused before anything is written."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if not force and target.is_dir() and any(target.iterdir()):
+        raise FileExistsError(f"{target} is not empty (use --force to overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "x")
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_pretrained(model, directory, force: bool = True) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_directory(directory, force=force) as tmp:
+        (tmp / CONFIG_NAME).write_text(model.config.to_json())
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "architecture": ARCHITECTURE})
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"missing {path.name} in {path.parent}")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return d
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"missing {path.name} in {path.parent}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file: {e}") from None
+
+
+def _is_hf_mamba(cfg: dict) -> bool:
+    return cfg.get("model_type") == "mamba" or "MambaForCausalLM" in (cfg.get("architectures") or [])
+
+
+def load_pretrained(directory, kernels: str = "torch", device=None, dtype=None):
+    """Load a memmamba-deploy checkpoint, or a Hugging Face `MambaForCausalLM` one (as memory=False)."""
+    from .memmamba import MemMambaLM
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {directory}")
+    raw = _read_json(directory / CONFIG_NAME)
+    if _is_hf_mamba(raw):
+        config, tensors = hf_mamba_config(raw), hf_mamba_tensors(directory, raw)
+    else:
+        if "architecture" not in raw:
+            raise CheckpointError(f"{directory / CONFIG_NAME}: unknown architecture (no 'architecture' key, and not "
+                                  f"a Hugging Face Mamba config); expected architecture {ARCHITECTURE!r}")
+        try:
+            config = MemMambaConfig.from_dict(raw)
+        except ValueError as e:
+            raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from None
+        tensors = read_safetensors(directory / WEIGHTS_NAME)
+    with torch.device("meta"):
+        model = MemMambaLM(config, kernels=kernels)
+    load_tensors(model, tensors, source=str(directory))
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_tensors(model, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load `tensors` into a (possibly meta) model: every key present, no extra key, same shapes."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensor(s) {extra[:8]}{' ...' if len(extra) > 8 else ''} "
+                              f"(does config.json match the weights?)")
+    for k, v in expected.items():
+        if tuple(tensors[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{source}: tensor {k!r} has shape {list(tensors[k].shape)} in the file but the "
+                                  f"config needs {list(v.shape)}")
+    model.load_state_dict(tensors, strict=True, assign=True)
+
+
+# ---- Hugging Face MambaForCausalLM -------------------------------------------------------------------------
+def hf_mamba_config(cfg: dict) -> MemMambaConfig:
+    """Map a transformers MambaConfig (as JSON) to a memory-off MemMambaConfig (spec §1)."""
+    def get(k, default=None):
+        if k not in cfg and default is None:
+            raise CheckpointError(f"Hugging Face Mamba config lacks {k!r}")
+        return cfg.get(k, default)
+
+    if cfg.get("use_bias", False):
+        raise CheckpointError("Hugging Face Mamba with use_bias=true (biased in/out projections) is not supported")
+    if not cfg.get("use_conv_bias", True):
+        raise CheckpointError("Hugging Face Mamba with use_conv_bias=false is not supported")
+    d, expand = get("hidden_size"), get("expand", 2)
+    if cfg.get("intermediate_size", d * expand) != d * expand:
+        raise CheckpointError(f"intermediate_size {cfg['intermediate_size']} != expand*hidden_size {d * expand}")
+    try:
+        return MemMambaConfig(vocab_size=get("vocab_size"), d_model=d, n_layers=get("num_hidden_layers"),
+                              d_state=get("state_size", 16), expand=expand, d_conv=get("conv_kernel", 4),
+                              dt_rank=get("time_step_rank", 0) if cfg.get("time_step_rank") != "auto" else 0,
+                              norm_eps=get("layer_norm_epsilon", 1e-5), memory=False)
+    except ValueError as e:
+        raise CheckpointError(f"Hugging Face Mamba config: {e}") from None
+
+
+def hf_mamba_tensors(directory: Path, cfg: dict) -> dict[str, torch.Tensor]:
+    """Read HF weights (model.safetensors or pytorch_model.bin) and rename `backbone.*` to our keys."""
+    st, bin_ = directory / WEIGHTS_NAME, directory / "pytorch_model.bin"
+    if st.is_file():
+        raw = read_safetensors(st)
+    elif bin_.is_file():
+        try:
+            raw = torch.load(bin_, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for a bad pickle/zip
+            raise CheckpointError(f"{bin_} is corrupt: {e}") from None
+    else:
+        raise CheckpointError(f"missing {WEIGHTS_NAME} (or pytorch_model.bin) in {directory}")
+    out = {}
+    for k, v in raw.items():
+        if k == "lm_head.weight":
+            continue
+        out[k.removeprefix("backbone.")] = v
+    head = raw.get("lm_head.weight")
+    emb = out.get("embeddings.weight")
+    if head is not None and emb is not None and not cfg.get("tie_word_embeddings", True) and not torch.equal(head, emb):
+        raise CheckpointError("untied lm_head weights are not supported (memmamba ties input and output embeddings)")
+    return out

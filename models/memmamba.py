@@ -1,0 +1,379 @@
+"""MemMamba language model in PyTorch: the reference every backend is checked against.
+
+Spec: docs/memmamba-spec.md (cited as §N). Two execution modes share one set of weights:
+  forward / prefill  the parallel form (§8) over a whole sequence, optionally resuming from a State;
+  step               one token with an explicit fixed-size State (§7), O(1) per token.
+Running `step` token by token reproduces `forward` (tests/test_model.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import MemMambaConfig
+from .ops import load_ops
+from .ops.pool import fp32
+
+
+# --------------------------------------------------------------------------------------------------------------
+# §7 Recurrent state
+# --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class State:
+    """Per-layer recurrent state, stacked over layers; within a layer every tensor is batch-first.
+
+    conv [L, B, d_inner, d_conv-1]  last conv inputs, oldest first (model dtype)
+    ssm  [L, B, d_inner, d_state]   SSM state (fp32 always: low-precision state drifts, deployment-notes)
+    pool [L, B, K, d_s]             note-pool summaries (model dtype); None when memory=False
+    prio [L, B, K]                  slot priorities (fp32), -1 marks an empty slot; None when memory=False
+    """
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+    pool: torch.Tensor | None = None
+    prio: torch.Tensor | None = None
+
+    FIELDS = ("conv", "ssm", "pool", "prio")
+
+    @staticmethod
+    def shapes(config: MemMambaConfig, batch: int) -> dict[str, tuple[int, ...]]:
+        c = config
+        s = {"conv": (c.n_layers, batch, c.d_inner, c.d_conv - 1), "ssm": (c.n_layers, batch, c.d_inner, c.d_state)}
+        if c.memory:
+            s["pool"] = (c.n_layers, batch, c.pool_size, c.summary_dim)
+            s["prio"] = (c.n_layers, batch, c.pool_size)
+        return s
+
+    @staticmethod
+    def dtypes(dtype: torch.dtype) -> dict[str, torch.dtype]:
+        return {"conv": dtype, "ssm": torch.float32, "pool": dtype, "prio": torch.float32}
+
+    @classmethod
+    def zeros(cls, config: MemMambaConfig, batch: int, device=None, dtype=torch.float32) -> "State":
+        """The state before any token: zeros, and every pool slot empty (prio = -1)."""
+        dts = cls.dtypes(dtype)
+        t = {k: torch.zeros(v, device=device, dtype=dts[k]) for k, v in cls.shapes(config, batch).items()}
+        if "prio" in t:
+            t["prio"].fill_(-1.0)
+        return cls(**t)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self.FIELDS if getattr(self, k) is not None}
+
+    def clone(self) -> "State":
+        return State(**{k: v.clone() for k, v in self.tensors().items()})
+
+    def to(self, device) -> "State":
+        return State(**{k: v.to(device) for k, v in self.tensors().items()})
+
+    @property
+    def batch_size(self) -> int:
+        return self.conv.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.tensors().values())
+
+    def check(self, config: MemMambaConfig, batch: int | None = None, dtype: torch.dtype | None = None) -> None:
+        """Raise ValueError naming the first tensor whose presence, shape or dtype does not fit `config`."""
+        b = self.batch_size if batch is None else batch
+        want = self.shapes(config, b)
+        dts = self.dtypes(self.conv.dtype if dtype is None else dtype)
+        for k in self.FIELDS:
+            v = getattr(self, k)
+            if k not in want:
+                if v is not None:
+                    raise ValueError(f"state.{k} given but the model has memory=False")
+                continue
+            if v is None:
+                raise ValueError(f"state.{k} is missing (expected shape {list(want[k])})")
+            if tuple(v.shape) != want[k]:
+                raise ValueError(f"state.{k} has shape {list(v.shape)}, expected {list(want[k])}")
+            if v.dtype != dts[k]:
+                raise ValueError(f"state.{k} has dtype {v.dtype}, expected {dts[k]}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm in fp32 (as Hugging Face's MambaRMSNorm); returns the weight's dtype."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(self.weight.dtype)
+
+
+class Mixer(nn.Module):
+    """§6 Mamba-1 selective SSM (as state-spaces/mamba `mamba_simple`); parameter names match Hugging Face."""
+
+    def __init__(self, c: MemMambaConfig):
+        super().__init__()
+        di, n, r = c.d_inner, c.d_state, c.dt_rank
+        self.d_state, self.dt_rank = n, r
+        self.in_proj = nn.Linear(c.d_model, 2 * di, bias=False)
+        self.conv1d = nn.Conv1d(di, di, c.d_conv, groups=di, padding=c.d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(di, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, di, bias=True)
+        self.A_log = nn.Parameter(torch.empty(di, n))
+        self.D = nn.Parameter(torch.empty(di))
+        self.out_proj = nn.Linear(di, c.d_model, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, n_layers: int, dt_min=1e-3, dt_max=1e-1, dt_floor=1e-4):
+        """mamba_ssm's init: A_log = log(1..N), D = 1, dt bias = softplus^-1 of log-uniform dt in
+        [dt_min, dt_max], dt_proj.weight ~ U(±R^-0.5), out_proj scaled by 1/sqrt(n_layers)."""
+        di, n = self.A_log.shape
+        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(di, 1))
+        self.D.fill_(1.0)
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(torch.rand(di) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.out_proj.weight.div_(math.sqrt(n_layers))
+
+    def _proj(self, xc):
+        """x_proj + dt_proj (bias added inside the scan, in fp32). Returns dt, B, C."""
+        dt_r, B, C = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return F.linear(dt_r, self.dt_proj.weight), B, C
+
+    def forward(self, u, window, h, ops):
+        """u [B,T,d] -> (y [B,T,d], window, h)."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        xc, window = ops.causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, window)
+        dt, B, C = self._proj(xc)
+        y, h = ops.selective_scan(xc, dt, -torch.exp(self.A_log.float()), B, C, self.D, z, self.dt_proj.bias, h)
+        return self.out_proj(y), window, h
+
+    def step(self, u, window, h, ops):
+        """u [B,d] -> (y [B,d], window, h)."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        xc, window = ops.causal_conv_step(x, self.conv1d.weight[:, 0], self.conv1d.bias, window)
+        dt, B, C = self._proj(xc)
+        y, h = ops.selective_state_step(h, xc, dt, -torch.exp(self.A_log.float()), B, C, self.D, z,
+                                        self.dt_proj.bias)
+        return self.out_proj(y), window, h
+
+
+def _straight_through(x: torch.Tensor) -> torch.Tensor:
+    """Exactly 1.0 in value, with the gradient of x: lets a hard threshold decision train its score."""
+    return 1.0 + (x - x.detach())
+
+
+class NoteBlock(nn.Module):
+    """§3 Note Block: importance a = sigmoid(w2ᵀ ReLU(W1 u)) and summary s = W_N u (no biases)."""
+
+    def __init__(self, c: MemMambaConfig):
+        super().__init__()
+        self.score_in = nn.Linear(c.d_model, c.d_model // 4, bias=False)
+        self.score_out = nn.Linear(c.d_model // 4, 1, bias=False)
+        self.summary = nn.Linear(c.d_model, c.summary_dim, bias=False)
+
+    def forward(self, u):
+        """Returns (a [...] fp32, s [..., d_s]). When training, s carries a straight-through factor so the
+        score (which only decides insertion) gets the gradient of the attention that reads the token."""
+        a = torch.sigmoid(self.score_out(F.relu(self.score_in(u))).float()[..., 0])
+        s = self.summary(u)
+        if torch.is_grad_enabled():
+            s = s * _straight_through(a).unsqueeze(-1).to(s.dtype)
+        return a, s
+
+
+class PoolAttention(nn.Module):
+    """§4 cross-token attention (with a learned trigger) or §5 cross-layer attention (no trigger).
+
+    r = [1(b > τ2)] · α · MultiHead(W_q u, P W_k, P W_v) over the valid slots, b = sigmoid(w_bᵀ u + β)."""
+
+    def __init__(self, c: MemMambaConfig, trigger: bool):
+        super().__init__()
+        self.heads, self.read_threshold = c.memory_heads, c.read_threshold
+        self.q_proj = nn.Linear(c.d_model, c.summary_dim, bias=False)
+        self.k_proj = nn.Linear(c.summary_dim, c.summary_dim, bias=False)
+        self.v_proj = nn.Linear(c.summary_dim, c.d_model, bias=False)
+        self.alpha = nn.Parameter(torch.full((1,), 0.1))
+        self.trigger = nn.Linear(c.d_model, 1, bias=True) if trigger else None
+
+    def forward(self, u, bank, index, ops):
+        """u [B,T,d]; bank [B,M,d_s] summaries; index [B,T,S] the entries each token reads (-1: none)."""
+        o = ops.pool_attention(self.q_proj(u), self.k_proj(bank), self.v_proj(bank), index, self.heads)
+        r = self.alpha.to(o.dtype) * o
+        if self.trigger is not None:
+            b = torch.sigmoid(self.trigger(u).float()[..., 0])
+            gate = (b > fp32(self.read_threshold)).float()
+            if torch.is_grad_enabled():
+                gate = gate * _straight_through(b)
+            r = r * gate.unsqueeze(-1).to(r.dtype)
+        return r
+
+
+def _offset(index: torch.Tensor, offset: int) -> torch.Tensor:
+    """Shift bank indices by `offset`, keeping -1 (no entry) as -1."""
+    return torch.where(index >= 0, index + offset, index)
+
+
+def _pool_index(prio: torch.Tensor) -> torch.Tensor:
+    """[B,K] priorities -> [B,1,K] indices of the occupied slots (-1 for empty ones), for a one-token read."""
+    k = torch.arange(prio.shape[-1], device=prio.device, dtype=torch.int32)
+    return torch.where(prio >= 0, k, -1).unsqueeze(1)
+
+
+class Layer(nn.Module):
+    """§2: u = RMSNorm(h); ũ = u + r_tok + r_cross (pools before the token); h' = h + Mixer(ũ); then insert."""
+
+    def __init__(self, c: MemMambaConfig, index: int):
+        super().__init__()
+        self.norm = RMSNorm(c.d_model, c.norm_eps)
+        self.mixer = Mixer(c)
+        if c.memory:
+            self.note = NoteBlock(c)
+            self.token_attn = PoolAttention(c, trigger=True)
+            if c.is_cross_layer(index):
+                self.cross_attn = PoolAttention(c, trigger=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------------------
+class MemMambaLM(nn.Module):
+    """Embedding, L MemMamba layers, final RMSNorm, tied LM head (§1, §2).
+
+    kernels: "torch" (the reference, models/ops/*.py) or "triton" (models/ops/triton, same math)."""
+
+    def __init__(self, config: MemMambaConfig, kernels: str = "torch"):
+        super().__init__()
+        self.config = config
+        self.embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Layer(config, i) for i in range(config.n_layers))
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        self.set_kernels(kernels)
+        self.reset_parameters()
+
+    def set_kernels(self, kernels: str) -> "MemMambaLM":
+        self.ops = load_ops(kernels)
+        self.kernels = kernels
+        return self
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.normal_(self.embeddings.weight, std=0.02)
+        for layer in self.layers:
+            layer.mixer.reset_parameters(self.config.n_layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.weight.device
+
+    def new_state(self, batch: int) -> State:
+        return State.zeros(self.config, batch, self.device, self.dtype)
+
+    def _logits(self, h):
+        return F.linear(self.norm_f(h), self.embeddings.weight).float()
+
+    # ---- parallel form (§8) --------------------------------------------------------------------------------
+    def _run(self, input_ids, state: State | None, want_hidden: bool):
+        c, ops = self.config, self.ops
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, T], got shape {list(input_ids.shape)}")
+        Bsz, T = input_ids.shape
+        if state is None:
+            state = self.new_state(Bsz)
+        state.check(c, Bsz, self.dtype)
+        h = self.embeddings(input_ids).float()                        # residual stream in fp32
+        hidden = [h] if want_hidden else None
+        out = {k: [] for k in state.tensors()}
+        group: list[tuple[torch.Tensor, torch.Tensor]] = []           # (bank, index) of this §5 group's layers
+        rows = torch.arange(Bsz, device=h.device)
+        for l, layer in enumerate(self.layers):
+            u = layer.norm(h)
+            ut = u
+            if c.memory:
+                a, s = layer.note(u)
+                index, prio = ops.pool_sweep(a, state.prio[l], c.insert_threshold)  # [B,T+1,K], [B,K]
+                bank = torch.cat([state.pool[l].to(s.dtype), s], dim=1)          # initial slots, then tokens
+                ut = ut + layer.token_attn(u, bank, index[:, :T], ops)
+                group.append((bank, index[:, :T]))
+                if c.is_cross_layer(l):
+                    m = c.pool_size + T                                         # entries per layer's bank
+                    ut = ut + layer.cross_attn(u, torch.cat([b for b, _ in group], 1),
+                                               torch.cat([_offset(i, j * m) for j, (_, i) in enumerate(group)], 2), ops)
+                    group = []
+                k = torch.arange(c.pool_size, device=h.device)
+                last = torch.where(index[:, T] >= 0, index[:, T].long(), k)    # an empty slot keeps its content
+                out["pool"].append(bank[rows[:, None], last])
+                out["prio"].append(prio)
+            y, window, hs = layer.mixer(ut, state.conv[l], state.ssm[l], ops)
+            out["conv"].append(window)
+            out["ssm"].append(hs)
+            h = h + y
+            if want_hidden:
+                hidden.append(h)
+        new_state = State(**{k: torch.stack(v) for k, v in out.items()})
+        return self._logits(h), new_state, hidden
+
+    def forward(self, input_ids: torch.Tensor, state: State | None = None) -> torch.Tensor:
+        """input_ids [B,T] -> logits [B,T,vocab] (fp32)."""
+        return self._run(input_ids, state, False)[0]
+
+    def prefill(self, input_ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """forward that also returns the state after the last token (resumes from `state` if given)."""
+        logits, new_state, _ = self._run(input_ids, state, False)
+        return logits, new_state
+
+    def hidden_states(self, input_ids: torch.Tensor, state: State | None = None) -> list[torch.Tensor]:
+        """Residual stream after the embedding and after each layer: L+1 tensors [B,T,d] (fp32), for §10."""
+        return self._run(input_ids, state, True)[2]
+
+    # ---- recurrent form (§2–§7 token by token) -------------------------------------------------------------
+    def step(self, token_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """token_ids [B] or [B,1] -> (logits [B,vocab] fp32, new state). `state` is not modified."""
+        c, ops = self.config, self.ops
+        if token_ids.dim() == 2 and token_ids.shape[1] == 1:
+            token_ids = token_ids[:, 0]
+        if token_ids.dim() != 1:
+            raise ValueError(f"token_ids must be [batch] or [batch, 1], got shape {list(token_ids.shape)}")
+        state.check(c, token_ids.shape[0], self.dtype)
+        h = self.embeddings(token_ids).float()
+        out = {k: [] for k in state.tensors()}
+        for l, layer in enumerate(self.layers):
+            u = layer.norm(h)
+            ut = u
+            if c.memory:
+                ut = ut + layer.token_attn(u[:, None], state.pool[l], _pool_index(state.prio[l]), ops)[:, 0]
+                if c.is_cross_layer(l):
+                    g = slice(l - c.cross_layer_every + 1, l + 1)
+                    bank = state.pool[g].transpose(0, 1).flatten(1, 2)          # [B, p·K, d_s], layers in order
+                    prio = state.prio[g].transpose(0, 1).flatten(1, 2)
+                    ut = ut + layer.cross_attn(u[:, None], bank, _pool_index(prio), ops)[:, 0]
+                a, s = layer.note(u)
+                pool, prio = ops.pool_insert(state.pool[l], state.prio[l], a, s, c.insert_threshold)
+                out["pool"].append(pool)
+                out["prio"].append(prio)
+            y, window, hs = layer.mixer.step(ut, state.conv[l], state.ssm[l], ops)
+            out["conv"].append(window)
+            out["ssm"].append(hs)
+            h = h + y
+        return self._logits(h), State(**{k: torch.stack(v) for k, v in out.items()})
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def save_pretrained(self, directory) -> None:
+        from .checkpoint import save_pretrained
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, kernels: str = "torch", device=None, dtype=None) -> "MemMambaLM":
+        from .checkpoint import load_pretrained
+        return load_pretrained(directory, kernels=kernels, device=device, dtype=dtype)

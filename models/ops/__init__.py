@@ -1,0 +1,36 @@
+"""Kernel sets. Each set offers the same functions with the same signatures; "torch" is the reference.
+
+    causal_conv, causal_conv_step, selective_scan, selective_state_step       (scan.py, spec §6)
+    pool_sweep, pool_insert, pool_attention                                   (pool.py, spec §3-§5, §8)
+"""
+from __future__ import annotations
+
+import types
+
+from . import pool, scan
+
+KERNEL_SETS = ("torch", "triton")
+
+TORCH_OPS = types.SimpleNamespace(
+    name="torch",
+    causal_conv=scan.causal_conv_ref,
+    causal_conv_step=scan.causal_conv_step_ref,
+    selective_scan=scan.selective_scan_ref,
+    selective_state_step=scan.selective_state_step_ref,
+    pool_sweep=pool.pool_sweep_ref,
+    pool_insert=pool.pool_insert_ref,
+    pool_attention=pool.pool_attention_ref,
+)
+
+
+def load_ops(name: str) -> types.SimpleNamespace:
+    if name == "torch":
+        return TORCH_OPS
+    if name == "triton":
+        try:
+            from .triton import TRITON_OPS
+        except ImportError as e:
+            raise ImportError(f"kernels='triton' needs the Triton kernels and the triton package "
+                              f"(pip install 'memmamba-deploy[triton]'): {e}") from None
+        return TRITON_OPS
+    raise ValueError(f"unknown kernel set {name!r}; choose one of {list(KERNEL_SETS)}")

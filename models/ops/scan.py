@@ -1,0 +1,59 @@
+"""Selective-scan and causal-conv references (spec §6). Ground truth for every fast path.
+
+Layouts are batch-time-channel: x, dt, z [B, T, Di]; B, C [B, T, N]; A [Di, N]; SSM state h [B, Di, N] (fp32);
+conv window [B, Di, k-1] holding the last k-1 conv *inputs*, oldest first. Per spec §9 the recurrence runs in fp32
+(exp(dt·A), softplus and the accumulation) whatever the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv_ref(x, weight, bias, window):
+    """Depthwise causal conv over time, then SiLU. x [B,T,Di], weight [Di,k], bias [Di] or None,
+    window [B,Di,k-1] (the inputs before x). Returns (out [B,T,Di], new window [B,Di,k-1])."""
+    k = weight.shape[1]
+    xt = torch.cat([window.to(x.dtype), x.transpose(1, 2)], dim=2)  # [B, Di, k-1+T]
+    out = F.conv1d(xt, weight.unsqueeze(1), bias, groups=weight.shape[0])
+    return F.silu(out).transpose(1, 2), xt[:, :, xt.shape[2] - (k - 1):]
+
+
+def causal_conv_step_ref(x, weight, bias, window):
+    """One token of causal_conv_ref. x [B,Di]. Returns (out [B,Di], new window)."""
+    xt = torch.cat([window.to(x.dtype), x.unsqueeze(2)], dim=2)  # [B, Di, k]
+    out = (xt * weight).sum(-1)
+    if bias is not None:
+        out = out + bias
+    return F.silu(out), xt[:, :, 1:]
+
+
+def selective_state_step_ref(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=True):
+    """One token of the selective SSM. h [B,Di,N] fp32; x, dt, z [B,Di]; B, C [B,N]; A [Di,N]; D [Di].
+    Returns (y [B,Di] in x.dtype, new h)."""
+    xf, dtf = x.float(), dt.float()
+    if dt_bias is not None:
+        dtf = dtf + dt_bias.float()
+    if dt_softplus:
+        dtf = F.softplus(dtf)
+    dA = torch.exp(dtf.unsqueeze(-1) * A.float())                         # [B, Di, N]
+    dBx = (dtf * xf).unsqueeze(-1) * B.float().unsqueeze(1)               # [B, Di, N]
+    h = dA * h + dBx
+    y = (h * C.float().unsqueeze(1)).sum(-1) + D.float() * xf
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype), h
+
+
+def selective_scan_ref(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True):
+    """The selective scan over T tokens, run as the step recurrence (§8: the parallel form must equal it).
+    Returns (y [B,T,Di], final state [B,Di,N] fp32)."""
+    Bsz, T, Di = x.shape
+    h = torch.zeros(Bsz, Di, A.shape[1], device=x.device, dtype=torch.float32) if h0 is None else h0.float()
+    ys = []
+    for t in range(T):
+        y, h = selective_state_step_ref(h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D,
+                                        None if z is None else z[:, t], dt_bias, dt_softplus)
+        ys.append(y)
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(Bsz, 0, Di)
+    return y, h

@@ -1,0 +1,127 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_model
+from memmamba_deploy.cli import app
+from memmamba_deploy.models import MemMambaLM
+from memmamba_deploy.models.checkpoint import CheckpointError, atomic_directory, save_pretrained
+
+
+def test_round_trip_is_bit_exact(tmp_path, tiny):
+    tiny.save_pretrained(tmp_path / "ck")
+    back = MemMambaLM.from_pretrained(tmp_path / "ck")
+    assert back.config == tiny.config
+    a, b = tiny.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(tiny(ids), back(ids))
+
+
+def test_overwrite_replaces_whole_directory(tmp_path, tiny):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "stale.txt").write_text("x")
+    tiny.save_pretrained(tmp_path / "ck")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]          # no temp dirs left behind
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_pretrained(tiny, tmp_path / "ck", force=False)
+
+
+def test_failure_mid_write_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def saved(tmp_path, tiny):
+    tiny.save_pretrained(tmp_path / "ck")
+    return tmp_path / "ck"
+
+
+def test_missing_files(tmp_path, saved):
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
+        MemMambaLM.from_pretrained(tmp_path / "nope")
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing model.safetensors"):
+        MemMambaLM.from_pretrained(saved)
+    (saved / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        MemMambaLM.from_pretrained(saved)
+
+
+def test_corrupt_weights(saved):
+    data = (saved / "model.safetensors").read_bytes()
+    (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or not a safetensors file"):
+        MemMambaLM.from_pretrained(saved)
+    (saved / "model.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        MemMambaLM.from_pretrained(saved)
+
+
+def test_corrupt_config(saved):
+    (saved / "config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        MemMambaLM.from_pretrained(saved)
+
+
+def test_shape_mismatch_names_tensor_and_shapes(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["d_state"] = 4
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"tensor 'layers.0.mixer.A_log' has shape \[128, 8\] in the file but "
+                                              r"the config needs \[128, 4\]"):
+        MemMambaLM.from_pretrained(saved)
+
+
+def test_memory_mismatch_lists_unexpected_tensors(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["memory"] = False
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unexpected tensor"):
+        MemMambaLM.from_pretrained(saved)
+
+
+def test_unknown_architecture(saved):
+    (saved / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(CheckpointError, match="unknown architecture"):
+        MemMambaLM.from_pretrained(saved)
+    (saved / "config.json").write_text(json.dumps({**make_model().config.to_dict(), "architecture": "rwkv"}))
+    with pytest.raises(CheckpointError, match="unknown architecture 'rwkv'"):
+        MemMambaLM.from_pretrained(saved)
+
+
+def test_load_to_dtype(saved):
+    m = MemMambaLM.from_pretrained(saved, dtype=torch.float16)
+    assert m.dtype == torch.float16 and m.new_state(1).ssm.dtype == torch.float32
+
+
+def test_cli_init_then_load_gives_identical_logits(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["init", str(tmp_path / "x"), "--preset", "tiny", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    r2 = runner.invoke(app, ["init", str(tmp_path / "y"), "--preset", "tiny", "--seed", "3"])
+    assert r2.exit_code == 0
+    a, b = MemMambaLM.from_pretrained(tmp_path / "x"), MemMambaLM.from_pretrained(tmp_path / "y")
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(a(ids), b(ids))                          # seeded: same seed, same model
+    r = runner.invoke(app, ["init", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "not empty" in r.output
+
+
+def test_cli_selfcheck_passes_and_reports_errors(tmp_path):
+    runner = CliRunner()
+    assert runner.invoke(app, ["init", str(tmp_path / "x")]).exit_code == 0
+    r = runner.invoke(app, ["selfcheck", str(tmp_path / "x"), "--tokens", "40"])
+    assert r.exit_code == 0, r.output
+    assert "step vs forward: logits" in r.output and "FAIL" not in r.output
+    r = runner.invoke(app, ["selfcheck", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "no checkpoint directory" in r.output

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+
+from memmamba_deploy.models import PRESETS, MemMambaConfig
+
+
+def test_presets_match_spec_table():
+    c = MemMambaConfig.preset("130m")
+    assert (c.vocab_size, c.d_model, c.n_layers, c.d_state, c.expand) == (50280, 768, 24, 16, 2)
+    assert (c.pool_size, c.summary_dim, c.memory_heads, c.cross_layer_every) == (50, 64, 4, 4)
+    assert c.dt_rank == 48 and c.d_inner == 1536
+    assert set(PRESETS) == {"tiny", "130m"}
+
+
+def test_json_round_trip():
+    for name in PRESETS:
+        c = MemMambaConfig.preset(name, memory=False)
+        assert MemMambaConfig.from_json(c.to_json()) == c
+
+
+def test_cross_layer_rule():
+    c = MemMambaConfig.preset("130m")
+    assert [l for l in range(24) if c.is_cross_layer(l)] == [3, 7, 11, 15, 19, 23]
+    assert not any(MemMambaConfig.preset("130m", memory=False).is_cross_layer(l) for l in range(24))
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"d_modle": 64}, "unknown config key"),
+    ({"summary_dim": 15}, "divisible by memory_heads"),
+    ({"d_model": 66, "memory_heads": 4, "summary_dim": 16}, "d_model (66) must be divisible"),
+    ({"n_layers": 0}, "n_layers must be a positive integer"),
+    ({"n_layers": 2.5}, "n_layers must be a positive integer"),
+    ({"insert_threshold": 1.5}, "insert_threshold must lie in [0, 1)"),
+    ({"cross_layer_every": 8}, "cross_layer_every (8) must be <= n_layers"),
+    ({"architecture": "llama"}, "unknown architecture 'llama'"),
+    ({"memory": "yes"}, "memory must be true or false"),
+])
+def test_bad_config_errors_name_the_problem(bad, words):
+    d = {**MemMambaConfig.preset("tiny").to_dict(), **bad}
+    with pytest.raises(ValueError) as e:
+        MemMambaConfig.from_dict(d)
+    assert words in str(e.value)
+
+
+def test_bad_json_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="not valid JSON"):
+        MemMambaConfig.from_json("{nope")
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        MemMambaConfig.load(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 10, "extra": 1}))
+    with pytest.raises(ValueError, match=r"config.json: unknown config key\(s\) \['extra'\]"):
+        MemMambaConfig.load(tmp_path / "config.json")
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        MemMambaConfig.preset("7b")

@@ -1,0 +1,194 @@
+"""The reference model's invariants (spec §8): step ≡ forward, resumable prefill, pool semantics."""
+import pytest
+import torch
+
+from conftest import make_model
+from memmamba_deploy.metrics import rel_err
+from memmamba_deploy.models import MemMambaConfig, MemMambaLM, State
+from memmamba_deploy.models.ops.pool import pool_attention_ref, pool_insert_ref, pool_sweep_ref
+from memmamba_deploy.selfcheck import pool_insertions
+
+VARIANTS = [
+    dict(),                                                        # tiny preset: K=8, p=2, H=2
+    dict(pool_size=4, cross_layer_every=4, memory_heads=1),        # one cross-layer group over all 4 layers
+    dict(n_layers=3, cross_layer_every=2, summary_dim=8, memory_heads=4, d_state=4),  # a trailing layer outside any group
+    dict(memory=False),                                            # plain Mamba
+]
+
+
+def run_steps(model, ids, state=None):
+    state = model.new_state(ids.shape[0]) if state is None else state
+    out = []
+    for t in range(ids.shape[1]):
+        logits, state = model.step(ids[:, t], state)
+        out.append(logits)
+    return torch.stack(out, 1), state
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("variant", VARIANTS, ids=["tiny", "K4-p4", "L3-trailing", "no-memory"])
+@torch.no_grad()
+def test_step_reproduces_forward(seed, variant):
+    model = make_model(seed, **variant)
+    c = model.config
+    T = 16 * c.pool_size if c.memory else 48
+    ids = torch.randint(0, c.vocab_size, (3, T), generator=torch.Generator().manual_seed(seed + 100))
+    full, full_state = model.prefill(ids)
+    steps, state = run_steps(model, ids)
+    assert rel_err(steps, full) <= 1e-5
+    for k, v in state.tensors().items():
+        assert rel_err(v, full_state.tensors()[k]) <= 1e-5, k
+    if c.memory:
+        # every pool must fill and then replace its entries (>= K replacements per row), or the test proves little
+        assert min(pool_insertions(model, ids)) >= 2 * c.pool_size * ids.shape[0]
+        assert (full_state.prio >= 0).all()
+
+
+@torch.no_grad()
+def test_memory_path_changes_the_output_and_trigger_fires_both_ways(tiny):
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5))
+    with_memory = tiny(ids)
+    gates = []
+    for layer in tiny.layers:
+        u = layer.norm(tiny.embeddings(ids).float())
+        gates.append(torch.sigmoid(layer.token_attn.trigger(u))[..., 0] > 0.3)
+    g = torch.cat([x.flatten() for x in gates])
+    assert g.any() and not g.all(), "random init should fire some reads and skip others"
+    for layer in tiny.layers:
+        layer.token_attn.alpha.zero_()
+        if hasattr(layer, "cross_attn"):
+            layer.cross_attn.alpha.zero_()
+    assert rel_err(tiny(ids), with_memory) > 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:1] + VARIANTS[3:], ids=["tiny", "no-memory"])
+@torch.no_grad()
+def test_prefill_then_step_and_prefill_resume_equal_forward(variant):
+    model = make_model(7, **variant)
+    ids = torch.randint(0, 256, (2, 80), generator=torch.Generator().manual_seed(9))
+    full = model(ids)
+    _, mid = model.prefill(ids[:, :50])
+    steps, _ = run_steps(model, ids[:, 50:], mid)
+    assert rel_err(steps, full[:, 50:]) <= 1e-5
+    second, _ = model.prefill(ids[:, 50:], mid)
+    assert rel_err(second, full[:, 50:]) <= 1e-5
+
+
+@torch.no_grad()
+def test_step_does_not_modify_its_input_state(tiny):
+    state = tiny.new_state(2)
+    for t in range(20):
+        _, state = tiny.step(torch.tensor([t, 3 * t]), state)
+    before = state.clone()
+    tiny.step(torch.tensor([1, 2]), state)
+    for k, v in state.tensors().items():
+        assert torch.equal(v, before.tensors()[k])
+
+
+@torch.no_grad()
+def test_batch_rows_are_independent(tiny):
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(3))
+    full = tiny(ids)
+    for b in range(3):
+        assert rel_err(tiny(ids[b:b + 1]), full[b:b + 1]) <= 1e-5
+
+
+def test_sweep_equals_repeated_insertion_with_ties():
+    # scores drawn from a few values so ties (with each other and with tau1) are frequent
+    g = torch.Generator().manual_seed(0)
+    B, T, K, ds = 4, 200, 5, 3
+    levels = torch.tensor([0.2, 0.5, 0.55, 0.6, 0.6, 0.7, 0.9])
+    scores = levels[torch.randint(0, len(levels), (B, T), generator=g)]
+    summaries = torch.randn(B, T, ds, generator=g)
+    prio0 = torch.tensor([-1.0, 0.65, -1.0, 0.55, 0.8]).repeat(B, 1)
+    pool0 = torch.randn(B, K, ds, generator=g)
+    index, prio = pool_sweep_ref(scores, prio0, 0.5)
+    bank = torch.cat([pool0, summaries], 1)
+    pool, p = pool0, prio0
+    for t in range(T + 1):
+        expect_index = torch.where(p >= 0, torch.arange(K), -1)
+        assert torch.equal(index[:, t], expect_index.int()) or _same_contents(index[:, t], bank, pool, p)
+        if t < T:
+            pool, p = pool_insert_ref(pool, p, scores[:, t], summaries[:, t], 0.5)
+    assert torch.equal(prio, p)
+
+
+def _same_contents(index, bank, pool, prio):
+    rows = torch.arange(bank.shape[0])[:, None]
+    got = bank[rows, index.long().clamp(min=0)]
+    occupied = prio >= 0
+    return torch.equal(index >= 0, occupied) and torch.equal(got[occupied], pool[occupied])
+
+
+def test_pool_holds_top_k_by_score():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(2, 300, generator=g)
+    index, prio = pool_sweep_ref(scores, torch.full((2, 6), -1.0), 0.5)
+    for b in range(2):
+        above = [(s, i) for i, s in enumerate(scores[b].tolist()) if s > 0.5]
+        top = sorted(above, key=lambda x: (-x[0], x[1]))[:6]
+        assert sorted(i for _, i in top) == sorted(x - 6 for x in index[b, -1].tolist())
+
+
+def test_pool_attention_matches_a_loop_over_queries():
+    g = torch.Generator().manual_seed(2)
+    B, T, M, S, ds, d, H = 2, 5, 9, 4, 8, 12, 2
+    q, keys, values = torch.randn(B, T, ds, generator=g), torch.randn(B, M, ds, generator=g), torch.randn(B, M, d, generator=g)
+    index = torch.randint(-1, M, (B, T, S), generator=g, dtype=torch.int32)
+    index[0, 0] = -1                                              # a query with nothing to read
+    o = pool_attention_ref(q, keys, values, index, H)
+    for b in range(B):
+        for t in range(T):
+            sel = [int(i) for i in index[b, t] if i >= 0]
+            if not sel:
+                assert torch.equal(o[b, t], torch.zeros(d))
+                continue
+            for h in range(H):
+                qh = q[b, t, h * 4:(h + 1) * 4]
+                kh, vh = keys[b, sel, h * 4:(h + 1) * 4], values[b, sel, h * 6:(h + 1) * 6]
+                w = torch.softmax(kh @ qh / 2.0, 0)
+                torch.testing.assert_close(o[b, t, h * 6:(h + 1) * 6], w @ vh, rtol=1e-5, atol=1e-6)
+
+
+def test_straight_through_keeps_values_and_trains_memory_scores(tiny):
+    ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = tiny(ids)
+    out = tiny(ids)
+    assert torch.equal(out, ref)                                  # the straight-through factors are exactly 1
+    out.logsumexp(-1).mean().backward()
+    layer = tiny.layers[1]
+    assert layer.note.score_in.weight.grad.abs().sum() > 0
+    assert layer.token_attn.trigger.weight.grad.abs().sum() > 0
+    assert layer.cross_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_state_shapes_and_errors(tiny):
+    c = tiny.config
+    s = State.zeros(c, 3)
+    assert s.conv.shape == (4, 3, 128, 3) and s.ssm.shape == (4, 3, 128, 8)
+    assert s.pool.shape == (4, 3, 8, 16) and (s.prio == -1).all()
+    assert s.nbytes == 4 * (4 * 3 * 128 * 3 + 4 * 3 * 128 * 8 + 4 * 3 * 8 * 16 + 4 * 3 * 8)
+    bad = State(conv=s.conv[:, :, :, :2], ssm=s.ssm, pool=s.pool, prio=s.prio)
+    with pytest.raises(ValueError, match=r"state.conv has shape \[4, 3, 128, 2\], expected \[4, 3, 128, 3\]"):
+        tiny.step(torch.zeros(3, dtype=torch.long), bad)
+    with pytest.raises(ValueError, match="state.ssm has dtype torch.float16"):
+        tiny.step(torch.zeros(3, dtype=torch.long), State(s.conv, s.ssm.half(), s.pool, s.prio))
+    with pytest.raises(ValueError, match="state.pool is missing"):
+        tiny.step(torch.zeros(3, dtype=torch.long), State(s.conv, s.ssm))
+    with pytest.raises(ValueError, match="token_ids must be"):
+        tiny.step(torch.zeros(3, 2, dtype=torch.long), s)
+    with pytest.raises(ValueError, match="input_ids must be"):
+        tiny(torch.zeros(3, dtype=torch.long))
+    plain = State.zeros(MemMambaConfig.preset("tiny", memory=False), 1)
+    assert plain.pool is None and set(plain.tensors()) == {"conv", "ssm"}
+
+
+@torch.no_grad()
+def test_half_precision_step_tracks_forward():
+    model = make_model(3).to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(6))
+    full = model(ids)
+    steps, state = run_steps(model, ids)
+    assert state.ssm.dtype == torch.float32 and state.pool.dtype == torch.bfloat16
+    assert rel_err(steps, full) <= 2e-2
