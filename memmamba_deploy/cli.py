@@ -106,5 +106,8 @@ def demo(workdir: Path = typer.Option(Path("runs/demo"), help="where the checkpo
     raise typer.Exit(0 if ok else 1)
 
 
+# Verb groups live in their own modules and register themselves on `app` when imported (one line each).
+from . import cli_export  # noqa: E402,F401  export, parity            (issue 4)
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,70 @@
+"""Driver of scripts/gpu_check.sh: runs each stage script with a time limit and prints the summary last.
+
+A stage is an executable file scripts/gpu_stages/NN-name.sh. It runs from the repo root with $OUT set, appends
+JSON lines to $OUT/results.jsonl if it has figures, and prints summary lines that start with "@@ " (one row of the
+final table each). Its exit status marks the stage ok/FAIL. The device returns at most 8 files from $OUT: stages
+write into gpu_check.log (via this driver) and results.jsonl, plus at most one PNG each.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+STAGES = Path(__file__).resolve().parent.parent / "scripts" / "gpu_stages"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--only", default="", help="comma-separated stage names (without NN- and .sh)")
+    ap.add_argument("--skip", default="")
+    ap.add_argument("--timeout", type=float, default=420, help="seconds per stage")
+    args = ap.parse_args(argv)
+    only = {s for s in args.only.split(",") if s}
+    skip = {s for s in args.skip.split(",") if s}
+    out = Path(os.environ.get("OUT", "runs/gpu"))
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "gpu_check.log", "a")
+    summary: list[tuple[str, str, float, list[str]]] = []
+    for script in sorted(STAGES.glob("*.sh")):
+        name = script.stem.split("-", 1)[-1]
+        if (only and name not in only) or name in skip:
+            continue
+        print(f"=== {name}", flush=True)
+        log.write(f"\n=== {name} ({script})\n")
+        log.flush()
+        t0 = time.time()
+        rows: list[str] = []
+        try:
+            proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env={**os.environ, "OUT": str(out)})
+            timer = threading.Timer(args.timeout, proc.kill)     # a silent hang is killed too
+            timer.start()
+            for line in proc.stdout:
+                log.write(line)
+                if line.startswith("@@ "):
+                    rows.append(line[3:].rstrip())
+            rc = proc.wait()
+            timed_out = not timer.is_alive()
+            timer.cancel()
+            status = "ok" if rc == 0 else ("TIMEOUT" if timed_out else f"FAIL rc={rc}")
+        except OSError as e:
+            status = f"FAIL {e}"
+        log.flush()
+        dt = time.time() - t0
+        print(f"    {status} in {dt:.0f}s", flush=True)
+        summary.append((name, status, dt, rows))
+    print("\n================ summary ================")
+    for name, status, dt, rows in summary:
+        print(f"[{status:>7}] {name} ({dt:.0f}s)")
+        for r in rows:
+            print(f"          {r}")
+    return 0 if all(s == "ok" for _, s, _, _ in summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one call, for the device machine:
+#   bash scripts/gpu_check.sh [--only NAME[,NAME]] [--skip NAME[,NAME]]
+# Installs the repo, runs the stages in scripts/gpu_stages/ in order (gpu-marked tests, kernel benchmarks, plugin
+# harness, C++ runtime, ...), writes the full log to $OUT/gpu_check.log and JSON lines to $OUT/results.jsonl, and
+# prints a short summary table last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-$PWD/runs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/gpu_check.log" 2>&1 \
+  || { cat "$OUT/gpu_check.log"; exit 1; }
+exec python3 -m memmamba_deploy.gpu_check "$@"
