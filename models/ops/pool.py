@@ -34,6 +34,11 @@ def pool_sweep_ref(scores, prio0, tau1):
     Returns (index [B,T+1,K] int32, prio [B,K] fp32). Row t < T describes the pool *before* token t, row T the
     pool after the last token: index < K names an initial slot, K + i names token i, -1 an empty slot.
     `prio` is the priorities after the last token. Runs on the CPU in numpy: exact comparisons, O(T·K) per row.
+
+    Why a slot replay and not "top-K by score, earlier wins ties" (the consequence §3 states): the two differ when
+    scores tie exactly, e.g. slots {0: token 1 @0.6, 1: token 2 @0.6} and token 3 @0.7 evicts slot 0 (lowest index),
+    keeping token 2, where top-K would keep token 1. Replaying the rule is what `step` does, so every backend
+    follows the replay.
     """
     a = scores.detach().to("cpu", torch.float32).numpy()
     p = prio0.detach().to("cpu", torch.float32).numpy().copy()
