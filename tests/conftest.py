@@ -1,9 +1,30 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from memmamba_deploy.models import MemMambaConfig, MemMambaLM
+from memmamba_deploy.models.ops.triton import INTERPRETED
+
+# Triton is interpreted or compiled per process, fixed at its first import (models/ops/triton/__init__.py), and some
+# test files compile kernels ahead of time. So a file of interpreter tests marks them `interpreted` and adds one
+# test calling run_interpreted(__file__): in the usual compiled process that reruns the file in a child process with
+# TRITON_INTERPRET=1 and fails with the child's report; in the child (or under TRITON_INTERPRET=1) the tests run here.
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="needs Triton's interpreter, and this process imported triton "
+                                 "compiled: run_interpreted reruns the file in a child process")
+
+
+def run_interpreted(test_file: str, timeout: float = 900) -> None:
+    if INTERPRETED:
+        pytest.skip("this process runs Triton interpreted: the file's tests ran here")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    here = Path(test_file)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(here)],
+                         capture_output=True, text=True, env=env, cwd=here.parent.parent, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
 
 # Tiny shapes keep the CPU suite inside CI's budget; fp32 throughout unless a test says otherwise.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

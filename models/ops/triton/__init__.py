@@ -1,1 +1,120 @@
-"""Triton kernels, each beside (importing) its PyTorch reference in models/ops/. Filled in by issue 3."""
+"""Triton kernels, each beside (importing) its PyTorch reference in models/ops/ (spec §6, §3-§5, §8).
+
+    scan.py     chunked selective scan forward/backward, one-token state step         (ref: ops/scan.py)
+    pool.py     pool sweep, sparse pool attention                                      (ref: ops/pool.py)
+    decode.py           the fused per-layer decode kernels of the fast path (backends/triton_backend.py)
+
+TRITON_OPS offers exactly the functions and signatures of TORCH_OPS (a few reuse the reference where a kernel buys
+nothing; each says so). CUDA tensors run the compiled kernels. CPU tensors run the same kernels in Triton's
+interpreter, which must be chosen before the first `import triton` of the process (TRITON_INTERPRET=1): Triton
+decorates its own `tl.*` library once, so one process is either interpreted or compiled. INTERPRETED says which;
+AOT builds (AOT_KERNELS) need a compiled process.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+
+import triton.language as tl
+
+
+def _triton_is_interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(tl.zeros, InterpretedFunction)      # one of Triton's own @jit library functions
+
+
+INTERPRETED = _triton_is_interpreted()
+
+
+if INTERPRETED:
+    from ._interpreter import patch_interpreter
+    patch_interpreter()
+
+
+@contextlib.contextmanager
+def _same_mode_as_triton():
+    """Decorate our kernels the way Triton decorated its library, whatever TRITON_INTERPRET says now."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if INTERPRETED else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+with _same_mode_as_triton():
+    from . import decode, pool, scan  # noqa: E402
+
+_KERNELS = types.SimpleNamespace(scan=scan, pool=pool, decode=decode)
+
+
+def kernels_for(device) -> types.SimpleNamespace:
+    """The kernel modules, after checking that this process can run them on `device`."""
+    if getattr(device, "type", str(device)) == "cpu" and not INTERPRETED:
+        raise RuntimeError("Triton kernels run on CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 "
+                           "before the first `import triton` of the process (this one imported triton compiled)")
+    return _KERNELS
+
+
+# ---- the kernel set (same names and signatures as TORCH_OPS) --------------------------------------------------
+def causal_conv(x, weight, bias, window):
+    """Reference implementation (F.conv1d, cuDNN): a depthwise conv of width 4 gains nothing from a kernel."""
+    from ..scan import causal_conv_ref
+    return causal_conv_ref(x, weight, bias, window)
+
+
+def causal_conv_step(x, weight, bias, window):
+    """Reference implementation; the fast decode path fuses the step conv into decode.py instead."""
+    from ..scan import causal_conv_step_ref
+    return causal_conv_step_ref(x, weight, bias, window)
+
+
+def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True):
+    return kernels_for(x.device).scan.selective_scan(x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus)
+
+
+def selective_state_step(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=True):
+    return kernels_for(x.device).scan.selective_state_step(h, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def pool_sweep(scores, prio0, tau1):
+    return kernels_for(scores.device).pool.pool_sweep(scores, prio0, tau1)
+
+
+def pool_insert(pool, prio, score, summary, tau1):
+    """Reference implementation (five tensor ops on [B,K]); the fast decode path fuses the insert into decode.py."""
+    from ..pool import pool_insert_ref
+    return pool_insert_ref(pool, prio, score, summary, tau1)
+
+
+def pool_attention(q, keys, values, index, heads: int):
+    return kernels_for(q.device).pool.pool_attention(q, keys, values, index, heads)
+
+
+TRITON_OPS = types.SimpleNamespace(
+    name="triton",
+    causal_conv=causal_conv,
+    causal_conv_step=causal_conv_step,
+    selective_scan=selective_scan,
+    selective_state_step=selective_state_step,
+    pool_sweep=pool_sweep,
+    pool_insert=pool_insert,
+    pool_attention=pool_attention,
+)
+
+
+
+def __getattr__(name):
+    # AOT_KERNELS is built on first use; an interpreted process cannot compile, so it says so instead
+    if name == "AOT_KERNELS":
+        if INTERPRETED:
+            raise RuntimeError("AOT_KERNELS needs the compiled kernels, but this process imported triton with "
+                               "TRITON_INTERPRET=1; build ahead-of-time kernels in a process without it")
+        from .aot import aot_kernels
+        globals()["AOT_KERNELS"] = table = aot_kernels()
+        return table
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,312 @@
+"""The fast decode path: the fused Triton decode kernels (models/ops/triton/decode.py), optionally one CUDA graph
+per step; prefill through MemMambaLM(kernels="triton").prefill.
+
+A step is four kernel launches per layer (three without the memory path), plus the final RMSNorm and the tied
+LM head (a torch matmul). The state lives in two preallocated buffers per batch size (ping-pong): a step reads one
+and writes the other, so no kernel or captured graph updates a buffer it reads (deployment-notes: in-place state
+updates in a CUDA graph biased onnxruntime-genai). States returned to the caller stay valid for as long as the
+caller keeps them (the Backend protocol): before a buffer is overwritten, a state still alive in it is moved to
+memory of its own. The usual loop (`logits, state = backend.step(token, state)`) drops the old state first, so it
+never copies.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import types
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from ..models import MemMambaConfig, MemMambaLM, State
+from ..models.ops.pool import fp32
+
+
+class TritonState:
+    """A decode state of TritonBackend: the reference State's tensors (same layout, same dtypes), on the device."""
+
+    def __init__(self, state: State):
+        self.state = state
+
+    def to_reference(self) -> State:
+        """A copy as the reference State (for parity checks, or to continue in another backend)."""
+        return self.state.clone()
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.batch_size
+
+
+@dataclasses.dataclass
+class _Buffers:
+    """Everything one step touches, preallocated for one batch size (a captured graph bakes in these pointers)."""
+    tokens: torch.Tensor
+    h: torch.Tensor            # [2, B, d] fp32 residual stream, alternating by layer
+    u: torch.Tensor            # [B, d] RMSNorm output
+    mem: torch.Tensor          # [B, R_mem] memory projections of u
+    ut: torch.Tensor           # [B, d] u + reads
+    xc: torch.Tensor           # [B, Di] conv output
+    z: torch.Tensor            # [B, Di] gate input
+    xpart: torch.Tensor        # [P_C, B, R+2N] fp32 x_proj partial sums
+    opart: torch.Tensor        # [P_D, B, d] fp32 out_proj partial sums
+    uf: torch.Tensor           # [B, d] final RMSNorm output
+    logits: torch.Tensor       # [B, V] fp32
+    states: list               # two State objects: the ping-pong pair
+    owners: list               # weakref to the TritonState living in each state buffer (or None)
+    graphs: list | None = None
+
+
+class TritonBackend:
+    """Backend protocol (backends/base.py) over the fused Triton decode kernels.
+
+    cuda_graph=True captures the whole step (all layers, LM head) once per batch size and replays it.
+    On a CPU model (tests) the same kernels run in Triton's interpreter, without graphs."""
+
+    name = "triton"
+
+    def __init__(self, model: MemMambaLM, cuda_graph: bool = True):
+        from ..models.ops.triton import kernels_for
+
+        self.config: MemMambaConfig = model.config
+        self.model = copy.copy(model).eval().set_kernels("triton")     # prefill path; the caller's model untouched
+        self.device, self.dtype = model.device, model.dtype
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {self.device} "
+                             f"(use cuda_graph=False)")
+        self.cuda_graph = cuda_graph
+        self.k = kernels_for(self.device).decode
+        c = self.config
+        self.blocks = self.k.decode_blocks(c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.pool_size,
+                                           c.summary_dim, c.memory_heads)
+        self.layers = [self._pack(model, l) for l in range(c.n_layers)]
+        self.norm_f = model.norm_f.weight.detach()
+        self.embedding = model.embeddings.weight.detach()
+        self._buffers: dict[int, _Buffers] = {}
+
+    @classmethod
+    def open(cls, checkpoint, device="cuda", dtype=None, cuda_graph: bool = True) -> "TritonBackend":
+        return cls(MemMambaLM.from_pretrained(checkpoint, device=device, dtype=dtype), cuda_graph=cuda_graph)
+
+    # ---- weights, packed once ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _pack(self, model: MemMambaLM, l: int) -> types.SimpleNamespace:
+        c, layer = self.config, model.layers[l]
+        m = layer.mixer
+        w = types.SimpleNamespace(
+            norm_w=layer.norm.weight.detach(),
+            w_in=m.in_proj.weight.detach().contiguous(),
+            conv_w=m.conv1d.weight.detach()[:, 0].contiguous(),
+            conv_b=m.conv1d.bias.detach().contiguous(),
+            w_xT=m.x_proj.weight.detach().t().contiguous(),             # [Di, R+2N]: a channel's row is contiguous
+            w_dt=m.dt_proj.weight.detach().contiguous(),
+            dt_bias=m.dt_proj.bias.detach().contiguous(),
+            A=-torch.exp(m.A_log.detach().float()).contiguous(),
+            D=m.D.detach().contiguous(),
+            w_outT=m.out_proj.weight.detach().t().contiguous(),         # [Di, d]
+            cross=c.is_cross_layer(l))
+        if c.memory:
+            tok = layer.token_attn
+            rows = [tok.q_proj.weight, layer.note.score_in.weight, layer.note.summary.weight, tok.trigger.weight]
+            bias = [torch.zeros(c.summary_dim + c.d_model // 4 + c.summary_dim),
+                    tok.trigger.bias.detach().float().cpu()]
+            if w.cross:
+                rows.append(layer.cross_attn.q_proj.weight)
+                bias.append(torch.zeros(c.summary_dim))
+                w.x_wk = layer.cross_attn.k_proj.weight.detach().contiguous()
+                w.x_wv = layer.cross_attn.v_proj.weight.detach().contiguous()
+                w.x_alpha = layer.cross_attn.alpha.detach()
+            w.w_mem = torch.cat([r.detach() for r in rows]).contiguous()
+            w.b_mem = torch.cat(bias).to(self.device)
+            w.wk = tok.k_proj.weight.detach().contiguous()
+            w.wv = tok.v_proj.weight.detach().contiguous()
+            w.alpha = tok.alpha.detach()
+            w.w_score = layer.note.score_out.weight.detach()[0].contiguous()
+        return w
+
+    # ---- buffers and graphs -----------------------------------------------------------------------------------
+    def _get_buffers(self, batch: int) -> _Buffers:
+        if batch in self._buffers:
+            return self._buffers[batch]
+        c, dev, dt = self.config, self.device, self.dtype
+        f32 = dict(device=dev, dtype=torch.float32)
+        r_mem = max([w.w_mem.shape[0] for w in self.layers] if c.memory else [1])
+        p = self.blocks["programs"]
+        bufs = _Buffers(
+            tokens=torch.zeros(batch, device=dev, dtype=torch.long),
+            h=torch.zeros(2, batch, c.d_model, **f32),
+            u=torch.zeros(batch, c.d_model, device=dev, dtype=dt),
+            mem=torch.zeros(batch, r_mem, device=dev, dtype=dt),
+            ut=torch.zeros(batch, c.d_model, device=dev, dtype=dt),
+            xc=torch.zeros(batch, c.d_inner, device=dev, dtype=dt),
+            z=torch.zeros(batch, c.d_inner, device=dev, dtype=dt),
+            xpart=torch.zeros(p["in_proj_conv"], batch, c.dt_rank + 2 * c.d_state, **f32),
+            opart=torch.zeros(p["ssm_out"], batch, c.d_model, **f32),
+            uf=torch.zeros(batch, c.d_model, device=dev, dtype=dt),
+            logits=torch.zeros(batch, c.vocab_size, **f32),
+            states=[State.zeros(c, batch, dev, dt), State.zeros(c, batch, dev, dt)],
+            owners=[None, None])
+        if self.cuda_graph:
+            bufs.graphs = self._capture(bufs)
+        self._buffers[batch] = bufs
+        return bufs
+
+    def _capture(self, bufs: _Buffers) -> list:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                # compile every kernel and warm cuBLAS before capturing
+            for src in (0, 1):
+                self._launch(bufs, src)
+        torch.cuda.current_stream().wait_stream(side)
+        graphs = []
+        for src in (0, 1):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self._launch(bufs, src)
+            graphs.append(g)
+        return graphs
+
+    # ---- one step: the kernel sequence --------------------------------------------------------------------------
+    def _launch(self, bufs: _Buffers, src: int) -> None:
+        """Read state buffer `src`, write state buffer 1 - src, tokens -> logits."""
+        for _, _, launch in self.launches(bufs, src):
+            launch()
+
+    def launches(self, bufs: _Buffers, src: int):
+        """The step as (layer, kernel name, thunk) in launch order (bench_kernels times them one by one)."""
+        c, k, blk = self.config, self.k, self.blocks
+        s_in, s_out = bufs.states[src], bufs.states[1 - src]
+        batch, d, di = bufs.tokens.shape[0], c.d_model, c.d_inner
+        ds, d4, heads = c.summary_dim, c.d_model // 4, c.memory_heads
+        x_width = c.dt_rank + 2 * c.d_state
+        n_c, n_d = blk["programs"]["in_proj_conv"], blk["programs"]["ssm_out"]
+        a, b, cc, e = blk["norm_proj"], blk["note_pool"], blk["in_proj_conv"], blk["ssm_out"]
+        dummy = bufs.h
+        out = []
+        for l, w in enumerate(self.layers):
+            h_prev, h_cur = bufs.h[(l + 1) % 2], bufs.h[l % 2]
+            r_mem = w.w_mem.shape[0] if c.memory else 0
+            out.append((l, "norm_proj", functools.partial(
+                k.decode_norm_proj_kernel[(triton_cdiv(r_mem, a["BLOCK_R"]) if c.memory else 1, batch)],
+                bufs.tokens, self.embedding, h_prev, bufs.opart, h_cur, bufs.u, w.norm_w,
+                w.w_mem if c.memory else dummy, w.b_mem if c.memory else dummy, bufs.mem,
+                d, r_mem, 0 if l == 0 else n_d, c.norm_eps, self.embedding.stride(0),
+                BLOCK_DM=a["BLOCK_DM"], BLOCK_R=a["BLOCK_R"], BLOCK_P=a["BLOCK_P"],
+                P_ITERS=0 if l == 0 else a["P_ITERS"], FROM_EMBEDDING=l == 0, HAS_PROJ=c.memory,
+                num_warps=a["num_warps"])))
+            x_in = bufs.u
+            if c.memory:
+                g0 = l - c.cross_layer_every + 1 if w.cross else l
+                n_ob = triton_cdiv(d // heads, b["BLOCK_O"])
+                out.append((l, "note_pool", functools.partial(
+                    k.decode_note_pool_kernel[(heads * n_ob, batch)],
+                    bufs.u, bufs.mem, s_in.pool[l], s_in.prio[l], s_in.pool[g0], s_in.prio[g0],
+                    s_out.pool[l], s_out.prio[l], bufs.ut, w.wk, w.wv, w.alpha,
+                    w.x_wk if w.cross else w.wk, w.x_wv if w.cross else w.wv, w.x_alpha if w.cross else w.alpha,
+                    w.w_score, d, c.pool_size, ds, ds // heads, d // heads, d4, r_mem, n_ob,
+                    batch * c.pool_size * ds, batch * c.pool_size,
+                    fp32(c.insert_threshold), fp32(c.read_threshold), (ds // heads) ** -0.5,
+                    BLOCK_O=b["BLOCK_O"], BLOCK_K=b["BLOCK_K"], BLOCK_DS=b["BLOCK_DS"], BLOCK_DH=b["BLOCK_DH"],
+                    BLOCK_D4=b["BLOCK_D4"], HAS_CROSS=w.cross, GROUP=c.cross_layer_every if w.cross else 1,
+                    num_warps=b["num_warps"])))
+                x_in = bufs.ut
+            out.append((l, "in_proj_conv", functools.partial(
+                k.decode_in_proj_conv_kernel[(n_c, batch)],
+                x_in, w.w_in, w.conv_w, w.conv_b, s_in.conv[l], s_out.conv[l], w.w_xT, bufs.xc, bufs.z, bufs.xpart,
+                d, di, c.d_conv, x_width,
+                BLOCK_C=cc["BLOCK_C"], BLOCK_KD=cc["BLOCK_KD"], KD_ITERS=cc["KD_ITERS"], BLOCK_W=cc["BLOCK_W"],
+                BLOCK_X=cc["BLOCK_X"], num_warps=cc["num_warps"])))
+            out.append((l, "ssm_out", functools.partial(
+                k.decode_ssm_out_kernel[(n_d, batch)],
+                bufs.xc, bufs.z, bufs.xpart, w.w_dt, w.dt_bias, w.A, w.D, s_in.ssm[l], s_out.ssm[l], w.w_outT,
+                bufs.opart, d, di, c.d_state, c.dt_rank, x_width, n_c,
+                BLOCK_C=e["BLOCK_C"], BLOCK_N=e["BLOCK_N"], BLOCK_R=e["BLOCK_R"], BLOCK_P=e["BLOCK_P"],
+                P_ITERS=e["P_ITERS"], BLOCK_O=e["BLOCK_O"], O_ITERS=e["O_ITERS"], num_warps=e["num_warps"])))
+        n_layers = c.n_layers
+        out.append((n_layers, "final_norm", functools.partial(
+            k.decode_norm_proj_kernel[(1, batch)],
+            bufs.tokens, self.embedding, bufs.h[(n_layers + 1) % 2], bufs.opart, bufs.h[n_layers % 2], bufs.uf,
+            self.norm_f, dummy, dummy, dummy, d, 0, n_d, c.norm_eps, self.embedding.stride(0),
+            BLOCK_DM=a["BLOCK_DM"], BLOCK_R=a["BLOCK_R"], BLOCK_P=a["BLOCK_P"], P_ITERS=a["P_ITERS"],
+            FROM_EMBEDDING=False, HAS_PROJ=False, num_warps=a["num_warps"])))
+        out.append((n_layers, "lm_head", functools.partial(self._lm_head, bufs)))
+        return out
+
+    def _lm_head(self, bufs: _Buffers) -> None:
+        if self.dtype == torch.float32:
+            torch.mm(bufs.uf, self.embedding.t(), out=bufs.logits)
+        else:
+            bufs.logits.copy_(F.linear(bufs.uf, self.embedding))       # model-dtype logits, as the reference
+
+    # ---- Backend protocol -----------------------------------------------------------------------------------------
+    def new_state(self, batch: int) -> TritonState:
+        return TritonState(State.zeros(self.config, batch, self.device, self.dtype))
+
+    def _as_state(self, state, batch: int) -> State:
+        s = state.state if isinstance(state, TritonState) else state
+        if not isinstance(s, State):
+            raise ValueError(f"expected a TritonState or a models.State, got {type(state).__name__}")
+        s.check(self.config, batch, self.dtype)
+        if s.conv.device != self.device:
+            raise ValueError(f"state is on {s.conv.device}, the model on {self.device}")
+        return s
+
+    @torch.no_grad()
+    def prefill(self, input_ids, state):
+        ids = torch.as_tensor(input_ids).to(self.device).long()
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, T] with T >= 1, got shape {list(ids.shape)}")
+        logits, new = self.model.prefill(ids, self._as_state(state, ids.shape[0]))
+        return logits[:, -1], TritonState(new)
+
+    @torch.no_grad()
+    def step(self, token_ids, state):
+        tokens = torch.as_tensor(token_ids).to(self.device).long()
+        if tokens.dim() == 2 and tokens.shape[1] == 1:
+            tokens = tokens[:, 0]
+        if tokens.dim() != 1:
+            raise ValueError(f"token_ids must be [batch] or [batch, 1], got shape {list(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got {tokens.tolist()}")
+        s = self._as_state(state, tokens.shape[0])
+        bufs = self._get_buffers(tokens.shape[0])
+        src = next((i for i in (0, 1) if s is bufs.states[i]), None)
+        if src is None:                                # a state from elsewhere: copy it into a free buffer
+            src = 0 if self._owner(bufs, 0) is None else 1
+            self._evict(bufs, src)
+            for name, t in s.tensors().items():
+                getattr(bufs.states[src], name).copy_(t)
+        self._evict(bufs, 1 - src)
+        bufs.tokens.copy_(tokens)
+        if bufs.graphs is not None:
+            bufs.graphs[src].replay()
+        else:
+            self._launch(bufs, src)
+        new = TritonState(bufs.states[1 - src])
+        bufs.owners[1 - src] = weakref.ref(new)
+        return bufs.logits.clone(), new
+
+    @staticmethod
+    def _owner(bufs: _Buffers, i: int):
+        return bufs.owners[i]() if bufs.owners[i] is not None else None
+
+    def _evict(self, bufs: _Buffers, i: int) -> None:
+        """Buffer i is about to be written: a state the caller still holds there moves to memory of its own."""
+        owner = self._owner(bufs, i)
+        if owner is not None and owner.state is bufs.states[i]:
+            owner.state = owner.state.clone()
+        bufs.owners[i] = None
+
+    def copy_state(self, state) -> TritonState:
+        return TritonState(self._as_state(state, state.batch_size).clone())
+
+    def state_nbytes(self, state) -> int:
+        return self._as_state(state, state.batch_size).nbytes
+
+    def to_reference(self, state) -> State:
+        return self._as_state(state, state.batch_size).clone()
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

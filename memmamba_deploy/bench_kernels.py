@@ -1,0 +1,297 @@
+"""Benchmarks of the Triton path (issue 3), for scripts/gpu_stages/20-kernel-bench.sh.
+
+In one run, on one GPU:
+  copy bandwidth   device-to-device copy of 1 GiB of random data (bytes read + written); every floor below
+                   is bytes / this bandwidth
+  decode           130m preset (random weights), batch 1, fp16 and fp32, after a 256-token prefill: ms/token of
+                   the PyTorch reference step, the Triton path launched eagerly, the Triton path as one CUDA graph
+                   (graph replay alone, and backend.step() with its token copy and logits clone); also the
+                   memory-off 130m (plain Mamba) for the 1.22 ms mamba_ssm anchor; floor = parameter bytes / copy BW
+  prefill          tokens/s of MemMambaLM.prefill, 130m fp16, batch 1, at 2k/16k/64k with kernels="triton"; the
+                   reference at 2k only (its scan is a Python loop over tokens)
+  kernels          each kernel on 130m shapes against its own bytes floor (L2 flushed before every repeat)
+
+Timing: CUDA events, warm-up first, median of many repeats. Prints a rich table; appends JSON lines to
+$OUT/results.jsonl and prints "@@ " summary lines for gpu_check.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .models import MemMambaConfig, MemMambaLM
+
+DEV = "cuda"
+DTYPE_NAMES = {torch.float16: "fp16", torch.float32: "fp32", torch.bfloat16: "bf16"}
+ROWS: list[dict] = []
+_FLUSH: torch.Tensor | None = None
+
+
+def time_ms(fn, reps: int = 50, warmup: int = 5, flush: bool = False) -> float:
+    """Median milliseconds of fn() between CUDA events; flush=True evicts L2 (256 MiB write) before each repeat."""
+    global _FLUSH
+    if flush and _FLUSH is None:
+        _FLUSH = torch.empty(64 << 20, dtype=torch.float32, device=DEV)
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if flush:
+            _FLUSH.fill_(1.0)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def row(group: str, what: str, ms: float | None = None, floor_ms: float | None = None, **extra) -> dict:
+    r = {"stage": "kernel-bench", "group": group, "what": what, "ms": ms, "floor_ms": floor_ms,
+         "x_floor": (ms / floor_ms) if ms and floor_ms else None, **extra}
+    ROWS.append(r)
+    return r
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy (read + write), 1 GiB of random floats."""
+    src = torch.rand(256 << 20, device=DEV)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), reps=20)
+    bw = 2 * src.numel() * 4 / (ms * 1e-3)
+    row("baseline", "device-to-device copy, 1 GiB", ms, None, bandwidth_GBps=bw / 1e9)
+    return bw
+
+
+def make_130m(dtype, memory: bool = True, seed: int = 0) -> MemMambaLM:
+    torch.manual_seed(seed)
+    return MemMambaLM(MemMambaConfig.preset("130m", memory=memory)).to(DEV, dtype).eval()
+
+
+def param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())       # tied embedding counted once
+
+
+# ---- decode --------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def bench_decode(dtype, bw: float, memory: bool = True, reference: bool = True) -> dict:
+    from .backends.triton_backend import TritonBackend
+
+    name = f"130m{'' if memory else ' no-memory'} {DTYPE_NAMES[dtype]}"
+    model = make_130m(dtype, memory)
+    floor = param_bytes(model) / bw * 1e3
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 50280, (1, 256), generator=g)
+    tokens = torch.randint(0, 50280, (64,), generator=g)
+    result = {}
+    graphed = TritonBackend(model, cuda_graph=True)
+    _, state = graphed.prefill(prompt, graphed.new_state(1))
+    ref_state = graphed.to_reference(state)
+    it = iter(range(1 << 30))
+
+    def token():                                    # a different token every step
+        i = next(it) % len(tokens)
+        return tokens[i:i + 1]
+
+    def graph_step():
+        nonlocal state
+        _, state = graphed.step(token(), state)
+    result["graph_step"] = time_ms(graph_step, reps=200, warmup=10)
+    bufs = graphed._get_buffers(1)
+    result["graph_replay"] = time_ms(lambda: bufs.graphs[0].replay(), reps=300, warmup=10)
+    eager = TritonBackend(model, cuda_graph=False)
+    e_state = eager.copy_state(ref_state)
+
+    def eager_step():
+        nonlocal e_state
+        _, e_state = eager.step(token(), e_state)
+    result["eager_step"] = time_ms(eager_step, reps=30, warmup=3)
+    if reference:
+        r_state = ref_state.clone()
+
+        def ref_step():
+            nonlocal r_state
+            _, r_state = model.step(token().to(DEV), r_state)
+        result["reference_step"] = time_ms(ref_step, reps=10, warmup=2)
+    for k, ms in result.items():
+        row("decode", f"{name}: {k.replace('_', ' ')}", ms, floor, param_MB=param_bytes(model) / 1e6)
+    return {"name": name, "floor": floor, **result}
+
+
+# ---- prefill -------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def bench_prefill(lengths=(2048, 16384, 65536), reference_at=2048) -> dict:
+    model = make_130m(torch.float16)
+    fast = copy.copy(model).set_kernels("triton")
+    out = {}
+    g = torch.Generator().manual_seed(2)
+    for T in lengths:
+        ids = torch.randint(0, 50280, (1, T), generator=g).to(DEV)
+        fast.prefill(ids)                                          # compiles this length's specialisations
+        ms = time_ms(lambda: fast.prefill(ids), reps=3 if T > 16384 else 5, warmup=1)
+        out[T] = T / (ms * 1e-3)
+        row("prefill", f"130m fp16 prefill {T // 1024}k tokens: triton", ms, None, tokens_per_s=out[T])
+    if reference_at:
+        ids = torch.randint(0, 50280, (1, reference_at), generator=g).to(DEV)
+        model.prefill(ids[:, :64])
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.prefill(ids)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3
+        out["reference"] = reference_at / (ms * 1e-3)
+        row("prefill", f"130m fp16 prefill {reference_at // 1024}k tokens: reference (one run)", ms, None,
+            tokens_per_s=out["reference"])
+    return out
+
+
+# ---- single kernels ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def bench_kernels(bw: float, T: int = 16384) -> None:
+    from .backends.triton_backend import TritonBackend
+    from .models.ops.triton import TRITON_OPS
+
+    c = MemMambaConfig.preset("130m")
+    Di, N, K, ds, d, H, p = c.d_inner, c.d_state, c.pool_size, c.summary_dim, c.d_model, c.memory_heads, \
+        c.cross_layer_every
+    g = torch.Generator(device=DEV).manual_seed(3)
+
+    def rand(*shape, dtype=torch.float16):
+        return torch.randn(*shape, generator=g, device=DEV, dtype=torch.float32).to(dtype)
+
+    floor = lambda nbytes: nbytes / bw * 1e3                                     # noqa: E731
+    # selective scan, prefill shape
+    x, dt, z = rand(1, T, Di), rand(1, T, Di) * 0.5 - 2, rand(1, T, Di)
+    B, C = rand(1, T, N), rand(1, T, N)
+    A = -torch.exp(torch.rand(Di, N, device=DEV) * 2)
+    D, bias, h0 = torch.ones(Di, device=DEV), torch.rand(Di, device=DEV) * 0.1, torch.zeros(1, Di, N, device=DEV)
+    ms = time_ms(lambda: TRITON_OPS.selective_scan(x, dt, A, B, C, D, z, bias, h0), reps=20, flush=True)
+    nbytes = 4 * T * Di * 2 + 2 * T * N * 2
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    row("kernel", f"selective_scan T={T // 1024}k fp16", ms, floor(nbytes), bytes=nbytes,
+        exp_per_s=T * Di * N / (ms * 1e-3), note=f"exp-bound: each pass does T·Di·N exps ({sm} SMs x 16/clk)")
+    # one-token state step
+    h = torch.randn(1, Di, N, device=DEV)
+    xs, dts, zs, Bs, Cs = x[:, 0], dt[:, 0], z[:, 0], B[:, 0], C[:, 0]
+    ms = time_ms(lambda: TRITON_OPS.selective_state_step(h, xs, dts, A, Bs, Cs, D, zs, bias), reps=100, flush=True)
+    row("kernel", "selective_state_step B=1 fp16", ms, floor(2 * Di * N * 4 + Di * N * 4), bytes=3 * Di * N * 4)
+    # pool sweep
+    scores = torch.rand(1, T, generator=g, device=DEV)
+    prio0 = torch.full((1, K), -1.0, device=DEV)
+    ms = time_ms(lambda: TRITON_OPS.pool_sweep(scores, prio0, 0.5), reps=20, flush=True)
+    nbytes = T * 4 + (T + 1) * K * 4
+    row("kernel", f"pool_sweep T={T // 1024}k K={K}", ms, floor(nbytes), bytes=nbytes,
+        note="one program per batch row: sequential over T")
+    index = TRITON_OPS.pool_sweep(scores, prio0, 0.5)[0][:, :T]
+    for groups in (1, p):
+        idx = torch.cat([torch.where(index >= 0, index + i * (K + T), -1) for i in range(groups)], 2).int()
+        M = groups * (K + T)
+        q, keys, values = rand(1, T, ds), rand(1, M, ds), rand(1, M, d)
+        ms = time_ms(lambda: TRITON_OPS.pool_attention(q, keys, values, idx, H), reps=20, flush=True)
+        nbytes = T * ds * 2 + T * d * 2 + T * groups * K * 4 + M * (ds + d) * 2
+        row("kernel", f"pool_attention T={T // 1024}k S={groups * K}", ms, floor(nbytes), bytes=nbytes)
+    # the decode kernels of one 130m layer (a cross layer), fp16, batch 1
+    model = make_130m(torch.float16)
+    backend = TritonBackend(model, cuda_graph=False)
+    bufs = backend._get_buffers(1)
+    backend._launch(bufs, 0)
+    layer = c.cross_layer_every - 1
+    w = backend.layers[layer]
+    nb = lambda *ts: sum(t.numel() * t.element_size() for t in ts)               # noqa: E731
+    state_pool = bufs.states[0].pool[0]
+    kbytes = {"norm_proj": nb(w.w_mem) + backend.blocks["programs"]["ssm_out"] * d * 4,
+              "note_pool": nb(w.wk, w.wv, w.x_wk, w.x_wv) + (1 + p) * nb(state_pool) + d * 2 * 2,
+              "in_proj_conv": nb(w.w_in, w.w_xT, w.conv_w) + 2 * Di * 3 * 2 + 2 * Di * 2,
+              "ssm_out": nb(w.w_dt, w.w_outT, w.A) + 2 * Di * N * 4 + backend.blocks["programs"]["ssm_out"] * d * 4}
+    for l, name, launch in backend.launches(bufs, 0):
+        if l == layer:
+            ms = time_ms(launch, reps=200, flush=True)
+            row("kernel", f"decode {name} (130m layer {layer}, fp16, B=1)", ms, floor(kbytes[name]),
+                bytes=kbytes[name])
+
+
+# ---- report --------------------------------------------------------------------------------------------------------
+def report(out_dir: Path, decode: list[dict], prefill: dict, bw: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Triton path on {torch.cuda.get_device_name(0)}")
+    for col in ("group", "what", "ms", "floor ms", "x floor", "note"):
+        table.add_column(col, justify="right" if col in ("ms", "floor ms", "x floor") else "left")
+    for r in ROWS:
+        note = r.get("note", "")
+        if "tokens_per_s" in r:
+            note = f"{r['tokens_per_s'] / 1e6:.2f} M tokens/s"
+        if "bandwidth_GBps" in r:
+            note = f"{r['bandwidth_GBps']:.0f} GB/s"
+        table.add_row(r["group"], r["what"], f"{r['ms']:.4f}" if r["ms"] is not None else "",
+                      f"{r['floor_ms']:.4f}" if r["floor_ms"] else "", f"{r['x_floor']:.1f}" if r["x_floor"] else "",
+                      note)
+    Console(width=160).print(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "results.jsonl", "a") as f:
+        for r in ROWS:
+            f.write(json.dumps({**r, "device": torch.cuda.get_device_name(0)}) + "\n")
+    print(f"@@ kernel-bench: copy bandwidth {bw / 1e9:.0f} GB/s")
+    for d in decode:
+        ref = f", reference {d['reference_step']:.2f}" if "reference_step" in d else ""
+        print(f"@@ kernel-bench: decode {d['name']} CUDA graph {d['graph_replay']:.3f} ms/token (step() "
+              f"{d['graph_step']:.3f}, eager {d['eager_step']:.2f}{ref}); floor {d['floor']:.3f} ms, "
+              f"{d['graph_replay'] / d['floor']:.1f}x")
+    if prefill:
+        parts = [f"{k // 1024}k {v / 1e6:.2f}M" for k, v in prefill.items() if k != "reference"]
+        ref = f"; reference at 2k {prefill['reference'] / 1e3:.1f}k" if "reference" in prefill else ""
+        print(f"@@ kernel-bench: prefill 130m fp16 tokens/s {', '.join(parts)}{ref}")
+    worst = [r for r in ROWS if r["group"] == "kernel" and r["x_floor"]]
+    if worst:
+        w = max(worst, key=lambda r: r["x_floor"])
+        print(f"@@ kernel-bench: kernels vs bytes floor: worst {w['what']} {w['x_floor']:.1f}x; "
+              f"{sum(r['x_floor'] <= 3 for r in worst)}/{len(worst)} within 3x")
+
+
+def release() -> None:
+    """Give the previous benchmark's memory back (models, graphs' pools, 64k-token activations)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu"))
+    ap.add_argument("--skip", default="", help="comma-separated: decode,prefill,kernels,reference")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("@@ kernel-bench: FAIL no CUDA device")
+        return 1
+    skip = set(args.skip.split(","))
+    torch.backends.cuda.matmul.allow_tf32 = False              # fp32 means fp32, as the reference
+    torch.backends.cudnn.allow_tf32 = False
+    bw = copy_bandwidth()
+    decode, prefill = [], {}
+    if "decode" not in skip:
+        for dtype in (torch.float16, torch.float32):
+            decode.append(bench_decode(dtype, bw, reference="reference" not in skip))
+            release()
+        decode.append(bench_decode(torch.float16, bw, memory=False, reference=False))
+        release()
+    if "prefill" not in skip:
+        prefill = bench_prefill(reference_at=0 if "reference" in skip else 2048)
+        release()
+    if "kernels" not in skip:
+        bench_kernels(bw)
+    report(Path(args.out), decode, prefill, bw)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

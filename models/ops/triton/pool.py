@@ -1,0 +1,249 @@
+"""Note-pool kernels: the §3 sweep and the §4/§5 sparse pool attention, in Triton.
+
+References (ground truth, same arguments): models.ops.pool.pool_sweep_ref and pool_attention_ref (spec §3-§5, §8).
+
+pool_sweep: one program per batch row replays the §3 rule over T tokens in order, exactly as the reference (fp32
+comparisons, strict >, argmin lowest index on ties). It reads scores a tile of BLOCK_T tokens at a time and keeps
+the current minimum priority: a tile with no score above max(tau1, min priority) changes nothing, so its index
+rows are the current slot vector stored in one go (the cheap path, almost every tile once the pool is full);
+otherwise it jumps from one entering token to the next inside the tile, patching the tile's rows after each.
+
+pool_attention: a program owns (batch row, BLOCK_Q consecutive queries, one head), value columns BLOCK_V at a time.
+Consecutive rows of a sweep index differ in at most one slot per inserted token, so the block's queries mostly
+read the entries of its first row: those keys/values are gathered once and used in two small fp32 dots (logits,
+then weights x values); only slots that changed inside the block are gathered per query. Softmax in fp32, scale
+1/sqrt(ds/H), a query with no entry gets 0. Correct for any index; fast when rows repeat.
+Backward (autograd): recomputes with the reference math (pool_attention_ref) in chunks of queries.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memmamba_deploy.models.ops.pool import fp32, pool_attention_ref, pool_sweep_ref  # noqa: F401 (references)
+
+ATTN_BWD_BYTES = 1 << 28       # the reference backward materialises [B, chunk, S, d] fp32: keep a chunk under this
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# §3 sweep (NotePoolSweep)
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def pool_sweep_kernel(
+    scores_ptr, prio0_ptr, index_ptr, prio_ptr,
+    T, K, tau1, stride_scores_b,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grid (B,). scores [B,T] fp32 (token stride 1), prio0/prio [B,K] fp32 contiguous, index [B,T+1,K] int32
+    contiguous: row t names what each slot holds before token t (row T: after the last), j < K an initial slot,
+    K + i token i, -1 empty."""
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    rows = tl.arange(0, BLOCK_T)
+    mask_k = cols < K
+    prio = tl.load(prio0_ptr + b * K + cols, mask=mask_k, other=float("inf"))   # padding slots never chosen
+    slot = tl.where(prio >= 0, cols, -1)
+    pmin, jmin = tl.min(prio, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    a_next = tl.load(scores_ptr + b * stride_scores_b + rows, mask=rows < T, other=float("-inf"))
+    for blk in range(0, tl.cdiv(T, BLOCK_T)):
+        t0 = blk * BLOCK_T
+        offs_t = t0 + rows
+        a = a_next                                   # loaded one tile ahead: the latency hides behind this tile
+        a_next = tl.load(scores_ptr + b * stride_scores_b + offs_t + BLOCK_T, mask=offs_t + BLOCK_T < T,
+                         other=float("-inf"))
+        tile = tl.broadcast_to(slot[None, :], [BLOCK_T, BLOCK_K])
+        # a token enters iff a > tau1 and a > the current minimum priority (then it takes the argmin slot)
+        i = tl.min(tl.where(a > tl.maximum(pmin, tau1), rows, BLOCK_T), axis=0)
+        while i < BLOCK_T:
+            a_i = tl.sum(tl.where(rows == i, a, 0.0), axis=0)
+            hit = cols == jmin
+            prio = tl.where(hit, a_i, prio)
+            slot = tl.where(hit, K + t0 + i, slot)
+            tile = tl.where((rows[:, None] > i) & hit[None, :], K + t0 + i, tile)
+            pmin, jmin = tl.min(prio, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            i = tl.min(tl.where((a > tl.maximum(pmin, tau1)) & (rows > i), rows, BLOCK_T), axis=0)
+        tl.store(index_ptr + (b * (T + 1) + offs_t[:, None]) * K + cols[None, :], tile,
+                 mask=(offs_t[:, None] < T) & mask_k[None, :])
+    tl.store(index_ptr + (b * (T + 1) + T) * K + cols, slot, mask=mask_k)
+    tl.store(prio_ptr + b * K + cols, prio, mask=mask_k)
+
+
+def pool_sweep(scores, prio0, tau1):
+    """Same signature and results as pool_sweep_ref: (index [B,T+1,K] int32, prio [B,K] fp32)."""
+    if scores.dim() != 2 or prio0.dim() != 2 or scores.shape[0] != prio0.shape[0]:
+        raise ValueError(f"pool_sweep wants scores [B,T] and prio0 [B,K], got {list(scores.shape)} and "
+                         f"{list(prio0.shape)}")
+    Bsz, T = scores.shape
+    K = prio0.shape[1]
+    scores = scores.detach().float().contiguous()
+    prio0 = prio0.detach().float().contiguous()
+    index = torch.empty(Bsz, T + 1, K, device=scores.device, dtype=torch.int32)
+    prio = torch.empty(Bsz, K, device=scores.device, dtype=torch.float32)
+    block_k = triton.next_power_of_2(K)
+    pool_sweep_kernel[(Bsz,)](scores, prio0, index, prio, T, K, fp32(tau1), scores.stride(0),
+                              BLOCK_T=sweep_block_t(block_k), BLOCK_K=block_k, num_warps=4)
+    return index, prio
+
+
+def sweep_block_t(block_k: int) -> int:
+    """Tokens per tile of the sweep: a [BLOCK_T, BLOCK_K] int32 index tile of about 4096 values."""
+    return max(16, 4096 // block_k)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# §4/§5 sparse pool attention (SparsePoolAttention)
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _extract(tile, cols, s):
+    """Column s of a [rows, cols] register tile (a masked row sum: Triton cannot index registers)."""
+    return tl.sum(tl.where(cols[None, :] == s, tile, 0), axis=1)
+
+
+@triton.jit
+def pool_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, index_ptr, o_ptr,
+    T, S, dh, dv, n_vblocks, scale,
+    stride_q_b, stride_q_t, stride_k_b, stride_k_m, stride_v_b, stride_v_m, stride_i_b, stride_i_t,
+    stride_o_b, stride_o_t,
+    BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DH: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """grid (B, cdiv(T, BLOCK_Q), H), dh = ds/H, dv = d/H, n_vblocks = cdiv(dv, BLOCK_V).
+    q [B,T,ds], keys [B,M,ds], values [B,M,d], index [B,T,S] int32 (negative: no entry), o [B,T,d]; unit stride
+    on the last axis of each. A program: BLOCK_Q queries x one head, its value columns BLOCK_V at a time.
+    Entries equal to the block's first index row at the same slot use that row's keys/values, gathered once (two
+    small dots); slots that changed inside the block (a sweep index changes one slot per inserted token) are
+    gathered per query, one changed slot at a time."""
+    b = tl.program_id(0).to(tl.int64)                          # batch offsets can pass 2^31 elements at long T
+    qb = tl.program_id(1)
+    head = tl.program_id(2)
+    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, BLOCK_DH)
+    mask_q = offs_q < T
+    mask_s = offs_s < S
+    mask_c = offs_c < dh
+    k_cols = head * dh + offs_c
+    k_base = k_ptr + b * stride_k_b
+    v_base = v_ptr + b * stride_v_b
+    idx = tl.load(index_ptr + b * stride_i_b + offs_q[:, None] * stride_i_t + offs_s[None, :],
+                  mask=mask_q[:, None] & mask_s[None, :], other=-1)
+    first = tl.load(index_ptr + b * stride_i_b + (qb * BLOCK_Q) * stride_i_t + offs_s, mask=mask_s, other=-1)
+    valid = idx >= 0
+    changed = valid & (idx != first[None, :])
+    has_first = first >= 0
+    k_first = tl.load(k_base + first[:, None] * stride_k_m + k_cols[None, :], mask=has_first[:, None] & mask_c[None, :],
+                      other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + b * stride_q_b + offs_q[:, None] * stride_q_t + k_cols[None, :],
+                mask=mask_q[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+    logits = tl.dot(q, tl.trans(k_first), input_precision="ieee")             # [BLOCK_Q, BLOCK_S], fp32
+    col_changed = tl.max(changed.to(tl.int32), axis=0)
+    s = tl.min(tl.where(col_changed > 0, offs_s, BLOCK_S), axis=0)
+    while s < BLOCK_S:                                         # logits of the entries that changed in the block
+        idx_s = _extract(idx, offs_s, s)
+        ch_s = (idx_s >= 0) & (idx_s != tl.sum(tl.where(offs_s == s, first, 0), axis=0))
+        k_s = tl.load(k_base + idx_s[:, None] * stride_k_m + k_cols[None, :], mask=ch_s[:, None] & mask_c[None, :],
+                      other=0.0).to(tl.float32)
+        logits = tl.where((offs_s[None, :] == s) & ch_s[:, None], tl.sum(k_s * q, axis=1)[:, None], logits)
+        s = tl.min(tl.where((col_changed > 0) & (offs_s > s), offs_s, BLOCK_S), axis=0)
+    logits = tl.where(valid, logits * scale, float("-inf"))
+    m = tl.max(logits, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)                   # no valid entry: every weight is exp(-inf) = 0
+    e = tl.exp(logits - m[:, None])
+    den = tl.sum(e, axis=1)
+    w = e / tl.where(den > 0, den, 1.0)[:, None]
+    w_first = tl.where(changed, 0.0, w)
+    for vb in range(0, n_vblocks):
+        offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < dv
+        v_cols = head * dv + offs_v
+        v_first = tl.load(v_base + first[:, None] * stride_v_m + v_cols[None, :],
+                          mask=has_first[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+        o = tl.dot(w_first, v_first, input_precision="ieee")                   # [BLOCK_Q, BLOCK_V]
+        s = tl.min(tl.where(col_changed > 0, offs_s, BLOCK_S), axis=0)
+        while s < BLOCK_S:                                     # values of the entries that changed in the block
+            idx_s = _extract(idx, offs_s, s)
+            ch_s = (idx_s >= 0) & (idx_s != tl.sum(tl.where(offs_s == s, first, 0), axis=0))
+            v_s = tl.load(v_base + idx_s[:, None] * stride_v_m + v_cols[None, :],
+                          mask=ch_s[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
+            o += tl.where(ch_s, _extract(w, offs_s, s), 0.0)[:, None] * v_s
+            s = tl.min(tl.where((col_changed > 0) & (offs_s > s), offs_s, BLOCK_S), axis=0)
+        tl.store(o_ptr + b * stride_o_b + offs_q[:, None] * stride_o_t + v_cols[None, :],
+                 o.to(o_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_v[None, :])
+
+
+def attention_blocks(S: int, dh: int, dv: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_Q, BLOCK_S, BLOCK_DH, BLOCK_V, num_warps): [BLOCK_Q, BLOCK_S] tiles of about 2048 values, fp32 dot
+    operands under 32 KiB of shared memory (no opt-in above 48 KiB), every dot dimension >= 16. ptxas keeps
+    these in registers on sm_90 (231 / 226 registers for S <= 64 / 256; larger value blocks spill)."""
+    block_s = max(16, triton.next_power_of_2(max(S, 1)))
+    block_v = max(16, min(32, triton.next_power_of_2(dv), 4096 // block_s))
+    return max(16, 2048 // block_s), block_s, max(16, triton.next_power_of_2(dh)), block_v, 4
+
+
+def _attention_forward(q, keys, values, index, heads):
+    Bsz, T, ds = q.shape
+    d, S = values.shape[-1], index.shape[-1]
+    dh, dv = ds // heads, d // heads
+    block_q, block_s, block_dh, block_v, num_warps = attention_blocks(S, dh, dv)
+    n_vblocks = triton.cdiv(dv, block_v)
+    q, keys, values = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, keys, values))
+    index = index.to(torch.int32).contiguous()
+    o = torch.empty(Bsz, T, d, device=q.device, dtype=q.dtype)
+    if T == 0:
+        return o
+    pool_attention_fwd_kernel[(Bsz, triton.cdiv(T, block_q), heads)](
+        q, keys, values, index, o, T, S, dh, dv, n_vblocks, dh ** -0.5,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        index.stride(0), index.stride(1), o.stride(0), o.stride(1),
+        BLOCK_Q=block_q, BLOCK_S=block_s, BLOCK_DH=block_dh, BLOCK_V=block_v, num_warps=num_warps)
+    return o
+
+
+class PoolAttentionFn(torch.autograd.Function):
+    """Forward: the Triton kernel. Backward: the reference math (pool_attention_ref) under autograd, recomputed
+    chunk by chunk of queries so its [B, chunk, S, d] gathers stay under ATTN_BWD_BYTES."""
+
+    @staticmethod
+    def forward(ctx, q, keys, values, index, heads):
+        ctx.save_for_backward(q, keys, values, index)
+        ctx.heads = heads
+        return _attention_forward(q, keys, values, index, heads)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, keys, values, index = ctx.saved_tensors
+        Bsz, T, _ = q.shape
+        S, d = index.shape[-1], values.shape[-1]
+        chunk = max(1, ATTN_BWD_BYTES // max(1, Bsz * S * d * 4))
+        dq = torch.zeros_like(q)
+        dk = torch.zeros_like(keys, dtype=torch.float32)
+        dvals = torch.zeros_like(values, dtype=torch.float32)
+        k_leaf, v_leaf = keys.detach().requires_grad_(), values.detach().requires_grad_()
+        with torch.enable_grad():
+            for t0 in range(0, T, chunk):
+                q_leaf = q[:, t0:t0 + chunk].detach().requires_grad_()
+                o = pool_attention_ref(q_leaf, k_leaf, v_leaf, index[:, t0:t0 + chunk], ctx.heads)
+                gq, gk, gv = torch.autograd.grad(o, (q_leaf, k_leaf, v_leaf), do[:, t0:t0 + chunk])
+                dq[:, t0:t0 + chunk] = gq
+                dk += gk
+                dvals += gv
+        return dq, dk.to(keys.dtype), dvals.to(values.dtype), None, None
+
+
+def pool_attention(q, keys, values, index, heads: int):
+    """Same signature and results as pool_attention_ref; differentiable in q, keys and values."""
+    if q.dim() != 3 or keys.dim() != 3 or values.dim() != 3 or index.dim() != 3:
+        raise ValueError(f"pool_attention wants q [B,T,ds], keys [B,M,ds], values [B,M,d], index [B,T,S]; got "
+                         f"{list(q.shape)}, {list(keys.shape)}, {list(values.shape)}, {list(index.shape)}")
+    Bsz, T, ds = q.shape
+    if keys.shape[0] != Bsz or values.shape[:2] != keys.shape[:2] or keys.shape[2] != ds or \
+            index.shape[:2] != (Bsz, T):
+        raise ValueError(f"pool_attention shapes disagree: q {list(q.shape)}, keys {list(keys.shape)}, values "
+                         f"{list(values.shape)}, index {list(index.shape)}")
+    if ds % heads or values.shape[2] % heads:
+        raise ValueError(f"heads={heads} must divide ds={ds} and d={values.shape[2]}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys, values)):
+        return PoolAttentionFn.apply(q, keys, values, index, heads)
+    return _attention_forward(q, keys, values, index, heads)
+

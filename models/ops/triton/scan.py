@@ -1,0 +1,568 @@
+"""Selective scan in Triton: the chunked scan (forward + backward) and the one-token state step.
+
+References (ground truth, same arguments): models.ops.scan.selective_scan_ref and selective_state_step_ref.
+Spec §6 (the recurrence), §8 (parallel form), §9 (fp32 recurrence whatever the activation dtype).
+
+Forward, h_t = exp(δ_t A) h_{t-1} + δ_t x_t B_t, y_t = (C_t·h_t + D x_t) SiLU(z_t), δ = softplus(dt + dt_bias):
+a program owns (batch row, BLOCK_D channels, one chunk of tokens) and walks its chunk in tiles of BLOCK_T tokens;
+inside a tile the recurrence is an associative scan over time of the pairs (exp(δA), δxB), so it never forms
+exp(-cumsum) and cannot overflow however long T is. Across chunks:
+
+  single pass  (enough batch x channel programs to fill the GPU): one chunk per row, starts from h0.
+  three passes (few rows, long T):  1. every chunk from zero state -> its final state S_c and Σδ over the chunk
+                                    2. scan_chunk_combine: h_start[c+1] = exp(A Σδ_c) h_start[c] + S_c
+                                    3. every chunk again from h_start[c] -> y.
+Backward (autograd): chunks of one tile each; recompute h_start as above, then the same three passes in reverse
+time for the state gradient g_t = C_t dy_t + exp(δ_{t+1}A) g_{t+1}, then per-tile gradients. Reductions over
+channels (dB, dC) and over tokens (dA, dD, ddt_bias) go through per-program partial buffers summed in torch:
+deterministic, no atomics.
+
+All kernels take runtime sizes and strides as scalars and are AOT-compilable (see README.md, AOT_KERNELS).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memmamba_deploy.models.ops.scan import selective_scan_ref, selective_state_step_ref  # noqa: F401 (references)
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(δA) = exp2(δ·A·log2 e): A prescaled once per program
+
+# Chunk plan: aim for this many programs per pass before splitting T into chunks; never chunks under MIN_CHUNK.
+TARGET_PROGRAMS = 1024
+MIN_CHUNK = 256
+NUM_WARPS = 4          # forward: a 16x16x16 fp32 tile is 32 values per thread (127 registers on sm_90, no spills)
+BWD_NUM_WARPS = 8      # backward keeps ~8 such tiles live: 8 warps fit them in 243 registers without spilling
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2) for h -> a h + b; also right for the reverse scan g -> a g + b (Triton folds in order)
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(v):
+    # F.softplus (threshold 20); log(1+e) with the (w-1) correction so tiny e keeps its relative accuracy (≈ log1p)
+    e = tl.exp(v)
+    w = 1.0 + e
+    lp = tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0)))
+    return tl.where(v > 20.0, v, lp)
+
+
+@triton.jit
+def _delta(dt, bias, mask, dt_softplus):
+    v = dt + bias
+    if dt_softplus != 0:               # a runtime switch (the contract's attribute), uniform over the program
+        v = _softplus(v)
+    return tl.where(mask, v, 0.0)      # masked lanes: δ = 0 makes (exp(0), 0) the scan's identity
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def selective_scan_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h_in_ptr, y_ptr, h_out_ptr, dt_sum_ptr,
+    T, Di, N, chunk_len, dt_softplus,
+    stride_x_b, stride_x_t, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_C_b, stride_C_t,
+    stride_z_b, stride_z_t, stride_y_b, stride_y_t, stride_hin_b, stride_hin_c, stride_hout_b, stride_hout_c,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H_IN: tl.constexpr,
+    WRITE_Y: tl.constexpr, WRITE_H: tl.constexpr, WRITE_DT_SUM: tl.constexpr,
+):
+    """grid (B, cdiv(Di, BLOCK_D), cdiv(T, chunk_len)). Program (b, j, c) scans tokens [c·chunk_len, +chunk_len)
+    of channels [j·BLOCK_D, +BLOCK_D) from h_in[b, c] (zero when HAS_H_IN=0), writes y (WRITE_Y) and the state
+    after its last token to h_out[b, c] (WRITE_H); WRITE_DT_SUM also writes Σδ over the chunk to dt_sum[b, c, :]
+    (fp32, contiguous [B, n_chunks, Di]). Unit stride is assumed along the channel / state axes; A [Di,N]
+    contiguous. Tiles are [BLOCK_T, BLOCK_N, BLOCK_D]: channels across lanes (coalesced along Di), time and
+    states mostly within a thread, so the scan over time and the sum over N need few shuffles."""
+    pid_b = tl.program_id(0).to(tl.int64)              # batch offsets can pass 2^31 elements at long T
+    pid_d = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Di
+    mask_n = offs_n < N
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    nd_off = offs_d[None, :] * N + offs_n[:, None]            # element (n, d) of a [Di, N] row-major tensor
+    A2 = tl.load(A_ptr + nd_off, mask=mask_nd, other=0.0).to(tl.float32) * LOG2E  # [BLOCK_N, BLOCK_D]
+    if WRITE_Y:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_H_IN:
+        h = tl.load(h_in_ptr + pid_b * stride_hin_b + pid_c * stride_hin_c + nd_off, mask=mask_nd, other=0.0)
+    else:
+        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    rows = tl.arange(0, BLOCK_T)
+    t_begin = pid_c * chunk_len
+    t_end = tl.minimum(t_begin + chunk_len, T)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        offs_t = t0 + rows
+        mask_t = offs_t < t_end
+        m_td = mask_t[:, None] & mask_d[None, :]
+        m_tn = mask_t[:, None] & mask_n[None, :]
+        x = tl.load(x_ptr + pid_b * stride_x_b + offs_t[:, None] * stride_x_t + offs_d[None, :], mask=m_td,
+                    other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + pid_b * stride_dt_b + offs_t[:, None] * stride_dt_t + offs_d[None, :], mask=m_td,
+                     other=0.0).to(tl.float32)
+        Bv = tl.load(B_ptr + pid_b * stride_B_b + offs_t[:, None] * stride_B_t + offs_n[None, :], mask=m_tn,
+                     other=0.0).to(tl.float32)
+        delta = _delta(dt, bias[None, :], m_td, dt_softplus)                      # [BLOCK_T, BLOCK_D]
+        dBx = (delta * x)[:, None, :] * Bv[:, :, None]                             # [BLOCK_T, BLOCK_N, BLOCK_D]
+        if WRITE_Y:
+            dA = tl.exp2(delta[:, None, :] * A2[None, :, :])
+            a_cum, h_loc = tl.associative_scan((dA, dBx), 0, _combine)
+            h_all = a_cum * h[None, :, :] + h_loc
+            Cv = tl.load(C_ptr + pid_b * stride_C_b + offs_t[:, None] * stride_C_t + offs_n[None, :], mask=m_tn,
+                         other=0.0).to(tl.float32)
+            y = tl.sum(h_all * Cv[:, :, None], axis=1) + Dv[None, :] * x
+            if HAS_Z:
+                z = tl.load(z_ptr + pid_b * stride_z_b + offs_t[:, None] * stride_z_t + offs_d[None, :], mask=m_td,
+                            other=0.0).to(tl.float32)
+                y = y * (z * tl.sigmoid(z))
+            tl.store(y_ptr + pid_b * stride_y_b + offs_t[:, None] * stride_y_t + offs_d[None, :],
+                     y.to(y_ptr.dtype.element_ty), mask=m_td)
+            # masked rows are identity steps, so the tile's last row is the state after its last real token
+            h = tl.sum(tl.where(rows[:, None, None] == BLOCK_T - 1, h_all, 0.0), axis=0)
+        else:
+            # only the state after the tile is wanted: no scan, one exp per element,
+            # h <- exp(A Σδ) h + Σ_t exp(A Σ_{u>t} δ_u) δ_t x_t B_t   (exponents <= 0: nothing overflows)
+            tile_sum = tl.sum(delta, axis=0)
+            after = tile_sum[None, :] - tl.cumsum(delta, axis=0)                  # Σ_{u>t} δ_u in the tile
+            w = tl.exp2(after[:, None, :] * A2[None, :, :])
+            h = tl.exp2(tile_sum[None, :] * A2) * h + tl.sum(w * dBx, axis=0)
+        if WRITE_DT_SUM:
+            dt_sum += tl.sum(delta, axis=0)
+    if WRITE_H:
+        tl.store(h_out_ptr + pid_b * stride_hout_b + pid_c * stride_hout_c + nd_off, h, mask=mask_nd)
+    if WRITE_DT_SUM:
+        tl.store(dt_sum_ptr + (pid_b * tl.num_programs(2) + pid_c) * Di + offs_d, dt_sum, mask=mask_d)
+
+
+@triton.jit
+def scan_chunk_combine_kernel(
+    A_ptr, dt_sum_ptr, h0_ptr, states_ptr, h_out_ptr,
+    Di, N, n_chunks, stride_h0_b, stride_hout_b,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """grid (B, cdiv(Di, BLOCK_D)). Chains chunk summaries sequentially (T/chunk_len steps).
+    states [B, n_chunks, Di, N] fp32 holds each chunk's own contribution (forward: final state from zero;
+    REVERSE: the state gradient a chunk sends to the token before it, with zero gradient arriving from after it)
+    and is overwritten with what enters the chunk (forward: the state before its first token; REVERSE: the
+    gradient arriving from after its last token). h0 [B, Di, N] (HAS_H0) enters the first chunk (REVERSE: the last);
+    h_out [B, Di, N] gets what leaves the sequence: the final state, or REVERSE the gradient of h0.
+    dt_sum [B, n_chunks, Di] fp32: Σδ per chunk, so a chunk's total decay is exp(A Σδ)."""
+    pid_b = tl.program_id(0).to(tl.int64)              # batch offsets can pass 2^31 elements at long T
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Di
+    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
+    hn_off = offs_d[:, None] * N + offs_n[None, :]
+    A2 = tl.load(A_ptr + hn_off, mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * stride_h0_b + hn_off, mask=mask_dn, other=0.0)
+    else:
+        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    for i in range(0, n_chunks):
+        if REVERSE:
+            c = n_chunks - 1 - i
+        else:
+            c = i
+        row = pid_b * n_chunks + c
+        own = tl.load(states_ptr + row * Di * N + hn_off, mask=mask_dn, other=0.0)
+        dsum = tl.load(dt_sum_ptr + row * Di + offs_d, mask=mask_d, other=0.0)
+        tl.store(states_ptr + row * Di * N + hn_off, h, mask=mask_dn)
+        h = tl.exp2(dsum[:, None] * A2) * h + own
+    tl.store(h_out_ptr + pid_b * stride_hout_b + hn_off, h, mask=mask_dn)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def selective_scan_bwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, dy_ptr, h_start_ptr, g_ptr,
+    dx_ptr, ddt_ptr, dz_ptr, dB_part_ptr, dC_part_ptr, dA_part_ptr, dD_part_ptr, dbias_part_ptr,
+    T, Di, N, chunks_per_program, n_chunks, dt_softplus,
+    stride_x_b, stride_x_t, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_C_b, stride_C_t,
+    stride_z_b, stride_z_t, stride_dy_b, stride_dy_t,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, FULL: tl.constexpr,
+):
+    """grid (B, cdiv(Di, BLOCK_D), cdiv(n_chunks, chunks_per_program)); a chunk is one tile of BLOCK_T tokens.
+    g [B, n_chunks, Di, N] fp32. FULL=0: write into g[b,c] the state gradient chunk c sends to the token before it
+    given zero gradient from after it (a_first · g_first). FULL=1: g[b,c] is the gradient arriving from after the
+    chunk (scan_chunk_combine REVERSE); write dx, ddt (w.r.t. dt before the bias), dz, and the partial sums
+    dB_part/dC_part [nDblk, B, T, N] (over this program's channels), dA_part [B, nCprog, Di, N],
+    dD_part/dbias_part [B, nCprog, Di] (over this program's tokens). h_start [B, n_chunks, Di, N]: state before
+    each chunk (the forward's chunk combine)."""
+    pid_b = tl.program_id(0).to(tl.int64)              # batch offsets can pass 2^31 elements at long T
+    pid_d = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Di
+    mask_n = offs_n < N
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    nd_off = offs_d[None, :] * N + offs_n[:, None]            # tiles [BLOCK_T, BLOCK_N, BLOCK_D] as the forward
+    A = tl.load(A_ptr + nd_off, mask=mask_nd, other=0.0).to(tl.float32)
+    A2 = A * LOG2E
+    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    rows = tl.arange(0, BLOCK_T)
+    dA_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dD_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    c_begin = pid_c * chunks_per_program
+    c_end = tl.minimum(c_begin + chunks_per_program, n_chunks)
+    for c in range(c_begin, c_end):
+        offs_t = c * BLOCK_T + rows
+        mask_t = offs_t < T
+        m_td = mask_t[:, None] & mask_d[None, :]
+        m_tn = mask_t[:, None] & mask_n[None, :]
+        # a_{t+1} for the reverse scan: within the chunk only; the chunk's last row gets 1 (g arrives separately)
+        mask_next = ((rows + 1) < BLOCK_T)[:, None] & ((offs_t + 1) < T)[:, None] & mask_d[None, :]
+        x = tl.load(x_ptr + pid_b * stride_x_b + offs_t[:, None] * stride_x_t + offs_d[None, :], mask=m_td,
+                    other=0.0).to(tl.float32)
+        dt = tl.load(dt_ptr + pid_b * stride_dt_b + offs_t[:, None] * stride_dt_t + offs_d[None, :], mask=m_td,
+                     other=0.0).to(tl.float32)
+        dt_next = tl.load(dt_ptr + pid_b * stride_dt_b + (offs_t[:, None] + 1) * stride_dt_t + offs_d[None, :],
+                          mask=mask_next, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + pid_b * stride_C_b + offs_t[:, None] * stride_C_t + offs_n[None, :], mask=m_tn,
+                     other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + pid_b * stride_dy_b + offs_t[:, None] * stride_dy_t + offs_d[None, :], mask=m_td,
+                     other=0.0).to(tl.float32)
+        delta = _delta(dt, bias[None, :], m_td, dt_softplus)
+        delta_next = _delta(dt_next, bias[None, :], mask_next, dt_softplus)
+        dA = tl.exp2(delta[:, None, :] * A2[None, :, :])
+        if FULL:                                                     # the states, recomputed from the chunk start
+            Bv = tl.load(B_ptr + pid_b * stride_B_b + offs_t[:, None] * stride_B_t + offs_n[None, :], mask=m_tn,
+                         other=0.0).to(tl.float32)
+            dBx = (delta * x)[:, None, :] * Bv[:, :, None]
+            h0 = tl.load(h_start_ptr + (pid_b * n_chunks + c) * Di * N + nd_off, mask=mask_nd, other=0.0)
+            a_cum, h_loc = tl.associative_scan((dA, dBx), 0, _combine)
+            h_all = a_cum * h0[None, :, :] + h_loc
+        if HAS_Z:
+            z = tl.load(z_ptr + pid_b * stride_z_b + offs_t[:, None] * stride_z_t + offs_d[None, :], mask=m_td,
+                        other=0.0).to(tl.float32)
+            sz = tl.sigmoid(z)
+            dy_raw = dy * (z * sz)
+        else:
+            dy_raw = dy
+        # reverse scan: g_t = a_{t+1} g_{t+1} + C_t dy_raw_t
+        alpha = tl.exp2(delta_next[:, None, :] * A2[None, :, :])
+        a_suf, g_loc = tl.associative_scan((alpha, dy_raw[:, None, :] * Cv[:, :, None]), 0, _combine, reverse=True)
+        g_row = (pid_b * n_chunks + c) * Di * N + nd_off
+        if FULL:
+            g_in = tl.load(g_ptr + g_row, mask=mask_nd, other=0.0)
+            g = g_loc + a_suf * g_in[None, :, :]
+            sum_gB = tl.sum(g * Bv[:, :, None], axis=1)
+            dx = dy_raw * Dv[None, :] + delta * sum_gB
+            prev = h_all - dBx                                           # a_t h_{t-1}, no division by a_t
+            ddelta = tl.sum(g * (A[None, :, :] * prev), axis=1) + x * sum_gB
+            if dt_softplus != 0:
+                ddelta = ddelta * tl.sigmoid(dt + bias[None, :])
+            ddelta = tl.where(m_td, ddelta, 0.0)
+            tl.store(dx_ptr + (pid_b * T + offs_t[:, None]) * Di + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=m_td)
+            tl.store(ddt_ptr + (pid_b * T + offs_t[:, None]) * Di + offs_d[None, :],
+                     ddelta.to(ddt_ptr.dtype.element_ty), mask=m_td)
+            if HAS_Z:
+                y_raw = tl.sum(h_all * Cv[:, :, None], axis=1) + Dv[None, :] * x
+                dz = dy * y_raw * sz * (1.0 + z * (1.0 - sz))
+                tl.store(dz_ptr + (pid_b * T + offs_t[:, None]) * Di + offs_d[None, :],
+                         dz.to(dz_ptr.dtype.element_ty), mask=m_td)
+            part = ((pid_d * tl.num_programs(0) + pid_b) * T + offs_t[:, None]) * N + offs_n[None, :]
+            tl.store(dB_part_ptr + part, tl.sum(g * (delta * x)[:, None, :], axis=2), mask=m_tn)
+            tl.store(dC_part_ptr + part, tl.sum(dy_raw[:, None, :] * h_all, axis=2), mask=m_tn)
+            dA_acc += tl.sum(g * delta[:, None, :] * prev, axis=0)
+            dD_acc += tl.sum(dy_raw * x, axis=0)
+            dbias_acc += tl.sum(ddelta, axis=0)
+        else:
+            g_first = tl.sum(tl.where(rows[:, None, None] == 0, dA * g_loc, 0.0), axis=0)
+            tl.store(g_ptr + g_row, g_first, mask=mask_nd)
+    if FULL:
+        prog = pid_b * tl.num_programs(2) + pid_c
+        tl.store(dA_part_ptr + prog * Di * N + nd_off, dA_acc, mask=mask_nd)
+        tl.store(dD_part_ptr + prog * Di + offs_d, dD_acc, mask=mask_d)
+        tl.store(dbias_part_ptr + prog * Di + offs_d, dbias_acc, mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One token (SelectiveScanStep)
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def selective_state_step_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h_in_ptr, y_ptr, h_out_ptr,
+    Di, N, dt_softplus, stride_x_b, stride_dt_b, stride_B_b, stride_C_b, stride_z_b, stride_y_b, stride_h_b,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+):
+    """grid (B, cdiv(Di, BLOCK_D)). One token: h_out = exp(δA) h_in + δ x B, y = (C·h_out + D x) SiLU(z).
+    h_in / h_out [B, Di, N] fp32 with batch stride stride_h_b; h_out may alias h_in (each element is read and
+    written by the same thread)."""
+    pid_b = tl.program_id(0).to(tl.int64)              # batch offsets can pass 2^31 elements at long T
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Di
+    mask_n = offs_n < N
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    hn_off = offs_d[:, None] * N + offs_n[None, :]
+    A = tl.load(A_ptr + hn_off, mask=mask_dn, other=0.0).to(tl.float32)
+    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    x = tl.load(x_ptr + pid_b * stride_x_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + pid_b * stride_dt_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + pid_b * stride_B_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + pid_b * stride_C_b + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    h = tl.load(h_in_ptr + pid_b * stride_h_b + hn_off, mask=mask_dn, other=0.0)
+    delta = _delta(dt, bias, mask_d, dt_softplus)
+    h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bv[None, :]
+    y = tl.sum(h * Cv[None, :], axis=1) + Dv * x
+    if HAS_Z:
+        z = tl.load(z_ptr + pid_b * stride_z_b + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        y = y * (z * tl.sigmoid(z))
+    tl.store(h_out_ptr + pid_b * stride_h_b + hn_off, h, mask=mask_dn)
+    tl.store(y_ptr + pid_b * stride_y_b + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch heuristics (plain Python; the AOT launchers mirror them, see README.md)
+# ----------------------------------------------------------------------------------------------------------------
+def scan_blocks(N: int, Di: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, BLOCK_N) of the forward scan: a [BLOCK_T, BLOCK_D, BLOCK_N] tile of about 4096 fp32."""
+    block_n = triton.next_power_of_2(N)
+    block_t = 16
+    block_d = max(4, min(triton.next_power_of_2(Di), 4096 // (block_t * block_n)))
+    return block_t, block_d, block_n
+
+
+def scan_chunk_plan(B: int, T: int, Di: int, N: int) -> tuple[int, int]:
+    """(chunk_len, n_chunks): one chunk when batch x channel blocks already give TARGET_PROGRAMS programs."""
+    block_t, block_d, _ = scan_blocks(N, Di)
+    rows = B * triton.cdiv(Di, block_d)
+    n_chunks = max(1, min(triton.cdiv(TARGET_PROGRAMS, rows), triton.cdiv(T, MIN_CHUNK)))
+    if n_chunks == 1:
+        return max(T, 1), 1
+    chunk_len = triton.cdiv(triton.cdiv(T, n_chunks), block_t) * block_t
+    return chunk_len, triton.cdiv(T, chunk_len)
+
+
+def scan_workspace_bytes(B: int, T: int, Di: int, N: int) -> int:
+    """fp32 scratch of the three-pass forward: chunk states [B, n_chunks, Di, N] + Σδ [B, n_chunks, Di]."""
+    _, n_chunks = scan_chunk_plan(B, T, Di, N)
+    return 0 if n_chunks == 1 else 4 * B * n_chunks * Di * (N + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Python entry points
+# ----------------------------------------------------------------------------------------------------------------
+def _last_dim_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token: bool):
+    lead = x.shape[:-1]
+    Di, N = A.shape
+    want = {"x": (*lead, Di), "dt": (*lead, Di), "B": (*lead, N), "C": (*lead, N), "D": (Di,)}
+    if z is not None:
+        want["z"] = (*lead, Di)
+    if dt_bias is not None:
+        want["dt_bias"] = (Di,)
+    if h0 is not None:
+        want["h0"] = (x.shape[0], Di, N)
+    got = dict(x=x, dt=dt, B=B, C=C, D=D, z=z, dt_bias=dt_bias, h0=h0)
+    if x.dim() != (2 if one_token else 3):
+        raise ValueError(f"x must be [{'B, Di' if one_token else 'B, T, Di'}], got shape {list(x.shape)}")
+    for k, shape in want.items():
+        if tuple(got[k].shape) != tuple(shape):
+            raise ValueError(f"{k} has shape {list(got[k].shape)}, expected {list(shape)} (x {list(x.shape)}, "
+                             f"A {list(A.shape)})")
+        if got[k].device != x.device:
+            raise ValueError(f"{k} is on {got[k].device}, x on {x.device}")
+
+
+def _scan_launch(x, dt, A, B, C, D, z, dt_bias, h_in, y, h_out, dt_sum, chunk_len, n_chunks, hin_strides,
+                 hout_strides, dt_softplus, write_y, write_h, write_dt_sum):
+    Bsz, T, Di = x.shape
+    N = A.shape[1]
+    block_t, block_d, block_n = scan_blocks(N, Di)
+    dummy = A                                                    # stands in for absent tensors; never read
+    zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+    ys = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
+    selective_scan_fwd_kernel[(Bsz, triton.cdiv(Di, block_d), n_chunks)](
+        x, dt, A, B, C, D, dummy if z is None else z, dummy if dt_bias is None else dt_bias,
+        dummy if h_in is None else h_in, dummy if y is None else y, dummy if h_out is None else h_out,
+        dummy if dt_sum is None else dt_sum, T, Di, N, chunk_len, int(bool(dt_softplus)),
+        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        *zs, *ys, *hin_strides, *hout_strides,
+        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
+        HAS_H_IN=h_in is not None, WRITE_Y=write_y, WRITE_H=write_h, WRITE_DT_SUM=write_dt_sum,
+        num_warps=NUM_WARPS)
+
+
+def _chunk_states(x, dt, A, B, C, D, dt_bias, h0, dt_softplus, chunk_len, n_chunks):
+    """Passes 1 + 2: (states [B,nc,Di,N] = state before each chunk, dt_sum [B,nc,Di], final state [B,Di,N])."""
+    Bsz, T, Di = x.shape
+    N = A.shape[1]
+    _, block_d, block_n = scan_blocks(N, Di)
+    states = torch.empty(Bsz, n_chunks, Di, N, device=x.device, dtype=torch.float32)
+    dt_sum = torch.empty(Bsz, n_chunks, Di, device=x.device, dtype=torch.float32)
+    h = torch.empty(Bsz, Di, N, device=x.device, dtype=torch.float32)
+    _scan_launch(x, dt, A, B, C, D, None, dt_bias, None, None, states, dt_sum, chunk_len, n_chunks, (0, 0),
+                 (n_chunks * Di * N, Di * N), dt_softplus, write_y=False, write_h=True, write_dt_sum=True)
+    scan_chunk_combine_kernel[(Bsz, triton.cdiv(Di, block_d))](
+        A, dt_sum, A if h0 is None else h0, states, h, Di, N, n_chunks, Di * N, Di * N,
+        BLOCK_D=block_d, BLOCK_N=block_n, HAS_H0=h0 is not None, REVERSE=False, num_warps=4)
+    return states, dt_sum, h
+
+
+def _prepare(x, dt, A, B, C, D, z, dt_bias, h0):
+    x, dt, B, C, z = (_last_dim_contiguous(t) for t in (x, dt, B, C, z))
+    return (x, dt, A.float().contiguous(), B, C, D.contiguous(), z,
+            None if dt_bias is None else dt_bias.contiguous(), None if h0 is None else h0.float().contiguous())
+
+
+def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, chunk_len=None):
+    """The kernel path of selective_scan_ref (no autograd): (y [B,T,Di] in x.dtype, h [B,Di,N] fp32).
+    chunk_len=None picks the plan (scan_chunk_plan); tests pass one to force the three-pass path."""
+    x, dt, A, B, C, D, z, dt_bias, h0 = _prepare(x, dt, A, B, C, D, z, dt_bias, h0)
+    Bsz, T, Di = x.shape
+    N = A.shape[1]
+    if T == 0:
+        return x.new_empty(Bsz, 0, Di), (torch.zeros(Bsz, Di, N, device=x.device) if h0 is None else h0.clone())
+    if chunk_len is None:
+        chunk_len, n_chunks = scan_chunk_plan(Bsz, T, Di, N)
+    else:
+        n_chunks = triton.cdiv(T, chunk_len)
+    y = torch.empty_like(x)
+    if n_chunks == 1:
+        h = torch.empty(Bsz, Di, N, device=x.device, dtype=torch.float32)
+        _scan_launch(x, dt, A, B, C, D, z, dt_bias, h0, y, h, None, T, 1, (Di * N, 0), (Di * N, 0), dt_softplus,
+                     write_y=True, write_h=True, write_dt_sum=False)
+        return y, h
+    states, _, h = _chunk_states(x, dt, A, B, C, D, dt_bias, h0, dt_softplus, chunk_len, n_chunks)
+    _scan_launch(x, dt, A, B, C, D, z, dt_bias, states, y, None, None, chunk_len, n_chunks,
+                 (n_chunks * Di * N, Di * N), (0, 0), dt_softplus, write_y=True, write_h=False, write_dt_sum=False)
+    return y, h
+
+
+def scan_backward(x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus, dy, dh, chunks_per_program=None):
+    """Gradients of (y, h) = scan_forward(...) given dy [B,T,Di] and dh [B,Di,N] (or None).
+    Returns dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0 (None where the input was None)."""
+    x, dt, A, B, C, D, z, dt_bias, h0 = _prepare(x, dt, A, B, C, D, z, dt_bias, h0)
+    Bsz, T, Di = x.shape
+    N = A.shape[1]
+    block_t, block_d, block_n = scan_blocks(N, Di)
+    n_chunks = triton.cdiv(T, block_t)
+    n_dblk = triton.cdiv(Di, block_d)
+    if chunks_per_program is None:
+        chunks_per_program = max(1, triton.cdiv(n_chunks * Bsz * n_dblk, TARGET_PROGRAMS))
+    n_cprog = triton.cdiv(n_chunks, chunks_per_program)
+    dy = _last_dim_contiguous(dy)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    h_start, dt_sum, _ = _chunk_states(x, dt, A, B, C, D, dt_bias, h0, dt_softplus, block_t, n_chunks)
+    g = torch.empty(Bsz, n_chunks, Di, N, **f32)
+    dx = torch.empty(Bsz, T, Di, device=x.device, dtype=x.dtype)
+    ddt = torch.empty(Bsz, T, Di, device=x.device, dtype=dt.dtype)
+    dz = torch.empty(Bsz, T, Di, device=x.device, dtype=z.dtype) if z is not None else None
+    dB_part = torch.empty(n_dblk, Bsz, T, N, **f32)
+    dC_part = torch.empty(n_dblk, Bsz, T, N, **f32)
+    dA_part = torch.empty(Bsz, n_cprog, Di, N, **f32)
+    dD_part = torch.empty(Bsz, n_cprog, Di, **f32)
+    dbias_part = torch.empty(Bsz, n_cprog, Di, **f32)
+    dummy = A
+    zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+
+    def launch(full: bool):
+        selective_scan_bwd_kernel[(Bsz, n_dblk, n_cprog)](
+            x, dt, A, B, C, D, dummy if z is None else z, dummy if dt_bias is None else dt_bias, dy, h_start, g,
+            dx, ddt, dummy if dz is None else dz, dB_part, dC_part, dA_part, dD_part, dbias_part,
+            T, Di, N, chunks_per_program, n_chunks, int(bool(dt_softplus)),
+            x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), C.stride(0),
+            C.stride(1), *zs, dy.stride(0), dy.stride(1),
+            BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, HAS_Z=z is not None,
+            HAS_DT_BIAS=dt_bias is not None, FULL=full, num_warps=BWD_NUM_WARPS)
+
+    launch(False)                                  # each chunk's own gradient to the token before it
+    dh0 = torch.empty(Bsz, Di, N, **f32)
+    scan_chunk_combine_kernel[(Bsz, n_dblk)](      # chain them backwards: g[b, c] = gradient arriving from after c
+        A, dt_sum, dummy if dh is None else dh.float().contiguous(), g, dh0, Di, N, n_chunks, Di * N, Di * N,
+        BLOCK_D=block_d, BLOCK_N=block_n, HAS_H0=dh is not None, REVERSE=True, num_warps=4)
+    launch(True)
+    dA = dA_part.sum((0, 1))
+    dD = dD_part.sum((0, 1)).to(D.dtype)
+    ddt_bias = dbias_part.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
+    dB = dB_part.sum(0).to(B.dtype)
+    dC = dC_part.sum(0).to(C.dtype)
+    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dh0 if h0 is not None else None
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """Autograd wrapper: forward = scan_forward, backward = scan_backward (Triton both ways)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus):
+        y, h = scan_forward(x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0)
+        ctx.dt_softplus = dt_softplus
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        x, dt, A, B, C, D, z, dt_bias, h0 = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x)
+        grads = scan_backward(x, dt, A, B, C, D, z, dt_bias, h0, ctx.dt_softplus, dy, dh)
+        dA = grads[2].to(A.dtype)
+        return (*grads[:2], dA, *grads[3:], None)
+
+
+def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True):
+    """Same signature and results as selective_scan_ref; differentiable when any input requires grad."""
+    _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token=False)
+    tensors = (x, dt, A, B, C, D, z, dt_bias, h0)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return SelectiveScanFn.apply(*tensors, dt_softplus)
+    return scan_forward(*tensors, dt_softplus)
+
+
+def selective_state_step(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=True):
+    """Same signature and results as selective_state_step_ref (inference only: no autograd).
+    h [B,Di,N] fp32 is not modified; returns (y [B,Di] in x.dtype, new h)."""
+    _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h, one_token=True)
+    x, dt, A, B, C, D, z, dt_bias, h = _prepare(x, dt, A, B, C, D, z, dt_bias, h)
+    Bsz, Di = x.shape
+    N = A.shape[1]
+    block_d, block_n = step_blocks(N, Di)
+    y = torch.empty_like(x)
+    h_out = torch.empty(Bsz, Di, N, device=x.device, dtype=torch.float32)
+    dummy = A
+    selective_state_step_kernel[(Bsz, triton.cdiv(Di, block_d))](
+        x, dt, A, B, C, D, dummy if z is None else z, dummy if dt_bias is None else dt_bias, h, y, h_out,
+        Di, N, int(bool(dt_softplus)), x.stride(0), dt.stride(0), B.stride(0), C.stride(0),
+        0 if z is None else z.stride(0), y.stride(0), Di * N,
+        BLOCK_D=block_d, BLOCK_N=block_n, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, num_warps=4)
+    return y, h_out
+
+
+def step_blocks(N: int, Di: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_N) of the one-token step: [BLOCK_D, BLOCK_N] about 1024 states per program."""
+    block_n = triton.next_power_of_2(N)
+    return max(4, min(triton.next_power_of_2(Di), 1024 // block_n)), block_n

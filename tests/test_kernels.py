@@ -1,0 +1,370 @@
+"""The Triton kernels (issue 3) against their PyTorch references, on the CPU in Triton's interpreter.
+
+Fresh random inputs in every test, fp32 tolerance 1e-4 (metrics.rel_err), every kernel output poisoned (NaN, or -7
+for indices) before the kernel runs so an unwritten element fails.
+
+Triton is either interpreted or compiled in a process, chosen at its first import (TRITON_INTERPRET), and other
+test files compile kernels ahead of time, so this file never switches the process: in a compiled process (the
+usual `pytest`) the kernel tests are skipped here and test_kernels_in_an_interpreted_process runs this file again
+in a child process with TRITON_INTERPRET=1, failing with the child's report if any test fails there. Run it
+interpreted directly with `TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py`. About 1 minute on 2 cores.
+"""
+import contextlib
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import interpreted, make_model, run_interpreted
+from memmamba_deploy.metrics import rel_err
+from memmamba_deploy.models import State
+from memmamba_deploy.models.ops import triton as kt
+from memmamba_deploy.models.ops.pool import pool_attention_ref, pool_sweep_ref
+from memmamba_deploy.models.ops.scan import selective_scan_ref, selective_state_step_ref
+
+TOL = 1e-4
+
+
+@contextlib.contextmanager
+def poisoned():
+    """Every tensor the kernels' wrappers allocate with torch.empty/empty_like starts as NaN (-7 for integers)."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-7)
+        return t
+
+    torch.empty = lambda *a, **k: fill(real_empty(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(real_empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+def scan_inputs(g, Bsz, T, Di, N, z=True, bias=True, h0=True, dt_scale=0.5):
+    return dict(x=torch.randn(Bsz, T, Di, generator=g), dt=torch.randn(Bsz, T, Di, generator=g) * dt_scale - 1.0,
+                A=-torch.rand(Di, N, generator=g) * 3 - 0.05, B=torch.randn(Bsz, T, N, generator=g),
+                C=torch.randn(Bsz, T, N, generator=g), D=torch.randn(Di, generator=g),
+                z=torch.randn(Bsz, T, Di, generator=g) if z else None,
+                dt_bias=torch.randn(Di, generator=g) * 0.3 if bias else None,
+                h0=torch.randn(Bsz, Di, N, generator=g) if h0 else None)
+
+
+# ---- selective scan ------------------------------------------------------------------------------------------------
+@interpreted
+@pytest.mark.parametrize("chunk_len", [None, 16], ids=["one-pass", "three-pass"])
+@pytest.mark.parametrize("variant", [dict(), dict(z=False, bias=False, h0=False), dict(softplus=False)],
+                         ids=["full", "bare", "no-softplus"])
+def test_selective_scan_forward(chunk_len, variant, rng):
+    variant = dict(variant)
+    softplus = variant.pop("softplus", True)
+    a = scan_inputs(rng, 2, 37, 24, 6, **variant)                  # T, Di, N off the block sizes; last chunk short
+    if not softplus:
+        a["dt"] = a["dt"].abs() * 0.1
+    y_ref, h_ref = selective_scan_ref(**a, dt_softplus=softplus)
+    with poisoned():
+        y, h = kt.scan.scan_forward(**a, dt_softplus=softplus, chunk_len=chunk_len)
+    assert rel_err(y, y_ref) <= TOL and rel_err(h, h_ref) <= TOL
+
+
+@interpreted
+def test_selective_scan_long_sequence_does_not_overflow(rng):
+    # δ·A from about -1e-4 to -60 per token and many chunks: decays underflow to 0, nothing overflows
+    a = scan_inputs(rng, 1, 600, 8, 4, dt_scale=4.0)
+    y_ref, h_ref = selective_scan_ref(**a)
+    with poisoned():
+        y, h = kt.scan.scan_forward(**a, chunk_len=128)
+    assert torch.isfinite(y).all() and rel_err(y, y_ref) <= TOL and rel_err(h, h_ref) <= TOL
+
+
+@interpreted
+@pytest.mark.parametrize("variant", [dict(), dict(z=False, bias=False, h0=False)], ids=["full", "bare"])
+def test_selective_scan_backward_matches_autograd_through_the_reference(variant, rng):
+    a = scan_inputs(rng, 2, 37, 24, 6, **variant)
+    leaves = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in a.items()}
+    y_ref, h_ref = selective_scan_ref(**leaves)
+    dy, dh = torch.randn_like(y_ref), torch.randn_like(h_ref)
+    torch.autograd.backward([y_ref, h_ref], [dy, dh])
+    mine = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in a.items()}
+    with poisoned():
+        y, h = kt.TRITON_OPS.selective_scan(**mine)                 # the autograd Function
+        torch.autograd.backward([y, h], [dy, dh])
+    for k, v in mine.items():
+        if v is not None:
+            assert rel_err(v.grad, leaves[k].grad) <= TOL, k
+
+
+@interpreted
+@pytest.mark.parametrize("with_z", [True, False])
+def test_selective_state_step(with_z, rng):
+    a = scan_inputs(rng, 3, 1, 40, 5, z=with_z)
+    one = {k: (v[:, 0] if k in ("x", "dt", "B", "C", "z") and v is not None else v) for k, v in a.items()}
+    h = one.pop("h0")
+    before = h.clone()
+    y_ref, h_ref = selective_state_step_ref(h, **one)
+    with poisoned():
+        y, h_new = kt.TRITON_OPS.selective_state_step(h, **one)
+    assert rel_err(y, y_ref) <= TOL and rel_err(h_new, h_ref) <= TOL
+    assert torch.equal(h, before)
+
+
+# ---- note pool -----------------------------------------------------------------------------------------------------
+@interpreted
+@pytest.mark.parametrize("scores", ["ties", "uniform"])
+def test_pool_sweep_replays_the_reference_exactly(scores, rng):
+    B, T, K = 3, 300, 5                                             # T spans several tiles; K not a power of two
+    if scores == "ties":                                            # ties with each other, tau1 and the initial slots
+        levels = torch.tensor([0.2, 0.5, 0.55, 0.6, 0.6, 0.65, 0.7, 0.9])
+        a = levels[torch.randint(0, len(levels), (B, T), generator=rng)]
+    else:
+        a = torch.rand(B, T, generator=rng)
+    prio0 = torch.tensor([[-1.0, 0.65, -1.0, 0.55, 0.8], [-1.0] * 5, [0.95, 0.9, 0.99, 0.97, 0.91]])
+    index_ref, prio_ref = pool_sweep_ref(a, prio0, 0.5)
+    with poisoned():
+        index, prio = kt.TRITON_OPS.pool_sweep(a, prio0, 0.5)
+    assert torch.equal(index, index_ref) and torch.equal(prio, prio_ref)
+    assert (index_ref[:2, -1] >= K).any()                             # tokens did enter (and, row 2, none could)
+
+
+def sweep_like_index(g, B, T, M, S):
+    """Rows that change one slot at a time, as a sweep's do, with empty slots."""
+    index = torch.randint(-1, M, (B, 1, S), generator=g, dtype=torch.int32).repeat(1, T, 1)
+    for t in range(1, T):
+        if torch.rand(1, generator=g) < 0.3:
+            index[:, t:, int(torch.randint(0, S, (1,), generator=g))] = int(torch.randint(-1, M, (1,), generator=g))
+    return index
+
+
+@interpreted
+@pytest.mark.parametrize("pattern", ["sweep-like", "random"])
+def test_pool_attention_forward_and_backward(pattern, rng):
+    B, T, M, S, ds, d, H = 2, 70, 30, 12, 12, 18, 3                  # 70 queries: two programs, the second short
+    q, keys, values = (torch.randn(B, T, ds, generator=rng), torch.randn(B, M, ds, generator=rng),
+                       torch.randn(B, M, d, generator=rng))
+    index = sweep_like_index(rng, B, T, M, S) if pattern == "sweep-like" else \
+        torch.randint(-1, M, (B, T, S), generator=rng, dtype=torch.int32)
+    index[0, 3] = -1                                                # queries that read nothing get 0
+    index[1, 5] = -1
+    leaves = [t.clone().requires_grad_() for t in (q, keys, values)]
+    ref = pool_attention_ref(*leaves, index, H)
+    do = torch.randn_like(ref)
+    ref.backward(do)
+    mine = [t.clone().requires_grad_() for t in (q, keys, values)]
+    with poisoned():
+        o = kt.TRITON_OPS.pool_attention(*mine, index, H)
+        o.backward(do)
+    assert rel_err(o, ref) <= TOL
+    assert torch.equal(o[0, 3], torch.zeros(d)) and torch.equal(o[1, 5], torch.zeros(d))
+    for a, b in zip(mine, leaves):
+        assert rel_err(a.grad, b.grad) <= TOL
+
+
+# ---- the whole model with kernels="triton" ---------------------------------------------------------------------------
+def triton_twin(model):
+    return copy.copy(model).set_kernels("triton")
+
+
+@interpreted
+@pytest.mark.parametrize("variant", [dict(), dict(memory=False)], ids=["tiny", "no-memory"])
+@torch.no_grad()
+def test_model_forward_prefill_and_step_match_torch(variant, rng):
+    model = make_model(3, **variant)
+    fast = triton_twin(model)
+    ids = torch.randint(0, 256, (2, 32), generator=rng)             # 4x the pool: pools fill, then replace
+    with poisoned():
+        logits, state = fast.prefill(ids[:, :24])
+        resumed, state2 = fast.prefill(ids[:, 24:], state)
+        step_logits, _ = fast.step(ids[:, 0], state2)
+    ref_logits, ref_state = model.prefill(ids[:, :24])
+    ref_resumed, ref_state2 = model.prefill(ids[:, 24:], ref_state)
+    ref_step, _ = model.step(ids[:, 0], ref_state2)
+    assert rel_err(logits, ref_logits) <= TOL and rel_err(resumed, ref_resumed) <= TOL
+    assert rel_err(step_logits, ref_step) <= TOL
+    for k, v in state2.tensors().items():
+        assert rel_err(v, ref_state2.tensors()[k]) <= TOL, k
+    if model.config.memory:
+        assert (ref_state2.prio >= 0).all()                          # every pool full: replacement was exercised
+
+
+@interpreted
+def test_model_trains_with_triton_kernels(rng):
+    model = make_model(4).train()
+    fast = triton_twin(model)
+    ids = torch.randint(0, 256, (1, 20), generator=rng)
+    weights = torch.randn(1, 20, 256, generator=rng)
+    (model(ids) * weights).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    with poisoned():
+        (fast(ids) * weights).sum().backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert ref.keys() == got.keys() and any("note" in n for n in got)
+    for n in ref:
+        assert rel_err(got[n], ref[n]) <= TOL, n
+
+
+# ---- the fast decode path (TritonBackend, no CUDA graph on the CPU) --------------------------------------------------
+def poison_backend(backend, batch, keep):
+    """NaN into every buffer of the step except the state it will read."""
+    bufs = backend._get_buffers(batch)
+    for t in (bufs.h, bufs.u, bufs.mem, bufs.ut, bufs.xc, bufs.z, bufs.xpart, bufs.opart, bufs.uf, bufs.logits):
+        t.fill_(float("nan"))
+    for s in bufs.states:
+        if s is not keep:
+            for t in s.tensors().values():
+                t.fill_(float("nan"))
+
+
+@interpreted
+@pytest.mark.parametrize("variant, batch", [
+    (dict(), 2), (dict(n_layers=3, summary_dim=8, memory_heads=4, d_state=4), 1), (dict(memory=False), 1)],
+    ids=["tiny-B2", "L3-trailing-H4", "no-memory"])
+@torch.no_grad()
+def test_triton_backend_decode_matches_reference_step(variant, batch, rng):
+    from memmamba_deploy.backends.triton_backend import TritonBackend
+
+    model = make_model(5, **variant)
+    backend = TritonBackend(model, cuda_graph=False)
+    ids = torch.randint(0, 256, (batch, 44), generator=rng)
+    _, ref_state = model.prefill(ids[:, :40])                       # pools full: inserts replace from here on
+    state = backend.copy_state(ref_state)
+    for t in range(40, 44):
+        poison_backend(backend, batch, keep=state.state)           # after step 1, state lives in a buffer
+        logits, state = backend.step(ids[:, t], state)
+        ref_logits, ref_state = model.step(ids[:, t], ref_state)
+        assert rel_err(logits, ref_logits) <= TOL
+        for k, v in backend.to_reference(state).tensors().items():
+            assert rel_err(v, ref_state.tensors()[k]) <= TOL, (t, k)
+
+
+@interpreted
+@torch.no_grad()
+def test_triton_backend_keeps_every_returned_state_valid(rng):
+    from memmamba_deploy.backends.triton_backend import TritonBackend
+
+    model = make_model(6, memory=False, n_layers=2)
+    backend = TritonBackend(model, cuda_graph=False)
+    s0 = backend.new_state(1)
+    s0_copy = backend.to_reference(s0)
+    _, s1 = backend.step(torch.tensor([3]), s0)
+    _, s2 = backend.step(torch.tensor([4]), s1)                     # ping-pong: s1 and s2 in the two buffers
+    s2_copy = backend.to_reference(s2)
+    l3b, s3b = backend.step(torch.tensor([9]), s1)                  # a branch from s1 overwrites s2's buffer ...
+    l3, _ = backend.step(torch.tensor([5]), s2)                     # ... yet s2 still holds what it held
+    ref, ref_s1 = model.step(torch.tensor([3]), backend.to_reference(s0))
+    ref_s2 = model.step(torch.tensor([4]), ref_s1)[1]
+    for k, v in backend.to_reference(s2).tensors().items():
+        assert torch.equal(v, s2_copy.tensors()[k]) and rel_err(v, ref_s2.tensors()[k]) <= TOL, k
+    for k, v in backend.to_reference(s0).tensors().items():
+        assert torch.equal(v, s0_copy.tensors()[k]), k
+    assert rel_err(l3b, model.step(torch.tensor([9]), ref_s1)[0]) <= TOL
+    assert rel_err(l3, model.step(torch.tensor([5]), ref_s2)[0]) <= TOL
+
+
+@interpreted
+def test_triton_backend_generates_like_the_torch_backend(rng):
+    from memmamba_deploy.backends import TorchBackend
+    from memmamba_deploy.backends.triton_backend import TritonBackend
+    from memmamba_deploy.sampling import generate
+
+    model = make_model(7, n_layers=2)
+    prompt = torch.randint(0, 256, (1, 12), generator=rng)
+    fast = list(generate(TritonBackend(model, cuda_graph=False), prompt, 4))
+    ref = list(generate(TorchBackend(model), prompt, 4))
+    assert torch.equal(torch.stack(fast), torch.stack(ref))
+
+
+# ---- clear errors ----------------------------------------------------------------------------------------------------
+@interpreted
+def test_bad_inputs_get_clear_errors(rng):
+    from memmamba_deploy.backends.triton_backend import TritonBackend
+
+    a = scan_inputs(rng, 2, 5, 8, 4)
+    with pytest.raises(ValueError, match=r"B has shape \[2, 5, 3\], expected \[2, 5, 4\]"):
+        kt.TRITON_OPS.selective_scan(**{**a, "B": a["B"][..., :3]})
+    with pytest.raises(ValueError, match="heads=3 must divide"):
+        kt.TRITON_OPS.pool_attention(torch.zeros(1, 2, 8), torch.zeros(1, 3, 8), torch.zeros(1, 3, 8),
+                                     torch.zeros(1, 2, 4, dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match="scores \\[B,T\\] and prio0 \\[B,K\\]"):
+        kt.TRITON_OPS.pool_sweep(torch.zeros(2, 3), torch.zeros(3, 4), 0.5)
+    model = make_model(0, memory=False, n_layers=2)
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        TritonBackend(model, cuda_graph=True)
+    backend = TritonBackend(model, cuda_graph=False)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        backend.step(torch.tensor([256]), backend.new_state(1))
+    with pytest.raises(ValueError, match=r"state.conv has shape"):
+        backend.step(torch.tensor([1, 2]), backend.new_state(1))
+    with pytest.raises(ValueError, match="expected a TritonState or a models.State"):
+        backend.step(torch.tensor([1]), {"conv": None})
+    with pytest.raises(RuntimeError, match="AOT_KERNELS needs the compiled kernels"):
+        kt.AOT_KERNELS
+
+
+# ---- ahead-of-time compilation (a compiled process) ---------------------------------------------------------------
+AOT_CHECK = textwrap.dedent("""
+    import os, subprocess, tempfile, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from memmamba_deploy.models import MemMambaConfig
+    from memmamba_deploy.models.ops.triton import AOT_KERNELS, INTERPRETED
+    from memmamba_deploy.models.ops.triton.aot import decode_aot_kernels
+    assert not INTERPRETED
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    table = dict(AOT_KERNELS)
+    for preset in ("tiny", "130m"):
+        table.update({f"{k}[{preset}]": v for k, v in decode_aot_kernels(MemMambaConfig.preset(preset)).items()})
+    n = 0
+    for name, e in table.items():
+        for suffix, sig in e["signatures"].items():
+            assert list(sig) == list(e["fn"].arg_names), name
+            k = triton.compile(ASTSource(e["fn"], sig, e["constexprs"]), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": e["num_warps"], "num_stages": e["num_stages"]})
+            assert not getattr(k.metadata, "global_scratch_size", 0), name
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"]); f.flush()
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                       text=True).stdout
+            assert "STACK:0 " in usage and "LOCAL:0 " in usage, f"{name}_{suffix} spills: {usage}"
+            n += 1
+    print("compiled", n)
+""")
+
+
+@pytest.mark.skipif(kt.INTERPRETED, reason="the compiled parent process runs this one")
+def test_aot_kernels_compile_for_sm90_without_spills():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, "-c", AOT_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert int(out.stdout.split()[-1]) >= 20
+
+
+# ---- when this process cannot interpret ---------------------------------------------------------------------------
+def test_kernels_in_an_interpreted_process():
+    run_interpreted(__file__)
+
+
+def test_triton_ops_offer_the_reference_signatures():
+    import inspect
+
+    from memmamba_deploy.models.ops import TORCH_OPS
+    names = {k for k in vars(TORCH_OPS) if k != "name"}
+    assert names == {k for k in vars(kt.TRITON_OPS) if k != "name"} and kt.TRITON_OPS.name == "triton"
+    for k in names:
+        assert inspect.signature(getattr(kt.TRITON_OPS, k)) == inspect.signature(getattr(TORCH_OPS, k)), k
+
+
+def test_states_are_the_reference_layout():
+    # the fast path's state is the reference State itself: parity tools and fork work on it directly
+    from memmamba_deploy.backends.triton_backend import TritonState
+    s = TritonState(State.zeros(make_model(0).config, 2))
+    assert isinstance(s.to_reference(), State) and s.batch_size == 2
