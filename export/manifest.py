@@ -1,0 +1,77 @@
+"""OUT/manifest.json: what an export directory holds, read back with every file's sha256 verified.
+
+{
+  "format": "memmamba-deploy-export", "format_version": 1,
+  "config": {...MemMambaConfig...}, "flavor": "portable" | "plugins", "dtype": "fp32" | "fp16", "opset": 17,
+  "source_checkpoint": "/abs/path/of/CKPT",
+  "reference": "reference",                      # config.json + model.safetensors of the exported weights
+  "graphs": {"decode_step": {"file", "external_data", "inputs": [{"name", "shape", "dtype"}], "outputs": [...]},
+             "prefill": {...}},                  # shapes: ints, or the symbols "batch" / "T"
+  "state": [{"name", "output", "field", "shape", "dtype", "initial"}],
+  "plugins": [{"op", "domain", "version", "namespace", "graphs"}],   # empty for the portable flavour
+  "files": {"decode_step.onnx": "<sha256>", ...},                     # every file in OUT but this one
+  "producer": {...versions...}
+}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+FORMAT = "memmamba-deploy-export"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REFERENCE_DIR = "reference"
+
+
+class ManifestError(ValueError):
+    """An export directory that cannot be used as is: the message says which file and why."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory` (relative POSIX paths), the manifest itself excepted."""
+    return {p.relative_to(directory).as_posix(): sha256(p) for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def read_manifest(out, verify: bool = True, only: tuple[str, ...] | None = None) -> dict:
+    """Load OUT/manifest.json; with `verify`, check the sha256 of every listed file (or of the files whose path
+    starts with one of `only`). Raises ManifestError / FileNotFoundError naming the problem."""
+    out = Path(out)
+    path = out / MANIFEST_NAME
+    if not out.is_dir():
+        raise FileNotFoundError(f"no export directory at {out}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{out} is not an export directory (no {MANIFEST_NAME}): run `memdeploy export` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path} is not a memdeploy export manifest (format != {FORMAT!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(f"{path} has format_version {manifest.get('format_version')!r}; this memdeploy reads "
+                            f"{FORMAT_VERSION}: export again")
+    for key in ("config", "flavor", "dtype", "graphs", "state", "files"):
+        if key not in manifest:
+            raise ManifestError(f"{path} lacks {key!r}")
+    if verify:
+        for rel, digest in manifest["files"].items():
+            if only is not None and not rel.startswith(only):
+                continue
+            f = out / rel
+            if not f.is_file():
+                raise ManifestError(f"{f} is listed in {MANIFEST_NAME} but missing")
+            if sha256(f) != digest:
+                raise ManifestError(f"{f} does not match the sha256 recorded in {MANIFEST_NAME} (modified or corrupt "
+                                    f"since export): export again")
+    return manifest

@@ -1,0 +1,213 @@
+"""OrtBackend: the exported graphs in ONNX Runtime match the PyTorch reference; state handling; clear errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from memmamba_deploy.backends.base import Backend
+from memmamba_deploy.backends.ort_backend import OrtBackend, OrtState
+from memmamba_deploy.export import ManifestError
+from memmamba_deploy.metrics import rel_err
+from memmamba_deploy.models import MemMambaLM
+from memmamba_deploy.parity import compare
+from memmamba_deploy.sampling import generate
+from test_export import one_thread, tiny_export  # noqa: F401  (fixtures)
+
+
+def _reference(out) -> MemMambaLM:
+    return MemMambaLM.from_pretrained(out / "reference")
+
+
+@pytest.mark.parametrize("memory, flavor", [(True, "portable"), (False, "portable"), (True, "plugins")])
+def test_prefill_and_512_steps_match_the_reference(tiny_export, memory, flavor):
+    """fp32: prefill + 512 greedy decode steps within 1e-4 rel, greedy tokens identical. The plugins flavour runs
+    through its function bodies. Insert decisions the two sides take differently are rounding-level ties only."""
+    out = tiny_export(memory=memory, flavor=flavor)
+    backend = OrtBackend.open(out, threads=1)
+    assert isinstance(backend, Backend)
+    prompt = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(7))
+    r = compare(_reference(out), backend, prompt, steps=512, rtol=1e-4, flip_radius=1e-3)
+    assert r.ok, r.failures
+    assert r.prefill_logits_rel <= 1e-4 and r.step_logits_max_rel <= 1e-4
+    assert max(r.final_state_rel.values()) <= 1e-4
+    assert r.greedy_agreement == 1.0
+    assert len(r.step_logits_rel) == 512
+    assert all(m <= 1e-6 for m in r.flip_margins), r.flip_margins     # fp32 rounding, nothing more
+    if memory:
+        assert r.insert_decisions == 512 * 2 * 4
+
+
+def test_fp16_export_within_1e2(tiny_export):
+    out = tiny_export(memory=True, dtype="fp16")
+    backend = OrtBackend.open(out, threads=1)
+    prompt = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    r = compare(_reference(out), backend, prompt, steps=64, rtol=1e-2, flip_radius=1e-1)
+    assert r.ok, r.failures
+    assert r.step_logits_max_rel <= 1e-2 and r.prefill_logits_rel <= 1e-2
+    assert r.step_logits_max_rel > 1e-6          # it really ran in half precision
+    state = backend.new_state(1)
+    assert {k: v.data_type() for k, v in state.values.items()} == {
+        "conv_state": "tensor(float16)", "ssm_state": "tensor(float)", "pool": "tensor(float16)",
+        "pool_prio": "tensor(float)"}
+
+
+def test_resumed_prefill_equals_one_prefill(tiny_export):
+    """prefill(a) then prefill(b) from its state == prefill(a+b): the graph really resumes from the state."""
+    backend = OrtBackend.open(tiny_export(memory=True), threads=1)
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(1))
+    whole, s1 = backend.prefill(ids, backend.new_state(2))
+    _, s = backend.prefill(ids[:, :11], backend.new_state(2))
+    split, s2 = backend.prefill(ids[:, 11:], s)
+    assert rel_err(split, whole) <= 1e-5
+    for k, v in s1.numpy().items():
+        assert rel_err(torch.from_numpy(s2.numpy()[k]).float(), torch.from_numpy(v).float()) <= 1e-5
+
+
+def test_states_are_never_overwritten(tiny_export):
+    """Buffers are recycled (ping-pong), but a state somebody still holds is never written: stepping twice from
+    a kept state gives the same logits, and the kept state's values do not change."""
+    backend = OrtBackend.open(tiny_export(memory=True), threads=1)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    _, kept = backend.prefill(ids, backend.new_state(1))
+    before = kept.numpy()
+    first, _ = backend.step(torch.tensor([5]), kept)
+    state = kept
+    for t in range(6):                          # enough steps to cycle the spare buffers several times
+        _, state = backend.step(torch.tensor([t]), state)
+    assert len(backend._free.get(1, [])) <= 2
+    again, _ = backend.step(torch.tensor([5]), kept)
+    assert torch.equal(first, again)
+    for k, v in kept.numpy().items():
+        np.testing.assert_array_equal(v, before[k])
+    copy = backend.copy_state(kept)
+    assert isinstance(copy, OrtState) and backend.state_nbytes(copy) == backend.state_nbytes(kept) > 0
+
+
+def test_graphs_write_every_state_element(tiny_export):
+    """Poison the recycled output buffers with NaN before prefill and step: a graph that left any element
+    unwritten would show it."""
+    backend = OrtBackend.open(tiny_export(memory=True), threads=1)
+    ref = _reference(tiny_export(memory=True))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+
+    def poison():
+        nan = backend.state_from_arrays({s["name"]: np.full([2 if d == "batch" else d for d in s["shape"]], np.nan,
+                                                            np.float32) for s in backend.state_specs})
+        backend._free[2] = [nan.values]
+        return nan.values
+
+    def check(state, ref_state):
+        got = backend.state_to_reference(state)
+        for k, v in ref_state.tensors().items():
+            assert not torch.isnan(got.tensors()[k]).any(), k
+            assert rel_err(got.tensors()[k], v) <= 1e-5, k
+
+    buffers = poison()
+    _, state = backend.prefill(ids, backend.new_state(2))
+    assert state.values is buffers                 # the prefill wrote into the poisoned buffers
+    _, ref_state = ref.prefill(ids)
+    check(state, ref_state)
+    buffers = poison()
+    _, state = backend.step(torch.tensor([1, 2]), state)
+    assert state.values is buffers
+    _, ref_state = ref.step(torch.tensor([1, 2]), ref_state)
+    check(state, ref_state)
+
+
+def test_generate_uses_the_shared_sampler(tiny_export):
+    backend = OrtBackend.open(tiny_export(memory=True), threads=1)
+    ref = _reference(tiny_export(memory=True))
+    from memmamba_deploy.backends import TorchBackend
+
+    prompt = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5))
+    greedy = torch.stack(list(backend.generate(prompt, 20)))
+    assert torch.equal(greedy, torch.stack(list(generate(TorchBackend(ref), prompt, 20))))
+    a = torch.stack(list(backend.generate(prompt, 20, temperature=0.8, top_k=20, top_p=0.9, seed=11)))
+    b = torch.stack(list(backend.generate(prompt, 20, temperature=0.8, top_k=20, top_p=0.9, seed=11)))
+    assert torch.equal(a, b) and a.shape == (20, 2)
+
+
+def test_wrong_states_and_tokens_are_refused_clearly(tiny_export):
+    backend = OrtBackend.open(tiny_export(memory=True), threads=1)
+    good = backend.new_state(2).numpy()
+    tok = torch.tensor([1, 2])
+    bad = dict(good, ssm_state=good["ssm_state"][:, :, :, :4])
+    with pytest.raises(ValueError, match=r"'ssm_state' has shape \[4, 2, 128, 4\], expected \[4, 2, 128, 8\]"):
+        backend.step(tok, bad)
+    with pytest.raises(ValueError, match="'pool' has dtype float16, expected float32"):
+        backend.step(tok, dict(good, pool=good["pool"].astype(np.float16)))
+    with pytest.raises(ValueError, match=r"state tensor\(s\) \['pool_prio'\] missing"):
+        backend.step(tok, {k: v for k, v in good.items() if k != "pool_prio"})
+    with pytest.raises(ValueError, match=r"unknown state tensor\(s\) \['extra'\]"):
+        backend.step(tok, dict(good, extra=good["pool"]))
+    with pytest.raises(ValueError, match="state has batch 2 but the token ids have batch 3"):
+        backend.step(torch.tensor([1, 2, 3]), good)
+    with pytest.raises(ValueError, match=r"'conv_state' is \[4, 2, 128, 3\] float32, expected \[4, 3, 128, 3\]"):
+        backend.step(torch.tensor([1, 2, 3]), backend.new_state(2))
+    with pytest.raises(ValueError, match=r"token id 256, outside the vocabulary \[0, 256\)"):
+        backend.step(torch.tensor([1, 256]), backend.new_state(2))
+    with pytest.raises(ValueError, match="integer token ids"):
+        backend.step(torch.tensor([1.0, 2.0]), backend.new_state(2))
+    with pytest.raises(ValueError, match="T >= 1"):
+        backend.prefill(torch.zeros(2, 0, dtype=torch.long), backend.new_state(2))
+    with pytest.raises(ValueError, match="must be an OrtState"):
+        backend.step(tok, [1, 2])
+
+
+def test_modified_graph_is_refused(tiny_export, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_export(memory=False), out)
+    data = bytearray((out / "decode_step.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (out / "decode_step.onnx").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="decode_step.onnx does not match the sha256 recorded in manifest.json"):
+        OrtBackend.open(out)
+    (out / "decode_step.onnx").unlink()
+    with pytest.raises(ManifestError, match="decode_step.onnx is listed in manifest.json but missing"):
+        OrtBackend.open(out)
+    with pytest.raises(FileNotFoundError, match="not an export directory"):
+        OrtBackend.open(tmp_path)
+
+
+def test_both_flavours_agree_bit_for_bit(tiny_export):
+    """The plugins flavour's function bodies and the portable flavour's inlined nodes are one computation."""
+    portable = OrtBackend.open(tiny_export(memory=True), threads=1)
+    plugins = OrtBackend.open(tiny_export(memory=True, flavor="plugins"), threads=1)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(8))
+    (la, sa), (lb, sb) = portable.prefill(ids, portable.new_state(2)), plugins.prefill(ids, plugins.new_state(2))
+    for _ in range(16):
+        token = la.argmax(-1)
+        (la, sa), (lb, sb) = portable.step(token, sa), plugins.step(token, sb)
+        assert torch.equal(la, lb)
+    for k, v in sa.numpy().items():
+        np.testing.assert_array_equal(v, sb.numpy()[k])
+
+
+def test_hugging_face_mamba_exports_and_matches(tmp_path):
+    """A Hugging Face MambaForCausalLM folder exports as a memory-off model and matches transformers' logits."""
+    transformers = pytest.importorskip("transformers", reason="transformers is a dev dependency (pip install -e .[dev])")
+    from memmamba_deploy.export import export_model
+
+    torch.manual_seed(0)
+    hf = transformers.MambaForCausalLM(transformers.MambaConfig(vocab_size=97, hidden_size=32, state_size=8,
+                                                                num_hidden_layers=2, expand=2, conv_kernel=4)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if not name.endswith(("A_log", ".D")):
+                p.normal_(0, 0.2)
+    hf.save_pretrained(tmp_path / "hf")
+    manifest = export_model(tmp_path / "hf", tmp_path / "out", show_progress=False)
+    assert manifest["config"]["memory"] is False and [s["name"] for s in manifest["state"]] == ["conv_state",
+                                                                                               "ssm_state"]
+    backend = OrtBackend.open(tmp_path / "out", threads=1)
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        want = hf(ids).logits
+    logits, state = backend.prefill(ids[:, :8], backend.new_state(2))
+    assert rel_err(logits, want[:, 7]) <= 1e-4
+    for t in range(8, 12):
+        logits, state = backend.step(ids[:, t], state)
+        assert rel_err(logits, want[:, t]) <= 1e-4

@@ -1,0 +1,191 @@
+"""memdeploy parity: the comparator passes a faithful backend and catches each kind of wrong one."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from memmamba_deploy.backends import TorchBackend
+from memmamba_deploy.cli import app
+from memmamba_deploy.models import MemMambaLM, State
+from memmamba_deploy.parity import compare, parse_prompt, run_parity, state_like, state_view
+from test_export import one_thread, tiny_export  # noqa: F401  (fixtures)
+
+
+def _reference(out) -> MemMambaLM:
+    return MemMambaLM.from_pretrained(out / "reference")
+
+
+def _prompt(B=2, T=20, seed=0):
+    return torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_cli_parity_prints_a_table_and_writes_json(tiny_export, tmp_path):
+    out = tiny_export(memory=True)
+    report = tmp_path / "parity.json"
+    result = CliRunner().invoke(app, ["parity", str(out), "--steps", "24", "--prompt-len", "12", "--prompt",
+                                      "1,2,3,4", "--json", str(report)], terminal_width=160)
+    assert result.exit_code == 0, result.output
+    for text in ("ort vs PyTorch reference", "decode logits, max rel", "greedy tokens agree", "insert flips",
+                 "random T=12 x2", "prompt 1 T=4 x1"):
+        assert text in result.output
+    data = json.loads(report.read_text())
+    assert data["ok"] and data["backend"] == "ort" and data["rtol"] == 1e-4
+    assert [c["name"] for c in data["cases"]] == ["random T=12", "prompt 1 T=4"]
+    case = data["cases"][0]
+    assert len(case["step_logits_rel"]) == 24 and case["greedy_agreement"] == 1.0
+    assert set(case["final_state_rel"]) == {"conv", "ssm", "pool", "prio"}
+    assert case["insert_decisions"] == 24 * 2 * 4 and case["min_read_margin"] is not None
+
+
+def test_cli_parity_exits_non_zero_past_the_tolerance(tiny_export):
+    result = CliRunner().invoke(app, ["parity", str(tiny_export(memory=False)), "--steps", "4", "--rtol", "1e-12"],
+                                terminal_width=160)
+    assert result.exit_code == 1
+    assert "FAIL" in result.output and "rel. error" in result.output
+
+
+def test_cli_parity_user_errors(tiny_export, tmp_path):
+    out = str(tiny_export(memory=False))
+    for args, message in [([out, "--backend", "onnx"], "unknown backend 'onnx'"),
+                          ([out, "--prompt", "1,x"], "comma-separated token ids"),
+                          ([out, "--prompt", "1,999"], "outside the vocabulary"),
+                          ([out, "--steps", "-1"], "--steps must be >= 0"),
+                          ([str(tmp_path)], "not an export directory")]:
+        result = CliRunner().invoke(app, ["parity", *args], terminal_width=200)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output
+
+
+def test_torch_backend_is_exact(tiny_export):
+    report = run_parity(tiny_export(memory=True), "torch", steps=16, prompt_lens=(10,))
+    case = report.cases[0]
+    assert report.ok and case.prefill_logits_rel == 0 and case.step_logits_max_rel == 0
+    assert case.insert_flips == 0 and all(v == 0 for v in case.final_state_rel.values())
+
+
+# ---- wrong backends must fail ----------------------------------------------------------------------------------------
+class Wrapped:
+    """A TorchBackend whose results a test corrupts."""
+
+    def __init__(self, model, logits_noise=0.0, ssm_scale=1.0):
+        self.inner, self.config, self.name = TorchBackend(model), model.config, "wrapped"
+        self.logits_noise, self.ssm_scale = logits_noise, ssm_scale
+
+    def new_state(self, batch):
+        return self.inner.new_state(batch)
+
+    def _fix(self, logits, state):
+        if self.ssm_scale != 1.0:
+            state = dataclasses.replace(state, ssm=state.ssm * self.ssm_scale)
+        return logits + self.logits_noise * logits.abs().max(), state
+
+    def prefill(self, ids, state):
+        return self._fix(*self.inner.prefill(ids, state))
+
+    def step(self, tokens, state):
+        return self._fix(*self.inner.step(tokens, state))
+
+    def copy_state(self, state):
+        return state.clone()
+
+    def state_nbytes(self, state):
+        return state.nbytes
+
+
+def test_logit_errors_fail(tiny_export):
+    ref = _reference(tiny_export(memory=True))
+    r = compare(ref, Wrapped(ref, logits_noise=1e-3), _prompt(), steps=8, rtol=1e-4, flip_radius=1e-3)
+    assert not r.ok and any("logits rel. error" in f for f in r.failures)
+
+
+def test_state_errors_fail(tiny_export):
+    ref = _reference(tiny_export(memory=True))
+    r = compare(ref, Wrapped(ref, ssm_scale=1.001), _prompt(), steps=8, rtol=1e-4, flip_radius=1e-3)
+    assert not r.ok and any("final state.ssm" in f for f in r.failures)
+
+
+def test_wrong_insert_decisions_are_flips_not_rounding(tiny_export):
+    """A backend with another insert threshold takes decisions the reference takes far from its threshold:
+    counted as flips with large margins and failed, separately from numeric error."""
+    ref = _reference(tiny_export(memory=True))
+    wrong = MemMambaLM(dataclasses.replace(ref.config, insert_threshold=0.3)).eval()
+    wrong.load_state_dict(ref.state_dict())
+    r = compare(ref, TorchBackend(wrong), _prompt(T=3), steps=32, rtol=1e-4, flip_radius=1e-3)   # pools not full
+    assert r.insert_flips > 0 and max(r.flip_margins) > 1e-3
+    assert any("flipped with margin" in f for f in r.failures)
+    assert r.resyncs > 0
+
+
+def test_rounding_flips_are_resynced_and_pass(tiny_export):
+    """A flip whose reference margin is within the radius is rounding: reported, re-synced, not a failure.
+    Forced here by making the backend's threshold differ from the reference's by a hair."""
+    ref = _reference(tiny_export(memory=True))
+    a = []
+    hooks = [layer.note.register_forward_hook(lambda m, i, o: a.append(o[0].flatten())) for layer in ref.layers]
+    with torch.no_grad():
+        ref(_prompt(T=6))
+    for h in hooks:
+        h.remove()
+    scores = torch.cat(a)
+    near = scores[scores > 0.5].min().item()                 # a real score just above tau1
+    hair = MemMambaLM(dataclasses.replace(ref.config, insert_threshold=near)).eval()   # ... now not above it
+    hair.load_state_dict(ref.state_dict())
+    r = compare(ref, TorchBackend(hair), _prompt(T=6), steps=8, rtol=1e-4, flip_radius=near - 0.5 + 1e-6)
+    assert r.prefill_slot_mismatches > 0 and r.prefill_flips > 0 and r.resyncs > 0
+    assert r.prefill_logits_rel > 1e-4                        # the flip changed the prompt's later tokens ...
+    assert r.ok, r.failures                                   # ... which is not numeric error
+    assert r.step_logits_max_rel <= 1e-4                      # re-synced: numeric error measured after the flip
+
+
+class DictStateBackend:
+    """A backend whose state is a dict keyed by the export's state names (as the TensorRT backend's)."""
+
+    NAMES = {"conv": "conv_state", "ssm": "ssm_state", "pool": "pool", "prio": "pool_prio"}
+
+    def __init__(self, model):
+        self.inner, self.config, self.name = TorchBackend(model), model.config, "dict"
+
+    def _to(self, state: State):
+        return {self.NAMES[k]: v for k, v in state.tensors().items()}
+
+    def _from(self, d):
+        return State(**{k: d[n] for k, n in self.NAMES.items() if n in d})
+
+    def new_state(self, batch):
+        return self._to(self.inner.new_state(batch))
+
+    def prefill(self, ids, state):
+        logits, s = self.inner.prefill(ids, self._from(state))
+        return logits, self._to(s)
+
+    def step(self, tokens, state):
+        logits, s = self.inner.step(tokens, self._from(state))
+        return logits, self._to(s)
+
+    def copy_state(self, state):
+        return {k: v.clone() for k, v in state.items()}
+
+    def state_nbytes(self, state):
+        return sum(v.numel() * v.element_size() for v in state.values())
+
+
+def test_backends_with_mapping_states_plug_in(tiny_export):
+    ref = _reference(tiny_export(memory=True))
+    backend = DictStateBackend(ref)
+    r = compare(ref, backend, _prompt(), steps=8, rtol=1e-4, flip_radius=1e-3)
+    assert r.ok and r.step_logits_max_rel == 0
+    state = backend.new_state(2)
+    view = state_view(backend, state)
+    assert isinstance(view, State) and torch.equal(view.prio, state["pool_prio"])
+    again = state_like(backend, view, state)
+    assert set(again) == set(state) and all(again[k].dtype == state[k].dtype for k in state)
+
+
+def test_parse_prompt():
+    assert parse_prompt("5, 17,3", 256) == [5, 17, 3]
+    with pytest.raises(ValueError, match="empty"):
+        parse_prompt(",", 256)
