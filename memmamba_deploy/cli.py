@@ -85,29 +85,11 @@ def selfcheck(checkpoint: Path = typer.Argument(..., help="checkpoint directory"
     raise typer.Exit(0 if ok else 1)
 
 
-@app.command()
-@user_errors
-def demo(workdir: Path = typer.Option(Path("runs/demo"), help="where the checkpoint and reports go")):
-    """The main job on the bundled default: checkpoint -> step-vs-forward self-check, with a table."""
-    import torch
-
-    from .models import MemMambaConfig, MemMambaLM
-    from .models.checkpoint import save_pretrained
-    from .selfcheck import step_vs_forward
-
-    ckpt = workdir / "checkpoint"
-    torch.manual_seed(0)
-    save_pretrained(MemMambaLM(MemMambaConfig.preset("tiny")), ckpt)
-    console.print(f"[bold]1/2[/] checkpoint: {ckpt} (tiny preset, seed 0)")
-    model = MemMambaLM.from_pretrained(ckpt)
-    with console.status("[bold]2/2[/] step vs forward..."):
-        rows, info = step_vs_forward(model)
-    ok = print_checks(f"step ≡ forward ({info['tokens']} tokens x {info['batch']})", rows)
-    raise typer.Exit(0 if ok else 1)
-
-
 # Verb groups live in their own modules and register themselves on `app` when imported (one line each).
 from . import cli_export  # noqa: E402,F401  export, parity            (issue 4)
+from . import cli_runtime  # noqa: E402,F401  bench, generate, demo  (issue 6)
+from . import cli_trt  # noqa: E402,F401  aot, build, selftest --tensorrt (issue 5)
+from . import cli_eval  # noqa: E402,F401  eval passkey, fidelity  (issue 8)
 
 if __name__ == "__main__":
     app()

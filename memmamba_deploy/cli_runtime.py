@@ -1,0 +1,215 @@
+"""`memdeploy bench`, `memdeploy generate` and the main job `memdeploy demo` (issue 6)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .cli import app, console, print_checks, user_errors
+
+BACKEND_HELP = "torch | triton | onnxruntime | tensorrt (torch, triton: a checkpoint; onnxruntime, tensorrt: an export)"
+PATH_HELP = "checkpoint directory (config.json) or export directory (manifest.json)"
+DEMO_ASSET = Path(__file__).resolve().parent / "assets" / "demo-memmamba"
+
+
+@app.command()
+@user_errors
+def bench(path: Path = typer.Argument(..., help=PATH_HELP),
+          backend: str = typer.Option("torch", help=BACKEND_HELP),
+          contexts: str = typer.Option("1k,4k,16k,64k", help="context lengths to decode after (k = 1024 tokens)"),
+          tokens: int = typer.Option(256, help="timed decode tokens per context"),
+          batch: int = typer.Option(1, help="sequences decoded together"),
+          dtype: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16 (default: the checkpoint's or export's)"),
+          device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when there is one)"),
+          out: Path = typer.Option(Path("runs/bench"), help="folder for bench.json and bench.png"),
+          baseline: bool = typer.Option(True, "--baseline/--no-baseline",
+                                        help="also time the KV-cache transformer of the same width and depth"),
+          warmup: int = typer.Option(16, help="untimed decode steps per context first"),
+          rounds: int = typer.Option(4, help="interleaved rounds over the contexts (spreads machine drift)"),
+          chunk: int = typer.Option(2048, help="tokens per prefill call"),
+          seed: int = typer.Option(0, help="seed of the random prompt and decode tokens"),
+          prefill_kernels: Optional[str] = typer.Option(
+              None, help="torch backend only: prefill with this kernel set, decode with the one opened (default on "
+                         "a GPU: triton when it loads; the reference scan is a Python loop)")):
+    """Decode latency per token against context length (median, p90), prefill throughput and state bytes, beside a
+    KV-cache transformer of the same width and depth; prints a table, writes bench.json + bench.png."""
+    from .bench import bench_cli, parse_contexts
+
+    bench_cli(path, backend, parse_contexts(contexts), tokens, batch, dtype, device, out, baseline, warmup, rounds,
+              chunk, seed, prefill_kernels, console)
+
+
+@app.command()
+@user_errors
+def generate(path: Path = typer.Argument(..., help=PATH_HELP),
+             prompt: Optional[str] = typer.Option(
+                 None, help="prompt text, encoded as UTF-8 bytes (byte-level models, vocab 256, only)"),
+             ids: Optional[str] = typer.Option(None, help="prompt as comma-separated token ids (any vocabulary)"),
+             backend: str = typer.Option("torch", help=BACKEND_HELP),
+             device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when there is one)"),
+             dtype: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16"),
+             max_new_tokens: int = typer.Option(200, help="tokens to generate"),
+             temperature: float = typer.Option(0.7, help="0 = greedy"),
+             top_k: int = typer.Option(0, help="keep the k most likely tokens (0 = all)"),
+             top_p: float = typer.Option(0.9, help="keep the smallest set with this much probability"),
+             seed: Optional[int] = typer.Option(0, help="sampling seed (same seed, same text)"),
+             stop: Optional[str] = typer.Option(None, help="comma-separated token ids that end generation")):
+    """Stream generated tokens to stdout as they come (text for byte-level models, token ids otherwise)."""
+    from .session import Session
+
+    if (prompt is None) == (ids is None):
+        raise ValueError("give exactly one of --prompt TEXT or --ids 1,2,3")
+    session = Session.open(path, backend=backend, device=device, dtype=dtype)
+    tokens = session.encode(prompt) if prompt is not None else _id_list(ids, "--ids")
+    stop_ids = _id_list(stop, "--stop") if stop else []
+    stream = session.generate(tokens, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
+    text = session.text_stream() if session.byte_level else None
+    start, n = time.perf_counter(), 0
+    for token in stream:
+        n += 1
+        piece = text.decode(bytes([int(token[0])])) if text else f"{int(token[0])} "
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    if text:
+        sys.stdout.write(text.decode(b"", final=True))
+    sys.stdout.write("\n")
+    seconds = time.perf_counter() - start
+    Console(stderr=True, soft_wrap=True).print(
+        f"[dim]{n} tokens in {seconds:.2f}s ({n / seconds:.1f} tokens/s, prefill included) on "
+        f"{session.backend.name}; state {session.state_nbytes:,} bytes[/]")
+
+
+def _id_list(text: str, what: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", ",").split(",") if t]
+    except ValueError:
+        raise ValueError(f"{what} takes comma-separated token ids, got {text!r}") from None
+    if not ids:
+        raise ValueError(f"{what} is empty")
+    return ids
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The main job
+# --------------------------------------------------------------------------------------------------------------
+@app.command()
+@user_errors
+def demo(workdir: Path = typer.Option(Path("runs/demo"), help="where the export and reports go"),
+         checkpoint: Optional[Path] = typer.Option(None, help="default: the bundled demo model"),
+         contexts: Optional[str] = typer.Option(None, help="bench contexts (default: 1k,4k,16k,64k on a GPU, "
+                                                           "1k,4k,16k on a CPU)"),
+         tokens: Optional[int] = typer.Option(None, help="timed decode tokens per context (default: 256 on a GPU, "
+                                                         "64 on a CPU)"),
+         parity_steps: int = typer.Option(256, help="decode steps of the ORT vs PyTorch parity check")):
+    """The main job: bundled checkpoint -> step ≡ forward self-check -> ONNX export (portable, fp32) -> parity
+    (ONNX Runtime vs PyTorch) -> bench on the best backend here (Triton + CUDA graph on a GPU, ONNX Runtime on a
+    CPU) against a KV-cache transformer. A few minutes on 2 CPU cores."""
+    import torch
+
+    from .bench import (FLATNESS_TARGET, default_progress, fmt_tokens, parse_contexts, results_table, run_bench,
+                        write_results)
+    from .export import export_model
+    from .models import MemMambaConfig, MemMambaLM
+    from .models.checkpoint import save_pretrained
+    from .parity import report_table, run_parity
+    from .selfcheck import step_vs_forward
+
+    steps: list[tuple[str, str, str]] = []          # (stage, what happened, ok | MISS | FAIL)
+    gpu = torch.cuda.is_available()
+
+    # 1. checkpoint
+    if checkpoint is None and DEMO_ASSET.is_dir():
+        checkpoint, what = DEMO_ASSET, "bundled demo model"
+    elif checkpoint is None:
+        checkpoint = workdir / "checkpoint"
+        torch.manual_seed(0)
+        save_pretrained(MemMambaLM(MemMambaConfig.preset("tiny")), checkpoint)
+        what = "no bundled model in this install: seeded tiny init (random weights)"
+    else:
+        what = "given"
+    model = MemMambaLM.from_pretrained(checkpoint)
+    n_params = sum(p.numel() for p in model.parameters())
+    console.rule(f"[bold]1/5 checkpoint[/] {checkpoint}")
+    console.print(f"{what}; {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
+                  f"memory {'on' if model.config.memory else 'off'}")
+    steps.append(("checkpoint", f"{checkpoint.name}: {what}", "ok"))
+
+    # 2. self-check
+    console.rule("[bold]2/5 step ≡ forward[/] (the recurrent step reproduces the parallel form)")
+    with console.status("step vs forward..."):
+        rows, info = step_vs_forward(model)
+    ok = print_checks(f"step ≡ forward ({info['tokens']} tokens x {info['batch']})", rows)
+    steps.append(("self-check", f"{len(rows)} checks, worst {max(r.error for r in rows):.1e}", "ok" if ok else "FAIL"))
+
+    # 3. export
+    console.rule("[bold]3/5 export[/] (portable ONNX, fp32)")
+    export_dir = workdir / "export"
+    t = time.perf_counter()
+    export_model(checkpoint, export_dir, flavor="portable", dtype="fp32", force=True)
+    console.print(f"wrote {export_dir} in {time.perf_counter() - t:.1f}s")
+    steps.append(("export", f"{export_dir} (portable, fp32)", "ok"))
+
+    # 4. parity
+    console.rule(f"[bold]4/5 parity[/] ONNX Runtime vs PyTorch, {parity_steps} decode steps")
+    with default_progress(console) as bar:
+        def on_case(name, n):
+            task = bar.add_task(f"parity {name}", total=n)
+            return lambda: bar.advance(task)
+        report = run_parity(export_dir, "ort", steps=parity_steps, prompt_lens=(64,), batch=2, on_case=on_case)
+    console.print(report_table(report))
+    worst = max(c.step_logits_max_rel for c in report.cases)
+    agree = min(c.greedy_agreement for c in report.cases)
+    steps.append(("parity", f"max rel. error {worst:.1e} (tol {report.rtol:.0e}), greedy tokens "
+                            f"{100 * agree:.1f}% equal", "ok" if report.ok else "FAIL"))
+
+    # 5. bench
+    ctx = parse_contexts(contexts or ("1k,4k,16k,64k" if gpu else "1k,4k,16k"))
+    tokens = tokens or (256 if gpu else 64)
+    name, path, options = _best_backend(gpu, checkpoint, export_dir)
+    console.rule(f"[bold]5/5 bench[/] {name}: decode latency vs context, beside a KV-cache transformer")
+    with default_progress(console) as bar:
+        results = run_bench(path, name, ctx, tokens, progress=bar, **options)
+        cmp = None
+        if not gpu and name == "onnxruntime":        # the CPU target: ONNX Runtime >= 2x PyTorch eager
+            eager = run_bench(checkpoint, "torch", ctx[:1], tokens, device="cpu", baseline=False, progress=bar)
+            cmp = (eager["models"]["memmamba"]["rows"][0]["decode_ms_median"],
+                   results["models"]["memmamba"]["rows"][0]["decode_ms_median"])
+    _, png_path = write_results(results, workdir / "bench")
+    console.print(results_table(results))
+    mm = results["models"]["memmamba"]
+    span = f"{fmt_tokens(ctx[0])} to {fmt_tokens(ctx[-1])}"
+    steps.append(("bench", f"{name}: flatness {mm['flatness']:.3f} from {span} context (target ≤ "
+                           f"{FLATNESS_TARGET}); {png_path}", "ok" if mm["flatness"] <= FLATNESS_TARGET else "MISS"))
+    if cmp:
+        steps.append(("ORT vs eager", f"decode at {fmt_tokens(ctx[0])} context: PyTorch eager {cmp[0]:.3f} ms, "
+                                      f"ONNX Runtime {cmp[1]:.3f} ms: {cmp[0] / cmp[1]:.1f}x (target ≥ 2x)",
+                      "ok" if cmp[0] / cmp[1] >= 2 else "MISS"))
+
+    table = Table(title=f"memdeploy demo: {workdir}")
+    table.add_column("stage")
+    table.add_column("result")
+    table.add_column("", justify="center")
+    colour = {"ok": "green", "FAIL": "red", "MISS": "yellow"}     # MISS: a benchmark target, not an error
+    for stage, result, status in steps:
+        table.add_row(stage, result, f"[{colour[status]}]{status}[/]")
+    console.print(table)
+    raise typer.Exit(1 if any(s == "FAIL" for _, _, s in steps) else 0)
+
+
+def _best_backend(gpu: bool, checkpoint: Path, export_dir: Path) -> tuple[str, Path, dict]:
+    """Triton (CUDA graph) on a GPU when its backend loads, else PyTorch on the GPU; ONNX Runtime on a CPU."""
+    import importlib
+
+    if gpu:
+        try:
+            importlib.import_module(".backends.triton_backend", __package__)
+            return "triton", checkpoint, {}
+        except ImportError as e:
+            console.print(f"[yellow]triton backend unavailable ({e}); benchmarking PyTorch on the GPU[/]")
+            return "torch", checkpoint, {}
+    return "onnxruntime", export_dir, {}

@@ -1,0 +1,484 @@
+"""Session: one stream of generation over any backend, holding its own fixed-size recurrent state.
+
+    from memmamba_deploy.session import Session
+
+    s = Session.open("runs/demo/checkpoint")                        # PyTorch reference
+    s = Session.open("runs/demo/export", backend="onnxruntime")      # an export directory (manifest.json)
+    text = s.text_stream()                                           # UTF-8 that may split a character
+    for token in s.generate("Once upon a time", max_new_tokens=64):  # text: byte-level models (vocab 256) only
+        print(text.decode(bytes([int(token)])), end="", flush=True)
+    branch = s.fork()                                                # an independent copy of the state
+
+Prompts are token ids ([T], [B, T], a list, or a tensor); a `str` is encoded as UTF-8 bytes, which is the
+tokenisation of byte-level models (vocab 256) and an error for any other vocabulary.
+
+Backends are opened by name through BACKENDS, each imported only when asked for, so a missing runtime (no
+onnxruntime, no TensorRT, no CUDA) is one clear error naming what to install, not an import failure at start-up.
+Sessions never share state: every Session owns its own, and fork() copies it. Backends whose calls are not
+re-entrant (they keep device buffers between calls) are called under a lock shared by the sessions using them.
+"""
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import importlib
+import itertools
+import json
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from . import sampling
+
+CHECKPOINT, EXPORT = "checkpoint", "export"
+ALIASES = {"ort": "onnxruntime", "trt": "tensorrt", "pytorch": "torch"}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What a path holds
+# --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A checkpoint directory (config.json + weights) or an export directory (manifest.json + graphs)."""
+
+    kind: str                         # CHECKPOINT or EXPORT
+    path: Path
+    manifest: dict | None = None      # exports only
+    checkpoint: Path | None = None    # the PyTorch weights: the path itself, or the copy an export carries
+
+
+def inspect_path(path) -> Artifact:
+    """Say whether `path` is a checkpoint or an export directory; a clear error when it is neither."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such directory: {path} (expected a checkpoint directory with config.json, or "
+                                f"an export directory with manifest.json)")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; pass the directory that holds config.json (a checkpoint) or "
+                                 f"manifest.json (an export)")
+    manifest_file = path / "manifest.json"
+    if manifest_file.is_file():
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{manifest_file} is not valid JSON: {e}") from None
+        if not isinstance(manifest, dict) or "config" not in manifest:
+            raise ValueError(f"{manifest_file} is not a memdeploy export manifest (it has no model config)")
+        return Artifact(EXPORT, path, manifest, _carried_checkpoint(path, manifest))
+    if (path / "config.json").is_file():
+        return Artifact(CHECKPOINT, path, None, path)
+    raise ValueError(f"{path} is neither a checkpoint directory (config.json + model.safetensors) nor an export "
+                     f"directory (manifest.json from `memdeploy export`)")
+
+
+def _carried_checkpoint(path: Path, manifest: dict) -> Path | None:
+    """The copy of the source checkpoint an export keeps beside its graphs, if any (parity reads it too)."""
+    named = manifest.get("reference") or manifest.get("checkpoint")
+    if isinstance(named, dict):
+        named = named.get("path") or named.get("dir")
+    candidates = [path / named] if isinstance(named, str) else []
+    candidates += [path / "checkpoint", path / "reference", path]
+    for c in candidates:
+        if (c / "config.json").is_file() and (c / "model.safetensors").is_file():
+            return c
+    return None
+
+
+def config_of(artifact: Artifact):
+    from .models import MemMambaConfig
+    from .models.checkpoint import CheckpointError, _is_hf_mamba, hf_mamba_config
+
+    if artifact.kind == EXPORT:
+        try:
+            return MemMambaConfig.from_dict(artifact.manifest["config"])
+        except ValueError as e:
+            raise ValueError(f"{artifact.path / 'manifest.json'}: {e}") from None
+    raw = json.loads((artifact.path / "config.json").read_text())
+    try:
+        return hf_mamba_config(raw) if _is_hf_mamba(raw) else MemMambaConfig.from_dict(raw)
+    except (ValueError, CheckpointError) as e:
+        raise ValueError(f"{artifact.path / 'config.json'}: {e}") from None
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of fp32, fp16, bf16")
+    return DTYPES[str(dtype).lower()]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backend registry
+# --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    needs: str            # the artifact it runs: CHECKPOINT or EXPORT
+    reentrant: bool       # may one instance run calls from several threads at once?
+    cuda_only: bool
+    about: str
+    opener: Callable[[Artifact, str | None, torch.dtype | None, dict], Any]
+
+
+def _import(backend: str, module: str, attr: str, hint: str):
+    try:
+        mod = importlib.import_module(module, __package__)
+    except ImportError as e:
+        missing = getattr(e, "name", None)
+        if missing and missing.startswith(__package__):        # our own module is not there yet
+            raise ImportError(f"backend {backend!r} is not part of this installation ({missing} is missing)") from None
+        raise ImportError(f"backend {backend!r} needs {hint}: {e}") from None
+    return getattr(mod, attr)
+
+
+def _device(device: str | None, default: str) -> str:
+    device = device or default
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is visible to torch")
+    return device
+
+
+def _open_torch(art: Artifact, device, dtype, options):
+    from .backends import TorchBackend
+
+    kernels = options.pop("kernels", "torch")
+    device = _device(device, "cuda" if torch.cuda.is_available() else "cpu")
+    return TorchBackend.open(art.checkpoint, device=device, dtype=dtype, kernels=kernels)
+
+
+def _open_triton(art: Artifact, device, dtype, options):
+    cls = _import("triton", ".backends.triton_backend", "TritonBackend", "the triton package (pip install triton)")
+    device = _device(device, "cuda")
+    if hasattr(cls, "open"):
+        return cls.open(art.checkpoint, device=device, dtype=dtype, **options)
+    from .models import MemMambaLM
+    return cls(MemMambaLM.from_pretrained(art.checkpoint, kernels="triton", device=device, dtype=dtype), **options)
+
+
+def _export_dtype(art: Artifact, dtype):
+    have = parse_dtype(art.manifest.get("dtype", "fp32"))
+    if dtype is not None and dtype != have:
+        raise ValueError(f"{art.path} holds an {DTYPE_NAMES.get(have, have)} export; --dtype "
+                         f"{DTYPE_NAMES.get(dtype, dtype)} needs `memdeploy export --dtype {DTYPE_NAMES.get(dtype)}`")
+
+
+def _open_ort(art: Artifact, device, dtype, options):
+    cls = _import("onnxruntime", ".backends.ort_backend", "OrtBackend", "onnxruntime (pip install onnxruntime, or "
+                  "onnxruntime-gpu for CUDA)")
+    _export_dtype(art, dtype)
+    if device is not None and "providers" not in options:
+        import onnxruntime
+
+        if str(device).startswith("cuda"):
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                raise ValueError("device 'cuda' with onnxruntime needs onnxruntime-gpu (CUDAExecutionProvider); this "
+                                 "onnxruntime has " + ", ".join(onnxruntime.get_available_providers()))
+            options["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        elif device == "cpu":
+            options["providers"] = ["CPUExecutionProvider"]
+        else:
+            raise ValueError(f"unknown device {device!r} for onnxruntime: use cpu or cuda")
+    return cls.open(art.path, **options)
+
+
+def _open_tensorrt(art: Artifact, device, dtype, options):
+    cls = _import("tensorrt", ".backends.trt_backend", "TensorRTBackend", "TensorRT")
+    _export_dtype(art, dtype)
+    return cls.open(art.path, device=_device(device, "cuda"), **options)
+
+
+BACKENDS: dict[str, BackendSpec] = {s.name: s for s in (
+    BackendSpec("torch", CHECKPOINT, True, False, "PyTorch reference (eager; kernels='torch')", _open_torch),
+    BackendSpec("triton", CHECKPOINT, False, True, "Triton kernels, decode step in a CUDA graph", _open_triton),
+    BackendSpec("onnxruntime", EXPORT, False, False, "ONNX Runtime over the exported graphs", _open_ort),
+    BackendSpec("tensorrt", EXPORT, False, True, "TensorRT engines + memmamba plugins", _open_tensorrt),
+)}
+
+
+def backend_spec(name: str) -> BackendSpec:
+    name = ALIASES.get(str(name).lower(), str(name).lower())
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def open_backend(path, backend: str = "torch", device: str | None = None, dtype=None, **options):
+    """Open `path` with the named backend. Checks that the path holds what the backend runs."""
+    spec = backend_spec(backend)
+    art = inspect_path(path)
+    if spec.needs == EXPORT and art.kind != EXPORT:
+        raise ValueError(f"backend {spec.name!r} runs an export directory; {art.path} is a checkpoint: run "
+                         f"`memdeploy export {art.path} -o OUT` and pass OUT")
+    if spec.needs == CHECKPOINT and art.checkpoint is None:
+        raise ValueError(f"backend {spec.name!r} runs a PyTorch checkpoint; {art.path} is an export directory that "
+                         f"carries no copy of its checkpoint: pass the checkpoint directory")
+    if spec.cuda_only and not torch.cuda.is_available():
+        raise ValueError(f"backend {spec.name!r} needs a CUDA GPU and torch sees none; on CPU use 'torch' or "
+                         f"'onnxruntime'")
+    return spec.opener(art, device, parse_dtype(dtype), dict(options))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Session
+# --------------------------------------------------------------------------------------------------------------
+_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(backend) -> threading.Lock | None:
+    """One lock per non-re-entrant backend instance, shared by every session that uses it."""
+    name = str(getattr(backend, "name", ""))
+    spec = BACKENDS.get(ALIASES.get(name, name))
+    if spec is not None and spec.reentrant:
+        return None
+    with _LOCKS_GUARD:
+        try:
+            return _LOCKS.setdefault(backend, threading.Lock())
+        except TypeError:                     # not weak-referenceable: forks still share this session's lock
+            return threading.Lock()
+
+
+class Session:
+    """One stream of tokens over a Backend. State is per session; fork() copies it.
+
+    Invariant: `_state` and `_logits` describe every token consumed so far; `_pending` is the last token that
+    generate() yielded, which is consumed (fed to the model) only when the stream goes on, so a generation that
+    stops costs no wasted step.
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, backend, lock: threading.Lock | None = None):
+        self.backend = backend
+        self.config = backend.config
+        self._lock = lock if lock is not None else _lock_for(backend)
+        self.reset()
+
+    @classmethod
+    def open(cls, path, backend: str = "torch", device: str | None = None, dtype=None, **options) -> "Session":
+        """path: a checkpoint directory (torch, triton) or an export directory (onnxruntime, tensorrt; torch
+        and triton also accept an export that carries its checkpoint). options go to the backend."""
+        return cls(open_backend(path, backend, device, dtype, **options))
+
+    # ---- state ----------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every token: the next input starts from the empty state."""
+        self._state = self._logits = self._pending = self._batch = None
+        self._epoch = next(self._ids)
+
+    def fork(self) -> "Session":
+        """An independent session with a copy of this one's state (branches, beams, several streams)."""
+        other = Session(self.backend, self._lock)
+        with self._locked():
+            other._state = None if self._state is None else self.backend.copy_state(self._state)
+        other._logits = None if self._logits is None else self._logits.clone()
+        other._pending = None if self._pending is None else self._pending.clone()
+        other._batch = self._batch
+        return other
+
+    @property
+    def state(self) -> Any:
+        """The backend's state after every consumed token (None before the first); treat it as read-only."""
+        return self._state
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """Logits [B, vocab] after the last consumed token."""
+        return self._logits
+
+    @property
+    def batch_size(self) -> int | None:
+        return self._batch
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of recurrent state this session holds (the same at every context length)."""
+        with self._locked():
+            state = self._state if self._state is not None else self.backend.new_state(self._batch or 1)
+            return int(self.backend.state_nbytes(state))
+
+    # ---- tokens in --------------------------------------------------------------------------------------------
+    def prefill(self, ids) -> torch.Tensor:
+        """Consume `ids` ([T] or [B, T] token ids, or text for byte-level models); returns the logits [B, vocab]
+        of the last token. Resumes from the current state (multi-turn)."""
+        ids = self._as_ids(ids)
+        self._take_batch(ids.shape[0])
+        if self._pending is not None:
+            ids = torch.cat([self._pending[:, None], ids], 1)
+        self._epoch = next(self._ids)
+        with self._locked():
+            state = self._state if self._state is not None else self.backend.new_state(ids.shape[0])
+            self._logits, self._state = self.backend.prefill(ids, state)
+        self._pending = None
+        return self._logits
+
+    def step(self, token) -> torch.Tensor:
+        """Consume one token per row (an int, [B] or [B, 1]); returns the logits [B, vocab]."""
+        token = self._as_tokens(token)
+        self._take_batch(token.shape[0])
+        self._flush()
+        self._epoch = next(self._ids)
+        with self._locked():
+            state = self._state if self._state is not None else self.backend.new_state(token.shape[0])
+            self._logits, self._state = self.backend.step(token, state)
+        return self._logits
+
+    def generate(self, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop: Sequence[int] = ()) -> Iterator[torch.Tensor]:
+        """Stream up to max_new_tokens tokens ([B] each) after `prompt`; without a prompt, go on from the tokens
+        already consumed. temperature 0 is greedy. The session follows the stream: afterwards it holds every
+        yielded token, so generate/prefill/step continue the same text. Sampling is memmamba_deploy.sampling's.
+        Arguments are checked here, before the first token is asked for."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        sampling.sample(torch.zeros(1, 2), temperature, top_k, top_p, torch.Generator())  # raises on bad settings
+        ids = None if prompt is None else self._as_ids(prompt)
+        if ids is None:
+            self._flush()
+            if self._logits is None:
+                raise ValueError("generate() needs a prompt: this session has consumed no tokens yet")
+            ids, follow = torch.zeros(self._batch, 1, dtype=torch.long), _Follow(self, resume=True)
+        else:
+            self._take_batch(ids.shape[0])
+            if self._pending is not None:
+                ids = torch.cat([self._pending[:, None], ids], 1)
+            follow = _Follow(self, resume=False)
+        with self._locked():
+            state = self._state if self._state is not None else self.backend.new_state(ids.shape[0])
+        return self._stream(sampling.generate(follow, ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                                              state))
+
+    def _stream(self, tokens: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for token in tokens:
+            self._pending = token
+            yield token
+
+    # ---- text (byte-level models) -------------------------------------------------------------------------------
+    @property
+    def byte_level(self) -> bool:
+        return self.config.vocab_size == 256
+
+    def encode(self, text: str) -> torch.Tensor:
+        """UTF-8 bytes as token ids [T] (byte-level models only)."""
+        if not self.byte_level:
+            raise ValueError(f"this model's vocabulary has {self.config.vocab_size} tokens, not 256 bytes: text "
+                             f"cannot be encoded without its tokenizer; pass token ids")
+        if not text:
+            raise ValueError("empty prompt")
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        """Token ids -> text (byte-level models; invalid UTF-8 shows as U+FFFD). Row 0 of a batch."""
+        ids = torch.as_tensor(ids).reshape(-1) if not isinstance(ids, int) else torch.tensor([ids])
+        return bytes(int(i) for i in ids.tolist()).decode("utf-8", errors="replace")
+
+    def text_stream(self) -> "codecs.IncrementalDecoder":
+        """An incremental UTF-8 decoder for streaming bytes that may split a character."""
+        return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    # ---- internals ------------------------------------------------------------------------------------------------
+    def _locked(self):
+        return self._lock if self._lock is not None else _NoLock
+
+    def _as_ids(self, ids) -> torch.Tensor:
+        if isinstance(ids, str):
+            ids = self.encode(ids)
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"token ids must be integers ([T] or [batch, T]): {e}") from None
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"token ids must be [T] or [batch, T] with T >= 1, got shape {list(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+        return ids.long().cpu()
+
+    def _as_tokens(self, token) -> torch.Tensor:
+        """One token per row: an int, [B] or [B, 1] -> [B]."""
+        t = torch.as_tensor(token)
+        if t.dim() == 0:
+            t = t[None]
+        if t.dim() == 2 and t.shape[1] == 1:
+            t = t[:, 0]
+        if t.dim() != 1:
+            raise ValueError(f"step() takes one token per row ([batch] or [batch, 1]), got shape {list(t.shape)}")
+        return self._as_ids(t[:, None])[:, 0]
+
+    def _take_batch(self, batch: int) -> None:
+        if self._batch is None:
+            self._batch = batch
+        elif batch != self._batch:
+            raise ValueError(f"this session decodes {self._batch} row(s); got {batch} (reset() to change the batch)")
+
+    def _flush(self) -> None:
+        """Consume the token generate() yielded last, if the stream goes on."""
+        if self._pending is not None:
+            token, self._pending = self._pending, None
+            with self._locked():
+                self._logits, self._state = self.backend.step(token, self._state)
+
+    def __repr__(self) -> str:
+        return (f"Session(backend={getattr(self.backend, 'name', type(self.backend).__name__)!r}, "
+                f"batch={self._batch}, vocab={self.config.vocab_size})")
+
+
+class _NoLockType:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NoLock = _NoLockType()
+
+
+class _Follow:
+    """The backend as sampling.generate sees it from a Session: every call goes through the session's lock and
+    leaves the session holding the newest logits and state. With resume=True the first prefill hands back what
+    the session already holds (its tokens were consumed earlier), so generation continues without recomputing."""
+
+    def __init__(self, session: Session, resume: bool):
+        self.session, self.resume = session, resume
+        self.name, self.config = getattr(session.backend, "name", "?"), session.config
+        session._epoch = self.epoch = next(Session._ids)
+
+    def check(self) -> None:
+        if self.session._epoch != self.epoch:
+            raise RuntimeError("this generate() stream was overtaken by a later prefill/step/generate/reset on the "
+                               "same session; start a new generate() (or fork() first for parallel streams)")
+
+    def new_state(self, batch):
+        with self.session._locked():
+            return self.session.backend.new_state(batch)
+
+    def prefill(self, ids, state):
+        self.check()
+        s = self.session
+        if self.resume:
+            self.resume = False
+            return s._logits, s._state
+        with s._locked():
+            s._logits, s._state = s.backend.prefill(ids, state)
+        s._pending = None
+        return s._logits, s._state
+
+    def step(self, token, state):
+        self.check()
+        s = self.session
+        with s._locked():
+            s._logits, s._state = s.backend.step(token, state)
+        s._pending = None
+        return s._logits, s._state

@@ -1,0 +1,156 @@
+"""`memdeploy bench` (memmamba_deploy/bench.py), its KV-cache baseline, and the main job `memdeploy demo`."""
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_model
+from memmamba_deploy.backends import TorchBackend
+from memmamba_deploy.bench import measure, parse_contexts, run_bench, write_results
+from memmamba_deploy.cli import app
+from memmamba_deploy.kv_baseline import KVBaseline
+from memmamba_deploy.metrics import rel_err
+from memmamba_deploy.models.checkpoint import save_pretrained
+
+CONTEXTS = [16, 48, 96]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_pretrained(make_model(0), path)
+    return path
+
+
+def test_parse_contexts():
+    assert parse_contexts("1k, 4k,16k,64k") == [1024, 4096, 16384, 65536]
+    assert parse_contexts("100,0.5k") == [100, 512]
+    for bad, msg in [("1k,x", "bad context length"), ("4k,1k", "increasing"), ("0", ">= 1"), ("", "no context")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_contexts(bad)
+
+
+@torch.no_grad()
+def test_kv_baseline_cache_reproduces_full_recompute():
+    """Chunked prefill + steps through the cache give the logits of a fresh full prefill at every position."""
+    kv = KVBaseline(256, 128, 3, capacity=8)                 # capacity 8: the cache must grow on the way
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    state, got = kv.new_state(2), []
+    for a, b in [(0, 7), (7, 20)]:
+        logits, state = kv.prefill(ids[:, a:b], state)
+    got.append(logits)
+    for t in range(20, 40):
+        logits, state = kv.step(ids[:, t], state)
+        got.append(logits)
+    want = [kv.prefill(ids[:, :t + 1], kv.new_state(2))[0] for t in range(19, 40)]
+    assert rel_err(torch.stack(got), torch.stack(want)) <= 1e-5
+    assert state.length == 40
+    assert kv.state_nbytes(state) == 2 * 3 * 2 * 40 * 128 * 4        # K and V, layers, batch, tokens, width, fp32
+    copy = kv.copy_state(state, headroom=4)
+    assert copy.capacity == 44 and torch.equal(copy.k[:, :, :, :40], state.k[:, :, :, :40])
+
+
+class Recording:
+    """A backend wrapper that records what the bench feeds it."""
+
+    def __init__(self, backend):
+        self.inner, self.name, self.config = backend, backend.name, backend.config
+        self.prefilled, self.steps, self.copied = [], 0, []
+
+    def new_state(self, batch):
+        return self.inner.new_state(batch)
+
+    def prefill(self, ids, state):
+        self.prefilled.append(ids.clone())
+        return self.inner.prefill(ids, state)
+
+    def step(self, token, state):
+        self.steps += 1
+        return self.inner.step(token, state)
+
+    def copy_state(self, state):
+        self.copied.append(self.inner.copy_state(state))
+        return self.inner.copy_state(state)
+
+    def state_nbytes(self, state):
+        return self.inner.state_nbytes(state)
+
+
+@torch.no_grad()
+def test_decode_is_timed_on_states_reached_by_prefilling_each_context():
+    model = make_model(0)
+    rec = Recording(TorchBackend(model))
+    res = measure(rec, CONTEXTS, tokens=6, warmup=2, rounds=3, chunk=20, seed=1)
+    prompt = torch.cat(rec.prefilled, 1)
+    assert prompt.shape == (1, CONTEXTS[-1]) and max(p.shape[1] for p in rec.prefilled) <= 20
+    assert rec.steps == len(CONTEXTS) * (2 + 6)
+    for ctx, kept in zip(CONTEXTS, rec.copied):                   # each decoded state = prefill of ctx tokens
+        _, want = model.prefill(prompt[:, :ctx])
+        for k, v in want.tensors().items():
+            assert rel_err(kept.tensors()[k], v) <= 1e-5, (ctx, k)
+    assert [r["context"] for r in res["rows"]] == CONTEXTS
+    assert [r["decode_tokens"] for r in res["rows"]] == [6] * len(CONTEXTS)
+    assert [r["prefill_tokens"] for r in res["rows"]] == [16, 32, 48]
+
+
+def test_bench_writes_json_and_png_with_both_models_and_all_contexts(checkpoint, tmp_path):
+    results = run_bench(checkpoint, "torch", CONTEXTS, tokens=8, batch=2, device="cpu", warmup=2, rounds=2, chunk=32)
+    json_path, png_path = write_results(results, tmp_path / "out")
+    data = json.loads(json_path.read_text())
+    meta = data["meta"]
+    assert meta["backend"] == "torch" and meta["device"] == "cpu" and meta["dtype"] == "fp32" and meta["batch"] == 2
+    assert meta["commit"] and meta["contexts"] == CONTEXTS and "perf_counter" in meta["timer"]
+    assert set(data["models"]) == {"memmamba", "kv_baseline"}
+    for name, res in data["models"].items():
+        assert [r["context"] for r in res["rows"]] == CONTEXTS, name
+        for r in res["rows"]:
+            for key in ("decode_ms_median", "decode_ms_p90", "prefill_tok_s", "state_bytes"):
+                assert math.isfinite(r[key]) and r[key] > 0, (name, key)
+            assert r["decode_ms_p90"] >= r["decode_ms_median"]
+        rows = res["rows"]
+        assert res["flatness"] == pytest.approx(rows[-1]["decode_ms_median"] / rows[0]["decode_ms_median"])
+    mm, kv = data["models"]["memmamba"]["rows"], data["models"]["kv_baseline"]["rows"]
+    assert len({r["state_bytes"] for r in mm}) == 1                # fixed-size state ...
+    assert [r["state_bytes"] for r in kv] == [2 * 4 * 2 * c * 64 * 4 for c in CONTEXTS]   # ... vs a growing cache
+    png = png_path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+    assert matplotlib.image.imread(str(png_path)).shape[1] > 600
+    assert not list((tmp_path / "out").glob(".*tmp*"))             # no temporary files left behind
+
+
+def test_bench_cli(checkpoint, tmp_path):
+    res = CliRunner().invoke(app, ["bench", str(checkpoint), "--contexts", "16,32", "--tokens", "4", "--warmup", "1",
+                                   "--rounds", "1", "--device", "cpu", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert "flatness" in res.output and (tmp_path / "b" / "bench.json").is_file()
+    assert (tmp_path / "b" / "bench.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--contexts", "4k,1k"], "increasing"),
+    (["--backend", "onnxruntime"], "runs an export directory"),
+    (["--tokens", "0"], "bad bench settings"),
+])
+def test_bench_cli_errors_are_one_line(checkpoint, tmp_path, args, message):
+    res = CliRunner().invoke(app, ["bench", str(checkpoint), "--device", "cpu", "--out", str(tmp_path), *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_demo_runs_the_main_job(tmp_path):
+    """The README's main job, at small sizes: every stage runs (none skipped, none failed) and leaves its files."""
+    res = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--contexts", "32,64", "--tokens",
+                                   "4", "--parity-steps", "8"])
+    assert res.exit_code == 0, res.output
+    for stage in ("checkpoint", "self-check", "export", "parity", "bench"):
+        assert stage in res.output
+    assert "skipped" not in res.output and "FAIL" not in res.output
+    assert (tmp_path / "demo" / "export" / "manifest.json").is_file()
+    data = json.loads((tmp_path / "demo" / "bench" / "bench.json").read_text())
+    assert data["meta"]["contexts"] == [32, 64] and set(data["models"]) == {"memmamba", "kv_baseline"}
+    if not torch.cuda.is_available():
+        assert data["meta"]["backend"] in ("ort", "onnxruntime")

@@ -1,0 +1,308 @@
+"""Session API (memmamba_deploy/session.py) and `memdeploy generate`: same tokens as the model itself, on every CPU
+backend; fork() and threads keep states apart; bad paths, backends and inputs give one clear error."""
+import json
+import threading
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_model
+from memmamba_deploy.cli import app
+from memmamba_deploy.metrics import rel_err
+from memmamba_deploy.models.checkpoint import save_pretrained
+from memmamba_deploy.session import Session, inspect_path, open_backend
+
+PROMPT = list(b"Once upon a time, ")
+
+
+def lively_model(seed=0):
+    """make_model with the mixers' output scaled up: a random tiny model otherwise echoes its input, and greedy
+    decoding would repeat one token, which proves nothing."""
+    model = make_model(seed)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mixer.out_proj.weight.mul_(20.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lively_model()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_pretrained(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def export_dir(checkpoint, tmp_path_factory):
+    from memmamba_deploy.export import export_model
+
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    export_model(checkpoint, out, flavor="portable", dtype="fp32", show_progress=False)
+    return out
+
+
+@torch.no_grad()
+def greedy_by_hand(model, prompt, n, state=None):
+    """Reference: model.prefill then model.step, argmax each time. Returns (tokens, logits per token, state)."""
+    logits, state = model.prefill(torch.tensor([prompt]), state)
+    logits = logits[:, -1]
+    tokens, all_logits = [], []
+    for i in range(n):
+        t = logits.argmax(-1)
+        tokens.append(int(t))
+        all_logits.append(logits)
+        if i < n - 1:
+            logits, state = model.step(t, state)
+    return tokens, torch.cat(all_logits), state
+
+
+def greedy(session, prompt=None, n=24):
+    return [int(t) for t in session.generate(prompt, max_new_tokens=n)]
+
+
+# ---- same tokens as the model ----------------------------------------------------------------------------------------
+def test_session_over_torch_gives_the_same_greedy_generation_as_model_step(model, checkpoint):
+    s = Session.open(checkpoint, device="cpu")
+    want, want_logits, _ = greedy_by_hand(model, PROMPT, 40)
+    assert len(set(want)) > 10, "the reference generation must vary or the comparison proves nothing"
+    got, got_logits = [], []
+    stream = s.generate(PROMPT, max_new_tokens=40)
+    for token in stream:
+        got.append(int(token))
+        got_logits.append(s.logits)
+    assert got == want
+    assert rel_err(torch.cat(got_logits), want_logits) <= 1e-6
+
+    # The session follows the stream: generating on, or prefilling more, continues the same text.
+    more = greedy(s, None, 8)
+    assert more == greedy_by_hand(model, PROMPT + want, 8)[0]
+    s.prefill(list(b"!"))
+    assert greedy(s, None, 6) == greedy_by_hand(model, PROMPT + want + more + list(b"!"), 6)[0]
+
+
+def test_prefill_step_and_text_prompts(model, checkpoint):
+    s = Session.open(checkpoint, device="cpu")
+    text = "héllo ✓"                                             # multi-byte UTF-8
+    assert s.encode(text).tolist() == list(text.encode())
+    logits = s.prefill(text)
+    ref, state = model.prefill(torch.tensor([list(text.encode())]))
+    assert rel_err(logits, ref[:, -1]) <= 1e-6
+    logits = s.step(7)
+    assert rel_err(logits, model.step(torch.tensor([7]), state)[0]) <= 1e-6
+    assert s.decode(s.encode(text)) == text
+    assert s.state_nbytes == sum(v.numel() * v.element_size() for v in state.tensors().values())
+    s.reset()
+    assert s.logits is None and s.state is None
+
+
+def test_sampled_generation_is_seeded(checkpoint):
+    s = Session.open(checkpoint, device="cpu")
+    a = [int(t) for t in s.generate(PROMPT, 24, temperature=1.0, top_k=50, top_p=0.95, seed=7)]
+    s.reset()
+    b = [int(t) for t in s.generate(PROMPT, 24, temperature=1.0, top_k=50, top_p=0.95, seed=7)]
+    s.reset()
+    c = [int(t) for t in s.generate(PROMPT, 24, temperature=1.0, top_k=50, top_p=0.95, seed=8)]
+    assert a == b and a != c
+
+
+def test_torch_and_onnxruntime_sessions_give_identical_generations(model, export_dir):
+    ort, ref = Session.open(export_dir, backend="onnxruntime"), Session.open(export_dir, backend="torch", device="cpu")
+    assert ort.backend.name in ("ort", "onnxruntime") and ref.backend.name == "torch"
+    want = greedy(ref, PROMPT, 64)
+    assert len(set(want)) > 10
+    assert greedy(ort, PROMPT, 64) == want
+    assert want == greedy_by_hand(model, PROMPT, 64)[0]
+    assert rel_err(ort.logits, ref.logits) <= 1e-4
+    assert greedy(ort, None, 16) == greedy(ref, None, 16)                    # continuing a stream
+    sampled = [[int(t) for t in s.generate(PROMPT, 32, temperature=0.9, top_p=0.9, seed=3)] for s in (ort, ref)]
+    assert sampled[0] == sampled[1]
+    assert ort.state_nbytes == ref.state_nbytes
+
+
+# ---- fork and threads ------------------------------------------------------------------------------------------------
+def test_fork_diverges_independently(model, checkpoint):
+    s = Session.open(checkpoint, device="cpu")
+    s.prefill(PROMPT)
+    before = {k: v.clone() for k, v in s.state.tensors().items()}
+    f = s.fork()
+    branch = greedy(f, list(b" the cat"), 20)
+    for k, v in s.state.tensors().items():                         # the fork's decoding left the original alone
+        assert torch.equal(v, before[k]), k
+    trunk = greedy(s, list(b" the dog"), 20)
+    assert branch == greedy_by_hand(model, PROMPT + list(b" the cat"), 20)[0]
+    assert trunk == greedy_by_hand(model, PROMPT + list(b" the dog"), 20)[0]
+    assert branch != trunk
+
+    g = s.fork()                                                   # a fork of a stream mid-generation
+    assert greedy(g, None, 10) == greedy(s, None, 10)
+
+
+def _decode_in_threads(sessions, prompts, n=32):
+    results, errors = [None] * len(sessions), []
+    barrier = threading.Barrier(len(sessions))
+
+    def run(i):
+        try:
+            barrier.wait()
+            results[i] = greedy(sessions[i], prompts[i], n)
+        except Exception as e:   # surfaced below: a thread's exception is otherwise lost
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sessions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+PROMPTS = [list(b"Alpha and omega"), list(b"zzz: 0123456789"), list(b"The quick brown fox")]
+
+
+def test_threads_decoding_at_once_match_single_thread_torch(model, checkpoint):
+    alone = [greedy_by_hand(model, p, 32)[0] for p in PROMPTS]
+    assert len({tuple(a) for a in alone}) == len(PROMPTS)
+    separate = [Session.open(checkpoint, device="cpu") for _ in PROMPTS]       # one backend each
+    assert _decode_in_threads(separate, PROMPTS) == alone
+    root = Session.open(checkpoint, device="cpu")                                # one backend, forked sessions
+    assert _decode_in_threads([root] + [root.fork() for _ in PROMPTS[1:]], PROMPTS) == alone
+
+
+def test_threads_decoding_at_once_match_single_thread_onnxruntime(model, export_dir):
+    alone = [greedy_by_hand(model, p, 32)[0] for p in PROMPTS]
+    root = Session.open(export_dir, backend="onnxruntime")
+    shared = [root] + [root.fork() for _ in PROMPTS[1:]]                       # one ORT backend, serialised calls
+    assert _decode_in_threads(shared, PROMPTS) == alone
+    separate = [Session.open(export_dir, backend="ort") for _ in PROMPTS]
+    assert _decode_in_threads(separate, PROMPTS) == alone
+
+
+# ---- clear errors ----------------------------------------------------------------------------------------------------
+def test_bad_paths_and_backends_give_clear_errors(checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        Session.open(tmp_path / "missing")
+    (tmp_path / "file.bin").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        Session.open(tmp_path / "file.bin")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a checkpoint directory"):
+        Session.open(tmp_path / "empty")
+    with pytest.raises(ValueError, match="unknown backend 'tvm'"):
+        Session.open(checkpoint, backend="tvm")
+    with pytest.raises(ValueError, match="runs an export directory.*memdeploy export"):
+        Session.open(checkpoint, backend="onnxruntime")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        Session.open(checkpoint, dtype="int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            Session.open(checkpoint, backend="triton")
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            Session.open(checkpoint, device="cuda")
+    bad = tmp_path / "bad-export"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="manifest.json is not valid JSON"):
+        Session.open(bad, backend="onnxruntime")
+    (bad / "manifest.json").write_text(json.dumps({"config": json.loads((checkpoint / "config.json").read_text()),
+                                                   "dtype": "fp32", "graphs": {}}))
+    assert inspect_path(bad).kind == "export"
+    with pytest.raises(ValueError, match="carries no copy of its checkpoint"):
+        Session.open(bad, backend="torch")
+
+
+def test_export_dtype_mismatch_is_refused(export_dir):
+    with pytest.raises(ValueError, match="fp32 export"):
+        open_backend(export_dir, "onnxruntime", dtype="fp16")
+
+
+def test_bad_inputs_give_clear_errors(checkpoint):
+    s = Session.open(checkpoint, device="cpu")
+    with pytest.raises(ValueError, match=r"must lie in \[0, 256\)"):
+        s.prefill([1, 2, 300])
+    with pytest.raises(ValueError, match="must be integers"):
+        s.prefill(torch.ones(3))
+    with pytest.raises(ValueError, match="T >= 1"):
+        s.prefill([])
+    with pytest.raises(ValueError, match="needs a prompt"):
+        s.generate(max_new_tokens=3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        s.generate(PROMPT, max_new_tokens=0)
+    with pytest.raises(ValueError, match="bad sampling settings"):
+        s.generate(PROMPT, max_new_tokens=3, top_p=0.0)
+    s.prefill([[1, 2], [3, 4]])
+    with pytest.raises(ValueError, match="decodes 2 row"):
+        s.step(5)
+    s.reset()
+    stream = s.generate(PROMPT, max_new_tokens=8)
+    next(stream)
+    s.step(3)                                                         # the session moved on under the stream
+    with pytest.raises(RuntimeError, match="overtaken"):
+        next(stream)
+
+
+def test_text_needs_a_byte_level_vocabulary(tmp_path):
+    model = make_model(0, vocab_size=300)
+    save_pretrained(model, tmp_path / "v300")
+    s = Session.open(tmp_path / "v300", device="cpu")
+    with pytest.raises(ValueError, match="300 tokens, not 256 bytes"):
+        s.generate("hello", max_new_tokens=2)
+    assert len(greedy(s, [1, 299, 5], 3)) == 3
+
+
+# ---- memdeploy generate ----------------------------------------------------------------------------------------------
+def test_generate_cli_streams_the_session_text(checkpoint):
+    runner = CliRunner()
+    res = runner.invoke(app, ["generate", str(checkpoint), "--prompt", "Once upon a time, ", "--max-new-tokens", "12",
+                              "--temperature", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    s = Session.open(checkpoint, device="cpu")
+    want = bytes(greedy(s, PROMPT, 12)).decode("utf-8", errors="replace")
+    assert res.stdout.startswith(want)
+
+    res = runner.invoke(app, ["generate", str(checkpoint), "--ids", "1,2,3", "--max-new-tokens", "4",
+                              "--temperature", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "/nonexistent/ckpt", "--prompt", "hi"], "no such directory"),
+    (["generate", "{ckpt}", "--prompt", "hi", "--backend", "nope"], "unknown backend"),
+    (["generate", "{ckpt}"], "exactly one of --prompt"),
+    (["generate", "{ckpt}", "--ids", "1,x"], "comma-separated token ids"),
+])
+def test_generate_cli_errors_are_one_line(checkpoint, args, message):
+    res = CliRunner().invoke(app, [a.replace("{ckpt}", str(checkpoint)) for a in args])
+    assert res.exit_code == 2
+    assert message in res.output and "Traceback" not in res.output
+
+
+# ---- GPU (scripts/gpu_stages/40-bench.sh runs these) -----------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gpu_session_matches_cpu_reference(checkpoint, model, backend):
+    """Triton (decode step in a CUDA graph) and torch on the GPU, fp32: the reference's greedy tokens after a 1k
+    prompt, logits within 1e-4; forks that share the backend (and its graph buffers) stay independent."""
+    prompt = torch.randint(0, 256, (1024,), generator=torch.Generator().manual_seed(0)).tolist()
+    want, want_logits, _ = greedy_by_hand(model, prompt, 128)
+    s = Session.open(checkpoint, backend=backend, device="cuda", dtype="fp32")
+    got, logits = [], []
+    for t in s.generate(prompt, max_new_tokens=128):
+        got.append(int(t))
+        logits.append(s.logits.float().cpu())
+    assert got == want
+    assert rel_err(torch.cat(logits), want_logits) <= 1e-4
+    a, b = s.fork(), s.fork()
+    ta, tb = a.generate(list(b" cat"), 24), b.generate(list(b" dog"), 24)
+    got_a, got_b = [], []
+    for x, y in zip(ta, tb):                                     # interleaved steps on one backend
+        got_a.append(int(x))
+        got_b.append(int(y))
+    assert got_a == greedy_by_hand(model, prompt + want + list(b" cat"), 24)[0]
+    assert got_b == greedy_by_hand(model, prompt + want + list(b" dog"), 24)[0]
