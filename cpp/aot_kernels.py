@@ -1,0 +1,191 @@
+"""The kernel library of the C++ native runtime: the Triton kernels its decode step launches, compiled ahead of time
+(memmamba_deploy/aot.py) for the model shapes it should run, plus a table the runtime looks variants up in.
+
+    python cpp/aot_kernels.py --out DIR [--arch 80,86,87,89,90] [--preset tiny,130m] [--config CKPT/config.json ...]
+
+Kernels (all from models/ops/triton; the default "cublas" plan does every projection with cuBLASLt):
+    decode_*      decode.py's kernels as models/ops/triton/aot.py decode_aot_kernels describes them: the
+                  "_noproj" norms (residual + RMSNorm) and decode_note_pool(_cross) (§3-§5) in both plans; the
+                  projecting norms, decode_in_proj_conv and decode_ssm_out in the "fused" plan (four launches per
+                  layer with the projections inside the kernels, as the Python fast path)
+    conv_step     cpp_support.conv_step_kernel                  (cublas plan)
+    scan_step     scan.selective_state_step_kernel              (cublas plan)
+    sample        cpp_support.sample_kernel                     (both)
+Block sizes are constexprs chosen by each kernel's own heuristic (decode_blocks, step_blocks, conv_blocks) for one
+model shape, so a variant serves the shapes its key names (e.g. decode_note_pool_fp16_d768_..._p4); the runtime
+refuses a model whose variants are missing and names them. The table also lists each kernel's runtime arguments
+by name and kind; the runtime passes arguments by name (cpp/src/kernels.h), so a kernel whose signature changes
+fails with a message naming the argument rather than misbehaving. Writes DIR/memmamba_kernels.{h,cpp}, kernels.json and
+DIR/runtime_variants.cpp (the table, see cpp/src/kernels.h).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)          # ahead-of-time compilation needs Triton's real compiler
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ACTS = ("fp32", "fp16")
+
+
+def shape_keys(c) -> dict[str, str]:
+    """The variant key of each kernel family for config `c` (cpp/src/native.cpp builds the same strings)."""
+    decode_key = f"d{c.d_model}_di{c.d_inner}_n{c.d_state}_r{c.dt_rank}_k{c.d_conv}"
+    decode_key += (f"_K{c.pool_size}_ds{c.summary_dim}_H{c.memory_heads}_p{c.cross_layer_every}" if c.memory
+                   else "_nomem")
+    return {"decode": decode_key, "conv_step": f"di{c.d_inner}_k{c.d_conv}", "scan_step": f"di{c.d_inner}_n{c.d_state}",
+            "sample": "any"}
+
+
+FLOAT_ARGS = {"eps", "tau1", "tau2", "scale"}       # fp32 scalars; every other non-pointer argument is an i32
+
+
+def signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
+    """Triton types of every argument of `fn`, in order: constexprs as given, `*_ptr` from `pointers` (an unknown
+    pointer is an error: its dtype cannot be guessed), FLOAT_ARGS fp32, the rest i32 (sizes, strides, switches)."""
+    from memmamba_deploy.aot import AotError
+
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            if name not in pointers:
+                raise AotError(f"{fn.__name__} takes pointer {name!r}, which cpp/aot_kernels.py does not know: "
+                               f"add its dtype here and pass it in cpp/src/native.cpp")
+            sig[name] = pointers[name]
+        else:
+            sig[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    return sig
+
+
+def runtime_kernels(configs) -> list[tuple]:
+    """(AotKernel, op, act, key) for every variant the runtime needs to run `configs`, without duplicates.
+    decode.py's kernels come as models/ops/triton/aot.py describes them for one model shape (decode_aot_kernels:
+    the Python fast path's block sizes); op = their entry name (decode_norm_proj_noproj, decode_note_pool, ...)."""
+    import dataclasses
+
+    from memmamba_deploy import aot
+    from memmamba_deploy.models.ops.triton import cpp_support, scan
+    from memmamba_deploy.models.ops.triton.aot import decode_aot_kernels
+
+    out, seen = [], set()
+
+    def add(op, act, key, k):
+        name = f"{op}_{act}_{key}"
+        if name not in seen:
+            seen.add(name)
+            out.append((dataclasses.replace(k, name=name), op, act, key))
+
+    for c in configs:
+        keys = shape_keys(c)
+        for act in ACTS:
+            for op, entry in decode_aot_kernels(c, act).items():
+                for k in aot.from_table_entry(op, entry):
+                    add(op, act, keys["decode"], k)
+            t = f"*{act}"
+            cx = cpp_support.conv_blocks(c.d_inner, c.d_conv)
+            fn = cpp_support.conv_step_kernel
+            ptrs = {n: t for n in ("x_ptr", "w_ptr", "bias_ptr", "win_in_ptr", "win_out_ptr", "out_ptr")}
+            add("conv_step", act, keys["conv_step"], aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=4))
+            block_d, block_n = scan.step_blocks(c.d_state, c.d_inner)
+            cx = {"BLOCK_D": block_d, "BLOCK_N": block_n, "HAS_Z": True, "HAS_DT_BIAS": True}
+            fn = scan.selective_state_step_kernel
+            ptrs = {"x_ptr": t, "dt_ptr": t, "A_ptr": "*fp32", "B_ptr": t, "C_ptr": t, "D_ptr": "*fp32", "z_ptr": t,
+                    "dt_bias_ptr": "*fp32", "h_in_ptr": "*fp32", "y_ptr": t, "h_out_ptr": "*fp32"}
+            add("scan_step", act, keys["scan_step"], aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=4))
+            cx = {"BLOCK": cpp_support.SAMPLE_BLOCK}
+            fn = cpp_support.sample_kernel
+            ptrs = {"logits_ptr": t, "params_ptr": "*fp32", "rng_ptr": "*u32", "token_ptr": "*i64"}
+            add("sample", act, keys["sample"], aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=8))
+    return out
+
+
+def render_table(variants) -> str:
+    rows = []
+    for k, op, act, key in variants:
+        cx = ",".join(f"{n}={int(v)}" for n, v in k.constexprs.items())
+        params = ",".join(f"{n}:{'ptr' if t.startswith('*') else t}" for n, t in k.signature.items() if t != "constexpr")
+        rows.append(f'    {{"{op}", "{act}", "{key}", &{k.name}, "{cx}", "{params}"}},')
+    return ("// Generated by cpp/aot_kernels.py. Do not edit.\n#include \"kernels.h\"\n#include \"memmamba_kernels.h\"\n\n"
+            "namespace memmamba::kernels\n{\n\nconst RuntimeVariant kRuntimeVariants[] = {\n" + "\n".join(rows) +
+            "\n};\nconst int kNumRuntimeVariants = " + str(len(rows)) + ";\n\n} // namespace memmamba::kernels\n")
+
+
+def _compile_one(job):
+    """Worker: compile variant `index` of runtime_kernels(configs) (rebuilt here: kernels do not pickle)."""
+    configs, index, archs, ptx = job
+    from triton import knobs
+
+    from memmamba_deploy import aot
+    from memmamba_deploy.models import MemMambaConfig
+
+    knobs.compilation.disable_line_info = True          # as aot.build_library: no debug sections in the cubins
+    k = runtime_kernels([MemMambaConfig.from_dict(c) for c in configs])[index][0]
+    c = aot.compile_kernel(k, archs, ptx)
+    return c.entry, c.shared, c.cubins, c.ptx, c.ptx_sm
+
+
+def build(configs, out: Path, archs, ptx: bool = True, jobs: int = 0) -> int:
+    """Compile every variant (in parallel processes) and write the library + table into `out` atomically."""
+    import concurrent.futures
+    import multiprocessing
+
+    from memmamba_deploy import aot
+    from memmamba_deploy.models.checkpoint import atomic_directory
+
+    variants = runtime_kernels(configs)
+    dicts = [c.to_dict() for c in configs]
+    jobs = jobs or min(len(variants), os.cpu_count() or 1)
+    work = [(dicts, i, tuple(archs), ptx) for i in range(len(variants))]
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        done = []
+        for (k, *_), res in zip(variants, ex.map(_compile_one, work)):
+            print(f"compiled {k.name}", file=sys.stderr)
+            done.append(aot.Compiled(k, *res))
+    header, source = aot.render_sources(done)
+    meta = aot.manifest(done)
+    meta["archs"] = list(archs)
+    with atomic_directory(out) as tmp:
+        (tmp / "memmamba_kernels.h").write_text(header)
+        (tmp / "memmamba_kernels.cpp").write_text(source)
+        (tmp / "kernels.json").write_text(json.dumps(meta, indent=1) + "\n")
+        (tmp / "runtime_variants.cpp").write_text(render_table(variants))
+        (tmp / "runtime_shapes.json").write_text(json.dumps(dicts, indent=1) + "\n")
+    return len(done)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--arch", default="80,86,87,89,90")
+    ap.add_argument("--preset", default="tiny,130m", help="model presets to compile for (comma-separated, or none)")
+    ap.add_argument("--config", action="append", default=[], help="a checkpoint's config.json (repeatable)")
+    ap.add_argument("--no-ptx", action="store_true")
+    ap.add_argument("--jobs", type=int, default=0, help="compiler processes (default: one per CPU)")
+    args = ap.parse_args(argv)
+    from memmamba_deploy import aot
+    from memmamba_deploy.models import MemMambaConfig
+
+    try:
+        configs = [MemMambaConfig.preset(p) for p in args.preset.split(",") if p and p != "none"]
+        configs += [MemMambaConfig.load(p) for p in args.config]
+        if not configs:
+            raise ValueError("no model shapes: give --preset and/or --config")
+        archs = aot.parse_archs(args.arch)
+        n = build(configs, Path(args.out), archs, ptx=not args.no_ptx, jobs=args.jobs)
+    except (aot.AotError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {n} kernel variant(s) x sm_{'/'.join(map(str, archs))} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+// memmamba C++ runtime: generate with a MemMamba model on an NVIDIA GPU, from C++.
+//
+//   auto session = memmamba::Session::open("runs/demo/checkpoint", {});   // config.json + model.safetensors
+//   session->prefill(prompt.data(), prompt.size());                        // [batch, T] token ids
+//   session->generate(64, {0.8f, 40, 0.95f}, [](int, int32_t const* tok) { putchar(tok[0]); return true; });
+//
+// Two backends behind this one interface (SessionOptions::backend):
+//   "native"    loads the checkpoint itself and runs the decode step with cuBLAS (projections) and the Triton
+//               kernels of models/ops/triton compiled ahead of time, the whole step captured in a CUDA graph.
+//   "tensorrt"  runs the engines `memdeploy build` wrote into an export directory, with the plugin library.
+// Every failure (bad file, bad shape, no GPU, no TensorRT) is a memmamba::Error with a message; nothing aborts.
+// The model is defined in docs/memmamba-spec.md; MemMambaLM.step (models/memmamba.py) is what `step` reproduces.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace memmamba
+{
+
+class Error : public std::runtime_error
+{
+public:
+    using std::runtime_error::runtime_error;
+};
+
+//! MemMambaConfig (models/config.py): the same keys, defaults and validation.
+struct Config
+{
+    int64_t vocab_size{256};
+    int64_t d_model{64};
+    int64_t n_layers{4};
+    int64_t d_state{8};
+    int64_t expand{2};
+    int64_t d_conv{4};
+    int64_t dt_rank{0}; //!< 0 in the file means ceil(d_model / 16); always resolved after parsing
+    double norm_eps{1e-5};
+    bool memory{true};
+    int64_t pool_size{8};
+    int64_t summary_dim{16};
+    int64_t memory_heads{2};
+    int64_t cross_layer_every{2};
+    double insert_threshold{0.5};
+    double read_threshold{0.3};
+    std::string architecture{"memmamba"};
+
+    int64_t dInner() const { return expand * d_model; }
+    //! §5: layers l (from 0) with (l+1) % p == 0 read the pools of layers l-p+1..l.
+    bool isCrossLayer(int64_t layer) const { return memory && (layer + 1) % cross_layer_every == 0; }
+
+    //! Parse config.json text: unknown keys, wrong types and invalid values are errors naming the key.
+    static Config fromJson(std::string const& text);
+    static Config load(std::string const& path); //!< fromJson of a file; errors name the file
+    void validate() const;                       //!< throws Error like MemMambaConfig.validate
+};
+
+enum class DType
+{
+    kFloat32,
+    kFloat16
+};
+char const* dtypeName(DType dtype); //!< "fp32" / "fp16"
+
+//! Token sampling, done on the GPU. temperature 0: greedy (argmax, lowest id on ties).
+struct SamplingParams
+{
+    float temperature{0.f};
+    int32_t topK{0};   //!< 0: off
+    float topP{1.f};   //!< 1: off
+    void validate() const;
+};
+
+struct SessionOptions
+{
+    std::string backend{"native"}; //!< "native" or "tensorrt"
+    DType dtype{DType::kFloat16};  //!< native: weights and activations (the SSM state is fp32 always)
+    int batch{1};
+    int device{0};
+    bool cudaGraph{true};          //!< native: capture the decode step in a CUDA graph
+    //! native: "cublas" (projections with cuBLASLt, the model's other kernels between them: 9 launches per layer)
+    //! or "fused" (models/ops/triton/decode.py's four launches per layer, projections inside the Triton kernels,
+    //! as the Python fast path); the same math, kept side by side to measure which is faster
+    std::string plan{"cublas"};
+    uint64_t seed{0};              //!< sampling seed (see Session::reseed)
+    std::string pluginLibrary;     //!< tensorrt: overrides the library recorded in manifest.json
+};
+
+//! One tensor of the recurrent state, in MemMambaLM's State layout (models/memmamba.py).
+struct StateTensorInfo
+{
+    std::string name;          //!< "conv", "ssm", "pool", "prio"
+    std::vector<int64_t> shape; //!< e.g. conv [L, B, d_inner, d_conv-1]
+    DType dtype;               //!< conv/pool: the model dtype; ssm/prio: fp32
+    size_t bytes() const;
+};
+
+namespace detail
+{
+class Backend;
+}
+
+//! A model instance with its own recurrent state, CUDA stream and buffers. Not thread-safe: one thread at a time
+//! per session (fork() gives independent sessions that share the weights).
+class Session
+{
+public:
+    //! `path`: a checkpoint directory (native) or an export directory with engines (tensorrt).
+    static std::unique_ptr<Session> open(std::string const& path, SessionOptions const& options = {});
+    ~Session();
+    Session(Session const&) = delete;
+    Session& operator=(Session const&) = delete;
+
+    Config const& config() const;
+    SessionOptions const& options() const;
+    int batch() const;
+    std::string describe() const; //!< backend, device, dtype, weights, graph
+
+    //! Feed `tokens` [batch, T] (row-major, T >= 1) from the current state; afterwards logits() are those of
+    //! the last token. The native backend runs the decode step token by token (in its CUDA graph).
+    void prefill(int32_t const* tokens, int T);
+    //! Feed one token per row, tokens [batch].
+    void step(int32_t const* tokens);
+    //! Logits of the last token fed, [batch, vocab] fp32 (copied to the host).
+    std::vector<float> logits() const;
+    void logits(float* out) const;
+    //! Draw one token per row from the current logits on the GPU (the state does not change).
+    std::vector<int32_t> sample(SamplingParams const& params);
+
+    //! Sample a token from the current logits, feed it, and repeat: up to maxNewTokens tokens per row. `onToken`
+    //! gets (index, tokens[batch]) for each new token and may return false to stop; generation also stops once
+    //! every row has produced a token in `stop`. Needs a prefill (or step) first. As memmamba_deploy.sampling
+    //! .generate, the last token returned is not fed: the state is that after the tokens before it.
+    //! Returns the tokens, row by row.
+    using TokenCallback = std::function<bool(int index, int32_t const* tokens)>;
+    std::vector<std::vector<int32_t>> generate(int maxNewTokens, SamplingParams const& params,
+        TokenCallback const& onToken = {}, std::vector<int32_t> const& stop = {});
+
+    void reset();                   //!< the empty state (State.zeros); no logits until the next token
+    void reseed(uint64_t seed);     //!< restart the sampling stream (seed, step 0)
+    std::unique_ptr<Session> fork() const; //!< same weights, a copy of the state, logits and sampling stream
+
+    std::vector<StateTensorInfo> stateInfo() const;
+    void readState(std::string const& name, void* host) const;  //!< copy one state tensor to the host
+    void writeState(std::string const& name, void const* host); //!< and back (same layout and dtype)
+
+    void synchronize() const; //!< wait for the session's stream
+
+private:
+    explicit Session(std::unique_ptr<detail::Backend> backend);
+    std::unique_ptr<detail::Backend> backend_;
+};
+
+} // namespace memmamba

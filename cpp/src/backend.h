@@ -1,0 +1,54 @@
+// The interface behind memmamba::Session: one implementation per backend (native.cpp, tensorrt.cpp).
+//
+// Position semantics every backend keeps: the *current* state is the one after the tokens fed so far; with it go
+// the logits of the last token fed and `next`, the token per row the sampler drew from those logits (drawn as
+// part of each step, so generation never leaves the GPU). A step feeds either host tokens or `next`.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "memmamba/memmamba.h"
+
+namespace memmamba::detail
+{
+
+class Backend
+{
+public:
+    virtual ~Backend() = default;
+    virtual Config const& config() const = 0;
+    virtual SessionOptions const& options() const = 0;
+    virtual std::string describe() const = 0;
+
+    virtual void prefill(int32_t const* tokens, int T) = 0; //!< tokens [B, T]
+    virtual void step(int32_t const* tokens) = 0;           //!< tokens [B]
+    virtual bool hasLogits() const = 0;
+    virtual void logits(float* out) const = 0;              //!< [B, V] fp32
+
+    virtual void setSampling(SamplingParams const& params) = 0; //!< for the draws of the steps that follow
+    virtual void resample() = 0;                 //!< draw `next` again from the current logits (current params)
+    //! Feed `next` (asynchronously); afterwards the current position is one token further and `next` is drawn
+    //! from the new logits.
+    virtual void stepNext() = 0;
+    //! Enqueue a copy of `next` into slot `slot` of a host ring (0 <= slot < 2) and return at once;
+    //! waitNext(slot, out) waits for that copy.
+    virtual void copyNextAsync(int slot) = 0;
+    virtual void waitNext(int slot, int32_t* out) = 0;
+    //! Go back to the position before the last stepNext (possible once: the state is double-buffered).
+    virtual void undoStep() = 0;
+
+    virtual void reset() = 0;
+    virtual void reseed(uint64_t seed) = 0;
+    virtual std::unique_ptr<Backend> fork() const = 0;
+    virtual std::vector<StateTensorInfo> stateInfo() const = 0;
+    virtual void readState(std::string const& name, void* host) const = 0;
+    virtual void writeState(std::string const& name, void const* host) = 0;
+    virtual void synchronize() const = 0;
+};
+
+std::unique_ptr<Backend> openNative(std::string const& checkpoint, SessionOptions const& options);
+std::unique_ptr<Backend> openTensorRT(std::string const& exportDir, SessionOptions const& options);
+
+} // namespace memmamba::detail

@@ -1,0 +1,115 @@
+// See kernels.h.
+#include "kernels.h"
+
+#include <cstring>
+#include <sstream>
+
+#include "memmamba/memmamba.h"
+
+namespace memmamba
+{
+
+int Kernel::at(std::string const& name) const
+{
+    for (auto const& [n, v] : constexprs)
+        if (n == name)
+            return v;
+    throw Error(std::string("kernel ") + image->name + " has no constexpr " + name);
+}
+
+Kernel findKernel(std::string const& op, std::string const& act, std::string const& key)
+{
+    std::string have;
+    for (int i = 0; i < kernels::kNumRuntimeVariants; ++i)
+    {
+        auto const& v = kernels::kRuntimeVariants[i];
+        if (op != v.op || act != v.act)
+            continue;
+        if (key != v.key)
+        {
+            have += (have.empty() ? "" : ", ") + std::string(v.key);
+            continue;
+        }
+        Kernel k;
+        k.image = v.image;
+        std::stringstream cx(v.constexprs), ps(v.params);
+        std::string item;
+        while (std::getline(cx, item, ','))
+        {
+            auto eq = item.find('=');
+            k.constexprs.emplace_back(item.substr(0, eq), std::stoi(item.substr(eq + 1)));
+        }
+        while (std::getline(ps, item, ','))
+        {
+            auto colon = item.find(':');
+            k.params.emplace_back(item.substr(0, colon), item.substr(colon + 1));
+        }
+        return k;
+    }
+    throw Error("the kernel library has no " + op + " kernel for " + act + " and model shape " + key
+        + " (compiled shapes: " + (have.empty() ? "none" : have)
+        + "); rebuild it for this model: cmake -DMEMMAMBA_MODEL_CONFIGS=<checkpoint>/config.json (cpp/README.md)");
+}
+
+Launch& Launch::put(char const* name, char const* kind, void const* v, size_t n)
+{
+    Value val{name, kind, {}};
+    std::memcpy(val.bytes, v, n);
+    values_.push_back(std::move(val));
+    return *this;
+}
+
+Launch& Launch::ptr(char const* name, void const* p) { return put(name, "ptr", &p, sizeof(p)); }
+
+Launch& Launch::i32(char const* name, int64_t v)
+{
+    if (v < INT32_MIN || v > INT32_MAX)
+        throw Error(std::string("kernel argument ") + name + " = " + std::to_string(v) + " does not fit int32");
+    int32_t x = static_cast<int32_t>(v);
+    return put(name, "i32", &x, 4);
+}
+
+Launch& Launch::f32(char const* name, double v)
+{
+    float x = static_cast<float>(v);
+    return put(name, "fp32", &x, 4);
+}
+
+void Launch::run(aot::Grid grid, cudaStream_t stream)
+{
+    std::string const kname = k_.image->name;
+    std::vector<void*> params;
+    std::vector<bool> used(values_.size(), false);
+    for (auto const& [name, kind] : k_.params)
+    {
+        size_t i = 0;
+        while (i < values_.size() && values_[i].name != name)
+            ++i;
+        if (i == values_.size())
+            throw Error("kernel " + kname + " takes argument '" + name + "', which the runtime does not pass: "
+                "the kernel's signature changed (update cpp/src/native.cpp)");
+        if (values_[i].kind != kind)
+            throw Error("kernel " + kname + " argument '" + name + "' is " + kind + ", the runtime passes "
+                + values_[i].kind);
+        int bytes = kind == "ptr" ? 8 : 4;
+        if (k_.image->paramSizes && k_.image->paramSizes[params.size()] != bytes)
+            throw Error("kernel " + kname + " argument '" + name + "' is " + std::to_string(k_.image->paramSizes[params.size()])
+                + " bytes in the cubin, " + std::to_string(bytes) + " in its table entry: rebuild the kernel library");
+        used[i] = true;
+        params.push_back(values_[i].bytes);
+    }
+    for (size_t i = 0; i < values_.size(); ++i)
+        if (!used[i])
+            throw Error("the runtime passes '" + values_[i].name + "' to kernel " + kname
+                + ", which takes no such argument: the kernel's signature changed (update cpp/src/native.cpp)");
+    static void* scratch = nullptr; // Triton's two scratch pointers: these kernels need none
+    params.push_back(&scratch);
+    params.push_back(&scratch);
+    if (static_cast<int>(params.size()) != k_.image->numParams)
+        throw Error("kernel " + kname + " has " + std::to_string(k_.image->numParams) + " parameters, its table entry "
+            + std::to_string(params.size()) + ": the kernel library and its table are out of step");
+    if (aot::launch(*k_.image, grid, reinterpret_cast<CUstream>(stream), params.data()) != CUDA_SUCCESS)
+        throw Error(aot::lastError());
+}
+
+} // namespace memmamba

@@ -1,0 +1,72 @@
+// The runtime's kernel variants and how they are launched.
+//
+// cpp/aot_kernels.py compiles the Triton kernels ahead of time (memmamba_kernels.{h,cpp}) and writes the table
+// kRuntimeVariants (runtime_variants.cpp): per variant the op, activation dtype, model-shape key, the constexprs it
+// was compiled with (grids are sized from them) and its runtime arguments by name and kind. Arguments are passed by
+// name (Launch), so a kernel whose signature changed fails with a message naming the argument.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "memmamba/aot_runtime.h"
+
+namespace memmamba
+{
+
+namespace kernels
+{
+struct RuntimeVariant
+{
+    char const* op;         //!< "norm_embed", "norm_residual", "note_pool", "note_pool_cross", "conv_step", ...
+    char const* act;        //!< "fp32" / "fp16"
+    char const* key;        //!< model-shape key, e.g. "d768_K50_ds64_H4" (cpp/aot_kernels.py shape_keys)
+    aot::KernelImage const* image;
+    char const* constexprs; //!< "BLOCK_O=128,BLOCK_K=64,..."
+    char const* params;     //!< runtime arguments in order: "u_ptr:ptr,d:i32,eps:fp32,..."
+};
+extern const RuntimeVariant kRuntimeVariants[];
+extern const int kNumRuntimeVariants;
+} // namespace kernels
+
+struct Kernel
+{
+    aot::KernelImage const* image{nullptr};
+    std::vector<std::pair<std::string, int>> constexprs;
+    std::vector<std::pair<std::string, std::string>> params; //!< (name, "ptr" | "i32" | "fp32")
+    int at(std::string const& name) const;                    //!< a constexpr's value
+};
+
+//! The variant of `op` for `act` and shape `key`; an Error lists the compiled keys when there is none.
+Kernel findKernel(std::string const& op, std::string const& act, std::string const& key);
+
+//! One launch: arguments by name, then run(). Missing, unknown or wrongly typed arguments are errors.
+class Launch
+{
+public:
+    explicit Launch(Kernel const& kernel)
+        : k_(kernel)
+    {
+    }
+    Launch& ptr(char const* name, void const* p);
+    Launch& i32(char const* name, int64_t v);
+    Launch& f32(char const* name, double v);
+    void run(aot::Grid grid, cudaStream_t stream);
+
+private:
+    struct Value
+    {
+        std::string name, kind;
+        unsigned char bytes[8];
+    };
+    Launch& put(char const* name, char const* kind, void const* v, size_t n);
+    Kernel const& k_;
+    std::vector<Value> values_;
+};
+
+inline unsigned cdiv(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+} // namespace memmamba

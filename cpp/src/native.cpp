@@ -1,0 +1,1059 @@
+// The native backend: MemMambaLM.step (models/memmamba.py) on the GPU with cuBLASLt for every projection and the
+// AOT-compiled Triton kernels of models/ops/triton for everything else, the whole step captured in a CUDA graph.
+//
+// One layer (spec §2), B rows at once, "act" = the model dtype:
+//   norm       h = embedding[token] (layer 0) or h + out_proj(y) of the layer before; u = RMSNorm(h)
+//                (decode.decode_norm_proj_kernel without its projection)
+//   GEMM       mem = [W_q; W_score_in; W_summary; w_trigger; W_q_cross] u + [0; 0; 0; β; 0]   (memory path)
+//   note_pool  §4 token read, §5 cross read (every p layers), ũ = u + r_tok + r_cross, §3 insert into the pool
+//                (decode.decode_note_pool_kernel)
+//   GEMM       xz = W_in ũ
+//   conv_step  window shift + depthwise conv + SiLU (cpp_support.conv_step_kernel)
+//   GEMM       (dt_r, B, C) = W_x xc;   GEMM  dt = W_dt dt_r
+//   scan_step  δ = softplus(dt + dt_bias), h = exp(δA) h + δ x B, y = (C·h + D x) SiLU(z) (scan.selective_state_step)
+//   GEMM       out = W_out y  (fp32: the next norm adds it to h after rounding it to act, as the reference)
+// then norm_f, the tied LM head (GEMM), and the sampler (cpp_support.sample_kernel) drawing the next token.
+//
+// State is double-buffered: the step at parity p reads buffers p and writes buffers 1-p (conv window, SSM state,
+// pools, priorities, logits, next token), so (a) every cross read of a §5 group sees the pools from before the
+// token, (b) no captured kernel updates a buffer in place (deployment-notes), (c) a step can be undone.
+// Prefill feeds the prompt token by token through the same graph (a head-less variant for all but the last token).
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <sstream>
+
+#include "backend.h"
+#include "checkpoint.h"
+#include "cuda_util.h"
+#include "half.h"
+#include "kernels.h"
+
+namespace memmamba::detail
+{
+namespace
+{
+
+constexpr size_t kAlign = 256;
+constexpr size_t kLtWorkspace = 8u << 20;
+
+size_t alignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// ---- weights (shared by forks) ----------------------------------------------------------------------------------------------
+struct LayerWeights
+{
+    void *norm, *memW, *memBias, *wk, *wv, *alpha, *xwk, *xwv, *xalpha, *wScore;
+    void *inW, *convW, *convB, *xW, *dtW, *dtBias, *A, *D, *outW;
+    void *memBias32, *xWT, *outWT; // the fused plan: fp32 bias, x_proj / out_proj transposed ([Di, X], [Di, d])
+    void *dtBiasAct, *DAct;        // the fused plan: dt_bias and D in the model dtype (as decode_ssm_out reads them)
+    int64_t memRows{0};
+};
+
+struct Weights
+{
+    Config config;
+    DType dtype;
+    int device;
+    DeviceBuffer storage;
+    std::vector<LayerWeights> layers;
+    void *emb{nullptr}, *normF{nullptr};
+    int64_t parameters{0};
+    size_t bytes{0};
+};
+
+class WeightPacker
+{
+public:
+    WeightPacker(Checkpoint const& ck, DType dtype)
+        : ck_(ck)
+        , dtype_(dtype)
+    {
+    }
+    //! Reserve space for a tensor (act dtype unless fp32) and remember its values; returns the slot index.
+    size_t add(std::vector<float> values, bool fp32 = false)
+    {
+        size_t elem = fp32 || dtype_ == DType::kFloat32 ? 4 : 2;
+        Item it{offset_, std::move(values), elem};
+        offset_ = alignUp(offset_ + it.values.size() * elem);
+        items_.push_back(std::move(it));
+        return items_.size() - 1;
+    }
+    size_t tensor(std::string const& name, bool fp32 = false) { return add(ck_.values(name, dtype_), fp32); }
+    std::vector<float> values(std::string const& name) const { return ck_.values(name, dtype_); }
+    void upload(DeviceBuffer& storage)
+    {
+        storage = DeviceBuffer(std::max<size_t>(offset_, kAlign));
+        std::vector<unsigned char> host(offset_);
+        for (auto const& it : items_)
+        {
+            unsigned char* dst = host.data() + it.offset;
+            for (size_t i = 0; i < it.values.size(); ++i)
+            {
+                if (it.elem == 4)
+                {
+                    std::memcpy(dst + 4 * i, &it.values[i], 4);
+                }
+                else
+                {
+                    uint16_t h = floatToHalf(it.values[i]);
+                    std::memcpy(dst + 2 * i, &h, 2);
+                }
+            }
+        }
+        MM_CUDA(cudaMemcpy(storage.get(), host.data(), offset_, cudaMemcpyHostToDevice));
+        MM_CUDA(cudaDeviceSynchronize()); // a pageable copy may still be in flight; sessions use their own streams
+        base_ = static_cast<unsigned char*>(storage.get());
+    }
+    void* at(size_t slot) const { return base_ + items_[slot].offset; }
+    size_t bytes() const { return offset_; }
+
+private:
+    struct Item
+    {
+        size_t offset;
+        std::vector<float> values;
+        size_t elem;
+    };
+    Checkpoint const& ck_;
+    DType dtype_;
+    std::vector<Item> items_;
+    size_t offset_{0};
+    unsigned char* base_{nullptr};
+};
+
+//! Row width of x_proj's output (dt_r, B, C): R + 2N padded to a multiple of 8 for 16-byte aligned rows.
+int64_t xWidth(Config const& c) { return (c.dt_rank + 2 * c.d_state + 7) / 8 * 8; }
+
+//! [rows, cols] row-major -> [cols, rows]
+std::vector<float> transpose(std::vector<float> const& v, int64_t rows, int64_t cols)
+{
+    std::vector<float> t(v.size());
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c)
+            t[c * rows + r] = v[r * cols + c];
+    return t;
+}
+
+std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int device, bool fused)
+{
+    Config const& c = ck.config();
+    auto w = std::make_shared<Weights>();
+    w->config = c;
+    w->dtype = dtype;
+    w->device = device;
+    w->parameters = ck.parameterCount();
+    WeightPacker pk(ck, dtype);
+    struct Slots
+    {
+        size_t norm, memW, memBias, wk, wv, alpha, xwk, xwv, xalpha, wScore, inW, convW, convB, xW, dtW, dtBias, A, D,
+            outW, memBias32, xWT, outWT, dtBiasAct, DAct;
+        int64_t memRows;
+    };
+    std::vector<Slots> slots;
+    size_t emb = pk.tensor("embeddings.weight");
+    for (int64_t l = 0; l < c.n_layers; ++l)
+    {
+        std::string p = "layers." + std::to_string(l) + ".";
+        Slots s{};
+        s.norm = pk.tensor(p + "norm.weight");
+        if (c.memory)
+        {
+            // the GEMVs that share u, one matrix: q_tok, score hidden, summary, trigger logit (+ q_cross)
+            std::vector<float> mem, bias;
+            auto append = [&](std::string const& name) {
+                auto v = pk.values(name);
+                mem.insert(mem.end(), v.begin(), v.end());
+            };
+            append(p + "token_attn.q_proj.weight");
+            append(p + "note.score_in.weight");
+            append(p + "note.summary.weight");
+            append(p + "token_attn.trigger.weight");
+            if (c.isCrossLayer(l))
+                append(p + "cross_attn.q_proj.weight");
+            // rows padded to a multiple of 8 (zeros): 16-byte aligned rows for cuBLASLt; the kernel reads mem with
+            // row stride R_mem = the padded width
+            s.memRows = (static_cast<int64_t>(mem.size()) / c.d_model + 7) / 8 * 8;
+            mem.resize(static_cast<size_t>(s.memRows * c.d_model), 0.f);
+            bias.assign(s.memRows, 0.f);
+            bias[2 * c.summary_dim + c.d_model / 4] = pk.values(p + "token_attn.trigger.bias")[0];
+            s.memW = pk.add(std::move(mem));
+            s.memBias32 = pk.add(bias, true);
+            s.memBias = pk.add(std::move(bias));
+            s.wk = pk.tensor(p + "token_attn.k_proj.weight");
+            s.wv = pk.tensor(p + "token_attn.v_proj.weight");
+            s.alpha = pk.tensor(p + "token_attn.alpha");
+            s.wScore = pk.tensor(p + "note.score_out.weight");
+            bool cross = c.isCrossLayer(l);
+            s.xwk = cross ? pk.tensor(p + "cross_attn.k_proj.weight") : s.wk;
+            s.xwv = cross ? pk.tensor(p + "cross_attn.v_proj.weight") : s.wv;
+            s.xalpha = cross ? pk.tensor(p + "cross_attn.alpha") : s.alpha;
+        }
+        s.inW = pk.tensor(p + "mixer.in_proj.weight");
+        s.convW = pk.tensor(p + "mixer.conv1d.weight");
+        s.convB = pk.tensor(p + "mixer.conv1d.bias");
+        std::vector<float> xW = pk.values(p + "mixer.x_proj.weight"); // rows padded like mem's (see xWidth)
+        if (fused)
+            s.xWT = pk.add(transpose(xW, c.dt_rank + 2 * c.d_state, c.dInner()));
+        xW.resize(static_cast<size_t>(xWidth(c) * c.dInner()), 0.f);
+        s.xW = pk.add(std::move(xW));
+        s.dtW = pk.tensor(p + "mixer.dt_proj.weight");
+        s.dtBias = pk.tensor(p + "mixer.dt_proj.bias", true);
+        std::vector<float> A = pk.values(p + "mixer.A_log");
+        for (float& a : A)
+            a = -std::exp(a); // A = -exp(A_log.float()) in fp32, as Mixer.step
+        s.A = pk.add(std::move(A), true);
+        s.D = pk.tensor(p + "mixer.D", true);
+        s.outW = pk.tensor(p + "mixer.out_proj.weight");
+        if (fused)
+        {
+            s.outWT = pk.add(transpose(pk.values(p + "mixer.out_proj.weight"), c.d_model, c.dInner()));
+            s.dtBiasAct = pk.tensor(p + "mixer.dt_proj.bias");
+            s.DAct = pk.tensor(p + "mixer.D");
+        }
+        slots.push_back(s);
+    }
+    size_t normF = pk.tensor("norm_f.weight");
+    MM_CUDA(cudaSetDevice(device));
+    pk.upload(w->storage);
+    w->bytes = pk.bytes();
+    w->emb = pk.at(emb);
+    w->normF = pk.at(normF);
+    for (auto const& s : slots)
+    {
+        LayerWeights L{};
+        L.norm = pk.at(s.norm);
+        if (c.memory)
+        {
+            L.memW = pk.at(s.memW);
+            L.memBias = pk.at(s.memBias);
+            L.memBias32 = pk.at(s.memBias32);
+            L.wk = pk.at(s.wk);
+            L.wv = pk.at(s.wv);
+            L.alpha = pk.at(s.alpha);
+            L.xwk = pk.at(s.xwk);
+            L.xwv = pk.at(s.xwv);
+            L.xalpha = pk.at(s.xalpha);
+            L.wScore = pk.at(s.wScore);
+            L.memRows = s.memRows;
+        }
+        L.inW = pk.at(s.inW);
+        L.convW = pk.at(s.convW);
+        L.convB = pk.at(s.convB);
+        L.xW = pk.at(s.xW);
+        L.dtW = pk.at(s.dtW);
+        L.dtBias = pk.at(s.dtBias);
+        L.A = pk.at(s.A);
+        L.D = pk.at(s.D);
+        L.outW = pk.at(s.outW);
+        if (fused)
+        {
+            L.xWT = pk.at(s.xWT);
+            L.outWT = pk.at(s.outWT);
+            L.dtBiasAct = pk.at(s.dtBiasAct);
+            L.DAct = pk.at(s.DAct);
+        }
+        w->layers.push_back(L);
+    }
+    return w;
+}
+
+// ---- GEMMs ------------------------------------------------------------------------------------------------------------
+//! D[n, m] (row-major, row stride ldd) = X[n, k] (row stride ldx) · W[m, k]ᵀ (+ bias[m]): nn.Linear on n rows,
+//! planned once (descriptors + algorithm) and replayed each step. cuBLASLt is column-major: D' = op(W') · X' with
+//! W' = W viewed as [k x m], transposed.
+class Linear
+{
+public:
+    Linear() = default;
+    Linear(cublasLtHandle_t lt, int64_t m, int64_t n, int64_t k, cudaDataType_t abType, cudaDataType_t dType,
+        void const* w, void const* x, int64_t ldx, void* d, int64_t ldd, void const* bias)
+        : w_(w)
+        , x_(x)
+        , d_(d)
+        , bias_(bias)
+    {
+        MM_CUBLAS(cublasLtMatmulDescCreate(&desc_, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+        cublasOperation_t t = CUBLAS_OP_T, nt = CUBLAS_OP_N;
+        MM_CUBLAS(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof(t)));
+        MM_CUBLAS(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_TRANSB, &nt, sizeof(nt)));
+        if (bias)
+        {
+            cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+            MM_CUBLAS(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+            MM_CUBLAS(cublasLtMatmulDescSetAttribute(desc_, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+        }
+        MM_CUBLAS(cublasLtMatrixLayoutCreate(&a_, abType, k, m, k));
+        MM_CUBLAS(cublasLtMatrixLayoutCreate(&b_, abType, k, n, ldx));
+        MM_CUBLAS(cublasLtMatrixLayoutCreate(&c_, dType, m, n, ldd));
+        cublasLtMatmulPreference_t pref{};
+        MM_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
+        size_t ws = kLtWorkspace;
+        MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+        size_t abElem = abType == CUDA_R_16F ? 2 : 4, dElem = dType == CUDA_R_16F ? 2 : 4;
+        uint32_t alA = alignment(w, k * abElem), alB = alignment(x, ldx * abElem), alD = alignment(d, ldd * dElem);
+        MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &alA, 4));
+        MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &alB, 4));
+        MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &alD, 4));
+        MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &alD, 4));
+        int found = 0;
+        cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(lt, desc_, a_, b_, c_, c_, pref, 1, &algo_, &found);
+        cublasLtMatmulPreferenceDestroy(pref);
+        if (s != CUBLAS_STATUS_SUCCESS || found == 0)
+            throw Error("cuBLASLt has no algorithm for a [" + std::to_string(n) + " x " + std::to_string(k) + "] x ["
+                + std::to_string(k) + " x " + std::to_string(m) + "] product (status " + std::to_string(int(s)) + ")");
+    }
+    Linear(Linear&& o) noexcept { *this = std::move(o); }
+    Linear& operator=(Linear&& o) noexcept
+    {
+        std::swap(desc_, o.desc_);
+        std::swap(a_, o.a_);
+        std::swap(b_, o.b_);
+        std::swap(c_, o.c_);
+        algo_ = o.algo_;
+        w_ = o.w_;
+        x_ = o.x_;
+        d_ = o.d_;
+        bias_ = o.bias_;
+        return *this;
+    }
+    ~Linear()
+    {
+        if (desc_)
+            cublasLtMatmulDescDestroy(desc_);
+        for (auto l : {a_, b_, c_})
+            if (l)
+                cublasLtMatrixLayoutDestroy(l);
+    }
+    void run(cublasLtHandle_t lt, void* workspace, cudaStream_t stream) const
+    {
+        float one = 1.f, zero = 0.f;
+        MM_CUBLAS(cublasLtMatmul(lt, desc_, &one, w_, a_, x_, b_, &zero, d_, c_, d_, c_, &algo_.algo, workspace,
+            kLtWorkspace, stream));
+    }
+
+private:
+    static uint32_t alignment(void const* p, int64_t rowBytes)
+    {
+        uint32_t a = 256;
+        while (a > 1 && ((reinterpret_cast<uintptr_t>(p) % a) != 0 || (rowBytes % a) != 0))
+            a /= 2;
+        return a;
+    }
+    cublasLtMatmulDesc_t desc_{};
+    cublasLtMatrixLayout_t a_{}, b_{}, c_{};
+    cublasLtMatmulHeuristicResult_t algo_{};
+    void const* w_{nullptr};
+    void const* x_{nullptr};
+    void* d_{nullptr};
+    void const* bias_{nullptr};
+};
+
+// ---- the backend -------------------------------------------------------------------------------------------------------
+class NativeBackend final : public Backend
+{
+public:
+    NativeBackend(std::shared_ptr<Weights> weights, SessionOptions options)
+        : w_(std::move(weights))
+        , opt_(std::move(options))
+        , c_(w_->config)
+    {
+        MM_CUDA(cudaSetDevice(opt_.device));
+        act_ = dtypeName(w_->dtype);
+        actElem_ = w_->dtype == DType::kFloat16 ? 2 : 4;
+        fused_ = opt_.plan == "fused";
+        findKernels();
+        MM_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+        allocate();
+        MM_CUBLAS(cublasLtCreate(&lt_));
+        for (auto& e : nextReady_)
+            MM_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+        planGemms();
+        for (Kernel const* k : usedKernels())
+            if (aot::preload(*k->image) != CUDA_SUCCESS) // module loads are not allowed inside graph capture
+                throw Error(aot::lastError());
+        setSampling({});
+        resetState();
+        enqueueStep(0, true); // warm-up: cuBLASLt and CUDA's lazy module loading must not happen inside capture
+        MM_CUDA(cudaStreamSynchronize(stream_));
+        resetState();
+        reseed(opt_.seed);
+        if (opt_.cudaGraph)
+            capture();
+    }
+
+    ~NativeBackend() override
+    {
+        cudaSetDevice(opt_.device);
+        if (stream_)
+            cudaStreamSynchronize(stream_);
+        for (auto& g : graphs_)
+            for (auto& e : g)
+                if (e)
+                    cudaGraphExecDestroy(e);
+        for (auto e : nextReady_)
+            if (e)
+                cudaEventDestroy(e);
+        gemms_.clear();
+        if (lt_)
+            cublasLtDestroy(lt_);
+        if (stream_)
+            cudaStreamDestroy(stream_);
+        if (pinned_)
+            cudaFreeHost(pinned_);
+    }
+
+    Config const& config() const override { return c_; }
+    SessionOptions const& options() const override { return opt_; }
+
+    std::string describe() const override
+    {
+        cudaDeviceProp prop{};
+        cudaGetDeviceProperties(&prop, opt_.device);
+        std::ostringstream s;
+        s << "native | " << prop.name << " (sm_" << prop.major << prop.minor << ") | " << act_ << " | batch "
+          << opt_.batch << " | " << w_->parameters / 1e6 << "M parameters (" << w_->bytes / 1e6 << " MB on device) | "
+          << (opt_.cudaGraph ? "CUDA graph" : "eager launches") << " | plan " << opt_.plan << " | kernels: "
+          << aot::binaryFor(*norm_.image, prop.major * 10 + prop.minor);
+        return s.str();
+    }
+
+    // ---- feeding tokens ----------------------------------------------------------------------------------------------
+    void prefill(int32_t const* tokens, int T) override
+    {
+        MM_CUDA(cudaSetDevice(opt_.device));
+        int const B = opt_.batch;
+        std::vector<int64_t> byStep(static_cast<size_t>(T) * B); // [T, B]: one contiguous row per step
+        for (int b = 0; b < B; ++b)
+            for (int t = 0; t < T; ++t)
+                byStep[static_cast<size_t>(t) * B + b] = tokens[static_cast<size_t>(b) * T + t];
+        if (prompt_.bytes() < byStep.size() * 8)
+            prompt_ = DeviceBuffer(byStep.size() * 8);
+        MM_CUDA(cudaMemcpyAsync(prompt_.get(), byStep.data(), byStep.size() * 8, cudaMemcpyHostToDevice, stream_));
+        for (int t = 0; t < T; ++t)
+        {
+            MM_CUDA(cudaMemcpyAsync(tok_[cur_].get(), prompt_.as<int64_t>() + static_cast<size_t>(t) * B, B * 8,
+                cudaMemcpyDeviceToDevice, stream_));
+            runStep(t == T - 1);
+        }
+        MM_CUDA(cudaStreamSynchronize(stream_)); // byStep (pageable source) must outlive the copy
+    }
+
+    void step(int32_t const* tokens) override
+    {
+        MM_CUDA(cudaSetDevice(opt_.device));
+        std::vector<int64_t> t(tokens, tokens + opt_.batch);
+        MM_CUDA(cudaMemcpyAsync(tok_[cur_].get(), t.data(), t.size() * 8, cudaMemcpyHostToDevice, stream_));
+        runStep(true);
+        MM_CUDA(cudaStreamSynchronize(stream_));
+    }
+
+    bool hasLogits() const override { return hasLogits_; }
+
+    void logits(float* out) const override
+    {
+        MM_CUDA(cudaSetDevice(opt_.device));
+        size_t n = static_cast<size_t>(opt_.batch) * c_.vocab_size;
+        std::vector<uint16_t> half(actElem_ == 2 ? n : 0);
+        void* dst = actElem_ == 2 ? static_cast<void*>(half.data()) : static_cast<void*>(out);
+        MM_CUDA(cudaMemcpyAsync(dst, logits_[cur_].get(), n * actElem_, cudaMemcpyDeviceToHost, stream_));
+        MM_CUDA(cudaStreamSynchronize(stream_));
+        for (size_t i = 0; i < half.size(); ++i)
+            out[i] = halfToFloat(half[i]);
+    }
+
+    // ---- sampling and generation ---------------------------------------------------------------------------------------------
+    void setSampling(SamplingParams const& p) override
+    {
+        p.validate();
+        hostParams_[0] = p.temperature;
+        hostParams_[1] = static_cast<float>(p.topK);
+        hostParams_[2] = p.topP;
+        MM_CUDA(cudaMemcpyAsync(params_.get(), hostParams_, sizeof(hostParams_), cudaMemcpyHostToDevice, stream_));
+        MM_CUDA(cudaStreamSynchronize(stream_));
+    }
+
+    void resample() override
+    {
+        MM_CUDA(cudaSetDevice(opt_.device));
+        enqueueSample(cur_);
+    }
+
+    void stepNext() override
+    {
+        MM_CUDA(cudaSetDevice(opt_.device));
+        runStep(true);
+    }
+
+    void copyNextAsync(int slot) override
+    {
+        MM_CUDA(cudaMemcpyAsync(pinned_ + slot * opt_.batch, tok_[cur_].get(), opt_.batch * 8, cudaMemcpyDeviceToHost,
+            stream_));
+        MM_CUDA(cudaEventRecord(nextReady_[slot], stream_));
+    }
+
+    void waitNext(int slot, int32_t* out) override
+    {
+        MM_CUDA(cudaEventSynchronize(nextReady_[slot]));
+        for (int b = 0; b < opt_.batch; ++b)
+            out[b] = static_cast<int32_t>(pinned_[slot * opt_.batch + b]);
+    }
+
+    void undoStep() override
+    {
+        if (!canUndo_)
+            throw Error("internal: undoStep without a step to undo");
+        cur_ ^= 1;
+        canUndo_ = false;
+    }
+
+    // ---- state ---------------------------------------------------------------------------------------------------------------
+    void reset() override
+    {
+        MM_CUDA(cudaSetDevice(opt_.device));
+        resetState();
+        MM_CUDA(cudaStreamSynchronize(stream_));
+    }
+
+    void reseed(uint64_t seed) override
+    {
+        uint32_t rng[4] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), 0, 0};
+        MM_CUDA(cudaMemcpyAsync(rng_.get(), rng, sizeof(rng), cudaMemcpyHostToDevice, stream_));
+        MM_CUDA(cudaStreamSynchronize(stream_));
+    }
+
+    std::unique_ptr<Backend> fork() const override
+    {
+        MM_CUDA(cudaSetDevice(opt_.device));
+        MM_CUDA(cudaStreamSynchronize(stream_));
+        auto other = std::make_unique<NativeBackend>(w_, opt_);
+        int const o = other->cur_;
+        auto copy = [&](void* dst, void const* src, size_t n) {
+            MM_CUDA(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, other->stream_));
+        };
+        for (auto const& info : stateInfo())
+            copy(other->state(info.name, o), state(info.name, cur_), info.bytes());
+        copy(other->logits_[o].get(), logits_[cur_].get(), logits_[cur_].bytes());
+        copy(other->tok_[o].get(), tok_[cur_].get(), tok_[cur_].bytes());
+        copy(other->rng_.get(), rng_.get(), rng_.bytes());
+        copy(other->params_.get(), params_.get(), params_.bytes());
+        MM_CUDA(cudaStreamSynchronize(other->stream_));
+        std::memcpy(other->hostParams_, hostParams_, sizeof(hostParams_));
+        other->hasLogits_ = hasLogits_;
+        return other;
+    }
+
+    std::vector<StateTensorInfo> stateInfo() const override
+    {
+        int64_t L = c_.n_layers, B = opt_.batch;
+        std::vector<StateTensorInfo> out{{"conv", {L, B, c_.dInner(), c_.d_conv - 1}, w_->dtype},
+            {"ssm", {L, B, c_.dInner(), c_.d_state}, DType::kFloat32}};
+        if (c_.memory)
+        {
+            out.push_back({"pool", {L, B, c_.pool_size, c_.summary_dim}, w_->dtype});
+            out.push_back({"prio", {L, B, c_.pool_size}, DType::kFloat32});
+        }
+        return out;
+    }
+
+    void readState(std::string const& name, void* host) const override
+    {
+        MM_CUDA(cudaSetDevice(opt_.device));
+        MM_CUDA(cudaMemcpyAsync(host, state(name, cur_), info(name).bytes(), cudaMemcpyDeviceToHost, stream_));
+        MM_CUDA(cudaStreamSynchronize(stream_));
+    }
+
+    void writeState(std::string const& name, void const* host) override
+    {
+        MM_CUDA(cudaSetDevice(opt_.device));
+        MM_CUDA(cudaMemcpyAsync(state(name, cur_), host, info(name).bytes(), cudaMemcpyHostToDevice, stream_));
+        MM_CUDA(cudaStreamSynchronize(stream_));
+    }
+
+    void synchronize() const override
+    {
+        MM_CUDA(cudaSetDevice(opt_.device));
+        MM_CUDA(cudaStreamSynchronize(stream_));
+    }
+
+private:
+    std::shared_ptr<Weights> w_;
+    SessionOptions opt_;
+    Config const& c_;
+    std::string act_;
+    size_t actElem_{4};
+    cudaStream_t stream_{};
+    cublasLtHandle_t lt_{};
+    int cur_{0};
+    bool canUndo_{false};
+    bool hasLogits_{false};
+    float hostParams_[4]{0.f, 0.f, 1.f, 0.f};
+    std::vector<float> prioInit_; // -1 for every slot, the source of reset's copy
+
+    bool fused_{false};
+    Kernel norm_, normRes_, pool_, poolCross_, conv_, scan_, sample_;
+    Kernel fNormProjEmbed_, fNormProj_, fInConv_, fSsmOut_; // the fused plan
+    int64_t nC_{0}, nD_{0}; // the fused plan's partial-sum programs (in_proj_conv, ssm_out)
+
+    // double-buffered (index = parity)
+    DeviceBuffer conv[2], ssm[2], pool[2], prio[2], tok_[2], logits_[2];
+    // per-step scratch
+    DeviceBuffer h_[2], u_, mem_, ut_, xz_, xc_, dbc_, dt_, y_, out_, workspace_, prompt_, rng_, params_;
+    DeviceBuffer z_, xpart_, opart_; // the fused plan
+    int64_t* pinned_{nullptr};
+    cudaEvent_t nextReady_[2]{};
+    struct LayerGemms
+    {
+        Linear mem, in, x, dt, out;
+    };
+    // gemms_[p][l]: the step's products at parity p (only the output/input buffers differ between parities: none
+    // here, all GEMM operands are scratch) -- one set suffices.
+    std::vector<LayerGemms> gemms_;
+    Linear head_[2];
+    cudaGraphExec_t graphs_[2][2]{}; // [parity][with head]
+
+    void findKernels()
+    {
+        std::string key = "d" + std::to_string(c_.d_model) + "_di" + std::to_string(c_.dInner()) + "_n"
+            + std::to_string(c_.d_state) + "_r" + std::to_string(c_.dt_rank) + "_k" + std::to_string(c_.d_conv);
+        key += c_.memory ? "_K" + std::to_string(c_.pool_size) + "_ds" + std::to_string(c_.summary_dim) + "_H"
+                + std::to_string(c_.memory_heads) + "_p" + std::to_string(c_.cross_layer_every)
+                         : std::string("_nomem");
+        norm_ = findKernel("decode_norm_proj_embed_noproj", act_, key);
+        normRes_ = findKernel("decode_norm_proj_noproj", act_, key);
+        sample_ = findKernel("sample", act_, "any");
+        for (int64_t l = 0; c_.memory && l < c_.n_layers; ++l)
+        {
+            Kernel& k = c_.isCrossLayer(l) ? poolCross_ : pool_;
+            if (!k.image)
+                k = findKernel(c_.isCrossLayer(l) ? "decode_note_pool_cross" : "decode_note_pool", act_, key);
+        }
+        if (!fused_)
+        {
+            conv_ = findKernel("conv_step", act_, "di" + std::to_string(c_.dInner()) + "_k" + std::to_string(c_.d_conv));
+            scan_ = findKernel("scan_step", act_, "di" + std::to_string(c_.dInner()) + "_n" + std::to_string(c_.d_state));
+            return;
+        }
+        fInConv_ = findKernel("decode_in_proj_conv", act_, key);
+        fSsmOut_ = findKernel("decode_ssm_out", act_, key);
+        if (c_.memory)
+        {
+            fNormProjEmbed_ = findKernel("decode_norm_proj_embed", act_, key);
+            fNormProj_ = findKernel("decode_norm_proj", act_, key);
+        }
+        nC_ = cdiv(c_.dInner(), fInConv_.at("BLOCK_C"));
+        nD_ = cdiv(c_.dInner(), fSsmOut_.at("BLOCK_C"));
+    }
+
+    std::vector<Kernel const*> usedKernels() const
+    {
+        std::vector<Kernel const*> out;
+        for (Kernel const* k : {&norm_, &normRes_, &pool_, &poolCross_, &conv_, &scan_, &sample_, &fNormProjEmbed_,
+                 &fNormProj_, &fInConv_, &fSsmOut_})
+            if (k->image)
+                out.push_back(k);
+        return out;
+    }
+
+    StateTensorInfo info(std::string const& name) const
+    {
+        for (auto const& i : stateInfo())
+            if (i.name == name)
+                return i;
+        throw Error("no state tensor '" + name + "'" + (c_.memory ? "" : " (the model has memory=false)")
+            + "; the state has conv, ssm" + (c_.memory ? ", pool, prio" : ""));
+    }
+
+    void* state(std::string const& name, int parity) const
+    {
+        info(name);
+        if (name == "conv")
+            return conv[parity].get();
+        if (name == "ssm")
+            return ssm[parity].get();
+        if (name == "pool")
+            return pool[parity].get();
+        return prio[parity].get();
+    }
+
+    void allocate()
+    {
+        int64_t B = opt_.batch, d = c_.d_model, di = c_.dInner(), L = c_.n_layers;
+        int64_t X = xWidth(c_);
+        int64_t memRows = 0;
+        for (auto const& l : w_->layers)
+            memRows = std::max(memRows, l.memRows);
+        for (int p = 0; p < 2; ++p)
+        {
+            for (auto const& i : stateInfo())
+                (i.name == "conv" ? conv[p] : i.name == "ssm" ? ssm[p] : i.name == "pool" ? pool[p] : prio[p])
+                    = DeviceBuffer(i.bytes());
+            tok_[p] = DeviceBuffer(B * 8);
+            logits_[p] = DeviceBuffer(B * c_.vocab_size * actElem_);
+            h_[p] = DeviceBuffer(B * d * 4);
+        }
+        (void) L;
+        u_ = DeviceBuffer(B * d * actElem_);
+        ut_ = DeviceBuffer(B * d * actElem_);
+        mem_ = DeviceBuffer(std::max<int64_t>(1, B * memRows) * actElem_);
+        xz_ = DeviceBuffer(B * 2 * di * actElem_);
+        xc_ = DeviceBuffer(B * di * actElem_);
+        dbc_ = DeviceBuffer(B * X * actElem_);
+        dt_ = DeviceBuffer(B * di * actElem_);
+        y_ = DeviceBuffer(B * di * actElem_);
+        out_ = DeviceBuffer(B * d * 4);
+        if (fused_)
+        {
+            z_ = DeviceBuffer(B * di * actElem_);
+            xpart_ = DeviceBuffer(nC_ * B * (c_.dt_rank + 2 * c_.d_state) * 4);
+            opart_ = DeviceBuffer(nD_ * B * d * 4);
+        }
+        workspace_ = DeviceBuffer(kLtWorkspace);
+        rng_ = DeviceBuffer(16);
+        params_ = DeviceBuffer(16);
+        for (DeviceBuffer* b : {&tok_[0], &tok_[1], &logits_[0], &logits_[1], &rng_}) // token 0, no garbage ids
+            MM_CUDA(cudaMemsetAsync(b->get(), 0, b->bytes(), stream_));
+        for (auto const& i : stateInfo())
+            if (i.name == "prio")
+                prioInit_.assign(i.bytes() / 4, -1.f); // State.zeros: every slot empty
+        MM_CUDA(cudaMallocHost(reinterpret_cast<void**>(&pinned_), 2 * B * sizeof(int64_t)));
+    }
+
+    void resetState()
+    {
+        for (int p = 0; p < 2; ++p)
+        {
+            for (auto const& i : stateInfo())
+            {
+                void* dst = state(i.name, p);
+                if (i.name == "prio")
+                    MM_CUDA(cudaMemcpyAsync(dst, prioInit_.data(), i.bytes(), cudaMemcpyHostToDevice, stream_));
+                else
+                    MM_CUDA(cudaMemsetAsync(dst, 0, i.bytes(), stream_));
+            }
+        }
+        hasLogits_ = false;
+        canUndo_ = false;
+    }
+
+    void planGemms()
+    {
+        int64_t B = opt_.batch, d = c_.d_model, di = c_.dInner(), X = xWidth(c_);
+        cudaDataType_t t = w_->dtype == DType::kFloat16 ? CUDA_R_16F : CUDA_R_32F;
+        void* in = c_.memory ? ut_.get() : u_.get();
+        for (auto const& L : w_->layers)
+        {
+            if (fused_)
+                break; // the fused plan's projections are inside its kernels; only the LM head is a GEMM
+            LayerGemms g;
+            if (c_.memory)
+                g.mem = Linear(lt_, L.memRows, B, d, t, t, L.memW, u_.get(), d, mem_.get(), L.memRows, L.memBias);
+            g.in = Linear(lt_, 2 * di, B, d, t, t, L.inW, in, d, xz_.get(), 2 * di, nullptr);
+            g.x = Linear(lt_, X, B, di, t, t, L.xW, xc_.get(), di, dbc_.get(), X, nullptr);
+            g.dt = Linear(lt_, di, B, c_.dt_rank, t, t, L.dtW, dbc_.get(), X, dt_.get(), di, nullptr);
+            g.out = Linear(lt_, d, B, di, t, CUDA_R_32F, L.outW, y_.get(), di, out_.get(), d, nullptr);
+            gemms_.push_back(std::move(g));
+        }
+        for (int p = 0; p < 2; ++p)
+            head_[p] = Linear(lt_, c_.vocab_size, B, d, t, t, w_->emb, u_.get(), d, logits_[p].get(), c_.vocab_size,
+                nullptr);
+    }
+
+    void capture()
+    {
+        for (int p = 0; p < 2; ++p)
+            for (int head = 0; head < 2; ++head)
+            {
+                cudaGraph_t g{};
+                MM_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+                try
+                {
+                    enqueueStep(p, head == 1);
+                }
+                catch (...)
+                {
+                    cudaStreamEndCapture(stream_, &g);
+                    if (g)
+                        cudaGraphDestroy(g);
+                    throw;
+                }
+                MM_CUDA(cudaStreamEndCapture(stream_, &g));
+                cudaError_t e = cudaGraphInstantiate(&graphs_[p][head], g, 0);
+                cudaGraphDestroy(g);
+                MM_CUDA(e);
+            }
+    }
+
+    //! Feed tok_[cur_] from state cur_ into state 1-cur_ (+ logits and the next token when withHead).
+    void runStep(bool withHead)
+    {
+        if (opt_.cudaGraph)
+            MM_CUDA(cudaGraphLaunch(graphs_[cur_][withHead ? 1 : 0], stream_));
+        else
+            enqueueStep(cur_, withHead);
+        cur_ ^= 1;
+        canUndo_ = true;
+        hasLogits_ = withHead;
+    }
+
+    void enqueueSample(int p)
+    {
+        Launch(sample_)
+            .ptr("logits_ptr", logits_[p].get())
+            .ptr("params_ptr", params_.get())
+            .ptr("rng_ptr", rng_.get())
+            .ptr("token_ptr", tok_[p].get())
+            .i32("V", c_.vocab_size)
+            .i32("stride_row", c_.vocab_size)
+            .i32("n_rows", opt_.batch)
+            .run({static_cast<unsigned>(opt_.batch), 1, 1}, stream_);
+    }
+
+    void enqueueNorm(Kernel const& k, int64_t l, void* normW, int tokParity)
+    {
+        int64_t B = opt_.batch, d = c_.d_model;
+        // layer l writes h_[l % 2] and reads h_[(l + 1) % 2] (the residual after layer l-1); no projection here
+        Launch(k)
+            .ptr("tok_ptr", tok_[tokParity].get())
+            .ptr("emb_ptr", w_->emb)
+            .ptr("h_prev_ptr", h_[(l + 1) % 2].get())
+            .ptr("part_ptr", out_.get())
+            .ptr("h_ptr", h_[l % 2].get())
+            .ptr("u_ptr", u_.get())
+            .ptr("norm_w_ptr", normW)
+            .ptr("w_ptr", normW)
+            .ptr("bias_ptr", out_.get())
+            .ptr("out_ptr", u_.get())
+            .i32("d", d)
+            .i32("R", 0)
+            .i32("P", 1)
+            .f32("eps", c_.norm_eps)
+            .i32("stride_emb", d)
+            .run({1, static_cast<unsigned>(B), 1}, stream_);
+    }
+
+    //! §3-§5 for layer l: reads the pools of parity p, writes ũ and this layer's pool/prio at parity 1-p.
+    void enqueueNotePool(int p, int64_t l)
+    {
+        int const q = 1 - p;
+        int64_t const B = opt_.batch, d = c_.d_model, K = c_.pool_size, ds = c_.summary_dim, H = c_.memory_heads;
+        size_t poolLayer = B * K * ds * actElem_, prioLayer = B * K * 4;
+        LayerWeights const& W = w_->layers[l];
+        bool cross = c_.isCrossLayer(l);
+        int64_t first = cross ? l - c_.cross_layer_every + 1 : l;
+        auto* poolIn = static_cast<unsigned char*>(pool[p].get());
+        auto* prioIn = static_cast<unsigned char*>(prio[p].get());
+        Kernel const& k = cross ? poolCross_ : pool_;
+        unsigned oblocks = cdiv(d / H, k.at("BLOCK_O"));
+        Launch(k)
+            .ptr("u_ptr", u_.get())
+            .ptr("mem_ptr", mem_.get())
+            .ptr("pool_ptr", poolIn + l * poolLayer)
+            .ptr("prio_ptr", prioIn + l * prioLayer)
+            .ptr("group_pool_ptr", poolIn + first * poolLayer)
+            .ptr("group_prio_ptr", prioIn + first * prioLayer)
+            .ptr("pool_out_ptr", static_cast<unsigned char*>(pool[q].get()) + l * poolLayer)
+            .ptr("prio_out_ptr", static_cast<unsigned char*>(prio[q].get()) + l * prioLayer)
+            .ptr("ut_ptr", ut_.get())
+            .ptr("wk_ptr", W.wk)
+            .ptr("wv_ptr", W.wv)
+            .ptr("alpha_ptr", W.alpha)
+            .ptr("x_wk_ptr", W.xwk)
+            .ptr("x_wv_ptr", W.xwv)
+            .ptr("x_alpha_ptr", W.xalpha)
+            .ptr("w_score_ptr", W.wScore)
+            .i32("d", d)
+            .i32("K", K)
+            .i32("ds", ds)
+            .i32("dh", ds / H)
+            .i32("dv", d / H)
+            .i32("d4", d / 4)
+            .i32("R_mem", W.memRows)
+            .i32("n_oblocks", oblocks)
+            .i32("stride_pool_l", B * K * ds)
+            .i32("stride_prio_l", B * K)
+            .f32("tau1", static_cast<float>(c_.insert_threshold))
+            .f32("tau2", static_cast<float>(c_.read_threshold))
+            .f32("scale", 1.0 / std::sqrt(static_cast<double>(ds / H)))
+            .run({static_cast<unsigned>(H) * oblocks, static_cast<unsigned>(B), 1}, stream_);
+    }
+
+    //! The fused plan: per layer decode.py's norm_proj, note_pool, in_proj_conv and ssm_out (TritonBackend's
+    //! sequence); partial sums of x_proj / out_proj go through xpart_ / opart_ (summed by the consumer).
+    void enqueueFusedStep(int p, bool withHead)
+    {
+        int const q = 1 - p;
+        int64_t const B = opt_.batch, d = c_.d_model, di = c_.dInner(), N = c_.d_state, R = c_.dt_rank;
+        int64_t const X = R + 2 * N, KW = c_.d_conv;
+        auto* convIn = static_cast<unsigned char*>(conv[p].get());
+        auto* convOut = static_cast<unsigned char*>(conv[q].get());
+        auto* ssmIn = static_cast<unsigned char*>(ssm[p].get());
+        auto* ssmOut = static_cast<unsigned char*>(ssm[q].get());
+        size_t convLayer = B * di * (KW - 1) * actElem_, ssmLayer = B * di * N * 4;
+        auto norm = [&](Kernel const& k, int64_t l, void* normW, LayerWeights const* W) {
+            bool proj = W != nullptr;
+            int64_t rows = proj ? W->memRows : 0;
+            Launch(k)
+                .ptr("tok_ptr", tok_[p].get())
+                .ptr("emb_ptr", w_->emb)
+                .ptr("h_prev_ptr", h_[(l + 1) % 2].get())
+                .ptr("part_ptr", opart_.get())
+                .ptr("h_ptr", h_[l % 2].get())
+                .ptr("u_ptr", u_.get())
+                .ptr("norm_w_ptr", normW)
+                .ptr("w_ptr", proj ? W->memW : normW)
+                .ptr("bias_ptr", proj ? W->memBias32 : opart_.get())
+                .ptr("out_ptr", proj ? mem_.get() : u_.get())
+                .i32("d", d)
+                .i32("R", rows)
+                .i32("P", l == 0 ? 0 : nD_)
+                .f32("eps", c_.norm_eps)
+                .i32("stride_emb", d)
+                .run({proj ? cdiv(rows, k.at("BLOCK_R")) : 1u, static_cast<unsigned>(B), 1}, stream_);
+        };
+        for (int64_t l = 0; l < c_.n_layers; ++l)
+        {
+            LayerWeights const& W = w_->layers[l];
+            if (c_.memory)
+            {
+                norm(l == 0 ? fNormProjEmbed_ : fNormProj_, l, W.norm, &W);
+                enqueueNotePool(p, l);
+            }
+            else
+            {
+                norm(l == 0 ? norm_ : normRes_, l, W.norm, nullptr);
+            }
+            Launch(fInConv_)
+                .ptr("ut_ptr", c_.memory ? ut_.get() : u_.get())
+                .ptr("w_in_ptr", W.inW)
+                .ptr("conv_w_ptr", W.convW)
+                .ptr("conv_b_ptr", W.convB)
+                .ptr("win_in_ptr", convIn + l * convLayer)
+                .ptr("win_out_ptr", convOut + l * convLayer)
+                .ptr("w_xT_ptr", W.xWT)
+                .ptr("xc_ptr", xc_.get())
+                .ptr("z_ptr", z_.get())
+                .ptr("xpart_ptr", xpart_.get())
+                .i32("d", d)
+                .i32("Di", di)
+                .i32("KW", KW)
+                .i32("X", X)
+                .run({static_cast<unsigned>(nC_), static_cast<unsigned>(B), 1}, stream_);
+            Launch(fSsmOut_)
+                .ptr("xc_ptr", xc_.get())
+                .ptr("z_ptr", z_.get())
+                .ptr("xpart_ptr", xpart_.get())
+                .ptr("w_dt_ptr", W.dtW)
+                .ptr("dt_bias_ptr", W.dtBiasAct)
+                .ptr("A_ptr", W.A)
+                .ptr("D_ptr", W.DAct)
+                .ptr("h_in_ptr", ssmIn + l * ssmLayer)
+                .ptr("h_out_ptr", ssmOut + l * ssmLayer)
+                .ptr("w_outT_ptr", W.outWT)
+                .ptr("opart_ptr", opart_.get())
+                .i32("d", d)
+                .i32("Di", di)
+                .i32("N", N)
+                .i32("R", R)
+                .i32("X", X)
+                .i32("P", nC_)
+                .run({static_cast<unsigned>(nD_), static_cast<unsigned>(B), 1}, stream_);
+        }
+        if (!withHead)
+            return;
+        norm(normRes_, c_.n_layers, w_->normF, nullptr);
+        head_[q].run(lt_, workspace_.get(), stream_);
+        enqueueSample(q);
+    }
+
+    void enqueueStep(int p, bool withHead)
+    {
+        if (fused_)
+            return enqueueFusedStep(p, withHead);
+        int const q = 1 - p;
+        int64_t const B = opt_.batch, di = c_.dInner(), N = c_.d_state, R = c_.dt_rank;
+        int64_t const X = xWidth(c_), KW = c_.d_conv;
+        auto* convIn = static_cast<unsigned char*>(conv[p].get());
+        auto* convOut = static_cast<unsigned char*>(conv[q].get());
+        auto* ssmIn = static_cast<unsigned char*>(ssm[p].get());
+        auto* ssmOut = static_cast<unsigned char*>(ssm[q].get());
+        size_t convLayer = B * di * (KW - 1) * actElem_, ssmLayer = B * di * N * 4;
+        for (int64_t l = 0; l < c_.n_layers; ++l)
+        {
+            LayerWeights const& W = w_->layers[l];
+            LayerGemms const& G = gemms_[l];
+            enqueueNorm(l == 0 ? norm_ : normRes_, l, W.norm, p);
+            if (c_.memory)
+            {
+                G.mem.run(lt_, workspace_.get(), stream_);
+                enqueueNotePool(p, l);
+            }
+            G.in.run(lt_, workspace_.get(), stream_);
+            Launch(conv_)
+                .ptr("x_ptr", xz_.get())
+                .ptr("w_ptr", W.convW)
+                .ptr("bias_ptr", W.convB)
+                .ptr("win_in_ptr", convIn + l * convLayer)
+                .ptr("win_out_ptr", convOut + l * convLayer)
+                .ptr("out_ptr", xc_.get())
+                .i32("Di", di)
+                .i32("KW", KW)
+                .i32("stride_x_b", 2 * di)
+                .run({cdiv(di, conv_.at("BLOCK_C")), static_cast<unsigned>(B), 1}, stream_);
+            G.x.run(lt_, workspace_.get(), stream_);
+            G.dt.run(lt_, workspace_.get(), stream_);
+            auto* dbc = static_cast<unsigned char*>(dbc_.get());
+            Launch(scan_)
+                .ptr("x_ptr", xc_.get())
+                .ptr("dt_ptr", dt_.get())
+                .ptr("A_ptr", W.A)
+                .ptr("B_ptr", dbc + R * actElem_)
+                .ptr("C_ptr", dbc + (R + N) * actElem_)
+                .ptr("D_ptr", W.D)
+                .ptr("z_ptr", static_cast<unsigned char*>(xz_.get()) + di * actElem_)
+                .ptr("dt_bias_ptr", W.dtBias)
+                .ptr("h_in_ptr", ssmIn + l * ssmLayer)
+                .ptr("y_ptr", y_.get())
+                .ptr("h_out_ptr", ssmOut + l * ssmLayer)
+                .i32("Di", di)
+                .i32("N", N)
+                .i32("dt_softplus", 1)
+                .i32("stride_x_b", di)
+                .i32("stride_dt_b", di)
+                .i32("stride_B_b", X)
+                .i32("stride_C_b", X)
+                .i32("stride_z_b", 2 * di)
+                .i32("stride_y_b", di)
+                .i32("stride_h_b", di * N)
+                .run({static_cast<unsigned>(B), cdiv(di, scan_.at("BLOCK_D")), 1}, stream_);
+            G.out.run(lt_, workspace_.get(), stream_);
+        }
+        if (!withHead)
+            return;
+        enqueueNorm(normRes_, c_.n_layers, w_->normF, p);
+        head_[q].run(lt_, workspace_.get(), stream_);
+        enqueueSample(q);
+    }
+};
+
+} // namespace
+
+std::unique_ptr<Backend> openNative(std::string const& checkpoint, SessionOptions const& options)
+{
+    Checkpoint ck(checkpoint); // a bad checkpoint is reported as such, GPU or not
+    int devices = 0;
+    cudaError_t e = cudaGetDeviceCount(&devices);
+    if (e != cudaSuccess || devices == 0)
+        throw Error(std::string("the native backend needs an NVIDIA GPU, and CUDA finds none (")
+            + (e != cudaSuccess ? cudaGetErrorString(e) : "0 devices") + ")");
+    if (options.device < 0 || options.device >= devices)
+        throw Error("device " + std::to_string(options.device) + " does not exist (" + std::to_string(devices)
+            + " visible)");
+    auto weights = loadWeights(ck, options.dtype, options.device, options.plan == "fused");
+    return std::make_unique<NativeBackend>(std::move(weights), options);
+}
+
+} // namespace memmamba::detail

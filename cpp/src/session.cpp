@@ -1,0 +1,150 @@
+// Session (memmamba.h): argument checks, backend choice, and generation written once over the Backend interface.
+#include <algorithm>
+
+#include "backend.h"
+
+namespace memmamba
+{
+
+Session::Session(std::unique_ptr<detail::Backend> backend)
+    : backend_(std::move(backend))
+{
+}
+
+Session::~Session() = default;
+
+std::unique_ptr<Session> Session::open(std::string const& path, SessionOptions const& options)
+{
+    if (options.batch < 1)
+        throw Error("batch must be >= 1, got " + std::to_string(options.batch));
+    if (options.plan != "cublas" && options.plan != "fused")
+        throw Error("unknown plan '" + options.plan + "': choose cublas or fused");
+    if (options.backend == "native")
+        return std::unique_ptr<Session>(new Session(detail::openNative(path, options)));
+    if (options.backend == "tensorrt")
+        return std::unique_ptr<Session>(new Session(detail::openTensorRT(path, options)));
+    throw Error("unknown backend '" + options.backend + "': choose native or tensorrt");
+}
+
+Config const& Session::config() const { return backend_->config(); }
+SessionOptions const& Session::options() const { return backend_->options(); }
+int Session::batch() const { return backend_->options().batch; }
+std::string Session::describe() const { return backend_->describe(); }
+
+namespace
+{
+void checkTokens(int32_t const* tokens, size_t n, int64_t vocab)
+{
+    if (!tokens)
+        throw Error("tokens is null");
+    for (size_t i = 0; i < n; ++i)
+        if (tokens[i] < 0 || tokens[i] >= vocab)
+            throw Error("token id " + std::to_string(tokens[i]) + " at position " + std::to_string(i)
+                + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+}
+} // namespace
+
+void Session::prefill(int32_t const* tokens, int T)
+{
+    if (T < 1)
+        throw Error("prefill needs T >= 1 tokens per row, got " + std::to_string(T));
+    checkTokens(tokens, static_cast<size_t>(T) * batch(), config().vocab_size);
+    backend_->prefill(tokens, T);
+}
+
+void Session::step(int32_t const* tokens)
+{
+    checkTokens(tokens, static_cast<size_t>(batch()), config().vocab_size);
+    backend_->step(tokens);
+}
+
+void Session::logits(float* out) const
+{
+    if (!backend_->hasLogits())
+        throw Error("no logits yet: feed tokens with prefill() or step() first");
+    backend_->logits(out);
+}
+
+std::vector<float> Session::logits() const
+{
+    std::vector<float> out(static_cast<size_t>(batch()) * config().vocab_size);
+    logits(out.data());
+    return out;
+}
+
+std::vector<int32_t> Session::sample(SamplingParams const& params)
+{
+    params.validate();
+    if (!backend_->hasLogits())
+        throw Error("no logits to sample from: feed tokens with prefill() or step() first");
+    backend_->setSampling(params);
+    backend_->resample();
+    std::vector<int32_t> out(batch());
+    backend_->copyNextAsync(0);
+    backend_->waitNext(0, out.data());
+    return out;
+}
+
+std::vector<std::vector<int32_t>> Session::generate(int maxNewTokens, SamplingParams const& params,
+    TokenCallback const& onToken, std::vector<int32_t> const& stop)
+{
+    params.validate();
+    if (maxNewTokens < 0)
+        throw Error("maxNewTokens must be >= 0");
+    if (!backend_->hasLogits())
+        throw Error("generate needs a prompt: call prefill() first");
+    int const B = batch();
+    std::vector<std::vector<int32_t>> out(B);
+    if (maxNewTokens == 0)
+        return out;
+    backend_->setSampling(params);
+    backend_->resample();           // token 0 from the current logits with these settings
+    backend_->copyNextAsync(0);
+    std::vector<char> done(B, 0);
+    std::vector<int32_t> tokens(B);
+    bool speculative = false;
+    // Token i is on the GPU before the host sees it: step i+1 (which feeds token i) is launched first, so the GPU
+    // never waits for the host. If generation stops at token i, that step is undone (the state is double-buffered).
+    for (int i = 0; i < maxNewTokens; ++i)
+    {
+        bool more = i + 1 < maxNewTokens;
+        if (more)
+        {
+            backend_->stepNext();
+            backend_->copyNextAsync((i + 1) % 2);
+        }
+        speculative = more;
+        backend_->waitNext(i % 2, tokens.data());
+        bool all = true;
+        for (int b = 0; b < B; ++b)
+        {
+            out[b].push_back(tokens[b]);
+            done[b] = done[b] || std::find(stop.begin(), stop.end(), tokens[b]) != stop.end();
+            all = all && done[b];
+        }
+        bool keepGoing = onToken ? onToken(i, tokens.data()) : true;
+        if (all || !keepGoing)
+            break;
+    }
+    if (speculative)
+    {
+        backend_->synchronize();
+        backend_->undoStep(); // the last token returned is not fed (as memmamba_deploy.sampling.generate)
+    }
+    return out;
+}
+
+void Session::reset() { backend_->reset(); }
+void Session::reseed(uint64_t seed) { backend_->reseed(seed); }
+
+std::unique_ptr<Session> Session::fork() const
+{
+    return std::unique_ptr<Session>(new Session(backend_->fork()));
+}
+
+std::vector<StateTensorInfo> Session::stateInfo() const { return backend_->stateInfo(); }
+void Session::readState(std::string const& name, void* host) const { backend_->readState(name, host); }
+void Session::writeState(std::string const& name, void const* host) { backend_->writeState(name, host); }
+void Session::synchronize() const { backend_->synchronize(); }
+
+} // namespace memmamba

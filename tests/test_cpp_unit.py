@@ -1,0 +1,172 @@
+"""The C++ runtime's host code (cpp/, no GPU): build it with CMake (MEMMAMBA_WITH_CUDA=OFF), run its unit tests
+through ctest, and check it against the Python side: a checkpoint written by MemMambaLM.save_pretrained loads with
+the same parameters, and the host sampler draws exactly the tokens of cpp_support.sample_ref."""
+import ctypes
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_model
+
+REPO = Path(__file__).resolve().parent.parent
+CPP = REPO / "cpp"
+
+missing = [t for t in ("cmake", "ctest", "c++") if shutil.which(t) is None]
+pytestmark = pytest.mark.skipif(bool(missing), reason=f"the C++ unit tests need {missing} on PATH")
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cpp-host-build")
+    for cmd in (["cmake", "-S", str(CPP), "-B", str(out), "-DMEMMAMBA_WITH_CUDA=OFF", "-DCMAKE_BUILD_TYPE=Release"],
+                ["cmake", "--build", str(out), "-j", "2"]):
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        assert run.returncode == 0, f"{' '.join(cmd)} failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
+    return out
+
+
+def _python_checkpoint(directory: Path, dtype=torch.float32, **overrides) -> Path:
+    model = make_model(seed=3, **overrides).to(dtype)
+    model.save_pretrained(directory)
+    sd = model.state_dict()
+    names = ["embeddings.weight", "layers.1.mixer.A_log", "norm_f.weight"]
+    (directory / "expected.json").write_text(json.dumps({
+        "parameters": sum(v.numel() for v in sd.values()),
+        "memory": model.config.memory,
+        "first_values": {n: sd[n].flatten()[:16].float().tolist() for n in names},
+    }))
+    return directory
+
+
+def test_ctest_runs_every_host_test(build, tmp_path):
+    ckpt = _python_checkpoint(tmp_path / "ckpt")
+    run = subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"], capture_output=True, text=True,
+                         env={**os.environ, "MEMMAMBA_TEST_CHECKPOINT": str(ckpt)})
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    assert "100% tests passed" in run.stdout
+    listed = subprocess.run([str(build / "memmamba_unit_tests"), "--list"], capture_output=True, text=True).stdout.split()
+    registered = re.findall(r"Test +#\d+: (\w+) ", run.stdout)
+    assert len(listed) >= 12 and sorted(registered) == sorted(listed), "every C++ test must be registered with ctest"
+
+
+@pytest.mark.parametrize("dtype,memory", [(torch.float16, True), (torch.float32, False)])
+def test_checkpoints_of_every_kind_load(build, tmp_path, dtype, memory):
+    ckpt = _python_checkpoint(tmp_path / "ckpt", dtype=dtype, memory=memory)
+    run = subprocess.run([str(build / "memmamba_unit_tests"), "checkpoint_written_by_python"], capture_output=True,
+                         text=True, env={**os.environ, "MEMMAMBA_TEST_CHECKPOINT": str(ckpt)})
+    assert run.returncode == 0, run.stdout
+
+
+def _shim(build):
+    lib = ctypes.CDLL(str(build / "libmemmamba_host_shim.so"))
+    lib.mm_host_last_error.restype = ctypes.c_char_p
+    lib.mm_host_sample.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int,
+                                   ctypes.c_float, ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_void_p]
+    lib.mm_host_checkpoint_parameters.restype = ctypes.c_longlong
+    lib.mm_host_checkpoint_parameters.argtypes = [ctypes.c_char_p]
+    return lib
+
+
+def test_host_sampler_equals_the_python_reference(build):
+    from memmamba_deploy.models.ops.triton.cpp_support import sample_ref
+
+    lib = _shim(build)
+    g = torch.Generator().manual_seed(8)
+    B, V = 4, 700
+    logits = (2.5 * torch.randn(B, V, generator=g)).contiguous()
+    logits[2, 5] = logits[2, 600] = logits[2].max() + 0.5
+    settings = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 20, 1.0), (1.0, 0, 0.5), (1.2, 50, 0.9), (1.0, 1, 1.0)]
+    for i, (temp, k, p) in enumerate(settings):
+        for step in (0, 1, 1000):
+            seed = 0xDEADBEEF_00000000 + 17 * i
+            out = torch.full((B,), -1, dtype=torch.int32)
+            assert lib.mm_host_sample(logits.data_ptr(), B, V, temp, k, p, seed, step, out.data_ptr()) == 0
+            ref = sample_ref(logits, temperature=temp, top_k=k, top_p=p, seed=seed, step=step)
+            assert out.tolist() == ref.tolist(), (temp, k, p, step)
+    out = torch.zeros(1, dtype=torch.int32)
+    assert lib.mm_host_sample(logits.data_ptr(), 1, V, 1.0, 0, 0.0, 0, 0, out.data_ptr()) == -1
+    assert b"bad sampling settings" in lib.mm_host_last_error()
+
+
+def test_corrupt_checkpoint_is_an_error_not_a_crash(build, tmp_path):
+    lib = _shim(build)
+    ckpt = _python_checkpoint(tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    for cut in (3, 100, len(data) // 2, len(data) - 1):
+        weights.write_bytes(data[:cut])
+        assert lib.mm_host_checkpoint_parameters(str(ckpt).encode()) == -1
+        assert b"model.safetensors is corrupt or not a safetensors file" in lib.mm_host_last_error()
+    weights.write_bytes(data)
+    assert lib.mm_host_checkpoint_parameters(str(ckpt).encode()) == json.loads((ckpt / "expected.json").read_text())[
+        "parameters"]
+
+
+@pytest.mark.slow
+def test_runtime_kernel_library_compiles(tmp_path):
+    """cpp/aot_kernels.py: every kernel variant libmemmamba launches (tiny preset) compiles ahead of time for sm_90
+    and sm_87 against the current models/ops/triton signatures, and the variant table names each one."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(CPP / "aot_kernels.py"), "--out", str(tmp_path / "aot"), "--arch",
+                          "87,90", "--preset", "tiny", "--no-ptx"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-4000:]
+    table = (tmp_path / "aot" / "runtime_variants.cpp").read_text()
+    kernels = json.loads((tmp_path / "aot" / "kernels.json").read_text())["kernels"]
+    ops = ("decode_norm_proj_embed_noproj", "decode_norm_proj_noproj", "decode_norm_proj_embed", "decode_norm_proj",
+           "decode_note_pool", "decode_note_pool_cross", "decode_in_proj_conv", "decode_ssm_out", "conv_step",
+           "scan_step", "sample")
+    for act in ("fp32", "fp16"):
+        for op in ops:
+            assert f'{{"{op}", "{act}", ' in table, (op, act)
+    assert len(kernels) == 2 * len(ops) and all(sorted(k["cubins"]) == ["87", "90"] for k in kernels.values())
+    # every Launch(...) in the runtime's sources passes exactly the arguments of one kernel, by name
+    params = {op: set(n.split(":")[0] for n in p.split(",")) for op, p in
+              re.findall(r'\{"(\w+)", "fp32", "[^"]*", &\w+, "[^"]*", "([^"]*)"\}', table)}
+    assert set(params) == set(ops)
+    matched = set()
+    for src in ("native.cpp", "tensorrt.cpp"):
+        text = (CPP / "src" / src).read_text()
+        for block in re.findall(r"Launch\(\w+\)(.*?)\.run\(", text, re.S):
+            names = set(re.findall(r'\.(?:ptr|i32|f32)\("(\w+)"', block))
+            hits = [op for op, p in params.items() if p == names]
+            assert hits, f"{src}: a launch passes {sorted(names)}, which matches no kernel's arguments"
+            matched.update(hits)
+    assert matched == set(ops), f"kernels never launched: {set(ops) - matched}"
+
+
+def _include_dirs():
+    """(CUDA include dir, cuBLASLt include dir) or a reason they are missing."""
+    cuda = next((Path(p) for p in ("/usr/local/cuda/include", "/usr/include") if (Path(p) / "cuda.h").is_file()), None)
+    try:
+        import nvidia
+        cublas = next((Path(p) / sub / "include" for p in nvidia.__path__ for sub in ("cu13", "cu12", "cublas")
+                       if (Path(p) / sub / "include" / "cublasLt.h").is_file()), None)
+    except ImportError:
+        cublas = None
+    cublas = cublas or (cuda if cuda and (cuda / "cublasLt.h").is_file() else None)
+    return cuda, cublas
+
+
+@pytest.mark.parametrize("headers", ["TensorRT", "TensorRT-10.3"])
+def test_tensorrt_backend_compiles_against_the_headers(headers):
+    """The TensorRT backend (cpp/src/tensorrt.cpp) compiles against the open-source TensorRT 11.1 and 10.3 headers
+    (fetched into the git-ignored third_party/, which CI does not have: then the GPU stage 60-native compiles it)."""
+    include = REPO / "third_party" / headers / "include"
+    cuda, cublas = _include_dirs()
+    if not (include / "NvInferRuntime.h").is_file():
+        pytest.skip(f"no TensorRT headers in {include} (fetched by hand, never committed)")
+    if cuda is None or cublas is None:
+        pytest.skip("needs the CUDA toolkit headers (cuda.h) and cuBLASLt's (cublasLt.h)")
+    run = subprocess.run(["c++", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", "-fsyntax-only",
+                          "-isystem", str(include), "-I", str(CPP / "include"), "-I", str(CPP / "src"),
+                          "-I", str(REPO / "plugins_trt" / "aot_runtime" / "include"), "-isystem", str(cuda),
+                          "-isystem", str(cublas), str(CPP / "src" / "tensorrt.cpp")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
