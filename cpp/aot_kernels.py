@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--arch", default="80,86,87,89,90")
-    ap.add_argument("--preset", default="tiny,130m", help="model presets to compile for (comma-separated, or none)")
+    ap.add_argument("--preset", default="tiny,130m", help="model presets to compile for, memory on and off (comma-separated, or none)")
     ap.add_argument("--config", action="append", default=[], help="a checkpoint's config.json (repeatable)")
     ap.add_argument("--no-ptx", action="store_true")
     ap.add_argument("--jobs", type=int, default=0, help="compiler processes (default: one per CPU)")
@@ -174,7 +174,9 @@ def main(argv=None) -> int:
     from memmamba_deploy.models import MemMambaConfig
 
     try:
-        configs = [MemMambaConfig.preset(p) for p in args.preset.split(",") if p and p != "none"]
+        presets = [p for p in args.preset.split(",") if p and p != "none"]
+        # a preset's plain-Mamba twin (memory off) is a shape of its own: compile both
+        configs = [MemMambaConfig.preset(p, memory=m) for p in presets for m in (True, False)]
         configs += [MemMambaConfig.load(p) for p in args.config]
         if not configs:
             raise ValueError("no model shapes: give --preset and/or --config")

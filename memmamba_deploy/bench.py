@@ -248,8 +248,8 @@ def run_bench(path, backend: str = "torch", contexts=(1024, 4096, 16384, 65536),
                       copy_state=lambda s: kv.copy_state(s, headroom=warmup + tokens))
         res.pop("timer")
         results["models"]["kv_baseline"] = {
-            "label": f"Transformer + KV cache (SDPA, d={kv.config.d_model}, L={kv.config.n_layers}, "
-                     f"{kv.config.heads} heads)", "dtype": DTYPE_NAMES[kv_dtype], "params": kv.n_params, **res}
+            "label": f"Transformer + KV cache (SDPA{', CUDA graph' if kv.graph else ''}, d={kv.config.d_model}, "
+                     f"L={kv.config.n_layers}, {kv.config.heads} heads)", "dtype": DTYPE_NAMES[kv_dtype], "params": kv.n_params, **res}
     return results
 
 

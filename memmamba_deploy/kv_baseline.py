@@ -5,6 +5,13 @@ head) with random weights: decode speed does not depend on what the weights lear
 the context because every step attends over the whole cache; that growth is what the benchmark shows beside
 MemMamba's fixed-size state.
 
+On a GPU the decode step runs as MemMamba's Triton backend does, captured in a CUDA graph (one graph per cache
+buffer; what gpt-fast does with a static cache): the graphed step attends over the cache's whole capacity with a
+mask of the positions written so far, through SDPA's math path (batched GEMMs spread over the cache length; the
+fused kernels' one program per head would read a 64k cache from 12 SMs). So the baseline is as free of Python
+overhead as MemMamba's path, and its cost grows with the cache as a real KV cache's does. `graph=False` (and every
+CPU run) keeps the eager step, which attends over exactly the cache's length.
+
 KVBaseline follows the Backend protocol (backends/base.py) so the benchmark times both models the same way. Its
 cache is append-only: a state is (buffers, length); a step writes position `length` and returns (buffers,
 length + 1), leaving the tokens the given state sees untouched. Two steps from one state write the same slot, so
@@ -18,6 +25,7 @@ import types
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 HEAD_DIM = 64
@@ -119,10 +127,39 @@ class KVTransformer(nn.Module):
         return logits, KVCache(cache.k, cache.v, end)
 
 
+    def decode_static(self, ids: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """One token per row at position `pos` ([1] int64 on the device) into caches of fixed capacity, with no host
+        synchronisation or shape that depends on pos: what a CUDA graph captures. -> logits [B, vocab] fp32."""
+        Bsz = ids.shape[0]
+        seen = (torch.arange(k_cache.shape[3], device=ids.device) <= pos)          # [capacity] keys written so far
+        h = self.embeddings(ids)
+        for l, blk in enumerate(self.layers):
+            q, k, v = blk.qkv(blk.attn_norm(h)).view(Bsz, 1, 3, blk.heads, -1).permute(2, 0, 3, 1, 4)
+            k_cache[l].index_copy_(2, pos, rotate(k, pos))
+            v_cache[l].index_copy_(2, pos, v)
+            with sdpa_kernel([SDPBackend.MATH]):
+                o = F.scaled_dot_product_attention(rotate(q, pos), k_cache[l], v_cache[l], attn_mask=seen)
+            h = h + blk.out(o.transpose(1, 2).reshape(Bsz, 1, -1))
+            h = h + blk.down(F.gelu(blk.up(blk.mlp_norm(h)), approximate="tanh"))
+        return F.linear(self.norm_f(h[:, -1]), self.embeddings.weight).float()
+
+
+@dataclasses.dataclass
+class _Graph:
+    """A captured decode step bound to one cache's buffers (kept alive here so their addresses stay valid)."""
+
+    graph: torch.cuda.CUDAGraph
+    ids: torch.Tensor
+    pos: torch.Tensor
+    logits: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
 def _resized(cache: KVCache, capacity: int) -> KVCache:
     shape = list(cache.k.shape)
     shape[3] = capacity
-    k, v = cache.k.new_empty(shape), cache.v.new_empty(shape)
+    k, v = cache.k.new_zeros(shape), cache.v.new_zeros(shape)     # zeros: the graphed step weighs unwritten slots 0
     k[:, :, :, :cache.length] = cache.k[:, :, :, :cache.length]
     v[:, :, :, :cache.length] = cache.v[:, :, :, :cache.length]
     return KVCache(k, v, cache.length)
@@ -134,12 +171,14 @@ class KVBaseline:
     name = "kv-baseline"
 
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, device="cpu", dtype=torch.float32,
-                 capacity: int = 4096, seed: int = 0):
+                 capacity: int = 4096, seed: int = 0, graph: bool = True):
         torch.manual_seed(seed)
         self.model = KVTransformer(vocab_size, d_model, n_layers).to(device=device, dtype=dtype).eval()
         self.config = types.SimpleNamespace(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
                                             heads=self.model.heads)
         self.device, self.dtype, self.capacity = torch.device(device), dtype, capacity
+        self.graph = graph and self.device.type == "cuda"
+        self._graphs: dict[tuple, _Graph] = {}
 
     @classmethod
     def like(cls, config, **kwargs) -> "KVBaseline":
@@ -153,8 +192,8 @@ class KVBaseline:
     def new_state(self, batch: int) -> KVCache:
         m = self.model
         shape = (len(m.layers), batch, m.heads, self.capacity, m.embeddings.weight.shape[1] // m.heads)
-        return KVCache(torch.empty(shape, device=self.device, dtype=self.dtype),
-                       torch.empty(shape, device=self.device, dtype=self.dtype), 0)
+        return KVCache(torch.zeros(shape, device=self.device, dtype=self.dtype),   # finite: the graphed step
+                       torch.zeros(shape, device=self.device, dtype=self.dtype), 0)   # weighs unwritten slots 0
 
     @torch.no_grad()
     def prefill(self, input_ids, state: KVCache):
@@ -165,7 +204,30 @@ class KVBaseline:
 
     @torch.no_grad()
     def step(self, token_ids, state: KVCache):
-        return self.model(torch.as_tensor(token_ids).to(self.device).long().reshape(-1, 1), state)
+        ids = torch.as_tensor(token_ids).to(self.device).long().reshape(-1, 1)
+        if not self.graph or state.length >= state.capacity:        # the eager step grows a full cache
+            return self.model(ids, state)
+        g = self._graph_for(state, ids.shape[0])
+        g.ids.copy_(ids)
+        g.pos.fill_(state.length)
+        g.graph.replay()
+        return g.logits.clone(), KVCache(state.k, state.v, state.length + 1)
+
+    def _graph_for(self, state: KVCache, batch: int) -> _Graph:
+        key = (state.k.data_ptr(), state.v.data_ptr(), tuple(state.k.shape))
+        if key not in self._graphs:
+            ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+            pos = torch.full((1,), state.length, dtype=torch.long, device=self.device)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):                # warm-up outside the graph (writes only slot `length`)
+                self.model.decode_static(ids, pos, state.k, state.v)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self.model.decode_static(ids, pos, state.k, state.v)
+            self._graphs[key] = _Graph(graph, ids, pos, logits, state.k, state.v)
+        return self._graphs[key]
 
     def copy_state(self, state: KVCache, headroom: int | None = None) -> KVCache:
         """A private copy; its capacity is the original's, or length + headroom when given."""

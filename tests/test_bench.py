@@ -52,6 +52,39 @@ def test_kv_baseline_cache_reproduces_full_recompute():
     assert copy.capacity == 44 and torch.equal(copy.k[:, :, :, :40], state.k[:, :, :, :40])
 
 
+@torch.no_grad()
+def test_kv_baseline_static_step_matches_the_eager_step():
+    """The graph-capturable step (whole-capacity attention under a mask; what CUDA graphs replay on a GPU) gives
+    the eager step's logits and cache, with slots past the written ones left as they were."""
+    kv = KVBaseline(256, 128, 3, capacity=64)
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(1))
+    _, eager = kv.prefill(ids[:, :20], kv.new_state(2))
+    static = kv.copy_state(eager)
+    for t in range(20, 30):
+        want, eager = kv.step(ids[:, t], eager)
+        pos = torch.tensor([static.length])
+        got = kv.model.decode_static(ids[:, t:t + 1], pos, static.k, static.v)
+        static = type(static)(static.k, static.v, static.length + 1)
+        assert rel_err(got, want) <= 1e-5, t
+    assert torch.allclose(static.k[:, :, :, :30], eager.k[:, :, :, :30], atol=1e-6)
+    assert static.k[:, :, :, 30:].abs().max() == 0                       # a new cache is zeros past its length
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_kv_baseline_graphed_step_matches_eager_on_gpu():
+    graphed = KVBaseline(256, 128, 3, device="cuda", capacity=64)
+    eager = KVBaseline(256, 128, 3, device="cuda", capacity=64, graph=False)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2)).cuda()
+    _, sg = graphed.prefill(ids[:, :20], graphed.new_state(2))
+    _, se = eager.prefill(ids[:, :20], eager.new_state(2))
+    for t in range(20, 40):
+        lg, sg = graphed.step(ids[:, t], sg)
+        le, se = eager.step(ids[:, t], se)
+        assert rel_err(lg, le) <= 1e-5, t
+    assert len(graphed._graphs) == 1 and sg.length == 40
+
+
 class Recording:
     """A backend wrapper that records what the bench feeds it."""
 

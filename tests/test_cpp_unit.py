@@ -126,7 +126,10 @@ def test_runtime_kernel_library_compiles(tmp_path):
     for act in ("fp32", "fp16"):
         for op in ops:
             assert f'{{"{op}", "{act}", ' in table, (op, act)
-    assert len(kernels) == 2 * len(ops) and all(sorted(k["cubins"]) == ["87", "90"] for k in kernels.values())
+    # the tiny preset and its plain-Mamba twin: the memory kernels once, the shared ones once per shape key
+    assert any(k.endswith("_nomem") for k in kernels) and any("_K8_" in k for k in kernels)
+    assert table.count('\n    {"') == len(kernels)                     # one table row per compiled kernel
+    assert all(sorted(k["cubins"]) == ["87", "90"] for k in kernels.values())
     # every Launch(...) in the runtime's sources passes exactly the arguments of one kernel, by name
     params = {op: set(n.split(":")[0] for n in p.split(",")) for op, p in
               re.findall(r'\{"(\w+)", "fp32", "[^"]*", &\w+, "[^"]*", "([^"]*)"\}', table)}

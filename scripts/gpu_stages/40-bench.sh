@@ -13,7 +13,7 @@ status=0
 # cli.py twice and lose the verbs that other modules register
 memdeploy() { python3 -c 'import sys; from memmamba_deploy.cli import app; sys.argv[0] = "memdeploy"; app()' "$@"; }
 
-python3 -m pytest -q -m gpu tests/test_session.py -p no:cacheprovider 2>&1 | tail -n 15
+python3 -m pytest -q -m gpu tests/test_session.py tests/test_bench.py -p no:cacheprovider 2>&1 | tail -n 15
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] && echo "@@ session on GPU (triton CUDA graph, torch) == CPU reference: ok" \
                  || { echo "@@ session on GPU == CPU reference: FAIL (pytest rc=$rc)"; status=1; }

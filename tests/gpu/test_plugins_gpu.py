@@ -161,21 +161,21 @@ def plugin_ops(harness):
     """TORCH_OPS with the four contract ops replaced by plugin runs (what a plugins-flavour engine executes)."""
 
     def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True):
-        y = torch.empty_like(x)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)     # empty_like would keep a view's strides
         h = torch.empty(x.shape[0], x.shape[2], A.shape[1], dtype=torch.float32, device=x.device)
         return tuple(run_plugin(harness, "SelectiveScanChunk", {"dt_softplus": int(dt_softplus)},
                                 [x, dt, A.float(), B, C, D.float(), z, dt_bias.float(), h0.float()], [y, h]))
 
     def selective_state_step(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=True):
-        y = torch.empty_like(x)
-        h_new = torch.empty_like(h)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        h_new = torch.empty(h.shape, dtype=torch.float32, device=h.device)
         return tuple(run_plugin(harness, "SelectiveScanStep", {"dt_softplus": int(dt_softplus)},
                                 [x, dt, A.float(), B, C, D.float(), z, dt_bias.float(), h.float()], [y, h_new]))
 
     def pool_sweep(scores, prio0, tau1):
         b, t = scores.shape
         index = torch.empty(b, t + 1, prio0.shape[1], dtype=torch.int32, device=scores.device)
-        prio = torch.empty_like(prio0, dtype=torch.float32)
+        prio = torch.empty(prio0.shape, dtype=torch.float32, device=prio0.device)
         return tuple(run_plugin(harness, "NotePoolSweep", {"insert_threshold": float(tau1)},
                                 [scores.float(), prio0.float()], [index, prio]))
 
