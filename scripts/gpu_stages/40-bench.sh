@@ -52,9 +52,9 @@ PY
   fi
 }
 
-run 130m-triton "$WORK/ckpt-130m" --backend triton --dtype fp16 --contexts 1k,4k,16k,64k --tokens 256
+run 130m-triton "$WORK/ckpt-130m" --backend triton --dtype fp16 --contexts 1k,4k,16k,64k --tokens 512
 cp "$WORK/130m-triton/bench.png" "$OUT/bench-130m-triton.png" 2>/dev/null
-run 130m-torch "$WORK/ckpt-130m" --backend torch --device cuda --dtype fp16 "${TORCH_ARGS[@]}" --tokens 128
-run demo-triton "$DEMO" --backend triton --contexts 1k,4k,16k,64k --tokens 256
-run demo-torch "$DEMO" --backend torch --device cuda "${TORCH_ARGS[@]}" --tokens 128
+run 130m-torch "$WORK/ckpt-130m" --backend torch --device cuda --dtype fp16 "${TORCH_ARGS[@]}" --tokens 512 --rounds 8
+run demo-triton "$DEMO" --backend triton --contexts 1k,4k,16k,64k --tokens 512
+run demo-torch "$DEMO" --backend torch --device cuda "${TORCH_ARGS[@]}" --tokens 512 --rounds 8
 exit $status
