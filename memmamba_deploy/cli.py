@@ -92,4 +92,8 @@ from . import cli_trt  # noqa: E402,F401  aot, build, selftest --tensorrt (issue
 from . import cli_eval  # noqa: E402,F401  eval passkey, fidelity  (issue 8)
 
 if __name__ == "__main__":
-    app()
+    # `python -m memmamba_deploy.cli` runs this file as __main__, while the verb modules above registered on the
+    # imported memmamba_deploy.cli: run that app, which has every verb
+    from memmamba_deploy.cli import app as registered
+
+    registered()

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -125,3 +127,12 @@ def test_cli_selfcheck_passes_and_reports_errors(tmp_path):
     assert "step vs forward: logits" in r.output and "FAIL" not in r.output
     r = runner.invoke(app, ["selfcheck", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "no checkpoint directory" in r.output
+
+
+@pytest.mark.parametrize("module", ["memmamba_deploy", "memmamba_deploy.cli"])
+def test_every_verb_is_there_however_the_cli_is_started(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for verb in ("init", "selfcheck", "export", "parity", "bench", "generate", "demo", "aot", "build", "selftest",
+                 "fidelity", "eval"):
+        assert f" {verb} " in out.stdout, verb
