@@ -151,17 +151,20 @@ def test_ort_and_torch_give_the_same_answers(tiny, tmp_path):
     assert [p for r in ort for p in r.predictions] == [p for r in ref for p in r.predictions]
 
 
-BUNDLED = Path(__file__).resolve().parent.parent / "memmamba_deploy" / "assets" / "demo-memmamba"
+ASSETS = Path(__file__).resolve().parent.parent / "memmamba_deploy" / "assets"
 
 
-@pytest.mark.skipif(not (BUNDLED / "model.safetensors").is_file(),
-                    reason="the bundled demo checkpoint is not trained yet (scripts/gpu_stages/50-train-demo.sh)")
-def test_bundled_checkpoint_solves_passkey_on_torch_and_ort(tmp_path):
+@pytest.mark.parametrize("name", ["demo-memmamba", "demo-mamba"])
+def test_bundled_checkpoints_give_the_same_answers_on_torch_and_ort(name, tmp_path):
+    """The bundled checkpoints (trained by scripts/gpu_stages/50-train-demo.sh) load in the reference and in ONNX
+    Runtime and answer alike; the MemMamba one retrieves the key, as BENCHMARKS.md reports up to 64k."""
     from memmamba_deploy.backends.ort_backend import OrtBackend
     from memmamba_deploy.export import export_model
 
-    export_model(BUNDLED, tmp_path / "out", show_progress=False)
-    ref = evaluate_passkey(TorchBackend.open(BUNDLED), [1024], samples=4, batch=4)[0]
+    ckpt = ASSETS / name
+    export_model(ckpt, tmp_path / "out", show_progress=False)
+    ref = evaluate_passkey(TorchBackend.open(ckpt), [1024], samples=4, batch=4)[0]
     ort = evaluate_passkey(OrtBackend.open(tmp_path / "out"), [1024], samples=4, batch=4)[0]
     assert ref.predictions == ort.predictions
-    assert ref.accuracy >= 0.75
+    if name == "demo-memmamba":
+        assert ref.accuracy >= 0.75
