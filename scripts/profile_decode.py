@@ -1,0 +1,65 @@
+"""Where the time goes, per kernel name under torch.profiler: one decode step of the 130m preset (fp16, batch 1) on
+the Triton backend replayed as a CUDA graph, and (--prefill T) one Triton-kernel prefill of T tokens. For perf work
+on models/ops/triton/.
+
+    python scripts/profile_decode.py [--preset 130m] [--dtype fp16] [--steps 50] [--no-memory] [--prefill 16384]
+"""
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from memmamba_deploy.backends.triton_backend import TritonBackend
+from memmamba_deploy.models import MemMambaConfig, MemMambaLM
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="130m")
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many tokens")
+    args = ap.parse_args()
+    dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    model = MemMambaLM(MemMambaConfig.preset(args.preset, memory=not args.no_memory)).to("cuda", dtype).eval()
+    be = TritonBackend(model, cuda_graph=True)
+    tok = torch.zeros(1, dtype=torch.long, device="cuda")
+    _, state = be.prefill(torch.zeros(1, 64, dtype=torch.long), be.new_state(1))
+    for _ in range(10):
+        _, state = be.step(tok, state)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            _, state = be.step(tok, state)
+        torch.cuda.synchronize()
+    report(prof, args.steps, f"{args.preset} {args.dtype} memory={'off' if args.no_memory else 'on'}: decode step")
+    if args.prefill:
+        model.set_kernels("triton")
+        ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), device="cuda")
+        with torch.no_grad():
+            model.prefill(ids)                                      # compile and warm up
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model.prefill(ids)
+                torch.cuda.synchronize()
+        report(prof, 1, f"prefill of {args.prefill} tokens")
+
+
+def report(prof, steps, what):
+    per = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            name = e.name.split("(")[0][:60]
+            n, t = per.get(name, (0, 0.0))
+            per[name] = (n + 1, t + e.device_time)
+    total = sum(t for _, t in per.values())
+    print(f"\n{what}: GPU time {total / steps:.1f} us per call (sum of kernel times, over {steps} calls)")
+    print(f"{'kernel':<60} {'calls':>7} {'us':>9} {'us/call':>8} {'share':>6}")
+    for name, (n, t) in sorted(per.items(), key=lambda kv: -kv[1][1])[:25]:
+        print(f"{name:<60} {n / steps:>7.1f} {t / steps:>9.1f} {t / n:>8.2f} {100 * t / total:>5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
