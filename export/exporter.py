@@ -6,7 +6,6 @@ OUT is written into a temporary directory beside it and renamed into place at th
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -70,16 +69,7 @@ def export_model(checkpoint, out, flavor: str = "portable", dtype: str = "fp32",
         progress.advance(task)
         manifest = _manifest(model, flavor, dtype, graphs, described, writer, checkpoint, tmp)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _usual_permissions(tmp)
     return manifest
-
-
-def _usual_permissions(directory: Path) -> None:
-    """Temporary directories are created 0700; give OUT the modes a plain mkdir / open would (umask applies)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in [directory, *directory.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _inline(graph: onnx.ModelProto, name: str) -> onnx.ModelProto:

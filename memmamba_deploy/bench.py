@@ -418,6 +418,8 @@ def default_progress(console=None):
 def bench_cli(path, backend, contexts, tokens, batch, dtype, device, out, baseline, warmup, rounds, chunk, seed,
               prefill_with, console, **options) -> dict:
     """What `memdeploy bench` does: run with progress bars, print the table, write bench.json + bench.png."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise FileExistsError(f"--out {out} is a file: give a directory for bench.json and bench.png")
     with default_progress(console) if console is not None else nullcontext() as bar:
         results = run_bench(path, backend, contexts, tokens, batch, dtype, device, baseline, warmup, rounds, chunk,
                             seed, prefill_with, progress=bar, **options)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +15,7 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)   # one unbroken line per error: easy to grep
 
 # Errors a user can cause (bad path, bad config, bad checkpoint, missing optional package): one clear line.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NotADirectoryError)
+USER_ERRORS = (ValueError, OSError, ImportError)   # OSError: missing files, a directory given for a file, ...
 
 
 def user_errors(fn):
@@ -71,8 +70,11 @@ def selfcheck(checkpoint: Path = typer.Argument(..., help="checkpoint directory"
               json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here")):
     """Check that the recurrent step reproduces the parallel forward pass (spec §8)."""
     from .models import MemMambaLM
+    from .models.checkpoint import writable_file, write_json
     from .selfcheck import step_vs_forward
 
+    if json_out:
+        writable_file(json_out)
     model = MemMambaLM.from_pretrained(checkpoint)
     with console.status("running step vs forward..."):
         rows, info = step_vs_forward(model, batch=batch, length=tokens, seed=seed, tol=tol)
@@ -81,7 +83,7 @@ def selfcheck(checkpoint: Path = typer.Argument(..., help="checkpoint directory"
         console.print(f"pool insertions per layer (pool size {model.config.pool_size}): "
                       f"{info['pool_insertions_per_layer']}")
     if json_out:
-        json_out.write_text(json.dumps({"ok": ok, "info": info, "checks": [r.__dict__ for r in rows]}, indent=2))
+        write_json(json_out, {"ok": ok, "info": info, "checks": [r.__dict__ for r in rows]})
     raise typer.Exit(0 if ok else 1)
 
 

@@ -18,11 +18,11 @@ app.add_typer(eval_app, name="eval")
 def _device(device: str) -> str:
     import torch
 
+    from .session import check_device
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch")
-    return device
+    return check_device(device)
 
 
 def open_backend(path: Path, backend: str, device: str = "auto", kernels: str = "auto"):
@@ -76,7 +76,11 @@ def passkey(paths: List[Path] = typer.Argument(..., help="checkpoint(s) (or expo
     """Passkey retrieval accuracy per length: a 5-digit key hidden in filler, asked for at the end (greedy)."""
     from .passkey import evaluate_passkey, format_length, parse_lengths
 
+    from .models.checkpoint import writable_file, write_json
+
     todo = parse_lengths(lengths)
+    if json_out:
+        writable_file(json_out)
     runs = []
     for path in paths:
         be = open_backend(path, backend, device, kernels)
@@ -98,7 +102,7 @@ def passkey(paths: List[Path] = typer.Argument(..., help="checkpoint(s) (or expo
         table.add_row(format_length(n), *cells)
     console.print(table)
     if json_out:
-        json_out.write_text(json.dumps({"seed": seed, "samples": samples, "lengths": todo, "runs": runs}, indent=2))
+        write_json(json_out, {"seed": seed, "samples": samples, "lengths": todo, "runs": runs})
         console.print(f"wrote {json_out}")
 
 
@@ -118,8 +122,12 @@ def fidelity(path: Path = typer.Argument(..., help="checkpoint, or an export dir
     from .fidelity import compare
     from .models import MemMambaLM
 
+    from .models.checkpoint import writable_file, write_json
+
     if samples < 1 or length < 2:
         raise ValueError(f"--samples must be >= 1 and --length >= 2, got {samples} and {length}")
+    if json_out:
+        writable_file(json_out)
     ckpt = reference_checkpoint(path, reference)
     model = MemMambaLM.from_pretrained(ckpt, device=_device(device))
     be = open_backend(path, backend, device, kernels)
@@ -129,7 +137,7 @@ def fidelity(path: Path = typer.Argument(..., help="checkpoint, or an export dir
         report = compare(model, be, ids, tolerance=tol, on_step=lambda: bar.advance(task))
     print_fidelity(report, f"memory fidelity: {path} ({be.name} vs PyTorch, {samples} x {length} tokens)")
     if json_out:
-        json_out.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        write_json(json_out, json.loads(json.dumps(report.to_dict(), default=str)))
         console.print(f"wrote {json_out}")
     raise typer.Exit(0 if report.ok else 1)
 

@@ -1,7 +1,6 @@
 """`memdeploy export` and `memdeploy parity` (issue 4)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -65,6 +64,10 @@ def parity(out: Path = typer.Argument(..., help="export directory (memdeploy exp
     from .models import MemMambaConfig
     from .parity import parse_prompt, report_table, run_parity
 
+    from .models.checkpoint import writable_file, write_json
+
+    if json_out:
+        writable_file(json_out)
     config = MemMambaConfig.from_dict(read_manifest(out, verify=False)["config"])
     prompts = [parse_prompt(p, config.vocab_size) for p in prompt]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -79,5 +82,5 @@ def parity(out: Path = typer.Argument(..., help="export directory (memdeploy exp
         for f in case.failures:
             console.print(f"[red]FAIL[/] {case.name}: {f}")
     if json_out:
-        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_json(json_out, report.to_dict())
     raise typer.Exit(0 if report.ok else 1)

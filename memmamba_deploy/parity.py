@@ -354,6 +354,7 @@ def _open_tensorrt(out: Path, manifest: dict, device: str):
 
 BACKENDS: dict[str, Callable[[Path, dict, str], Any]] = {
     "ort": _open_ort,
+    "onnxruntime": _open_ort,                 # the name the other verbs use
     "torch": _open_torch,
     "triton": lambda out, manifest, device: _open_torch(out, manifest, device, kernels="triton"),
     "tensorrt": _open_tensorrt,
@@ -385,8 +386,15 @@ def run_parity(out, backend: str | Any = "ort", steps: int = 512, prompt_lens=(3
 
     out = Path(out)
     manifest = read_manifest(out, verify=True, only=(REFERENCE_DIR + "/",))
-    if steps < 0:
-        raise ValueError(f"--steps must be >= 0, got {steps}")
+    from .session import check_device
+
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if rtol is not None and not rtol > 0:
+        raise ValueError(f"--rtol must be > 0, got {rtol}")
+    if flip_radius is not None and flip_radius < 0:
+        raise ValueError(f"--flip-radius must be >= 0, got {flip_radius}")
+    device = check_device(device)
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
     if any(n < 1 for n in prompt_lens):

@@ -138,11 +138,24 @@ def _import(backend: str, module: str, attr: str, hint: str):
     return getattr(mod, attr)
 
 
+def check_device(device) -> str:
+    """`device` as a string once it names a CPU or a visible CUDA GPU ('cpu', 'cuda', 'cuda:1'); else ValueError."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: use cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is visible to torch")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return str(device)
+
+
 def _device(device: str | None, default: str) -> str:
-    device = device or default
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA GPU is visible to torch")
-    return device
+    return check_device(device or default)
 
 
 def _open_torch(art: Artifact, device, dtype, options):

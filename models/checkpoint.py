@@ -25,10 +25,13 @@ class CheckpointError(ValueError):
 
 @contextmanager
 def atomic_directory(target, force: bool = True):
-    """Yield a temporary directory beside `target`; on success it replaces `target` in one rename.
+    """Yield a temporary directory beside `target`; on success it takes `target`'s place.
 
-    On any exception the temporary directory is removed and `target` is left as it was. With force=False an
-    existing non-empty `target` is refused before anything is written."""
+    A new `target` appears in one rename. An existing one is first moved aside (one rename), then the new one
+    renamed in; if that fails the old one is moved back, so readers see the old or the new directory, never a
+    mix. On any exception the temporary directory is removed and `target` is left as it was. With force=False an
+    existing non-empty `target` is refused before anything is written. The result gets the modes a plain mkdir /
+    open would give (temporary directories are created 0700)."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory")
@@ -38,15 +41,56 @@ def atomic_directory(target, force: bool = True):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        usual_permissions(tmp)
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "x")
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old / "x", target)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def usual_permissions(path: Path) -> None:
+    """Give `path` (and what is under it) the modes a plain mkdir / open would: umask applies."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def writable_file(path) -> Path:
+    """Check before a long run that `path` can be written: an existing directory or a missing parent is an error
+    now, not after the work."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent} does not exist: create it first, or give another path for {path.name}")
+    return path
+
+
+def write_json(path, data) -> None:
+    """Write JSON atomically: a temporary file beside `path`, then one rename."""
+    path = writable_file(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        usual_permissions(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

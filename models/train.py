@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_directory, save_pretrained
+from .checkpoint import atomic_directory, save_pretrained, write_json
 from .config import PRESETS, MemMambaConfig
 from .data import make_batch, stdlib_text
 from .memmamba import MemMambaLM, State
@@ -350,7 +350,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False) 
                "memory": config.memory, "kernels": cfg.kernels, "device": cfg.device, "dtype": cfg.dtype,
                "max_train_length": max(n for n, _ in plan), "train_config": dataclasses.asdict(cfg),
                "final": last or {"step": step}}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     console.print(f"done: {out / 'model'} after {step} steps in {elapsed:.0f} s")
     return summary
 

@@ -71,6 +71,7 @@ def test_kv_baseline_static_step_matches_the_eager_step():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @torch.no_grad()
 def test_kv_baseline_graphed_step_matches_eager_on_gpu():
     graphed = KVBaseline(256, 128, 3, device="cuda", capacity=64)

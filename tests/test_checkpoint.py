@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,39 @@ def test_failure_mid_write_leaves_nothing(tmp_path):
             (tmp / "half.bin").write_bytes(b"x")
             raise RuntimeError("interrupted")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):                         # moving the old one aside works; renaming the new one in fails
+        if Path(src).name.startswith(".out.tmp-"):
+            raise OSError("disk gone")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk gone"):
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".out.old-")) == ["out"]
+
+
+def test_written_files_get_the_usual_modes(tmp_path, tiny):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        tiny.save_pretrained(tmp_path / "ck")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "ck" / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 @pytest.fixture

@@ -53,7 +53,11 @@ def test_cli_parity_user_errors(tiny_export, tmp_path):
     for args, message in [([out, "--backend", "onnx"], "unknown backend 'onnx'"),
                           ([out, "--prompt", "1,x"], "comma-separated token ids"),
                           ([out, "--prompt", "1,999"], "outside the vocabulary"),
-                          ([out, "--steps", "-1"], "--steps must be >= 0"),
+                          ([out, "--steps", "0"], "--steps must be >= 1"),
+                          ([out, "--rtol", "-1"], "--rtol must be > 0"),
+                          ([out, "--backend", "torch", "--device", "gpu0"], "use cpu, cuda or cuda:N"),
+                          ([out, "--json", str(tmp_path)], "is a directory"),
+                          ([out, "--json", str(tmp_path / "no" / "r.json")], "does not exist"),
                           ([str(tmp_path)], "not an export directory")]:
         result = CliRunner().invoke(app, ["parity", *args], terminal_width=200)
         assert result.exit_code == 2, (args, result.output)

@@ -139,11 +139,9 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
 
 
 def test_ort_and_torch_give_the_same_answers(tiny, tmp_path):
-    try:
-        from memmamba_deploy.backends.ort_backend import OrtBackend
-        from memmamba_deploy.export import export_model
-    except ImportError as e:
-        pytest.skip(f"the ONNX export / ORT backend (issue 4) does not import: {e}")
+    from memmamba_deploy.backends.ort_backend import OrtBackend
+    from memmamba_deploy.export import export_model
+
     tiny.save_pretrained(tmp_path / "ckpt")
     export_model(tmp_path / "ckpt", tmp_path / "out", show_progress=False)
     ort = evaluate_passkey(OrtBackend.open(tmp_path / "out"), [100, 300], samples=3, batch=3, chunk=128)

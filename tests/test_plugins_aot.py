@@ -120,8 +120,6 @@ def test_generated_sources_embed_exactly_the_checked_cubins(tmp_path, toy_compil
 
 # ---- the project's kernels and the plugin library -------------------------------------------------------------------
 def _project_build(tmp_path_factory, include=TRT_HEADERS):
-    if not getattr(__import__("memmamba_deploy.models.ops.triton", fromlist=["x"]), "AOT_KERNELS", None):
-        pytest.skip("models/ops/triton defines no AOT_KERNELS yet (issue 3): no plugin kernels to compile")
     if not shutil.which("nvcc"):
         pytest.skip("nvcc is not installed: the compile check needs the CUDA toolkit")
     if not (include / "NvInferRuntime.h").is_file():
