@@ -4,6 +4,9 @@
 # Installs the repo, runs the stages in scripts/gpu_stages/ in order (gpu-marked tests, kernel benchmarks, plugin
 # harness, C++ runtime, ...), writes the full log to $OUT/gpu_check.log and JSON lines to $OUT/results.jsonl, and
 # prints a short summary table last.
+# All stages take about 25 minutes on an H100 (stage times in BENCHMARKS.md). Where one call may run 10 minutes,
+# split it: --only env,baselines,kernel-tests,kernel-bench (~5 min) | --only plugins,export-parity,native (~9 min,
+# needs third_party/ TensorRT headers) | --only bench (~6 min) | --only train-demo --timeout 590 (~6 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/runs/gpu}
