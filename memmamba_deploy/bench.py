@@ -14,19 +14,18 @@ Method, the same for both models (kv_baseline.py is the transformer: same vocabu
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import platform
 import statistics
 import subprocess
-import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
 from .kv_baseline import KVBaseline
+from .models.checkpoint import atomic_file, write_json
 from .session import DTYPE_NAMES, inspect_path, open_backend
 
 FLATNESS_TARGET = 1.05
@@ -280,20 +279,10 @@ def write_results(results: dict, out: Path) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / "bench.json", out / "bench.png"
-    _atomic_write(json_path, lambda p: p.write_text(json.dumps(results, indent=2) + "\n"))
-    _atomic_write(png_path, lambda p: plot(results, p))
+    write_json(json_path, results)
+    with atomic_file(png_path) as tmp:
+        plot(results, tmp)
     return json_path, png_path
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plot(results: dict, path: Path) -> None:

@@ -60,13 +60,14 @@ def generate(path: Path = typer.Argument(..., help=PATH_HELP),
              seed: Optional[int] = typer.Option(0, help="sampling seed (same seed, same text)"),
              stop: Optional[str] = typer.Option(None, help="comma-separated token ids that end generation")):
     """Stream generated tokens to stdout as they come (text for byte-level models, token ids otherwise)."""
+    from .parity import parse_prompt
     from .session import Session
 
     if (prompt is None) == (ids is None):
         raise ValueError("give exactly one of --prompt TEXT or --ids 1,2,3")
     session = Session.open(path, backend=backend, device=device, dtype=dtype)
-    tokens = session.encode(prompt) if prompt is not None else _id_list(ids, "--ids")
-    stop_ids = _id_list(stop, "--stop") if stop else []
+    tokens = session.encode(prompt) if prompt is not None else parse_prompt(ids, what="--ids")
+    stop_ids = parse_prompt(stop, what="--stop") if stop else []
     stream = session.generate(tokens, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
     text = session.text_stream() if session.byte_level else None
     start, n = time.perf_counter(), 0
@@ -84,14 +85,6 @@ def generate(path: Path = typer.Argument(..., help=PATH_HELP),
         f"{session.backend.name}; state {session.state_nbytes:,} bytes[/]")
 
 
-def _id_list(text: str, what: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", ",").split(",") if t]
-    except ValueError:
-        raise ValueError(f"{what} takes comma-separated token ids, got {text!r}") from None
-    if not ids:
-        raise ValueError(f"{what} is empty")
-    return ids
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -361,17 +361,17 @@ BACKENDS: dict[str, Callable[[Path, dict, str], Any]] = {
 }
 
 
-def parse_prompt(text: str, vocab_size: int) -> list[int]:
-    """'5,17,3' -> [5, 17, 3], every id in [0, vocab)."""
+def parse_prompt(text: str, vocab_size: int | None = None, what: str = "--prompt") -> list[int]:
+    """'5,17,3' (or '5 17 3') -> [5, 17, 3]; with vocab_size, every id in [0, vocab). `what` names the option."""
     try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+        ids = [int(t) for t in text.replace(" ", ",").split(",") if t]
     except ValueError:
-        raise ValueError(f"--prompt takes comma-separated token ids, got {text!r}") from None
+        raise ValueError(f"{what} takes comma-separated token ids, got {text!r}") from None
     if not ids:
-        raise ValueError("--prompt is empty")
-    bad = [i for i in ids if not 0 <= i < vocab_size]
+        raise ValueError(f"{what} is empty")
+    bad = [i for i in ids if vocab_size is not None and not 0 <= i < vocab_size]
     if bad:
-        raise ValueError(f"--prompt holds token id(s) {bad[:4]} outside the vocabulary [0, {vocab_size})")
+        raise ValueError(f"{what} holds token id(s) {bad[:4]} outside the vocabulary [0, {vocab_size})")
     return ids
 
 

@@ -79,19 +79,26 @@ def writable_file(path) -> Path:
     return path
 
 
-def write_json(path, data) -> None:
-    """Write JSON atomically: a temporary file beside `path`, then one rename."""
+@contextmanager
+def atomic_file(path):
+    """Yield a temporary path beside `path` (same suffix, for writers that look at it); on success it replaces
+    `path` in one rename with the usual modes, on any exception it is removed and `path` is left as it was."""
     path = writable_file(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        usual_permissions(Path(tmp))
+        yield tmp
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path, data) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def save_pretrained(model, directory, force: bool = True) -> None:

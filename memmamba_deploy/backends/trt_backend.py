@@ -13,15 +13,13 @@ builder flag, weakly typed), for Jetson's TensorRT 10.
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ..export.manifest import sha256 as _sha256
+from ..models.checkpoint import atomic_file, write_json
 
 INSTALL_HINT = ("TensorRT is not installed: on x86-64 `pip install tensorrt` (NVIDIA's wheel for CUDA 12/13); on "
                 "Jetson install JetPack, which ships TensorRT (`sudo apt install nvidia-jetpack`, then use the system "
@@ -86,17 +84,6 @@ def graph_file(out: Path, manifest: dict, graph: str) -> Path:
     if g is None:
         raise ValueError(f"the export in {out} has no {graph} graph (graphs: {sorted(manifest['graphs'])})")
     return Path(out) / (g["file"] if isinstance(g, dict) and "file" in g else f"{graph}.onnx")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plugin_only_graph(onnx_path: Path) -> tuple[bytes, int]:
@@ -209,7 +196,8 @@ def build_engines(out: str | Path, plugins: str | Path, precision: str | None = 
         if blob is None:
             raise ValueError(f"TensorRT could not build {onnx_path}: " + ("; ".join(messages[-5:]) or "no message"))
         engine_path = onnx_path.with_suffix(".engine")
-        _write_atomic(engine_path, bytes(blob))
+        with atomic_file(engine_path) as tmp:
+            tmp.write_bytes(bytes(blob))
         engines[graph] = {"file": engine_path.name, "sha256": _sha256(engine_path)}
     entry = {
         "engines": engines,
@@ -222,7 +210,7 @@ def build_engines(out: str | Path, plugins: str | Path, precision: str | None = 
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "unknown",
     }
     manifest["tensorrt"] = entry
-    _write_atomic(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    write_json(out / "manifest.json", manifest)
     return entry
 
 
