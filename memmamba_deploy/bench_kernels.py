@@ -109,6 +109,11 @@ def bench_decode(dtype, bw: float, memory: bool = True, reference: bool = True) 
     result["graph_step"] = time_ms(graph_step, reps=200, warmup=10)
     bufs = graphed._get_buffers(1)
     result["graph_replay"] = time_ms(lambda: bufs.graphs[0].replay(), reps=300, warmup=10)
+    if graphed.pdl:                                 # what programmatic dependent launch buys
+        no_pdl = TritonBackend(model, cuda_graph=True, pdl=False)
+        no_pdl.prefill(prompt, no_pdl.new_state(1))
+        nb = no_pdl._get_buffers(1)
+        result["graph_replay_no_pdl"] = time_ms(lambda: nb.graphs[0].replay(), reps=300, warmup=10)
     eager = TritonBackend(model, cuda_graph=False)
     e_state = eager.copy_state(ref_state)
 
@@ -209,10 +214,10 @@ def bench_kernels(bw: float, T: int = 16384) -> None:
     w = backend.layers[layer]
     nb = lambda *ts: sum(t.numel() * t.element_size() for t in ts)               # noqa: E731
     state_pool = bufs.states[0].pool[0]
-    kbytes = {"norm_proj": nb(w.w_mem) + backend.blocks["programs"]["ssm_out"] * d * 4,
+    kbytes = {"norm_proj": nb(w.w_mem) + 2 * d * 4 + 2 * d * 2,
               "note_pool": nb(w.wk, w.wv, w.x_wk, w.x_wv) + (1 + p) * nb(state_pool) + d * 2 * 2,
               "in_proj_conv": nb(w.w_in, w.w_xT, w.conv_w) + 2 * Di * 3 * 2 + 2 * Di * 2,
-              "ssm_out": nb(w.w_dt, w.w_outT, w.A) + 2 * Di * N * 4 + backend.blocks["programs"]["ssm_out"] * d * 4}
+              "ssm_out": nb(w.w_dt, w.w_outT, w.A) + 2 * Di * N * 4 + d * 4 + 2 * Di * 2}
     for l, name, launch in backend.launches(bufs, 0):
         if l == layer:
             ms = time_ms(launch, reps=200, flush=True)
@@ -246,7 +251,9 @@ def report(out_dir: Path, decode: list[dict], prefill: dict, bw: float) -> None:
     for d in decode:
         ref = f", reference {d['reference_step']:.2f}" if "reference_step" in d else ""
         print(f"@@ kernel-bench: decode {d['name']} CUDA graph {d['graph_replay']:.3f} ms/token (step() "
-              f"{d['graph_step']:.3f}, eager {d['eager_step']:.2f}{ref}); floor {d['floor']:.3f} ms, "
+              f"{d['graph_step']:.3f}, eager {d['eager_step']:.2f}{ref}"
+              + (f", without PDL {d['graph_replay_no_pdl']:.3f}" if "graph_replay_no_pdl" in d else "")
+              + f"); floor {d['floor']:.3f} ms, "
               f"{d['graph_replay'] / d['floor']:.1f}x")
     if prefill:
         parts = [f"{k // 1024}k {v / 1e6:.2f}M" for k, v in prefill.items() if k != "reference"]

@@ -35,6 +35,20 @@ def main():
             _, state = be.step(tok, state)
         torch.cuda.synchronize()
     report(prof, args.steps, f"{args.preset} {args.dtype} memory={'off' if args.no_memory else 'on'}: decode step")
+    for pdl in (True, False):                       # wall time per step (graph replays), PDL on / off
+        be = TritonBackend(model, cuda_graph=True, pdl=pdl)
+        graph = be._get_buffers(1).graphs[0]
+        graph.replay()
+        times = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(args.steps):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / args.steps)
+        print(f"decode step, CUDA graph, pdl={pdl}: median {sorted(times)[2]:.3f} ms/token (5 runs of {args.steps})")
     if args.prefill:
         model.set_kernels("triton")
         ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), device="cuda")

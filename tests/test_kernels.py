@@ -216,7 +216,7 @@ def test_model_trains_with_triton_kernels(rng):
 def poison_backend(backend, batch, keep):
     """NaN into every buffer of the step except the state it will read."""
     bufs = backend._get_buffers(batch)
-    for t in (bufs.h, bufs.u, bufs.mem, bufs.ut, bufs.xc, bufs.z, bufs.xpart, bufs.opart, bufs.uf, bufs.logits):
+    for t in (bufs.h, bufs.u, bufs.mem, bufs.ut, bufs.xc, bufs.z, bufs.xacc, bufs.oacc, bufs.uf, bufs.logits):
         t.fill_(float("nan"))
     for s in bufs.states:
         if s is not keep:

@@ -596,13 +596,16 @@ private:
     bool fused_{false};
     Kernel norm_, normRes_, pool_, poolCross_, conv_, scan_, sample_;
     Kernel fNormProjEmbed_, fNormProj_, fInConv_, fSsmOut_; // the fused plan
-    int64_t nC_{0}, nD_{0}; // the fused plan's partial-sum programs (in_proj_conv, ssm_out)
+    int64_t nC_{0}, nD_{0}; // the fused plan's programs per batch row (in_proj_conv, ssm_out)
 
     // double-buffered (index = parity)
     DeviceBuffer conv[2], ssm[2], pool[2], prio[2], tok_[2], logits_[2];
     // per-step scratch
     DeviceBuffer h_[2], u_, mem_, ut_, xz_, xc_, dbc_, dt_, y_, out_, workspace_, prompt_, rng_, params_;
-    DeviceBuffer z_, xpart_, opart_; // the fused plan
+    DeviceBuffer z_; // the fused plan
+    // per-layer fp32 sums of x_proj ([L,B,X]) then out_proj ([L,B,d]): the fused plan's kernels C and D add into
+    // layer l's (atomics), its kernel A zeroes them; the cuBLAS plan's norms zero layer 0's, which it never reads
+    DeviceBuffer acc_;
     int64_t* pinned_{nullptr};
     cudaEvent_t nextReady_[2]{};
     struct LayerGemms
@@ -695,7 +698,6 @@ private:
             logits_[p] = DeviceBuffer(B * c_.vocab_size * actElem_);
             h_[p] = DeviceBuffer(B * d * 4);
         }
-        (void) L;
         u_ = DeviceBuffer(B * d * actElem_);
         ut_ = DeviceBuffer(B * d * actElem_);
         mem_ = DeviceBuffer(std::max<int64_t>(1, B * memRows) * actElem_);
@@ -706,11 +708,8 @@ private:
         y_ = DeviceBuffer(B * di * actElem_);
         out_ = DeviceBuffer(B * d * 4);
         if (fused_)
-        {
             z_ = DeviceBuffer(B * di * actElem_);
-            xpart_ = DeviceBuffer(nC_ * B * (c_.dt_rank + 2 * c_.d_state) * 4);
-            opart_ = DeviceBuffer(nD_ * B * d * 4);
-        }
+        acc_ = DeviceBuffer(L * B * (X + d) * 4);
         workspace_ = DeviceBuffer(kLtWorkspace);
         rng_ = DeviceBuffer(16);
         params_ = DeviceBuffer(16);
@@ -827,9 +826,12 @@ private:
             .ptr("w_ptr", normW)
             .ptr("bias_ptr", out_.get())
             .ptr("out_ptr", u_.get())
+            .ptr("zx_ptr", xAcc(0))
+            .ptr("zo_ptr", oAcc(0))
             .i32("d", d)
             .i32("R", 0)
             .i32("P", 1)
+            .i32("X", xWidth(c_))
             .f32("eps", c_.norm_eps)
             .i32("stride_emb", d)
             .run({1, static_cast<unsigned>(B), 1}, stream_);
@@ -881,8 +883,18 @@ private:
             .run({static_cast<unsigned>(H) * oblocks, static_cast<unsigned>(B), 1}, stream_);
     }
 
+    //! Layer l's x_proj and out_proj sums in acc_ (fp32 [B,X] and [B,d]).
+    void* xAcc(int64_t l) const
+    {
+        return static_cast<unsigned char*>(acc_.get()) + l * opt_.batch * xWidth(c_) * 4;
+    }
+    void* oAcc(int64_t l) const
+    {
+        return static_cast<unsigned char*>(acc_.get()) + (c_.n_layers * xWidth(c_) + l * c_.d_model) * opt_.batch * 4;
+    }
+
     //! The fused plan: per layer decode.py's norm_proj, note_pool, in_proj_conv and ssm_out (TritonBackend's
-    //! sequence); partial sums of x_proj / out_proj go through xpart_ / opart_ (summed by the consumer).
+    //! sequence); the x_proj / out_proj shares meet in layer l's sums (acc_), which its norm_proj zeroes.
     void enqueueFusedStep(int p, bool withHead)
     {
         int const q = 1 - p;
@@ -900,16 +912,19 @@ private:
                 .ptr("tok_ptr", tok_[p].get())
                 .ptr("emb_ptr", w_->emb)
                 .ptr("h_prev_ptr", h_[(l + 1) % 2].get())
-                .ptr("part_ptr", opart_.get())
+                .ptr("part_ptr", oAcc(l == 0 ? 0 : l - 1))
                 .ptr("h_ptr", h_[l % 2].get())
                 .ptr("u_ptr", u_.get())
                 .ptr("norm_w_ptr", normW)
                 .ptr("w_ptr", proj ? W->memW : normW)
-                .ptr("bias_ptr", proj ? W->memBias32 : opart_.get())
+                .ptr("bias_ptr", proj ? W->memBias32 : oAcc(0))
                 .ptr("out_ptr", proj ? mem_.get() : u_.get())
+                .ptr("zx_ptr", xAcc(l % c_.n_layers))
+                .ptr("zo_ptr", oAcc(l % c_.n_layers))
                 .i32("d", d)
                 .i32("R", rows)
-                .i32("P", l == 0 ? 0 : nD_)
+                .i32("P", l == 0 ? 0 : 1)
+                .i32("X", X)
                 .f32("eps", c_.norm_eps)
                 .i32("stride_emb", d)
                 .run({proj ? cdiv(rows, k.at("BLOCK_R")) : 1u, static_cast<unsigned>(B), 1}, stream_);
@@ -936,7 +951,7 @@ private:
                 .ptr("w_xT_ptr", W.xWT)
                 .ptr("xc_ptr", xc_.get())
                 .ptr("z_ptr", z_.get())
-                .ptr("xpart_ptr", xpart_.get())
+                .ptr("xacc_ptr", xAcc(l))
                 .i32("d", d)
                 .i32("Di", di)
                 .i32("KW", KW)
@@ -945,7 +960,7 @@ private:
             Launch(fSsmOut_)
                 .ptr("xc_ptr", xc_.get())
                 .ptr("z_ptr", z_.get())
-                .ptr("xpart_ptr", xpart_.get())
+                .ptr("xacc_ptr", xAcc(l))
                 .ptr("w_dt_ptr", W.dtW)
                 .ptr("dt_bias_ptr", W.dtBiasAct)
                 .ptr("A_ptr", W.A)
@@ -953,13 +968,12 @@ private:
                 .ptr("h_in_ptr", ssmIn + l * ssmLayer)
                 .ptr("h_out_ptr", ssmOut + l * ssmLayer)
                 .ptr("w_outT_ptr", W.outWT)
-                .ptr("opart_ptr", opart_.get())
+                .ptr("oacc_ptr", oAcc(l))
                 .i32("d", d)
                 .i32("Di", di)
                 .i32("N", N)
                 .i32("R", R)
                 .i32("X", X)
-                .i32("P", nC_)
                 .run({static_cast<unsigned>(nD_), static_cast<unsigned>(B), 1}, stream_);
         }
         if (!withHead)

@@ -2,12 +2,12 @@
 per step; prefill through MemMambaLM(kernels="triton").prefill.
 
 A step is four kernel launches per layer (three without the memory path), plus the final RMSNorm and the tied
-LM head (a torch matmul). The state lives in two preallocated buffers per batch size (ping-pong): a step reads one
-and writes the other, so no kernel or captured graph updates a buffer it reads (deployment-notes: in-place state
-updates in a CUDA graph biased onnxruntime-genai). States returned to the caller stay valid for as long as the
-caller keeps them (the Backend protocol): before a buffer is overwritten, a state still alive in it is moved to
-memory of its own. The usual loop (`logits, state = backend.step(token, state)`) drops the old state first, so it
-never copies.
+LM head (a torch matmul); on sm_90+ they launch with programmatic dependent launch (decode.py says how). The
+state lives in two preallocated buffers per batch size (ping-pong): a step reads one and writes the other, so no
+kernel or captured graph updates a buffer it reads (deployment-notes: in-place state updates in a CUDA graph
+biased onnxruntime-genai). States returned to the caller stay valid for as long as the caller keeps them (the
+Backend protocol): before a buffer is overwritten, a state still alive in it is moved to memory of its own. The usual loop (`logits, state = backend.step(token, state)`) drops the old state first,
+so it never copies.
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ class _Buffers:
     ut: torch.Tensor           # [B, d] u + reads
     xc: torch.Tensor           # [B, Di] conv output
     z: torch.Tensor            # [B, Di] gate input
-    xpart: torch.Tensor        # [P_C, B, R+2N] fp32 x_proj partial sums
-    opart: torch.Tensor        # [P_D, B, d] fp32 out_proj partial sums
+    xacc: torch.Tensor         # [L, B, R+2N] fp32 x_proj sums per layer (atomics of kernel C)
+    oacc: torch.Tensor         # [L, B, d] fp32 out_proj sums per layer (atomics of kernel D)
     uf: torch.Tensor           # [B, d] final RMSNorm output
     logits: torch.Tensor       # [B, V] fp32
     states: list               # two State objects: the ping-pong pair
@@ -61,12 +61,13 @@ class _Buffers:
 class TritonBackend:
     """Backend protocol (backends/base.py) over the fused Triton decode kernels.
 
-    cuda_graph=True captures the whole step (all layers, LM head) once per batch size and replays it.
+    cuda_graph=True captures the whole step (all layers, LM head) once per batch size and replays it; pdl
+    (default: where the GPU has it, sm_90+) launches the kernels with programmatic dependent launch.
     On a CPU model (tests) the same kernels run in Triton's interpreter, without graphs."""
 
     name = "triton"
 
-    def __init__(self, model: MemMambaLM, cuda_graph: bool = True):
+    def __init__(self, model: MemMambaLM, cuda_graph: bool = True, pdl: bool | None = None):
         from ..models.ops.triton import kernels_for
 
         self.config: MemMambaConfig = model.config
@@ -79,7 +80,13 @@ class TritonBackend:
         self.k = kernels_for(self.device).decode
         c = self.config
         self.blocks = self.k.decode_blocks(c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.pool_size,
-                                           c.summary_dim, c.memory_heads)
+                                           c.summary_dim, c.memory_heads, c.cross_layer_every)
+        # programmatic dependent launch (sm_90+): each kernel prefetches its weights while its predecessor runs;
+        # pdl=None takes it where the GPU has it, False turns it off (to measure what it buys)
+        can_pdl = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
+        if pdl and not can_pdl:
+            raise ValueError(f"pdl=True needs a CUDA device of compute capability 9.0 or newer, not {self.device}")
+        self.pdl = can_pdl if pdl is None else pdl
         self.layers = [self._pack(model, l) for l in range(c.n_layers)]
         self.norm_f = model.norm_f.weight.detach()
         self.embedding = model.embeddings.weight.detach()
@@ -132,7 +139,6 @@ class TritonBackend:
         c, dev, dt = self.config, self.device, self.dtype
         f32 = dict(device=dev, dtype=torch.float32)
         r_mem = max([w.w_mem.shape[0] for w in self.layers] if c.memory else [1])
-        p = self.blocks["programs"]
         bufs = _Buffers(
             tokens=torch.zeros(batch, device=dev, dtype=torch.long),
             h=torch.zeros(2, batch, c.d_model, **f32),
@@ -141,8 +147,8 @@ class TritonBackend:
             ut=torch.zeros(batch, c.d_model, device=dev, dtype=dt),
             xc=torch.zeros(batch, c.d_inner, device=dev, dtype=dt),
             z=torch.zeros(batch, c.d_inner, device=dev, dtype=dt),
-            xpart=torch.zeros(p["in_proj_conv"], batch, c.dt_rank + 2 * c.d_state, **f32),
-            opart=torch.zeros(p["ssm_out"], batch, c.d_model, **f32),
+            xacc=torch.zeros(c.n_layers, batch, c.dt_rank + 2 * c.d_state, **f32),
+            oacc=torch.zeros(c.n_layers, batch, c.d_model, **f32),
             uf=torch.zeros(batch, c.d_model, device=dev, dtype=dt),
             logits=torch.zeros(batch, c.vocab_size, **f32),
             states=[State.zeros(c, batch, dev, dt), State.zeros(c, batch, dev, dt)],
@@ -180,21 +186,27 @@ class TritonBackend:
         batch, d, di = bufs.tokens.shape[0], c.d_model, c.d_inner
         ds, d4, heads = c.summary_dim, c.d_model // 4, c.memory_heads
         x_width = c.dt_rank + 2 * c.d_state
-        n_c, n_d = blk["programs"]["in_proj_conv"], blk["programs"]["ssm_out"]
         a, b, cc, e = blk["norm_proj"], blk["note_pool"], blk["in_proj_conv"], blk["ssm_out"]
+        pdl = dict(USE_PDL=self.pdl, launch_pdl=True) if self.pdl else dict(USE_PDL=False)
         dummy = bufs.h
         out = []
+
+        def norm(l, w_mem, b_mem, r_mem, dst):
+            # layer l's kernel A (l == n_layers: the final RMSNorm, which zeroes layer 0's sums, unused till the
+            # next step's A of layer 0 zeroes them again)
+            zl = l % c.n_layers
+            return functools.partial(
+                k.decode_norm_proj_kernel[(triton_cdiv(r_mem, a["BLOCK_R"]) if r_mem else 1, batch)],
+                bufs.tokens, self.embedding, bufs.h[(l + 1) % 2], bufs.oacc[l - 1], bufs.h[l % 2], dst,
+                self.norm_f if l == c.n_layers else self.layers[l].norm_w, w_mem, b_mem, bufs.mem,
+                bufs.xacc[zl], bufs.oacc[zl], d, r_mem, 0 if l == 0 else 1, x_width, c.norm_eps,
+                self.embedding.stride(0), BLOCK_DM=a["BLOCK_DM"], BLOCK_R=a["BLOCK_R"], BLOCK_X=a["BLOCK_X"],
+                FROM_EMBEDDING=l == 0, HAS_PROJ=r_mem > 0, num_warps=a["num_warps"], **pdl)
+
         for l, w in enumerate(self.layers):
-            h_prev, h_cur = bufs.h[(l + 1) % 2], bufs.h[l % 2]
             r_mem = w.w_mem.shape[0] if c.memory else 0
-            out.append((l, "norm_proj", functools.partial(
-                k.decode_norm_proj_kernel[(triton_cdiv(r_mem, a["BLOCK_R"]) if c.memory else 1, batch)],
-                bufs.tokens, self.embedding, h_prev, bufs.opart, h_cur, bufs.u, w.norm_w,
-                w.w_mem if c.memory else dummy, w.b_mem if c.memory else dummy, bufs.mem,
-                d, r_mem, 0 if l == 0 else n_d, c.norm_eps, self.embedding.stride(0),
-                BLOCK_DM=a["BLOCK_DM"], BLOCK_R=a["BLOCK_R"], BLOCK_P=a["BLOCK_P"],
-                P_ITERS=0 if l == 0 else a["P_ITERS"], FROM_EMBEDDING=l == 0, HAS_PROJ=c.memory,
-                num_warps=a["num_warps"])))
+            out.append((l, "norm_proj", norm(l, w.w_mem if c.memory else dummy, w.b_mem if c.memory else dummy,
+                                             r_mem, bufs.u)))
             x_in = bufs.u
             if c.memory:
                 g0 = l - c.cross_layer_every + 1 if w.cross else l
@@ -208,29 +220,23 @@ class TritonBackend:
                     batch * c.pool_size * ds, batch * c.pool_size,
                     fp32(c.insert_threshold), fp32(c.read_threshold), (ds // heads) ** -0.5,
                     BLOCK_O=b["BLOCK_O"], BLOCK_K=b["BLOCK_K"], BLOCK_DS=b["BLOCK_DS"], BLOCK_DH=b["BLOCK_DH"],
-                    BLOCK_D4=b["BLOCK_D4"], HAS_CROSS=w.cross, GROUP=c.cross_layer_every if w.cross else 1,
-                    num_warps=b["num_warps"])))
+                    BLOCK_D4=b["BLOCK_D4"], BLOCK_GK=b["BLOCK_GK"], HAS_CROSS=w.cross,
+                    GROUP=c.cross_layer_every if w.cross else 1, num_warps=b["num_warps"], **pdl)))
                 x_in = bufs.ut
             out.append((l, "in_proj_conv", functools.partial(
-                k.decode_in_proj_conv_kernel[(n_c, batch)],
-                x_in, w.w_in, w.conv_w, w.conv_b, s_in.conv[l], s_out.conv[l], w.w_xT, bufs.xc, bufs.z, bufs.xpart,
-                d, di, c.d_conv, x_width,
-                BLOCK_C=cc["BLOCK_C"], BLOCK_KD=cc["BLOCK_KD"], KD_ITERS=cc["KD_ITERS"], BLOCK_W=cc["BLOCK_W"],
-                BLOCK_X=cc["BLOCK_X"], num_warps=cc["num_warps"])))
+                k.decode_in_proj_conv_kernel[(triton_cdiv(di, cc["BLOCK_C"]), batch)],
+                x_in, w.w_in, w.conv_w, w.conv_b, s_in.conv[l], s_out.conv[l], w.w_xT, bufs.xc, bufs.z,
+                bufs.xacc[l], d, di, c.d_conv, x_width,
+                BLOCK_C=cc["BLOCK_C"], BLOCK_KD=cc["BLOCK_KD"], BLOCK_W=cc["BLOCK_W"], BLOCK_X=cc["BLOCK_X"],
+                num_warps=cc["num_warps"], **pdl)))
             out.append((l, "ssm_out", functools.partial(
-                k.decode_ssm_out_kernel[(n_d, batch)],
-                bufs.xc, bufs.z, bufs.xpart, w.w_dt, w.dt_bias, w.A, w.D, s_in.ssm[l], s_out.ssm[l], w.w_outT,
-                bufs.opart, d, di, c.d_state, c.dt_rank, x_width, n_c,
-                BLOCK_C=e["BLOCK_C"], BLOCK_N=e["BLOCK_N"], BLOCK_R=e["BLOCK_R"], BLOCK_P=e["BLOCK_P"],
-                P_ITERS=e["P_ITERS"], BLOCK_O=e["BLOCK_O"], O_ITERS=e["O_ITERS"], num_warps=e["num_warps"])))
-        n_layers = c.n_layers
-        out.append((n_layers, "final_norm", functools.partial(
-            k.decode_norm_proj_kernel[(1, batch)],
-            bufs.tokens, self.embedding, bufs.h[(n_layers + 1) % 2], bufs.opart, bufs.h[n_layers % 2], bufs.uf,
-            self.norm_f, dummy, dummy, dummy, d, 0, n_d, c.norm_eps, self.embedding.stride(0),
-            BLOCK_DM=a["BLOCK_DM"], BLOCK_R=a["BLOCK_R"], BLOCK_P=a["BLOCK_P"], P_ITERS=a["P_ITERS"],
-            FROM_EMBEDDING=False, HAS_PROJ=False, num_warps=a["num_warps"])))
-        out.append((n_layers, "lm_head", functools.partial(self._lm_head, bufs)))
+                k.decode_ssm_out_kernel[(triton_cdiv(di, e["BLOCK_C"]), batch)],
+                bufs.xc, bufs.z, bufs.xacc[l], w.w_dt, w.dt_bias, w.A, w.D, s_in.ssm[l], s_out.ssm[l], w.w_outT,
+                bufs.oacc[l], d, di, c.d_state, c.dt_rank, x_width,
+                BLOCK_C=e["BLOCK_C"], BLOCK_N=e["BLOCK_N"], BLOCK_R=e["BLOCK_R"], BLOCK_O=e["BLOCK_O"],
+                num_warps=e["num_warps"], **pdl)))
+        out.append((c.n_layers, "final_norm", norm(c.n_layers, dummy, dummy, 0, bufs.uf)))
+        out.append((c.n_layers, "lm_head", functools.partial(self._lm_head, bufs)))
         return out
 
     def _lm_head(self, bufs: _Buffers) -> None:

@@ -116,23 +116,23 @@ def decode_aot_kernels(config, dtype: str = "fp16") -> dict:
     memmamba_deploy/backends/triton_backend.py TritonBackend._launch (documented in README.md)."""
     c = config
     blk = decode.decode_blocks(c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.pool_size, c.summary_dim,
-                               c.memory_heads)
+                               c.memory_heads, c.cross_layer_every)
     act = ACT[dtype]
 
     def cx(name, **extra):
-        return {k: v for k, v in blk[name].items() if k != "num_warps"} | extra
+        # USE_PDL off: griddepcontrol needs sm_90, and these launches carry no PDL attribute
+        return {k: v for k, v in blk[name].items() if k != "num_warps"} | dict(USE_PDL=False) | extra
 
     out = {}
     for emb in (True, False):
         for proj in ((True, False) if c.memory else (False,)):
             cxs = cx("norm_proj", FROM_EMBEDDING=emb, HAS_PROJ=proj)
-            if emb:
-                cxs["P_ITERS"] = 0                                   # layer 0 adds no out_proj partials
             out[f"decode_norm_proj{'_embed' if emb else ''}{'' if proj else '_noproj'}"] = dict(
                 fn=decode.decode_norm_proj_kernel,
                 signatures={dtype: _signature(decode.decode_norm_proj_kernel, dict(
                     tok_ptr="*i64", emb_ptr=act, h_prev_ptr="*fp32", part_ptr="*fp32", h_ptr="*fp32", u_ptr=act,
-                    norm_w_ptr=act, w_ptr=act, bias_ptr="*fp32", out_ptr=act, eps="fp32"), cxs)},
+                    norm_w_ptr=act, w_ptr=act, bias_ptr="*fp32", out_ptr=act, zx_ptr="*fp32", zo_ptr="*fp32",
+                    eps="fp32"), cxs)},
                 constexprs=cxs, num_warps=blk["norm_proj"]["num_warps"], num_stages=1,
                 grid=f"(cdiv(R, {cxs['BLOCK_R']}) or 1 without projection, B)", doc="decode kernel A")
     if c.memory:
@@ -152,15 +152,15 @@ def decode_aot_kernels(config, dtype: str = "fp16") -> dict:
         fn=decode.decode_in_proj_conv_kernel,
         signatures={dtype: _signature(decode.decode_in_proj_conv_kernel, dict(
             ut_ptr=act, w_in_ptr=act, conv_w_ptr=act, conv_b_ptr=act, win_in_ptr=act, win_out_ptr=act,
-            w_xT_ptr=act, xc_ptr=act, z_ptr=act, xpart_ptr="*fp32"), cxs)},
+            w_xT_ptr=act, xc_ptr=act, z_ptr=act, xacc_ptr="*fp32"), cxs)},
         constexprs=cxs, num_warps=blk["in_proj_conv"]["num_warps"], num_stages=1,
         grid=f"(cdiv(Di, {cxs['BLOCK_C']}), B)", doc="decode kernel C")
     cxs = cx("ssm_out")
     out["decode_ssm_out"] = dict(
         fn=decode.decode_ssm_out_kernel,
         signatures={dtype: _signature(decode.decode_ssm_out_kernel, dict(
-            xc_ptr=act, z_ptr=act, xpart_ptr="*fp32", w_dt_ptr=act, dt_bias_ptr=act, A_ptr="*fp32", D_ptr=act,
-            h_in_ptr="*fp32", h_out_ptr="*fp32", w_outT_ptr=act, opart_ptr="*fp32"), cxs)},
+            xc_ptr=act, z_ptr=act, xacc_ptr="*fp32", w_dt_ptr=act, dt_bias_ptr=act, A_ptr="*fp32", D_ptr=act,
+            h_in_ptr="*fp32", h_out_ptr="*fp32", w_outT_ptr=act, oacc_ptr="*fp32"), cxs)},
         constexprs=cxs, num_warps=blk["ssm_out"]["num_warps"], num_stages=1,
         grid=f"(cdiv(Di, {cxs['BLOCK_C']}), B)", doc="decode kernel D")
     return out
