@@ -3,6 +3,7 @@ the Triton backend replayed as a CUDA graph, and (--prefill T) one Triton-kernel
 on models/ops/triton/.
 
     python scripts/profile_decode.py [--preset 130m] [--dtype fp16] [--steps 50] [--no-memory] [--prefill 16384]
+                                     [--no-pdl] [--sweep]
 """
 import argparse
 
@@ -20,11 +21,14 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many tokens")
+    ap.add_argument("--no-pdl", action="store_true", help="profile without programmatic dependent launch (kernel "
+                    "times then do not overlap)")
+    ap.add_argument("--sweep", action="store_true", help="time the step over block sizes of in_proj_conv/ssm_out")
     args = ap.parse_args()
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
     model = MemMambaLM(MemMambaConfig.preset(args.preset, memory=not args.no_memory)).to("cuda", dtype).eval()
-    be = TritonBackend(model, cuda_graph=True)
+    be = TritonBackend(model, cuda_graph=True, pdl=False if args.no_pdl else None)
     tok = torch.zeros(1, dtype=torch.long, device="cuda")
     _, state = be.prefill(torch.zeros(1, 64, dtype=torch.long), be.new_state(1))
     for _ in range(10):
@@ -36,19 +40,19 @@ def main():
         torch.cuda.synchronize()
     report(prof, args.steps, f"{args.preset} {args.dtype} memory={'off' if args.no_memory else 'on'}: decode step")
     for pdl in (True, False):                       # wall time per step (graph replays), PDL on / off
-        be = TritonBackend(model, cuda_graph=True, pdl=pdl)
-        graph = be._get_buffers(1).graphs[0]
-        graph.replay()
-        times = []
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(args.steps):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / args.steps)
-        print(f"decode step, CUDA graph, pdl={pdl}: median {sorted(times)[2]:.3f} ms/token (5 runs of {args.steps})")
+        print(f"decode step, CUDA graph, pdl={pdl}: {replay_ms(TritonBackend(model, True, pdl), args.steps):.3f} "
+              f"ms/token (median of 5 runs of {args.steps})")
+    if args.sweep:
+        for c_block in (4, 8, 16, 32):
+            for d_block in (8, 16, 32, 64):
+                row = []
+                for pdl in (True, False):
+                    be = TritonBackend(model, cuda_graph=True, pdl=pdl)
+                    be.blocks["in_proj_conv"].update(BLOCK_C=c_block, num_warps=4 if c_block <= 8 else 8)
+                    be.blocks["ssm_out"].update(BLOCK_C=d_block, num_warps=4 if d_block <= 8 else 8)
+                    row.append(replay_ms(be, args.steps))
+                print(f"sweep in_proj_conv BLOCK_C={c_block:<3} ssm_out BLOCK_C={d_block:<3} ms/token: pdl "
+                      f"{row[0]:.3f}  no pdl {row[1]:.3f}")
     if args.prefill:
         model.set_kernels("triton")
         ids = torch.randint(0, model.config.vocab_size, (1, args.prefill), device="cuda")
@@ -59,6 +63,22 @@ def main():
                 model.prefill(ids)
                 torch.cuda.synchronize()
         report(prof, 1, f"prefill of {args.prefill} tokens")
+
+
+def replay_ms(be, steps):
+    """Median over 5 runs of `steps` graph replays, ms per step."""
+    graph = be._get_buffers(1).graphs[0]
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / steps)
+    return sorted(times)[2]
 
 
 def report(prof, steps, what):

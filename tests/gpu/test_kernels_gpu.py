@@ -305,13 +305,15 @@ def test_decode_130m_preset_teacher_forced(dtype, g):
 def test_cuda_graph_replay_equals_eager_launches(g):
     from memmamba_deploy.backends.triton_backend import TritonBackend
 
-    model = gpu_model(torch.float16, **SMALL)
+    # fp32: the x_proj / out_proj sums are fp32 atomics, so two runs agree to rounding, not bit for bit; in fp16
+    # a last-bit difference could round either way and grow over 50 steps
+    model = gpu_model(torch.float32, **SMALL)
     graphed, eager = TritonBackend(model, cuda_graph=True), TritonBackend(model, cuda_graph=False)
     sg, se = graphed.new_state(3), eager.new_state(3)
     for _ in range(50):
         token = torch.randint(0, 256, (3,), generator=g).to(DEV)
         lg, sg = graphed.step(token, sg)
         le, se = eager.step(token, se)
-        assert rel_err(lg, le) <= 2e-3                 # the LM head is cuBLAS: its algorithm may differ in capture
+        assert rel_err(lg, le) <= 1e-5
     for k, v in graphed.to_reference(sg).tensors().items():
-        assert torch.equal(v, eager.to_reference(se).tensors()[k]), k     # the Triton kernels: bit for bit
+        assert rel_err(v, eager.to_reference(se).tensors()[k]) <= 1e-5, k
