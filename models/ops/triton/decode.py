@@ -331,11 +331,13 @@ def decode_ssm_out_kernel(
 def decode_blocks(d: int, d_inner: int, d_state: int, dt_rank: int, d_conv: int, pool_size: int, summary_dim: int,
                   heads: int, cross_layer_every: int = 1) -> dict:
     """Block sizes of the four kernels for one model shape: C and D take whole rows of d (one tile, loaded before
-    the wait) in blocks of channels small enough for ~100-200 programs at 130m sizes and <= 16K values a tile."""
+    the wait) in blocks of 8 channels (130m: 192 programs each). Chosen by a sweep on an H100 (BENCHMARKS.md):
+    4-32 channels a block and 4 or 8 warps all land within ~15% of each other; larger tiles spill in the AOT
+    build (which has no divisibility specialisation, so its loads are not vectorised)."""
     p2 = triton.next_power_of_2
     block_dm = p2(d)
     c_block = max(1, min(8, 8192 // block_dm))           # 130m: 8 channels x 2 (x, z) rows -> 192 programs
-    d_block = max(1, min(16, 16384 // block_dm))         # 130m: 16 channels -> 96 programs
+    d_block = max(1, min(8, 8192 // block_dm))           # 130m: 8 channels -> 192 programs
     return dict(
         norm_proj=dict(BLOCK_DM=block_dm, BLOCK_R=max(1, min(16, 8192 // block_dm)), BLOCK_X=p2(dt_rank + 2 * d_state), num_warps=4),
         note_pool=dict(BLOCK_O=min(32, p2(max(1, d // heads))), BLOCK_K=p2(pool_size), BLOCK_DS=p2(summary_dim),
@@ -344,6 +346,5 @@ def decode_blocks(d: int, d_inner: int, d_state: int, dt_rank: int, d_conv: int,
                        num_warps=8 if p2(pool_size * cross_layer_every) * p2(summary_dim) >= 4096 else 4),
         in_proj_conv=dict(BLOCK_C=c_block, BLOCK_KD=block_dm, BLOCK_W=p2(d_conv), BLOCK_X=p2(dt_rank + 2 * d_state),
                           num_warps=4),
-        ssm_out=dict(BLOCK_C=d_block, BLOCK_N=p2(d_state), BLOCK_R=p2(dt_rank), BLOCK_O=block_dm,
-                     num_warps=8 if d_block * block_dm >= 8192 else 4),
+        ssm_out=dict(BLOCK_C=d_block, BLOCK_N=p2(d_state), BLOCK_R=p2(dt_rank), BLOCK_O=block_dm, num_warps=4),
     )
