@@ -7,7 +7,8 @@ In one run, on one GPU:
                    the PyTorch reference step, the Triton path launched eagerly, the Triton path as one CUDA graph
                    (graph replay alone, and backend.step() with its token copy and logits clone); also the
                    memory-off 130m (plain Mamba) for the 1.22 ms mamba_ssm anchor; floor = parameter bytes / copy BW
-  prefill          tokens/s of MemMambaLM.prefill, 130m fp16, batch 1, at 2k/16k/64k with kernels="triton"; the
+  prefill          tokens/s of MemMambaLM.prefill(last_only=True) (the state and the last token's logits, what
+                   generation needs), 130m fp16, batch 1, at 2k/16k/64k with kernels="triton"; the
                    reference at 2k only (its scan is a Python loop over tokens)
   kernels          each kernel on 130m shapes against its own bytes floor (L2 flushed before every repeat)
 
@@ -142,16 +143,16 @@ def bench_prefill(lengths=(2048, 16384, 65536), reference_at=2048) -> dict:
     g = torch.Generator().manual_seed(2)
     for T in lengths:
         ids = torch.randint(0, 50280, (1, T), generator=g).to(DEV)
-        fast.prefill(ids)                                          # compiles this length's specialisations
-        ms = time_ms(lambda: fast.prefill(ids), reps=3 if T > 16384 else 5, warmup=1)
+        fast.prefill(ids, last_only=True)                          # compiles this length's specialisations
+        ms = time_ms(lambda: fast.prefill(ids, last_only=True), reps=3 if T > 16384 else 5, warmup=1)
         out[T] = T / (ms * 1e-3)
         row("prefill", f"130m fp16 prefill {T // 1024}k tokens: triton", ms, None, tokens_per_s=out[T])
     if reference_at:
         ids = torch.randint(0, 50280, (1, reference_at), generator=g).to(DEV)
-        model.prefill(ids[:, :64])
+        model.prefill(ids[:, :64], last_only=True)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.prefill(ids)
+        model.prefill(ids, last_only=True)
         torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
         out["reference"] = reference_at / (ms * 1e-3)

@@ -284,7 +284,7 @@ class MemMambaLM(nn.Module):
         return F.linear(self.norm_f(h), self.embeddings.weight).float()
 
     # ---- parallel form (§8) --------------------------------------------------------------------------------
-    def _run(self, input_ids, state: State | None, want_hidden: bool):
+    def _run(self, input_ids, state: State | None, want_hidden: bool, last_only: bool = False):
         c, ops = self.config, self.ops
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, T], got shape {list(input_ids.shape)}")
@@ -322,15 +322,18 @@ class MemMambaLM(nn.Module):
             if want_hidden:
                 hidden.append(h)
         new_state = State(**{k: torch.stack(v) for k, v in out.items()})
-        return self._logits(h), new_state, hidden
+        return self._logits(h[:, -1:] if last_only else h), new_state, hidden
 
     def forward(self, input_ids: torch.Tensor, state: State | None = None) -> torch.Tensor:
         """input_ids [B,T] -> logits [B,T,vocab] (fp32)."""
         return self._run(input_ids, state, False)[0]
 
-    def prefill(self, input_ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """forward that also returns the state after the last token (resumes from `state` if given)."""
-        logits, new_state, _ = self._run(input_ids, state, False)
+    def prefill(self, input_ids: torch.Tensor, state: State | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, State]:
+        """forward that also returns the state after the last token (resumes from `state` if given).
+        last_only: logits of the last token only ([B,1,vocab]), which is what generation needs: the LM head
+        over every token of a long prompt costs more than some layers (a 16k prompt: 3.3 GB of fp32 logits)."""
+        logits, new_state, _ = self._run(input_ids, state, False, last_only)
         return logits, new_state
 
     def hidden_states(self, input_ids: torch.Tensor, state: State | None = None) -> list[torch.Tensor]:

@@ -70,8 +70,12 @@ def test_prefill_then_step_and_prefill_resume_equal_forward(variant):
     _, mid = model.prefill(ids[:, :50])
     steps, _ = run_steps(model, ids[:, 50:], mid)
     assert rel_err(steps, full[:, 50:]) <= 1e-5
-    second, _ = model.prefill(ids[:, 50:], mid)
+    second, end = model.prefill(ids[:, 50:], mid)
     assert rel_err(second, full[:, 50:]) <= 1e-5
+    last, end_last = model.prefill(ids[:, 50:], mid, last_only=True)      # generation's prefill: last logits
+    assert last.shape == (2, 1, 256) and rel_err(last, second[:, -1:]) <= 1e-6   # a GEMM of another shape
+    for k, v in end.tensors().items():
+        assert torch.equal(v, end_last.tensors()[k]), k
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ class TorchBackend:
     @torch.no_grad()
     def prefill(self, input_ids, state):
         ids = torch.as_tensor(input_ids).to(self.model.device).long()
-        logits, state = self.model.prefill(ids, state)
+        logits, state = self.model.prefill(ids, state, last_only=True)
         return logits[:, -1], state
 
     @torch.no_grad()

@@ -263,7 +263,7 @@ class TritonBackend:
         ids = torch.as_tensor(input_ids).to(self.device).long()
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, T] with T >= 1, got shape {list(ids.shape)}")
-        logits, new = self.model.prefill(ids, self._as_state(state, ids.shape[0]))
+        logits, new = self.model.prefill(ids, self._as_state(state, ids.shape[0]), last_only=True)
         return logits[:, -1], TritonState(new)
 
     @torch.no_grad()
