@@ -263,7 +263,7 @@ def compare(reference: MemMambaLM, backend, prompt: torch.Tensor, steps: int, rt
     with DecisionRecorder(reference) as rec:
         decisions = _Decisions(r, rec, c, flip_radius)
         with rec.on():
-            ref_logits, ref_state = reference.prefill(prompt.to(dev))
+            ref_logits, ref_state = reference.prefill(prompt.to(dev), last_only=True)   # as backends prefill
         ref_logits = ref_logits[:, -1].float().cpu()
         a, b = rec.take()
         if a is not None:

@@ -2,12 +2,12 @@
 per step; prefill through MemMambaLM(kernels="triton").prefill.
 
 A step is four kernel launches per layer (three without the memory path), plus the final RMSNorm and the tied
-LM head (a torch matmul); on sm_90+ they launch with programmatic dependent launch (decode.py says how). The
-state lives in two preallocated buffers per batch size (ping-pong): a step reads one and writes the other, so no
-kernel or captured graph updates a buffer it reads (deployment-notes: in-place state updates in a CUDA graph
-biased onnxruntime-genai). States returned to the caller stay valid for as long as the caller keeps them (the
-Backend protocol): before a buffer is overwritten, a state still alive in it is moved to memory of its own. The usual loop (`logits, state = backend.step(token, state)`) drops the old state first,
-so it never copies.
+LM head (a torch matmul); on sm_90+ the Triton kernels launch with programmatic dependent launch (decode.py says
+how). The state lives in two preallocated buffers per batch size (ping-pong): a step reads one and writes the
+other, so no kernel or captured graph updates a buffer it reads (deployment-notes: in-place state updates in a
+CUDA graph biased onnxruntime-genai). States returned to the caller stay valid for as long as the caller keeps
+them (the Backend protocol): before a buffer is overwritten, a state still alive in it is moved to memory of its
+own. The usual loop (`logits, state = backend.step(token, state)`) drops the old state first, so it never copies.
 """
 from __future__ import annotations
 

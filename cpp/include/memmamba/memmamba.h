@@ -84,7 +84,7 @@ struct SessionOptions
     //! native: "cublas" (projections with cuBLASLt, the model's other kernels between them: 9 launches per layer;
     //! bit-for-bit reproducible) or "fused" (models/ops/triton/decode.py's four launches per layer, projections
     //! inside the Triton kernels, as the Python fast path: 0.60 vs 0.93 ms/token for 130m fp16 on an H100, but its
-    //! partial sums meet in fp32 atomics, so two runs agree to rounding, not bit for bit); the same math
+    //! partial sums meet in fp32 atomics, so two runs agree within rounding, not bit for bit); the same math
     std::string plan{"cublas"};
     uint64_t seed{0};              //!< sampling seed (see Session::reseed)
     std::string pluginLibrary;     //!< tensorrt: overrides the library recorded in manifest.json
