@@ -11,6 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from memmamba_deploy.backends.triton_backend import TritonBackend
+from memmamba_deploy.bench_kernels import time_ms
 from memmamba_deploy.models import MemMambaConfig, MemMambaLM
 
 
@@ -66,19 +67,9 @@ def main():
 
 
 def replay_ms(be, steps):
-    """Median over 5 runs of `steps` graph replays, ms per step."""
+    """Median over 5 runs of `steps` back-to-back graph replays, ms per step."""
     graph = be._get_buffers(1).graphs[0]
-    graph.replay()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / steps)
-    return sorted(times)[2]
+    return time_ms(lambda: [graph.replay() for _ in range(steps)], reps=5, warmup=1) / steps
 
 
 def report(prof, steps, what):
