@@ -113,6 +113,9 @@ def bench_decode(dtype, bw: float, memory: bool = True, reference: bool = True) 
     if graphed.pdl:                                 # what programmatic dependent launch buys
         nb = TritonBackend(model, cuda_graph=True, pdl=False)._get_buffers(1)   # a step costs the same on any state
         result["graph_replay_no_pdl"] = time_ms(lambda: nb.graphs[0].replay(), reps=300, warmup=10)
+    # the same step as one persistent kernel (TritonBackend step_kernel="persistent")
+    pb = TritonBackend(model, cuda_graph=True, step_kernel="persistent")._get_buffers(1)
+    result["graph_replay_persistent"] = time_ms(lambda: pb.graphs[0].replay(), reps=300, warmup=10)
     eager = TritonBackend(model, cuda_graph=False)
     e_state = eager.copy_state(ref_state)
 
@@ -206,7 +209,7 @@ def bench_kernels(bw: float, T: int = 16384) -> None:
         row("kernel", f"pool_attention T={T // 1024}k S={groups * K}", ms, floor(nbytes), bytes=nbytes)
     # the decode kernels of one 130m layer (a cross layer), fp16, batch 1
     model = make_130m(torch.float16)
-    backend = TritonBackend(model, cuda_graph=False)
+    backend = TritonBackend(model, cuda_graph=False, step_kernel="layered")
     bufs = backend._get_buffers(1)
     backend._launch(bufs, 0)
     layer = c.cross_layer_every - 1
@@ -252,6 +255,7 @@ def report(out_dir: Path, decode: list[dict], prefill: dict, bw: float) -> None:
         print(f"@@ kernel-bench: decode {d['name']} CUDA graph {d['graph_replay']:.3f} ms/token (step() "
               f"{d['graph_step']:.3f}, eager {d['eager_step']:.2f}{ref}"
               + (f", without PDL {d['graph_replay_no_pdl']:.3f}" if "graph_replay_no_pdl" in d else "")
+              + f", persistent kernel {d['graph_replay_persistent']:.3f}"
               + f"); floor {d['floor']:.3f} ms, "
               f"{d['graph_replay'] / d['floor']:.1f}x")
     if prefill:

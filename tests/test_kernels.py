@@ -216,7 +216,8 @@ def test_model_trains_with_triton_kernels(rng):
 def poison_backend(backend, batch, keep):
     """NaN into every buffer of the step except the state it will read."""
     bufs = backend._get_buffers(batch)
-    for t in (bufs.h, bufs.u, bufs.mem, bufs.ut, bufs.xc, bufs.z, bufs.xacc, bufs.oacc, bufs.uf, bufs.logits):
+    for t in (bufs.h, bufs.u, bufs.mem, bufs.ut, bufs.xc, bufs.z, bufs.xacc, bufs.oacc, bufs.uf, bufs.logits,
+              bufs.note, bufs.reads):
         t.fill_(float("nan"))
     for s in bufs.states:
         if s is not keep:
@@ -225,15 +226,16 @@ def poison_backend(backend, batch, keep):
 
 
 @interpreted
+@pytest.mark.parametrize("step_kernel", ["phased", "layered"])
 @pytest.mark.parametrize("variant, batch", [
     (dict(), 2), (dict(n_layers=3, summary_dim=8, memory_heads=4, d_state=4), 1), (dict(memory=False), 1)],
     ids=["tiny-B2", "L3-trailing-H4", "no-memory"])
 @torch.no_grad()
-def test_triton_backend_decode_matches_reference_step(variant, batch, rng):
+def test_triton_backend_decode_matches_reference_step(variant, batch, step_kernel, rng):
     from memmamba_deploy.backends.triton_backend import TritonBackend
 
     model = make_model(5, **variant)
-    backend = TritonBackend(model, cuda_graph=False)
+    backend = TritonBackend(model, cuda_graph=False, step_kernel=step_kernel)
     ids = torch.randint(0, 256, (batch, 44), generator=rng)
     _, ref_state = model.prefill(ids[:, :40])                       # pools full: inserts replace from here on
     state = backend.copy_state(ref_state)

@@ -1,9 +1,15 @@
-"""The fast decode path: the fused Triton decode kernels (models/ops/triton/decode.py), optionally one CUDA graph
-per step; prefill through MemMambaLM(kernels="triton").prefill.
+"""The fast decode path: the Triton decode kernels, optionally one CUDA graph per step; prefill through
+MemMambaLM(kernels="triton").prefill.
 
-A step is four kernel launches per layer (three without the memory path), plus the final RMSNorm and the tied
-LM head (a torch matmul); on sm_90+ the Triton kernels launch with programmatic dependent launch (decode.py says
-how). The state lives in two preallocated buffers per batch size (ping-pong): a step reads one and writes the
+Three ways to run the same step math (step_kernel=):
+  "layered"     (default) the four per-layer kernels of models/ops/triton/decode.py (three without the memory
+                path), with programmatic dependent launch on sm_90+; what the C++ runtime's fused plan runs (cpp/).
+  "persistent"  (GPU) the whole step, every layer, in one cooperative launch of models/ops/triton/decode_step.py,
+                with grid-wide barriers between its phases. On an H100 it beats "layered" without the memory path
+                and loses to it with (BENCHMARKS.md, 2026-11-25 evening).
+  "phased"      the persistent kernel launched once per phase (no barrier): how Triton's interpreter runs it on the
+                CPU, where a barrier would never open; correct on a GPU too, just slower.
+The tied LM head is a cuBLAS matmul after the kernels. The state lives in two preallocated buffers per batch size (ping-pong): a step reads one and writes the
 other, so no kernel or captured graph updates a buffer it reads (deployment-notes: in-place state updates in a
 CUDA graph biased onnxruntime-genai). States returned to the caller stay valid for as long as the caller keeps
 them (the Backend protocol): before a buffer is overwritten, a state still alive in it is moved to memory of its
@@ -53,6 +59,10 @@ class _Buffers:
     oacc: torch.Tensor         # [L, B, d] fp32 out_proj sums per layer (atomics of kernel D)
     uf: torch.Tensor           # [B, d] final RMSNorm output
     logits: torch.Tensor       # [B, V] fp32
+    ws: torch.Tensor           # fp32 workspace of the persistent kernel, zeroed before each step: barrier counter
+    acc: torch.Tensor          # view of ws: [L, B, R+2N + d] fp32 x_proj and out_proj sums per layer
+    note: torch.Tensor         # [B, d/4 + d_s] score_in and summary rows of u (persistent kernel)
+    reads: torch.Tensor        # [2, B, d] r_tok, r_cross (persistent kernel)
     states: list               # two State objects: the ping-pong pair
     owners: list               # weakref to the TritonState living in each state buffer (or None)
     graphs: list | None = None
@@ -61,13 +71,16 @@ class _Buffers:
 class TritonBackend:
     """Backend protocol (backends/base.py) over the fused Triton decode kernels.
 
-    cuda_graph=True captures the whole step (all layers, LM head) once per batch size and replays it; pdl
-    (default: where the GPU has it, sm_90+) launches the kernels with programmatic dependent launch.
-    On a CPU model (tests) the same kernels run in Triton's interpreter, without graphs."""
+    cuda_graph=True captures the whole step (all layers, LM head) once per batch size and replays it.
+    step_kernel: "layered" (default), "persistent" or "phased" (the module docstring). pdl (layered only; default
+    where the GPU has it, sm_90+): programmatic dependent launch.
+    On a CPU model (tests) the kernels run in Triton's interpreter, without graphs."""
 
     name = "triton"
+    STEP_KERNELS = ("persistent", "phased", "layered")
 
-    def __init__(self, model: MemMambaLM, cuda_graph: bool = True, pdl: bool | None = None):
+    def __init__(self, model: MemMambaLM, cuda_graph: bool = True, pdl: bool | None = None,
+                 step_kernel: str = "layered"):
         from ..models.ops.triton import kernels_for
 
         self.config: MemMambaConfig = model.config
@@ -77,17 +90,30 @@ class TritonBackend:
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {self.device} "
                              f"(use cuda_graph=False)")
         self.cuda_graph = cuda_graph
-        self.k = kernels_for(self.device).decode
+        if step_kernel not in self.STEP_KERNELS:
+            raise ValueError(f"step_kernel must be one of {', '.join(self.STEP_KERNELS)}, not {step_kernel!r}")
+        if step_kernel == "persistent" and self.device.type != "cuda":
+            raise ValueError("step_kernel='persistent' needs a CUDA device (its grid barriers cannot run in Triton's "
+                             "interpreter); use 'phased'")
+        self.step_kernel = step_kernel
+        self.profile = None            # an int64 [grid, 256, 4] tensor: the persistent kernel stamps its phases there
+        kernels = kernels_for(self.device)
+        self.k, self.ks = kernels.decode, kernels.step
         c = self.config
         self.blocks = self.k.decode_blocks(c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.pool_size,
                                            c.summary_dim, c.memory_heads, c.cross_layer_every)
+        self.step_blocks = self.ks.step_blocks(c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.pool_size,
+                                               c.summary_dim, c.memory_heads, c.cross_layer_every, c.memory)
         # programmatic dependent launch (sm_90+): each kernel prefetches its weights while its predecessor runs;
         # pdl=None takes it where the GPU has it, False turns it off (to measure what it buys)
         can_pdl = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
         if pdl and not can_pdl:
             raise ValueError(f"pdl=True needs a CUDA device of compute capability 9.0 or newer, not {self.device}")
         self.pdl = can_pdl if pdl is None else pdl
-        self.layers = [self._pack(model, l) for l in range(c.n_layers)]
+        if step_kernel == "layered":
+            self.layers = [self._pack(model, l) for l in range(c.n_layers)]
+        else:
+            self.stacked = self._stack(model)
         self.norm_f = model.norm_f.weight.detach()
         self.embedding = model.embeddings.weight.detach()
         self._buffers: dict[int, _Buffers] = {}
@@ -132,13 +158,45 @@ class TritonBackend:
             w.w_score = layer.note.score_out.weight.detach()[0].contiguous()
         return w
 
+    @torch.no_grad()
+    def _stack(self, model: MemMambaLM) -> types.SimpleNamespace:
+        """Every layer's weights stacked into [L, ...] tensors (the persistent kernel indexes them by layer), the
+        cross-layer attention's over the cross layers. A copy of the layers' weights (130m fp16: 0.2 GB)."""
+        c, layers = self.config, list(model.layers)
+
+        def st(f, which=layers):            # no cross layer (L < p): a placeholder the kernel never reads
+            if not which:
+                return torch.zeros(1, device=self.device, dtype=self.dtype)
+            return torch.stack([f(y).detach() for y in which]).contiguous()
+
+        w = types.SimpleNamespace(
+            norm_w=st(lambda y: y.norm.weight), w_in=st(lambda y: y.mixer.in_proj.weight),
+            conv_w=st(lambda y: y.mixer.conv1d.weight[:, 0]), conv_b=st(lambda y: y.mixer.conv1d.bias),
+            w_xT=st(lambda y: y.mixer.x_proj.weight.t()), w_dt=st(lambda y: y.mixer.dt_proj.weight),
+            dt_bias=st(lambda y: y.mixer.dt_proj.bias), A=st(lambda y: -torch.exp(y.mixer.A_log.float())),
+            D=st(lambda y: y.mixer.D), w_outT=st(lambda y: y.mixer.out_proj.weight.t()))
+        if c.memory:
+            cross = [y for i, y in enumerate(layers) if c.is_cross_layer(i)]
+            w.w_q = st(lambda y: y.token_attn.q_proj.weight)
+            w.w_trig = st(lambda y: y.token_attn.trigger.weight[0])
+            w.b_trig = st(lambda y: y.token_attn.trigger.bias.float()[0])
+            w.w_note = st(lambda y: torch.cat([y.note.score_in.weight, y.note.summary.weight]))
+            w.wk, w.wv = st(lambda y: y.token_attn.k_proj.weight), st(lambda y: y.token_attn.v_proj.weight)
+            w.alpha = st(lambda y: y.token_attn.alpha[0])
+            w.w_score = st(lambda y: y.note.score_out.weight[0])
+            w.w_xq = st(lambda y: y.cross_attn.q_proj.weight, cross)
+            w.x_wk, w.x_wv = st(lambda y: y.cross_attn.k_proj.weight, cross), st(lambda y: y.cross_attn.v_proj.weight, cross)
+            w.x_alpha = st(lambda y: y.cross_attn.alpha[0], cross)
+        return w
+
     # ---- buffers and graphs -----------------------------------------------------------------------------------
     def _get_buffers(self, batch: int) -> _Buffers:
         if batch in self._buffers:
             return self._buffers[batch]
         c, dev, dt = self.config, self.device, self.dtype
         f32 = dict(device=dev, dtype=torch.float32)
-        r_mem = max([w.w_mem.shape[0] for w in self.layers] if c.memory else [1])
+        r_mem = max([w.w_mem.shape[0] for w in self.layers] if c.memory and self.step_kernel == "layered" else [1])
+        x_width = c.dt_rank + 2 * c.d_state
         bufs = _Buffers(
             tokens=torch.zeros(batch, device=dev, dtype=torch.long),
             h=torch.zeros(2, batch, c.d_model, **f32),
@@ -147,12 +205,16 @@ class TritonBackend:
             ut=torch.zeros(batch, c.d_model, device=dev, dtype=dt),
             xc=torch.zeros(batch, c.d_inner, device=dev, dtype=dt),
             z=torch.zeros(batch, c.d_inner, device=dev, dtype=dt),
-            xacc=torch.zeros(c.n_layers, batch, c.dt_rank + 2 * c.d_state, **f32),
+            xacc=torch.zeros(c.n_layers, batch, x_width, **f32),
             oacc=torch.zeros(c.n_layers, batch, c.d_model, **f32),
             uf=torch.zeros(batch, c.d_model, device=dev, dtype=dt),
             logits=torch.zeros(batch, c.vocab_size, **f32),
+            ws=torch.zeros(4 + c.n_layers * self.step_blocks['ACC_COPIES'] * batch * (x_width + c.d_model), **f32),
+            acc=None, note=torch.zeros(batch, c.d_model // 4 + c.summary_dim, device=dev, dtype=dt),
+            reads=torch.zeros(2, batch, c.d_model, device=dev, dtype=dt),
             states=[State.zeros(c, batch, dev, dt), State.zeros(c, batch, dev, dt)],
             owners=[None, None])
+        bufs.acc = bufs.ws[4:]                 # [L, copies, B, R+2N + d], 16-byte aligned after the counter
         if self.cuda_graph:
             bufs.graphs = self._capture(bufs)
         self._buffers[batch] = bufs
@@ -176,8 +238,43 @@ class TritonBackend:
     # ---- one step: the kernel sequence --------------------------------------------------------------------------
     def _launch(self, bufs: _Buffers, src: int) -> None:
         """Read state buffer `src`, write state buffer 1 - src, tokens -> logits."""
-        for _, _, launch in self.launches(bufs, src):
-            launch()
+        if self.step_kernel == "layered":
+            for _, _, launch in self.launches(bufs, src):
+                launch()
+            return
+        bufs.ws.zero_()
+        launch, n_phases = self._step_launch(bufs, src)
+        if self.step_kernel == "persistent":
+            launch(0, n_phases, GRID_SYNC=True, launch_cooperative_grid=True)
+        else:
+            for s in range(n_phases):
+                launch(s, s + 1, GRID_SYNC=False)
+        self._lm_head(bufs)
+
+    def _step_launch(self, bufs: _Buffers, src: int):
+        """(launch(s_lo, s_hi, **options), number of phases) for decode_step_kernel on this step's buffers."""
+        c, w, blk = self.config, self.stacked, dict(self.step_blocks)
+        s_in, s_out = bufs.states[src], bufs.states[1 - src]
+        grid = blk.pop("grid")
+        batch, heads, ds = bufs.tokens.shape[0], c.memory_heads, c.summary_dim
+        dummy = bufs.h
+        mem = (w.w_q, w.w_trig, w.b_trig, w.w_note, w.wk, w.wv, w.alpha, w.w_score, w.w_xq, w.x_wk, w.x_wv,
+               w.x_alpha) if c.memory else (dummy,) * 12
+        pool = (s_in.pool, s_in.prio) if c.memory else (dummy, dummy)
+        pool_out = (s_out.pool, s_out.prio) if c.memory else (dummy, dummy)
+        n_phases = c.n_layers * (3 if c.memory else 2) + 1
+
+        def launch(s_lo, s_hi, **options):
+            self.ks.decode_step_kernel[(grid,)](
+                bufs.tokens, self.embedding, bufs.h, bufs.u, bufs.reads, bufs.note, bufs.xc, bufs.z, bufs.acc,
+                bufs.ws[:1].view(torch.int32), bufs.uf, self.profile if self.profile is not None else bufs.h, s_in.conv, s_in.ssm, *pool, s_out.conv, s_out.ssm, *pool_out,
+                w.norm_w, self.norm_f, w.w_in, w.conv_w, w.conv_b, w.w_xT, w.w_dt, w.dt_bias, w.A, w.D, w.w_outT,
+                *mem, batch, c.n_layers, c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.pool_size, ds,
+                ds // heads, c.d_model // heads, c.d_model // 4, c.cross_layer_every, self.embedding.stride(0),
+                c.norm_eps, fp32(c.insert_threshold), fp32(c.read_threshold), (ds // heads) ** -0.5, grid, s_lo,
+                s_hi, HAS_MEMORY=c.memory, PROFILE=self.profile is not None, **blk,
+                **options)
+        return launch, n_phases
 
     def launches(self, bufs: _Buffers, src: int):
         """The step as (layer, kernel name, thunk) in launch order (bench_kernels times them one by one)."""

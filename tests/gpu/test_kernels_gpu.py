@@ -241,13 +241,17 @@ class Decisions:
             h.remove()
 
 
+STEP_KERNELS = ["layered", "persistent"]
+
+
+@pytest.mark.parametrize("step_kernel", STEP_KERNELS)
 @pytest.mark.parametrize("variant", [dict(), SMALL, dict(memory=False)], ids=["tiny", "small", "no-memory"])
 @torch.no_grad()
-def test_decode_1k_greedy_steps_cuda_graph_fp32(variant, g):
+def test_decode_1k_greedy_steps_cuda_graph_fp32(variant, step_kernel, g):
     from memmamba_deploy.backends.triton_backend import TritonBackend
 
     model = gpu_model(torch.float32, **variant)
-    backend = TritonBackend(model, cuda_graph=True)
+    backend = TritonBackend(model, cuda_graph=True, step_kernel=step_kernel)
     decisions = Decisions(model)
     prompt = torch.randint(0, 256, (2, 64), generator=g).to(DEV)
     ref_logits, ref_state = model.prefill(prompt)
@@ -269,20 +273,21 @@ def test_decode_1k_greedy_steps_cuda_graph_fp32(variant, g):
         token = ref_l.argmax(-1)                                     # the reference drives the tokens
     decisions.close()
     state_err = max(rel_err(v, ref_state.tensors()[k]) for k, v in backend.to_reference(state).tensors().items())
-    record(test="decode_1k_fp32_graph", variant=str(variant), err=worst, greedy_disagreements=disagree,
+    record(test="decode_1k_fp32_graph", variant=str(variant), step_kernel=step_kernel, err=worst, greedy_disagreements=disagree,
            decision_flips=flips, state_err=state_err)
     assert worst <= 1e-4 and disagree == 0 and flips <= 3 and (flips or state_err <= 1e-4)
 
 
+@pytest.mark.parametrize("step_kernel", STEP_KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids_dtype.get)
 @torch.no_grad()
-def test_decode_130m_preset_teacher_forced(dtype, g):
+def test_decode_130m_preset_teacher_forced(dtype, step_kernel, g):
     """The 130m shape (the benchmark's block sizes), random weights, each step from the reference's state."""
     from memmamba_deploy.backends.triton_backend import TritonBackend
 
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
     model = MemMambaLM(MemMambaConfig.preset("130m")).to(DEV, dtype).eval()
-    backend = TritonBackend(model, cuda_graph=True)
+    backend = TritonBackend(model, cuda_graph=True, step_kernel=step_kernel)
     decisions = Decisions(model)
     _, ref_state = model.prefill(torch.randint(0, 50280, (1, 200), generator=g).to(DEV))
     errs, flips = [], 0
@@ -297,18 +302,22 @@ def test_decode_130m_preset_teacher_forced(dtype, g):
         else:
             errs.append(err)
     decisions.close()
-    record(test="decode_130m_teacher_forced", dtype=ids_dtype[dtype], err=max(errs), decision_flips=flips)
+    record(test="decode_130m_teacher_forced", dtype=ids_dtype[dtype], step_kernel=step_kernel, err=max(errs),
+           decision_flips=flips)
     assert max(errs) <= TOL[dtype] and flips <= 2
 
 
+@pytest.mark.parametrize("step_kernel", STEP_KERNELS)
 @torch.no_grad()
-def test_cuda_graph_replay_equals_eager_launches(g):
+def test_cuda_graph_replay_equals_eager_launches(step_kernel, g):
     from memmamba_deploy.backends.triton_backend import TritonBackend
 
     # fp32: the x_proj / out_proj sums are fp32 atomics, so two runs agree to rounding, not bit for bit; in fp16
-    # a last-bit difference could round either way and grow over 50 steps
+    # a last-bit difference could round either way and grow over 50 steps. The eager side of the persistent
+    # kernel is its phased form (one launch per phase): the barriers' version against the plain one.
     model = gpu_model(torch.float32, **SMALL)
-    graphed, eager = TritonBackend(model, cuda_graph=True), TritonBackend(model, cuda_graph=False)
+    graphed = TritonBackend(model, cuda_graph=True, step_kernel=step_kernel)
+    eager = TritonBackend(model, cuda_graph=False, step_kernel="phased" if step_kernel == "persistent" else step_kernel)
     sg, se = graphed.new_state(3), eager.new_state(3)
     for _ in range(50):
         token = torch.randint(0, 256, (3,), generator=g).to(DEV)

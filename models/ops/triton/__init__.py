@@ -2,7 +2,8 @@
 
     scan.py     chunked selective scan forward/backward, one-token state step         (ref: ops/scan.py)
     pool.py     pool sweep, sparse pool attention                                      (ref: ops/pool.py)
-    decode.py           the fused per-layer decode kernels of the fast path (backends/triton_backend.py)
+    decode.py           the fused per-layer decode kernels (the C++ runtime's fused plan; TritonBackend's layered mode)
+    decode_step.py      the whole decode step as one persistent kernel (TritonBackend's default on a GPU)
 
 TRITON_OPS offers exactly the functions and signatures of TORCH_OPS (a few reuse the reference where a kernel buys
 nothing; each says so). CUDA tensors run the compiled kernels. CPU tensors run the same kernels in Triton's
@@ -47,9 +48,9 @@ def _same_mode_as_triton():
 
 
 with _same_mode_as_triton():
-    from . import decode, pool, scan  # noqa: E402
+    from . import decode, decode_step, pool, scan  # noqa: E402
 
-_KERNELS = types.SimpleNamespace(scan=scan, pool=pool, decode=decode)
+_KERNELS = types.SimpleNamespace(scan=scan, pool=pool, decode=decode, step=decode_step)
 
 
 def kernels_for(device) -> types.SimpleNamespace:

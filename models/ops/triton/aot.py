@@ -116,7 +116,7 @@ def decode_aot_kernels(config, dtype: str = "fp16") -> dict:
     memmamba_deploy/backends/triton_backend.py TritonBackend._launch (documented in README.md)."""
     c = config
     blk = decode.decode_blocks(c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.pool_size, c.summary_dim,
-                               c.memory_heads, c.cross_layer_every)
+                               c.memory_heads, c.cross_layer_every, aot=True)
     act = ACT[dtype]
 
     def cx(name, **extra):

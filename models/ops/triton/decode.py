@@ -152,6 +152,81 @@ def _pool_read(qh, wk, P, prio, wv, scale):
 
 
 @triton.jit
+def _pool_insert(hidden_ptr, summary_ptr, w_score, P, prio, pool_out_ptr, prio_out_ptr, K, ds, d4, tau1, like_ptr,
+                 BLOCK_K: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_D4: tl.constexpr):
+    """§3 for one batch row: score a = sigmoid(round(w_score · ReLU(hidden))) (hidden [d4], the score_in output),
+    then the priority replacement of summary [ds] into the pool P [BLOCK_K, BLOCK_DS] / prio [BLOCK_K] (the state
+    before the token), written whole to pool_out [K, ds] / prio_out [K]."""
+    offs4 = tl.arange(0, BLOCK_D4)
+    offs_c = tl.arange(0, BLOCK_DS)
+    mask_c = offs_c < ds
+    hidden = tl.load(hidden_ptr + offs4, mask=offs4 < d4, other=0.0, cache_modifier=".cg").to(tl.float32)
+    score = tl.sigmoid(_round(tl.sum(w_score * tl.maximum(hidden, 0.0), axis=0), like_ptr))
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    prio_k = tl.where(mask_k, prio, float("inf"))
+    pmin, jmin = tl.min(prio_k, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    score_k = tl.zeros([BLOCK_K], dtype=tl.float32) + score          # as a block: Triton 3.6's interpreter
+    hit = (offs_k == jmin) & (score_k > tau1) & (score_k > pmin)      # cannot `&` a broadcast scalar comparison
+    tl.store(prio_out_ptr + offs_k, tl.where(hit, score_k, prio), mask=mask_k)
+    summary = tl.load(summary_ptr + offs_c, mask=mask_c, other=0.0, cache_modifier=".cg")
+    pool = tl.where(hit[:, None], summary[None, :].to(P.dtype), P)
+    tl.store(pool_out_ptr + offs_k[:, None] * ds + offs_c[None, :], pool, mask=mask_k[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _conv_window(conv_w_ptr, win_ptr, ch, mask_c, KW, like_ptr, BLOCK_W: tl.constexpr):
+    """The part of a causal conv step that needs only the state before the token, for channels ch: the sum over
+    the KW-1 window taps of round(window_t * w_t) (fp32 sum of the reference's model-dtype products), the last
+    tap's weight, and the window shifted one to the left (its last slot is for the new input). window [Di, KW-1]
+    and conv_w [Di, KW] start at win_ptr / conv_w_ptr. Kept apart from the new input: a [C, BLOCK_W] tile
+    combined with x (a row reduction of the in_proj tile) costs the compiler ~100 registers."""
+    tap = tl.arange(0, BLOCK_W)
+    m = mask_c[:, None] & (tap < KW - 1)[None, :]
+    window = tl.load(win_ptr + ch[:, None] * (KW - 1) + tap[None, :], mask=m, other=0.0)
+    w = tl.load(conv_w_ptr + ch[:, None] * KW + tap[None, :], mask=m, other=0.0).to(tl.float32)
+    partial = tl.sum(_round(window.to(tl.float32) * w, like_ptr), axis=1)
+    shifted = tl.load(win_ptr + ch[:, None] * (KW - 1) + tap[None, :] + 1,
+                      mask=mask_c[:, None] & (tap < KW - 2)[None, :], other=0.0)
+    last = tl.load(conv_w_ptr + ch * KW + KW - 1, mask=mask_c, other=0.0).to(tl.float32)
+    return partial, last, shifted
+
+
+@triton.jit
+def _conv_finish(x, partial, last, conv_b, shifted, win_out_ptr, ch, mask_c, KW, like_ptr, BLOCK_W: tl.constexpr):
+    """The rest of the conv step once the new input x [C] (fp32, rounded) is known: sum, + bias, SiLU in the model
+    dtype like causal_conv_step_ref (returns xc [C] fp32, rounded); writes the new window (shifted, then x)."""
+    s = _round(partial + _round(x * last, like_ptr), like_ptr)
+    s = _round(s + conv_b, like_ptr)
+    tap = tl.arange(0, BLOCK_W)
+    tl.store(win_out_ptr + ch[:, None] * (KW - 1) + tap[None, :], shifted,
+             mask=mask_c[:, None] & (tap < KW - 2)[None, :])
+    tl.store(win_out_ptr + ch * (KW - 1) + KW - 2, x.to(shifted.dtype), mask=mask_c)
+    return _round(s * tl.sigmoid(s), like_ptr)
+
+
+@triton.jit
+def _ssm_step(xacc_ptr, copy_stride, x, z, w_dt, dt_bias, A, Dv, h, mask_c, R, N, offs_r, offs_n, like_ptr,
+              COPIES: tl.constexpr):
+    """dt_r, B, C = round(xacc) split at R, R+N (xacc: the sum of COPIES fp32 copies copy_stride apart);
+    δ = softplus(round(w_dt · dt_r) + dt_bias); h' = exp(δA) h + δ x B; y = round((C·h' + D x) SiLU(z)).
+    Returns (h' [C, BLOCK_N] fp32, y [C] fp32)."""
+    dt_r = tl.load(xacc_ptr + offs_r, mask=offs_r < R, other=0.0, cache_modifier=".cg")
+    Bv = tl.load(xacc_ptr + R + offs_n, mask=offs_n < N, other=0.0, cache_modifier=".cg")
+    Cv = tl.load(xacc_ptr + R + N + offs_n, mask=offs_n < N, other=0.0, cache_modifier=".cg")
+    for c in tl.static_range(1, COPIES):
+        dt_r += tl.load(xacc_ptr + c * copy_stride + offs_r, mask=offs_r < R, other=0.0, cache_modifier=".cg")
+        Bv += tl.load(xacc_ptr + c * copy_stride + R + offs_n, mask=offs_n < N, other=0.0, cache_modifier=".cg")
+        Cv += tl.load(xacc_ptr + c * copy_stride + R + N + offs_n, mask=offs_n < N, other=0.0, cache_modifier=".cg")
+    dt_r, Bv, Cv = _round(dt_r, like_ptr), _round(Bv, like_ptr), _round(Cv, like_ptr)
+    dt = _round(tl.sum(w_dt * dt_r[None, :], axis=1), like_ptr)
+    delta = tl.where(mask_c, _softplus(dt + dt_bias), 0.0)
+    h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bv[None, :]
+    y = tl.sum(h * Cv[None, :], axis=1) + Dv * x
+    return h, _round(y * (z * tl.sigmoid(z)), like_ptr)
+
+
+@triton.jit
 def decode_note_pool_kernel(
     u_ptr, mem_ptr, pool_ptr, prio_ptr, group_pool_ptr, group_prio_ptr, pool_out_ptr, prio_out_ptr, ut_ptr,
     wk_ptr, wv_ptr, alpha_ptr, x_wk_ptr, x_wv_ptr, x_alpha_ptr, w_score_ptr,
@@ -210,19 +285,8 @@ def decode_note_pool_kernel(
         ut = _round(ut + _round(x_alpha * _round(o, ut_ptr), ut_ptr), ut_ptr)
     tl.store(ut_ptr + b * d + rows, ut.to(ut_ptr.dtype.element_ty), mask=mask_rows)
     if pid == 0:                                    # §3: score, then priority replacement into the out buffer
-        hidden = tl.load(mem + ds + offs4, mask=offs4 < d4, other=0.0).to(tl.float32)
-        score = tl.sigmoid(_round(tl.sum(w_score * tl.maximum(hidden, 0.0), axis=0), ut_ptr))
-        offs_k = tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        prio_k = tl.where(mask_k, prio, float("inf"))
-        pmin, jmin = tl.min(prio_k, axis=0, return_indices=True, return_indices_tie_break_left=True)
-        score_k = tl.zeros([BLOCK_K], dtype=tl.float32) + score      # as a block: Triton 3.6's interpreter
-        hit = (offs_k == jmin) & (score_k > tau1) & (score_k > pmin)  # cannot `&` a broadcast scalar comparison
-        tl.store(prio_out_ptr + b * K + offs_k, tl.where(hit, score_k, prio), mask=mask_k)
-        summary = tl.load(mem + ds + d4 + offs_c, mask=mask_c, other=0.0)
-        pool = tl.where(hit[:, None], summary[None, :].to(P.dtype), P)
-        tl.store(pool_out_ptr + b * K * ds + offs_k[:, None] * ds + offs_c[None, :], pool,
-                 mask=mask_k[:, None] & mask_c[None, :])
+        _pool_insert(mem + ds, mem + ds + d4, w_score, P, prio, pool_out_ptr + b * K * ds, prio_out_ptr + b * K,
+                     K, ds, d4, tau1, ut_ptr, BLOCK_K, BLOCK_DS, BLOCK_D4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,18 +310,12 @@ def decode_in_proj_conv_kernel(
     mask_c = ch < Di
     offs = tl.arange(0, BLOCK_KD)
     m2 = mask_c[:, None] & (offs < d)[None, :]
-    tap = tl.arange(0, BLOCK_W)
-    win_base = win_in_ptr + (b * Di + ch[:, None]) * (KW - 1)
-    mask_w = mask_c[:, None] & (tap < KW - 1)[None, :]
     offs_x = tl.arange(0, BLOCK_X)
     # before the wait: weights and the conv window before the token
     wx = tl.load(w_in_ptr + ch[:, None] * d + offs[None, :], mask=m2, other=0.0)
     wz = tl.load(w_in_ptr + (Di + ch[:, None]) * d + offs[None, :], mask=m2, other=0.0)
-    taps = tl.load(conv_w_ptr + ch[:, None] * KW + tap[None, :], mask=mask_c[:, None] & (tap < KW)[None, :],
-                   other=0.0).to(tl.float32)
     conv_b = tl.load(conv_b_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
-    window = tl.load(win_base + tap[None, :], mask=mask_w, other=0.0)
-    shifted = tl.load(win_base + tap[None, :] + 1, mask=mask_c[:, None] & (tap < KW - 2)[None, :], other=0.0)
+    partial, last, shifted = _conv_window(conv_w_ptr, win_in_ptr + b * Di * (KW - 1), ch, mask_c, KW, xc_ptr, BLOCK_W)
     w_x = tl.load(w_xT_ptr + ch[:, None] * X + offs_x[None, :], mask=mask_c[:, None] & (offs_x < X)[None, :],
                   other=0.0).to(tl.float32)
     _after_predecessor(USE_PDL)
@@ -265,14 +323,9 @@ def decode_in_proj_conv_kernel(
     x = _round(tl.sum(wx.to(tl.float32) * uv[None, :], axis=1), xc_ptr)
     acc_z = tl.sum(wz.to(tl.float32) * uv[None, :], axis=1)
     tl.store(z_ptr + b * Di + ch, acc_z.to(z_ptr.dtype.element_ty), mask=mask_c)
-    # causal conv step, in the model dtype like causal_conv_step_ref: products, sum, + bias, SiLU
-    xt = tl.where(tap[None, :] == KW - 1, x[:, None], window.to(tl.float32))
-    s = _round(tl.sum(_round(xt * taps, xc_ptr), axis=1), xc_ptr)
-    s = _round(s + conv_b, xc_ptr)
-    xc = _round(s * tl.sigmoid(s), xc_ptr)
+    xc = _conv_finish(x, partial, last, conv_b, shifted, win_out_ptr + b * Di * (KW - 1), ch, mask_c, KW, xc_ptr,
+                      BLOCK_W)
     tl.store(xc_ptr + b * Di + ch, xc.to(xc_ptr.dtype.element_ty), mask=mask_c)
-    shifted = tl.where(tap[None, :] == KW - 2, x[:, None].to(shifted.dtype), shifted)
-    tl.store(win_out_ptr + (b * Di + ch[:, None]) * (KW - 1) + tap[None, :], shifted, mask=mask_w)
     # this block's share of x_proj
     tl.atomic_add(xacc_ptr + b * X + offs_x, tl.sum(w_x * xc[:, None], axis=0), mask=offs_x < X, sem="relaxed")
 
@@ -313,34 +366,30 @@ def decode_ssm_out_kernel(
     Dv = tl.load(D_ptr + ch, mask=mask_c, other=0.0).to(tl.float32)
     h = tl.load(h_in_ptr + (b * Di + ch[:, None]) * N + offs_n[None, :], mask=mask_cn, other=0.0)
     _after_predecessor(USE_PDL)
-    dt_r = _round(tl.load(xacc_ptr + b * X + offs_r, mask=mask_r, other=0.0), xc_ptr)
-    Bv = _round(tl.load(xacc_ptr + b * X + R + offs_n, mask=mask_n, other=0.0), xc_ptr)
-    Cv = _round(tl.load(xacc_ptr + b * X + R + N + offs_n, mask=mask_n, other=0.0), xc_ptr)
     x = tl.load(xc_ptr + b * Di + ch, mask=mask_c, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + b * Di + ch, mask=mask_c, other=0.0).to(tl.float32)
-    dt = _round(tl.sum(w_dt * dt_r[None, :], axis=1), xc_ptr)
-    delta = tl.where(mask_c, _softplus(dt + dt_bias), 0.0)
-    h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bv[None, :]
+    h, y = _ssm_step(xacc_ptr + b * X, 0, x, z, w_dt, dt_bias, A, Dv, h, mask_c, R, N, offs_r, offs_n, xc_ptr, 1)
     tl.store(h_out_ptr + (b * Di + ch[:, None]) * N + offs_n[None, :], h, mask=mask_cn)
-    y = tl.sum(h * Cv[None, :], axis=1) + Dv * x
-    y = _round(y * (z * tl.sigmoid(z)), xc_ptr)
-    tl.atomic_add(oacc_ptr + b * d + offs_o, tl.sum(w_out.to(tl.float32) * y[:, None], axis=0), mask=mask_o,
-                  sem="relaxed")
+    # w_out · y through two transposes: written as w_out * y[:, None], Triton converts the whole [BLOCK_C, BLOCK_O]
+    # tile to y's layout (through shared memory) instead of y to the tile's
+    tl.atomic_add(oacc_ptr + b * d + offs_o, tl.sum(tl.trans(tl.trans(w_out).to(tl.float32) * y[None, :]), axis=0),
+                  mask=mask_o, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Block heuristics (plain Python, shared with the AOT table; see README.md)
 # ----------------------------------------------------------------------------------------------------------------
 def decode_blocks(d: int, d_inner: int, d_state: int, dt_rank: int, d_conv: int, pool_size: int, summary_dim: int,
-                  heads: int, cross_layer_every: int = 1) -> dict:
+                  heads: int, cross_layer_every: int = 1, aot: bool = False) -> dict:
     """Block sizes of the four kernels for one model shape: C and D take whole rows of d (one tile, loaded before
-    the wait) in blocks of 8 channels (130m: 192 programs each). Chosen by a sweep on an H100 (BENCHMARKS.md):
-    4-32 channels a block and 4 or 8 warps all land within ~15% of each other; larger tiles spill in the AOT
-    build (which has no divisibility specialisation, so its loads are not vectorised)."""
+    the wait); C in blocks of 8 channels (130m: 192 programs), D of 32 (48 programs: a quarter of the out_proj
+    atomics). From sweeps on an H100 (BENCHMARKS.md, 2026-11-25 evening: D at 32 channels 0.329 ms/token, at 8
+    0.379). aot: D keeps 8 channels, as a 32-channel tile spills in an ahead-of-time build (no divisibility
+    specialisation there, so its loads are not vectorised)."""
     p2 = triton.next_power_of_2
     block_dm = p2(d)
     c_block = max(1, min(8, 8192 // block_dm))           # 130m: 8 channels x 2 (x, z) rows -> 192 programs
-    d_block = max(1, min(8, 8192 // block_dm))           # 130m: 8 channels -> 192 programs
+    d_block = max(1, min(8 if aot else 32, 32768 // block_dm))      # 130m: 32 channels -> 48 programs
     return dict(
         norm_proj=dict(BLOCK_DM=block_dm, BLOCK_R=max(1, min(16, 8192 // block_dm)),
                        BLOCK_X=p2(dt_rank + 2 * d_state), num_warps=4),
