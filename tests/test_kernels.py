@@ -301,6 +301,10 @@ def test_bad_inputs_get_clear_errors(rng):
     model = make_model(0, memory=False, n_layers=2)
     with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
         TritonBackend(model, cuda_graph=True)
+    with pytest.raises(ValueError, match="step_kernel must be one of layered, persistent, phased, not 'fast'"):
+        TritonBackend(model, cuda_graph=False, step_kernel="fast")
+    with pytest.raises(ValueError, match="step_kernel='persistent' needs a CUDA device"):
+        TritonBackend(model, cuda_graph=False, step_kernel="persistent")
     backend = TritonBackend(model, cuda_graph=False)
     with pytest.raises(ValueError, match="token ids must lie in"):
         backend.step(torch.tensor([256]), backend.new_state(1))

@@ -5,15 +5,18 @@ Three ways to run the same step math (step_kernel=):
   "layered"     (default) the four per-layer kernels of models/ops/triton/decode.py (three without the memory
                 path), with programmatic dependent launch on sm_90+; what the C++ runtime's fused plan runs (cpp/).
   "persistent"  (GPU) the whole step, every layer, in one cooperative launch of models/ops/triton/decode_step.py,
-                with grid-wide barriers between its phases. On an H100 it beats "layered" without the memory path
-                and loses to it with (BENCHMARKS.md, 2026-11-25 evening).
+                with grid-wide barriers between its phases. On an H100 (BENCHMARKS.md, 2026-11-25 evening) it
+                ties "layered" without the memory path and loses to it with; in fp32 its weights do not fit in
+                registers and it is 15x slower (it warns).
   "phased"      the persistent kernel launched once per phase (no barrier): how Triton's interpreter runs it on the
                 CPU, where a barrier would never open; correct on a GPU too, just slower.
-The tied LM head is a cuBLAS matmul after the kernels. The state lives in two preallocated buffers per batch size (ping-pong): a step reads one and writes the
-other, so no kernel or captured graph updates a buffer it reads (deployment-notes: in-place state updates in a
-CUDA graph biased onnxruntime-genai). States returned to the caller stay valid for as long as the caller keeps
-them (the Backend protocol): before a buffer is overwritten, a state still alive in it is moved to memory of its
-own. The usual loop (`logits, state = backend.step(token, state)`) drops the old state first, so it never copies.
+The tied LM head is a cuBLAS matmul after the kernels.
+
+The state lives in two preallocated buffers per batch size (ping-pong): a step reads one and writes the other,
+so no kernel or captured graph updates a buffer it reads (deployment-notes: in-place state updates in a CUDA
+graph biased onnxruntime-genai). States returned to the caller stay valid for as long as the caller keeps them
+(the Backend protocol): before a buffer is overwritten, a state still alive in it is moved to memory of its own.
+The usual loop (`logits, state = backend.step(token, state)`) drops the old state first, so it never copies.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import copy
 import dataclasses
 import functools
 import types
+import warnings
 import weakref
 
 import torch
@@ -77,7 +81,7 @@ class TritonBackend:
     On a CPU model (tests) the kernels run in Triton's interpreter, without graphs."""
 
     name = "triton"
-    STEP_KERNELS = ("persistent", "phased", "layered")
+    STEP_KERNELS = ("layered", "persistent", "phased")
 
     def __init__(self, model: MemMambaLM, cuda_graph: bool = True, pdl: bool | None = None,
                  step_kernel: str = "layered"):
@@ -96,7 +100,11 @@ class TritonBackend:
             raise ValueError("step_kernel='persistent' needs a CUDA device (its grid barriers cannot run in Triton's "
                              "interpreter); use 'phased'")
         self.step_kernel = step_kernel
-        self.profile = None            # an int64 [grid, 256, 4] tensor: the persistent kernel stamps its phases there
+        if step_kernel == "persistent" and self.dtype == torch.float32:
+            warnings.warn("step_kernel='persistent' with fp32 weights: the kernel's registers spill to memory (6.2 "
+                          "ms/token for 130m on an H100, 'layered' 0.41); it is correct, but use 'layered'",
+                          stacklevel=2)
+        self.profile = None            # an int64 [grid, 256, 6] tensor: the persistent kernel stamps its phases there
         kernels = kernels_for(self.device)
         self.k, self.ks = kernels.decode, kernels.step
         c = self.config
@@ -185,7 +193,8 @@ class TritonBackend:
             w.alpha = st(lambda y: y.token_attn.alpha[0])
             w.w_score = st(lambda y: y.note.score_out.weight[0])
             w.w_xq = st(lambda y: y.cross_attn.q_proj.weight, cross)
-            w.x_wk, w.x_wv = st(lambda y: y.cross_attn.k_proj.weight, cross), st(lambda y: y.cross_attn.v_proj.weight, cross)
+            w.x_wk = st(lambda y: y.cross_attn.k_proj.weight, cross)
+            w.x_wv = st(lambda y: y.cross_attn.v_proj.weight, cross)
             w.x_alpha = st(lambda y: y.cross_attn.alpha[0], cross)
         return w
 
@@ -263,11 +272,16 @@ class TritonBackend:
         pool = (s_in.pool, s_in.prio) if c.memory else (dummy, dummy)
         pool_out = (s_out.pool, s_out.prio) if c.memory else (dummy, dummy)
         n_phases = c.n_layers * (3 if c.memory else 2) + 1
+        if self.profile is not None and (self.profile.shape[1:] != (256, 6) or n_phases > 256 or
+                                         self.profile.shape[0] < grid or self.profile.dtype != torch.int64):
+            raise ValueError(f"profile must be an int64 [>= {grid}, 256, 6] tensor and the step at most 256 phases "
+                             f"(this model: {n_phases})")
 
         def launch(s_lo, s_hi, **options):
             self.ks.decode_step_kernel[(grid,)](
                 bufs.tokens, self.embedding, bufs.h, bufs.u, bufs.reads, bufs.note, bufs.xc, bufs.z, bufs.acc,
-                bufs.ws[:1].view(torch.int32), bufs.uf, self.profile if self.profile is not None else bufs.h, s_in.conv, s_in.ssm, *pool, s_out.conv, s_out.ssm, *pool_out,
+                bufs.ws[:1].view(torch.int32), bufs.uf, self.profile if self.profile is not None else bufs.h,
+                s_in.conv, s_in.ssm, *pool, s_out.conv, s_out.ssm, *pool_out,
                 w.norm_w, self.norm_f, w.w_in, w.conv_w, w.conv_b, w.w_xT, w.w_dt, w.dt_bias, w.A, w.D, w.w_outT,
                 *mem, batch, c.n_layers, c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.pool_size, ds,
                 ds // heads, c.d_model // heads, c.d_model // 4, c.cross_layer_every, self.embedding.stride(0),

@@ -273,8 +273,8 @@ def test_decode_1k_greedy_steps_cuda_graph_fp32(variant, step_kernel, g):
         token = ref_l.argmax(-1)                                     # the reference drives the tokens
     decisions.close()
     state_err = max(rel_err(v, ref_state.tensors()[k]) for k, v in backend.to_reference(state).tensors().items())
-    record(test="decode_1k_fp32_graph", variant=str(variant), step_kernel=step_kernel, err=worst, greedy_disagreements=disagree,
-           decision_flips=flips, state_err=state_err)
+    record(test="decode_1k_fp32_graph", variant=str(variant), step_kernel=step_kernel, err=worst,
+           greedy_disagreements=disagree, decision_flips=flips, state_err=state_err)
     assert worst <= 1e-4 and disagree == 0 and flips <= 3 and (flips or state_err <= 1e-4)
 
 

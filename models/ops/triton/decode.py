@@ -23,13 +23,17 @@ be computed, so a layer splits where a full vector is needed:
                   accumulator (read by the next A).
 
 Why it is shaped so (decode is latency-bound: a 130m layer moves ~7 MB in ~3 µs at HBM speed): many small
-programs (C and D: 100-200 of them, so every SM streams weights); each kernel loads everything that no earlier
+programs (130m: C 192, D 48, so every SM streams weights); each kernel loads everything that no earlier
 kernel of the step writes (weights, and the state before the token) *before* it waits for its predecessor, so
 with programmatic dependent launch (USE_PDL, sm_90+: `launch_pdl=True`, griddepcontrol) those loads overlap the
 previous kernel; and partial sums meet in fp32 atomics rather than per-program buffers that every consumer
 program would re-read. The price: the sums are not bit-for-bit reproducible between runs (fp32 adds of ~200
 shares in any order); in fp16/bf16 a last-bit difference can round either way at the model-dtype rounding points
 and grow over many steps, as between any two correct backends (§9; the tests' tolerances hold either way).
+Layouts matter as much as bytes: written as `w * y[:, None]`, a product of a weight tile with a vector that
+comes out of another tile's reduction can make Triton convert the whole weight tile (through shared memory) to
+the vector's layout; D's out_proj share goes through two transposes instead, which converts only the vector
+(that one conversion was a third of the step). Check a change with the TTGIR's `convert_layout` ops.
 
 PDL rules every kernel keeps: nothing before gdc_wait reads what an earlier kernel of the step writes, and nothing
 before it writes; every program calls gdc_wait (so a kernel's completion implies its predecessor's, transitively).

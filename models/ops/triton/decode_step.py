@@ -1,33 +1,37 @@
 """The whole decode step in one persistent kernel: every layer's phases, separated by grid-wide barriers.
 
 Same math and rounding points as the four per-layer kernels of decode.py (whose helpers it calls), and the same
-reference (MemMambaLM.step). Why one kernel: at batch 1 a 130m step is ~100 small dependent pieces of work, and a
-kernel boundary costs ~1.3 µs on an H100 while a grid barrier costs ~1.1 µs; the real gain is that a program
-holds the next phase's weights in registers *while* it waits at the barrier (with separate kernels, PDL could
-overlap that only where the next kernel's programs found room on the SMs, which they mostly did not).
+reference (MemMambaLM.step). The idea: a kernel boundary costs ~1.3 µs in a CUDA graph on an H100 and a grid
+barrier ~1.1 µs, but a program can hold the next phase's weights in registers *while* it waits at a barrier
+(PDL can overlap that only where the next kernel's programs find room on the SMs). Measured (BENCHMARKS.md,
+2026-11-25 evening) it ties the layered kernels without the memory path and loses with it, so TritonBackend
+keeps the layered kernels as its default and this one as step_kernel="persistent".
 
-A step is, per layer l (the first phase computes h_l = h_{l-1} + out_proj sum of layer l-1, or the embedding):
-  P1 note       (memory on) programs 0..H·n_ob-1: one head's output rows: u = RMSNorm(h) (recomputed by every
-                program), the head's rows of W_q u (and W_q' u on cross layers) and the trigger; the §4 token
-                read over pool l and, on cross layers, the §5 read over the group's pools; ut rows = u + reads.
-                Further programs: rows of [score_in; summary] u into `note` (read by P2's insert).
-  P2 in_proj    programs 0..n_cb-1: a block of channels as decode.py's kernel C (in_proj of ut, or of u when
-                the memory is off, conv step, x_proj share into fp32 atomics); program n_cb: the §3 insert.
-  P3 ssm        programs 0..n_cb-1: a block of channels as kernel D (dt_proj, state update, gate, out_proj share
-                into fp32 atomics, read by the next layer's first phase).
+A step is, per layer l (whichever program first needs h_l computes it from h_{l-1} and layer l-1's out_proj
+sum, or the embedding; program 0 stores it):
+  P1 memory     (memory on) one role per program. Programs 0..NT-1 (NT = H·N_OB): BLOCK_O output rows of one
+                head's §4 token read over pool l: u = RMSNorm(h), the head's q = W_q u, the trigger, a softmax
+                over the slots' keys and values (round(P W_kᵀ), round(P W_vᵀ): computed before the wait, with
+                tl.dot) into reads[0]. Programs NT..2NT-1: the same for the §5 cross read over the group's pools
+                (cross layers only) into reads[1]. Then rows of [score_in; summary] u into `note`.
+  P2 in_proj    programs 0..n_cb-1: a block of channels as decode.py's kernel C, of ũ = round(round(u + r_tok)
+                + r_cross) (of u when the memory is off); program n_cb: the §3 insert (score from `note`).
+  P3 ssm        programs 0..n_cb-1: a block of channels as kernel D; the out_proj share goes into one of
+                ACC_COPIES copies of the layer's sum (fewer atomics per cache line), summed by its readers.
 then the final RMSNorm (program 0) into `uf`; the tied LM head is a cuBLAS matmul after the kernel.
 
 Barriers. Every program takes part in every phase, idle or not: it arrives (an atomic add on a counter, release)
 when its phase's writes are done, loads the next phase's weights and the state before the token (which no phase
 of the step writes), then waits (acquire) until all G programs have arrived. The arrive comes before those loads
-because a release waits for the program's earlier loads to finish. All G programs must be resident at once:
-the launch is cooperative (`launch_cooperative_grid=True`), so a grid that does not fit fails to launch instead of
-hanging. The counter and the x_proj / out_proj sums ([L, B, X + d] fp32) are zeroed before every launch (one
-memset of the `ws` workspace).
+because a release waits for the program's earlier loads to finish. Data written in the step is read with
+`.cg` (from L2). All G programs must be resident at once: the launch is cooperative
+(`launch_cooperative_grid=True`), so a grid that does not fit fails to launch instead of hanging. The counter and
+the sums ([L, ACC_COPIES, B, X + d] fp32) are one workspace, zeroed before every launch.
 
 GRID_SYNC=False runs phases s_lo..s_hi-1 of the sequence without barriers; the backend then launches one phase
-per launch. That is how Triton's interpreter runs it (its programs run one after another, so a barrier would
-never open), and it is a correct, slower path on any GPU.
+per launch ("phased"). That is how Triton's interpreter runs it (its programs run one after another, so a
+barrier would never open), and it is a correct, slower path on any GPU. PROFILE=True stamps each program's phases
+with the SM clock into prof [G, 256, 6] (scripts/profile_decode.py --phases).
 """
 from __future__ import annotations
 
@@ -290,19 +294,21 @@ def decode_step_kernel(
                     if (l + 1) % p == 0:
                         uv = _round(uv + rx, xc_ptr)
                 else:
-                    h = _residual(l, b, B, tok_ptr, emb_ptr, stride_emb, h_ptr, acc_ptr, d, X, offs, mask_d, xc_ptr, ACC_COPIES)
+                    h = _residual(l, b, B, tok_ptr, emb_ptr, stride_emb, h_ptr, acc_ptr, d, X, offs, mask_d, xc_ptr,
+                                  ACC_COPIES)
                     uv = _round(nw * _round(h * _rstd(h, d, eps), xc_ptr), xc_ptr)
                     if pid == 0:
                         tl.store(h_ptr + ((l % 2) * B + b) * d + offs, h, mask=mask_d)
                 if is_ch:
                     if b > 0:
-                        partial, last, shifted = _conv_window(conv_w + ll * Di * KW, conv_in + (ll * B + b) * Di * (KW - 1),
-                                                              ch, mask_c, KW, xc_ptr, BLOCK_W)
+                        partial, last, shifted = _conv_window(conv_w + ll * Di * KW,
+                                                              conv_in + (ll * B + b) * Di * (KW - 1), ch, mask_c, KW,
+                                                              xc_ptr, BLOCK_W)
                     x = _gemv_rows(wx, uv, xc_ptr)
                     tl.store(z_ptr + b * Di + ch, tl.sum(wz.to(tl.float32) * uv[None, :], axis=1)
                              .to(z_ptr.dtype.element_ty), mask=mask_c)
-                    xc = _conv_finish(x, partial, last, cb, shifted, conv_out + (ll * B + b) * Di * (KW - 1), ch, mask_c,
-                                      KW, xc_ptr, BLOCK_W)
+                    xc = _conv_finish(x, partial, last, cb, shifted, conv_out + (ll * B + b) * Di * (KW - 1), ch,
+                                      mask_c, KW, xc_ptr, BLOCK_W)
                     tl.store(xc_ptr + b * Di + ch, xc.to(xc_ptr.dtype.element_ty), mask=mask_c)
                     _stamp(prof_ptr, pid, s, 3, PROFILE)
                     tl.atomic_add(acc_ptr + ((ll * ACC_COPIES + pid % ACC_COPIES) * B + b) * (X + d) + offs_x,
@@ -373,7 +379,8 @@ def decode_step_kernel(
         _stamp(prof_ptr, pid, s, 1, PROFILE)
         if pid == 0:
             for b in range(B):
-                h = _residual(L, b, B, tok_ptr, emb_ptr, stride_emb, h_ptr, acc_ptr, d, X, offs, mask_d, uf_ptr, ACC_COPIES)
+                h = _residual(L, b, B, tok_ptr, emb_ptr, stride_emb, h_ptr, acc_ptr, d, X, offs, mask_d, uf_ptr,
+                              ACC_COPIES)
                 uf = _round(nf * _round(h * _rstd(h, d, eps), uf_ptr), uf_ptr)
                 tl.store(uf_ptr + b * d + offs, uf.to(uf_ptr.dtype.element_ty), mask=mask_d)
 
