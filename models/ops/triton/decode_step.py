@@ -49,6 +49,20 @@ def _arrive(bar_ptr, GRID_SYNC: tl.constexpr):
 
 
 @triton.jit
+def _phase_done(bar_ptr, prof_ptr, pid, s, GRID_SYNC: tl.constexpr, PROFILE: tl.constexpr):
+    _stamp(prof_ptr, pid, s, 2, PROFILE)
+    _arrive(bar_ptr, GRID_SYNC)
+
+
+@triton.jit
+def _channel_block(pid, d, Di, is_ch, BLOCK_DM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Offsets over d and the program's block of channels (masked off for programs past the channel blocks)."""
+    offs = tl.arange(0, BLOCK_DM)
+    ch = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    return offs, offs < d, ch, (ch < Di) & is_ch
+
+
+@triton.jit
 def _wait(bar_ptr, target, GRID_SYNC: tl.constexpr):
     if GRID_SYNC:
         c = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
@@ -257,17 +271,13 @@ def decode_step_kernel(
                 else:
                     _wait(bar_ptr, s * G, GRID_SYNC)
                     _stamp(prof_ptr, pid, s, 1, PROFILE)
-                _stamp(prof_ptr, pid, s, 2, PROFILE)
-                _arrive(bar_ptr, GRID_SYNC)
+                _phase_done(bar_ptr, prof_ptr, pid, s, GRID_SYNC, PROFILE)
 
         # ---- P2: in_proj rows of a channel block, conv step, x_proj share; one program: the §3 insert ----
         s = l * PPL + PPL - 2
         if (s >= s_lo) & (s < s_hi):
             _stamp(prof_ptr, pid, s, 0, PROFILE)
-            offs = tl.arange(0, BLOCK_DM)
-            mask_d = offs < d
-            ch = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-            mask_c = (ch < Di) & is_ch
+            offs, mask_d, ch, mask_c = _channel_block(pid, d, Di, is_ch, BLOCK_DM, BLOCK_C)
             mask_cd = mask_c[:, None] & mask_d[None, :]
             offs_x = tl.arange(0, BLOCK_X)
             wx = tl.load(w_in + ll * 2 * Di * d + ch[:, None] * d + offs[None, :], mask=mask_cd, other=0.0)
@@ -323,17 +333,13 @@ def decode_step_kernel(
                         nb = note_ptr + b * (d4 + ds)
                         _pool_insert(nb, nb + d4, wsc, P, prio, pool_out + pbase * ds, prio_out + pbase, K, ds, d4,
                                      tau1, xc_ptr, BLOCK_K, BLOCK_DS, BLOCK_D4)
-            _stamp(prof_ptr, pid, s, 2, PROFILE)
-            _arrive(bar_ptr, GRID_SYNC)
+            _phase_done(bar_ptr, prof_ptr, pid, s, GRID_SYNC, PROFILE)
 
         # ---- P3: dt_proj, state update, gate, out_proj share of a channel block ----
         s = l * PPL + PPL - 1
         if (s >= s_lo) & (s < s_hi):
             _stamp(prof_ptr, pid, s, 0, PROFILE)
-            offs = tl.arange(0, BLOCK_DM)
-            mask_d = offs < d
-            ch = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-            mask_c = (ch < Di) & is_ch
+            offs, mask_d, ch, mask_c = _channel_block(pid, d, Di, is_ch, BLOCK_DM, BLOCK_C)
             offs_r = tl.arange(0, BLOCK_R)
             offs_n = tl.arange(0, BLOCK_N)
             mask_cn = mask_c[:, None] & (offs_n < N)[None, :]
@@ -365,8 +371,7 @@ def decode_step_kernel(
                     tl.atomic_add(acc_ptr + ((ll * ACC_COPIES + pid % ACC_COPIES) * B + b) * (X + d) + X + offs,
                                   contrib, mask=mask_d, sem="relaxed")
                     _stamp(prof_ptr, pid, s, 5, PROFILE)
-            _stamp(prof_ptr, pid, s, 2, PROFILE)
-            _arrive(bar_ptr, GRID_SYNC)
+            _phase_done(bar_ptr, prof_ptr, pid, s, GRID_SYNC, PROFILE)
 
     # ---- final RMSNorm of the last layer's output (the LM head follows as a cuBLAS matmul) ----
     s = L * PPL
