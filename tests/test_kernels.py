@@ -228,8 +228,9 @@ def poison_backend(backend, batch, keep):
 @interpreted
 @pytest.mark.parametrize("step_kernel", ["phased", "layered"])
 @pytest.mark.parametrize("variant, batch", [
-    (dict(), 2), (dict(n_layers=3, summary_dim=8, memory_heads=4, d_state=4), 1), (dict(memory=False), 1)],
-    ids=["tiny-B2", "L3-trailing-H4", "no-memory"])
+    (dict(), 2), (dict(n_layers=3, summary_dim=8, memory_heads=4, d_state=4), 1), (dict(memory=False), 1),
+    (dict(n_layers=3, cross_layer_every=3, pool_size=5), 2)],
+    ids=["tiny-B2", "L3-trailing-H4", "no-memory", "p3-K5-B2"])
 @torch.no_grad()
 def test_triton_backend_decode_matches_reference_step(variant, batch, step_kernel, rng):
     from memmamba_deploy.backends.triton_backend import TritonBackend

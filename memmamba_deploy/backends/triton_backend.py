@@ -64,7 +64,7 @@ class _Buffers:
     uf: torch.Tensor           # [B, d] final RMSNorm output
     logits: torch.Tensor       # [B, V] fp32
     ws: torch.Tensor           # fp32 workspace of the persistent kernel, zeroed before each step: barrier counter
-    acc: torch.Tensor          # view of ws: [L, B, R+2N + d] fp32 x_proj and out_proj sums per layer
+    acc: torch.Tensor          # view of ws: [L, copies, B, R+2N + d] fp32 x_proj and out_proj sums per layer
     note: torch.Tensor         # [B, d/4 + d_s] score_in and summary rows of u (persistent kernel)
     reads: torch.Tensor        # [2, B, d] r_tok, r_cross (persistent kernel)
     states: list               # two State objects: the ping-pong pair
@@ -117,7 +117,14 @@ class TritonBackend:
         can_pdl = self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
         if pdl and not can_pdl:
             raise ValueError(f"pdl=True needs a CUDA device of compute capability 9.0 or newer, not {self.device}")
+        if pdl and step_kernel != "layered":
+            raise ValueError(f"pdl=True applies to step_kernel='layered' only, not {step_kernel!r}")
         self.pdl = can_pdl if pdl is None else pdl
+        if step_kernel == "persistent":         # every program resident at once, at most two per SM (4 warps each)
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            if self.step_blocks["grid"] > 2 * sms:
+                raise ValueError(f"step_kernel='persistent' needs {self.step_blocks['grid']} resident programs for "
+                                 f"this model (d_inner {c.d_inner}), more than 2 per SM on {sms} SMs: use 'layered'")
         if step_kernel == "layered":
             self.layers = [self._pack(model, l) for l in range(c.n_layers)]
         else:
@@ -127,8 +134,10 @@ class TritonBackend:
         self._buffers: dict[int, _Buffers] = {}
 
     @classmethod
-    def open(cls, checkpoint, device="cuda", dtype=None, cuda_graph: bool = True) -> "TritonBackend":
-        return cls(MemMambaLM.from_pretrained(checkpoint, device=device, dtype=dtype), cuda_graph=cuda_graph)
+    def open(cls, checkpoint, device="cuda", dtype=None, cuda_graph: bool = True,
+             step_kernel: str = "layered") -> "TritonBackend":
+        return cls(MemMambaLM.from_pretrained(checkpoint, device=device, dtype=dtype), cuda_graph=cuda_graph,
+                   step_kernel=step_kernel)
 
     # ---- weights, packed once ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,9 +181,7 @@ class TritonBackend:
         cross-layer attention's over the cross layers. A copy of the layers' weights (130m fp16: 0.2 GB)."""
         c, layers = self.config, list(model.layers)
 
-        def st(f, which=layers):            # no cross layer (L < p): a placeholder the kernel never reads
-            if not which:
-                return torch.zeros(1, device=self.device, dtype=self.dtype)
+        def st(f, which=layers):
             return torch.stack([f(y).detach() for y in which]).contiguous()
 
         w = types.SimpleNamespace(
@@ -292,6 +299,9 @@ class TritonBackend:
 
     def launches(self, bufs: _Buffers, src: int):
         """The step as (layer, kernel name, thunk) in launch order (bench_kernels times them one by one)."""
+        if self.step_kernel != "layered":
+            raise ValueError(f"launches() lists the layered kernels; this backend runs "
+                             f"step_kernel={self.step_kernel!r}")
         c, k, blk = self.config, self.k, self.blocks
         s_in, s_out = bufs.states[src], bufs.states[1 - src]
         batch, d, di = bufs.tokens.shape[0], c.d_model, c.d_inner

@@ -3,7 +3,7 @@
     scan.py     chunked selective scan forward/backward, one-token state step         (ref: ops/scan.py)
     pool.py     pool sweep, sparse pool attention                                      (ref: ops/pool.py)
     decode.py           the fused per-layer decode kernels (the C++ runtime's fused plan; TritonBackend's layered mode)
-    decode_step.py      the whole decode step as one persistent kernel (TritonBackend's default on a GPU)
+    decode_step.py      the whole decode step as one persistent kernel (TritonBackend step_kernel='persistent')
 
 TRITON_OPS offers exactly the functions and signatures of TORCH_OPS (a few reuse the reference where a kernel buys
 nothing; each says so). CUDA tensors run the compiled kernels. CPU tensors run the same kernels in Triton's

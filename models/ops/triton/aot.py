@@ -111,9 +111,10 @@ def aot_kernels() -> dict:
 
 # ---- the fused decode step (C++ runtime, issue 7): one set per model shape ---------------------------------------
 def decode_aot_kernels(config, dtype: str = "fp16") -> dict:
-    """The four decode kernels of models/ops/triton/decode.py with the block sizes the Python fast path uses for
-    `config` (MemMambaConfig); `dtype` is the model's ("fp32" or "fp16"). Launch order and arguments per layer:
-    memmamba_deploy/backends/triton_backend.py TritonBackend._launch (documented in README.md)."""
+    """The four decode kernels of models/ops/triton/decode.py with decode_blocks(..., aot=True) for `config`
+    (MemMambaConfig: the Python fast path's blocks except D's 8 channels); `dtype` is the model's ("fp32" or
+    "fp16"). Launch order and arguments per layer: memmamba_deploy/backends/triton_backend.py
+    TritonBackend.launches (documented in README.md)."""
     c = config
     blk = decode.decode_blocks(c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.pool_size, c.summary_dim,
                                c.memory_heads, c.cross_layer_every, aot=True)

@@ -23,7 +23,7 @@ be computed, so a layer splits where a full vector is needed:
                   accumulator (read by the next A).
 
 Why it is shaped so (decode is latency-bound: a 130m layer moves ~7 MB in ~3 µs at HBM speed): many small
-programs (130m: C 192, D 48, so every SM streams weights); each kernel loads everything that no earlier
+programs (130m: C 192, so every SM streams weights; D 48, a quarter of the out_proj atomics); each kernel loads everything that no earlier
 kernel of the step writes (weights, and the state before the token) *before* it waits for its predecessor, so
 with programmatic dependent launch (USE_PDL, sm_90+: `launch_pdl=True`, griddepcontrol) those loads overlap the
 previous kernel; and partial sums meet in fp32 atomics rather than per-program buffers that every consumer

@@ -2,7 +2,7 @@
 
 Same math and rounding points as the four per-layer kernels of decode.py (whose helpers it calls), and the same
 reference (MemMambaLM.step). The idea: a kernel boundary costs ~1.3 µs in a CUDA graph on an H100 and a grid
-barrier ~1.1 µs, but a program can hold the next phase's weights in registers *while* it waits at a barrier
+barrier of ~190 programs about the same (1.1 µs at 132), but a program can hold the next phase's weights in registers *while* it waits at a barrier
 (PDL can overlap that only where the next kernel's programs find room on the SMs). Measured (BENCHMARKS.md,
 2026-11-25 evening) it ties the layered kernels without the memory path and loses with it, so TritonBackend
 keeps the layered kernels as its default and this one as step_kernel="persistent".
@@ -26,7 +26,10 @@ of the step writes), then waits (acquire) until all G programs have arrived. The
 because a release waits for the program's earlier loads to finish. Data written in the step is read with
 `.cg` (from L2). All G programs must be resident at once: the launch is cooperative
 (`launch_cooperative_grid=True`), so a grid that does not fit fails to launch instead of hanging. The counter and
-the sums ([L, ACC_COPIES, B, X + d] fp32) are one workspace, zeroed before every launch.
+the sums ([L, ACC_COPIES, B, X + d] fp32) are one workspace, zeroed before every step. `reads_ptr` is
+[2, B, d]: r_tok and r_cross, as the reference rounds them (keys and values rounded to the model dtype like the
+reference's k_proj / v_proj of the bank; decode.py's kernel B never forms them, so fp16 results of the two paths
+can differ in the last bit). The grid must fit on the GPU at once: TritonBackend checks it against the SMs.
 
 GRID_SYNC=False runs phases s_lo..s_hi-1 of the sequence without barriers; the backend then launches one phase
 per launch ("phased"). That is how Triton's interpreter runs it (its programs run one after another, so a
@@ -74,7 +77,7 @@ def _wait(bar_ptr, target, GRID_SYNC: tl.constexpr):
 @triton.jit
 def _stamp(prof_ptr, pid, s, k, PROFILE: tl.constexpr):
     """PROFILE: prof[pid, s, k] = this SM's clock (k 0: phase s begins, 1: its wait is over, 2: its work is done,
-    3: a mark inside the work)."""
+    3, 4, 5: marks inside the work)."""
     if PROFILE:
         t = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [pid], dtype=tl.int64, is_pure=False, pack=1)
         tl.store(prof_ptr + (pid * 256 + s) * 6 + k, t)
@@ -120,14 +123,14 @@ def _slot_kv(pool_ptr, prio_ptr, layer_j, b, B, K, ds, slot, mask_j, offs_s, mas
 
 
 @triton.jit
-def _head_read(item, l, ll, lw, B, IS_TOK: tl.constexpr, work, tok_ptr, emb_ptr, stride_emb, h_ptr, u_ptr, ut_ptr,
+def _head_read(item, l, ll, lw, B, IS_TOK: tl.constexpr, work, tok_ptr, emb_ptr, stride_emb, h_ptr, u_ptr, reads_ptr,
                acc_ptr, bar_ptr, prof_ptr, pool_in, prio_in, nw, w_q, wk_ptr, wv_ptr, alpha_ptr, w_trig, b_trig,
                d, X, K, ds, dh, dv, gn, eps, tau2, scale, s, G, GRID_SYNC: tl.constexpr, PROFILE: tl.constexpr,
                ACC_COPIES: tl.constexpr, N_OB: tl.constexpr, BLOCK_DM: tl.constexpr, BLOCK_DS: tl.constexpr,
                BLOCK_DH: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_S: tl.constexpr):
     """P1 for one head item (head item // N_OB, BLOCK_O rows of it): the §4 token read of pool l (IS_TOK; weights
     of layer lw = l) or the §5 cross read of the gn pools of layers l-gn+1..l (weights of cross layer lw), as
-    r = round(alpha · round(o)) into reads[0 or 1] (ut_ptr [2, B, d]); `work` False: wait only. Everything the
+    r = round(alpha · round(o)) into reads[0 or 1] (reads_ptr [2, B, d]); `work` False: wait only. Everything the
     read needs from before the token (weights, the slots' keys and values) is computed before the wait."""
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK_DM)
@@ -155,33 +158,33 @@ def _head_read(item, l, ll, lw, B, IS_TOK: tl.constexpr, work, tok_ptr, emb_ptr,
     layer_j = ll - gn + 1 + g
     mask_j = (j < gn * K) & work
     keys, vals, prio = _slot_kv(pool_in, prio_in, layer_j, 0, B, K, ds, j - g * K, mask_j, offs_s, mask_s, wk, wv,
-                                ut_ptr)
+                                reads_ptr)
     _wait(bar_ptr, s * G, GRID_SYNC)
     _stamp(prof_ptr, pid, s, 1, PROFILE)
     if work:
         for b in range(B):
             if b > 0:
                 keys, vals, prio = _slot_kv(pool_in, prio_in, layer_j, b, B, K, ds, j - g * K, mask_j, offs_s, mask_s,
-                                            wk, wv, ut_ptr)
-            h = _residual(l, b, B, tok_ptr, emb_ptr, stride_emb, h_ptr, acc_ptr, d, X, offs, mask_d, ut_ptr,
+                                            wk, wv, reads_ptr)
+            h = _residual(l, b, B, tok_ptr, emb_ptr, stride_emb, h_ptr, acc_ptr, d, X, offs, mask_d, reads_ptr,
                           ACC_COPIES)
-            u = _round(nw.to(tl.float32) * _round(h * _rstd(h, d, eps), ut_ptr), ut_ptr)
+            u = _round(nw.to(tl.float32) * _round(h * _rstd(h, d, eps), reads_ptr), reads_ptr)
             if IS_TOK:
                 if pid == 0:
                     tl.store(h_ptr + ((l % 2) * B + b) * d + offs, h, mask=mask_d)
                     tl.store(u_ptr + b * d + offs, u.to(u_ptr.dtype.element_ty), mask=mask_d)
-            q = _round(tl.sum(wq.to(tl.float32) * u[None, :], axis=1), ut_ptr)
+            q = _round(tl.sum(wq.to(tl.float32) * u[None, :], axis=1), reads_ptr)
             _stamp(prof_ptr, pid, s, 3, PROFILE)
             logit = tl.where(prio >= 0, tl.sum(keys.to(tl.float32) * q[None, :], axis=1) * scale, float("-inf"))
             mx = tl.max(logit, axis=0)
             e = tl.exp(logit - tl.where(mx == float("-inf"), 0.0, mx))     # no valid slot: every weight 0
             den = tl.sum(e, axis=0)
             o = tl.sum(e[:, None] * vals.to(tl.float32), axis=0) / tl.where(den > 0, den, 1.0)
-            r = _round(alpha * _round(o, ut_ptr), ut_ptr)
+            r = _round(alpha * _round(o, reads_ptr), reads_ptr)
             if IS_TOK:                  # §4's gate: the trigger sigmoid(w_bᵀu + β) > tau2
-                trigger = _round(tl.sum(wt.to(tl.float32) * u, axis=0) + btrig, ut_ptr)
+                trigger = _round(tl.sum(wt.to(tl.float32) * u, axis=0) + btrig, reads_ptr)
                 r = tl.where(tl.sigmoid(trigger) > tau2, r, 0.0)
-            tl.store(ut_ptr + ((0 if IS_TOK else 1) * B + b) * d + rows, r.to(ut_ptr.dtype.element_ty), mask=mask_rows)
+            tl.store(reads_ptr + ((0 if IS_TOK else 1) * B + b) * d + rows, r.to(reads_ptr.dtype.element_ty), mask=mask_rows)
 
 
 @triton.jit
@@ -207,7 +210,7 @@ def _gemv_rows(w, u, like_ptr):
 @triton.jit
 def decode_step_kernel(
     # step buffers
-    tok_ptr, emb_ptr, h_ptr, u_ptr, ut_ptr, note_ptr, xc_ptr, z_ptr, acc_ptr, bar_ptr, uf_ptr, prof_ptr,
+    tok_ptr, emb_ptr, h_ptr, u_ptr, reads_ptr, note_ptr, xc_ptr, z_ptr, acc_ptr, bar_ptr, uf_ptr, prof_ptr,
     # state before the token (read) and after it (written); layer-major [L, B, ...]
     conv_in, ssm_in, pool_in, prio_in, conv_out, ssm_out, pool_out, prio_out,
     # mixer weights, stacked over layers
@@ -222,7 +225,7 @@ def decode_step_kernel(
     BLOCK_DH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_GK: tl.constexpr, BLOCK_D4: tl.constexpr,
     BLOCK_NR: tl.constexpr,
 ):
-    """grid (G,), G >= max(n_cb + 1, H·N_OB + cdiv(d4 + ds, BLOCK_NR)), n_cb = cdiv(Di, BLOCK_C). Shapes as the
+    """grid (G,), G >= max(n_cb + 1, 2·H·N_OB + cdiv(d4 + ds, BLOCK_NR)), n_cb = cdiv(Di, BLOCK_C). Shapes as the
     module docstring and TritonBackend's buffers; X = R + 2N; `note` [B, d4 + ds]; `uf` [B, d]."""
     pid = tl.program_id(0)
     X = R + 2 * N
@@ -245,13 +248,13 @@ def decode_step_kernel(
                 mask_d = offs < d
                 nw = tl.load(norm_w + ll * d + offs, mask=mask_d, other=0.0)
                 if pid < n_head_items:         # a head's BLOCK_O output rows of r_tok
-                    _head_read(pid, l, ll, ll, B, True, True, tok_ptr, emb_ptr, stride_emb, h_ptr, u_ptr, ut_ptr,
+                    _head_read(pid, l, ll, ll, B, True, True, tok_ptr, emb_ptr, stride_emb, h_ptr, u_ptr, reads_ptr,
                                acc_ptr, bar_ptr, prof_ptr, pool_in, prio_in, nw, w_q, wk_ptr, wv_ptr, alpha_ptr,
                                w_trig, b_trig, d, X, K, ds, dh, dv, 1, eps, tau2, scale, s, G, GRID_SYNC, PROFILE,
                                ACC_COPIES, N_OB, BLOCK_DM, BLOCK_DS, BLOCK_DH, BLOCK_O, BLOCK_K)
                 elif pid < 2 * n_head_items:   # the same for r_cross, over the §5 group's pools (cross layers)
                     _head_read(pid - n_head_items, l, ll, lc, B, False, cross, tok_ptr, emb_ptr, stride_emb, h_ptr,
-                               u_ptr, ut_ptr, acc_ptr, bar_ptr, prof_ptr, pool_in, prio_in, nw, w_xq, x_wk, x_wv,
+                               u_ptr, reads_ptr, acc_ptr, bar_ptr, prof_ptr, pool_in, prio_in, nw, w_xq, x_wk, x_wv,
                                x_alpha, w_trig, b_trig, d, X, K, ds, dh, dv, p, eps, tau2, scale, s, G, GRID_SYNC,
                                PROFILE, ACC_COPIES, N_OB, BLOCK_DM, BLOCK_DS, BLOCK_DH, BLOCK_O, BLOCK_GK)
                 elif pid < 2 * n_head_items + tl.cdiv(d4 + ds, BLOCK_NR):
@@ -264,8 +267,8 @@ def decode_step_kernel(
                     _stamp(prof_ptr, pid, s, 1, PROFILE)
                     for b in range(B):
                         h = _residual(l, b, B, tok_ptr, emb_ptr, stride_emb, h_ptr, acc_ptr, d, X, offs, mask_d,
-                                      ut_ptr, ACC_COPIES)
-                        u = _round(nw.to(tl.float32) * _round(h * _rstd(h, d, eps), ut_ptr), ut_ptr)
+                                      reads_ptr, ACC_COPIES)
+                        u = _round(nw.to(tl.float32) * _round(h * _rstd(h, d, eps), reads_ptr), reads_ptr)
                         yn = tl.sum(wn.to(tl.float32) * u[None, :], axis=1)
                         tl.store(note_ptr + b * (d4 + ds) + nr, yn.to(note_ptr.dtype.element_ty), mask=mask_nr)
                 else:
@@ -297,8 +300,8 @@ def decode_step_kernel(
             for b in range(B):
                 if HAS_MEMORY:                 # ũ = u + r_tok + r_cross, rounded after each add as the reference
                     uv = tl.load(u_ptr + b * d + offs, mask=mask_d, other=0.0, cache_modifier=".cg").to(tl.float32)
-                    rt = tl.load(ut_ptr + b * d + offs, mask=mask_d, other=0.0, cache_modifier=".cg").to(tl.float32)
-                    rx = tl.load(ut_ptr + (B + b) * d + offs, mask=mask_d & ((l + 1) % p == 0), other=0.0,
+                    rt = tl.load(reads_ptr + b * d + offs, mask=mask_d, other=0.0, cache_modifier=".cg").to(tl.float32)
+                    rx = tl.load(reads_ptr + (B + b) * d + offs, mask=mask_d & ((l + 1) % p == 0), other=0.0,
                                  cache_modifier=".cg").to(tl.float32)
                     uv = _round(uv + rt, xc_ptr)
                     if (l + 1) % p == 0:
@@ -396,7 +399,7 @@ def step_blocks(d: int, d_inner: int, d_state: int, dt_rank: int, d_conv: int, p
     programs of 4 warps, two per SM on some SMs)."""
     p2 = triton.next_power_of_2
     dv = max(1, d // heads)
-    dot = lambda n: max(16, p2(n))                     # noqa: E731  (tl.dot wants every dimension >= 16)
+    dot = lambda n: max(16, p2(n))                     # noqa: E731  (tl.dot's N and K must be >= 16)
     blocks = dict(BLOCK_DM=p2(d), BLOCK_C=max(1, min(8, 8192 // p2(d))), BLOCK_W=p2(d_conv),
                   BLOCK_X=p2(dt_rank + 2 * d_state), BLOCK_N=p2(d_state), BLOCK_R=p2(dt_rank),
                   BLOCK_O=dot(min(32, dv)), BLOCK_DS=dot(summary_dim), BLOCK_DH=dot(max(1, summary_dim // heads)),
