@@ -23,8 +23,9 @@ be computed, so a layer splits where a full vector is needed:
                   accumulator (read by the next A).
 
 Why it is shaped so (decode is latency-bound: a 130m layer moves ~7 MB in ~3 µs at HBM speed): many small
-programs (130m: C 192, so every SM streams weights; D 48, a quarter of the out_proj atomics); each kernel loads everything that no earlier
-kernel of the step writes (weights, and the state before the token) *before* it waits for its predecessor, so
+programs (130m: C 192, so every SM streams weights; D 48, a quarter of the out_proj atomics); each kernel loads
+everything that no earlier kernel of the step writes (weights, and the state before the token) *before* it waits
+for its predecessor, so
 with programmatic dependent launch (USE_PDL, sm_90+: `launch_pdl=True`, griddepcontrol) those loads overlap the
 previous kernel; and partial sums meet in fp32 atomics rather than per-program buffers that every consumer
 program would re-read. The price: the sums are not bit-for-bit reproducible between runs (fp32 adds of ~200
@@ -64,6 +65,23 @@ def _round(x, like_ptr):
     """x rounded to the element type of like_ptr, returned in fp32 (where the reference holds a model-dtype
     tensor)."""
     return x.to(like_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _rmsnorm(h, weight, d, eps, like_ptr):
+    """RMSNorm of the fp32 row h [BLOCK] (d valid): weight * (h · rstd).to(dtype), in the model dtype (the
+    reference's RMSNorm), returned in fp32."""
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / d + eps)
+    return _round(weight.to(tl.float32) * _round(h * rstd, like_ptr), like_ptr)
+
+
+@triton.jit
+def _acc_sum(ptr, copy_stride, offs, mask, COPIES: tl.constexpr):
+    """Σ over the COPIES copies (copy_stride apart) of an fp32 sum that atomics add into, read from L2."""
+    o = tl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    for c in tl.static_range(1, COPIES):
+        o += tl.load(ptr + c * copy_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return o
 
 
 @triton.jit
@@ -109,8 +127,7 @@ def decode_norm_proj_kernel(
         h = tl.load(h_prev_ptr + b * d + offs, mask=mask, other=0.0)
         part = tl.load(part_ptr + b * d + offs, mask=offs < d * P, other=0.0)          # P is 0 or 1
         h = h + _round(part, u_ptr)                # the reference adds out_proj's model-dtype output to h (fp32)
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / d + eps)
-    u = _round(norm_w * _round(h * rstd, u_ptr), u_ptr)     # RMSNorm: weight * x.to(dtype), in the model dtype
+    u = _rmsnorm(h, norm_w, d, eps, u_ptr)
     if pid_r == 0:
         tl.store(h_ptr + b * d + offs, h, mask=mask)
         tl.store(u_ptr + b * d + offs, u.to(u_ptr.dtype.element_ty), mask=mask)
@@ -215,14 +232,9 @@ def _ssm_step(xacc_ptr, copy_stride, x, z, w_dt, dt_bias, A, Dv, h, mask_c, R, N
     """dt_r, B, C = round(xacc) split at R, R+N (xacc: the sum of COPIES fp32 copies copy_stride apart);
     δ = softplus(round(w_dt · dt_r) + dt_bias); h' = exp(δA) h + δ x B; y = round((C·h' + D x) SiLU(z)).
     Returns (h' [C, BLOCK_N] fp32, y [C] fp32)."""
-    dt_r = tl.load(xacc_ptr + offs_r, mask=offs_r < R, other=0.0, cache_modifier=".cg")
-    Bv = tl.load(xacc_ptr + R + offs_n, mask=offs_n < N, other=0.0, cache_modifier=".cg")
-    Cv = tl.load(xacc_ptr + R + N + offs_n, mask=offs_n < N, other=0.0, cache_modifier=".cg")
-    for c in tl.static_range(1, COPIES):
-        dt_r += tl.load(xacc_ptr + c * copy_stride + offs_r, mask=offs_r < R, other=0.0, cache_modifier=".cg")
-        Bv += tl.load(xacc_ptr + c * copy_stride + R + offs_n, mask=offs_n < N, other=0.0, cache_modifier=".cg")
-        Cv += tl.load(xacc_ptr + c * copy_stride + R + N + offs_n, mask=offs_n < N, other=0.0, cache_modifier=".cg")
-    dt_r, Bv, Cv = _round(dt_r, like_ptr), _round(Bv, like_ptr), _round(Cv, like_ptr)
+    dt_r = _round(_acc_sum(xacc_ptr, copy_stride, offs_r, offs_r < R, COPIES), like_ptr)
+    Bv = _round(_acc_sum(xacc_ptr + R, copy_stride, offs_n, offs_n < N, COPIES), like_ptr)
+    Cv = _round(_acc_sum(xacc_ptr + R + N, copy_stride, offs_n, offs_n < N, COPIES), like_ptr)
     dt = _round(tl.sum(w_dt * dt_r[None, :], axis=1), like_ptr)
     delta = tl.where(mask_c, _softplus(dt + dt_bias), 0.0)
     h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bv[None, :]

@@ -2,8 +2,8 @@
 
 Same math and rounding points as the four per-layer kernels of decode.py (whose helpers it calls), and the same
 reference (MemMambaLM.step). The idea: a kernel boundary costs ~1.3 µs in a CUDA graph on an H100 and a grid
-barrier of ~190 programs about the same (1.1 µs at 132), but a program can hold the next phase's weights in registers *while* it waits at a barrier
-(PDL can overlap that only where the next kernel's programs find room on the SMs). Measured (BENCHMARKS.md,
+barrier of ~190 programs about the same (1.1 µs at 132), but a program can hold the next phase's weights in
+registers *while* it waits at a barrier (PDL can overlap that only where the next kernel's programs find room on the SMs). Measured (BENCHMARKS.md,
 2026-11-25 evening) it ties the layered kernels without the memory path and loses with it, so TritonBackend
 keeps the layered kernels as its default and this one as step_kernel="persistent".
 
@@ -41,7 +41,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .decode import _conv_finish, _conv_window, _pool_insert, _round, _ssm_step
+from .decode import _acc_sum, _conv_finish, _conv_window, _pool_insert, _rmsnorm, _round, _ssm_step
 
 
 @triton.jit
@@ -100,12 +100,12 @@ def _residual(l, b, B, tok_ptr, emb_ptr, stride_emb, h_ptr, acc_ptr, d, X, offs,
 
 
 @triton.jit
-def _load_pool(pool_ptr, prio_ptr, layer, b, B, K, ds, offs_k, mask_k, offs_s, mask_s):
-    """Batch row b's pool of `layer` (state [L, B, K, ds] / [L, B, K]) as a [BLOCK_K, BLOCK_DS] tile and its
-    priorities (-1 where masked: never valid)."""
-    base = (layer * B + b) * K + offs_k
-    P = tl.load(pool_ptr + base[:, None] * ds + offs_s[None, :], mask=mask_k[:, None] & mask_s[None, :], other=0.0)
-    return P, tl.load(prio_ptr + base, mask=mask_k, other=-1.0)
+def _load_pool(pool_ptr, prio_ptr, layer, b, B, K, ds, slot, mask, offs_s, mask_s):
+    """Rows slot[j] of batch row b's pools of layer[j] (a layer, or one per slot; state [L, B, K, ds] / [L, B, K])
+    as a [len(slot), BLOCK_DS] tile and their priorities (-1 where masked: never valid)."""
+    base = (layer * B + b) * K + slot
+    P = tl.load(pool_ptr + base[:, None] * ds + offs_s[None, :], mask=mask[:, None] & mask_s[None, :], other=0.0)
+    return P, tl.load(prio_ptr + base, mask=mask, other=-1.0)
 
 
 @triton.jit
@@ -114,9 +114,7 @@ def _slot_kv(pool_ptr, prio_ptr, layer_j, b, B, K, ds, slot, mask_j, offs_s, mas
     keys [BLOCK_GK, BLOCK_DH] = P W_kᵀ and values [BLOCK_GK, BLOCK_O] = P W_vᵀ for a head's rows
     wk [BLOCK_DH, BLOCK_DS] of W_k and the program's rows wv [BLOCK_O, BLOCK_DS] of W_v, fp32; priorities (-1 where
     masked: never valid). Keys and values in the model dtype, as the reference's projections of the bank."""
-    base = (layer_j * B + b) * K + slot
-    P = tl.load(pool_ptr + base[:, None] * ds + offs_s[None, :], mask=mask_j[:, None] & mask_s[None, :], other=0.0)
-    prio = tl.load(prio_ptr + base, mask=mask_j, other=-1.0)
+    P, prio = _load_pool(pool_ptr, prio_ptr, layer_j, b, B, K, ds, slot, mask_j, offs_s, mask_s)
     keys = tl.dot(P, tl.trans(wk), input_precision="ieee").to(like_ptr.dtype.element_ty)
     vals = tl.dot(P, tl.trans(wv), input_precision="ieee").to(like_ptr.dtype.element_ty)
     return keys, vals, prio
@@ -168,7 +166,7 @@ def _head_read(item, l, ll, lw, B, IS_TOK: tl.constexpr, work, tok_ptr, emb_ptr,
                                             wk, wv, reads_ptr)
             h = _residual(l, b, B, tok_ptr, emb_ptr, stride_emb, h_ptr, acc_ptr, d, X, offs, mask_d, reads_ptr,
                           ACC_COPIES)
-            u = _round(nw.to(tl.float32) * _round(h * _rstd(h, d, eps), reads_ptr), reads_ptr)
+            u = _rmsnorm(h, nw, d, eps, reads_ptr)
             if IS_TOK:
                 if pid == 0:
                     tl.store(h_ptr + ((l % 2) * B + b) * d + offs, h, mask=mask_d)
@@ -184,21 +182,8 @@ def _head_read(item, l, ll, lw, B, IS_TOK: tl.constexpr, work, tok_ptr, emb_ptr,
             if IS_TOK:                  # §4's gate: the trigger sigmoid(w_bᵀu + β) > tau2
                 trigger = _round(tl.sum(wt.to(tl.float32) * u, axis=0) + btrig, reads_ptr)
                 r = tl.where(tl.sigmoid(trigger) > tau2, r, 0.0)
-            tl.store(reads_ptr + ((0 if IS_TOK else 1) * B + b) * d + rows, r.to(reads_ptr.dtype.element_ty), mask=mask_rows)
-
-
-@triton.jit
-def _acc_sum(ptr, copy_stride, offs, mask, COPIES: tl.constexpr):
-    """Σ over the COPIES copies of an fp32 sum (atomics spread over copies: each cache line takes fewer adds)."""
-    o = tl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    for c in tl.static_range(1, COPIES):
-        o += tl.load(ptr + c * copy_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
-    return o
-
-
-@triton.jit
-def _rstd(h, d, eps):
-    return 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / d + eps)
+            tl.store(reads_ptr + ((0 if IS_TOK else 1) * B + b) * d + rows, r.to(reads_ptr.dtype.element_ty),
+                     mask=mask_rows)
 
 
 @triton.jit
@@ -268,7 +253,7 @@ def decode_step_kernel(
                     for b in range(B):
                         h = _residual(l, b, B, tok_ptr, emb_ptr, stride_emb, h_ptr, acc_ptr, d, X, offs, mask_d,
                                       reads_ptr, ACC_COPIES)
-                        u = _round(nw.to(tl.float32) * _round(h * _rstd(h, d, eps), reads_ptr), reads_ptr)
+                        u = _rmsnorm(h, nw, d, eps, reads_ptr)
                         yn = tl.sum(wn.to(tl.float32) * u[None, :], axis=1)
                         tl.store(note_ptr + b * (d4 + ds) + nr, yn.to(note_ptr.dtype.element_ty), mask=mask_nr)
                 else:
@@ -309,7 +294,7 @@ def decode_step_kernel(
                 else:
                     h = _residual(l, b, B, tok_ptr, emb_ptr, stride_emb, h_ptr, acc_ptr, d, X, offs, mask_d, xc_ptr,
                                   ACC_COPIES)
-                    uv = _round(nw * _round(h * _rstd(h, d, eps), xc_ptr), xc_ptr)
+                    uv = _rmsnorm(h, nw, d, eps, xc_ptr)
                     if pid == 0:
                         tl.store(h_ptr + ((l % 2) * B + b) * d + offs, h, mask=mask_d)
                 if is_ch:
@@ -389,7 +374,7 @@ def decode_step_kernel(
             for b in range(B):
                 h = _residual(L, b, B, tok_ptr, emb_ptr, stride_emb, h_ptr, acc_ptr, d, X, offs, mask_d, uf_ptr,
                               ACC_COPIES)
-                uf = _round(nf * _round(h * _rstd(h, d, eps), uf_ptr), uf_ptr)
+                uf = _rmsnorm(h, nf, d, eps, uf_ptr)
                 tl.store(uf_ptr + b * d + offs, uf.to(uf_ptr.dtype.element_ty), mask=mask_d)
 
 
