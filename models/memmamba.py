@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .config import MemMambaConfig
 from .ops import load_ops
+from .ops.norm import rms_norm_ref
 from .ops.pool import fp32
 
 
@@ -109,9 +110,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x):
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(self.weight.dtype)
+        return rms_norm_ref(x, self.weight, self.eps)
 
 
 class Mixer(nn.Module):
@@ -205,15 +204,15 @@ class PoolAttention(nn.Module):
 
     def forward(self, u, bank, index, ops):
         """u [B,T,d]; bank [B,M,d_s] summaries; index [B,T,S] the entries each token reads (-1: none)."""
-        o = ops.pool_attention(self.q_proj(u), self.k_proj(bank), self.v_proj(bank), index, self.heads)
-        r = self.alpha.to(o.dtype) * o
+        gain = self.alpha.float().expand(u.shape[:-1])              # α, or 0 where the trigger does not fire
         if self.trigger is not None:
             b = torch.sigmoid(self.trigger(u).float()[..., 0])
             gate = (b > fp32(self.read_threshold)).float()
             if torch.is_grad_enabled():
                 gate = gate * _straight_through(b)
-            r = r * gate.unsqueeze(-1).to(r.dtype)
-        return r
+            gain = gain * gate
+        return ops.pool_read(u, bank, index, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.heads,
+                             gain)
 
 
 def _offset(index: torch.Tensor, offset: int) -> torch.Tensor:
@@ -297,8 +296,11 @@ class MemMambaLM(nn.Module):
         out = {k: [] for k in state.tensors()}
         group: list[tuple[torch.Tensor, torch.Tensor]] = []           # (bank, index) of this §5 group's layers
         rows = torch.arange(Bsz, device=h.device)
+        y = None                                                      # the previous layer's mixer output
         for l, layer in enumerate(self.layers):
-            u = layer.norm(h)
+            h, u = ops.residual_norm(h, y, layer.norm.weight, layer.norm.eps)   # h += y; u = RMSNorm(h)
+            if want_hidden and l > 0:
+                hidden.append(h)
             ut = u
             if c.memory:
                 a, s = layer.note(u)
@@ -318,9 +320,9 @@ class MemMambaLM(nn.Module):
             y, window, hs = layer.mixer(ut, state.conv[l], state.ssm[l], ops)
             out["conv"].append(window)
             out["ssm"].append(hs)
-            h = h + y
-            if want_hidden:
-                hidden.append(h)
+        h = h + y
+        if want_hidden:
+            hidden.append(h)
         new_state = State(**{k: torch.stack(v) for k, v in out.items()})
         return self._logits(h[:, -1:] if last_only else h), new_state, hidden
 

@@ -24,8 +24,9 @@ from conftest import interpreted, make_model, run_interpreted
 from memmamba_deploy.metrics import rel_err
 from memmamba_deploy.models import State
 from memmamba_deploy.models.ops import triton as kt
-from memmamba_deploy.models.ops.pool import pool_attention_ref, pool_sweep_ref
-from memmamba_deploy.models.ops.scan import selective_scan_ref, selective_state_step_ref
+from memmamba_deploy.models.ops.norm import residual_norm_ref
+from memmamba_deploy.models.ops.pool import pool_attention_ref, pool_read_ref, pool_sweep_ref
+from memmamba_deploy.models.ops.scan import causal_conv_ref, selective_scan_ref, selective_state_step_ref
 
 TOL = 1e-4
 
@@ -74,6 +75,35 @@ def test_selective_scan_forward(chunk_len, variant, rng):
     with poisoned():
         y, h = kt.scan.scan_forward(**a, dt_softplus=softplus, chunk_len=chunk_len)
     assert rel_err(y, y_ref) <= TOL and rel_err(h, h_ref) <= TOL
+
+
+@interpreted
+@pytest.mark.parametrize("with_y", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_residual_norm(with_y, dtype, rng):
+    h = torch.randn(2, 7, 48, generator=rng)
+    y = torch.randn(2, 7, 48, generator=rng).to(dtype) if with_y else None
+    w = (1 + 0.1 * torch.randn(48, generator=rng)).to(dtype)
+    h_ref, u_ref = residual_norm_ref(h, y, w, 1e-5)
+    with poisoned():
+        h_new, u = kt.TRITON_OPS.residual_norm(h, y, w, 1e-5)
+    assert u.dtype == dtype and rel_err(h_new, h_ref) <= TOL
+    assert rel_err(u, u_ref) <= (TOL if dtype == torch.float32 else 1e-3)
+
+
+@interpreted
+@pytest.mark.parametrize("T", [37, 2], ids=["long", "shorter-than-window"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_causal_conv(T, bias, rng):
+    Bsz, Di, k = 2, 40, 4
+    xz = torch.randn(Bsz, T, 2 * Di, generator=rng)                   # x a strided view, as in_proj's first half
+    x = xz[..., :Di]
+    w, b = torch.randn(Di, k, generator=rng), torch.randn(Di, generator=rng) if bias else None
+    window = torch.randn(Bsz, Di, k - 1, generator=rng)
+    out_ref, win_ref = causal_conv_ref(x, w, b, window)
+    with poisoned():
+        out, win = kt.TRITON_OPS.causal_conv(x, w, b, window)
+    assert rel_err(out, out_ref) <= TOL and torch.equal(win, win_ref)
 
 
 @interpreted
@@ -166,6 +196,26 @@ def test_pool_attention_forward_and_backward(pattern, rng):
     assert torch.equal(o[0, 3], torch.zeros(d)) and torch.equal(o[1, 5], torch.zeros(d))
     for a, b in zip(mine, leaves):
         assert rel_err(a.grad, b.grad) <= TOL
+
+
+@interpreted
+@pytest.mark.parametrize("pattern", ["sweep-like", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-gathers-values", "fp16-mixes-summaries"])
+def test_pool_read_matches_the_reference(pattern, dtype, rng):
+    B, T, M, S, ds, d, H = 2, 70, 30, 12, 12, 18, 3                  # 70 queries: two programs, the second short
+    u, bank = torch.randn(B, T, d, generator=rng).to(dtype), torch.randn(B, M, ds, generator=rng).to(dtype)
+    w = [(torch.randn(*shape, generator=rng) * shape[1] ** -0.5).to(dtype) for shape in ((ds, d), (ds, ds), (d, ds))]
+    index = sweep_like_index(rng, B, T, M, S) if pattern == "sweep-like" else \
+        torch.randint(-1, M, (B, T, S), generator=rng, dtype=torch.int32)
+    index[0, 3] = -1                                                # queries that read nothing get 0
+    gain = 0.1 * (torch.rand(B, T, generator=rng) > 0.3).float()     # α where the trigger fires, else 0
+    gain[0, 3] = 0.1
+    ref = pool_read_ref(u.float(), bank.float(), index, *(x.float() for x in w), H, gain)   # same rounded inputs
+    with poisoned(), torch.no_grad():
+        o = kt.TRITON_OPS.pool_read(u, bank, index, *w, H, gain)
+    assert o.dtype == dtype and rel_err(o, ref) <= (TOL if dtype == torch.float32 else 1e-2)
+    assert torch.equal(o[0, 3], torch.zeros(d, dtype=dtype))                        # reads nothing
+    assert not o[gain == 0].any()                                                   # the trigger did not fire
 
 
 # ---- the whole model with kernels="triton" ---------------------------------------------------------------------------

@@ -1,18 +1,20 @@
 """Kernel sets. Each set offers the same functions with the same signatures; "torch" is the reference.
 
+    residual_norm                                                             (norm.py, spec §2)
     causal_conv, causal_conv_step, selective_scan, selective_state_step       (scan.py, spec §6)
-    pool_sweep, pool_insert, pool_attention                                   (pool.py, spec §3-§5, §8)
+    pool_sweep, pool_insert, pool_attention, pool_read                        (pool.py, spec §3-§5, §8)
 """
 from __future__ import annotations
 
 import types
 
-from . import pool, scan
+from . import norm, pool, scan
 
 KERNEL_SETS = ("torch", "triton")
 
 TORCH_OPS = types.SimpleNamespace(
     name="torch",
+    residual_norm=norm.residual_norm_ref,
     causal_conv=scan.causal_conv_ref,
     causal_conv_step=scan.causal_conv_step_ref,
     selective_scan=scan.selective_scan_ref,
@@ -20,6 +22,7 @@ TORCH_OPS = types.SimpleNamespace(
     pool_sweep=pool.pool_sweep_ref,
     pool_insert=pool.pool_insert_ref,
     pool_attention=pool.pool_attention_ref,
+    pool_read=pool.pool_read_ref,
 )
 
 

@@ -24,8 +24,9 @@ from conftest import make_model
 from memmamba_deploy.metrics import rel_err
 from memmamba_deploy.models import MemMambaConfig, MemMambaLM
 from memmamba_deploy.models.ops import triton as kt
-from memmamba_deploy.models.ops.pool import pool_attention_ref, pool_sweep_ref
-from memmamba_deploy.models.ops.scan import selective_scan_ref, selective_state_step_ref
+from memmamba_deploy.models.ops.norm import residual_norm_ref
+from memmamba_deploy.models.ops.pool import pool_attention_ref, pool_read_ref, pool_sweep_ref
+from memmamba_deploy.models.ops.scan import causal_conv_ref, selective_scan_ref, selective_state_step_ref
 from test_kernels import poison_backend, poisoned, scan_inputs, sweep_like_index
 
 pytestmark = [pytest.mark.gpu,
@@ -144,6 +145,49 @@ def test_pool_attention(dtype, groups, g):
     assert err <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids_dtype.get)
+@pytest.mark.parametrize("groups", [1, 4], ids=["token-read", "cross-read"])
+def test_pool_read(dtype, groups, g):
+    # against the reference in fp32 on the same (rounded) inputs: the kernel rounds in other places than the
+    # half-precision reference does (q' and the mixture instead of q, keys and values)
+    B, T, K, ds, d, H = 2, 2000, 50, 64, 768, 4
+    parts = []
+    for i in range(groups):
+        idx = pool_sweep_ref(torch.rand(B, T, generator=g), torch.full((B, K), -1.0), 0.5)[0][:, :T]
+        parts.append(torch.where(idx >= 0, idx + i * (K + T), -1))
+    index = torch.cat(parts, 2).int().to(DEV)
+    u = torch.randn(B, T, d, generator=g).to(DEV, dtype)
+    bank = torch.randn(B, groups * (K + T), ds, generator=g).to(DEV, dtype)
+    w = [(torch.randn(*shape, generator=g) * shape[1] ** -0.5).to(DEV, dtype) for shape in ((ds, d), (ds, ds), (d, ds))]
+    gain = (0.1 * (torch.rand(B, T, generator=g) > 0.3).float()).to(DEV)
+    ref = pool_read_ref(u.float(), bank.float(), index, *(x.float() for x in w), H, gain)
+    with poisoned(), torch.no_grad():
+        o = kt.TRITON_OPS.pool_read(u, bank, index, *w, H, gain)
+    err = rel_err(o, ref)
+    record(kernel="pool_read", dtype=ids_dtype[dtype], S=groups * K, err=err,
+           err_half_reference=rel_err(pool_read_ref(u, bank, index, *w, H, gain), ref))
+    assert err <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids_dtype.get)
+def test_residual_norm_and_causal_conv(dtype, g):
+    h = torch.randn(2, 3000, 768, generator=g).to(DEV)
+    y = torch.randn(2, 3000, 768, generator=g).to(DEV, dtype)
+    w = (1 + 0.1 * torch.randn(768, generator=g)).to(DEV, dtype)
+    h_ref, u_ref = residual_norm_ref(h, y, w, 1e-5)
+    with poisoned():
+        h_new, u = kt.TRITON_OPS.residual_norm(h, y, w, 1e-5)
+    xz = torch.randn(2, 3000, 3072, generator=g).to(DEV, dtype)
+    cw, cb = torch.randn(1536, 4, generator=g).to(DEV, dtype), torch.randn(1536, generator=g).to(DEV, dtype)
+    win = torch.randn(2, 1536, 3, generator=g).to(DEV, dtype)
+    out_ref, win_ref = causal_conv_ref(xz[..., :1536], cw, cb, win)
+    with poisoned(), torch.no_grad():
+        out, win_new = kt.TRITON_OPS.causal_conv(xz[..., :1536], cw, cb, win)
+    errs = dict(h=rel_err(h_new, h_ref), u=rel_err(u, u_ref), conv=rel_err(out, out_ref))
+    record(kernel="residual_norm+causal_conv", dtype=ids_dtype[dtype], **errs)
+    assert max(errs.values()) <= TOL[dtype] and torch.equal(win_new, win_ref), errs
+
+
 def test_pool_attention_backward(g):
     B, T, M, S, ds, d, H = 2, 300, 120, 50, 64, 256, 4
     q, keys, values = (torch.randn(B, T, ds, generator=g).to(DEV), torch.randn(B, M, ds, generator=g).to(DEV),
@@ -193,7 +237,14 @@ def test_model_forward_2k_tokens(dtype, variant, g):
     if dtype == torch.float32:
         assert err <= 1e-4 and state_err <= 1e-4
     else:
-        assert off <= 0.02, f"{off:.1%} of positions off by > {TOL[dtype]} (max {err:.2e})"
+        ref32 = copy.deepcopy(model).float().prefill(ids)[0]        # the same (rounded) weights in fp32
+        off32 = dict(triton=share_off(fast, ref32, TOL[dtype]), torch=share_off(ref, ref32, TOL[dtype]))
+        record(test="model_forward_2k_vs_fp32", dtype=ids_dtype[dtype], variant=str(variant), **off32)
+        # either it matches the half-precision reference, or it is as close to the fp32 model as that reference
+        # is: the two round in different places (conv, pool read), and over 2k recurrent tokens in bf16 the
+        # reference itself is off the fp32 model at several percent of positions
+        assert off <= 0.02 or off32["triton"] <= 1.25 * off32["torch"] + 0.01, \
+            f"{off:.1%} of positions off by > {TOL[dtype]} (max {err:.2e}); against fp32: {off32}"
 
 
 @pytest.mark.parametrize("variant", [dict(), SMALL], ids=["tiny", "small"])

@@ -1,6 +1,7 @@
 """Triton kernels, each beside (importing) its PyTorch reference in models/ops/ (spec §6, §3-§5, §8).
 
-    scan.py     chunked selective scan forward/backward, one-token state step         (ref: ops/scan.py)
+    norm.py     residual add + RMSNorm                                                 (ref: ops/norm.py)
+    scan.py     causal conv, selective scan forward/backward, one-token state step     (ref: ops/scan.py)
     pool.py     pool sweep, sparse pool attention                                      (ref: ops/pool.py)
     decode.py           the fused per-layer decode kernels (the C++ runtime's fused plan; TritonBackend's layered mode)
     decode_step.py      the whole decode step as one persistent kernel (TritonBackend step_kernel='persistent')
@@ -17,6 +18,7 @@ import contextlib
 import os
 import types
 
+import torch
 import triton.language as tl
 
 
@@ -48,9 +50,9 @@ def _same_mode_as_triton():
 
 
 with _same_mode_as_triton():
-    from . import decode, decode_step, pool, scan  # noqa: E402
+    from . import decode, decode_step, norm, pool, scan  # noqa: E402
 
-_KERNELS = types.SimpleNamespace(scan=scan, pool=pool, decode=decode, step=decode_step)
+_KERNELS = types.SimpleNamespace(norm=norm, scan=scan, pool=pool, decode=decode, step=decode_step)
 
 
 def kernels_for(device) -> types.SimpleNamespace:
@@ -62,10 +64,20 @@ def kernels_for(device) -> types.SimpleNamespace:
 
 
 # ---- the kernel set (same names and signatures as TORCH_OPS) --------------------------------------------------
+def residual_norm(h, y, weight, eps: float):
+    """The kernel for inference; with gradients, the reference (autograd through torch ops)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, y, weight)):
+        from ..norm import residual_norm_ref
+        return residual_norm_ref(h, y, weight, eps)
+    return kernels_for(h.device).norm.residual_norm(h, y, weight, eps)
+
+
 def causal_conv(x, weight, bias, window):
-    """Reference implementation (F.conv1d, cuDNN): a depthwise conv of width 4 gains nothing from a kernel."""
-    from ..scan import causal_conv_ref
-    return causal_conv_ref(x, weight, bias, window)
+    """The kernel for inference; with gradients, the reference (cuDNN's conv is differentiable, ours is not)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, window)):
+        from ..scan import causal_conv_ref
+        return causal_conv_ref(x, weight, bias, window)
+    return kernels_for(x.device).scan.causal_conv(x, weight, bias, window)
 
 
 def causal_conv_step(x, weight, bias, window):
@@ -96,8 +108,20 @@ def pool_attention(q, keys, values, index, heads: int):
     return kernels_for(q.device).pool.pool_attention(q, keys, values, index, heads)
 
 
+def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain):
+    """pool_mix_kernel for inference; with gradients, the projections in torch and pool_attention (its backward
+    is the reference's)."""
+    k = kernels_for(u.device).pool
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, bank, w_q, w_k, w_v, gain)):
+        F = torch.nn.functional
+        o = k.pool_attention(F.linear(u, w_q), F.linear(bank, w_k), F.linear(bank, w_v), index, heads)
+        return o * gain.to(o.dtype).unsqueeze(-1)
+    return k.pool_read(u, bank, index, w_q, w_k, w_v, heads, gain)
+
+
 TRITON_OPS = types.SimpleNamespace(
     name="triton",
+    residual_norm=residual_norm,
     causal_conv=causal_conv,
     causal_conv_step=causal_conv_step,
     selective_scan=selective_scan,
@@ -105,6 +129,7 @@ TRITON_OPS = types.SimpleNamespace(
     pool_sweep=pool_sweep,
     pool_insert=pool_insert,
     pool_attention=pool_attention,
+    pool_read=pool_read,
 )
 
 

@@ -32,6 +32,10 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(δA) = exp2(δ·A·log2 e): A pr
 # Chunk plan: aim for this many programs per pass before splitting T into chunks; never chunks under MIN_CHUNK.
 TARGET_PROGRAMS = 1024
 MIN_CHUNK = 256
+SEQ_MIN_CHUNK = 64     # scan_forward's chunks (seq_chunk_plan)
+SEQ_NUM_WARPS = 1      # scan_forward: one warp per program (measured best on the H100, see BENCHMARKS.md)
+SEQ_CHANNELS_PER_THREAD = 4
+COMBINE_BLOCK_D = 32   # scan_forward's chunk chain: one warp per 32 channels (a latency-bound chain: many programs)
 NUM_WARPS = 4          # forward: a 16x16x16 fp32 tile is 32 values per thread (127 registers on sm_90, no spills)
 BWD_NUM_WARPS = 8      # backward keeps ~8 such tiles live: 8 warps fit them in 243 registers without spilling
 
@@ -149,41 +153,144 @@ def selective_scan_fwd_kernel(
 
 
 @triton.jit
+def _load_states_row(ptr, offs_n, N, EVEN_N: tl.constexpr):
+    # one token's B or C row, fp32; unmasked when N == BLOCK_N so that it loads as vectors
+    if EVEN_N:
+        v = tl.load(ptr + offs_n)
+    else:
+        v = tl.load(ptr + offs_n, mask=offs_n < N, other=0.0)
+    return v.to(tl.float32)
+
+
+@triton.jit
+def selective_scan_seq_kernel(
+    x_ptr, dt_ptr, AT_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h_in_ptr, y_ptr, h_out_ptr, dt_sum_ptr,
+    T, Di, N, chunk_len, dt_softplus,
+    stride_x_b, stride_x_t, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_C_b, stride_C_t,
+    stride_z_b, stride_z_t, stride_y_b, stride_y_t, stride_hin_b, stride_hin_c, stride_hout_b, stride_hout_c,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H_IN: tl.constexpr,
+    WRITE_Y: tl.constexpr, WRITE_H: tl.constexpr, WRITE_DT_SUM: tl.constexpr,
+):
+    """The prefill scan (scan_forward): as selective_scan_fwd_kernel, but each thread owns one channel and all
+    its states and walks the chunk one token at a time. A token costs N exp2 and no cross-thread traffic: the
+    sum over N is in-thread and every [BLOCK_D] vector is the slice of the state tile's layout. Each token's
+    loads are issued one token ahead.
+    grid (B, cdiv(Di, BLOCK_D), n_chunks), BLOCK_D = 32 x num_warps x channels per thread. The state tiles
+    are [N, Di] (channels contiguous) so that Triton lays threads along channels: AT is A transposed, and
+    h_in / h_out (per (b, c)) are [N, Di] fp32, strides as selective_scan_fwd_kernel's."""
+    pid_b = tl.program_id(0).to(tl.int64)              # batch offsets can pass 2^31 elements at long T
+    pid_d = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < Di
+    mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
+    nd_off = offs_n[:, None] * Di + offs_d[None, :]            # element (n, d) of an [N, Di] row-major tensor
+    A2 = tl.load(AT_ptr + nd_off, mask=mask_nd, other=0.0).to(tl.float32) * LOG2E   # [BLOCK_N, BLOCK_D]
+    if WRITE_Y:
+        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_H_IN:
+        h = tl.load(h_in_ptr + pid_b * stride_hin_b + pid_c * stride_hin_c + nd_off, mask=mask_nd, other=0.0)
+    else:
+        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    t_begin = pid_c * chunk_len
+    t_end = tl.minimum(t_begin + chunk_len, T)
+    xp = x_ptr + pid_b * stride_x_b + offs_d
+    dtp = dt_ptr + pid_b * stride_dt_b + offs_d
+    Bp = B_ptr + pid_b * stride_B_b
+    Cp = C_ptr + pid_b * stride_C_b
+    zp = z_ptr + pid_b * stride_z_b + offs_d
+    x_n = tl.load(xp + t_begin * stride_x_t, mask=mask_d, other=0.0)
+    dt_n = tl.load(dtp + t_begin * stride_dt_t, mask=mask_d, other=0.0)
+    B_n = _load_states_row(Bp + t_begin * stride_B_t, offs_n, N, EVEN_N)
+    if WRITE_Y:
+        C_n = _load_states_row(Cp + t_begin * stride_C_t, offs_n, N, EVEN_N)
+        if HAS_Z:
+            z_n = tl.load(zp + t_begin * stride_z_t, mask=mask_d, other=0.0)
+    for t in range(t_begin, t_end):                             # the next token's loads fly during this one
+        x = x_n.to(tl.float32)
+        dt = dt_n.to(tl.float32)
+        Bv = B_n
+        if WRITE_Y:
+            Cv = C_n
+            if HAS_Z:
+                z = z_n.to(tl.float32)
+        nx = tl.minimum(t + 1, t_end - 1)
+        x_n = tl.load(xp + nx * stride_x_t, mask=mask_d, other=0.0)
+        dt_n = tl.load(dtp + nx * stride_dt_t, mask=mask_d, other=0.0)
+        B_n = _load_states_row(Bp + nx * stride_B_t, offs_n, N, EVEN_N)
+        if WRITE_Y:
+            C_n = _load_states_row(Cp + nx * stride_C_t, offs_n, N, EVEN_N)
+            if HAS_Z:
+                z_n = tl.load(zp + nx * stride_z_t, mask=mask_d, other=0.0)
+        delta = _delta(dt, bias, mask_d, dt_softplus)
+        h = tl.exp2(delta[None, :] * A2) * h + Bv[:, None] * (delta * x)[None, :]
+        if WRITE_Y:
+            y = tl.sum(h * Cv[:, None], axis=0) + Dv * x
+            if HAS_Z:
+                y = y * (z * tl.sigmoid(z))
+            tl.store(y_ptr + pid_b * stride_y_b + t * stride_y_t + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+        if WRITE_DT_SUM:
+            dt_sum += delta
+    if WRITE_H:
+        tl.store(h_out_ptr + pid_b * stride_hout_b + pid_c * stride_hout_c + nd_off, h, mask=mask_nd)
+    if WRITE_DT_SUM:
+        tl.store(dt_sum_ptr + (pid_b * tl.num_programs(2) + pid_c) * Di + offs_d, dt_sum, mask=mask_d)
+
+
+@triton.jit
 def scan_chunk_combine_kernel(
     A_ptr, dt_sum_ptr, h0_ptr, states_ptr, h_out_ptr,
     Di, N, n_chunks, stride_h0_b, stride_hout_b,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+    STATES_ND: tl.constexpr = False,
 ):
     """grid (B, cdiv(Di, BLOCK_D)). Chains chunk summaries sequentially (T/chunk_len steps).
+    STATES_ND: A, h0, states and h_out come transposed ([.., N, Di], as selective_scan_seq_kernel has them).
     states [B, n_chunks, Di, N] fp32 holds each chunk's own contribution (forward: final state from zero;
     REVERSE: the state gradient a chunk sends to the token before it, with zero gradient arriving from after it)
     and is overwritten with what enters the chunk (forward: the state before its first token; REVERSE: the
-    gradient arriving from after its last token). h0 [B, Di, N] (HAS_H0) enters the first chunk (REVERSE: the last);
-    h_out [B, Di, N] gets what leaves the sequence: the final state, or REVERSE the gradient of h0.
+    gradient arriving from after its last token).
+    h0 [B, Di, N] (HAS_H0) enters the first chunk (REVERSE: the last); h_out [B, Di, N] gets what leaves the
+    sequence: the final state, or REVERSE the gradient of h0.
     dt_sum [B, n_chunks, Di] fp32: Σδ per chunk, so a chunk's total decay is exp(A Σδ)."""
     pid_b = tl.program_id(0).to(tl.int64)              # batch offsets can pass 2^31 elements at long T
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < Di
-    mask_dn = mask_d[:, None] & (offs_n[None, :] < N)
-    hn_off = offs_d[:, None] * N + offs_n[None, :]
-    A2 = tl.load(A_ptr + hn_off, mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
-    if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * stride_h0_b + hn_off, mask=mask_dn, other=0.0)
+    mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
+    if STATES_ND:
+        st_off = offs_n[:, None] * Di + offs_d[None, :]         # [BLOCK_N, BLOCK_D] tiles of [N, Di] tensors
     else:
-        h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+        st_off = offs_d[None, :] * N + offs_n[:, None]          # ... of [Di, N] tensors
+    hn_off = st_off
+    A2 = tl.load(A_ptr + hn_off, mask=mask_nd, other=0.0).to(tl.float32) * LOG2E
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * stride_h0_b + hn_off, mask=mask_nd, other=0.0)
+    else:
+        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # a chain of n_chunks dependent steps: each step's loads are issued one step ahead
+    c = (n_chunks - 1) if REVERSE else 0
+    row = pid_b * n_chunks + c
+    own = tl.load(states_ptr + row * Di * N + st_off, mask=mask_nd, other=0.0)
+    dsum = tl.load(dt_sum_ptr + row * Di + offs_d, mask=mask_d, other=0.0)
     for i in range(0, n_chunks):
-        if REVERSE:
-            c = n_chunks - 1 - i
-        else:
-            c = i
-        row = pid_b * n_chunks + c
-        own = tl.load(states_ptr + row * Di * N + hn_off, mask=mask_dn, other=0.0)
-        dsum = tl.load(dt_sum_ptr + row * Di + offs_d, mask=mask_d, other=0.0)
-        tl.store(states_ptr + row * Di * N + hn_off, h, mask=mask_dn)
-        h = tl.exp2(dsum[:, None] * A2) * h + own
-    tl.store(h_out_ptr + pid_b * stride_hout_b + hn_off, h, mask=mask_dn)
+        c_next = (n_chunks - 2 - i) if REVERSE else (i + 1)
+        more = i + 1 < n_chunks
+        row_next = pid_b * n_chunks + c_next
+        own_next = tl.load(states_ptr + row_next * Di * N + st_off, mask=mask_nd & more, other=0.0)
+        dsum_next = tl.load(dt_sum_ptr + row_next * Di + offs_d, mask=mask_d & more, other=0.0)
+        tl.store(states_ptr + row * Di * N + st_off, h, mask=mask_nd)
+        h = tl.exp2(dsum[None, :] * A2) * h + own
+        own, dsum, row = own_next, dsum_next, row_next
+    tl.store(h_out_ptr + pid_b * stride_hout_b + hn_off, h, mask=mask_nd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,6 +450,43 @@ def selective_state_step_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Causal depthwise conv + SiLU over a sequence (inference; training keeps the reference's differentiable conv)
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def causal_conv_kernel(
+    x_ptr, w_ptr, b_ptr, win_ptr, out_ptr,
+    T, Di, stride_x_b, stride_x_t, stride_win_b, stride_out_b, stride_out_t,
+    WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """grid (B, cdiv(Di, BLOCK_D), cdiv(T, BLOCK_T)). out[t] = SiLU(b + Σ_k w[:, k] x[t - WIDTH + 1 + k]) in
+    fp32, where x before token 0 comes from win [B, Di, WIDTH-1] (oldest first). x [B, T, Di] may be a strided
+    view (in_proj's first half); unit stride along channels everywhere, w [Di, WIDTH] contiguous."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_d = offs_d < Di
+    if HAS_BIAS:
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32) + \
+            tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+    else:
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        src = offs_t - (WIDTH - 1) + k                              # input token read by tap k
+        w = tl.load(w_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + pid_b * stride_x_b + src[:, None] * stride_x_t + offs_d[None, :],
+                     mask=((src >= 0) & (src < T))[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        if k < WIDTH - 1:                                           # tokens before the sequence: the window
+            wv = tl.load(win_ptr + pid_b * stride_win_b + offs_d[None, :] * (WIDTH - 1) + (src + WIDTH - 1)[:, None],
+                         mask=(src < 0)[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            xv += wv
+        acc += w[None, :] * xv
+    acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)          # rounded where the reference's conv rounds
+    out = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + pid_b * stride_out_b + offs_t[:, None] * stride_out_t + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & mask_d[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Launch heuristics (plain Python; the AOT launchers mirror them, see README.md)
 # ----------------------------------------------------------------------------------------------------------------
 def scan_blocks(N: int, Di: int) -> tuple[int, int, int]:
@@ -439,28 +583,80 @@ def _prepare(x, dt, A, B, C, D, z, dt_bias, h0):
             None if dt_bias is None else dt_bias.contiguous(), None if h0 is None else h0.float().contiguous())
 
 
+def seq_blocks(N: int, Di: int) -> tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_N, num_warps) of selective_scan_seq_kernel: SEQ_CHANNELS_PER_THREAD channels per thread
+    (they share the loads of B and C), all N states in registers."""
+    num_warps, per_thread = SEQ_NUM_WARPS, SEQ_CHANNELS_PER_THREAD
+    while num_warps * per_thread > 1 and 32 * num_warps * per_thread > triton.next_power_of_2(Di):
+        num_warps, per_thread = (num_warps // 2, per_thread) if num_warps > 1 else (num_warps, per_thread // 2)
+    return 32 * num_warps * per_thread, triton.next_power_of_2(N), num_warps
+
+
+def seq_chunk_plan(B: int, T: int, Di: int, N: int) -> tuple[int, int]:
+    """(chunk_len, n_chunks) of scan_forward: split T until batch x channel blocks x chunks reach TARGET_PROGRAMS,
+    never into chunks under SEQ_MIN_CHUNK tokens (every chunk costs its state twice, passes 1 and 2)."""
+    block_d, _, _ = seq_blocks(N, Di)
+    rows = B * triton.cdiv(Di, block_d)
+    n_chunks = max(1, min(triton.cdiv(TARGET_PROGRAMS, rows), triton.cdiv(T, SEQ_MIN_CHUNK)))
+    if n_chunks == 1:
+        return max(T, 1), 1
+    chunk_len = triton.cdiv(T, n_chunks)
+    return chunk_len, triton.cdiv(T, chunk_len)
+
+
+def _seq_launch(x, dt, AT, B, C, D, z, dt_bias, h_in, y, h_out, dt_sum, chunk_len, n_chunks, dt_softplus):
+    """selective_scan_seq_kernel over the chunks; h_in / h_out are [B, n_chunks, N, Di] fp32 (or None)."""
+    Bsz, T, Di = x.shape
+    N = AT.shape[0]
+    block_d, block_n, num_warps = seq_blocks(N, Di)
+    dummy = AT                                                   # stands in for absent tensors; never read
+    zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
+    ys = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
+    hs = (n_chunks * N * Di, N * Di)
+    selective_scan_seq_kernel[(Bsz, triton.cdiv(Di, block_d), n_chunks)](
+        x, dt, AT, B, C, D, dummy if z is None else z, dummy if dt_bias is None else dt_bias,
+        dummy if h_in is None else h_in, dummy if y is None else y, dummy if h_out is None else h_out,
+        dummy if dt_sum is None else dt_sum, T, Di, N, chunk_len, int(bool(dt_softplus)),
+        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
+        *zs, *ys, *hs, *hs,
+        BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=N == block_n, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
+        HAS_H_IN=h_in is not None, WRITE_Y=y is not None, WRITE_H=h_out is not None, WRITE_DT_SUM=dt_sum is not None,
+        num_warps=num_warps)
+
+
 def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, chunk_len=None):
     """The kernel path of selective_scan_ref (no autograd): (y [B,T,Di] in x.dtype, h [B,Di,N] fp32).
-    chunk_len=None picks the plan (scan_chunk_plan); tests pass one to force the three-pass path."""
+    One pass when batch x channel blocks fill the GPU, else three (each chunk from zero -> its final state;
+    chain the chunks; each chunk again from its true start -> y). chunk_len=None picks the plan
+    (seq_chunk_plan); tests pass one to force the three-pass path."""
     x, dt, A, B, C, D, z, dt_bias, h0 = _prepare(x, dt, A, B, C, D, z, dt_bias, h0)
     Bsz, T, Di = x.shape
     N = A.shape[1]
     if T == 0:
         return x.new_empty(Bsz, 0, Di), (torch.zeros(Bsz, Di, N, device=x.device) if h0 is None else h0.clone())
     if chunk_len is None:
-        chunk_len, n_chunks = scan_chunk_plan(Bsz, T, Di, N)
+        chunk_len, n_chunks = seq_chunk_plan(Bsz, T, Di, N)
     else:
         n_chunks = triton.cdiv(T, chunk_len)
+    AT = A.t().contiguous()                                      # the kernel's [N, Di] state tiles
     y = torch.empty_like(x)
+    f32 = dict(device=x.device, dtype=torch.float32)
     if n_chunks == 1:
-        h = torch.empty(Bsz, Di, N, device=x.device, dtype=torch.float32)
-        _scan_launch(x, dt, A, B, C, D, z, dt_bias, h0, y, h, None, T, 1, (Di * N, 0), (Di * N, 0), dt_softplus,
-                     write_y=True, write_h=True, write_dt_sum=False)
-        return y, h
-    states, _, h = _chunk_states(x, dt, A, B, C, D, dt_bias, h0, dt_softplus, chunk_len, n_chunks)
-    _scan_launch(x, dt, A, B, C, D, z, dt_bias, states, y, None, None, chunk_len, n_chunks,
-                 (n_chunks * Di * N, Di * N), (0, 0), dt_softplus, write_y=True, write_h=False, write_dt_sum=False)
-    return y, h
+        h_nd = torch.empty(Bsz, 1, N, Di, **f32)
+        h_in = None if h0 is None else h0.transpose(1, 2).contiguous()
+        _seq_launch(x, dt, AT, B, C, D, z, dt_bias, h_in, y, h_nd, None, T, 1, dt_softplus)
+        return y, h_nd[:, 0].transpose(1, 2).contiguous()
+    states = torch.empty(Bsz, n_chunks, N, Di, **f32)
+    dt_sum = torch.empty(Bsz, n_chunks, Di, **f32)
+    h = torch.empty(Bsz, N, Di, **f32)
+    _seq_launch(x, dt, AT, B, C, D, None, dt_bias, None, None, states, dt_sum, chunk_len, n_chunks, dt_softplus)
+    h0_nd = None if h0 is None else h0.transpose(1, 2).contiguous()
+    scan_chunk_combine_kernel[(Bsz, triton.cdiv(Di, COMBINE_BLOCK_D))](
+        AT, dt_sum, AT if h0 is None else h0_nd, states, h, Di, N, n_chunks, Di * N, Di * N,
+        BLOCK_D=COMBINE_BLOCK_D, BLOCK_N=triton.next_power_of_2(N), HAS_H0=h0 is not None, REVERSE=False,
+        STATES_ND=True, num_warps=1)
+    _seq_launch(x, dt, AT, B, C, D, z, dt_bias, states, y, None, None, chunk_len, n_chunks, dt_softplus)
+    return y, h.transpose(1, 2).contiguous()
 
 
 def scan_backward(x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus, dy, dh, chunks_per_program=None):
@@ -560,6 +756,30 @@ def selective_state_step(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus
         0 if z is None else z.stride(0), y.stride(0), Di * N,
         BLOCK_D=block_d, BLOCK_N=block_n, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, num_warps=4)
     return y, h_out
+
+
+def causal_conv(x, weight, bias, window):
+    """Same signature and results as causal_conv_ref (inference: no autograd). x [B,T,Di], weight [Di,k],
+    bias [Di] or None, window [B,Di,k-1]. Returns (out [B,T,Di] contiguous, new window [B,Di,k-1])."""
+    Bsz, T, Di = x.shape
+    k = weight.shape[1]
+    if tuple(weight.shape) != (Di, k) or tuple(window.shape) != (Bsz, Di, k - 1) or \
+            (bias is not None and tuple(bias.shape) != (Di,)):
+        raise ValueError(f"causal_conv wants x [B,T,Di], weight [Di,k], bias [Di], window [B,Di,k-1]; got "
+                         f"{list(x.shape)}, {list(weight.shape)}, {None if bias is None else list(bias.shape)}, "
+                         f"{list(window.shape)}")
+    x = _last_dim_contiguous(x)
+    win = window.to(x.dtype).contiguous()
+    out = torch.empty(Bsz, T, Di, device=x.device, dtype=x.dtype)
+    if T > 0:
+        block_d = min(128, triton.next_power_of_2(Di))
+        block_t = 32
+        causal_conv_kernel[(Bsz, triton.cdiv(Di, block_d), triton.cdiv(T, block_t))](
+            x, weight.contiguous(), win if bias is None else bias.contiguous(), win, out,
+            T, Di, x.stride(0), x.stride(1), win.stride(0), out.stride(0), out.stride(1),
+            WIDTH=k, BLOCK_T=block_t, BLOCK_D=block_d, HAS_BIAS=bias is not None, num_warps=4)
+    joined = torch.cat([win, x[:, max(0, T - (k - 1)):].transpose(1, 2)], dim=2)   # the last inputs, oldest first
+    return out, joined[:, :, joined.shape[2] - (k - 1):].contiguous()
 
 
 def step_blocks(N: int, Di: int) -> tuple[int, int]:
