@@ -8,8 +8,9 @@ In one run, on one GPU:
                    (graph replay alone, and backend.step() with its token copy and logits clone); also the
                    memory-off 130m (plain Mamba) for the 1.22 ms mamba_ssm anchor; floor = parameter bytes / copy BW
   prefill          tokens/s of MemMambaLM.prefill(last_only=True) (the state and the last token's logits, what
-                   generation needs), 130m fp16, batch 1, at 2k/16k/64k with kernels="triton"; the
-                   reference at 2k only (its scan is a Python loop over tokens)
+                   generation needs), 130m fp16, batch 1, at 2k/16k/64k with kernels="triton", launched eagerly
+                   and as TritonBackend.prefill's CUDA graphs (the summary line's figures); the reference at
+                   2k only (its scan is a Python loop over tokens)
   kernels          each kernel on 130m shapes against its own bytes floor (L2 flushed before every repeat)
 
 Timing: CUDA events, warm-up first, median of many repeats. Prints a rich table; appends JSON lines to
@@ -138,16 +139,24 @@ def bench_decode(dtype, bw: float, memory: bool = True, reference: bool = True) 
 # ---- prefill -------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def bench_prefill(lengths=(2048, 16384, 65536), reference_at=2048) -> dict:
+    from .backends.triton_backend import TritonBackend
+
     model = make_130m(torch.float16)
     fast = copy.copy(model).set_kernels("triton")
+    graphed = TritonBackend(model, cuda_graph=True)
     out = {}
     g = torch.Generator().manual_seed(2)
     for T in lengths:
         ids = torch.randint(0, 50280, (1, T), generator=g).to(DEV)
         fast.prefill(ids, last_only=True)                          # compiles this length's specialisations
         ms = time_ms(lambda: fast.prefill(ids, last_only=True), reps=3 if T > 16384 else 5, warmup=1)
+        row("prefill", f"130m fp16 prefill {T // 1024}k tokens: triton, eager", ms, None, tokens_per_s=T / ms * 1e3)
+        state = graphed.new_state(1)
+        graphed.prefill(ids, state)                                # captures this length's graphs
+        ms = time_ms(lambda: graphed.prefill(ids, state), reps=3 if T > 16384 else 5, warmup=1)
         out[T] = T / (ms * 1e-3)
-        row("prefill", f"130m fp16 prefill {T // 1024}k tokens: triton", ms, None, tokens_per_s=out[T])
+        row("prefill", f"130m fp16 prefill {T // 1024}k tokens: triton, CUDA graphs (TritonBackend)", ms, None,
+            tokens_per_s=out[T])
     if reference_at:
         ids = torch.randint(0, 50280, (1, reference_at), generator=g).to(DEV)
         model.prefill(ids[:, :64], last_only=True)
@@ -261,7 +270,7 @@ def report(out_dir: Path, decode: list[dict], prefill: dict, bw: float) -> None:
     if prefill:
         parts = [f"{k // 1024}k {v / 1e6:.2f}M" for k, v in prefill.items() if k != "reference"]
         ref = f"; reference at 2k {prefill['reference'] / 1e3:.1f}k" if "reference" in prefill else ""
-        print(f"@@ kernel-bench: prefill 130m fp16 tokens/s {', '.join(parts)}{ref}")
+        print(f"@@ kernel-bench: prefill 130m fp16 tokens/s (CUDA graphs) {', '.join(parts)}{ref}")
     worst = [r for r in ROWS if r["group"] == "kernel" and r["x_floor"]]
     if worst:
         w = max(worst, key=lambda r: r["x_floor"])

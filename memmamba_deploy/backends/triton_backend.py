@@ -1,5 +1,5 @@
 """The fast decode path: the Triton decode kernels, optionally one CUDA graph per step; prefill through
-MemMambaLM(kernels="triton").prefill.
+MemMambaLM(kernels="triton").prefill, with cuda_graph=True in captured graphs of power-of-two pieces.
 
 Three ways to run the same step math (step_kernel=):
   "layered"     (default) the four per-layer kernels of models/ops/triton/decode.py (three without the memory
@@ -75,13 +75,15 @@ class _Buffers:
 class TritonBackend:
     """Backend protocol (backends/base.py) over the fused Triton decode kernels.
 
-    cuda_graph=True captures the whole step (all layers, LM head) once per batch size and replays it.
+    cuda_graph=True captures the whole step (all layers, LM head) once per batch size and replays it, and runs
+    prefill as captured graphs of power-of-two pieces of the prompt (_graphed_prefill).
     step_kernel: "layered" (default), "persistent" or "phased" (the module docstring). pdl (layered only; default
     where the GPU has it, sm_90+): programmatic dependent launch.
     On a CPU model (tests) the kernels run in Triton's interpreter, without graphs."""
 
     name = "triton"
     STEP_KERNELS = ("layered", "persistent", "phased")
+    PREFILL_CHUNK = 16384          # the longest prefill piece one captured graph runs (cuda_graph=True)
 
     def __init__(self, model: MemMambaLM, cuda_graph: bool = True, pdl: bool | None = None,
                  step_kernel: str = "layered"):
@@ -132,6 +134,9 @@ class TritonBackend:
         self.norm_f = model.norm_f.weight.detach()
         self.embedding = model.embeddings.weight.detach()
         self._buffers: dict[int, _Buffers] = {}
+        self._prefill_io: dict[int, types.SimpleNamespace] = {}
+        self._prefill_graphs: dict[tuple[int, int], types.SimpleNamespace] = {}
+        self._prefill_pool = None
 
     @classmethod
     def open(cls, checkpoint, device="cuda", dtype=None, cuda_graph: bool = True,
@@ -384,8 +389,60 @@ class TritonBackend:
         ids = torch.as_tensor(input_ids).to(self.device).long()
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise ValueError(f"input_ids must be [batch, T] with T >= 1, got shape {list(ids.shape)}")
-        logits, new = self.model.prefill(ids, self._as_state(state, ids.shape[0]), last_only=True)
-        return logits[:, -1], TritonState(new)
+        s = self._as_state(state, ids.shape[0])
+        if not self.cuda_graph:
+            logits, new = self.model.prefill(ids, s, last_only=True)
+            return logits[:, -1], TritonState(new)
+        return self._graphed_prefill(ids, s)
+
+    # ---- prefill in CUDA graphs -------------------------------------------------------------------------------
+    def _graphed_prefill(self, ids: torch.Tensor, state: State):
+        """The prompt in pieces of power-of-two lengths (at most PREFILL_CHUNK), each one captured CUDA graph of
+        model.prefill resuming from the previous piece's state: eager prefill costs ~40 ms of Python and launch
+        time for the 130m whatever the length, more than the GPU's work up to ~16k tokens (BENCHMARKS.md). A
+        length's graph is captured on first use (at most log2(PREFILL_CHUNK) + 1 of them per batch size, in one
+        shared memory pool); the pieces' state and logits live in buffers outside it."""
+        B, T = ids.shape
+        io = self._prefill_io.get(B)
+        if io is None:
+            io = self._prefill_io[B] = types.SimpleNamespace(
+                state=State.zeros(self.config, B, self.device, self.dtype),
+                logits=torch.empty(B, self.config.vocab_size, device=self.device, dtype=torch.float32))
+        for name, t in state.tensors().items():
+            getattr(io.state, name).copy_(t)
+        pos = 0
+        while pos < T:
+            n = min(self.PREFILL_CHUNK, 1 << ((T - pos).bit_length() - 1))
+            graph = self._prefill_graphs.get((B, n)) or self._capture_prefill(io, B, n)
+            graph.ids.copy_(ids[:, pos:pos + n])
+            graph.graph.replay()
+            pos += n
+        return io.logits.clone(), TritonState(io.state.clone())
+
+    def _capture_prefill(self, io, B: int, n: int):
+        ids = torch.zeros(B, n, dtype=torch.long, device=self.device)
+
+        def run():
+            logits, new = self.model.prefill(ids, io.state, last_only=True)
+            io.logits.copy_(logits[:, -1])
+            for name, t in new.tensors().items():     # in place, after every read of io.state
+                getattr(io.state, name).copy_(t)
+
+        saved = io.state.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                  # compile this length's kernels and warm cuBLAS
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self._prefill_pool is None:
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._prefill_pool):
+            run()
+        for name, t in saved.tensors().items():        # the warm-up ran on the caller's state: put it back
+            getattr(io.state, name).copy_(t)
+        entry = self._prefill_graphs[(B, n)] = types.SimpleNamespace(ids=ids, graph=graph)
+        return entry
 
     @torch.no_grad()
     def step(self, token_ids, state):

@@ -295,6 +295,27 @@ class Decisions:
 STEP_KERNELS = ["layered", "persistent"]
 
 
+@pytest.mark.parametrize("variant", [dict(), SMALL], ids=["tiny", "small"])
+@torch.no_grad()
+def test_graphed_prefill_in_pieces_matches_the_reference(variant, g):
+    # 3000 tokens in pieces of at most 1024: 1024 + 1024 + 512 + 256 + 128 + 32 + 16 + 8, a chain of 8 replays
+    from memmamba_deploy.backends.triton_backend import TritonBackend
+
+    model = gpu_model(torch.float32, **variant)
+    backend = TritonBackend(model, cuda_graph=True)
+    backend.PREFILL_CHUNK = 1024
+    prompt = torch.randint(0, 256, (2, 3000), generator=g).to(DEV)
+    start = model.prefill(prompt[:, :100])[1]                          # resuming from a non-trivial state
+    ref_logits, ref_state = model.prefill(prompt, start)
+    for _ in range(2):                                                   # capture, then replay the same graphs
+        logits, state = backend.prefill(prompt, start)
+        errs = {k: rel_err(v, ref_state.tensors()[k]) for k, v in backend.to_reference(state).tensors().items()}
+        err = rel_err(logits, ref_logits[:, -1])
+        record(test="graphed_prefill", variant=str(variant), err=err, **{f"err_{k}": v for k, v in errs.items()})
+        assert err <= 1e-4 and max(errs.values()) <= 1e-4, (err, errs)
+    assert len(backend._prefill_graphs) == 7                          # 1024, 512, ..., 8: one graph each
+
+
 @pytest.mark.parametrize("step_kernel", STEP_KERNELS)
 @pytest.mark.parametrize("variant", [dict(), SMALL, dict(memory=False)], ids=["tiny", "small", "no-memory"])
 @torch.no_grad()

@@ -178,16 +178,16 @@ def pool_mix_kernel(
     q_ptr, s_ptr, index_ptr, gain_ptr, m_ptr,
     T, S, ds, scale,
     stride_q_b, stride_q_t, stride_s_b, stride_s_m, stride_i_b, stride_i_t, stride_g_b, stride_m_b, stride_m_t,
-    H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """grid (B, cdiv(T, BLOCK_Q)); fp16/bf16 tensors (tensor-core dots). The attention of pool_attention_fwd_kernel
-    done on the summaries themselves:
+    """grid (B, cdiv(T, BLOCK_Q), H / HEADS): HEADS heads per program; fp16/bf16 tensors (tensor-core dots).
+    The attention of pool_attention_fwd_kernel done on the summaries themselves:
     q [B,T,H*ds] holds each head's query already through that head's W_k (q'_h = W_k,hᵀ q_h, so that
     q'_h·s_j = q_h·k_j), s [B,M,ds] the bank's summaries, index [B,T,S] int32 (negative: no entry).
     m [B,T,H*ds] gets m_h = gain · Σ_j softmax_j(scale q'_h·s_j) s_j (gain [B,T] fp32 per query); the caller
-    applies W_v (o_h = W_v,h m_h), so no
-    [M, d] values are ever formed or gathered. The first index row of the block is gathered once for all heads;
-    slots that change inside the block are gathered per query, as in pool_attention_fwd_kernel."""
+    applies W_v (o_h = W_v,h m_h), so no [M, d] values are ever formed or gathered. The first index row of the
+    block is gathered once for the program's heads; slots that change inside the block are gathered per query,
+    as in pool_attention_fwd_kernel."""
     b = tl.program_id(0).to(tl.int64)                          # batch offsets can pass 2^31 elements at long T
     qb = tl.program_id(1)
     offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -207,7 +207,8 @@ def pool_mix_kernel(
                       other=0.0)                                                  # [BLOCK_S, BLOCK_C], fp16/bf16
     col_changed = tl.max(changed.to(tl.int32), axis=0)
     gain = tl.load(gain_ptr + b * stride_g_b + offs_q, mask=mask_q, other=0.0)
-    for h in tl.static_range(H):
+    for hh in tl.static_range(HEADS):
+        h = tl.program_id(2) * HEADS + hh
         q_half = tl.load(q_ptr + b * stride_q_b + offs_q[:, None] * stride_q_t + h * ds + offs_c[None, :],
                          mask=mask_q[:, None] & mask_c[None, :], other=0.0)
         q = q_half.to(tl.float32)
@@ -242,11 +243,17 @@ def pool_mix_kernel(
                  (m * gain[:, None]).to(m_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_c[None, :])
 
 
-def mix_blocks(S: int, ds: int) -> tuple[int, int, int, int]:
-    """(BLOCK_Q, BLOCK_S, BLOCK_C, num_warps) of pool_mix_kernel: [BLOCK_Q, BLOCK_S] tiles of about 2048 values,
-    every dot dimension >= 16."""
+MIX_TILE = 2048       # pool_mix_kernel's [BLOCK_Q, BLOCK_S] tile
+MIX_HEADS = 1         # heads per program (0: all); one is fastest on the H100 (BENCHMARKS.md, 2026-11-25 night)
+
+
+def mix_blocks(S: int, ds: int, H: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_Q, BLOCK_S, BLOCK_C, HEADS, num_warps) of pool_mix_kernel: [BLOCK_Q, BLOCK_S] tiles of about
+    MIX_TILE values, every dot dimension >= 16."""
     block_s = max(16, triton.next_power_of_2(max(S, 1)))
-    return max(16, 2048 // block_s), block_s, max(16, triton.next_power_of_2(ds)), 4 if block_s <= 64 else 8
+    heads = MIX_HEADS if MIX_HEADS and H % MIX_HEADS == 0 else H
+    return (max(16, MIX_TILE // block_s), block_s, max(16, triton.next_power_of_2(ds)), heads,
+            4 if block_s <= 64 else 8)
 
 
 def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain):
@@ -268,12 +275,12 @@ def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain):
     gain = gain.float().expand(Bsz, T).contiguous()
     m = torch.empty(Bsz, T, H * ds, device=u.device, dtype=u.dtype)
     if T:
-        block_q, block_s, block_c, num_warps = mix_blocks(index.shape[-1], ds)
-        pool_mix_kernel[(Bsz, triton.cdiv(T, block_q))](
+        block_q, block_s, block_c, heads_per_program, num_warps = mix_blocks(index.shape[-1], ds, H)
+        pool_mix_kernel[(Bsz, triton.cdiv(T, block_q), H // heads_per_program)](
             qk, bank, index, gain, m, T, index.shape[-1], ds, dh ** -0.5,
             qk.stride(0), qk.stride(1), bank.stride(0), bank.stride(1), index.stride(0), index.stride(1),
             gain.stride(0), m.stride(0), m.stride(1),
-            H=H, BLOCK_Q=block_q, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
+            HEADS=heads_per_program, BLOCK_Q=block_q, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
     # o[:, h·dv:(h+1)·dv] = m_h W_v,hᵀ: one GEMM against a block-diagonal [d, H·ds] weight
     w_out = torch.block_diag(*w_v.view(H, dv, ds).unbind(0))
     return torch.nn.functional.linear(m, w_out.to(m.dtype))

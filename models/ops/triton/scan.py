@@ -773,7 +773,7 @@ def causal_conv(x, weight, bias, window):
     out = torch.empty(Bsz, T, Di, device=x.device, dtype=x.dtype)
     if T > 0:
         block_d = min(128, triton.next_power_of_2(Di))
-        block_t = 32
+        block_t = 64                                        # (64, 128): fastest of a sweep on the H100
         causal_conv_kernel[(Bsz, triton.cdiv(Di, block_d), triton.cdiv(T, block_t))](
             x, weight.contiguous(), win if bias is None else bias.contiguous(), win, out,
             T, Di, x.stride(0), x.stride(1), win.stride(0), out.stride(0), out.stride(1),
