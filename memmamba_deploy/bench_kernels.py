@@ -195,7 +195,7 @@ def bench_kernels(bw: float, T: int = 16384) -> None:
     nbytes = 4 * T * Di * 2 + 2 * T * N * 2
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     row("kernel", f"selective_scan T={T // 1024}k fp16", ms, floor(nbytes), bytes=nbytes,
-        exp_per_s=T * Di * N / (ms * 1e-3), note=f"exp-bound: each pass does T·Di·N exps ({sm} SMs x 16/clk)")
+        exp_per_s=T * Di * N / (ms * 1e-3), note=f"issue/MUFU-bound: two passes of T·Di·N exp2 ({sm} SMs x 16/clk)")
     # one-token state step
     h = torch.randn(1, Di, N, device=DEV)
     xs, dts, zs, Bs, Cs = x[:, 0], dt[:, 0], z[:, 0], B[:, 0], C[:, 0]
@@ -215,7 +215,14 @@ def bench_kernels(bw: float, T: int = 16384) -> None:
         q, keys, values = rand(1, T, ds), rand(1, M, ds), rand(1, M, d)
         ms = time_ms(lambda: TRITON_OPS.pool_attention(q, keys, values, idx, H), reps=20, flush=True)
         nbytes = T * ds * 2 + T * d * 2 + T * groups * K * 4 + M * (ds + d) * 2
-        row("kernel", f"pool_attention T={T // 1024}k S={groups * K}", ms, floor(nbytes), bytes=nbytes)
+        row("kernel", f"pool_attention T={T // 1024}k S={groups * K} (fp32 models, AOT)", ms, floor(nbytes),
+            bytes=nbytes)
+        # the prefill's read (pool_mix_kernel between its two GEMMs): u and the bank in, r out
+        u, bank, gain = rand(1, T, d), rand(1, M, ds), torch.full((1, T), 0.1, device=DEV)
+        wq, wk, wv = rand(ds, d) * d ** -0.5, rand(ds, ds) * ds ** -0.5, rand(d, ds) * ds ** -0.5
+        ms = time_ms(lambda: TRITON_OPS.pool_read(u, bank, idx, wq, wk, wv, H, gain), reps=20, flush=True)
+        nbytes = 2 * T * d * 2 + T * groups * K * 4 + M * ds * 2 + T * 4
+        row("kernel", f"pool_read T={T // 1024}k S={groups * K} (with its GEMMs)", ms, floor(nbytes), bytes=nbytes)
     # the decode kernels of one 130m layer (a cross layer), fp16, batch 1
     model = make_130m(torch.float16)
     backend = TritonBackend(model, cuda_graph=False, step_kernel="layered")

@@ -62,7 +62,7 @@ def scan_inputs(g, Bsz, T, Di, N, z=True, bias=True, h0=True, dt_scale=0.5):
 
 # ---- selective scan ------------------------------------------------------------------------------------------------
 @interpreted
-@pytest.mark.parametrize("chunk_len", [None, 16], ids=["one-pass", "three-pass"])
+@pytest.mark.parametrize("chunk_len", [4096, 16, None], ids=["one-pass", "three-pass", "planned"])
 @pytest.mark.parametrize("variant", [dict(), dict(z=False, bias=False, h0=False), dict(softplus=False)],
                          ids=["full", "bare", "no-softplus"])
 def test_selective_scan_forward(chunk_len, variant, rng):

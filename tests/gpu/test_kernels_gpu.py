@@ -165,7 +165,7 @@ def test_pool_read(dtype, groups, g):
         o = kt.TRITON_OPS.pool_read(u, bank, index, *w, H, gain)
     err = rel_err(o, ref)
     record(kernel="pool_read", dtype=ids_dtype[dtype], S=groups * K, err=err,
-           err_half_reference=rel_err(pool_read_ref(u, bank, index, *w, H, gain), ref))
+           half_reference_err=rel_err(pool_read_ref(u, bank, index, *w, H, gain), ref))   # for comparison
     assert err <= TOL[dtype]
 
 
@@ -183,7 +183,7 @@ def test_residual_norm_and_causal_conv(dtype, g):
     out_ref, win_ref = causal_conv_ref(xz[..., :1536], cw, cb, win)
     with poisoned(), torch.no_grad():
         out, win_new = kt.TRITON_OPS.causal_conv(xz[..., :1536], cw, cb, win)
-    errs = dict(h=rel_err(h_new, h_ref), u=rel_err(u, u_ref), conv=rel_err(out, out_ref))
+    errs = dict(err_h=rel_err(h_new, h_ref), err_u=rel_err(u, u_ref), err_conv=rel_err(out, out_ref))
     record(kernel="residual_norm+causal_conv", dtype=ids_dtype[dtype], **errs)
     assert max(errs.values()) <= TOL[dtype] and torch.equal(win_new, win_ref), errs
 
