@@ -102,6 +102,60 @@ def _extract(tile, cols, s):
 
 
 @triton.jit
+def _block_index(index_ptr, b, qb, offs_q, offs_s, mask_q, mask_s, stride_i_b, stride_i_t, BLOCK_Q: tl.constexpr):
+    """The block's index rows [BLOCK_Q, BLOCK_S] (-1 outside), its first row, which entries are valid and which
+    differ from the first row."""
+    idx = tl.load(index_ptr + b * stride_i_b + offs_q[:, None] * stride_i_t + offs_s[None, :],
+                  mask=mask_q[:, None] & mask_s[None, :], other=-1)
+    first = tl.load(index_ptr + b * stride_i_b + (qb * BLOCK_Q) * stride_i_t + offs_s, mask=mask_s, other=-1)
+    valid = idx >= 0
+    changed = valid & (idx != first[None, :])
+    return idx, first, valid, changed
+
+
+@triton.jit
+def _changed_logits(logits, q, idx, first, offs_s, col_changed, base, stride_m, cols, mask_cols,
+                    BLOCK_S: tl.constexpr):
+    """logits [BLOCK_Q, BLOCK_S] of the first index row, fixed at the slots whose entry changed inside the block:
+    there each query dots its own entry (rows of base at stride_m, columns cols) with q."""
+    s = tl.min(tl.where(col_changed > 0, offs_s, BLOCK_S), axis=0)
+    while s < BLOCK_S:
+        idx_s = _extract(idx, offs_s, s)
+        ch_s = (idx_s >= 0) & (idx_s != tl.sum(tl.where(offs_s == s, first, 0), axis=0))
+        k_s = tl.load(base + idx_s[:, None] * stride_m + cols[None, :], mask=ch_s[:, None] & mask_cols[None, :],
+                      other=0.0).to(tl.float32)
+        logits = tl.where((offs_s[None, :] == s) & ch_s[:, None], tl.sum(k_s * q, axis=1)[:, None], logits)
+        s = tl.min(tl.where((col_changed > 0) & (offs_s > s), offs_s, BLOCK_S), axis=0)
+    return logits
+
+
+@triton.jit
+def _changed_mix(acc, w, idx, first, offs_s, col_changed, base, stride_m, cols, mask_cols, BLOCK_S: tl.constexpr):
+    """acc [BLOCK_Q, cols] plus, at the slots whose entry changed inside the block, each query's weight times its
+    own entry (the first row's entries went through a dot with those slots' weights zeroed)."""
+    s = tl.min(tl.where(col_changed > 0, offs_s, BLOCK_S), axis=0)
+    while s < BLOCK_S:
+        idx_s = _extract(idx, offs_s, s)
+        ch_s = (idx_s >= 0) & (idx_s != tl.sum(tl.where(offs_s == s, first, 0), axis=0))
+        v_s = tl.load(base + idx_s[:, None] * stride_m + cols[None, :], mask=ch_s[:, None] & mask_cols[None, :],
+                      other=0.0).to(tl.float32)
+        acc += tl.where(ch_s, _extract(w, offs_s, s), 0.0)[:, None] * v_s
+        s = tl.min(tl.where((col_changed > 0) & (offs_s > s), offs_s, BLOCK_S), axis=0)
+    return acc
+
+
+@triton.jit
+def _masked_softmax(logits, valid, scale):
+    """Row softmax of scale·logits over the valid entries, fp32; a row with none gets all zeros."""
+    logits = tl.where(valid, logits * scale, float("-inf"))
+    m = tl.max(logits, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)                   # no valid entry: every weight is exp(-inf) = 0
+    e = tl.exp(logits - m[:, None])
+    den = tl.sum(e, axis=1)
+    return e / tl.where(den > 0, den, 1.0)[:, None]
+
+
+@triton.jit
 def pool_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, index_ptr, o_ptr,
     T, S, dh, dv, n_vblocks, scale,
@@ -127,11 +181,8 @@ def pool_attention_fwd_kernel(
     k_cols = head * dh + offs_c
     k_base = k_ptr + b * stride_k_b
     v_base = v_ptr + b * stride_v_b
-    idx = tl.load(index_ptr + b * stride_i_b + offs_q[:, None] * stride_i_t + offs_s[None, :],
-                  mask=mask_q[:, None] & mask_s[None, :], other=-1)
-    first = tl.load(index_ptr + b * stride_i_b + (qb * BLOCK_Q) * stride_i_t + offs_s, mask=mask_s, other=-1)
-    valid = idx >= 0
-    changed = valid & (idx != first[None, :])
+    idx, first, valid, changed = _block_index(index_ptr, b, qb, offs_q, offs_s, mask_q, mask_s, stride_i_b,
+                                              stride_i_t, BLOCK_Q)
     has_first = first >= 0
     k_first = tl.load(k_base + first[:, None] * stride_k_m + k_cols[None, :], mask=has_first[:, None] & mask_c[None, :],
                       other=0.0).to(tl.float32)
@@ -139,20 +190,8 @@ def pool_attention_fwd_kernel(
                 mask=mask_q[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
     logits = tl.dot(q, tl.trans(k_first), input_precision="ieee")             # [BLOCK_Q, BLOCK_S], fp32
     col_changed = tl.max(changed.to(tl.int32), axis=0)
-    s = tl.min(tl.where(col_changed > 0, offs_s, BLOCK_S), axis=0)
-    while s < BLOCK_S:                                         # logits of the entries that changed in the block
-        idx_s = _extract(idx, offs_s, s)
-        ch_s = (idx_s >= 0) & (idx_s != tl.sum(tl.where(offs_s == s, first, 0), axis=0))
-        k_s = tl.load(k_base + idx_s[:, None] * stride_k_m + k_cols[None, :], mask=ch_s[:, None] & mask_c[None, :],
-                      other=0.0).to(tl.float32)
-        logits = tl.where((offs_s[None, :] == s) & ch_s[:, None], tl.sum(k_s * q, axis=1)[:, None], logits)
-        s = tl.min(tl.where((col_changed > 0) & (offs_s > s), offs_s, BLOCK_S), axis=0)
-    logits = tl.where(valid, logits * scale, float("-inf"))
-    m = tl.max(logits, axis=1)
-    m = tl.where(m == float("-inf"), 0.0, m)                   # no valid entry: every weight is exp(-inf) = 0
-    e = tl.exp(logits - m[:, None])
-    den = tl.sum(e, axis=1)
-    w = e / tl.where(den > 0, den, 1.0)[:, None]
+    logits = _changed_logits(logits, q, idx, first, offs_s, col_changed, k_base, stride_k_m, k_cols, mask_c, BLOCK_S)
+    w = _masked_softmax(logits, valid, scale)
     w_first = tl.where(changed, 0.0, w)
     for vb in range(0, n_vblocks):
         offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -161,14 +200,7 @@ def pool_attention_fwd_kernel(
         v_first = tl.load(v_base + first[:, None] * stride_v_m + v_cols[None, :],
                           mask=has_first[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
         o = tl.dot(w_first, v_first, input_precision="ieee")                   # [BLOCK_Q, BLOCK_V]
-        s = tl.min(tl.where(col_changed > 0, offs_s, BLOCK_S), axis=0)
-        while s < BLOCK_S:                                     # values of the entries that changed in the block
-            idx_s = _extract(idx, offs_s, s)
-            ch_s = (idx_s >= 0) & (idx_s != tl.sum(tl.where(offs_s == s, first, 0), axis=0))
-            v_s = tl.load(v_base + idx_s[:, None] * stride_v_m + v_cols[None, :],
-                          mask=ch_s[:, None] & mask_v[None, :], other=0.0).to(tl.float32)
-            o += tl.where(ch_s, _extract(w, offs_s, s), 0.0)[:, None] * v_s
-            s = tl.min(tl.where((col_changed > 0) & (offs_s > s), offs_s, BLOCK_S), axis=0)
+        o = _changed_mix(o, w, idx, first, offs_s, col_changed, v_base, stride_v_m, v_cols, mask_v, BLOCK_S)
         tl.store(o_ptr + b * stride_o_b + offs_q[:, None] * stride_o_t + v_cols[None, :],
                  o.to(o_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_v[None, :])
 
@@ -197,11 +229,8 @@ def pool_mix_kernel(
     mask_s = offs_s < S
     mask_c = offs_c < ds
     s_base = s_ptr + b * stride_s_b
-    idx = tl.load(index_ptr + b * stride_i_b + offs_q[:, None] * stride_i_t + offs_s[None, :],
-                  mask=mask_q[:, None] & mask_s[None, :], other=-1)
-    first = tl.load(index_ptr + b * stride_i_b + (qb * BLOCK_Q) * stride_i_t + offs_s, mask=mask_s, other=-1)
-    valid = idx >= 0
-    changed = valid & (idx != first[None, :])
+    idx, first, valid, changed = _block_index(index_ptr, b, qb, offs_q, offs_s, mask_q, mask_s, stride_i_b,
+                                              stride_i_t, BLOCK_Q)
     has_first = first >= 0
     s_first = tl.load(s_base + first[:, None] * stride_s_m + offs_c[None, :], mask=has_first[:, None] & mask_c[None, :],
                       other=0.0)                                                  # [BLOCK_S, BLOCK_C], fp16/bf16
@@ -213,32 +242,14 @@ def pool_mix_kernel(
                          mask=mask_q[:, None] & mask_c[None, :], other=0.0)
         q = q_half.to(tl.float32)
         logits = tl.dot(q_half, tl.trans(s_first))             # half products are exact in the fp32 accumulator
-        s = tl.min(tl.where(col_changed > 0, offs_s, BLOCK_S), axis=0)
-        while s < BLOCK_S:                                     # logits of the entries that changed in the block
-            idx_s = _extract(idx, offs_s, s)
-            ch_s = (idx_s >= 0) & (idx_s != tl.sum(tl.where(offs_s == s, first, 0), axis=0))
-            s_s = tl.load(s_base + idx_s[:, None] * stride_s_m + offs_c[None, :],
-                          mask=ch_s[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-            logits = tl.where((offs_s[None, :] == s) & ch_s[:, None], tl.sum(s_s * q, axis=1)[:, None], logits)
-            s = tl.min(tl.where((col_changed > 0) & (offs_s > s), offs_s, BLOCK_S), axis=0)
-        logits = tl.where(valid, logits * scale, float("-inf"))
-        mx = tl.max(logits, axis=1)
-        mx = tl.where(mx == float("-inf"), 0.0, mx)            # no valid entry: every weight is exp(-inf) = 0
-        e = tl.exp(logits - mx[:, None])
-        den = tl.sum(e, axis=1)
-        w = e / tl.where(den > 0, den, 1.0)[:, None]
+        logits = _changed_logits(logits, q, idx, first, offs_s, col_changed, s_base, stride_s_m, offs_c, mask_c,
+                                 BLOCK_S)
+        w = _masked_softmax(logits, valid, scale)
         w_first = tl.where(changed, 0.0, w)
         w_hi = w_first.to(s_first.dtype)                       # the weights in two half-precision parts: as exact
         w_lo = (w_first - w_hi.to(tl.float32)).to(s_first.dtype)   # as fp32 to ~2^-22, on tensor cores
         m = tl.dot(w_hi, s_first) + tl.dot(w_lo, s_first)      # [BLOCK_Q, BLOCK_C]
-        s = tl.min(tl.where(col_changed > 0, offs_s, BLOCK_S), axis=0)
-        while s < BLOCK_S:                                     # summaries of the entries that changed in the block
-            idx_s = _extract(idx, offs_s, s)
-            ch_s = (idx_s >= 0) & (idx_s != tl.sum(tl.where(offs_s == s, first, 0), axis=0))
-            s_s = tl.load(s_base + idx_s[:, None] * stride_s_m + offs_c[None, :],
-                          mask=ch_s[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-            m += tl.where(ch_s, _extract(w, offs_s, s), 0.0)[:, None] * s_s
-            s = tl.min(tl.where((col_changed > 0) & (offs_s > s), offs_s, BLOCK_S), axis=0)
+        m = _changed_mix(m, w, idx, first, offs_s, col_changed, s_base, stride_s_m, offs_c, mask_c, BLOCK_S)
         tl.store(m_ptr + b * stride_m_b + offs_q[:, None] * stride_m_t + h * ds + offs_c[None, :],
                  (m * gain[:, None]).to(m_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_c[None, :])
 

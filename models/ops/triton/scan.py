@@ -66,6 +66,24 @@ def _delta(dt, bias, mask, dt_softplus):
     return tl.where(mask, v, 0.0)      # masked lanes: δ = 0 makes (exp(0), 0) the scan's identity
 
 
+@triton.jit
+def _chunk_start(A_ptr, D_ptr, dt_bias_ptr, h_in_ptr, pid_b, pid_c, stride_hin_b, stride_hin_c, nd_off, mask_nd,
+                 offs_d, mask_d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+                 HAS_H_IN: tl.constexpr):
+    # what a forward program holds for its channels: A·log2(e), D, the dt bias, the state entering its chunk
+    A2 = tl.load(A_ptr + nd_off, mask=mask_nd, other=0.0).to(tl.float32) * LOG2E  # [BLOCK_N, BLOCK_D]
+    Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_DT_BIAS:
+        bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_H_IN:
+        h = tl.load(h_in_ptr + pid_b * stride_hin_b + pid_c * stride_hin_c + nd_off, mask=mask_nd, other=0.0)
+    else:
+        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    return A2, Dv, bias, h
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,17 +112,8 @@ def selective_scan_fwd_kernel(
     mask_n = offs_n < N
     mask_nd = mask_n[:, None] & mask_d[None, :]
     nd_off = offs_d[None, :] * N + offs_n[:, None]            # element (n, d) of a [Di, N] row-major tensor
-    A2 = tl.load(A_ptr + nd_off, mask=mask_nd, other=0.0).to(tl.float32) * LOG2E  # [BLOCK_N, BLOCK_D]
-    if WRITE_Y:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_DT_BIAS:
-        bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_H_IN:
-        h = tl.load(h_in_ptr + pid_b * stride_hin_b + pid_c * stride_hin_c + nd_off, mask=mask_nd, other=0.0)
-    else:
-        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    A2, Dv, bias, h = _chunk_start(A_ptr, D_ptr, dt_bias_ptr, h_in_ptr, pid_b, pid_c, stride_hin_b, stride_hin_c,
+                                   nd_off, mask_nd, offs_d, mask_d, BLOCK_N, BLOCK_D, HAS_DT_BIAS, HAS_H_IN)
     dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
     rows = tl.arange(0, BLOCK_T)
     t_begin = pid_c * chunk_len
@@ -172,8 +181,8 @@ def selective_scan_seq_kernel(
     HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H_IN: tl.constexpr,
     WRITE_Y: tl.constexpr, WRITE_H: tl.constexpr, WRITE_DT_SUM: tl.constexpr,
 ):
-    """The prefill scan (scan_forward): as selective_scan_fwd_kernel, but each thread owns one channel and all
-    its states and walks the chunk one token at a time. A token costs N exp2 and no cross-thread traffic: the
+    """The prefill scan (scan_forward): as selective_scan_fwd_kernel, but each thread owns a few channels and all
+    their states and walks the chunk one token at a time. A token costs N exp2 and no cross-thread traffic: the
     sum over N is in-thread and every [BLOCK_D] vector is the slice of the state tile's layout. Each token's
     loads are issued one token ahead.
     grid (B, cdiv(Di, BLOCK_D), n_chunks), BLOCK_D = 32 x num_warps x channels per thread. The state tiles
@@ -187,17 +196,8 @@ def selective_scan_seq_kernel(
     mask_d = offs_d < Di
     mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
     nd_off = offs_n[:, None] * Di + offs_d[None, :]            # element (n, d) of an [N, Di] row-major tensor
-    A2 = tl.load(AT_ptr + nd_off, mask=mask_nd, other=0.0).to(tl.float32) * LOG2E   # [BLOCK_N, BLOCK_D]
-    if WRITE_Y:
-        Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    if HAS_DT_BIAS:
-        bias = tl.load(dt_bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_H_IN:
-        h = tl.load(h_in_ptr + pid_b * stride_hin_b + pid_c * stride_hin_c + nd_off, mask=mask_nd, other=0.0)
-    else:
-        h = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    A2, Dv, bias, h = _chunk_start(AT_ptr, D_ptr, dt_bias_ptr, h_in_ptr, pid_b, pid_c, stride_hin_b, stride_hin_c,
+                                   nd_off, mask_nd, offs_d, mask_d, BLOCK_N, BLOCK_D, HAS_DT_BIAS, HAS_H_IN)
     dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
     t_begin = pid_c * chunk_len
     t_end = tl.minimum(t_begin + chunk_len, T)
