@@ -191,7 +191,9 @@ class NoteBlock(nn.Module):
 class PoolAttention(nn.Module):
     """§4 cross-token attention (with a learned trigger) or §5 cross-layer attention (no trigger).
 
-    r = [1(b > τ2)] · α · MultiHead(W_q u, P W_k, P W_v) over the valid slots, b = sigmoid(w_bᵀ u + β)."""
+    r = [1(b > τ2)] · α · MultiHead(W_q u, P W_k, P W_v) over the valid slots, b = sigmoid(w_bᵀ u + β).
+    forward hands q_proj/k_proj/v_proj's weights to ops.pool_read (the kernel set moves the projections where
+    they are cheapest), so hooks or wrappers on those Linear modules do not apply; the trigger is called."""
 
     def __init__(self, c: MemMambaConfig, trigger: bool):
         super().__init__()
@@ -298,7 +300,8 @@ class MemMambaLM(nn.Module):
         rows = torch.arange(Bsz, device=h.device)
         y = None                                                      # the previous layer's mixer output
         for l, layer in enumerate(self.layers):
-            h, u = ops.residual_norm(h, y, layer.norm.weight, layer.norm.eps)   # h += y; u = RMSNorm(h)
+            # h += y; u = RMSNorm(h): one fused op on the weight (layer.norm itself is called by step() only)
+            h, u = ops.residual_norm(h, y, layer.norm.weight, layer.norm.eps)
             if want_hidden and l > 0:
                 hidden.append(h)
             ut = u

@@ -177,7 +177,7 @@ def sweep_like_index(g, B, T, M, S):
 @interpreted
 @pytest.mark.parametrize("pattern", ["sweep-like", "random"])
 def test_pool_attention_forward_and_backward(pattern, rng):
-    B, T, M, S, ds, d, H = 2, 70, 30, 12, 12, 18, 3                  # 70 queries: two programs, the second short
+    B, T, M, S, ds, d, H = 2, 150, 30, 12, 12, 18, 3                 # 150 queries: two blocks of 128, one short
     q, keys, values = (torch.randn(B, T, ds, generator=rng), torch.randn(B, M, ds, generator=rng),
                        torch.randn(B, M, d, generator=rng))
     index = sweep_like_index(rng, B, T, M, S) if pattern == "sweep-like" else \
@@ -202,7 +202,8 @@ def test_pool_attention_forward_and_backward(pattern, rng):
 @pytest.mark.parametrize("pattern", ["sweep-like", "random"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32-gathers-values", "fp16-mixes-summaries"])
 def test_pool_read_matches_the_reference(pattern, dtype, rng):
-    B, T, M, S, ds, d, H = 2, 70, 30, 12, 12, 18, 3                  # 70 queries: two programs, the second short
+    # bf16 runs on the GPU only: Triton 3.6's interpreter computes bf16 tl.dot wrongly
+    B, T, M, S, ds, d, H = 2, 150, 30, 12, 12, 18, 3                 # 150 queries: two blocks of 128, one short
     u, bank = torch.randn(B, T, d, generator=rng).to(dtype), torch.randn(B, M, ds, generator=rng).to(dtype)
     w = [(torch.randn(*shape, generator=rng) * shape[1] ** -0.5).to(dtype) for shape in ((ds, d), (ds, ds), (d, ds))]
     index = sweep_like_index(rng, B, T, M, S) if pattern == "sweep-like" else \

@@ -401,7 +401,8 @@ class TritonBackend:
         model.prefill resuming from the previous piece's state: eager prefill costs ~40 ms of Python and launch
         time for the 130m whatever the length, more than the GPU's work up to ~16k tokens (BENCHMARKS.md). A
         length's graph is captured on first use (at most log2(PREFILL_CHUNK) + 1 of them per batch size, in one
-        shared memory pool); the pieces' state and logits live in buffers outside it."""
+        shared memory pool, kept until release_prefill_graphs); the pieces' state and logits live in buffers
+        outside it."""
         B, T = ids.shape
         io = self._prefill_io.get(B)
         if io is None:
@@ -418,6 +419,13 @@ class TritonBackend:
             graph.graph.replay()
             pos += n
         return io.logits.clone(), TritonState(io.state.clone())
+
+    def release_prefill_graphs(self) -> None:
+        """Drop the captured prefill graphs and their memory pool (about a PREFILL_CHUNK-token prefill's
+        activations); the next graphed prefill captures again."""
+        self._prefill_graphs.clear()
+        self._prefill_io.clear()
+        self._prefill_pool = None
 
     def _capture_prefill(self, io, B: int, n: int):
         ids = torch.zeros(B, n, dtype=torch.long, device=self.device)

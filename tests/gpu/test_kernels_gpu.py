@@ -314,6 +314,28 @@ def test_graphed_prefill_in_pieces_matches_the_reference(variant, g):
         record(test="graphed_prefill", variant=str(variant), err=err, **{f"err_{k}": v for k, v in errs.items()})
         assert err <= 1e-4 and max(errs.values()) <= 1e-4, (err, errs)
     assert len(backend._prefill_graphs) == 7                          # 1024, 512, ..., 8: one graph each
+    backend.release_prefill_graphs()
+    assert not backend._prefill_graphs and backend._prefill_pool is None
+
+
+@torch.no_grad()
+def test_graphed_prefill_half_precision_replays_the_eager_pieces(g):
+    # fp16 through pool_mix_kernel: the graphs must run what the same pieces run eagerly (same kernels, same order)
+    from memmamba_deploy.backends.triton_backend import TritonBackend
+
+    model = gpu_model(torch.float16, **SMALL)
+    backend = TritonBackend(model, cuda_graph=True)
+    backend.PREFILL_CHUNK = 1024
+    prompt = torch.randint(0, 256, (2, 1500), generator=g).to(DEV)     # 1024 + 256 + 128 + 64 + 16 + 8 + 4
+    logits, state = backend.prefill(prompt, backend.new_state(2))
+    fast, eager_state, pos = triton_twin(model), model.new_state(2), 0
+    for n in (1024, 256, 128, 64, 16, 8, 4):
+        eager_logits, eager_state = fast.prefill(prompt[:, pos:pos + n], eager_state, last_only=True)
+        pos += n
+    errs = {k: rel_err(v, eager_state.tensors()[k]) for k, v in backend.to_reference(state).tensors().items()}
+    err = rel_err(logits, eager_logits[:, -1])
+    record(test="graphed_prefill_fp16", err=err, **{f"err_{k}": v for k, v in errs.items()})
+    assert err <= 1e-2 and max(errs.values()) <= 1e-2, (err, errs)
 
 
 @pytest.mark.parametrize("step_kernel", STEP_KERNELS)

@@ -246,8 +246,8 @@ def pool_mix_kernel(
                                  BLOCK_S)
         w = _masked_softmax(logits, valid, scale)
         w_first = tl.where(changed, 0.0, w)
-        w_hi = w_first.to(s_first.dtype)                       # the weights in two half-precision parts: as exact
-        w_lo = (w_first - w_hi.to(tl.float32)).to(s_first.dtype)   # as fp32 to ~2^-22, on tensor cores
+        w_hi = w_first.to(s_first.dtype)                       # the weights in two half-precision parts, on tensor
+        w_lo = (w_first - w_hi.to(tl.float32)).to(s_first.dtype)   # cores: to ~2^-22 in fp16, ~2^-16 in bf16
         m = tl.dot(w_hi, s_first) + tl.dot(w_lo, s_first)      # [BLOCK_Q, BLOCK_C]
         m = _changed_mix(m, w, idx, first, offs_s, col_changed, s_base, stride_s_m, offs_c, mask_c, BLOCK_S)
         tl.store(m_ptr + b * stride_m_b + offs_q[:, None] * stride_m_t + h * ds + offs_c[None, :],

@@ -1,17 +1,22 @@
-"""Selective scan in Triton: the chunked scan (forward + backward) and the one-token state step.
+"""Selective scan in Triton: the chunked scan (forward + backward), the one-token state step, and the causal conv.
 
-References (ground truth, same arguments): models.ops.scan.selective_scan_ref and selective_state_step_ref.
-Spec §6 (the recurrence), §8 (parallel form), §9 (fp32 recurrence whatever the activation dtype).
+References (ground truth, same arguments): models.ops.scan.selective_scan_ref, selective_state_step_ref and
+causal_conv_ref. Spec §6 (the recurrence), §8 (parallel form), §9 (fp32 recurrence whatever the activation dtype).
 
-Forward, h_t = exp(δ_t A) h_{t-1} + δ_t x_t B_t, y_t = (C_t·h_t + D x_t) SiLU(z_t), δ = softplus(dt + dt_bias):
-a program owns (batch row, BLOCK_D channels, one chunk of tokens) and walks its chunk in tiles of BLOCK_T tokens;
-inside a tile the recurrence is an associative scan over time of the pairs (exp(δA), δxB), so it never forms
-exp(-cumsum) and cannot overflow however long T is. Across chunks:
+Forward, h_t = exp(δ_t A) h_{t-1} + δ_t x_t B_t, y_t = (C_t·h_t + D x_t) SiLU(z_t), δ = softplus(dt + dt_bias).
+A program owns (batch row, some channels, one chunk of tokens); across chunks:
 
   single pass  (enough batch x channel programs to fill the GPU): one chunk per row, starts from h0.
   three passes (few rows, long T):  1. every chunk from zero state -> its final state S_c and Σδ over the chunk
                                     2. scan_chunk_combine: h_start[c+1] = exp(A Σδ_c) h_start[c] + S_c
                                     3. every chunk again from h_start[c] -> y.
+Two kernels walk a chunk:
+  selective_scan_seq_kernel  (scan_forward: prefill and training forward; seq_chunk_plan) a thread owns a few
+      channels and all their states and steps token by token: N exp2 per channel-token, no cross-thread traffic.
+  selective_scan_fwd_kernel  (the backward's chunk states; the AOT builds of the TensorRT plugins and the C++
+      runtime; scan_chunk_plan) tiles of BLOCK_T tokens, inside a tile an associative scan over time of the pairs
+      (exp(δA), δxB).
+Neither forms exp(-cumsum), so nothing overflows however long T is.
 Backward (autograd): chunks of one tile each; recompute h_start as above, then the same three passes in reverse
 time for the state gradient g_t = C_t dy_t + exp(δ_{t+1}A) g_{t+1}, then per-tile gradients. Reductions over
 channels (dB, dC) and over tokens (dA, dD, ddt_bias) go through per-program partial buffers summed in torch:
@@ -509,7 +514,8 @@ def scan_chunk_plan(B: int, T: int, Di: int, N: int) -> tuple[int, int]:
 
 
 def scan_workspace_bytes(B: int, T: int, Di: int, N: int) -> int:
-    """fp32 scratch of the three-pass forward: chunk states [B, n_chunks, Di, N] + Σδ [B, n_chunks, Di]."""
+    """fp32 scratch of the tile scan's three-pass forward (the AOT builds' plan, scan_chunk_plan): chunk states
+    [B, n_chunks, Di, N] + Σδ [B, n_chunks, Di]. scan_forward's own plan (seq_chunk_plan) allocates its own."""
     _, n_chunks = scan_chunk_plan(B, T, Di, N)
     return 0 if n_chunks == 1 else 4 * B * n_chunks * Di * (N + 1)
 
