@@ -1,7 +1,7 @@
 """Where the time goes: one decode step of the 130m preset (fp16, batch 1) on the Triton backend's layered kernels
 replayed as a CUDA graph, per kernel name under torch.profiler; the persistent kernel's phases, from the clock
-stamps it writes with PROFILE on (--phases); and (--prefill T) one Triton-kernel prefill of T tokens. For perf
-work on models/ops/triton/.
+stamps it writes with PROFILE on (--phases); and (--prefill T) one Triton-kernel prefill of T tokens, per kernel,
+then its time as TritonBackend's CUDA graphs. For perf work on models/ops/triton/.
 
     python scripts/profile_decode.py [--preset 130m] [--dtype fp16] [--steps 50] [--no-memory] [--prefill 16384]
                                      [--no-pdl] [--sweep] [--phases]
@@ -71,6 +71,12 @@ def main():
                 model.prefill(ids)
                 torch.cuda.synchronize()
         report(prof, 1, f"prefill of {args.prefill} tokens")
+        graphed = TritonBackend(model, cuda_graph=True)
+        state = graphed.new_state(1)
+        graphed.prefill(ids, state)                                 # captures this length's graphs
+        ms = time_ms(lambda: graphed.prefill(ids, state), reps=5, warmup=1)
+        print(f"prefill of {args.prefill} tokens, TritonBackend (CUDA graphs): {ms:.2f} ms = "
+              f"{args.prefill / ms / 1e3:.3f} M tokens/s")
 
 
 def phases(model):
