@@ -68,6 +68,12 @@ class State:
     def clone(self) -> "State":
         return State(**{k: v.clone() for k, v in self.tensors().items()})
 
+    def copy_(self, other: "State") -> "State":
+        """Overwrite this state's tensors in place with other's (same shapes): buffers a CUDA graph reads."""
+        for k, v in other.tensors().items():
+            getattr(self, k).copy_(v)
+        return self
+
     def to(self, device) -> "State":
         return State(**{k: v.to(device) for k, v in self.tensors().items()})
 

@@ -242,19 +242,7 @@ class TritonBackend:
         return bufs
 
     def _capture(self, bufs: _Buffers) -> list:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                # compile every kernel and warm cuBLAS before capturing
-            for src in (0, 1):
-                self._launch(bufs, src)
-        torch.cuda.current_stream().wait_stream(side)
-        graphs = []
-        for src in (0, 1):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                self._launch(bufs, src)
-            graphs.append(g)
-        return graphs
+        return [_warm_and_capture(functools.partial(self._launch, bufs, src)) for src in (0, 1)]
 
     # ---- one step: the kernel sequence --------------------------------------------------------------------------
     def _launch(self, bufs: _Buffers, src: int) -> None:
@@ -409,8 +397,7 @@ class TritonBackend:
             io = self._prefill_io[B] = types.SimpleNamespace(
                 state=State.zeros(self.config, B, self.device, self.dtype),
                 logits=torch.empty(B, self.config.vocab_size, device=self.device, dtype=torch.float32))
-        for name, t in state.tensors().items():
-            getattr(io.state, name).copy_(t)
+        io.state.copy_(state)
         pos = 0
         while pos < T:
             n = min(self.PREFILL_CHUNK, 1 << ((T - pos).bit_length() - 1))
@@ -433,22 +420,13 @@ class TritonBackend:
         def run():
             logits, new = self.model.prefill(ids, io.state, last_only=True)
             io.logits.copy_(logits[:, -1])
-            for name, t in new.tensors().items():     # in place, after every read of io.state
-                getattr(io.state, name).copy_(t)
+            io.state.copy_(new)                        # in place, after every read of io.state
 
         saved = io.state.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                  # compile this length's kernels and warm cuBLAS
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         if self._prefill_pool is None:
             self._prefill_pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._prefill_pool):
-            run()
-        for name, t in saved.tensors().items():        # the warm-up ran on the caller's state: put it back
-            getattr(io.state, name).copy_(t)
+        graph = _warm_and_capture(run, self._prefill_pool)
+        io.state.copy_(saved)                          # the warm-up ran on the caller's state: put it back
         entry = self._prefill_graphs[(B, n)] = types.SimpleNamespace(ids=ids, graph=graph)
         return entry
 
@@ -467,8 +445,7 @@ class TritonBackend:
         if src is None:                                # a state from elsewhere: copy it into a free buffer
             src = 0 if self._owner(bufs, 0) is None else 1
             self._evict(bufs, src)
-            for name, t in s.tensors().items():
-                getattr(bufs.states[src], name).copy_(t)
+            bufs.states[src].copy_(s)
         self._evict(bufs, 1 - src)
         bufs.tokens.copy_(tokens)
         if bufs.graphs is not None:
@@ -498,6 +475,19 @@ class TritonBackend:
 
     def to_reference(self, state) -> State:
         return self._as_state(state, state.batch_size).clone()
+
+
+def _warm_and_capture(run, pool=None) -> torch.cuda.CUDAGraph:
+    """run() once on a side stream (compiles its kernels, warms cuBLAS), then captured as a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        run()
+    return graph
 
 
 def triton_cdiv(a: int, b: int) -> int:

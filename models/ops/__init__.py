@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import types
 
+import torch
+
 from . import norm, pool, scan
 
 KERNEL_SETS = ("torch", "triton")
@@ -24,6 +26,12 @@ TORCH_OPS = types.SimpleNamespace(
     pool_attention=pool.pool_attention_ref,
     pool_read=pool.pool_read_ref,
 )
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd records an op on these tensors (None allowed): where a kernel has no backward of its
+    own, the kernel set runs its reference instead."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def load_ops(name: str) -> types.SimpleNamespace:

@@ -124,15 +124,20 @@ def test_pool_sweep(K, g):
     assert mismatches == 0 and torch.equal(prio, prio_ref)
 
 
+def group_sweep_index(g, B, T, K, groups):
+    """[B, T, groups·K] int32 on the GPU: real sweep indices of `groups` layers' banks, offset as §5 joins them."""
+    parts = []
+    for i in range(groups):
+        idx = pool_sweep_ref(torch.rand(B, T, generator=g), torch.full((B, K), -1.0), 0.5)[0][:, :T]
+        parts.append(torch.where(idx >= 0, idx + i * (K + T), -1))
+    return torch.cat(parts, 2).int().to(DEV)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids_dtype.get)
 @pytest.mark.parametrize("groups", [1, 4], ids=["token-read", "cross-read"])
 def test_pool_attention(dtype, groups, g):
     B, T, K, ds, d, H = 2, 2000, 50, 64, 768, 4
-    parts = []                                                       # real sweep indices; groups offset as §5
-    for i in range(groups):
-        idx = pool_sweep_ref(torch.rand(B, T, generator=g), torch.full((B, K), -1.0), 0.5)[0][:, :T]
-        parts.append(torch.where(idx >= 0, idx + i * (K + T), -1))
-    index = torch.cat(parts, 2).int().to(DEV)
+    index = group_sweep_index(g, B, T, K, groups)
     M = groups * (K + T)
     q = torch.randn(B, T, ds, generator=g).to(DEV, dtype)
     keys = torch.randn(B, M, ds, generator=g).to(DEV, dtype)
@@ -151,11 +156,7 @@ def test_pool_read(dtype, groups, g):
     # against the reference in fp32 on the same (rounded) inputs: the kernel rounds in other places than the
     # half-precision reference does (q' and the mixture instead of q, keys and values)
     B, T, K, ds, d, H = 2, 2000, 50, 64, 768, 4
-    parts = []
-    for i in range(groups):
-        idx = pool_sweep_ref(torch.rand(B, T, generator=g), torch.full((B, K), -1.0), 0.5)[0][:, :T]
-        parts.append(torch.where(idx >= 0, idx + i * (K + T), -1))
-    index = torch.cat(parts, 2).int().to(DEV)
+    index = group_sweep_index(g, B, T, K, groups)
     u = torch.randn(B, T, d, generator=g).to(DEV, dtype)
     bank = torch.randn(B, groups * (K + T), ds, generator=g).to(DEV, dtype)
     w = [(torch.randn(*shape, generator=g) * shape[1] ** -0.5).to(DEV, dtype) for shape in ((ds, d), (ds, ds), (d, ds))]

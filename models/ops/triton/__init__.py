@@ -18,8 +18,9 @@ import contextlib
 import os
 import types
 
-import torch
 import triton.language as tl
+
+from .. import needs_grad
 
 
 def _triton_is_interpreted() -> bool:
@@ -66,7 +67,7 @@ def kernels_for(device) -> types.SimpleNamespace:
 # ---- the kernel set (same names and signatures as TORCH_OPS) --------------------------------------------------
 def residual_norm(h, y, weight, eps: float):
     """The kernel for inference; with gradients, the reference (autograd through torch ops)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, y, weight)):
+    if needs_grad(h, y, weight):
         from ..norm import residual_norm_ref
         return residual_norm_ref(h, y, weight, eps)
     return kernels_for(h.device).norm.residual_norm(h, y, weight, eps)
@@ -74,7 +75,7 @@ def residual_norm(h, y, weight, eps: float):
 
 def causal_conv(x, weight, bias, window):
     """The kernel for inference; with gradients, the reference (cuDNN's conv is differentiable, ours is not)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, window)):
+    if needs_grad(x, weight, bias, window):
         from ..scan import causal_conv_ref
         return causal_conv_ref(x, weight, bias, window)
     return kernels_for(x.device).scan.causal_conv(x, weight, bias, window)
@@ -109,14 +110,7 @@ def pool_attention(q, keys, values, index, heads: int):
 
 
 def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain):
-    """pool_mix_kernel for inference; with gradients, the projections in torch and pool_attention (its backward
-    is the reference's)."""
-    k = kernels_for(u.device).pool
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, bank, w_q, w_k, w_v, gain)):
-        F = torch.nn.functional
-        o = k.pool_attention(F.linear(u, w_q), F.linear(bank, w_k), F.linear(bank, w_v), index, heads)
-        return o * gain.to(o.dtype).unsqueeze(-1)
-    return k.pool_read(u, bank, index, w_q, w_k, w_v, heads, gain)
+    return kernels_for(u.device).pool.pool_read(u, bank, index, w_q, w_k, w_v, heads, gain)
 
 
 TRITON_OPS = types.SimpleNamespace(

@@ -3,9 +3,9 @@
 Same math and rounding points as the four per-layer kernels of decode.py (whose helpers it calls), and the same
 reference (MemMambaLM.step). The idea: a kernel boundary costs ~1.3 µs in a CUDA graph on an H100 and a grid
 barrier of ~190 programs about the same (1.1 µs at 132), but a program can hold the next phase's weights in
-registers *while* it waits at a barrier (PDL can overlap that only where the next kernel's programs find room on the SMs). Measured (BENCHMARKS.md,
-2026-11-25 evening) it ties the layered kernels without the memory path and loses with it, so TritonBackend
-keeps the layered kernels as its default and this one as step_kernel="persistent".
+registers *while* it waits at a barrier (PDL can overlap that only where the next kernel's programs find room on
+the SMs). Measured (BENCHMARKS.md, 2026-11-25 evening) it ties the layered kernels without the memory path and
+loses with it, so TritonBackend keeps the layered kernels as its default and this one as step_kernel="persistent".
 
 A step is, per layer l (whichever program first needs h_l computes it from h_{l-1} and layer l-1's out_proj
 sum, or the embedding; program 0 stores it):

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memmamba_deploy.models.ops import needs_grad
 from memmamba_deploy.models.ops.pool import fp32, pool_attention_ref, pool_read_ref, pool_sweep_ref  # noqa: F401
 
 ATTN_BWD_BYTES = 1 << 28       # the reference backward materialises [B, chunk, S, d] fp32: keep a chunk under this
@@ -268,17 +269,18 @@ def mix_blocks(S: int, ds: int, H: int) -> tuple[int, int, int, int, int]:
 
 
 def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain):
-    """Same signature and results as pool_read_ref (inference). fp16/bf16: through pool_mix_kernel, the keys' and
+    """Same signature and results as pool_read_ref. fp16/bf16 inference: through pool_mix_kernel, the keys' and
     values' projections moved to the query side and the output (q'_h = W_k,hᵀ W_q,h u; o_h = W_v,h m_h), so the
-    kernel reads ds-wide summaries where the reference gathers d-wide values per query and slot. fp32:
-    pool_attention on the projected keys and values (an fp32 dot has no exact tensor-core form)."""
+    kernel reads ds-wide summaries where the reference gathers d-wide values per query and slot. fp32 (an fp32
+    dot has no exact tensor-core form) and autograd (pool_attention has the backward): pool_attention on the
+    projected keys and values."""
     Bsz, T, d = u.shape
     ds = w_k.shape[0]
     H, dh, dv = heads, ds // heads, d // heads
-    if u.dtype == torch.float32:        # no exact fp32 tensor-core dot: gather the projected values instead
+    if u.dtype == torch.float32 or needs_grad(u, bank, w_q, w_k, w_v, gain):
         F = torch.nn.functional
         o = pool_attention(F.linear(u, w_q), F.linear(bank, w_k), F.linear(bank, w_v), index, heads)
-        return o * gain.unsqueeze(-1)
+        return o * gain.to(o.dtype).unsqueeze(-1)
     wqk = torch.einsum("hcs,hcd->hsd", w_k.float().view(H, dh, ds), w_q.float().view(H, dh, d))
     qk = torch.nn.functional.linear(u, wqk.reshape(H * ds, d).to(u.dtype))          # [B, T, H*ds]
     bank = bank if bank.stride(-1) == 1 else bank.contiguous()
@@ -368,7 +370,7 @@ def pool_attention(q, keys, values, index, heads: int):
                          f"{list(values.shape)}, index {list(index.shape)}")
     if ds % heads or values.shape[2] % heads:
         raise ValueError(f"heads={heads} must divide ds={ds} and d={values.shape[2]}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys, values)):
+    if needs_grad(q, keys, values):
         return PoolAttentionFn.apply(q, keys, values, index, heads)
     return _attention_forward(q, keys, values, index, heads)
 

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memmamba_deploy.models.ops import needs_grad
 from memmamba_deploy.models.ops.scan import selective_scan_ref, selective_state_step_ref  # noqa: F401 (references)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(δA) = exp2(δ·A·log2 e): A prescaled once per program
@@ -548,35 +549,37 @@ def _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token: bool):
             raise ValueError(f"{k} is on {got[k].device}, x on {x.device}")
 
 
-def _scan_launch(x, dt, A, B, C, D, z, dt_bias, h_in, y, h_out, dt_sum, chunk_len, n_chunks, hin_strides,
-                 hout_strides, dt_softplus, write_y, write_h, write_dt_sum):
+def _forward_launch(kernel, x, dt, A, B, C, D, z, dt_bias, h_in, y, h_out, dt_sum, chunk_len, n_chunks,
+                    dt_softplus, **meta):
+    """One launch of a forward scan kernel over the chunks: selective_scan_fwd_kernel (A [Di, N], chunk states
+    [B, n_chunks, Di, N]) or selective_scan_seq_kernel (A transposed, states [B, n_chunks, N, Di]); both take the
+    same arguments. Absent tensors are None, which sets HAS_* / WRITE_*; meta: block sizes and num_warps."""
     Bsz, T, Di = x.shape
-    N = A.shape[1]
-    block_t, block_d, block_n = scan_blocks(N, Di)
+    N = A.numel() // Di
     dummy = A                                                    # stands in for absent tensors; never read
     zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
     ys = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
-    selective_scan_fwd_kernel[(Bsz, triton.cdiv(Di, block_d), n_chunks)](
+    hs = (n_chunks * Di * N, Di * N)                             # chunk states, in and out
+    kernel[(Bsz, triton.cdiv(Di, meta["BLOCK_D"]), n_chunks)](
         x, dt, A, B, C, D, dummy if z is None else z, dummy if dt_bias is None else dt_bias,
         dummy if h_in is None else h_in, dummy if y is None else y, dummy if h_out is None else h_out,
         dummy if dt_sum is None else dt_sum, T, Di, N, chunk_len, int(bool(dt_softplus)),
         x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
-        *zs, *ys, *hin_strides, *hout_strides,
-        BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
-        HAS_H_IN=h_in is not None, WRITE_Y=write_y, WRITE_H=write_h, WRITE_DT_SUM=write_dt_sum,
-        num_warps=NUM_WARPS)
+        *zs, *ys, *hs, *hs, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, HAS_H_IN=h_in is not None,
+        WRITE_Y=y is not None, WRITE_H=h_out is not None, WRITE_DT_SUM=dt_sum is not None, **meta)
 
 
 def _chunk_states(x, dt, A, B, C, D, dt_bias, h0, dt_softplus, chunk_len, n_chunks):
     """Passes 1 + 2: (states [B,nc,Di,N] = state before each chunk, dt_sum [B,nc,Di], final state [B,Di,N])."""
     Bsz, T, Di = x.shape
     N = A.shape[1]
-    _, block_d, block_n = scan_blocks(N, Di)
+    block_t, block_d, block_n = scan_blocks(N, Di)
     states = torch.empty(Bsz, n_chunks, Di, N, device=x.device, dtype=torch.float32)
     dt_sum = torch.empty(Bsz, n_chunks, Di, device=x.device, dtype=torch.float32)
     h = torch.empty(Bsz, Di, N, device=x.device, dtype=torch.float32)
-    _scan_launch(x, dt, A, B, C, D, None, dt_bias, None, None, states, dt_sum, chunk_len, n_chunks, (0, 0),
-                 (n_chunks * Di * N, Di * N), dt_softplus, write_y=False, write_h=True, write_dt_sum=True)
+    _forward_launch(selective_scan_fwd_kernel, x, dt, A, B, C, D, None, dt_bias, None, None, states, dt_sum,
+                    chunk_len, n_chunks, dt_softplus, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n,
+                    num_warps=NUM_WARPS)
     scan_chunk_combine_kernel[(Bsz, triton.cdiv(Di, block_d))](
         A, dt_sum, A if h0 is None else h0, states, h, Di, N, n_chunks, Di * N, Di * N,
         BLOCK_D=block_d, BLOCK_N=block_n, HAS_H0=h0 is not None, REVERSE=False, num_warps=4)
@@ -610,26 +613,6 @@ def seq_chunk_plan(B: int, T: int, Di: int, N: int) -> tuple[int, int]:
     return chunk_len, triton.cdiv(T, chunk_len)
 
 
-def _seq_launch(x, dt, AT, B, C, D, z, dt_bias, h_in, y, h_out, dt_sum, chunk_len, n_chunks, dt_softplus):
-    """selective_scan_seq_kernel over the chunks; h_in / h_out are [B, n_chunks, N, Di] fp32 (or None)."""
-    Bsz, T, Di = x.shape
-    N = AT.shape[0]
-    block_d, block_n, num_warps = seq_blocks(N, Di)
-    dummy = AT                                                   # stands in for absent tensors; never read
-    zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
-    ys = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
-    hs = (n_chunks * N * Di, N * Di)
-    selective_scan_seq_kernel[(Bsz, triton.cdiv(Di, block_d), n_chunks)](
-        x, dt, AT, B, C, D, dummy if z is None else z, dummy if dt_bias is None else dt_bias,
-        dummy if h_in is None else h_in, dummy if y is None else y, dummy if h_out is None else h_out,
-        dummy if dt_sum is None else dt_sum, T, Di, N, chunk_len, int(bool(dt_softplus)),
-        x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
-        *zs, *ys, *hs, *hs,
-        BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=N == block_n, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None,
-        HAS_H_IN=h_in is not None, WRITE_Y=y is not None, WRITE_H=h_out is not None, WRITE_DT_SUM=dt_sum is not None,
-        num_warps=num_warps)
-
-
 def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, chunk_len=None):
     """The kernel path of selective_scan_ref (no autograd): (y [B,T,Di] in x.dtype, h [B,Di,N] fp32).
     One pass when batch x channel blocks fill the GPU, else three (each chunk from zero -> its final state;
@@ -644,24 +627,29 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
         chunk_len, n_chunks = seq_chunk_plan(Bsz, T, Di, N)
     else:
         n_chunks = triton.cdiv(T, chunk_len)
-    AT = A.t().contiguous()                                      # the kernel's [N, Di] state tiles
+    # the kernel's state tiles are [N, Di]: A, h0 and the states go transposed
+    AT = A.t().contiguous()
+    h0_nd = None if h0 is None else h0.transpose(1, 2).contiguous()
+    block_d, block_n, num_warps = seq_blocks(N, Di)
+    meta = dict(BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=N == block_n, num_warps=num_warps)
     y = torch.empty_like(x)
     f32 = dict(device=x.device, dtype=torch.float32)
     if n_chunks == 1:
         h_nd = torch.empty(Bsz, 1, N, Di, **f32)
-        h_in = None if h0 is None else h0.transpose(1, 2).contiguous()
-        _seq_launch(x, dt, AT, B, C, D, z, dt_bias, h_in, y, h_nd, None, T, 1, dt_softplus)
+        _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, z, dt_bias, h0_nd, y, h_nd, None, T, 1,
+                        dt_softplus, **meta)
         return y, h_nd[:, 0].transpose(1, 2).contiguous()
     states = torch.empty(Bsz, n_chunks, N, Di, **f32)
     dt_sum = torch.empty(Bsz, n_chunks, Di, **f32)
     h = torch.empty(Bsz, N, Di, **f32)
-    _seq_launch(x, dt, AT, B, C, D, None, dt_bias, None, None, states, dt_sum, chunk_len, n_chunks, dt_softplus)
-    h0_nd = None if h0 is None else h0.transpose(1, 2).contiguous()
+    _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, None, dt_bias, None, None, states, dt_sum,
+                    chunk_len, n_chunks, dt_softplus, **meta)
     scan_chunk_combine_kernel[(Bsz, triton.cdiv(Di, COMBINE_BLOCK_D))](
         AT, dt_sum, AT if h0 is None else h0_nd, states, h, Di, N, n_chunks, Di * N, Di * N,
-        BLOCK_D=COMBINE_BLOCK_D, BLOCK_N=triton.next_power_of_2(N), HAS_H0=h0 is not None, REVERSE=False,
-        STATES_ND=True, num_warps=1)
-    _seq_launch(x, dt, AT, B, C, D, z, dt_bias, states, y, None, None, chunk_len, n_chunks, dt_softplus)
+        BLOCK_D=COMBINE_BLOCK_D, BLOCK_N=block_n, HAS_H0=h0 is not None, REVERSE=False, STATES_ND=True,
+        num_warps=1)
+    _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, z, dt_bias, states, y, None, None, chunk_len,
+                    n_chunks, dt_softplus, **meta)
     return y, h.transpose(1, 2).contiguous()
 
 
@@ -740,7 +728,7 @@ def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus
     """Same signature and results as selective_scan_ref; differentiable when any input requires grad."""
     _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token=False)
     tensors = (x, dt, A, B, C, D, z, dt_bias, h0)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if needs_grad(*tensors):
         return SelectiveScanFn.apply(*tensors, dt_softplus)
     return scan_forward(*tensors, dt_softplus)
 
