@@ -210,8 +210,9 @@ class PoolAttention(nn.Module):
         self.alpha = nn.Parameter(torch.full((1,), 0.1))
         self.trigger = nn.Linear(c.d_model, 1, bias=True) if trigger else None
 
-    def forward(self, u, bank, index, ops):
-        """u [B,T,d]; bank [B,M,d_s] summaries; index [B,T,S] the entries each token reads (-1: none)."""
+    def forward(self, u, bank, index, ops, residual=None):
+        """u [B,T,d]; bank [B,M,d_s] summaries; index [B,T,S] the entries each token reads (-1: none).
+        Returns the read r [B,T,d], or residual + r."""
         gain = self.alpha.float().expand(u.shape[:-1])              # α, or 0 where the trigger does not fire
         if self.trigger is not None:
             b = torch.sigmoid(self.trigger(u).float()[..., 0])
@@ -220,7 +221,7 @@ class PoolAttention(nn.Module):
                 gate = gate * _straight_through(b)
             gain = gain * gate
         return ops.pool_read(u, bank, index, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.heads,
-                             gain)
+                             gain, residual)
 
 
 def _offset(index: torch.Tensor, offset: int) -> torch.Tensor:
@@ -315,12 +316,13 @@ class MemMambaLM(nn.Module):
                 a, s = layer.note(u)
                 index, prio = ops.pool_sweep(a, state.prio[l], c.insert_threshold)  # [B,T+1,K], [B,K]
                 bank = torch.cat([state.pool[l].to(s.dtype), s], dim=1)          # initial slots, then tokens
-                ut = ut + layer.token_attn(u, bank, index[:, :T], ops)
+                ut = layer.token_attn(u, bank, index[:, :T], ops, residual=ut)
                 group.append((bank, index[:, :T]))
                 if c.is_cross_layer(l):
                     m = c.pool_size + T                                         # entries per layer's bank
-                    ut = ut + layer.cross_attn(u, torch.cat([b for b, _ in group], 1),
-                                               torch.cat([_offset(i, j * m) for j, (_, i) in enumerate(group)], 2), ops)
+                    ut = layer.cross_attn(u, torch.cat([b for b, _ in group], 1),
+                                          torch.cat([_offset(i, j * m) for j, (_, i) in enumerate(group)], 2), ops,
+                                          residual=ut)
                     group = []
                 k = torch.arange(c.pool_size, device=h.device)
                 last = torch.where(index[:, T] >= 0, index[:, T].long(), k)    # an empty slot keeps its content

@@ -149,12 +149,17 @@ def test_selective_state_step(with_z, rng):
 
 # ---- note pool -----------------------------------------------------------------------------------------------------
 @interpreted
-@pytest.mark.parametrize("scores", ["ties", "uniform"])
-def test_pool_sweep_replays_the_reference_exactly(scores, rng):
-    B, T, K = 3, 300, 5                                             # T spans several tiles; K not a power of two
+@pytest.mark.parametrize("scores", ["ties", "uniform", "rising"])
+def test_pool_sweep_replays_the_reference_exactly(scores, rng, monkeypatch):
+    # segments of 128 tokens counted 32 at a time: 700 tokens span six segments and their top lists
+    monkeypatch.setattr(kt.pool, "SWEEP_SEG", 128)
+    monkeypatch.setattr(kt.pool, "SWEEP_COUNT_S", 32)
+    B, T, K = 3, 700, 5                                             # K not a power of two
     if scores == "ties":                                            # ties with each other, tau1 and the initial slots
         levels = torch.tensor([0.2, 0.5, 0.55, 0.6, 0.6, 0.65, 0.7, 0.9])
         a = levels[torch.randint(0, len(levels), (B, T), generator=rng)]
+    elif scores == "rising":                                        # every token above tau1 enters
+        a = torch.linspace(0.3, 1.0, T).repeat(B, 1)
     else:
         a = torch.rand(B, T, generator=rng)
     prio0 = torch.tensor([[-1.0, 0.65, -1.0, 0.55, 0.8], [-1.0] * 5, [0.95, 0.9, 0.99, 0.97, 0.91]])
@@ -163,6 +168,23 @@ def test_pool_sweep_replays_the_reference_exactly(scores, rng):
         index, prio = kt.TRITON_OPS.pool_sweep(a, prio0, 0.5)
     assert torch.equal(index, index_ref) and torch.equal(prio, prio_ref)
     assert (index_ref[:2, -1] >= K).any()                             # tokens did enter (and, row 2, none could)
+    if scores == "uniform":
+        assert (index_ref[:2, -1] >= K + 128).any()                    # tokens of later segments entered
+
+
+@interpreted
+@pytest.mark.parametrize("case", ["none", "one", "three", "entrant-ties-a-slot"])
+def test_pool_sweep_of_a_few_tokens(case):
+    # fewer events than a replay step; and an entrant (0.6 in slot 0) tying a held slot (0.6 in slot 1): the
+    # next entrant must evict slot 0, the lower index, not the older entry
+    a, prio0 = torch.tensor([[0.9, 0.4, 0.7], [0.6, 0.8, 0.95]]), torch.tensor([[-1.0, 0.8], [0.7, 0.85]])
+    a = {"none": a[:, :0], "one": a[:, :1], "three": a, "entrant-ties-a-slot": torch.tensor([[0.6, 0.7]])}[case]
+    if case == "entrant-ties-a-slot":
+        prio0 = torch.tensor([[0.55, 0.6, 0.9]])
+    index_ref, prio_ref = pool_sweep_ref(a, prio0, 0.5)
+    with poisoned():
+        index, prio = kt.TRITON_OPS.pool_sweep(a, prio0, 0.5)
+    assert torch.equal(index, index_ref) and torch.equal(prio, prio_ref)
 
 
 def sweep_like_index(g, B, T, M, S):
@@ -217,6 +239,14 @@ def test_pool_read_matches_the_reference(pattern, dtype, rng):
     assert o.dtype == dtype and rel_err(o, ref) <= (TOL if dtype == torch.float32 else 1e-2)
     assert torch.equal(o[0, 3], torch.zeros(d, dtype=dtype))                        # reads nothing
     assert not o[gain == 0].any()                                                   # the trigger did not fire
+    residual = torch.randn(B, T, d, generator=rng).to(dtype)
+    with poisoned(), torch.no_grad():
+        o = kt.TRITON_OPS.pool_read(u, bank, index, *w, H, gain, residual)         # ũ = u + r in one op
+    assert o.dtype == dtype and rel_err(o, residual.float() + ref) <= (TOL if dtype == torch.float32 else 1e-2)
+    w[2].mul_(-2.0)                                  # a weight changed in place: no stale derived weights
+    with poisoned(), torch.no_grad():
+        o = kt.TRITON_OPS.pool_read(u, bank, index, *w, H, gain)
+    assert rel_err(o, -2.0 * ref) <= (TOL if dtype == torch.float32 else 1e-2)
 
 
 # ---- the whole model with kernels="triton" ---------------------------------------------------------------------------

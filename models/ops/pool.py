@@ -86,10 +86,12 @@ def pool_attention_ref(q, keys, values, index, heads: int):
     return o.reshape(Bsz, T, d).to(q.dtype)
 
 
-def pool_read_ref(u, bank, index, w_q, w_k, w_v, heads: int, gain):
+def pool_read_ref(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
     """§4/§5 read of a layer: r = gain · pool_attention_ref(W_q u, W_k bank, W_v bank) (no biases), the gain per
     token in u's dtype (α, times the §4 trigger's 0/1). u [B,T,d]; bank [B,M,ds] summaries; index [B,T,S];
-    w_q [ds,d], w_k [ds,ds], w_v [d,ds]; gain [B,T] fp32. Returns r [B,T,d] in u's dtype."""
+    w_q [ds,d], w_k [ds,ds], w_v [d,ds]; gain [B,T] fp32. Returns r [B,T,d] in u's dtype, or residual + r
+    when residual [B,T,d] is given (the layer's ũ = u + r_tok + r_cross; a kernel set may fuse the add)."""
     F = torch.nn.functional
     o = pool_attention_ref(F.linear(u, w_q), F.linear(bank, w_k), F.linear(bank, w_v), index, heads)
-    return o * gain.to(o.dtype).unsqueeze(-1)
+    r = o * gain.to(o.dtype).unsqueeze(-1)
+    return r if residual is None else residual + r

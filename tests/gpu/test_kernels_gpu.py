@@ -168,6 +168,12 @@ def test_pool_read(dtype, groups, g):
     record(kernel="pool_read", dtype=ids_dtype[dtype], S=groups * K, err=err,
            half_reference_err=rel_err(pool_read_ref(u, bank, index, *w, H, gain), ref))   # for comparison
     assert err <= TOL[dtype]
+    residual = torch.randn(B, T, d, generator=g).to(DEV, dtype)
+    with poisoned(), torch.no_grad():
+        o = kt.TRITON_OPS.pool_read(u, bank, index, *w, H, gain, residual)         # the add in the output GEMM
+    err = rel_err(o, residual.float() + ref)
+    record(kernel="pool_read+residual", dtype=ids_dtype[dtype], S=groups * K, err=err)
+    assert err <= TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids_dtype.get)
@@ -296,6 +302,38 @@ class Decisions:
 STEP_KERNELS = ["layered", "persistent"]
 
 
+def prefill_decision_margin(model, prompt, start):
+    """The smallest nonzero distance of any §3/§4 decision of model.prefill(prompt, start) from its threshold:
+    |a - tau1|, |a - min priority| for scores above tau1 (the minimum as the reference sweep has it before each token),
+    |b - tau2| for the triggers. Another rounding of the same math may decide otherwise below ~1e-6."""
+    c, scores, triggers = model.config, [], []
+    hooks = [h for layer in model.layers for h in (
+        layer.note.register_forward_hook(lambda m, i, o: scores.append(o[0].float())),
+        layer.token_attn.trigger.register_forward_hook(
+            lambda m, i, o: triggers.append(torch.sigmoid(o.float()[..., 0]))))]
+    try:
+        model.prefill(prompt, start)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def nearest(gap):                      # exact ties are structural (a repeated token in layer 0, a ReLU that
+        gap = gap[gap > 0]                 # zeroes the whole score: a = 0.5) and decided alike by every backend
+        return float(gap.min()) if gap.numel() else float("inf")
+
+    margin = min(nearest((b - c.read_threshold).abs()) for b in triggers)
+    for l, a in enumerate(scores):
+        prio0 = start.prio[l].float()
+        index = pool_sweep_ref(a, prio0, c.insert_threshold)[0][:, :-1].long()       # [B, T, K] before each token
+        token = a.gather(1, (index - c.pool_size).clamp(min=0).flatten(1)).view_as(index)
+        initial = prio0.gather(1, index.clamp(min=0, max=c.pool_size - 1).flatten(1)).view_as(index)
+        held = torch.where(index >= c.pool_size, token, initial)
+        pmin = torch.where(index >= 0, held, -1.0).min(-1).values
+        above = a > c.insert_threshold
+        margin = min(margin, nearest((a - c.insert_threshold).abs()), nearest((a - pmin).abs()[above]))
+    return margin
+
+
 @pytest.mark.parametrize("variant", [dict(), SMALL], ids=["tiny", "small"])
 @torch.no_grad()
 def test_graphed_prefill_in_pieces_matches_the_reference(variant, g):
@@ -308,12 +346,25 @@ def test_graphed_prefill_in_pieces_matches_the_reference(variant, g):
     prompt = torch.randint(0, 256, (2, 3000), generator=g).to(DEV)
     start = model.prefill(prompt[:, :100])[1]                          # resuming from a non-trivial state
     ref_logits, ref_state = model.prefill(prompt, start)
+    fast, eager_state, pos = triton_twin(model), start, 0               # the same pieces, eagerly
+    for n in (1024, 1024, 512, 256, 128, 32, 16, 8):
+        eager_logits, eager_state = fast.prefill(prompt[:, pos:pos + n], eager_state, last_only=True)
+        pos += n
+    # whole prompt (torch) vs pieces (Triton) is the same math rounded otherwise: it holds them to 1e-4 unless
+    # a pool or trigger decision sits within rounding of its threshold (seen once in fp32 on an H200)
+    margin = prefill_decision_margin(model, prompt, start)
     for _ in range(2):                                                   # capture, then replay the same graphs
         logits, state = backend.prefill(prompt, start)
-        errs = {k: rel_err(v, ref_state.tensors()[k]) for k, v in backend.to_reference(state).tensors().items()}
-        err = rel_err(logits, ref_logits[:, -1])
-        record(test="graphed_prefill", variant=str(variant), err=err, **{f"err_{k}": v for k, v in errs.items()})
+        state = backend.to_reference(state).tensors()
+        errs = {k: rel_err(v, eager_state.tensors()[k]) for k, v in state.items()}
+        err = rel_err(logits, eager_logits[:, -1])
+        ref_errs = {k: rel_err(v, ref_state.tensors()[k]) for k, v in state.items()}
+        ref_err = rel_err(logits, ref_logits[:, -1])
+        record(test="graphed_prefill", variant=str(variant), err=err, **{f"err_{k}": v for k, v in errs.items()},
+               ref_err=ref_err, **{f"ref_err_{k}": v for k, v in ref_errs.items()}, decision_margin=margin)
         assert err <= 1e-4 and max(errs.values()) <= 1e-4, (err, errs)
+        if margin > 1e-6:
+            assert ref_err <= 1e-4 and max(ref_errs.values()) <= 1e-4, (ref_err, ref_errs, margin)
     assert len(backend._prefill_graphs) == 7                          # 1024, 512, ..., 8: one graph each
     backend.release_prefill_graphs()
     assert not backend._prefill_graphs and backend._prefill_pool is None

@@ -109,8 +109,8 @@ def pool_attention(q, keys, values, index, heads: int):
     return kernels_for(q.device).pool.pool_attention(q, keys, values, index, heads)
 
 
-def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain):
-    return kernels_for(u.device).pool.pool_read(u, bank, index, w_q, w_k, w_v, heads, gain)
+def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
+    return kernels_for(u.device).pool.pool_read(u, bank, index, w_q, w_k, w_v, heads, gain, residual)
 
 
 TRITON_OPS = types.SimpleNamespace(

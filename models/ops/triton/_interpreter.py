@@ -37,7 +37,7 @@ def patch_interpreter() -> None:
                 acc = ret if isinstance(ret, tuple) else (ret,)
             at = (slice(None),) * self.axis + (i,)
             for out, a in zip(outs, acc):
-                out[at] = a.handle.data
+                out[at] = np.reshape(a.handle.data, np.shape(out[at]))    # a 1-D scan's step may come back [1]
         return [self.to_tensor(o, arg.dtype) for o, arg in zip(outs, inputs)]
 
     original_patch_lang = interpreter._patch_lang

@@ -51,13 +51,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from memmamba_deploy.models.ops.pool import pool_insert_ref  # noqa: F401 (reference)
 from memmamba_deploy.models.ops.scan import causal_conv_step_ref, selective_state_step_ref  # noqa: F401
 
-
-@triton.jit
-def _softplus(v):
-    # F.softplus (threshold 20) with log1p accuracy, as models/ops/triton/scan.py
-    e = tl.exp(v)
-    w = 1.0 + e
-    return tl.where(v > 20.0, v, tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0))))
+from .scan import _silu, _softplus
 
 
 @triton.jit
@@ -223,7 +217,7 @@ def _conv_finish(x, partial, last, conv_b, shifted, win_out_ptr, ch, mask_c, KW,
     tl.store(win_out_ptr + ch[:, None] * (KW - 1) + tap[None, :], shifted,
              mask=mask_c[:, None] & (tap < KW - 2)[None, :])
     tl.store(win_out_ptr + ch * (KW - 1) + KW - 2, x.to(shifted.dtype), mask=mask_c)
-    return _round(s * tl.sigmoid(s), like_ptr)
+    return _round(_silu(s), like_ptr)
 
 
 @triton.jit
@@ -239,7 +233,7 @@ def _ssm_step(xacc_ptr, copy_stride, x, z, w_dt, dt_bias, A, Dv, h, mask_c, R, N
     delta = tl.where(mask_c, _softplus(dt + dt_bias), 0.0)
     h = tl.exp(delta[:, None] * A) * h + (delta * x)[:, None] * Bv[None, :]
     y = tl.sum(h * Cv[None, :], axis=1) + Dv * x
-    return h, _round(y * (z * tl.sigmoid(z)), like_ptr)
+    return h, _round(y * _silu(z), like_ptr)
 
 
 @triton.jit

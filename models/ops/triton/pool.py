@@ -2,11 +2,13 @@
 
 References (ground truth, same arguments): models.ops.pool.pool_sweep_ref and pool_attention_ref (spec §3-§5, §8).
 
-pool_sweep: one program per batch row replays the §3 rule over T tokens in order, exactly as the reference (fp32
-comparisons, strict >, argmin lowest index on ties). It reads scores a tile of BLOCK_T tokens at a time and keeps
-the current minimum priority: a tile with no score above max(tau1, min priority) changes nothing, so its index
-rows are the current slot vector stored in one go (the cheap path, almost every tile once the pool is full);
-otherwise it jumps from one entering token to the next inside the tile, patching the tile's rows after each.
+pool_sweep: who enters is decided in parallel (a count against the earlier candidates, see SWEEP_SEG), then one
+program per batch row replays only the entering tokens' slot choices, several per step, and the index rows are
+filled in parallel. Exactly the reference's results (fp32 comparisons, strict >, argmin lowest index on ties).
+pool_sweep_kernel, the ahead-of-time builds' sweep, replays all T tokens in one program: it reads scores a tile
+of BLOCK_T tokens at a time and keeps the current minimum priority; a tile with no score above max(tau1, min
+priority) changes nothing, so its index rows are the current slot vector stored in one go; otherwise it jumps
+from one entering token to the next inside the tile, patching the tile's rows after each.
 
 pool_attention: a program owns (batch row, BLOCK_Q consecutive queries, one head), value columns BLOCK_V at a time.
 Consecutive rows of a sweep index differ in at most one slot per inserted token, so the block's queries mostly
@@ -70,8 +72,148 @@ def pool_sweep_kernel(
     tl.store(prio_ptr + b * K + cols, prio, mask=mask_k)
 
 
+# The parallel sweep (pool_sweep): which tokens enter is decided in parallel, only the slot choice is sequential.
+# The pool's priorities before token t, as a multiset, are the K largest of prio0 and every earlier score above
+# tau1 (an entering token replaces the minimum; a refused one is at most that minimum). So token t enters iff
+# a_t > tau1 and fewer than K of them are >= a_t: a count, not a replay. Counting against each earlier segment's
+# K largest candidates is exact too (a segment with K of them >= a_t already refuses it). The slots (argmin,
+# lowest index on ties) are then a replay of the entering tokens alone, a few hundred at 16k tokens.
+SWEEP_SEG = 1024         # tokens per segment (one sort each); earlier segments cost K compares per token
+SWEEP_COUNT_T = 32       # tokens per program of the count
+SWEEP_COUNT_S = 128      # earlier tokens of the segment compared at a time
+SWEEP_COUNT_WARPS = 1
+SWEEP_FILL_T = 64        # index rows per program of the fill
+SWEEP_REPLAY_W = 16      # events replayed per step at most
+SWEEP_REPLAY_WARPS = 4
+
+
+@triton.jit
+def sweep_segment_top_kernel(scores_ptr, top_ptr, T, tau1, stride_scores_b,
+                             SEG: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grid (B, n_seg). top[b, s] = the BLOCK_K largest scores above tau1 of segment s, descending, -inf padded."""
+    b = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    offs = seg * SEG + tl.arange(0, SEG)
+    a = tl.load(scores_ptr + b * stride_scores_b + offs, mask=offs < T, other=float("-inf"))
+    a = tl.sort(tl.where(a > tau1, a, float("-inf")), descending=True)
+    lane = tl.arange(0, SEG)
+    tl.store(top_ptr + (b * tl.num_programs(1) + seg) * BLOCK_K + lane, a, mask=lane < BLOCK_K)
+
+
+@triton.jit
+def sweep_enter_kernel(scores_ptr, prio0_ptr, top_ptr, enter_ptr, seg_count_ptr, T, K, n_seg, tau1, stride_scores_b,
+                       SEG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grid (B, cdiv(T, BLOCK_T)). enter[b, t] = a_t if token t enters, else -inf. It enters iff a_t > tau1 and
+    fewer than K of prio0, the earlier segments' top lists and this segment's earlier candidates are >= a_t.
+    seg_count[b, s] (zeroed by the caller) gets how many of segment s enter."""
+    b = tl.program_id(0).to(tl.int64)
+    t0 = tl.program_id(1) * BLOCK_T
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_K)
+    row = scores_ptr + b * stride_scores_b
+    a = tl.load(row + offs_t, mask=offs_t < T, other=float("-inf"))
+    p0 = tl.load(prio0_ptr + b * K + cols, mask=cols < K, other=float("-inf"))
+    count = tl.sum((p0[None, :] >= a[:, None]).to(tl.int32), axis=1)
+    seg = t0 // SEG
+    for s in range(0, seg):
+        top = tl.load(top_ptr + (b * n_seg + s) * BLOCK_K + cols)
+        count += tl.sum((top[None, :] >= a[:, None]).to(tl.int32), axis=1)
+    for s0 in range(seg * SEG, t0 + BLOCK_T, BLOCK_S):           # this segment, up to the block's last token
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        c = tl.load(row + offs_s, mask=offs_s < T, other=float("-inf"))
+        c = tl.where(c > tau1, c, float("-inf"))
+        earlier = (c[None, :] >= a[:, None]) & (offs_s[None, :] < offs_t[:, None])
+        count += tl.sum(earlier.to(tl.int32), axis=1)
+    enter = (a > tau1) & (count < K)
+    tl.store(enter_ptr + b * T + offs_t, tl.where(enter, a, float("-inf")), mask=offs_t < T)
+    tl.atomic_add(seg_count_ptr + b * n_seg + seg, tl.sum(enter.to(tl.int32), axis=0))
+
+
+@triton.jit
+def sweep_compact_kernel(enter_ptr, seg_count_ptr, ev_tok_ptr, ev_a_ptr, ecount_ptr, T, n_seg,
+                         SEG: tl.constexpr, BLOCK_SEG: tl.constexpr):
+    """grid (B, n_seg). Lists segment s's entering tokens in order after the earlier segments' (ev_tok, ev_a) and
+    writes ecount[b, t] = how many tokens enter before t, for t in the segment (and t = T: all of them)."""
+    b = tl.program_id(0).to(tl.int64)
+    seg = tl.program_id(1)
+    segs = tl.arange(0, BLOCK_SEG)
+    counts = tl.load(seg_count_ptr + b * n_seg + segs, mask=segs < n_seg, other=0)
+    before = tl.sum(tl.where(segs < seg, counts, 0), axis=0)
+    t = seg * SEG + tl.arange(0, SEG)
+    a = tl.load(enter_ptr + b * T + t, mask=t < T, other=float("-inf"))
+    hit = a > float("-inf")
+    f = hit.to(tl.int32)
+    pos = before + tl.cumsum(f, axis=0) - f
+    tl.store(ecount_ptr + b * (T + 1) + t, pos, mask=t < T)
+    tl.store(ev_tok_ptr + b * T + pos, t, mask=hit)
+    tl.store(ev_a_ptr + b * T + pos, a, mask=hit)
+    if seg == n_seg - 1:
+        tl.store(ecount_ptr + b * (T + 1) + T, tl.sum(counts, axis=0))
+
+
+@triton.jit
+def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, hist_ptr, prio_ptr, T, K, n_seg,
+                        BLOCK_SEG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
+    """grid (B,). Replays the entering tokens (ev_tok, ev_a, in order; seg_count says how many): each takes the
+    argmin slot (lowest index on ties). hist[b, e] is the slot vector after e entries (j < K an initial slot,
+    K + i token i, -1 empty); prio the priorities after the last."""
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    mask_k = cols < K
+    segs = tl.arange(0, BLOCK_SEG)
+    n = tl.sum(tl.load(seg_count_ptr + b * n_seg + segs, mask=segs < n_seg, other=0), axis=0)
+    # Replay in batches. Order the slots by (priority, index): rank r is the r-th to be evicted as long as no
+    # entering token is itself evicted, i.e. while the events' running minimum stays above the rank's priority.
+    # So the first w events, w the first rank where that fails (w >= 1), take the slots of ranks 0..w-1.
+    prio = tl.load(prio0_ptr + b * K + cols, mask=mask_k, other=float("inf"))   # padding slots never chosen
+    slot = tl.where(prio >= 0, cols, -1)
+    tl.store(hist_ptr + b * (T + 1) * K + cols, slot, mask=mask_k)
+    ks = tl.arange(0, BLOCK_W)
+    e = 0
+    while e < n:
+        valid = e + ks < n
+        a = tl.load(ev_a_ptr + b * T + e + ks, mask=valid, other=float("-inf"))
+        t = tl.load(ev_tok_ptr + b * T + e + ks, mask=valid, other=0)
+        before = (prio[None, :] < prio[:, None]) | ((prio[None, :] == prio[:, None]) & (cols[None, :] < cols[:, None]))
+        rank = tl.sum(before.to(tl.int32), axis=1)                             # [BLOCK_K]
+        at_rank = rank[None, :] == ks[:, None]                                 # [BLOCK_W, BLOCK_K]
+        p_rank = tl.min(tl.where(at_rank, prio[None, :], float("inf")), axis=1)   # priority of rank k
+        ok = (tl.associative_scan(a, 0, _minimum) > p_rank) | (ks == 0)
+        w = tl.minimum(tl.min(tl.where(ok & valid, BLOCK_W, ks), axis=0), n - e)
+        takes = rank[:, None] == ks[None, :]                                   # [BLOCK_K, BLOCK_W]
+        new_prio = tl.sum(tl.where(takes, a[None, :], 0.0), axis=1)
+        new_slot = K + tl.sum(tl.where(takes, t[None, :], 0), axis=1)
+        taken = rank < w
+        rows = tl.where(rank[None, :] <= ks[:, None], new_slot[None, :], slot[None, :])   # after events 0..k
+        tl.store(hist_ptr + (b * (T + 1) + e + 1 + ks[:, None]) * K + cols[None, :], rows,
+                 mask=(ks < w)[:, None] & mask_k[None, :])
+        prio = tl.where(taken, new_prio, prio)
+        slot = tl.where(taken, new_slot, slot)
+        e += w
+    tl.store(prio_ptr + b * K + cols, prio, mask=mask_k)
+
+
+@triton.jit
+def _minimum(x, y):
+    return tl.minimum(x, y)
+
+
+@triton.jit
+def sweep_fill_kernel(ecount_ptr, hist_ptr, index_ptr, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grid (B, cdiv(T + 1, BLOCK_T)). index[b, t] = hist[b, ecount[b, t]], t <= T."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_K)
+    mask = (offs_t <= T)[:, None] & (cols < K)[None, :]
+    e = tl.load(ecount_ptr + b * (T + 1) + offs_t, mask=offs_t <= T, other=0)
+    rows = tl.load(hist_ptr + (b * (T + 1) + e[:, None]) * K + cols[None, :], mask=mask)
+    tl.store(index_ptr + (b * (T + 1) + offs_t[:, None]) * K + cols[None, :], rows, mask=mask)
+
+
 def pool_sweep(scores, prio0, tau1):
-    """Same signature and results as pool_sweep_ref: (index [B,T+1,K] int32, prio [B,K] fp32)."""
+    """Same signature and results as pool_sweep_ref: (index [B,T+1,K] int32, prio [B,K] fp32). Four launches: the
+    segments' top lists, who enters (parallel), the slot replay of the entering tokens, the index rows (parallel).
+    pool_sweep_kernel (one launch, sequential) is what the ahead-of-time builds use."""
     if scores.dim() != 2 or prio0.dim() != 2 or scores.shape[0] != prio0.shape[0]:
         raise ValueError(f"pool_sweep wants scores [B,T] and prio0 [B,K], got {list(scores.shape)} and "
                          f"{list(prio0.shape)}")
@@ -79,11 +221,32 @@ def pool_sweep(scores, prio0, tau1):
     K = prio0.shape[1]
     scores = scores.detach().float().contiguous()
     prio0 = prio0.detach().float().contiguous()
-    index = torch.empty(Bsz, T + 1, K, device=scores.device, dtype=torch.int32)
-    prio = torch.empty(Bsz, K, device=scores.device, dtype=torch.float32)
+    dev, tau = scores.device, fp32(tau1)
     block_k = triton.next_power_of_2(K)
-    pool_sweep_kernel[(Bsz,)](scores, prio0, index, prio, T, K, fp32(tau1), scores.stride(0),
-                              BLOCK_T=sweep_block_t(block_k), BLOCK_K=block_k, num_warps=4)
+    index = torch.empty(Bsz, T + 1, K, device=dev, dtype=torch.int32)
+    prio = torch.empty(Bsz, K, device=dev, dtype=torch.float32)
+    n_seg = max(1, triton.cdiv(T, SWEEP_SEG))
+    block_seg = triton.next_power_of_2(n_seg)
+    top = torch.empty(Bsz, n_seg, block_k, device=dev, dtype=torch.float32)
+    seg_count = torch.zeros(Bsz, n_seg, device=dev, dtype=torch.int32)
+    enter = torch.empty(Bsz, T, device=dev, dtype=torch.float32)
+    ev_tok = torch.empty(Bsz, T, device=dev, dtype=torch.int32)
+    ev_a = torch.empty(Bsz, T, device=dev, dtype=torch.float32)
+    ecount = torch.zeros(Bsz, T + 1, device=dev, dtype=torch.int32)        # T = 0: row 0, before anything
+    hist = torch.empty(Bsz, T + 1, K, device=dev, dtype=torch.int32)
+    if T > 0:
+        sweep_segment_top_kernel[(Bsz, n_seg)](scores, top, T, tau, scores.stride(0), SEG=SWEEP_SEG,
+                                               BLOCK_K=block_k, num_warps=4)
+        sweep_enter_kernel[(Bsz, triton.cdiv(T, SWEEP_COUNT_T))](
+            scores, prio0, top, enter, seg_count, T, K, n_seg, tau, scores.stride(0), SEG=SWEEP_SEG,
+            BLOCK_T=SWEEP_COUNT_T, BLOCK_S=SWEEP_COUNT_S, BLOCK_K=block_k, num_warps=SWEEP_COUNT_WARPS)
+        sweep_compact_kernel[(Bsz, n_seg)](enter, seg_count, ev_tok, ev_a, ecount, T, n_seg, SEG=SWEEP_SEG,
+                                           BLOCK_SEG=block_seg, num_warps=4)
+    sweep_replay_kernel[(Bsz,)](seg_count, prio0, ev_tok, ev_a, hist, prio, T, K, n_seg, BLOCK_SEG=block_seg,
+                                BLOCK_K=block_k, BLOCK_W=min(SWEEP_REPLAY_W, block_k),
+                                num_warps=SWEEP_REPLAY_WARPS * max(1, block_k // 64))   # [BLOCK_K]² ranks
+    sweep_fill_kernel[(Bsz, triton.cdiv(T + 1, SWEEP_FILL_T))](ecount, hist, index, T, K, BLOCK_T=SWEEP_FILL_T,
+                                                                BLOCK_K=block_k, num_warps=4)
     return index, prio
 
 
@@ -268,21 +431,23 @@ def mix_blocks(S: int, ds: int, H: int) -> tuple[int, int, int, int, int]:
             4 if block_s <= 64 else 8)
 
 
-def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain):
+def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
     """Same signature and results as pool_read_ref. fp16/bf16 inference: through pool_mix_kernel, the keys' and
     values' projections moved to the query side and the output (q'_h = W_k,hᵀ W_q,h u; o_h = W_v,h m_h), so the
-    kernel reads ds-wide summaries where the reference gathers d-wide values per query and slot. fp32 (an fp32
-    dot has no exact tensor-core form) and autograd (pool_attention has the backward): pool_attention on the
-    projected keys and values."""
+    kernel reads ds-wide summaries where the reference gathers d-wide values per query and slot; the residual
+    is added by the output GEMM (one rounding where the reference rounds r first). fp32 (an fp32 dot has no
+    exact tensor-core form) and autograd (pool_attention has the backward): pool_attention on the projected
+    keys and values."""
     Bsz, T, d = u.shape
     ds = w_k.shape[0]
-    H, dh, dv = heads, ds // heads, d // heads
-    if u.dtype == torch.float32 or needs_grad(u, bank, w_q, w_k, w_v, gain):
+    H = heads
+    if u.dtype == torch.float32 or needs_grad(u, bank, w_q, w_k, w_v, gain, residual):
         F = torch.nn.functional
         o = pool_attention(F.linear(u, w_q), F.linear(bank, w_k), F.linear(bank, w_v), index, heads)
-        return o * gain.to(o.dtype).unsqueeze(-1)
-    wqk = torch.einsum("hcs,hcd->hsd", w_k.float().view(H, dh, ds), w_q.float().view(H, dh, d))
-    qk = torch.nn.functional.linear(u, wqk.reshape(H * ds, d).to(u.dtype))          # [B, T, H*ds]
+        r = o * gain.to(o.dtype).unsqueeze(-1)
+        return r if residual is None else residual + r
+    wqk, w_out = _read_weights(w_q, w_k, w_v, H, u.dtype)
+    qk = torch.nn.functional.linear(u, wqk)                                          # [B, T, H*ds]
     bank = bank if bank.stride(-1) == 1 else bank.contiguous()
     index = index.to(torch.int32).contiguous()
     gain = gain.float().expand(Bsz, T).contiguous()
@@ -290,13 +455,30 @@ def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain):
     if T:
         block_q, block_s, block_c, heads_per_program, num_warps = mix_blocks(index.shape[-1], ds, H)
         pool_mix_kernel[(Bsz, triton.cdiv(T, block_q), H // heads_per_program)](
-            qk, bank, index, gain, m, T, index.shape[-1], ds, dh ** -0.5,
+            qk, bank, index, gain, m, T, index.shape[-1], ds, (ds // H) ** -0.5,
             qk.stride(0), qk.stride(1), bank.stride(0), bank.stride(1), index.stride(0), index.stride(1),
             gain.stride(0), m.stride(0), m.stride(1),
             HEADS=heads_per_program, BLOCK_Q=block_q, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
-    # o[:, h·dv:(h+1)·dv] = m_h W_v,hᵀ: one GEMM against a block-diagonal [d, H·ds] weight
-    w_out = torch.block_diag(*w_v.view(H, dv, ds).unbind(0))
-    return torch.nn.functional.linear(m, w_out.to(m.dtype))
+    if residual is None:
+        return torch.nn.functional.linear(m, w_out)
+    return torch.addmm(residual.reshape(-1, d), m.view(-1, H * ds), w_out.t()).view(Bsz, T, d)
+
+
+def _read_weights(w_q, w_k, w_v, heads: int, dtype):
+    """(W_qk [H·ds, d], the block-diagonal W_v [d, H·ds]) in dtype: q'_h = W_k,hᵀ W_q,h u and o = W_v m in one
+    GEMM each. Derived from the weights once and kept on w_v until a weight is changed or replaced (the key
+    holds their versions and addresses), so CUDA graphs replay no weight arithmetic."""
+    key = (dtype, heads) + tuple((w.data_ptr(), w._version) for w in (w_q, w_k, w_v))
+    cached = getattr(w_v, "_pool_read_weights", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    H, ds, d = heads, w_k.shape[0], w_q.shape[1]
+    dh, dv = ds // H, d // H
+    with torch.no_grad():
+        wqk = torch.einsum("hcs,hcd->hsd", w_k.float().view(H, dh, ds), w_q.float().view(H, dh, d))
+        weights = (wqk.reshape(H * ds, d).to(dtype), torch.block_diag(*w_v.view(H, dv, ds).unbind(0)).to(dtype))
+    w_v._pool_read_weights = (key, weights)
+    return weights
 
 
 def attention_blocks(S: int, dh: int, dv: int) -> tuple[int, int, int, int, int]:
