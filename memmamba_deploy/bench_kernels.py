@@ -207,7 +207,7 @@ def bench_kernels(bw: float, T: int = 16384) -> None:
     ms = time_ms(lambda: TRITON_OPS.pool_sweep(scores, prio0, 0.5), reps=20, flush=True)
     nbytes = T * 4 + (T + 1) * K * 4
     row("kernel", f"pool_sweep T={T // 1024}k K={K}", ms, floor(nbytes), bytes=nbytes,
-        note="one program per batch row: sequential over T")
+        note="five launches; the slot replay of the ~300 entering tokens is one warp per batch row")
     index = TRITON_OPS.pool_sweep(scores, prio0, 0.5)[0][:, :T]
     for groups in (1, p):
         idx = torch.cat([torch.where(index >= 0, index + i * (K + T), -1) for i in range(groups)], 2).int()

@@ -79,20 +79,20 @@ def pool_sweep_kernel(
 # K largest candidates is exact too (a segment with K of them >= a_t already refuses it). The slots (argmin,
 # lowest index on ties) are then a replay of the entering tokens alone, a few hundred at 16k tokens.
 SWEEP_SEG = 1024         # tokens per segment (one sort each); earlier segments cost K compares per token
-SWEEP_COUNT_T = 32       # tokens per program of the count
-SWEEP_COUNT_S = 128      # earlier tokens of the segment compared at a time
+SWEEP_COUNT_T = 16       # tokens per program of the count
+SWEEP_COUNT_S = 64       # earlier tokens of the segment compared at a time
 SWEEP_COUNT_WARPS = 1
 SWEEP_FILL_T = 64        # index rows per program of the fill
-SWEEP_REPLAY_W = 16      # events replayed per step at most
-SWEEP_REPLAY_WARPS = 4
 
 
 @triton.jit
-def sweep_segment_top_kernel(scores_ptr, top_ptr, T, tau1, stride_scores_b,
+def sweep_segment_top_kernel(scores_ptr, top_ptr, seg_count_ptr, T, tau1, stride_scores_b,
                              SEG: tl.constexpr, BLOCK_K: tl.constexpr):
-    """grid (B, n_seg). top[b, s] = the BLOCK_K largest scores above tau1 of segment s, descending, -inf padded."""
+    """grid (B, n_seg). top[b, s] = the BLOCK_K largest scores above tau1 of segment s, descending, -inf padded;
+    seg_count[b, s] = 0 for sweep_enter_kernel to count into."""
     b = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
+    tl.store(seg_count_ptr + b * tl.num_programs(1) + seg, 0)
     offs = seg * SEG + tl.arange(0, SEG)
     a = tl.load(scores_ptr + b * stride_scores_b + offs, mask=offs < T, other=float("-inf"))
     a = tl.sort(tl.where(a > tau1, a, float("-inf")), descending=True)
@@ -105,7 +105,7 @@ def sweep_enter_kernel(scores_ptr, prio0_ptr, top_ptr, enter_ptr, seg_count_ptr,
                        SEG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
     """grid (B, cdiv(T, BLOCK_T)). enter[b, t] = a_t if token t enters, else -inf. It enters iff a_t > tau1 and
     fewer than K of prio0, the earlier segments' top lists and this segment's earlier candidates are >= a_t.
-    seg_count[b, s] (zeroed by the caller) gets how many of segment s enter."""
+    seg_count[b, s] (zeroed by sweep_segment_top_kernel) gets how many of segment s enter."""
     b = tl.program_id(0).to(tl.int64)
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -115,15 +115,24 @@ def sweep_enter_kernel(scores_ptr, prio0_ptr, top_ptr, enter_ptr, seg_count_ptr,
     p0 = tl.load(prio0_ptr + b * K + cols, mask=cols < K, other=float("-inf"))
     count = tl.sum((p0[None, :] >= a[:, None]).to(tl.int32), axis=1)
     seg = t0 // SEG
-    for s in range(0, seg):
+    # stop once every candidate of the block is refused (K already >= it): after one earlier segment for most
+    # blocks, since a segment's top list holds its K best
+    alive = tl.max(((a > tau1) & (count < K)).to(tl.int32), axis=0) > 0
+    s = 0
+    while alive & (s < seg):
         top = tl.load(top_ptr + (b * n_seg + s) * BLOCK_K + cols)
         count += tl.sum((top[None, :] >= a[:, None]).to(tl.int32), axis=1)
-    for s0 in range(seg * SEG, t0 + BLOCK_T, BLOCK_S):           # this segment, up to the block's last token
+        alive = tl.max(((a > tau1) & (count < K)).to(tl.int32), axis=0) > 0
+        s += 1
+    s0 = seg * SEG
+    while alive & (s0 < t0 + BLOCK_T):                             # this segment, up to the block's last token
         offs_s = s0 + tl.arange(0, BLOCK_S)
         c = tl.load(row + offs_s, mask=offs_s < T, other=float("-inf"))
         c = tl.where(c > tau1, c, float("-inf"))
         earlier = (c[None, :] >= a[:, None]) & (offs_s[None, :] < offs_t[:, None])
         count += tl.sum(earlier.to(tl.int32), axis=1)
+        alive = tl.max(((a > tau1) & (count < K)).to(tl.int32), axis=0) > 0
+        s0 += BLOCK_S
     enter = (a > tau1) & (count < K)
     tl.store(enter_ptr + b * T + offs_t, tl.where(enter, a, float("-inf")), mask=offs_t < T)
     tl.atomic_add(seg_count_ptr + b * n_seg + seg, tl.sum(enter.to(tl.int32), axis=0))
@@ -133,7 +142,7 @@ def sweep_enter_kernel(scores_ptr, prio0_ptr, top_ptr, enter_ptr, seg_count_ptr,
 def sweep_compact_kernel(enter_ptr, seg_count_ptr, ev_tok_ptr, ev_a_ptr, ecount_ptr, T, n_seg,
                          SEG: tl.constexpr, BLOCK_SEG: tl.constexpr):
     """grid (B, n_seg). Lists segment s's entering tokens in order after the earlier segments' (ev_tok, ev_a) and
-    writes ecount[b, t] = how many tokens enter before t, for t in the segment (and t = T: all of them)."""
+    writes ecount[b, t] = how many tokens enter before t, for t in the segment."""
     b = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
     segs = tl.arange(0, BLOCK_SEG)
@@ -147,55 +156,44 @@ def sweep_compact_kernel(enter_ptr, seg_count_ptr, ev_tok_ptr, ev_a_ptr, ecount_
     tl.store(ecount_ptr + b * (T + 1) + t, pos, mask=t < T)
     tl.store(ev_tok_ptr + b * T + pos, t, mask=hit)
     tl.store(ev_a_ptr + b * T + pos, a, mask=hit)
-    if seg == n_seg - 1:
-        tl.store(ecount_ptr + b * (T + 1) + T, tl.sum(counts, axis=0))
 
 
 @triton.jit
-def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, hist_ptr, prio_ptr, T, K, n_seg,
-                        BLOCK_SEG: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_W: tl.constexpr):
-    """grid (B,). Replays the entering tokens (ev_tok, ev_a, in order; seg_count says how many): each takes the
-    argmin slot (lowest index on ties). hist[b, e] is the slot vector after e entries (j < K an initial slot,
-    K + i token i, -1 empty); prio the priorities after the last."""
+def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_ptr, hist_ptr, prio_ptr, T, K, n_seg,
+                        BLOCK_SEG: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grid (B,), one warp. Replays the entering tokens (ev_tok, ev_a, in order; seg_count says how many): each
+    takes the argmin slot (lowest index on ties), one warp reduction per entering token. hist[b, e] is the slot
+    vector after e entries (j < K an initial slot, K + i token i, -1 empty); prio the priorities after the last.
+    (Replaying several entries per step by ranking the slots measured slower on the H100: BENCHMARKS.md.)"""
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     mask_k = cols < K
     segs = tl.arange(0, BLOCK_SEG)
-    n = tl.sum(tl.load(seg_count_ptr + b * n_seg + segs, mask=segs < n_seg, other=0), axis=0)
-    # Replay in batches. Order the slots by (priority, index): rank r is the r-th to be evicted as long as no
-    # entering token is itself evicted, i.e. while the events' running minimum stays above the rank's priority.
-    # So the first w events, w the first rank where that fails (w >= 1), take the slots of ranks 0..w-1.
+    n = tl.sum(tl.load(seg_count_ptr + b * n_seg + segs, mask=(segs < n_seg) & (T > 0), other=0), axis=0)
+    tl.store(ecount_ptr + b * (T + 1) + T, n)                  # row T of the index: after every entry
     prio = tl.load(prio0_ptr + b * K + cols, mask=mask_k, other=float("inf"))   # padding slots never chosen
     slot = tl.where(prio >= 0, cols, -1)
     tl.store(hist_ptr + b * (T + 1) * K + cols, slot, mask=mask_k)
-    ks = tl.arange(0, BLOCK_W)
-    e = 0
-    while e < n:
-        valid = e + ks < n
-        a = tl.load(ev_a_ptr + b * T + e + ks, mask=valid, other=float("-inf"))
-        t = tl.load(ev_tok_ptr + b * T + e + ks, mask=valid, other=0)
-        before = (prio[None, :] < prio[:, None]) | ((prio[None, :] == prio[:, None]) & (cols[None, :] < cols[:, None]))
-        rank = tl.sum(before.to(tl.int32), axis=1)                             # [BLOCK_K]
-        at_rank = rank[None, :] == ks[:, None]                                 # [BLOCK_W, BLOCK_K]
-        p_rank = tl.min(tl.where(at_rank, prio[None, :], float("inf")), axis=1)   # priority of rank k
-        ok = (tl.associative_scan(a, 0, _minimum) > p_rank) | (ks == 0)
-        w = tl.minimum(tl.min(tl.where(ok & valid, BLOCK_W, ks), axis=0), n - e)
-        takes = rank[:, None] == ks[None, :]                                   # [BLOCK_K, BLOCK_W]
-        new_prio = tl.sum(tl.where(takes, a[None, :], 0.0), axis=1)
-        new_slot = K + tl.sum(tl.where(takes, t[None, :], 0), axis=1)
-        taken = rank < w
-        rows = tl.where(rank[None, :] <= ks[:, None], new_slot[None, :], slot[None, :])   # after events 0..k
-        tl.store(hist_ptr + (b * (T + 1) + e + 1 + ks[:, None]) * K + cols[None, :], rows,
-                 mask=(ks < w)[:, None] & mask_k[None, :])
-        prio = tl.where(taken, new_prio, prio)
-        slot = tl.where(taken, new_slot, slot)
-        e += w
+    pmin, jmin = tl.min(prio, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    # events e+1..e+4 are loaded while e is replayed (clamped to the last: their values are then unused)
+    last = tl.maximum(n - 1, 0)
+    some = n > 0
+    ev_t, ev_a = ev_tok_ptr + b * T, ev_a_ptr + b * T
+    t0_, a0_ = tl.load(ev_t, mask=some, other=0), tl.load(ev_a, mask=some, other=0.0)
+    t1, a1 = tl.load(ev_t + tl.minimum(1, last), mask=some, other=0), tl.load(ev_a + tl.minimum(1, last), mask=some)
+    t2, a2 = tl.load(ev_t + tl.minimum(2, last), mask=some, other=0), tl.load(ev_a + tl.minimum(2, last), mask=some)
+    t3, a3 = tl.load(ev_t + tl.minimum(3, last), mask=some, other=0), tl.load(ev_a + tl.minimum(3, last), mask=some)
+    for e in range(0, n):
+        t, a = t0_, a0_
+        t0_, a0_, t1, a1, t2, a2 = t1, a1, t2, a2, t3, a3
+        nxt = tl.minimum(e + 4, last)
+        t3, a3 = tl.load(ev_t + nxt), tl.load(ev_a + nxt)
+        hit = cols == jmin
+        prio = tl.where(hit, a, prio)
+        slot = tl.where(hit, K + t, slot)
+        tl.store(hist_ptr + (b * (T + 1) + e + 1) * K + cols, slot, mask=mask_k)
+        pmin, jmin = tl.min(prio, axis=0, return_indices=True, return_indices_tie_break_left=True)
     tl.store(prio_ptr + b * K + cols, prio, mask=mask_k)
-
-
-@triton.jit
-def _minimum(x, y):
-    return tl.minimum(x, y)
 
 
 @triton.jit
@@ -211,9 +209,9 @@ def sweep_fill_kernel(ecount_ptr, hist_ptr, index_ptr, T, K, BLOCK_T: tl.constex
 
 
 def pool_sweep(scores, prio0, tau1):
-    """Same signature and results as pool_sweep_ref: (index [B,T+1,K] int32, prio [B,K] fp32). Four launches: the
-    segments' top lists, who enters (parallel), the slot replay of the entering tokens, the index rows (parallel).
-    pool_sweep_kernel (one launch, sequential) is what the ahead-of-time builds use."""
+    """Same signature and results as pool_sweep_ref: (index [B,T+1,K] int32, prio [B,K] fp32). Five launches: the
+    segments' top lists, who enters, their list, the slot replay of the entering tokens, the index rows; all but
+    the replay in parallel. pool_sweep_kernel (one launch, sequential) is what the ahead-of-time builds use."""
     if scores.dim() != 2 or prio0.dim() != 2 or scores.shape[0] != prio0.shape[0]:
         raise ValueError(f"pool_sweep wants scores [B,T] and prio0 [B,K], got {list(scores.shape)} and "
                          f"{list(prio0.shape)}")
@@ -228,23 +226,22 @@ def pool_sweep(scores, prio0, tau1):
     n_seg = max(1, triton.cdiv(T, SWEEP_SEG))
     block_seg = triton.next_power_of_2(n_seg)
     top = torch.empty(Bsz, n_seg, block_k, device=dev, dtype=torch.float32)
-    seg_count = torch.zeros(Bsz, n_seg, device=dev, dtype=torch.int32)
+    seg_count = torch.empty(Bsz, n_seg, device=dev, dtype=torch.int32)
     enter = torch.empty(Bsz, T, device=dev, dtype=torch.float32)
     ev_tok = torch.empty(Bsz, T, device=dev, dtype=torch.int32)
     ev_a = torch.empty(Bsz, T, device=dev, dtype=torch.float32)
-    ecount = torch.zeros(Bsz, T + 1, device=dev, dtype=torch.int32)        # T = 0: row 0, before anything
+    ecount = torch.empty(Bsz, T + 1, device=dev, dtype=torch.int32)
     hist = torch.empty(Bsz, T + 1, K, device=dev, dtype=torch.int32)
     if T > 0:
-        sweep_segment_top_kernel[(Bsz, n_seg)](scores, top, T, tau, scores.stride(0), SEG=SWEEP_SEG,
+        sweep_segment_top_kernel[(Bsz, n_seg)](scores, top, seg_count, T, tau, scores.stride(0), SEG=SWEEP_SEG,
                                                BLOCK_K=block_k, num_warps=4)
         sweep_enter_kernel[(Bsz, triton.cdiv(T, SWEEP_COUNT_T))](
             scores, prio0, top, enter, seg_count, T, K, n_seg, tau, scores.stride(0), SEG=SWEEP_SEG,
             BLOCK_T=SWEEP_COUNT_T, BLOCK_S=SWEEP_COUNT_S, BLOCK_K=block_k, num_warps=SWEEP_COUNT_WARPS)
         sweep_compact_kernel[(Bsz, n_seg)](enter, seg_count, ev_tok, ev_a, ecount, T, n_seg, SEG=SWEEP_SEG,
                                            BLOCK_SEG=block_seg, num_warps=4)
-    sweep_replay_kernel[(Bsz,)](seg_count, prio0, ev_tok, ev_a, hist, prio, T, K, n_seg, BLOCK_SEG=block_seg,
-                                BLOCK_K=block_k, BLOCK_W=min(SWEEP_REPLAY_W, block_k),
-                                num_warps=SWEEP_REPLAY_WARPS * max(1, block_k // 64))   # [BLOCK_K]² ranks
+    sweep_replay_kernel[(Bsz,)](seg_count, prio0, ev_tok, ev_a, ecount, hist, prio, T, K, n_seg, BLOCK_SEG=block_seg,
+                                BLOCK_K=block_k, num_warps=1)
     sweep_fill_kernel[(Bsz, triton.cdiv(T + 1, SWEEP_FILL_T))](ecount, hist, index, T, K, BLOCK_T=SWEEP_FILL_T,
                                                                 BLOCK_K=block_k, num_warps=4)
     return index, prio
@@ -418,7 +415,7 @@ def pool_mix_kernel(
                  (m * gain[:, None]).to(m_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_c[None, :])
 
 
-MIX_TILE = 2048       # pool_mix_kernel's [BLOCK_Q, BLOCK_S] tile
+MIX_TILE = 1024       # pool_mix_kernel's [BLOCK_Q, BLOCK_S] tile (1024 vs 2048: 26.3 vs 26.6 ms per 16k prefill)
 MIX_HEADS = 1         # heads per program (0: all); one is fastest on the H100 (BENCHMARKS.md, 2026-11-25 night)
 
 
