@@ -415,17 +415,18 @@ def pool_mix_kernel(
                  (m * gain[:, None]).to(m_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_c[None, :])
 
 
-MIX_TILE = 1024       # pool_mix_kernel's [BLOCK_Q, BLOCK_S] tile (1024 vs 2048: 26.3 vs 26.6 ms per 16k prefill)
-MIX_HEADS = 1         # heads per program (0: all); one is fastest on the H100 (BENCHMARKS.md, 2026-11-25 night)
+MIX_TILE = 1024       # pool_mix_kernel's [BLOCK_Q, BLOCK_S] tile
+MIX_HEADS = 1         # heads per program (0: all); one is fastest on the H100 and the H200 (BENCHMARKS.md)
 
 
 def mix_blocks(S: int, ds: int, H: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_Q, BLOCK_S, BLOCK_C, HEADS, num_warps) of pool_mix_kernel: [BLOCK_Q, BLOCK_S] tiles of about
-    MIX_TILE values, every dot dimension >= 16."""
+    MIX_TILE values, every dot dimension >= 16; 2 warps for a pool of <= 64 slots, 4 beyond (a sweep of tiles,
+    heads per program and warps in the graphed 16k prefill on the H200: BENCHMARKS.md)."""
     block_s = max(16, triton.next_power_of_2(max(S, 1)))
     heads = MIX_HEADS if MIX_HEADS and H % MIX_HEADS == 0 else H
     return (max(16, MIX_TILE // block_s), block_s, max(16, triton.next_power_of_2(ds)), heads,
-            4 if block_s <= 64 else 8)
+            2 if block_s <= 64 else 4)
 
 
 def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):

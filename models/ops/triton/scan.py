@@ -41,6 +41,9 @@ MIN_CHUNK = 256
 SEQ_MIN_CHUNK = 16     # scan_forward's shortest chunk (seq_chunk_plan): 16 beats 64 by 10% at 2k tokens, ties at 16k
 SEQ_NUM_WARPS = 1      # scan_forward: one warp per program (measured best on the H100, see BENCHMARKS.md)
 SEQ_CHANNELS_PER_THREAD = 4
+CONV_CHUNK = 64        # causal_conv_kernel: tokens per program, loaded CONV_AHEAD at a time, CONV_BLOCK_D channels
+CONV_AHEAD = 8         # (8 per lane of its one warp); measured best of a sweep on the H200 (BENCHMARKS.md)
+CONV_BLOCK_D = 256
 COMBINE_BLOCK_D = 32   # scan_forward's chunk chain: one warp per 32 channels (a latency-bound chain: many programs)
 NUM_WARPS = 4          # forward: a 16x16x16 fp32 tile is 32 values per thread (127 registers on sm_90, no spills)
 BWD_NUM_WARPS = 8      # backward keeps ~8 such tiles live: 8 warps fit them in 243 registers without spilling
@@ -475,37 +478,64 @@ def selective_state_step_kernel(
 # Causal depthwise conv + SiLU over a sequence (inference; training keeps the reference's differentiable conv)
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _conv_input(x_ptr, win_ptr, pid_b, offs_d, mask_d, p, T, stride_x_b, stride_x_t, stride_win_b,
+                WIDTH: tl.constexpr):
+    # input p of the conv as fp32 [BLOCK_D]: x[p] for 0 <= p < T, the window's entry for -(WIDTH-1) <= p < 0
+    xv = tl.load(x_ptr + pid_b * stride_x_b + p * stride_x_t + offs_d, mask=mask_d & (p >= 0) & (p < T), other=0.0)
+    wv = tl.load(win_ptr + pid_b * stride_win_b + offs_d * (WIDTH - 1) + (p + WIDTH - 1),
+                 mask=mask_d & (p < 0) & (p >= 1 - WIDTH), other=0.0)
+    return xv.to(tl.float32) + wv.to(tl.float32)
+
+
+@triton.jit
 def causal_conv_kernel(
     x_ptr, w_ptr, b_ptr, win_ptr, out_ptr,
     T, Di, stride_x_b, stride_x_t, stride_win_b, stride_out_b, stride_out_t,
-    WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    WIDTH: tl.constexpr, CHUNK: tl.constexpr, AHEAD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    """grid (B, cdiv(Di, BLOCK_D), cdiv(T, BLOCK_T)). out[t] = SiLU(b + Σ_k w[:, k] x[t - WIDTH + 1 + k]) in
-    fp32, where x before token 0 comes from win [B, Di, WIDTH-1] (oldest first). x [B, T, Di] may be a strided
-    view (in_proj's first half); unit stride along channels everywhere, w [Di, WIDTH] contiguous."""
+    """grid (B, cdiv(Di, BLOCK_D), cdiv(T, CHUNK)), one warp, WIDTH 2..4. out[t] = SiLU(b + Σ_k w[:, k]
+    x[t - WIDTH + 1 + k]) in fp32, where x before token 0 comes from win [B, Di, WIDTH-1] (oldest first).
+    A program walks CHUNK tokens in order, the last WIDTH-1 inputs in registers, so each input is read once
+    (a [tokens, channels] tile per tap read it WIDTH times: 85 vs 37 us at 16k on the H200); AHEAD tokens' loads
+    at a time. x [B, T, Di] may be a strided view (in_proj's first half); unit stride along channels everywhere,
+    w [Di, WIDTH] contiguous."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t0 = tl.program_id(2) * CHUNK
     mask_d = offs_d < Di
+    # taps by age: w_0 multiplies the newest input x[t], w_1 x[t-1], ...; their inputs x_1, x_2, x_3 in registers
+    w_0 = tl.load(w_ptr + offs_d * WIDTH + (WIDTH - 1), mask=mask_d, other=0.0).to(tl.float32)
+    w_1 = tl.load(w_ptr + offs_d * WIDTH + (WIDTH - 2), mask=mask_d, other=0.0).to(tl.float32)
+    x_1 = _conv_input(x_ptr, win_ptr, pid_b, offs_d, mask_d, t0 - 1, T, stride_x_b, stride_x_t, stride_win_b, WIDTH)
+    w_2, x_2, w_3, x_3 = w_1, x_1, w_1, x_1                   # placeholders when WIDTH < 3 / < 4 (never used)
+    if WIDTH > 2:
+        w_2 = tl.load(w_ptr + offs_d * WIDTH + (WIDTH - 3), mask=mask_d, other=0.0).to(tl.float32)
+        x_2 = _conv_input(x_ptr, win_ptr, pid_b, offs_d, mask_d, t0 - 2, T, stride_x_b, stride_x_t, stride_win_b,
+                          WIDTH)
+    if WIDTH > 3:
+        w_3 = tl.load(w_ptr + offs_d * WIDTH + (WIDTH - 4), mask=mask_d, other=0.0).to(tl.float32)
+        x_3 = _conv_input(x_ptr, win_ptr, pid_b, offs_d, mask_d, t0 - 3, T, stride_x_b, stride_x_t, stride_win_b,
+                          WIDTH)
     if HAS_BIAS:
-        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32) + \
-            tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     else:
-        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for k in tl.static_range(WIDTH):
-        src = offs_t - (WIDTH - 1) + k                              # input token read by tap k
-        w = tl.load(w_ptr + offs_d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
-        xv = tl.load(x_ptr + pid_b * stride_x_b + src[:, None] * stride_x_t + offs_d[None, :],
-                     mask=((src >= 0) & (src < T))[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        if k < WIDTH - 1:                                           # tokens before the sequence: the window
-            wv = tl.load(win_ptr + pid_b * stride_win_b + offs_d[None, :] * (WIDTH - 1) + (src + WIDTH - 1)[:, None],
-                         mask=(src < 0)[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            xv += wv
-        acc += w[None, :] * xv
-    acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)          # rounded where the reference's conv rounds
-    out = _silu(acc)
-    tl.store(out_ptr + pid_b * stride_out_b + offs_t[:, None] * stride_out_t + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=(offs_t < T)[:, None] & mask_d[None, :])
+        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    rows = tl.arange(0, AHEAD)
+    for tb in range(t0, t0 + CHUNK, AHEAD):
+        tile = tl.load(x_ptr + pid_b * stride_x_b + (tb + rows)[:, None] * stride_x_t + offs_d[None, :],
+                       mask=(tb + rows < T)[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        for j in tl.static_range(AHEAD):
+            x_0 = tl.sum(tl.where(rows[:, None] == j, tile, 0.0), axis=0)     # row j (in-thread)
+            acc = bias                                                        # oldest tap first, as before
+            if WIDTH > 3:
+                acc += w_3 * x_3
+            if WIDTH > 2:
+                acc += w_2 * x_2
+            acc = acc + w_1 * x_1 + w_0 * x_0
+            acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)          # rounded where the reference's conv rounds
+            tl.store(out_ptr + pid_b * stride_out_b + (tb + j) * stride_out_t + offs_d,
+                     _silu(acc).to(out_ptr.dtype.element_ty), mask=mask_d & (tb + j < T))
+            x_3, x_2, x_1 = x_2, x_1, x_0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -778,16 +808,18 @@ def causal_conv(x, weight, bias, window):
         raise ValueError(f"causal_conv wants x [B,T,Di], weight [Di,k], bias [Di], window [B,Di,k-1]; got "
                          f"{list(x.shape)}, {list(weight.shape)}, {None if bias is None else list(bias.shape)}, "
                          f"{list(window.shape)}")
+    if k > 4:                               # the kernel keeps up to 3 past inputs (mamba_ssm's conv: widths 2-4)
+        from ..scan import causal_conv_ref
+        return causal_conv_ref(x, weight, bias, window)
     x = _last_dim_contiguous(x)
     win = window.to(x.dtype).contiguous()
     out = torch.empty(Bsz, T, Di, device=x.device, dtype=x.dtype)
     if T > 0:
-        block_d = min(128, triton.next_power_of_2(Di))
-        block_t = 64                                        # (64, 128): fastest of a sweep on the H100
-        causal_conv_kernel[(Bsz, triton.cdiv(Di, block_d), triton.cdiv(T, block_t))](
+        block_d = min(CONV_BLOCK_D, max(32, triton.next_power_of_2(Di)))
+        causal_conv_kernel[(Bsz, triton.cdiv(Di, block_d), triton.cdiv(T, CONV_CHUNK))](
             x, weight.contiguous(), win if bias is None else bias.contiguous(), win, out,
             T, Di, x.stride(0), x.stride(1), win.stride(0), out.stride(0), out.stride(1),
-            WIDTH=k, BLOCK_T=block_t, BLOCK_D=block_d, HAS_BIAS=bias is not None, num_warps=4)
+            WIDTH=k, CHUNK=CONV_CHUNK, AHEAD=CONV_AHEAD, BLOCK_D=block_d, HAS_BIAS=bias is not None, num_warps=1)
     joined = torch.cat([win, x[:, max(0, T - (k - 1)):].transpose(1, 2)], dim=2)   # the last inputs, oldest first
     return out, joined[:, :, joined.shape[2] - (k - 1):].contiguous()
 
