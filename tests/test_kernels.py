@@ -32,13 +32,15 @@ TOL = 1e-4
 
 
 @contextlib.contextmanager
-def poisoned():
-    """Every tensor the kernels' wrappers allocate with torch.empty/empty_like starts as NaN (-7 for integers)."""
+def poisoned(value=float("nan")):
+    """Every tensor the kernels' wrappers allocate with torch.empty/empty_like starts as NaN, or `value` (-7 for
+    integers). NaN fails any comparison, so kernels whose unwritten scratch feeds comparisons are also run with a
+    large value."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def fill(t):
         if t.is_floating_point():
-            t.fill_(float("nan"))
+            t.fill_(value)
         elif t.dtype != torch.bool:
             t.fill_(-7)
         return t
@@ -165,12 +167,26 @@ def test_pool_sweep_replays_the_reference_exactly(scores, rng, monkeypatch):
         a = torch.rand(B, T, generator=rng)
     prio0 = torch.tensor([[-1.0, 0.65, -1.0, 0.55, 0.8], [-1.0] * 5, [0.95, 0.9, 0.99, 0.97, 0.91]])
     index_ref, prio_ref = pool_sweep_ref(a, prio0, 0.5)
-    with poisoned():
-        index, prio = kt.TRITON_OPS.pool_sweep(a, prio0, 0.5)
-    assert torch.equal(index, index_ref) and torch.equal(prio, prio_ref)
+    for poison in (float("nan"), 1e30):
+        with poisoned(poison):
+            index, prio = kt.TRITON_OPS.pool_sweep(a, prio0, 0.5)
+        assert torch.equal(index, index_ref) and torch.equal(prio, prio_ref), poison
     assert (index_ref[:2, -1] >= K).any()                             # tokens did enter (and, row 2, none could)
     if scores == "uniform":
         assert (index_ref[:2, -1] >= K + 128).any()                    # tokens of later segments entered
+
+
+@interpreted
+def test_pool_sweep_with_more_slots_than_a_segment(rng, monkeypatch):
+    # K = 40 slots (a top list of 64) with 32-token segments: a segment must grow to hold its top list
+    monkeypatch.setattr(kt.pool, "SWEEP_SEG", 32)
+    a, prio0 = torch.rand(2, 300, generator=rng), torch.full((2, 40), -1.0)
+    prio0[1, ::3] = 0.9
+    index_ref, prio_ref = pool_sweep_ref(a, prio0, 0.5)
+    for poison in (float("nan"), 1e30):
+        with poisoned(poison):
+            index, prio = kt.TRITON_OPS.pool_sweep(a, prio0, 0.5)
+        assert torch.equal(index, index_ref) and torch.equal(prio, prio_ref), poison
 
 
 @interpreted
@@ -248,6 +264,13 @@ def test_pool_read_matches_the_reference(pattern, dtype, rng):
     with poisoned(), torch.no_grad():
         o = kt.TRITON_OPS.pool_read(u, bank, index, *w, H, gain)
     assert rel_err(o, -2.0 * ref) <= (TOL if dtype == torch.float32 else 1e-2)
+    with torch.inference_mode():                     # inference tensors keep no version: derived every call
+        w_inf = [x.clone() for x in w]
+        o = kt.TRITON_OPS.pool_read(u, bank, index, *w_inf, H, gain)
+        w_inf[2].mul_(-0.5)
+        o2 = kt.TRITON_OPS.pool_read(u, bank, index, *w_inf, H, gain)
+    assert rel_err(o, -2.0 * ref) <= (TOL if dtype == torch.float32 else 1e-2)
+    assert rel_err(o2, ref) <= (TOL if dtype == torch.float32 else 1e-2)
 
 
 # ---- the whole model with kernels="triton" ---------------------------------------------------------------------------

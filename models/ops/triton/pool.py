@@ -223,7 +223,8 @@ def pool_sweep(scores, prio0, tau1):
     block_k = triton.next_power_of_2(K)
     index = torch.empty(Bsz, T + 1, K, device=dev, dtype=torch.int32)
     prio = torch.empty(Bsz, K, device=dev, dtype=torch.float32)
-    n_seg = max(1, triton.cdiv(T, SWEEP_SEG))
+    seg_len = max(SWEEP_SEG, block_k)           # a segment's top list is its first BLOCK_K sorted scores
+    n_seg = max(1, triton.cdiv(T, seg_len))
     block_seg = triton.next_power_of_2(n_seg)
     top = torch.empty(Bsz, n_seg, block_k, device=dev, dtype=torch.float32)
     seg_count = torch.empty(Bsz, n_seg, device=dev, dtype=torch.int32)
@@ -233,12 +234,12 @@ def pool_sweep(scores, prio0, tau1):
     ecount = torch.empty(Bsz, T + 1, device=dev, dtype=torch.int32)
     hist = torch.empty(Bsz, T + 1, K, device=dev, dtype=torch.int32)
     if T > 0:
-        sweep_segment_top_kernel[(Bsz, n_seg)](scores, top, seg_count, T, tau, scores.stride(0), SEG=SWEEP_SEG,
+        sweep_segment_top_kernel[(Bsz, n_seg)](scores, top, seg_count, T, tau, scores.stride(0), SEG=seg_len,
                                                BLOCK_K=block_k, num_warps=4)
         sweep_enter_kernel[(Bsz, triton.cdiv(T, SWEEP_COUNT_T))](
-            scores, prio0, top, enter, seg_count, T, K, n_seg, tau, scores.stride(0), SEG=SWEEP_SEG,
+            scores, prio0, top, enter, seg_count, T, K, n_seg, tau, scores.stride(0), SEG=seg_len,
             BLOCK_T=SWEEP_COUNT_T, BLOCK_S=SWEEP_COUNT_S, BLOCK_K=block_k, num_warps=SWEEP_COUNT_WARPS)
-        sweep_compact_kernel[(Bsz, n_seg)](enter, seg_count, ev_tok, ev_a, ecount, T, n_seg, SEG=SWEEP_SEG,
+        sweep_compact_kernel[(Bsz, n_seg)](enter, seg_count, ev_tok, ev_a, ecount, T, n_seg, SEG=seg_len,
                                            BLOCK_SEG=block_seg, num_warps=4)
     sweep_replay_kernel[(Bsz,)](seg_count, prio0, ev_tok, ev_a, ecount, hist, prio, T, K, n_seg, BLOCK_SEG=block_seg,
                                 BLOCK_K=block_k, num_warps=1)
@@ -466,16 +467,20 @@ def _read_weights(w_q, w_k, w_v, heads: int, dtype):
     """(W_qk [H·ds, d], the block-diagonal W_v [d, H·ds]) in dtype: q'_h = W_k,hᵀ W_q,h u and o = W_v m in one
     GEMM each. Derived from the weights once and kept on w_v until a weight is changed or replaced (the key
     holds their versions and addresses), so CUDA graphs replay no weight arithmetic."""
-    key = (dtype, heads) + tuple((w.data_ptr(), w._version) for w in (w_q, w_k, w_v))
+    weights3 = (w_q, w_k, w_v)
+    # inference tensors (a model made under torch.inference_mode) keep no version: derive them every call
+    cacheable = not any(w.is_inference() for w in weights3)
+    key = (dtype, heads) + tuple((w.data_ptr(), w._version) for w in weights3) if cacheable else None
     cached = getattr(w_v, "_pool_read_weights", None)
-    if cached is not None and cached[0] == key:
+    if cacheable and cached is not None and cached[0] == key:
         return cached[1]
     H, ds, d = heads, w_k.shape[0], w_q.shape[1]
     dh, dv = ds // H, d // H
     with torch.no_grad():
         wqk = torch.einsum("hcs,hcd->hsd", w_k.float().view(H, dh, ds), w_q.float().view(H, dh, d))
         weights = (wqk.reshape(H * ds, d).to(dtype), torch.block_diag(*w_v.view(H, dv, ds).unbind(0)).to(dtype))
-    w_v._pool_read_weights = (key, weights)
+    if cacheable:
+        w_v._pool_read_weights = (key, weights)
     return weights
 
 
