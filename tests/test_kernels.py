@@ -96,7 +96,8 @@ def test_residual_norm(with_y, dtype, rng):
 @interpreted
 @pytest.mark.parametrize("T", [150, 37, 2], ids=["chunks", "long", "shorter-than-window"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("k", [4, 3, 2, 5], ids=["width4", "width3", "width2", "width5-reference"])
+@pytest.mark.parametrize("k", [4, 3, 2, 5, 1], ids=["width4", "width3", "width2", "width5-reference",
+                                                   "width1-reference"])
 def test_causal_conv(T, bias, k, rng):
     Bsz, Di = 2, 40                                                   # 150 tokens: three programs' chunks
     xz = torch.randn(Bsz, T, 2 * Di, generator=rng)                   # x a strided view, as in_proj's first half

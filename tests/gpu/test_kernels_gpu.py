@@ -305,7 +305,8 @@ STEP_KERNELS = ["layered", "persistent"]
 def prefill_decision_margin(model, prompt, start):
     """The smallest nonzero distance of any §3/§4 decision of model.prefill(prompt, start) from its threshold:
     |a - tau1|, |a - min priority| for scores above tau1 (the minimum as the reference sweep has it before each token),
-    |b - tau2| for the triggers. Another rounding of the same math may decide otherwise below ~1e-5."""
+    the gap between the two lowest priorities where a token enters (which slot it evicts), |b - tau2| for the
+    triggers. Another rounding of the same math may decide otherwise below ~1e-5."""
     c, scores, triggers = model.config, [], []
     hooks = [h for layer in model.layers for h in (
         layer.note.register_forward_hook(lambda m, i, o: scores.append(o[0].float())),
@@ -327,10 +328,13 @@ def prefill_decision_margin(model, prompt, start):
         index = pool_sweep_ref(a, prio0, c.insert_threshold)[0][:, :-1].long()       # [B, T, K] before each token
         token = a.gather(1, (index - c.pool_size).clamp(min=0).flatten(1)).view_as(index)
         initial = prio0.gather(1, index.clamp(min=0, max=c.pool_size - 1).flatten(1)).view_as(index)
-        held = torch.where(index >= c.pool_size, token, initial)
-        pmin = torch.where(index >= 0, held, -1.0).min(-1).values
+        held = torch.where(index >= 0, torch.where(index >= c.pool_size, token, initial), -1.0).sort(-1).values
+        pmin = held[..., 0]
         above = a > c.insert_threshold
+        enters = above & (a > pmin)
         margin = min(margin, nearest((a - c.insert_threshold).abs()), nearest((a - pmin).abs()[above]))
+        if c.pool_size > 1:                # which slot an entrant evicts: the gap between the two lowest
+            margin = min(margin, nearest((held[..., 1] - pmin)[enters]))
     return margin
 
 

@@ -3,8 +3,8 @@
 References (ground truth, same arguments): models.ops.pool.pool_sweep_ref and pool_attention_ref (spec §3-§5, §8).
 
 pool_sweep: who enters is decided in parallel (a count against the earlier candidates, see SWEEP_SEG), then one
-program per batch row replays only the entering tokens' slot choices, several per step, and the index rows are
-filled in parallel. Exactly the reference's results (fp32 comparisons, strict >, argmin lowest index on ties).
+warp per batch row replays only the entering tokens' slot choices, one argmin each, and the index rows are filled
+in parallel. Exactly the reference's results (fp32 comparisons, strict >, argmin lowest index on ties).
 pool_sweep_kernel, the ahead-of-time builds' sweep, replays all T tokens in one program: it reads scores a tile
 of BLOCK_T tokens at a time and keeps the current minimum priority; a tile with no score above max(tau1, min
 priority) changes nothing, so its index rows are the current slot vector stored in one go; otherwise it jumps
@@ -78,7 +78,7 @@ def pool_sweep_kernel(
 # a_t > tau1 and fewer than K of them are >= a_t: a count, not a replay. Counting against each earlier segment's
 # K largest candidates is exact too (a segment with K of them >= a_t already refuses it). The slots (argmin,
 # lowest index on ties) are then a replay of the entering tokens alone, a few hundred at 16k tokens.
-SWEEP_SEG = 1024         # tokens per segment (one sort each); earlier segments cost K compares per token
+SWEEP_SEG = 1024         # tokens per segment (one sort each); earlier segments cost BLOCK_K compares per token
 SWEEP_COUNT_T = 16       # tokens per program of the count
 SWEEP_COUNT_S = 64       # earlier tokens of the segment compared at a time
 SWEEP_COUNT_WARPS = 1
@@ -460,28 +460,48 @@ def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
             HEADS=heads_per_program, BLOCK_Q=block_q, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
     if residual is None:
         return torch.nn.functional.linear(m, w_out)
+    if residual.dtype != u.dtype or residual.shape != u.shape:        # the reference promotes and broadcasts
+        return residual + torch.nn.functional.linear(m, w_out)
     return torch.addmm(residual.reshape(-1, d), m.view(-1, H * ds), w_out.t()).view(Bsz, T, d)
 
 
+@triton.jit
+def read_weights_kernel(wq_ptr, wk_ptr, wv_ptr, wqk_ptr, wout_ptr, d, ds, dh, dv,
+                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """grid (cdiv(d, BLOCK_D), H). Head h's share of pool_read's two derived weights, for columns (rows of w_out)
+    d-block j: wqk[h·ds + s, i] = Σ_c w_k[h·dh + c, s] w_q[h·dh + c, i] (fp32 sums), and w_out[i, h·ds + s] =
+    w_v[i, s] where i is in head h's rows (i // dv == h), else 0: the block-diagonal W_v."""
+    offs_i = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_i = offs_i < d
+    mask_s = offs_s < ds
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    for c in range(0, dh):
+        k_row = tl.load(wk_ptr + (h * dh + c) * ds + offs_s, mask=mask_s, other=0.0).to(tl.float32)
+        q_row = tl.load(wq_ptr + (h * dh + c) * d + offs_i, mask=mask_i, other=0.0).to(tl.float32)
+        acc += k_row[:, None] * q_row[None, :]
+    tl.store(wqk_ptr + (h * ds + offs_s)[:, None] * d + offs_i[None, :], acc.to(wqk_ptr.dtype.element_ty),
+             mask=mask_s[:, None] & mask_i[None, :])
+    v = tl.load(wv_ptr + offs_i[:, None] * ds + offs_s[None, :], mask=mask_i[:, None] & mask_s[None, :], other=0.0)
+    v = tl.where((offs_i // dv == h)[:, None], v, 0.0)
+    tl.store(wout_ptr + offs_i[:, None] * (tl.num_programs(1) * ds) + (h * ds + offs_s)[None, :],
+             v.to(wout_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_s[None, :])
+
+
 def _read_weights(w_q, w_k, w_v, heads: int, dtype):
-    """(W_qk [H·ds, d], the block-diagonal W_v [d, H·ds]) in dtype: q'_h = W_k,hᵀ W_q,h u and o = W_v m in one
-    GEMM each. Derived from the weights once and kept on w_v until a weight is changed or replaced (the key
-    holds their versions and addresses), so CUDA graphs replay no weight arithmetic."""
-    weights3 = (w_q, w_k, w_v)
-    # inference tensors (a model made under torch.inference_mode) keep no version: derive them every call
-    cacheable = not any(w.is_inference() for w in weights3)
-    key = (dtype, heads) + tuple((w.data_ptr(), w._version) for w in weights3) if cacheable else None
-    cached = getattr(w_v, "_pool_read_weights", None)
-    if cacheable and cached is not None and cached[0] == key:
-        return cached[1]
+    """(W_qk [H·ds, d], the block-diagonal W_v [d, H·ds]) in dtype, for q'_h = W_k,hᵀ W_q,h u and o = W_v m in one
+    GEMM each. Derived on every call, in one launch (~0.1 ms per 16k prefill of the 130m): a cache would have to
+    know every way weights change (.data edits and fused optimizers keep the version counter; a CUDA graph would
+    keep reading what the cache replaced)."""
     H, ds, d = heads, w_k.shape[0], w_q.shape[1]
-    dh, dv = ds // H, d // H
-    with torch.no_grad():
-        wqk = torch.einsum("hcs,hcd->hsd", w_k.float().view(H, dh, ds), w_q.float().view(H, dh, d))
-        weights = (wqk.reshape(H * ds, d).to(dtype), torch.block_diag(*w_v.view(H, dv, ds).unbind(0)).to(dtype))
-    if cacheable:
-        w_v._pool_read_weights = (key, weights)
-    return weights
+    wqk = torch.empty(H * ds, d, device=w_q.device, dtype=dtype)
+    w_out = torch.empty(d, H * ds, device=w_q.device, dtype=dtype)
+    block_d = min(128, triton.next_power_of_2(d))
+    read_weights_kernel[(triton.cdiv(d, block_d), H)](
+        w_q.detach().contiguous(), w_k.detach().contiguous(), w_v.detach().contiguous(), wqk, w_out,
+        d, ds, ds // H, d // H, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(ds), num_warps=4)
+    return wqk, w_out
 
 
 def attention_blocks(S: int, dh: int, dv: int) -> tuple[int, int, int, int, int]:

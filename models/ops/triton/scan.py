@@ -808,7 +808,7 @@ def causal_conv(x, weight, bias, window):
         raise ValueError(f"causal_conv wants x [B,T,Di], weight [Di,k], bias [Di], window [B,Di,k-1]; got "
                          f"{list(x.shape)}, {list(weight.shape)}, {None if bias is None else list(bias.shape)}, "
                          f"{list(window.shape)}")
-    if k > 4:                               # the kernel keeps up to 3 past inputs (mamba_ssm's conv: widths 2-4)
+    if not 2 <= k <= 4:                     # the kernel keeps 1 to 3 past inputs (mamba_ssm's conv: widths 2-4)
         from ..scan import causal_conv_ref
         return causal_conv_ref(x, weight, bias, window)
     x = _last_dim_contiguous(x)
