@@ -467,21 +467,23 @@ def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
 
 @triton.jit
 def read_weights_kernel(wq_ptr, wk_ptr, wv_ptr, wqk_ptr, wout_ptr, d, ds, dh, dv,
-                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
     """grid (cdiv(d, BLOCK_D), H). Head h's share of pool_read's two derived weights, for columns (rows of w_out)
-    d-block j: wqk[h·ds + s, i] = Σ_c w_k[h·dh + c, s] w_q[h·dh + c, i] (fp32 sums), and w_out[i, h·ds + s] =
+    d-block j: wqk[h·ds + s, i] = Σ_c w_k[h·dh + c, s] w_q[h·dh + c, i] (an fp32 dot), and w_out[i, h·ds + s] =
     w_v[i, s] where i is in head h's rows (i // dv == h), else 0: the block-diagonal W_v."""
     offs_i = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
+    offs_c = tl.arange(0, BLOCK_H)
     mask_i = offs_i < d
     mask_s = offs_s < ds
-    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-    for c in range(0, dh):
-        k_row = tl.load(wk_ptr + (h * dh + c) * ds + offs_s, mask=mask_s, other=0.0).to(tl.float32)
-        q_row = tl.load(wq_ptr + (h * dh + c) * d + offs_i, mask=mask_i, other=0.0).to(tl.float32)
-        acc += k_row[:, None] * q_row[None, :]
-    tl.store(wqk_ptr + (h * ds + offs_s)[:, None] * d + offs_i[None, :], acc.to(wqk_ptr.dtype.element_ty),
+    mask_c = offs_c < dh
+    k = tl.load(wk_ptr + (h * dh + offs_c)[None, :] * ds + offs_s[:, None], mask=mask_s[:, None] & mask_c[None, :],
+                other=0.0).to(tl.float32)                                          # [BLOCK_S, BLOCK_H] = W_k,hᵀ
+    q = tl.load(wq_ptr + (h * dh + offs_c)[:, None] * d + offs_i[None, :], mask=mask_c[:, None] & mask_i[None, :],
+                other=0.0).to(tl.float32)                                          # [BLOCK_H, BLOCK_D]
+    wqk = tl.dot(k, q, input_precision="ieee")
+    tl.store(wqk_ptr + (h * ds + offs_s)[:, None] * d + offs_i[None, :], wqk.to(wqk_ptr.dtype.element_ty),
              mask=mask_s[:, None] & mask_i[None, :])
     v = tl.load(wv_ptr + offs_i[:, None] * ds + offs_s[None, :], mask=mask_i[:, None] & mask_s[None, :], other=0.0)
     v = tl.where((offs_i // dv == h)[:, None], v, 0.0)
@@ -491,16 +493,17 @@ def read_weights_kernel(wq_ptr, wk_ptr, wv_ptr, wqk_ptr, wout_ptr, d, ds, dh, dv
 
 def _read_weights(w_q, w_k, w_v, heads: int, dtype):
     """(W_qk [H·ds, d], the block-diagonal W_v [d, H·ds]) in dtype, for q'_h = W_k,hᵀ W_q,h u and o = W_v m in one
-    GEMM each. Derived on every call, in one launch (~0.1 ms per 16k prefill of the 130m): a cache would have to
+    GEMM each. Derived on every call, in one launch: a cache would have to
     know every way weights change (.data edits and fused optimizers keep the version counter; a CUDA graph would
     keep reading what the cache replaced)."""
     H, ds, d = heads, w_k.shape[0], w_q.shape[1]
     wqk = torch.empty(H * ds, d, device=w_q.device, dtype=dtype)
     w_out = torch.empty(d, H * ds, device=w_q.device, dtype=dtype)
-    block_d = min(128, triton.next_power_of_2(d))
+    block_d = min(64, max(16, triton.next_power_of_2(d)))
     read_weights_kernel[(triton.cdiv(d, block_d), H)](
         w_q.detach().contiguous(), w_k.detach().contiguous(), w_v.detach().contiguous(), wqk, w_out,
-        d, ds, ds // H, d // H, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(ds), num_warps=4)
+        d, ds, ds // H, d // H, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(ds)),
+        BLOCK_H=max(16, triton.next_power_of_2(ds // H)), num_warps=4)
     return wqk, w_out
 
 
