@@ -152,6 +152,17 @@ def test_selective_state_step(with_z, rng):
 
 
 # ---- note pool -----------------------------------------------------------------------------------------------------
+def assert_sweep_replays_the_reference(a, prio0):
+    """The kernel sweep's index and priorities equal pool_sweep_ref's, with its scratch poisoned with NaN and with
+    1e30 (NaN fails every comparison, so unwritten scratch read by one would go unseen). Returns the index."""
+    index_ref, prio_ref = pool_sweep_ref(a, prio0, 0.5)
+    for poison in (float("nan"), 1e30):
+        with poisoned(poison):
+            index, prio = kt.TRITON_OPS.pool_sweep(a, prio0, 0.5)
+        assert torch.equal(index, index_ref) and torch.equal(prio, prio_ref), poison
+    return index_ref
+
+
 @interpreted
 @pytest.mark.parametrize("scores", ["ties", "uniform", "rising"])
 def test_pool_sweep_replays_the_reference_exactly(scores, rng, monkeypatch):
@@ -167,11 +178,7 @@ def test_pool_sweep_replays_the_reference_exactly(scores, rng, monkeypatch):
     else:
         a = torch.rand(B, T, generator=rng)
     prio0 = torch.tensor([[-1.0, 0.65, -1.0, 0.55, 0.8], [-1.0] * 5, [0.95, 0.9, 0.99, 0.97, 0.91]])
-    index_ref, prio_ref = pool_sweep_ref(a, prio0, 0.5)
-    for poison in (float("nan"), 1e30):
-        with poisoned(poison):
-            index, prio = kt.TRITON_OPS.pool_sweep(a, prio0, 0.5)
-        assert torch.equal(index, index_ref) and torch.equal(prio, prio_ref), poison
+    index_ref = assert_sweep_replays_the_reference(a, prio0)
     assert (index_ref[:2, -1] >= K).any()                             # tokens did enter (and, row 2, none could)
     if scores == "uniform":
         assert (index_ref[:2, -1] >= K + 128).any()                    # tokens of later segments entered
@@ -183,11 +190,7 @@ def test_pool_sweep_with_more_slots_than_a_segment(rng, monkeypatch):
     monkeypatch.setattr(kt.pool, "SWEEP_SEG", 32)
     a, prio0 = torch.rand(2, 300, generator=rng), torch.full((2, 40), -1.0)
     prio0[1, ::3] = 0.9
-    index_ref, prio_ref = pool_sweep_ref(a, prio0, 0.5)
-    for poison in (float("nan"), 1e30):
-        with poisoned(poison):
-            index, prio = kt.TRITON_OPS.pool_sweep(a, prio0, 0.5)
-        assert torch.equal(index, index_ref) and torch.equal(prio, prio_ref), poison
+    assert_sweep_replays_the_reference(a, prio0)
 
 
 @interpreted

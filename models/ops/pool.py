@@ -93,5 +93,11 @@ def pool_read_ref(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None
     when residual [B,T,d] is given (the layer's ũ = u + r_tok + r_cross; a kernel set may fuse the add)."""
     F = torch.nn.functional
     o = pool_attention_ref(F.linear(u, w_q), F.linear(bank, w_k), F.linear(bank, w_v), index, heads)
+    return gained_read(o, gain, residual)
+
+
+def gained_read(o, gain, residual=None):
+    """The end of a read: r = gain · o in o's dtype (gain [B,T] fp32), or residual + r, rounded as the reference
+    rounds (kernel sets that attend another way finish through this too)."""
     r = o * gain.to(o.dtype).unsqueeze(-1)
     return r if residual is None else residual + r

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from memmamba_deploy.models.ops import needs_grad
-from memmamba_deploy.models.ops.pool import fp32, pool_attention_ref, pool_read_ref, pool_sweep_ref  # noqa: F401
+from memmamba_deploy.models.ops.pool import (fp32, gained_read, pool_attention_ref, pool_read_ref,  # noqa: F401
+                                              pool_sweep_ref)
 
 ATTN_BWD_BYTES = 1 << 28       # the reference backward materialises [B, chunk, S, d] fp32: keep a chunk under this
 
@@ -101,6 +102,12 @@ def sweep_segment_top_kernel(scores_ptr, top_ptr, seg_count_ptr, T, tau1, stride
 
 
 @triton.jit
+def _any_open(a, count, tau1, K):
+    # whether some token of the block could still enter: a candidate with fewer than K counted >= it
+    return tl.max(((a > tau1) & (count < K)).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
 def sweep_enter_kernel(scores_ptr, prio0_ptr, top_ptr, enter_ptr, seg_count_ptr, T, K, n_seg, tau1, stride_scores_b,
                        SEG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
     """grid (B, cdiv(T, BLOCK_T)). enter[b, t] = a_t if token t enters, else -inf. It enters iff a_t > tau1 and
@@ -117,12 +124,12 @@ def sweep_enter_kernel(scores_ptr, prio0_ptr, top_ptr, enter_ptr, seg_count_ptr,
     seg = t0 // SEG
     # stop once every candidate of the block is refused (K already >= it): after one earlier segment for most
     # blocks, since a segment's top list holds its K best
-    alive = tl.max(((a > tau1) & (count < K)).to(tl.int32), axis=0) > 0
+    alive = _any_open(a, count, tau1, K)
     s = 0
     while alive & (s < seg):
         top = tl.load(top_ptr + (b * n_seg + s) * BLOCK_K + cols)
         count += tl.sum((top[None, :] >= a[:, None]).to(tl.int32), axis=1)
-        alive = tl.max(((a > tau1) & (count < K)).to(tl.int32), axis=0) > 0
+        alive = _any_open(a, count, tau1, K)
         s += 1
     s0 = seg * SEG
     while alive & (s0 < t0 + BLOCK_T):                             # this segment, up to the block's last token
@@ -131,7 +138,7 @@ def sweep_enter_kernel(scores_ptr, prio0_ptr, top_ptr, enter_ptr, seg_count_ptr,
         c = tl.where(c > tau1, c, float("-inf"))
         earlier = (c[None, :] >= a[:, None]) & (offs_s[None, :] < offs_t[:, None])
         count += tl.sum(earlier.to(tl.int32), axis=1)
-        alive = tl.max(((a > tau1) & (count < K)).to(tl.int32), axis=0) > 0
+        alive = _any_open(a, count, tau1, K)
         s0 += BLOCK_S
     enter = (a > tau1) & (count < K)
     tl.store(enter_ptr + b * T + offs_t, tl.where(enter, a, float("-inf")), mask=offs_t < T)
@@ -443,8 +450,7 @@ def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
     if u.dtype == torch.float32 or needs_grad(u, bank, w_q, w_k, w_v, gain, residual):
         F = torch.nn.functional
         o = pool_attention(F.linear(u, w_q), F.linear(bank, w_k), F.linear(bank, w_v), index, heads)
-        r = o * gain.to(o.dtype).unsqueeze(-1)
-        return r if residual is None else residual + r
+        return gained_read(o, gain, residual)
     wqk, w_out = _read_weights(w_q, w_k, w_v, H, u.dtype)
     qk = torch.nn.functional.linear(u, wqk)                                          # [B, T, H*ds]
     bank = bank if bank.stride(-1) == 1 else bank.contiguous()
