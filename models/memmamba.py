@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .config import MemMambaConfig
 from .ops import load_ops
 from .ops.norm import rms_norm_ref
-from .ops.pool import fp32
+from .ops.pool import cross_layer_bank, fp32
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -154,7 +154,11 @@ class Mixer(nn.Module):
 
     def forward(self, u, window, h, ops):
         """u [B,T,d] -> (y [B,T,d], window, h)."""
-        x, z = self.in_proj(u).chunk(2, dim=-1)
+        return self.from_in_proj(self.in_proj(u), window, h, ops)
+
+    def from_in_proj(self, xz, window, h, ops):
+        """forward after in_proj: xz [B,T,2·d_inner] -> (y [B,T,d], window, h)."""
+        x, z = xz.chunk(2, dim=-1)
         xc, window = ops.causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, window)
         dt, B, C = self._proj(xc)
         y, h = ops.selective_scan(xc, dt, -torch.exp(self.A_log.float()), B, C, self.D, z, self.dt_proj.bias, h)
@@ -224,11 +228,6 @@ class PoolAttention(nn.Module):
                              gain, residual)
 
 
-def _offset(index: torch.Tensor, offset: int) -> torch.Tensor:
-    """Shift bank indices by `offset`, keeping -1 (no entry) as -1."""
-    return torch.where(index >= 0, index + offset, index)
-
-
 def _pool_index(prio: torch.Tensor) -> torch.Tensor:
     """[B,K] priorities -> [B,1,K] indices of the occupied slots (-1 for empty ones), for a one-token read."""
     k = torch.arange(prio.shape[-1], device=prio.device, dtype=torch.int32)
@@ -242,11 +241,30 @@ class Layer(nn.Module):
         super().__init__()
         self.norm = RMSNorm(c.d_model, c.norm_eps)
         self.mixer = Mixer(c)
+        self.insert_threshold, self.pool_size = c.insert_threshold, c.pool_size
         if c.memory:
             self.note = NoteBlock(c)
             self.token_attn = PoolAttention(c, trigger=True)
-            if c.is_cross_layer(index):
-                self.cross_attn = PoolAttention(c, trigger=False)
+            self.cross_attn = PoolAttention(c, trigger=False) if c.is_cross_layer(index) else None
+
+    def memory_in_proj(self, u, pool0, prio0, group, ops):
+        """§3–§5 in parallel form (§8), through the mixer's in_proj: xz = in_proj(u + r_tok + r_cross)
+        [B,T,2·d_inner], with this layer's bank [B,K+T,ds] (pool0's summaries, then each token's), index
+        [B,T+1,K] and prio [B,K] from the sweep. group: (bank, index[:, :T]) of this §5 group's earlier layers.
+        A kernel set may do it all at once (ops.fused_memory_in_proj, None where it does not apply); the lines
+        below are what it must equal."""
+        fused = ops.fused_memory_in_proj(self, u, pool0, prio0, group)
+        if fused is not None:
+            return fused
+        T = u.shape[1]
+        a, s = self.note(u)
+        index, prio = ops.pool_sweep(a, prio0, self.insert_threshold)       # [B,T+1,K], [B,K]
+        bank = torch.cat([pool0.to(s.dtype), s], dim=1)                     # initial slots, then tokens
+        ut = self.token_attn(u, bank, index[:, :T], ops, residual=u)
+        if self.cross_attn is not None:
+            banks, indices = cross_layer_bank(group + [(bank, index[:, :T])], self.pool_size + T)
+            ut = self.cross_attn(u, banks, indices, ops, residual=ut)
+        return self.mixer.in_proj(ut), bank, index, prio
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -311,24 +329,16 @@ class MemMambaLM(nn.Module):
             h, u = ops.residual_norm(h, y, layer.norm.weight, layer.norm.eps)
             if want_hidden and l > 0:
                 hidden.append(h)
-            ut = u
             if c.memory:
-                a, s = layer.note(u)
-                index, prio = ops.pool_sweep(a, state.prio[l], c.insert_threshold)  # [B,T+1,K], [B,K]
-                bank = torch.cat([state.pool[l].to(s.dtype), s], dim=1)          # initial slots, then tokens
-                ut = layer.token_attn(u, bank, index[:, :T], ops, residual=ut)
-                group.append((bank, index[:, :T]))
-                if c.is_cross_layer(l):
-                    m = c.pool_size + T                                         # entries per layer's bank
-                    ut = layer.cross_attn(u, torch.cat([b for b, _ in group], 1),
-                                          torch.cat([_offset(i, j * m) for j, (_, i) in enumerate(group)], 2), ops,
-                                          residual=ut)
-                    group = []
+                xz, bank, index, prio = layer.memory_in_proj(u, state.pool[l], state.prio[l], group, ops)
+                group = [] if c.is_cross_layer(l) else group + [(bank, index[:, :T])]
                 k = torch.arange(c.pool_size, device=h.device)
                 last = torch.where(index[:, T] >= 0, index[:, T].long(), k)    # an empty slot keeps its content
                 out["pool"].append(bank[rows[:, None], last])
                 out["prio"].append(prio)
-            y, window, hs = layer.mixer(ut, state.conv[l], state.ssm[l], ops)
+            else:
+                xz = layer.mixer.in_proj(u)
+            y, window, hs = layer.mixer.from_in_proj(xz, state.conv[l], state.ssm[l], ops)
             out["conv"].append(window)
             out["ssm"].append(hs)
         h = h + y

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ import torch
 from conftest import interpreted, make_model, run_interpreted
 from memmamba_deploy.metrics import rel_err
 from memmamba_deploy.models import State
+from memmamba_deploy.models.ops import TORCH_OPS, no_fused_memory_in_proj
 from memmamba_deploy.models.ops import triton as kt
 from memmamba_deploy.models.ops.norm import residual_norm_ref
 from memmamba_deploy.models.ops.pool import pool_attention_ref, pool_read_ref, pool_sweep_ref
@@ -277,6 +279,21 @@ def test_pool_read_matches_the_reference(pattern, dtype, rng):
     assert rel_err(o2, ref) <= (TOL if dtype == torch.float32 else 1e-2)
 
 
+@interpreted
+def test_pool_read_over_a_wide_pool(rng):
+    # S = 200 (a §5 read over four 50-slot pools) takes pool_mix's smallest query blocks (mix_blocks)
+    B, T, M, S, ds, d, H = 1, 40, 300, 200, 16, 32, 2
+    assert kt.pool.mix_blocks(S, ds, H)[0] == kt.pool.MIX_MIN_Q < 16
+    u, bank = torch.randn(B, T, d, generator=rng).half(), torch.randn(B, M, ds, generator=rng).half()
+    w = [(torch.randn(*shape, generator=rng) * shape[1] ** -0.5).half() for shape in ((ds, d), (ds, ds), (d, ds))]
+    index = torch.randint(-1, M, (B, T, S), generator=rng, dtype=torch.int32)
+    gain = 0.1 * (torch.rand(B, T, generator=rng) > 0.3).float()
+    ref = pool_read_ref(u.float(), bank.float(), index, *(x.float() for x in w), H, gain)
+    with poisoned(), torch.no_grad():
+        o = kt.TRITON_OPS.pool_read(u, bank, index, *w, H, gain)
+    assert rel_err(o, ref) <= 1e-2
+
+
 # ---- the whole model with kernels="triton" ---------------------------------------------------------------------------
 def triton_twin(model):
     return copy.copy(model).set_kernels("triton")
@@ -302,6 +319,51 @@ def test_model_forward_prefill_and_step_match_torch(variant, rng):
         assert rel_err(v, ref_state2.tensors()[k]) <= TOL, k
     if model.config.memory:
         assert (ref_state2.prio >= 0).all()                          # every pool full: replacement was exercised
+
+
+def layer_inputs(model, layer_index, rng, T, dtype, device="cpu"):
+    """u, pool0 (half full: -1 priorities), and the §5 group of the layers before layer_index (their banks and
+    indices, by the reference composition), for Layer.memory_in_proj."""
+    c = model.config
+    B = 2
+    u = torch.randn(B, T, c.d_model, generator=rng).to(device, dtype)
+    pool0 = torch.randn(B, c.pool_size, c.summary_dim, generator=rng).to(device, dtype)
+    prio0 = torch.where(torch.arange(c.pool_size) < c.pool_size // 2, 0.5 + 0.5 * torch.rand(B, c.pool_size,
+                        generator=rng), torch.tensor(-1.0)).to(device)
+    group = []
+    first = layer_index - layer_index % c.cross_layer_every
+    for l in range(first, layer_index):
+        _, bank, index, _ = model.layers[l].memory_in_proj(u, pool0, prio0, group, TORCH_OPS)
+        group.append((bank, index[:, :T]))
+    return u, pool0, prio0, group
+
+
+@interpreted
+@pytest.mark.parametrize("layer_index", [0, 1], ids=["token-read", "token-and-cross-layer-reads"])
+@torch.no_grad()
+def test_fused_memory_path_equals_its_composition(layer_index, rng):
+    # half precision only (fp32 and autograd compose the ops); the tiny preset's layer 1 closes a §5 group of 2
+    model = make_model(5).half()
+    layer = model.layers[layer_index]
+    assert (layer.cross_attn is not None) == (layer_index == 1)
+    u, pool0, prio0, group = layer_inputs(model, layer_index, rng, 150, torch.float16)
+    composed = types.SimpleNamespace(**{**vars(kt.TRITON_OPS), "fused_memory_in_proj": no_fused_memory_in_proj})
+    with poisoned():
+        xz, bank, index, prio = layer.memory_in_proj(u, pool0, prio0, group, kt.TRITON_OPS)
+    xz_ref, bank_ref, index_ref, prio_ref = layer.memory_in_proj(u, pool0, prio0, group, composed)
+    assert xz.shape == xz_ref.shape and xz.dtype == torch.float16
+    assert rel_err(xz, xz_ref) <= 1e-2 and rel_err(bank, bank_ref) <= 1e-2
+    assert torch.equal(index, index_ref) and rel_err(prio, prio_ref) <= 1e-6    # the same pool decisions
+    assert (index[:, -1] >= model.config.pool_size).any()                       # tokens entered the pool
+    gain = layer.token_attn(u, bank_ref, index_ref[:, :-1], TORCH_OPS).abs().amax(-1)
+    assert (gain > 0).any() and (gain == 0).any()                               # the trigger fired both ways
+    # the whole model: the fused path against the reference's fp16 prefill and its own fp32 twin
+    ids = torch.randint(0, 256, (2, 64), generator=rng)
+    logits, state = triton_twin(model).prefill(ids)
+    ref, ref_state = model.prefill(ids)
+    assert rel_err(logits, ref) <= 1e-2
+    for k, v in state.tensors().items():
+        assert rel_err(v, ref_state.tensors()[k]) <= 1e-2, k
 
 
 @interpreted

@@ -3,6 +3,8 @@
     residual_norm                                                             (norm.py, spec §2)
     causal_conv, causal_conv_step, selective_scan, selective_state_step       (scan.py, spec §6)
     pool_sweep, pool_insert, pool_attention, pool_read                        (pool.py, spec §3-§5, §8)
+    fused_memory_in_proj   a whole layer's §3-§5 prefill and the mixer's in_proj at once, or None where the set
+                           has no such path (the reference: Layer.memory_in_proj composes the ops above)
 """
 from __future__ import annotations
 
@@ -13,6 +15,11 @@ import torch
 from . import norm, pool, scan
 
 KERNEL_SETS = ("torch", "triton")
+
+def no_fused_memory_in_proj(layer, u, pool0, prio0, group):
+    """The reference composes the memory path from the ops (Layer.memory_in_proj); nothing is fused."""
+    return None
+
 
 TORCH_OPS = types.SimpleNamespace(
     name="torch",
@@ -25,6 +32,7 @@ TORCH_OPS = types.SimpleNamespace(
     pool_insert=pool.pool_insert_ref,
     pool_attention=pool.pool_attention_ref,
     pool_read=pool.pool_read_ref,
+    fused_memory_in_proj=no_fused_memory_in_proj,
 )
 
 

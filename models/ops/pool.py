@@ -14,6 +14,15 @@ def fp32(v: float) -> float:
     return float(np.float32(v))
 
 
+def cross_layer_bank(group, entries: int):
+    """§5: the banks [B,M,ds] of a group's layers in one [B,len·M,ds], and their indices [B,T,K] in one
+    [B,T,len·K] pointing into it (layer j's entries shifted by j·M, -1 kept). group: (bank, index) per layer,
+    each bank `entries` long."""
+    banks = torch.cat([b for b, _ in group], 1)
+    indices = torch.cat([torch.where(i >= 0, i + j * entries, i) for j, (_, i) in enumerate(group)], 2)
+    return banks, indices
+
+
 def pool_insert_ref(pool, prio, score, summary, tau1):
     """§3 priority replacement for one token. pool [B,K,ds], prio [B,K], score [B] fp32, summary [B,ds].
     If score > tau1: j = argmin prio (lowest index on ties); if score > prio[j], slot j takes the token.

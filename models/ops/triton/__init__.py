@@ -3,6 +3,7 @@
     norm.py     residual add + RMSNorm                                                 (ref: ops/norm.py)
     scan.py     causal conv, selective scan forward/backward, one-token state step     (ref: ops/scan.py)
     pool.py     pool sweep, sparse pool attention                                      (ref: ops/pool.py)
+    memory.py   a layer's memory path + in_proj fused for half-precision prefill   (ref: Layer.memory_in_proj)
     decode.py           the fused per-layer decode kernels (the C++ runtime's fused plan; TritonBackend's layered mode)
     decode_step.py      the whole decode step as one persistent kernel (TritonBackend step_kernel='persistent')
 
@@ -51,9 +52,9 @@ def _same_mode_as_triton():
 
 
 with _same_mode_as_triton():
-    from . import decode, decode_step, norm, pool, scan  # noqa: E402
+    from . import decode, decode_step, memory, norm, pool, scan  # noqa: E402
 
-_KERNELS = types.SimpleNamespace(norm=norm, scan=scan, pool=pool, decode=decode, step=decode_step)
+_KERNELS = types.SimpleNamespace(norm=norm, scan=scan, pool=pool, memory=memory, decode=decode, step=decode_step)
 
 
 def kernels_for(device) -> types.SimpleNamespace:
@@ -113,6 +114,12 @@ def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
     return kernels_for(u.device).pool.pool_read(u, bank, index, w_q, w_k, w_v, heads, gain, residual)
 
 
+def fused_memory_in_proj(layer, u, pool0, prio0, group):
+    """fp16/bf16 inference: the fused path (memory.py); otherwise None, and Layer.memory_in_proj composes the
+    ops above."""
+    return kernels_for(u.device).memory.fused_memory_in_proj(layer, u, pool0, prio0, group)
+
+
 TRITON_OPS = types.SimpleNamespace(
     name="triton",
     residual_norm=residual_norm,
@@ -124,6 +131,7 @@ TRITON_OPS = types.SimpleNamespace(
     pool_insert=pool_insert,
     pool_attention=pool_attention,
     pool_read=pool_read,
+    fused_memory_in_proj=fused_memory_in_proj,
 )
 
 

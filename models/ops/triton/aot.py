@@ -73,7 +73,7 @@ def _scan_entries() -> dict:
         "scan_chunk_combine": _entry(
             scan.scan_chunk_combine_kernel, lambda act: dict(A_ptr="*fp32", dt_sum_ptr="*fp32", h0_ptr="*fp32",
                                                              states_ptr="*fp32", h_out_ptr="*fp32"),
-            dict(BLOCK_D=16, BLOCK_N=16, HAS_H0=True, REVERSE=False, STATES_ND=False), 4, "(B, cdiv(Di, 16))",
+            dict(BLOCK_D=16, BLOCK_N=16, HAS_H0=True, REVERSE=False), 4, "(B, cdiv(Di, 16))",
             SCAN_LIMITS,
             "pass 2 of 3: chain the chunks (states[b,c] becomes the state before chunk c) -> h", dtypes=("fp32",)),
         "selective_state_step": _entry(

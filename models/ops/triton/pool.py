@@ -425,16 +425,36 @@ def pool_mix_kernel(
 
 MIX_TILE = 1024       # pool_mix_kernel's [BLOCK_Q, BLOCK_S] tile
 MIX_HEADS = 1         # heads per program (0: all); one is fastest on the H100 and the H200 (BENCHMARKS.md)
+MIX_MIN_Q = 8         # fewest queries per program: 8 beats 16 at S = 200 (the cross-layer reads), 154 vs 212 us
 
 
 def mix_blocks(S: int, ds: int, H: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_Q, BLOCK_S, BLOCK_C, HEADS, num_warps) of pool_mix_kernel: [BLOCK_Q, BLOCK_S] tiles of about
-    MIX_TILE values, every dot dimension >= 16; 2 warps for a pool of <= 64 slots, 4 beyond (a sweep of tiles,
-    heads per program and warps in the graphed 16k prefill on the H200: BENCHMARKS.md)."""
+    MIX_TILE values and at least MIX_MIN_Q queries, the other dot dimensions >= 16; 2 warps for a pool of <= 64
+    slots, 4 beyond (sweeps of tiles, heads per program and warps on the H200: BENCHMARKS.md)."""
     block_s = max(16, triton.next_power_of_2(max(S, 1)))
     heads = MIX_HEADS if MIX_HEADS and H % MIX_HEADS == 0 else H
-    return (max(16, MIX_TILE // block_s), block_s, max(16, triton.next_power_of_2(ds)), heads,
+    return (max(MIX_MIN_Q, MIX_TILE // block_s), block_s, max(16, triton.next_power_of_2(ds)), heads,
             2 if block_s <= 64 else 4)
+
+
+def pool_mix(qk, bank, index, gain, heads: int, m):
+    """m [B,T,H·ds] = gain · Σ_j softmax_j(q'_h·s_j / sqrt(ds/H)) s_j per head (pool_mix_kernel), for qk [B,T,H·ds]
+    (each head's query through W_k,hᵀ; rows may be strided, as a column block of a wider GEMM output), the bank's
+    summaries [B,M,ds], index [B,T,S] and gain [B,T]. m may be a column block of a wider tensor too."""
+    Bsz, T, _ = qk.shape
+    ds = bank.shape[-1]
+    bank = bank if bank.stride(-1) == 1 else bank.contiguous()
+    index = index.to(torch.int32).contiguous()
+    gain = gain.float().expand(Bsz, T).contiguous()
+    if T:
+        block_q, block_s, block_c, heads_per_program, num_warps = mix_blocks(index.shape[-1], ds, heads)
+        pool_mix_kernel[(Bsz, triton.cdiv(T, block_q), heads // heads_per_program)](
+            qk, bank, index, gain, m, T, index.shape[-1], ds, (ds // heads) ** -0.5,
+            qk.stride(0), qk.stride(1), bank.stride(0), bank.stride(1), index.stride(0), index.stride(1),
+            gain.stride(0), m.stride(0), m.stride(1),
+            HEADS=heads_per_program, BLOCK_Q=block_q, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
+    return m
 
 
 def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
@@ -451,19 +471,10 @@ def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
         F = torch.nn.functional
         o = pool_attention(F.linear(u, w_q), F.linear(bank, w_k), F.linear(bank, w_v), index, heads)
         return gained_read(o, gain, residual)
-    wqk, w_out = _read_weights(w_q, w_k, w_v, H, u.dtype)
+    wqk, w_out = read_weights(w_q, w_k, w_v, H, u.dtype)
     qk = torch.nn.functional.linear(u, wqk)                                          # [B, T, H*ds]
-    bank = bank if bank.stride(-1) == 1 else bank.contiguous()
-    index = index.to(torch.int32).contiguous()
-    gain = gain.float().expand(Bsz, T).contiguous()
     m = torch.empty(Bsz, T, H * ds, device=u.device, dtype=u.dtype)
-    if T:
-        block_q, block_s, block_c, heads_per_program, num_warps = mix_blocks(index.shape[-1], ds, H)
-        pool_mix_kernel[(Bsz, triton.cdiv(T, block_q), H // heads_per_program)](
-            qk, bank, index, gain, m, T, index.shape[-1], ds, (ds // H) ** -0.5,
-            qk.stride(0), qk.stride(1), bank.stride(0), bank.stride(1), index.stride(0), index.stride(1),
-            gain.stride(0), m.stride(0), m.stride(1),
-            HEADS=heads_per_program, BLOCK_Q=block_q, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
+    pool_mix(qk, bank, index, gain, H, m)
     if residual is None:
         return torch.nn.functional.linear(m, w_out)
     if residual.dtype != u.dtype or residual.shape != u.shape:        # the reference promotes and broadcasts
@@ -472,7 +483,7 @@ def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
 
 
 @triton.jit
-def read_weights_kernel(wq_ptr, wk_ptr, wv_ptr, wqk_ptr, wout_ptr, d, ds, dh, dv,
+def read_weights_kernel(wq_ptr, wk_ptr, wv_ptr, wqk_ptr, wout_ptr, d, ds, dh, dv, stride_wout,
                         BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
     """grid (cdiv(d, BLOCK_D), H). Head h's share of pool_read's two derived weights, for columns (rows of w_out)
     d-block j: wqk[h·ds + s, i] = Σ_c w_k[h·dh + c, s] w_q[h·dh + c, i] (an fp32 dot), and w_out[i, h·ds + s] =
@@ -493,22 +504,25 @@ def read_weights_kernel(wq_ptr, wk_ptr, wv_ptr, wqk_ptr, wout_ptr, d, ds, dh, dv
              mask=mask_s[:, None] & mask_i[None, :])
     v = tl.load(wv_ptr + offs_i[:, None] * ds + offs_s[None, :], mask=mask_i[:, None] & mask_s[None, :], other=0.0)
     v = tl.where((offs_i // dv == h)[:, None], v, 0.0)
-    tl.store(wout_ptr + offs_i[:, None] * (tl.num_programs(1) * ds) + (h * ds + offs_s)[None, :],
+    tl.store(wout_ptr + offs_i[:, None] * stride_wout + (h * ds + offs_s)[None, :],
              v.to(wout_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_s[None, :])
 
 
-def _read_weights(w_q, w_k, w_v, heads: int, dtype):
+def read_weights(w_q, w_k, w_v, heads: int, dtype, wqk=None, w_out=None):
     """(W_qk [H·ds, d], the block-diagonal W_v [d, H·ds]) in dtype, for q'_h = W_k,hᵀ W_q,h u and o = W_v m in one
-    GEMM each. Derived on every call, in one launch: a cache would have to
-    know every way weights change (.data edits and fused optimizers keep the version counter; a CUDA graph would
-    keep reading what the cache replaced)."""
+    GEMM each; written into wqk / w_out where given (row blocks of a stacked weight, a column block of a wider
+    one). Derived on every call, in one launch: a cache would have to know every way weights change (.data edits
+    and fused optimizers keep the version counter; a CUDA graph would keep reading what the cache replaced)."""
     H, ds, d = heads, w_k.shape[0], w_q.shape[1]
-    wqk = torch.empty(H * ds, d, device=w_q.device, dtype=dtype)
-    w_out = torch.empty(d, H * ds, device=w_q.device, dtype=dtype)
+    if wqk is None:
+        wqk = torch.empty(H * ds, d, device=w_q.device, dtype=dtype)
+    if w_out is None:
+        w_out = torch.empty(d, H * ds, device=w_q.device, dtype=dtype)
+    assert wqk.stride() == (d, 1) and w_out.stride(1) == 1, "read_weights writes row-major blocks"
     block_d = min(64, max(16, triton.next_power_of_2(d)))
     read_weights_kernel[(triton.cdiv(d, block_d), H)](
         w_q.detach().contiguous(), w_k.detach().contiguous(), w_v.detach().contiguous(), wqk, w_out,
-        d, ds, ds // H, d // H, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(ds)),
+        d, ds, ds // H, d // H, w_out.stride(0), BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(ds)),
         BLOCK_H=max(16, triton.next_power_of_2(ds // H)), num_warps=4)
     return wqk, w_out
 

@@ -8,7 +8,9 @@ A program owns (batch row, some channels, one chunk of tokens); across chunks:
 
   single pass  (enough batch x channel programs to fill the GPU): one chunk per row, starts from h0.
   three passes (few rows, long T):  1. every chunk from zero state -> its final state S_c and Σδ over the chunk
-                                    2. scan_chunk_combine: h_start[c+1] = exp(A Σδ_c) h_start[c] + S_c
+                                    2. h_start[c+1] = exp(A Σδ_c) h_start[c] + S_c: scan_chunk_prefix (an
+                                       associative scan over the chunks; the backward and the AOT builds chain
+                                       them in order, scan_chunk_combine)
                                     3. every chunk again from h_start[c] -> y.
 Two kernels walk a chunk:
   selective_scan_seq_kernel  (scan_forward: prefill and training forward; seq_chunk_plan) a thread owns a few
@@ -41,10 +43,14 @@ MIN_CHUNK = 256
 SEQ_MIN_CHUNK = 16     # scan_forward's shortest chunk (seq_chunk_plan): 16 beats 64 by 10% at 2k tokens, ties at 16k
 SEQ_NUM_WARPS = 1      # scan_forward: one warp per program (measured best on the H100, see BENCHMARKS.md)
 SEQ_CHANNELS_PER_THREAD = 4
+SEQ_UNROLL_STATES = 4  # tokens per loop iteration of scan_forward's chunk-state pass (no y: fewer live registers)
+SEQ_UNROLL_Y = 2       # ... of the passes that write y (4 spills there); 16k tokens, H200: 337 -> 313 us a layer
 CONV_CHUNK = 64        # causal_conv_kernel: tokens per program, loaded CONV_AHEAD at a time, CONV_BLOCK_D channels
 CONV_AHEAD = 8         # (8 per lane of its one warp); measured best of a sweep on the H200 (BENCHMARKS.md)
 CONV_BLOCK_D = 256
-COMBINE_BLOCK_D = 32   # scan_forward's chunk chain: one warp per 32 channels (a latency-bound chain: many programs)
+COMBINE_BLOCK_D = 32   # the backward's chunk chain: one warp per 32 channels (a latency-bound chain: many programs)
+PREFIX_BLOCK_C = 128   # scan_forward's chunk chain as a parallel scan: chunks x state elements per tile
+PREFIX_BLOCK_E = 32    # (12 vs 26 us for the sequential chain at 16k tokens, H200, BENCHMARKS.md)
 NUM_WARPS = 4          # forward: a 16x16x16 fp32 tile is 32 values per thread (127 registers on sm_90, no spills)
 BWD_NUM_WARPS = 8      # backward keeps ~8 such tiles live: 8 warps fit them in 243 registers without spilling
 
@@ -197,6 +203,40 @@ def _load_states_row(ptr, offs_n, N, EVEN_N: tl.constexpr):
 
 
 @triton.jit
+def _seq_loads(xp, dtp, Bp, Cp, zp, t, stride_x_t, stride_dt_t, stride_B_t, stride_C_t, stride_z_t, offs_n, N,
+               mask_d, EVEN_N: tl.constexpr, WRITE_Y: tl.constexpr, HAS_Z: tl.constexpr):
+    # token t's x, dt, B, C, z (C and z only where y is written; otherwise stand-ins the compiler drops)
+    x = tl.load(xp + t * stride_x_t, mask=mask_d, other=0.0)
+    dt = tl.load(dtp + t * stride_dt_t, mask=mask_d, other=0.0)
+    Bv = _load_states_row(Bp + t * stride_B_t, offs_n, N, EVEN_N)
+    Cv = Bv
+    z = x
+    if WRITE_Y:
+        Cv = _load_states_row(Cp + t * stride_C_t, offs_n, N, EVEN_N)
+        if HAS_Z:
+            z = tl.load(zp + t * stride_z_t, mask=mask_d, other=0.0)
+    return x, dt, Bv, Cv, z
+
+
+@triton.jit
+def _seq_token(t, t_end, x, dt, Bv, Cv, z, h, A2, Dv, bias, mask_d, dt_softplus, y_row, offs_d, dt_sum,
+               WRITE_Y: tl.constexpr, HAS_Z: tl.constexpr, WRITE_DT_SUM: tl.constexpr):
+    # one token of the recurrence; past the chunk's end δ = 0 makes it the identity and y is not stored
+    valid = mask_d & (t < t_end)
+    x = x.to(tl.float32)
+    delta = _delta(dt.to(tl.float32), bias, valid, dt_softplus)
+    h = tl.exp2(delta[None, :] * A2) * h + Bv[:, None] * (delta * x)[None, :]
+    if WRITE_Y:
+        y = tl.sum(h * Cv[:, None], axis=0) + Dv * x
+        if HAS_Z:
+            y = y * _silu(z.to(tl.float32))
+        tl.store(y_row + offs_d, y.to(y_row.dtype.element_ty), mask=valid)
+    if WRITE_DT_SUM:
+        dt_sum += delta
+    return h, dt_sum
+
+
+@triton.jit
 def selective_scan_seq_kernel(
     x_ptr, dt_ptr, AT_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h_in_ptr, y_ptr, h_out_ptr, dt_sum_ptr,
     T, Di, N, chunk_len, dt_softplus,
@@ -204,12 +244,13 @@ def selective_scan_seq_kernel(
     stride_z_b, stride_z_t, stride_y_b, stride_y_t, stride_hin_b, stride_hin_c, stride_hout_b, stride_hout_c,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H_IN: tl.constexpr,
-    WRITE_Y: tl.constexpr, WRITE_H: tl.constexpr, WRITE_DT_SUM: tl.constexpr,
+    WRITE_Y: tl.constexpr, WRITE_H: tl.constexpr, WRITE_DT_SUM: tl.constexpr, UNROLL: tl.constexpr,
 ):
     """The prefill scan (scan_forward): as selective_scan_fwd_kernel, but each thread owns a few channels and all
     their states and walks the chunk one token at a time. A token costs N exp2 and no cross-thread traffic: the
-    sum over N is in-thread and every [BLOCK_D] vector is the slice of the state tile's layout. Each token's
-    loads are issued one token ahead.
+    sum over N is in-thread and every [BLOCK_D] vector is the slice of the state tile's layout.
+    UNROLL (2 or 4) tokens per iteration, whose loads were issued one iteration earlier: the loads' latency, not
+    the arithmetic, bounded the one-token loop (seq_unroll).
     grid (B, cdiv(Di, BLOCK_D), n_chunks), BLOCK_D = 32 x num_warps x channels per thread. The state tiles
     are [N, Di] (channels contiguous) so that Triton lays threads along channels: AT is A transposed, and
     h_in / h_out (per (b, c)) are [N, Di] fp32, strides as selective_scan_fwd_kernel's."""
@@ -226,43 +267,47 @@ def selective_scan_seq_kernel(
     dt_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
     t_begin = pid_c * chunk_len
     t_end = tl.minimum(t_begin + chunk_len, T)
+    last = t_end - 1                                           # loads past the chunk read its last token again
     xp = x_ptr + pid_b * stride_x_b + offs_d
     dtp = dt_ptr + pid_b * stride_dt_b + offs_d
     Bp = B_ptr + pid_b * stride_B_b
     Cp = C_ptr + pid_b * stride_C_b
     zp = z_ptr + pid_b * stride_z_b + offs_d
-    x_n = tl.load(xp + t_begin * stride_x_t, mask=mask_d, other=0.0)
-    dt_n = tl.load(dtp + t_begin * stride_dt_t, mask=mask_d, other=0.0)
-    B_n = _load_states_row(Bp + t_begin * stride_B_t, offs_n, N, EVEN_N)
-    if WRITE_Y:
-        C_n = _load_states_row(Cp + t_begin * stride_C_t, offs_n, N, EVEN_N)
-        if HAS_Z:
-            z_n = tl.load(zp + t_begin * stride_z_t, mask=mask_d, other=0.0)
-    for t in range(t_begin, t_end):                             # the next token's loads fly during this one
-        x = x_n.to(tl.float32)
-        dt = dt_n.to(tl.float32)
-        Bv = B_n
-        if WRITE_Y:
-            Cv = C_n
-            if HAS_Z:
-                z = z_n.to(tl.float32)
-        nx = tl.minimum(t + 1, t_end - 1)
-        x_n = tl.load(xp + nx * stride_x_t, mask=mask_d, other=0.0)
-        dt_n = tl.load(dtp + nx * stride_dt_t, mask=mask_d, other=0.0)
-        B_n = _load_states_row(Bp + nx * stride_B_t, offs_n, N, EVEN_N)
-        if WRITE_Y:
-            C_n = _load_states_row(Cp + nx * stride_C_t, offs_n, N, EVEN_N)
-            if HAS_Z:
-                z_n = tl.load(zp + nx * stride_z_t, mask=mask_d, other=0.0)
-        delta = _delta(dt, bias, mask_d, dt_softplus)
-        h = tl.exp2(delta[None, :] * A2) * h + Bv[:, None] * (delta * x)[None, :]
-        if WRITE_Y:
-            y = tl.sum(h * Cv[:, None], axis=0) + Dv * x
-            if HAS_Z:
-                y = y * _silu(z)
-            tl.store(y_ptr + pid_b * stride_y_b + t * stride_y_t + offs_d, y.to(y_ptr.dtype.element_ty), mask=mask_d)
-        if WRITE_DT_SUM:
-            dt_sum += delta
+    yp = y_ptr + pid_b * stride_y_b
+    st = (stride_x_t, stride_dt_t, stride_B_t, stride_C_t, stride_z_t)
+    x0, dt0, B0, C0, z0 = _seq_loads(xp, dtp, Bp, Cp, zp, t_begin, *st, offs_n, N, mask_d, EVEN_N, WRITE_Y, HAS_Z)
+    x1, dt1, B1, C1, z1 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t_begin + 1, last), *st, offs_n, N, mask_d,
+                                     EVEN_N, WRITE_Y, HAS_Z)
+    x2, dt2, B2, C2, z2 = x1, dt1, B1, C1, z1                  # tokens 2 and 3 of an iteration: UNROLL = 4 only
+    x3, dt3, B3, C3, z3 = x1, dt1, B1, C1, z1
+    if UNROLL == 4:
+        x2, dt2, B2, C2, z2 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t_begin + 2, last), *st, offs_n, N,
+                                         mask_d, EVEN_N, WRITE_Y, HAS_Z)
+        x3, dt3, B3, C3, z3 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t_begin + 3, last), *st, offs_n, N,
+                                         mask_d, EVEN_N, WRITE_Y, HAS_Z)
+    for t in range(t_begin, t_end, UNROLL):
+        cur0 = (x0, dt0, B0, C0, z0)
+        cur1 = (x1, dt1, B1, C1, z1)
+        cur2 = (x2, dt2, B2, C2, z2)
+        cur3 = (x3, dt3, B3, C3, z3)
+        x0, dt0, B0, C0, z0 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + UNROLL, last), *st, offs_n, N, mask_d,
+                                         EVEN_N, WRITE_Y, HAS_Z)
+        x1, dt1, B1, C1, z1 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + UNROLL + 1, last), *st, offs_n, N,
+                                         mask_d, EVEN_N, WRITE_Y, HAS_Z)
+        if UNROLL == 4:
+            x2, dt2, B2, C2, z2 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + 6, last), *st, offs_n, N, mask_d,
+                                             EVEN_N, WRITE_Y, HAS_Z)
+            x3, dt3, B3, C3, z3 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + 7, last), *st, offs_n, N, mask_d,
+                                             EVEN_N, WRITE_Y, HAS_Z)
+        h, dt_sum = _seq_token(t, t_end, *cur0, h, A2, Dv, bias, mask_d, dt_softplus, yp + t * stride_y_t, offs_d,
+                               dt_sum, WRITE_Y, HAS_Z, WRITE_DT_SUM)
+        h, dt_sum = _seq_token(t + 1, t_end, *cur1, h, A2, Dv, bias, mask_d, dt_softplus,
+                               yp + (t + 1) * stride_y_t, offs_d, dt_sum, WRITE_Y, HAS_Z, WRITE_DT_SUM)
+        if UNROLL == 4:
+            h, dt_sum = _seq_token(t + 2, t_end, *cur2, h, A2, Dv, bias, mask_d, dt_softplus,
+                                   yp + (t + 2) * stride_y_t, offs_d, dt_sum, WRITE_Y, HAS_Z, WRITE_DT_SUM)
+            h, dt_sum = _seq_token(t + 3, t_end, *cur3, h, A2, Dv, bias, mask_d, dt_softplus,
+                                   yp + (t + 3) * stride_y_t, offs_d, dt_sum, WRITE_Y, HAS_Z, WRITE_DT_SUM)
     if WRITE_H:
         tl.store(h_out_ptr + pid_b * stride_hout_b + pid_c * stride_hout_c + nd_off, h, mask=mask_nd)
     if WRITE_DT_SUM:
@@ -274,10 +319,8 @@ def scan_chunk_combine_kernel(
     A_ptr, dt_sum_ptr, h0_ptr, states_ptr, h_out_ptr,
     Di, N, n_chunks, stride_h0_b, stride_hout_b,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
-    STATES_ND: tl.constexpr = False,
 ):
     """grid (B, cdiv(Di, BLOCK_D)). Chains chunk summaries sequentially (T/chunk_len steps).
-    STATES_ND: A, h0, states and h_out come transposed ([.., N, Di], as selective_scan_seq_kernel has them).
     states [B, n_chunks, Di, N] fp32 holds each chunk's own contribution (forward: final state from zero;
     REVERSE: the state gradient a chunk sends to the token before it, with zero gradient arriving from after it)
     and is overwritten with what enters the chunk (forward: the state before its first token; REVERSE: the
@@ -291,10 +334,7 @@ def scan_chunk_combine_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < Di
     mask_nd = (offs_n < N)[:, None] & mask_d[None, :]
-    if STATES_ND:
-        st_off = offs_n[:, None] * Di + offs_d[None, :]         # [BLOCK_N, BLOCK_D] tiles of [N, Di] tensors
-    else:
-        st_off = offs_d[None, :] * N + offs_n[:, None]          # ... of [Di, N] tensors
+    st_off = offs_d[None, :] * N + offs_n[:, None]              # [BLOCK_N, BLOCK_D] tiles of [Di, N] tensors
     hn_off = st_off
     A2 = tl.load(A_ptr + hn_off, mask=mask_nd, other=0.0).to(tl.float32) * LOG2E
     if HAS_H0:
@@ -316,6 +356,42 @@ def scan_chunk_combine_kernel(
         h = tl.exp2(dsum[None, :] * A2) * h + own
         own, dsum, row = own_next, dsum_next, row_next
     tl.store(h_out_ptr + pid_b * stride_hout_b + hn_off, h, mask=mask_nd)
+
+
+@triton.jit
+def scan_chunk_prefix_kernel(AT_ptr, dt_sum_ptr, h0_ptr, states_ptr, starts_ptr, h_out_ptr,
+                             Di, NDi, n_chunks, stride_h0_b, stride_hout_b,
+                             BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, HAS_H0: tl.constexpr):
+    """grid (B, cdiv(N·Di, BLOCK_E)). scan_forward's pass 2 as a parallel scan over the chunks, for element
+    e = n·Di + d of the [N, Di] state. states [B, n_chunks, N, Di]: each chunk's final state from zero;
+    dt_sum [B, n_chunks, Di]: Σδ per chunk. Writes starts [B, n_chunks, N, Di] (the state entering each chunk)
+    and h_out [B, N, Di] (the final state). Row r of a tile is the step into chunk r,
+    h_start[r] = exp2(A2 Σδ[r-1]) h_start[r-1] + states[r-1] (r = n_chunks: the final state), an associative
+    scan over r, BLOCK_C rows at a time from the carry h0."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_e < NDi
+    d = offs_e % Di
+    A2 = tl.load(AT_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32) * LOG2E
+    if HAS_H0:
+        carry = tl.load(h0_ptr + pid_b * stride_h0_b + offs_e, mask=mask_e, other=0.0)
+    else:
+        carry = tl.zeros([BLOCK_E], dtype=tl.float32)
+    rows = tl.arange(0, BLOCK_C)
+    for r0 in range(0, n_chunks + 1, BLOCK_C):
+        r = r0 + rows
+        m = ((r >= 1) & (r <= n_chunks))[:, None] & mask_e[None, :]
+        prev = pid_b * n_chunks + r - 1
+        own = tl.load(states_ptr + prev[:, None] * NDi + offs_e[None, :], mask=m, other=0.0)
+        dsum = tl.load(dt_sum_ptr + prev[:, None] * Di + d[None, :], mask=m, other=0.0)
+        decay = tl.exp2(dsum * A2[None, :])          # masked rows: (1, 0), the identity
+        P, S = tl.associative_scan((decay, own), 0, _combine)
+        h = P * carry[None, :] + S
+        tl.store(starts_ptr + (pid_b * n_chunks + r)[:, None] * NDi + offs_e[None, :], h,
+                 mask=(r < n_chunks)[:, None] & mask_e[None, :])
+        tl.store(h_out_ptr + pid_b * stride_hout_b + offs_e[None, :] + 0 * r[:, None], h,
+                 mask=(r == n_chunks)[:, None] & mask_e[None, :])
+        carry = tl.sum(tl.where((rows == BLOCK_C - 1)[:, None], h, 0.0), axis=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -683,19 +759,19 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     if n_chunks == 1:
         h_nd = torch.empty(Bsz, 1, N, Di, **f32)
         _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, z, dt_bias, h0_nd, y, h_nd, None, T, 1,
-                        dt_softplus, **meta)
+                        dt_softplus, UNROLL=SEQ_UNROLL_Y, **meta)
         return y, h_nd[:, 0].transpose(1, 2).contiguous()
     states = torch.empty(Bsz, n_chunks, N, Di, **f32)
     dt_sum = torch.empty(Bsz, n_chunks, Di, **f32)
     h = torch.empty(Bsz, N, Di, **f32)
     _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, None, dt_bias, None, None, states, dt_sum,
-                    chunk_len, n_chunks, dt_softplus, **meta)
-    scan_chunk_combine_kernel[(Bsz, triton.cdiv(Di, COMBINE_BLOCK_D))](
-        AT, dt_sum, AT if h0 is None else h0_nd, states, h, Di, N, n_chunks, Di * N, Di * N,
-        BLOCK_D=COMBINE_BLOCK_D, BLOCK_N=block_n, HAS_H0=h0 is not None, REVERSE=False, STATES_ND=True,
-        num_warps=1)
-    _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, z, dt_bias, states, y, None, None, chunk_len,
-                    n_chunks, dt_softplus, **meta)
+                    chunk_len, n_chunks, dt_softplus, UNROLL=SEQ_UNROLL_STATES, **meta)
+    starts = torch.empty_like(states)
+    scan_chunk_prefix_kernel[(Bsz, triton.cdiv(N * Di, PREFIX_BLOCK_E))](
+        AT, dt_sum, AT if h0 is None else h0_nd, states, starts, h, Di, N * Di, n_chunks, Di * N, Di * N,
+        BLOCK_C=PREFIX_BLOCK_C, BLOCK_E=PREFIX_BLOCK_E, HAS_H0=h0 is not None, num_warps=4)
+    _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, z, dt_bias, starts, y, None, None, chunk_len,
+                    n_chunks, dt_softplus, UNROLL=SEQ_UNROLL_Y, **meta)
     return y, h.transpose(1, 2).contiguous()
 
 

@@ -1,0 +1,107 @@
+"""A layer's memory path in half-precision prefill, fused: Layer.memory_in_proj (models/memmamba.py) is the
+reference composition it equals (spec §3–§5 in parallel form, then the mixer's in_proj).
+
+What the fusion changes, and why:
+  one GEMM      every projection of u on the memory path (score_in, summary, trigger, each read's query through
+                W_kᵀ) is one [B·T, d] x [d, width] GEMM on a stacked weight: at 16k tokens one 576-wide GEMM costs
+                about half of the five narrow ones (BENCHMARKS.md);
+  note_scores   score_out, both sigmoids, the trigger's bias and threshold are one small kernel over its rows;
+  one output    the reads' mixtures land side by side in m, and ũ = u + m W_outᵀ is one GEMM (with the residual)
+                for the token read and the cross-layer read together.
+Rounding differs from the composition only in the order of GEMM sums and in the trigger's output (rounded to half
+before its bias is added, then again); the scores' rounding is the reference's (score_out's output is rounded to
+half, as its Linear layer returns it). Weights are stacked on every call (no cache; see pool.read_weights).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from memmamba_deploy.models.ops import needs_grad
+from memmamba_deploy.models.ops.pool import cross_layer_bank, fp32
+
+from .pool import pool_mix, pool_sweep, read_weights
+
+SCORE_ROWS = 64          # note_scores_kernel: rows per program
+
+
+@triton.jit
+def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr, M, hd, col_trig, stride_g,
+                       tau2, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """grid (cdiv(M, BLOCK_M),) over the M = B·T rows of the stacked GEMM's output g (half):
+    a = sigmoid(w2ᵀ ReLU(g[:, :hd])) (§3) and gain = α·[sigmoid(g[:, col_trig] + β) > τ2] (§4), both fp32.
+    score_out's and the trigger's outputs are rounded to g's dtype first, as their half-precision Linear layers
+    return them."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_H)
+    mask_r = rows < M
+    mask_c = cols < hd
+    hid = tl.load(g_ptr + rows[:, None].to(tl.int64) * stride_g + cols[None, :],
+                  mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+    w2 = tl.load(w2_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
+    score = tl.sum(tl.maximum(hid.to(tl.float32), 0.0) * w2[None, :], axis=1)
+    score = score.to(g_ptr.dtype.element_ty).to(tl.float32)
+    a = 1.0 / (1.0 + tl.exp(-score))
+    trig = tl.load(g_ptr + rows.to(tl.int64) * stride_g + col_trig, mask=mask_r, other=0.0).to(tl.float32)
+    trig = (trig + tl.load(trig_bias_ptr).to(tl.float32)).to(g_ptr.dtype.element_ty).to(tl.float32)
+    b = 1.0 / (1.0 + tl.exp(-trig))
+    gain = tl.where(b > tau2, tl.load(alpha_ptr).to(tl.float32), 0.0)
+    tl.store(a_ptr + rows, a, mask=mask_r)
+    tl.store(gain_ptr + rows, gain, mask=mask_r)
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def fused_memory_in_proj(layer, u, pool0, prio0, group):
+    """Layer.memory_in_proj for fp16/bf16 inference: (xz [B,T,2·d_inner], bank, index, prio). None for fp32 (an
+    fp32 dot has no exact tensor-core form, pool_read's reasoning) and under autograd (the reference has the
+    gradients, including the straight-through factors)."""
+    note, tok, cross, mixer = layer.note, layer.token_attn, layer.cross_attn, layer.mixer
+    reads = [tok] if cross is None else [tok, cross]
+    if u.dtype not in (torch.float16, torch.bfloat16) or \
+            needs_grad(u, pool0, *(p for p in layer.parameters())):
+        return None
+    Bsz, T, d = u.shape
+    dev, dtype = u.device, u.dtype
+    H, ds = tok.heads, tok.k_proj.weight.shape[0]
+    hd = note.score_in.weight.shape[0]
+    col_trig = hd + ds
+    col_qk = _round_up(col_trig + 1, 64)         # 16-byte aligned query blocks (pool_mix loads them as vectors)
+    qk_w = H * ds
+    width = _round_up(col_qk + len(reads) * qk_w, 64)   # a multiple of 64: cuBLAS is 5x slower at 513 than 576
+
+    # stacked weights [score_in; summary; trigger; 0; each read's W_qk; 0] and the reads' output weights
+    w_stack = torch.empty(width, d, device=dev, dtype=dtype)
+    w_stack[:hd] = note.score_in.weight.detach()
+    w_stack[hd:col_trig] = note.summary.weight.detach()
+    w_stack[col_trig] = tok.trigger.weight.detach()[0]
+    w_stack[col_trig + 1:col_qk] = 0
+    w_stack[col_qk + len(reads) * qk_w:] = 0
+    w_out = torch.empty(d, len(reads) * qk_w, device=dev, dtype=dtype)
+    for i, read in enumerate(reads):
+        read_weights(read.q_proj.weight, read.k_proj.weight, read.v_proj.weight, H, dtype,
+                     wqk=w_stack[col_qk + i * qk_w:col_qk + (i + 1) * qk_w], w_out=w_out[:, i * qk_w:(i + 1) * qk_w])
+
+    u2 = u.reshape(Bsz * T, d)
+    g = u2 @ w_stack.t()                                            # [B·T, width]
+    a = torch.empty(Bsz, T, device=dev, dtype=torch.float32)
+    gain = torch.empty(Bsz, T, device=dev, dtype=torch.float32)
+    if T:
+        note_scores_kernel[(triton.cdiv(Bsz * T, SCORE_ROWS),)](
+            g, note.score_out.weight.detach(), tok.trigger.bias.detach(), tok.alpha.detach(), a, gain, Bsz * T, hd,
+            col_trig, g.stride(0), fp32(tok.read_threshold), BLOCK_M=SCORE_ROWS,
+            BLOCK_H=max(16, triton.next_power_of_2(hd)), num_warps=4)
+    index, prio = pool_sweep(a, prio0, layer.insert_threshold)
+    g = g.view(Bsz, T, width)
+    bank = torch.cat([pool0.to(dtype), g[:, :, hd:col_trig]], dim=1)
+    m = torch.empty(Bsz, T, len(reads) * qk_w, device=dev, dtype=dtype)
+    pool_mix(g[:, :, col_qk:col_qk + qk_w], bank, index[:, :T], gain, H, m[:, :, :qk_w])
+    if cross is not None:
+        banks, indices = cross_layer_bank(group + [(bank, index[:, :T])], layer.pool_size + T)
+        pool_mix(g[:, :, col_qk + qk_w:col_qk + 2 * qk_w], banks, indices, cross.alpha.detach().float().expand(Bsz, T),
+                 H, m[:, :, qk_w:])
+    ut = torch.addmm(u2, m.view(Bsz * T, -1), w_out.t())          # u + r_tok + r_cross
+    return mixer.in_proj(ut).view(Bsz, T, -1), bank, index, prio
