@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .config import MemMambaConfig
 from .ops import load_ops
 from .ops.norm import rms_norm_ref
-from .ops.pool import cross_layer_bank, fp32
+from .ops.pool import cross_layer_bank, fp32, pool_after_ref
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -248,11 +248,11 @@ class Layer(nn.Module):
             self.cross_attn = PoolAttention(c, trigger=False) if c.is_cross_layer(index) else None
 
     def memory_in_proj(self, u, pool0, prio0, group, ops):
-        """§3–§5 in parallel form (§8), through the mixer's in_proj: xz = in_proj(u + r_tok + r_cross)
-        [B,T,2·d_inner], with this layer's bank [B,K+T,ds] (pool0's summaries, then each token's), index
-        [B,T+1,K] and prio [B,K] from the sweep. group: (bank, index[:, :T]) of this §5 group's earlier layers.
-        A kernel set may do it all at once (ops.fused_memory_in_proj, None where it does not apply); the lines
-        below are what it must equal."""
+        """§3–§5 in parallel form (§8), through the mixer's in_proj. Returns xz = in_proj(u + r_tok + r_cross)
+        [B,T,2·d_inner], the pool after the last token (summaries [B,K,ds], priorities [B,K]) and this layer's
+        entries for §5: its bank [B,K+T,ds] (pool0's summaries, then each token's) and the sweep's index rows
+        [B,T,K]. group: the entries of this §5 group's earlier layers. A kernel set may do it all at once
+        (ops.fused_memory_in_proj, None where it does not apply); the lines below are what it must equal."""
         fused = ops.fused_memory_in_proj(self, u, pool0, prio0, group)
         if fused is not None:
             return fused
@@ -264,7 +264,7 @@ class Layer(nn.Module):
         if self.cross_attn is not None:
             banks, indices = cross_layer_bank(group + [(bank, index[:, :T])], self.pool_size + T)
             ut = self.cross_attn(u, banks, indices, ops, residual=ut)
-        return self.mixer.in_proj(ut), bank, index, prio
+        return self.mixer.in_proj(ut), pool_after_ref(bank, index[:, T]), prio, (bank, index[:, :T])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ class MemMambaLM(nn.Module):
         c, ops = self.config, self.ops
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, T], got shape {list(input_ids.shape)}")
-        Bsz, T = input_ids.shape
+        Bsz = input_ids.shape[0]
         if state is None:
             state = self.new_state(Bsz)
         state.check(c, Bsz, self.dtype)
@@ -322,7 +322,6 @@ class MemMambaLM(nn.Module):
         hidden = [h] if want_hidden else None
         out = {k: [] for k in state.tensors()}
         group: list[tuple[torch.Tensor, torch.Tensor]] = []           # (bank, index) of this §5 group's layers
-        rows = torch.arange(Bsz, device=h.device)
         y = None                                                      # the previous layer's mixer output
         for l, layer in enumerate(self.layers):
             # h += y; u = RMSNorm(h): one fused op on the weight (layer.norm itself is called by step() only)
@@ -330,11 +329,9 @@ class MemMambaLM(nn.Module):
             if want_hidden and l > 0:
                 hidden.append(h)
             if c.memory:
-                xz, bank, index, prio = layer.memory_in_proj(u, state.pool[l], state.prio[l], group, ops)
-                group = [] if c.is_cross_layer(l) else group + [(bank, index[:, :T])]
-                k = torch.arange(c.pool_size, device=h.device)
-                last = torch.where(index[:, T] >= 0, index[:, T].long(), k)    # an empty slot keeps its content
-                out["pool"].append(bank[rows[:, None], last])
+                xz, pool, prio, entries = layer.memory_in_proj(u, state.pool[l], state.prio[l], group, ops)
+                group = [] if c.is_cross_layer(l) else group + [entries]
+                out["pool"].append(pool)
                 out["prio"].append(prio)
             else:
                 xz = layer.mixer.in_proj(u)

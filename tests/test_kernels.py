@@ -27,7 +27,7 @@ from memmamba_deploy.models import State
 from memmamba_deploy.models.ops import TORCH_OPS, no_fused_memory_in_proj
 from memmamba_deploy.models.ops import triton as kt
 from memmamba_deploy.models.ops.norm import residual_norm_ref
-from memmamba_deploy.models.ops.pool import pool_attention_ref, pool_read_ref, pool_sweep_ref
+from memmamba_deploy.models.ops.pool import pool_after_ref, pool_attention_ref, pool_read_ref, pool_sweep_ref
 from memmamba_deploy.models.ops.scan import causal_conv_ref, selective_scan_ref, selective_state_step_ref
 
 TOL = 1e-4
@@ -280,6 +280,17 @@ def test_pool_read_matches_the_reference(pattern, dtype, rng):
 
 
 @interpreted
+def test_pool_after(rng):
+    B, K, T, ds = 3, 6, 20, 5
+    bank = torch.randn(B, K + T, ds, generator=rng).half()
+    last = torch.randint(-1, K + T, (B, K), generator=rng, dtype=torch.int32)
+    last[0] = -1                                                    # an empty pool keeps its initial slots
+    with poisoned():
+        pool = kt.pool.pool_after(bank, last)
+    assert torch.equal(pool, pool_after_ref(bank, last))
+
+
+@interpreted
 def test_pool_read_over_a_wide_pool(rng):
     # S = 200 (a §5 read over four 50-slot pools) takes pool_mix's smallest query blocks (mix_blocks)
     B, T, M, S, ds, d, H = 1, 40, 300, 200, 16, 32, 2
@@ -333,8 +344,7 @@ def layer_inputs(model, layer_index, rng, T, dtype, device="cpu"):
     group = []
     first = layer_index - layer_index % c.cross_layer_every
     for l in range(first, layer_index):
-        _, bank, index, _ = model.layers[l].memory_in_proj(u, pool0, prio0, group, TORCH_OPS)
-        group.append((bank, index[:, :T]))
+        group.append(model.layers[l].memory_in_proj(u, pool0, prio0, group, TORCH_OPS)[3])
     return u, pool0, prio0, group
 
 
@@ -349,14 +359,15 @@ def test_fused_memory_path_equals_its_composition(layer_index, rng):
     u, pool0, prio0, group = layer_inputs(model, layer_index, rng, 150, torch.float16)
     composed = types.SimpleNamespace(**{**vars(kt.TRITON_OPS), "fused_memory_in_proj": no_fused_memory_in_proj})
     with poisoned():
-        xz, bank, index, prio = layer.memory_in_proj(u, pool0, prio0, group, kt.TRITON_OPS)
-    xz_ref, bank_ref, index_ref, prio_ref = layer.memory_in_proj(u, pool0, prio0, group, composed)
+        xz, pool, prio, (bank, index) = layer.memory_in_proj(u, pool0, prio0, group, kt.TRITON_OPS)
+    xz_ref, pool_ref, prio_ref, (bank_ref, index_ref) = layer.memory_in_proj(u, pool0, prio0, group, composed)
     assert xz.shape == xz_ref.shape and xz.dtype == torch.float16
-    assert rel_err(xz, xz_ref) <= 1e-2 and rel_err(bank, bank_ref) <= 1e-2
+    assert rel_err(xz, xz_ref) <= 1e-2 and rel_err(bank, bank_ref) <= 1e-2 and rel_err(pool, pool_ref) <= 1e-2
     assert torch.equal(index, index_ref) and rel_err(prio, prio_ref) <= 1e-6    # the same pool decisions
-    assert (index[:, -1] >= model.config.pool_size).any()                       # tokens entered the pool
-    gain = layer.token_attn(u, bank_ref, index_ref[:, :-1], TORCH_OPS).abs().amax(-1)
-    assert (gain > 0).any() and (gain == 0).any()                               # the trigger fired both ways
+    assert (index >= model.config.pool_size).any()                              # tokens entered the pool
+    assert not torch.equal(pool, pool0)
+    read = layer.token_attn(u, bank_ref, index_ref, TORCH_OPS).abs().amax(-1)
+    assert (read > 0).any() and (read == 0).any()                               # the trigger fired both ways
     # the whole model: the fused path against the reference's fp16 prefill and its own fp32 twin
     ids = torch.randint(0, 256, (2, 64), generator=rng)
     logits, state = triton_twin(model).prefill(ids)

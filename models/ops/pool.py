@@ -23,6 +23,14 @@ def cross_layer_bank(group, entries: int):
     return banks, indices
 
 
+def pool_after_ref(bank, index_last):
+    """The pool's summaries [B,K,ds] after a prefill: slot j holds bank row index_last[:, j] (the sweep's last
+    index row), an empty slot (-1) keeps its initial content, bank row j."""
+    k = torch.arange(index_last.shape[1], device=index_last.device)
+    rows = torch.where(index_last >= 0, index_last.long(), k)
+    return bank.gather(1, rows[..., None].expand(-1, -1, bank.shape[-1]))
+
+
 def pool_insert_ref(pool, prio, score, summary, tau1):
     """§3 priority replacement for one token. pool [B,K,ds], prio [B,K], score [B] fp32, summary [B,ds].
     If score > tau1: j = argmin prio (lowest index on ties); if score > prio[j], slot j takes the token.

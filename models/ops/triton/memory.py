@@ -21,7 +21,7 @@ import triton.language as tl
 from memmamba_deploy.models.ops import needs_grad
 from memmamba_deploy.models.ops.pool import cross_layer_bank, fp32
 
-from .pool import pool_mix, pool_sweep, read_weights
+from .pool import pool_after, pool_mix, pool_sweep, read_weights
 
 SCORE_ROWS = 64          # note_scores_kernel: rows per program
 
@@ -56,7 +56,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 def fused_memory_in_proj(layer, u, pool0, prio0, group):
-    """Layer.memory_in_proj for fp16/bf16 inference: (xz [B,T,2·d_inner], bank, index, prio). None for fp32 (an
+    """Layer.memory_in_proj for fp16/bf16 inference: (xz, pool, prio, (bank, index rows)). None for fp32 (an
     fp32 dot has no exact tensor-core form, pool_read's reasoning) and under autograd (the reference has the
     gradients, including the straight-through factors)."""
     note, tok, cross, mixer = layer.note, layer.token_attn, layer.cross_attn, layer.mixer
@@ -74,12 +74,9 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group):
     width = _round_up(col_qk + len(reads) * qk_w, 64)   # a multiple of 64: cuBLAS is 5x slower at 513 than 576
 
     # stacked weights [score_in; summary; trigger; 0; each read's W_qk; 0] and the reads' output weights
-    w_stack = torch.empty(width, d, device=dev, dtype=dtype)
-    w_stack[:hd] = note.score_in.weight.detach()
-    w_stack[hd:col_trig] = note.summary.weight.detach()
-    w_stack[col_trig] = tok.trigger.weight.detach()[0]
-    w_stack[col_trig + 1:col_qk] = 0
-    w_stack[col_qk + len(reads) * qk_w:] = 0
+    w_stack = torch.zeros(width, d, device=dev, dtype=dtype)
+    torch.cat([note.score_in.weight.detach(), note.summary.weight.detach(), tok.trigger.weight.detach()],
+              out=w_stack[:col_trig + 1])
     w_out = torch.empty(d, len(reads) * qk_w, device=dev, dtype=dtype)
     for i, read in enumerate(reads):
         read_weights(read.q_proj.weight, read.k_proj.weight, read.v_proj.weight, H, dtype,
@@ -101,7 +98,6 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group):
     pool_mix(g[:, :, col_qk:col_qk + qk_w], bank, index[:, :T], gain, H, m[:, :, :qk_w])
     if cross is not None:
         banks, indices = cross_layer_bank(group + [(bank, index[:, :T])], layer.pool_size + T)
-        pool_mix(g[:, :, col_qk + qk_w:col_qk + 2 * qk_w], banks, indices, cross.alpha.detach().float().expand(Bsz, T),
-                 H, m[:, :, qk_w:])
+        pool_mix(g[:, :, col_qk + qk_w:col_qk + 2 * qk_w], banks, indices, cross.alpha.detach(), H, m[:, :, qk_w:])
     ut = torch.addmm(u2, m.view(Bsz * T, -1), w_out.t())          # u + r_tok + r_cross
-    return mixer.in_proj(ut).view(Bsz, T, -1), bank, index, prio
+    return mixer.in_proj(ut).view(Bsz, T, -1), pool_after(bank, index[:, T]), prio, (bank, index[:, :T])

@@ -378,14 +378,14 @@ def pool_attention_fwd_kernel(
 def pool_mix_kernel(
     q_ptr, s_ptr, index_ptr, gain_ptr, m_ptr,
     T, S, ds, scale,
-    stride_q_b, stride_q_t, stride_s_b, stride_s_m, stride_i_b, stride_i_t, stride_g_b, stride_m_b, stride_m_t,
-    HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    stride_q_b, stride_q_t, stride_s_b, stride_s_m, stride_i_b, stride_i_t, stride_g_b, stride_g_t, stride_m_b,
+    stride_m_t, HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """grid (B, cdiv(T, BLOCK_Q), H / HEADS): HEADS heads per program; fp16/bf16 tensors (tensor-core dots).
     The attention of pool_attention_fwd_kernel done on the summaries themselves:
     q [B,T,H*ds] holds each head's query already through that head's W_k (q'_h = W_k,hᵀ q_h, so that
     q'_h·s_j = q_h·k_j), s [B,M,ds] the bank's summaries, index [B,T,S] int32 (negative: no entry).
-    m [B,T,H*ds] gets m_h = gain · Σ_j softmax_j(scale q'_h·s_j) s_j (gain [B,T] fp32 per query); the caller
+    m [B,T,H*ds] gets m_h = gain · Σ_j softmax_j(scale q'_h·s_j) s_j (gain [B,T] per query); the caller
     applies W_v (o_h = W_v,h m_h), so no [M, d] values are ever formed or gathered. The first index row of the
     block is gathered once for the program's heads; slots that change inside the block are gathered per query,
     as in pool_attention_fwd_kernel."""
@@ -404,7 +404,7 @@ def pool_mix_kernel(
     s_first = tl.load(s_base + first[:, None] * stride_s_m + offs_c[None, :], mask=has_first[:, None] & mask_c[None, :],
                       other=0.0)                                                  # [BLOCK_S, BLOCK_C], fp16/bf16
     col_changed = tl.max(changed.to(tl.int32), axis=0)
-    gain = tl.load(gain_ptr + b * stride_g_b + offs_q, mask=mask_q, other=0.0)
+    gain = tl.load(gain_ptr + b * stride_g_b + offs_q * stride_g_t, mask=mask_q, other=0.0).to(tl.float32)
     for hh in tl.static_range(HEADS):
         h = tl.program_id(2) * HEADS + hh
         q_half = tl.load(q_ptr + b * stride_q_b + offs_q[:, None] * stride_q_t + h * ds + offs_c[None, :],
@@ -441,20 +441,49 @@ def mix_blocks(S: int, ds: int, H: int) -> tuple[int, int, int, int, int]:
 def pool_mix(qk, bank, index, gain, heads: int, m):
     """m [B,T,H·ds] = gain · Σ_j softmax_j(q'_h·s_j / sqrt(ds/H)) s_j per head (pool_mix_kernel), for qk [B,T,H·ds]
     (each head's query through W_k,hᵀ; rows may be strided, as a column block of a wider GEMM output), the bank's
-    summaries [B,M,ds], index [B,T,S] and gain [B,T]. m may be a column block of a wider tensor too."""
+    summaries [B,M,ds], index [B,T,S] and gain (broadcast to [B,T]; a scalar's expand is not copied). m may be a
+    column block of a wider tensor too."""
     Bsz, T, _ = qk.shape
     ds = bank.shape[-1]
     bank = bank if bank.stride(-1) == 1 else bank.contiguous()
     index = index.to(torch.int32).contiguous()
-    gain = gain.float().expand(Bsz, T).contiguous()
+    gain = gain.expand(Bsz, T)
     if T:
         block_q, block_s, block_c, heads_per_program, num_warps = mix_blocks(index.shape[-1], ds, heads)
         pool_mix_kernel[(Bsz, triton.cdiv(T, block_q), heads // heads_per_program)](
             qk, bank, index, gain, m, T, index.shape[-1], ds, (ds // heads) ** -0.5,
             qk.stride(0), qk.stride(1), bank.stride(0), bank.stride(1), index.stride(0), index.stride(1),
-            gain.stride(0), m.stride(0), m.stride(1),
+            gain.stride(0), gain.stride(1), m.stride(0), m.stride(1),
             HEADS=heads_per_program, BLOCK_Q=block_q, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
     return m
+
+
+@triton.jit
+def pool_after_kernel(bank_ptr, last_ptr, out_ptr, K, ds, stride_bank_b, stride_bank_m, stride_last_b,
+                      stride_out_b, stride_out_k, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grid (B,): pool_after_ref, out[b, j] = bank[b, last[b, j]], or bank[b, j] where last[b, j] < 0 (empty)."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_k = offs_k < K
+    mask = mask_k[:, None] & (offs_c < ds)[None, :]
+    last = tl.load(last_ptr + b * stride_last_b + offs_k, mask=mask_k, other=0)
+    rows = tl.where(last >= 0, last, offs_k).to(tl.int64)
+    s = tl.load(bank_ptr + b * stride_bank_b + rows[:, None] * stride_bank_m + offs_c[None, :], mask=mask)
+    tl.store(out_ptr + b * stride_out_b + offs_k[:, None] * stride_out_k + offs_c[None, :], s, mask=mask)
+
+
+def pool_after(bank, index_last):
+    """pool_after_ref in one launch: the pool's summaries [B,K,ds] after a prefill."""
+    Bsz, K = index_last.shape
+    ds = bank.shape[-1]
+    bank = bank if bank.stride(-1) == 1 else bank.contiguous()
+    out = torch.empty(Bsz, K, ds, device=bank.device, dtype=bank.dtype)
+    if Bsz and K:
+        pool_after_kernel[(Bsz,)](bank, index_last, out, K, ds, bank.stride(0), bank.stride(1), index_last.stride(0),
+                                  out.stride(0), out.stride(1), BLOCK_K=triton.next_power_of_2(K),
+                                  BLOCK_C=triton.next_power_of_2(ds), num_warps=4)
+    return out
 
 
 def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):

@@ -252,8 +252,9 @@ def selective_scan_seq_kernel(
     UNROLL (2 or 4) tokens per iteration, whose loads were issued one iteration earlier: the loads' latency, not
     the arithmetic, bounded the one-token loop (seq_unroll).
     grid (B, cdiv(Di, BLOCK_D), n_chunks), BLOCK_D = 32 x num_warps x channels per thread. The state tiles
-    are [N, Di] (channels contiguous) so that Triton lays threads along channels: AT is A transposed, and
-    h_in / h_out (per (b, c)) are [N, Di] fp32, strides as selective_scan_fwd_kernel's."""
+    are [N, Di] (channels contiguous) so that Triton lays threads along channels: AT is A transposed (loaded as
+    [Di, N], A spills registers in the loop), and h_in / h_out (per (b, c)) are [N, Di] fp32, strides as
+    selective_scan_fwd_kernel's."""
     pid_b = tl.program_id(0).to(tl.int64)              # batch offsets can pass 2^31 elements at long T
     pid_d = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -359,22 +360,24 @@ def scan_chunk_combine_kernel(
 
 
 @triton.jit
-def scan_chunk_prefix_kernel(AT_ptr, dt_sum_ptr, h0_ptr, states_ptr, starts_ptr, h_out_ptr,
-                             Di, NDi, n_chunks, stride_h0_b, stride_hout_b,
+def scan_chunk_prefix_kernel(A_ptr, dt_sum_ptr, h0_ptr, states_ptr, starts_ptr, h_out_ptr,
+                             Di, N, n_chunks, stride_h0_b, stride_hout_b,
                              BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, HAS_H0: tl.constexpr):
     """grid (B, cdiv(N·Di, BLOCK_E)). scan_forward's pass 2 as a parallel scan over the chunks, for element
-    e = n·Di + d of the [N, Di] state. states [B, n_chunks, N, Di]: each chunk's final state from zero;
+    e = n·Di + d of the [N, Di] chunk states. states [B, n_chunks, N, Di]: each chunk's final state from zero;
     dt_sum [B, n_chunks, Di]: Σδ per chunk. Writes starts [B, n_chunks, N, Di] (the state entering each chunk)
-    and h_out [B, N, Di] (the final state). Row r of a tile is the step into chunk r,
+    and h_out [B, Di, N] (the final state; A and h0 are [Di, N] too). Row r of a tile is the step into chunk r,
     h_start[r] = exp2(A2 Σδ[r-1]) h_start[r-1] + states[r-1] (r = n_chunks: the final state), an associative
     scan over r, BLOCK_C rows at a time from the carry h0."""
     pid_b = tl.program_id(0).to(tl.int64)
+    NDi = N * Di
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_e = offs_e < NDi
     d = offs_e % Di
-    A2 = tl.load(AT_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32) * LOG2E
+    dn = d * N + offs_e // Di                                   # element e of a [Di, N] tensor
+    A2 = tl.load(A_ptr + dn, mask=mask_e, other=0.0).to(tl.float32) * LOG2E
     if HAS_H0:
-        carry = tl.load(h0_ptr + pid_b * stride_h0_b + offs_e, mask=mask_e, other=0.0)
+        carry = tl.load(h0_ptr + pid_b * stride_h0_b + dn, mask=mask_e, other=0.0)
     else:
         carry = tl.zeros([BLOCK_E], dtype=tl.float32)
     rows = tl.arange(0, BLOCK_C)
@@ -389,7 +392,7 @@ def scan_chunk_prefix_kernel(AT_ptr, dt_sum_ptr, h0_ptr, states_ptr, starts_ptr,
         h = P * carry[None, :] + S
         tl.store(starts_ptr + (pid_b * n_chunks + r)[:, None] * NDi + offs_e[None, :], h,
                  mask=(r < n_chunks)[:, None] & mask_e[None, :])
-        tl.store(h_out_ptr + pid_b * stride_hout_b + offs_e[None, :] + 0 * r[:, None], h,
+        tl.store(h_out_ptr + pid_b * stride_hout_b + dn[None, :] + 0 * r[:, None], h,
                  mask=(r == n_chunks)[:, None] & mask_e[None, :])
         carry = tl.sum(tl.where((rows == BLOCK_C - 1)[:, None], h, 0.0), axis=0)
 
@@ -749,30 +752,29 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
         chunk_len, n_chunks = seq_chunk_plan(Bsz, T, Di, N)
     else:
         n_chunks = triton.cdiv(T, chunk_len)
-    # the kernel's state tiles are [N, Di]: A, h0 and the states go transposed
-    AT = A.t().contiguous()
-    h0_nd = None if h0 is None else h0.transpose(1, 2).contiguous()
+    AT = A.t().contiguous()                            # the chunk kernel's state tiles are [N, Di]
     block_d, block_n, num_warps = seq_blocks(N, Di)
     meta = dict(BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=N == block_n, num_warps=num_warps)
     y = torch.empty_like(x)
     f32 = dict(device=x.device, dtype=torch.float32)
-    if n_chunks == 1:
+    if n_chunks == 1:                                  # h0 and h transposed too
+        h0_nd = None if h0 is None else h0.transpose(1, 2).contiguous()
         h_nd = torch.empty(Bsz, 1, N, Di, **f32)
         _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, z, dt_bias, h0_nd, y, h_nd, None, T, 1,
                         dt_softplus, UNROLL=SEQ_UNROLL_Y, **meta)
         return y, h_nd[:, 0].transpose(1, 2).contiguous()
     states = torch.empty(Bsz, n_chunks, N, Di, **f32)
     dt_sum = torch.empty(Bsz, n_chunks, Di, **f32)
-    h = torch.empty(Bsz, N, Di, **f32)
+    h = torch.empty(Bsz, Di, N, **f32)
     _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, None, dt_bias, None, None, states, dt_sum,
                     chunk_len, n_chunks, dt_softplus, UNROLL=SEQ_UNROLL_STATES, **meta)
     starts = torch.empty_like(states)
     scan_chunk_prefix_kernel[(Bsz, triton.cdiv(N * Di, PREFIX_BLOCK_E))](
-        AT, dt_sum, AT if h0 is None else h0_nd, states, starts, h, Di, N * Di, n_chunks, Di * N, Di * N,
+        A, dt_sum, A if h0 is None else h0, states, starts, h, Di, N, n_chunks, Di * N, Di * N,
         BLOCK_C=PREFIX_BLOCK_C, BLOCK_E=PREFIX_BLOCK_E, HAS_H0=h0 is not None, num_warps=4)
     _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, z, dt_bias, starts, y, None, None, chunk_len,
                     n_chunks, dt_softplus, UNROLL=SEQ_UNROLL_Y, **meta)
-    return y, h.transpose(1, 2).contiguous()
+    return y, h
 
 
 def scan_backward(x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus, dy, dh, chunks_per_program=None):
