@@ -182,21 +182,29 @@ def test_pool_read(dtype, groups, g):
 @pytest.mark.parametrize("layer_index", [0, 1], ids=["token-read", "token-and-cross-layer-reads"])
 @torch.no_grad()
 def test_fused_memory_path(dtype, layer_index, g):
-    # the fused half-precision path (memory.py, with its side stream) against the same ops composed; the two
-    # compute the scores with differently ordered GEMM sums, so a score within rounding of a decision may flip:
-    # the pool decisions must agree for all but a few rows, and xz where they agree
+    # the fused half-precision path (memory.py) against the same ops composed; the two compute the scores with
+    # differently ordered GEMM sums (and round the trigger twice), so a score within rounding of a decision may
+    # flip: the pool decisions must agree for all but a few rows, and the reads wherever no decision is that close
     model = gpu_model(dtype, **SMALL)
     layer = model.layers[layer_index]
+    with torch.no_grad():                    # large, distinct gains: the reads dominate ũ, a mixed-up gain shows
+        layer.token_attn.alpha.fill_(20.0)
+        if layer.cross_attn is not None:
+            layer.cross_attn.alpha.fill_(-7.0)
+    layer.mixer.in_proj = torch.nn.Identity()                     # so xz is ũ = u + r_tok + r_cross itself
     u, pool0, prio0, group = layer_inputs(model, layer_index, g, 2000, dtype, DEV)
     composed = types.SimpleNamespace(**{**vars(kt.TRITON_OPS), "fused_memory_in_proj": no_fused_memory_in_proj})
     with poisoned():
         xz, pool, prio, (bank, index) = layer.memory_in_proj(u, pool0, prio0, group, kt.TRITON_OPS)
     xz_ref, pool_ref, prio_ref, (bank_ref, index_ref) = layer.memory_in_proj(u, pool0, prio0, group, composed)
     same = (index == index_ref).all(-1)                                              # [B, T] rows that agree
-    err = rel_err(xz[same], xz_ref[same])
+    b = torch.sigmoid(layer.token_attn.trigger(u).float()[..., 0])
+    near = (b - layer.token_attn.read_threshold).abs() < 1e-2                        # a trigger decision that close
+    keep = same & ~near
+    err = rel_err((xz.float() - u.float())[keep], (xz_ref.float() - u.float())[keep])                # the reads
     record(test="fused_memory_path", dtype=ids_dtype[dtype], layer=layer_index, err=err,
-           rows_differing=int((~same).sum()), bank_err=rel_err(bank, bank_ref))
-    assert (~same).float().mean() <= 0.005 and err <= TOL[dtype]
+           rows_differing=int((~same).sum()), rows_near_trigger=int(near.sum()), bank_err=rel_err(bank, bank_ref))
+    assert (~same).float().mean() <= 0.005 and near.float().mean() <= 0.05 and err <= TOL[dtype]
     assert rel_err(bank, bank_ref) <= TOL[dtype]
     assert (index >= model.config.pool_size).any()                                   # tokens entered the pool
 

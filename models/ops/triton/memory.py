@@ -99,5 +99,5 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group):
     if cross is not None:
         banks, indices = cross_layer_bank(group + [(bank, index[:, :T])], layer.pool_size + T)
         pool_mix(g[:, :, col_qk + qk_w:col_qk + 2 * qk_w], banks, indices, cross.alpha.detach(), H, m[:, :, qk_w:])
-    ut = torch.addmm(u2, m.view(Bsz * T, -1), w_out.t())          # u + r_tok + r_cross
-    return mixer.in_proj(ut).view(Bsz, T, -1), pool_after(bank, index[:, T]), prio, (bank, index[:, :T])
+    ut = torch.addmm(u2, m.view(Bsz * T, m.shape[-1]), w_out.t())  # u + r_tok + r_cross
+    return mixer.in_proj(ut).unflatten(0, (Bsz, T)), pool_after(bank, index[:, T]), prio, (bank, index[:, :T])

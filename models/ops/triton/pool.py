@@ -445,7 +445,9 @@ def pool_mix(qk, bank, index, gain, heads: int, m):
     column block of a wider tensor too."""
     Bsz, T, _ = qk.shape
     ds = bank.shape[-1]
-    bank = bank if bank.stride(-1) == 1 else bank.contiguous()
+    if m.stride(-1) != 1:
+        raise ValueError(f"pool_mix writes m with unit column stride; got strides {tuple(m.stride())}")
+    qk, bank = (t if t.stride(-1) == 1 else t.contiguous() for t in (qk, bank))
     index = index.to(torch.int32).contiguous()
     gain = gain.expand(Bsz, T)
     if T:
@@ -459,7 +461,7 @@ def pool_mix(qk, bank, index, gain, heads: int, m):
 
 
 @triton.jit
-def pool_after_kernel(bank_ptr, last_ptr, out_ptr, K, ds, stride_bank_b, stride_bank_m, stride_last_b,
+def pool_after_kernel(bank_ptr, last_ptr, out_ptr, K, ds, stride_bank_b, stride_bank_m, stride_last_b, stride_last_k,
                       stride_out_b, stride_out_k, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     """grid (B,): pool_after_ref, out[b, j] = bank[b, last[b, j]], or bank[b, j] where last[b, j] < 0 (empty)."""
     b = tl.program_id(0).to(tl.int64)
@@ -467,7 +469,7 @@ def pool_after_kernel(bank_ptr, last_ptr, out_ptr, K, ds, stride_bank_b, stride_
     offs_c = tl.arange(0, BLOCK_C)
     mask_k = offs_k < K
     mask = mask_k[:, None] & (offs_c < ds)[None, :]
-    last = tl.load(last_ptr + b * stride_last_b + offs_k, mask=mask_k, other=0)
+    last = tl.load(last_ptr + b * stride_last_b + offs_k * stride_last_k, mask=mask_k, other=0)
     rows = tl.where(last >= 0, last, offs_k).to(tl.int64)
     s = tl.load(bank_ptr + b * stride_bank_b + rows[:, None] * stride_bank_m + offs_c[None, :], mask=mask)
     tl.store(out_ptr + b * stride_out_b + offs_k[:, None] * stride_out_k + offs_c[None, :], s, mask=mask)
@@ -481,7 +483,7 @@ def pool_after(bank, index_last):
     out = torch.empty(Bsz, K, ds, device=bank.device, dtype=bank.dtype)
     if Bsz and K:
         pool_after_kernel[(Bsz,)](bank, index_last, out, K, ds, bank.stride(0), bank.stride(1), index_last.stride(0),
-                                  out.stride(0), out.stride(1), BLOCK_K=triton.next_power_of_2(K),
+                                  index_last.stride(1), out.stride(0), out.stride(1), BLOCK_K=triton.next_power_of_2(K),
                                   BLOCK_C=triton.next_power_of_2(ds), num_warps=4)
     return out
 

@@ -255,6 +255,7 @@ def selective_scan_seq_kernel(
     are [N, Di] (channels contiguous) so that Triton lays threads along channels: AT is A transposed (loaded as
     [Di, N], A spills registers in the loop), and h_in / h_out (per (b, c)) are [N, Di] fp32, strides as
     selective_scan_fwd_kernel's."""
+    tl.static_assert((UNROLL == 2) or (UNROLL == 4), "the loop below is written for 2 or 4 tokens an iteration")
     pid_b = tl.program_id(0).to(tl.int64)              # batch offsets can pass 2^31 elements at long T
     pid_d = tl.program_id(1)
     pid_c = tl.program_id(2)
