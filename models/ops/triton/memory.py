@@ -42,17 +42,12 @@ def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr,
     w2 = tl.load(w2_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
     score = tl.sum(tl.maximum(hid.to(tl.float32), 0.0) * w2[None, :], axis=1)
     score = score.to(g_ptr.dtype.element_ty).to(tl.float32)
-    a = 1.0 / (1.0 + tl.exp(-score))
+    a = tl.sigmoid(score)
     trig = tl.load(g_ptr + rows.to(tl.int64) * stride_g + col_trig, mask=mask_r, other=0.0).to(tl.float32)
     trig = (trig + tl.load(trig_bias_ptr).to(tl.float32)).to(g_ptr.dtype.element_ty).to(tl.float32)
-    b = 1.0 / (1.0 + tl.exp(-trig))
-    gain = tl.where(b > tau2, tl.load(alpha_ptr).to(tl.float32), 0.0)
+    gain = tl.where(tl.sigmoid(trig) > tau2, tl.load(alpha_ptr).to(tl.float32), 0.0)
     tl.store(a_ptr + rows, a, mask=mask_r)
     tl.store(gain_ptr + rows, gain, mask=mask_r)
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
 
 
 def fused_memory_in_proj(layer, u, pool0, prio0, group):
@@ -69,9 +64,9 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group):
     H, ds = tok.heads, tok.k_proj.weight.shape[0]
     hd = note.score_in.weight.shape[0]
     col_trig = hd + ds
-    col_qk = _round_up(col_trig + 1, 64)         # 16-byte aligned query blocks (pool_mix loads them as vectors)
+    col_qk = triton.cdiv(col_trig + 1, 64) * 64  # 16-byte aligned query blocks (pool_mix loads them as vectors)
     qk_w = H * ds
-    width = _round_up(col_qk + len(reads) * qk_w, 64)   # a multiple of 64: cuBLAS is 5x slower at 513 than 576
+    width = triton.cdiv(col_qk + len(reads) * qk_w, 64) * 64   # a multiple of 64: cuBLAS is 5x slower at 513 than 576
 
     # stacked weights [score_in; summary; trigger; 0; each read's W_qk; 0] and the reads' output weights
     w_stack = torch.zeros(width, d, device=dev, dtype=dtype)
@@ -94,10 +89,13 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group):
     index, prio = pool_sweep(a, prio0, layer.insert_threshold)
     g = g.view(Bsz, T, width)
     bank = torch.cat([pool0.to(dtype), g[:, :, hd:col_trig]], dim=1)
-    m = torch.empty(Bsz, T, len(reads) * qk_w, device=dev, dtype=dtype)
-    pool_mix(g[:, :, col_qk:col_qk + qk_w], bank, index[:, :T], gain, H, m[:, :, :qk_w])
+    entries = (bank, index[:, :T])                                  # what each token reads, and §5's share
+    sources = [(*entries, gain)]                                    # per read: bank, index rows, gain
     if cross is not None:
-        banks, indices = cross_layer_bank(group + [(bank, index[:, :T])], layer.pool_size + T)
-        pool_mix(g[:, :, col_qk + qk_w:col_qk + 2 * qk_w], banks, indices, cross.alpha.detach(), H, m[:, :, qk_w:])
+        sources.append((*cross_layer_bank(group + [entries], layer.pool_size + T), cross.alpha.detach()))
+    m = torch.empty(Bsz, T, len(reads) * qk_w, device=dev, dtype=dtype)
+    for i, (read_bank, read_index, read_gain) in enumerate(sources):
+        pool_mix(g[:, :, col_qk + i * qk_w:col_qk + (i + 1) * qk_w], read_bank, read_index, read_gain, H,
+                 m[:, :, i * qk_w:(i + 1) * qk_w])
     ut = torch.addmm(u2, m.view(Bsz * T, m.shape[-1]), w_out.t())  # u + r_tok + r_cross
-    return mixer.in_proj(ut).unflatten(0, (Bsz, T)), pool_after(bank, index[:, T]), prio, (bank, index[:, :T])
+    return mixer.in_proj(ut).unflatten(0, (Bsz, T)), pool_after(bank, index[:, T]), prio, entries

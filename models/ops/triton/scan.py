@@ -48,7 +48,6 @@ SEQ_UNROLL_Y = 2       # ... of the passes that write y (4 spills there); 16k to
 CONV_CHUNK = 64        # causal_conv_kernel: tokens per program, loaded CONV_AHEAD at a time, CONV_BLOCK_D channels
 CONV_AHEAD = 8         # (8 per lane of its one warp); measured best of a sweep on the H200 (BENCHMARKS.md)
 CONV_BLOCK_D = 256
-COMBINE_BLOCK_D = 32   # the backward's chunk chain: one warp per 32 channels (a latency-bound chain: many programs)
 PREFIX_BLOCK_C = 128   # scan_forward's chunk chain as a parallel scan: chunks x state elements per tile
 PREFIX_BLOCK_E = 32    # (12 vs 26 us for the sequential chain at 16k tokens, H200, BENCHMARKS.md)
 NUM_WARPS = 4          # forward: a 16x16x16 fp32 tile is 32 values per thread (127 registers on sm_90, no spills)
@@ -297,10 +296,10 @@ def selective_scan_seq_kernel(
         x1, dt1, B1, C1, z1 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + UNROLL + 1, last), *st, offs_n, N,
                                          mask_d, EVEN_N, WRITE_Y, HAS_Z)
         if UNROLL == 4:
-            x2, dt2, B2, C2, z2 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + 6, last), *st, offs_n, N, mask_d,
-                                             EVEN_N, WRITE_Y, HAS_Z)
-            x3, dt3, B3, C3, z3 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + 7, last), *st, offs_n, N, mask_d,
-                                             EVEN_N, WRITE_Y, HAS_Z)
+            x2, dt2, B2, C2, z2 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + UNROLL + 2, last), *st, offs_n, N,
+                                             mask_d, EVEN_N, WRITE_Y, HAS_Z)
+            x3, dt3, B3, C3, z3 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + UNROLL + 3, last), *st, offs_n, N,
+                                             mask_d, EVEN_N, WRITE_Y, HAS_Z)
         h, dt_sum = _seq_token(t, t_end, *cur0, h, A2, Dv, bias, mask_d, dt_softplus, yp + t * stride_y_t, offs_d,
                                dt_sum, WRITE_Y, HAS_Z, WRITE_DT_SUM)
         h, dt_sum = _seq_token(t + 1, t_end, *cur1, h, A2, Dv, bias, mask_d, dt_softplus,
