@@ -247,13 +247,14 @@ class Layer(nn.Module):
             self.token_attn = PoolAttention(c, trigger=True)
             self.cross_attn = PoolAttention(c, trigger=False) if c.is_cross_layer(index) else None
 
-    def memory_in_proj(self, u, pool0, prio0, group, ops):
+    def memory_in_proj(self, u, pool0, prio0, group, ops, u_is_scratch=False):
         """§3–§5 in parallel form (§8), through the mixer's in_proj. Returns xz = in_proj(u + r_tok + r_cross)
         [B,T,2·d_inner], the pool after the last token (summaries [B,K,ds], priorities [B,K]) and this layer's
         entries for §5: its bank [B,K+T,ds] (pool0's summaries, then each token's) and the sweep's index rows
         [B,T,K]. group: the entries of this §5 group's earlier layers. A kernel set may do it all at once
-        (ops.fused_memory_in_proj, None where it does not apply); the lines below are what it must equal."""
-        fused = ops.fused_memory_in_proj(self, u, pool0, prio0, group)
+        (ops.fused_memory_in_proj, None where it does not apply); the lines below are what it must equal.
+        u_is_scratch: the caller has no further use for u, so a kernel set may overwrite it."""
+        fused = ops.fused_memory_in_proj(self, u, pool0, prio0, group, u_is_scratch)
         if fused is not None:
             return fused
         T = u.shape[1]
@@ -329,7 +330,8 @@ class MemMambaLM(nn.Module):
             if want_hidden and l > 0:
                 hidden.append(h)
             if c.memory:
-                xz, pool, prio, entries = layer.memory_in_proj(u, state.pool[l], state.prio[l], group, ops)
+                xz, pool, prio, entries = layer.memory_in_proj(u, state.pool[l], state.prio[l], group, ops,
+                                                               u_is_scratch=True)
                 group = [] if c.is_cross_layer(l) else group + [entries]
                 out["pool"].append(pool)
                 out["prio"].append(prio)

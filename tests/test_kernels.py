@@ -379,6 +379,10 @@ def test_fused_memory_path_equals_its_composition(layer_index, rng):
         xz, pool, prio, (bank, index) = layer.memory_in_proj(u, pool0, prio0, group, kt.TRITON_OPS)
     xz_ref, pool_ref, prio_ref, (bank_ref, index_ref) = layer.memory_in_proj(u, pool0, prio0, group, composed)
     assert xz.shape == xz_ref.shape and xz.dtype == torch.float16
+    # u_is_scratch (the model's prefill): the same result, written over u instead of a copy; u kept otherwise
+    u_before, scratch = u.clone(), u.clone()
+    xz_scratch = layer.memory_in_proj(scratch, pool0, prio0, group, kt.TRITON_OPS, u_is_scratch=True)[0]
+    assert torch.equal(xz_scratch, xz) and torch.equal(u, u_before) and not torch.equal(scratch, u)
     assert rel_err(xz.float() - u.float(), xz_ref.float() - u.float()) <= 5e-3                 # the reads
     assert rel_err(bank, bank_ref) <= 1e-2 and rel_err(pool, pool_ref) <= 1e-2
     assert torch.equal(index, index_ref) and rel_err(prio, prio_ref) <= 1e-6    # the same pool decisions

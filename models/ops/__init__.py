@@ -17,7 +17,7 @@ from . import norm, pool, scan
 KERNEL_SETS = ("torch", "triton")
 
 
-def no_fused_memory_in_proj(layer, u, pool0, prio0, group):
+def no_fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False):
     """The reference composes the memory path from the ops (Layer.memory_in_proj); nothing is fused."""
     return None
 

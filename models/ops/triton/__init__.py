@@ -114,10 +114,10 @@ def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
     return kernels_for(u.device).pool.pool_read(u, bank, index, w_q, w_k, w_v, heads, gain, residual)
 
 
-def fused_memory_in_proj(layer, u, pool0, prio0, group):
+def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False):
     """fp16/bf16 inference: the fused path (memory.py); otherwise None, and Layer.memory_in_proj composes the
     ops above."""
-    return kernels_for(u.device).memory.fused_memory_in_proj(layer, u, pool0, prio0, group)
+    return kernels_for(u.device).memory.fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch)
 
 
 TRITON_OPS = types.SimpleNamespace(

@@ -50,10 +50,10 @@ def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr,
     tl.store(gain_ptr + rows, gain, mask=mask_r)
 
 
-def fused_memory_in_proj(layer, u, pool0, prio0, group):
+def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False):
     """Layer.memory_in_proj for fp16/bf16 inference: (xz, pool, prio, (bank, index rows)). None for fp32 (an
     fp32 dot has no exact tensor-core form, pool_read's reasoning) and under autograd (the reference has the
-    gradients, including the straight-through factors)."""
+    gradients, including the straight-through factors). u_is_scratch: u may be overwritten (with ũ)."""
     note, tok, cross, mixer = layer.note, layer.token_attn, layer.cross_attn, layer.mixer
     reads = [tok] if cross is None else [tok, cross]
     if u.dtype not in (torch.float16, torch.bfloat16) or \
@@ -97,5 +97,7 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group):
     for i, (read_bank, read_index, read_gain) in enumerate(sources):
         pool_mix(g[:, :, col_qk + i * qk_w:col_qk + (i + 1) * qk_w], read_bank, read_index, read_gain, H,
                  m[:, :, i * qk_w:(i + 1) * qk_w])
-    ut = torch.addmm(u2, m.view(Bsz * T, m.shape[-1]), w_out.t())  # u + r_tok + r_cross
+    m2 = m.view(Bsz * T, m.shape[-1])
+    # u + r_tok + r_cross; torch.addmm would first copy u into its output (14 µs a layer at 16k tokens)
+    ut = u2.addmm_(m2, w_out.t()) if u_is_scratch else torch.addmm(u2, m2, w_out.t())
     return mixer.in_proj(ut).unflatten(0, (Bsz, T)), pool_after(bank, index[:, T]), prio, entries

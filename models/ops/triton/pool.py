@@ -166,12 +166,29 @@ def sweep_compact_kernel(enter_ptr, seg_count_ptr, ev_tok_ptr, ev_a_ptr, ecount_
 
 
 @triton.jit
+def _ordered_key(p):
+    # an int32 with the order of the fp32 p (-0.0 taken as +0.0, as fp32 comparisons do): negative floats' bits
+    # read as integers run backwards, so flip them
+    bits = (p + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _argmin_slot(key, cols, BLOCK_K: tl.constexpr):
+    # the lowest slot of the least key: two integer minimums, which Triton lowers to redux.sync on sm_80+ (one
+    # instruction each, where a float min with its index takes five rounds of two shuffles)
+    m = tl.min(key, axis=0)
+    return tl.min(tl.where(key == m, cols, BLOCK_K), axis=0)
+
+
+@triton.jit
 def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_ptr, hist_ptr, prio_ptr, T, K, n_seg,
                         BLOCK_SEG: tl.constexpr, BLOCK_K: tl.constexpr):
     """grid (B,), one warp. Replays the entering tokens (ev_tok, ev_a, in order; seg_count says how many): each
-    takes the argmin slot (lowest index on ties), one warp reduction per entering token. hist[b, e] is the slot
-    vector after e entries (j < K an initial slot, K + i token i, -1 empty); prio the priorities after the last.
-    (Replaying several entries per step by ranking the slots measured slower on the H100: BENCHMARKS.md.)"""
+    takes the argmin slot (lowest index on ties). hist[b, e] is the slot vector after e entries (j < K an initial
+    slot, K + i token i, -1 empty); prio the priorities after the last. Each entry waits on the previous one's
+    argmin, so that is taken on the priorities as ordered integers (_ordered_key, _argmin_slot). (Replaying
+    several entries per step by ranking the slots measured slower on the H100: BENCHMARKS.md.)"""
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     mask_k = cols < K
@@ -179,9 +196,10 @@ def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_p
     n = tl.sum(tl.load(seg_count_ptr + b * n_seg + segs, mask=(segs < n_seg) & (T > 0), other=0), axis=0)
     tl.store(ecount_ptr + b * (T + 1) + T, n)                  # row T of the index: after every entry
     prio = tl.load(prio0_ptr + b * K + cols, mask=mask_k, other=float("inf"))   # padding slots never chosen
+    key = _ordered_key(prio)
     slot = tl.where(prio >= 0, cols, -1)
     tl.store(hist_ptr + b * (T + 1) * K + cols, slot, mask=mask_k)
-    pmin, jmin = tl.min(prio, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    jmin = _argmin_slot(key, cols, BLOCK_K)
     # events e+1..e+4 are loaded while e is replayed (clamped to the last: their values are then unused)
     last = tl.maximum(n - 1, 0)
     some = n > 0
@@ -197,9 +215,10 @@ def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_p
         t3, a3 = tl.load(ev_t + nxt), tl.load(ev_a + nxt)
         hit = cols == jmin
         prio = tl.where(hit, a, prio)
+        key = tl.where(hit, _ordered_key(a), key)
         slot = tl.where(hit, K + t, slot)
         tl.store(hist_ptr + (b * (T + 1) + e + 1) * K + cols, slot, mask=mask_k)
-        pmin, jmin = tl.min(prio, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        jmin = _argmin_slot(key, cols, BLOCK_K)
     tl.store(prio_ptr + b * K + cols, prio, mask=mask_k)
 
 
