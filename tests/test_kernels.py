@@ -28,7 +28,8 @@ from memmamba_deploy.models import State
 from memmamba_deploy.models.ops import TORCH_OPS, no_fused_memory_in_proj
 from memmamba_deploy.models.ops import triton as kt
 from memmamba_deploy.models.ops.norm import residual_norm_ref
-from memmamba_deploy.models.ops.pool import pool_after_ref, pool_attention_ref, pool_read_ref, pool_sweep_ref
+from memmamba_deploy.models.ops.pool import (cross_layer_bank, pool_after_ref, pool_attention_ref, pool_read_ref,
+                                              pool_sweep_ref)
 from memmamba_deploy.models.ops.scan import causal_conv_ref, selective_scan_ref, selective_state_step_ref
 
 TOL = 1e-4
@@ -111,6 +112,14 @@ def test_causal_conv(T, bias, k, rng):
     with poisoned():
         out, win = kt.TRITON_OPS.causal_conv(x, w, b, window)
     assert rel_err(out, out_ref) <= TOL and torch.equal(win, win_ref)
+
+
+@interpreted
+def test_causal_conv_of_no_tokens(rng):
+    # (the reference's conv1d refuses an input shorter than its kernel) no output, the window unchanged, a copy
+    x, w, window = torch.randn(2, 0, 40), torch.randn(40, 4, generator=rng), torch.randn(2, 40, 3, generator=rng)
+    out, win = kt.TRITON_OPS.causal_conv(x, w, None, window)
+    assert out.shape == (2, 0, 40) and torch.equal(win, window) and win.data_ptr() != window.data_ptr()
 
 
 @interpreted
@@ -220,6 +229,20 @@ def test_pool_sweep_of_a_few_tokens(case):
     with poisoned():
         index, prio = kt.TRITON_OPS.pool_sweep(a, prio0, 0.5)
     assert torch.equal(index, index_ref) and torch.equal(prio, prio_ref)
+
+
+@interpreted
+def test_cross_layer_bank_equals_the_reference(rng):
+    # three layers' banks and index rows (views into [B, T+1, K], as the sweep returns them), empty slots too
+    B, T, K = 2, 70, 5
+    M = K + T
+    group = [(torch.randn(B, M, 8, generator=rng),
+              torch.randint(-1, M, (B, T + 1, K), generator=rng, dtype=torch.int32)[:, :T]) for _ in range(3)]
+    banks_ref, indices_ref = cross_layer_bank(group, M)
+    with poisoned():
+        banks, indices = kt.pool.cross_layer_bank(group, M)
+    assert torch.equal(banks, banks_ref) and torch.equal(indices, indices_ref) and indices.dtype == torch.int32
+    assert (indices_ref < 0).any() and (indices_ref >= 2 * M).any()
 
 
 def sweep_like_index(g, B, T, M, S):

@@ -19,9 +19,9 @@ import triton
 import triton.language as tl
 
 from memmamba_deploy.models.ops import needs_grad
-from memmamba_deploy.models.ops.pool import cross_layer_bank, fp32
+from memmamba_deploy.models.ops.pool import fp32
 
-from .pool import pool_after, pool_mix, pool_sweep, read_weights
+from .pool import cross_layer_bank, pool_after, pool_mix, pool_sweep, read_weights
 
 SCORE_ROWS = 64          # note_scores_kernel: rows per program
 

@@ -182,13 +182,26 @@ def _argmin_slot(key, cols, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _replay_entry(e, n, t, a, prio, key, slot, jmin, cols, mask_k, row_ptr, K, BLOCK_K: tl.constexpr):
+    # entry e (token t, score a) takes slot jmin, if e < n; hist row e + 1 is the slot vector after it
+    hit = (cols == jmin) & (e < n)
+    prio = tl.where(hit, a, prio)
+    key = tl.where(hit, _ordered_key(a), key)
+    slot = tl.where(hit, K + t, slot)
+    tl.store(row_ptr + (e + 1) * K + cols, slot, mask=mask_k & (e < n))
+    return prio, key, slot, _argmin_slot(key, cols, BLOCK_K)
+
+
+@triton.jit
 def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_ptr, hist_ptr, prio_ptr, T, K, n_seg,
                         BLOCK_SEG: tl.constexpr, BLOCK_K: tl.constexpr):
     """grid (B,), one warp. Replays the entering tokens (ev_tok, ev_a, in order; seg_count says how many): each
     takes the argmin slot (lowest index on ties). hist[b, e] is the slot vector after e entries (j < K an initial
     slot, K + i token i, -1 empty); prio the priorities after the last. Each entry waits on the previous one's
-    argmin, so that is taken on the priorities as ordered integers (_ordered_key, _argmin_slot). (Replaying
-    several entries per step by ranking the slots measured slower on the H100: BENCHMARKS.md.)"""
+    argmin, so that is taken on the priorities as ordered integers (_ordered_key, _argmin_slot), and the entries
+    come four at a time, loaded while the four before them are replayed: a load consumed in its own iteration
+    cost the loop its latency every entry. (Replaying several entries per step by ranking the slots measured
+    slower on the H100: BENCHMARKS.md.)"""
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     mask_k = cols < K
@@ -198,27 +211,29 @@ def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_p
     prio = tl.load(prio0_ptr + b * K + cols, mask=mask_k, other=float("inf"))   # padding slots never chosen
     key = _ordered_key(prio)
     slot = tl.where(prio >= 0, cols, -1)
-    tl.store(hist_ptr + b * (T + 1) * K + cols, slot, mask=mask_k)
+    row_ptr = hist_ptr + b * (T + 1) * K
+    tl.store(row_ptr + cols, slot, mask=mask_k)
     jmin = _argmin_slot(key, cols, BLOCK_K)
-    # events e+1..e+4 are loaded while e is replayed (clamped to the last: their values are then unused)
-    last = tl.maximum(n - 1, 0)
+    last = tl.maximum(n - 1, 0)                               # loads past the last entry read it again (unused)
     some = n > 0
     ev_t, ev_a = ev_tok_ptr + b * T, ev_a_ptr + b * T
-    t0_, a0_ = tl.load(ev_t, mask=some, other=0), tl.load(ev_a, mask=some, other=0.0)
+    t0, a0 = tl.load(ev_t, mask=some, other=0), tl.load(ev_a, mask=some, other=0.0)
     t1, a1 = tl.load(ev_t + tl.minimum(1, last), mask=some, other=0), tl.load(ev_a + tl.minimum(1, last), mask=some)
     t2, a2 = tl.load(ev_t + tl.minimum(2, last), mask=some, other=0), tl.load(ev_a + tl.minimum(2, last), mask=some)
     t3, a3 = tl.load(ev_t + tl.minimum(3, last), mask=some, other=0), tl.load(ev_a + tl.minimum(3, last), mask=some)
-    for e in range(0, n):
-        t, a = t0_, a0_
-        t0_, a0_, t1, a1, t2, a2 = t1, a1, t2, a2, t3, a3
-        nxt = tl.minimum(e + 4, last)
-        t3, a3 = tl.load(ev_t + nxt), tl.load(ev_a + nxt)
-        hit = cols == jmin
-        prio = tl.where(hit, a, prio)
-        key = tl.where(hit, _ordered_key(a), key)
-        slot = tl.where(hit, K + t, slot)
-        tl.store(hist_ptr + (b * (T + 1) + e + 1) * K + cols, slot, mask=mask_k)
-        jmin = _argmin_slot(key, cols, BLOCK_K)
+    for e in range(0, n, 4):
+        u0, b0 = tl.load(ev_t + tl.minimum(e + 4, last)), tl.load(ev_a + tl.minimum(e + 4, last))
+        u1, b1 = tl.load(ev_t + tl.minimum(e + 5, last)), tl.load(ev_a + tl.minimum(e + 5, last))
+        u2, b2 = tl.load(ev_t + tl.minimum(e + 6, last)), tl.load(ev_a + tl.minimum(e + 6, last))
+        u3, b3 = tl.load(ev_t + tl.minimum(e + 7, last)), tl.load(ev_a + tl.minimum(e + 7, last))
+        prio, key, slot, jmin = _replay_entry(e, n, t0, a0, prio, key, slot, jmin, cols, mask_k, row_ptr, K, BLOCK_K)
+        prio, key, slot, jmin = _replay_entry(e + 1, n, t1, a1, prio, key, slot, jmin, cols, mask_k, row_ptr, K,
+                                              BLOCK_K)
+        prio, key, slot, jmin = _replay_entry(e + 2, n, t2, a2, prio, key, slot, jmin, cols, mask_k, row_ptr, K,
+                                              BLOCK_K)
+        prio, key, slot, jmin = _replay_entry(e + 3, n, t3, a3, prio, key, slot, jmin, cols, mask_k, row_ptr, K,
+                                              BLOCK_K)
+        t0, a0, t1, a1, t2, a2, t3, a3 = u0, b0, u1, b1, u2, b2, u3, b3
     tl.store(prio_ptr + b * K + cols, prio, mask=mask_k)
 
 
@@ -477,6 +492,40 @@ def pool_mix(qk, bank, index, gain, heads: int, m):
             gain.stride(0), gain.stride(1), m.stride(0), m.stride(1),
             HEADS=heads_per_program, BLOCK_Q=block_q, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
     return m
+
+
+SHIFT_T = 64          # shift_index_kernel: index rows per program
+
+
+@triton.jit
+def shift_index_kernel(src_ptr, dst_ptr, T, K, offset, stride_src_b, stride_src_t, stride_dst_b, stride_dst_t,
+                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grid (B, cdiv(T, BLOCK_T)): dst[b, t, :K] = src[b, t, :K] + offset where >= 0, else unchanged (empty)."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_K)
+    mask = (offs_t < T)[:, None] & (cols < K)[None, :]
+    i = tl.load(src_ptr + b * stride_src_b + offs_t[:, None] * stride_src_t + cols[None, :], mask=mask)
+    tl.store(dst_ptr + b * stride_dst_b + offs_t[:, None] * stride_dst_t + cols[None, :],
+             tl.where(i >= 0, i + offset, i), mask=mask)
+
+
+def cross_layer_bank(group, entries: int):
+    """Same results as models.ops.pool.cross_layer_bank (§5: a group's banks in one, their int32 indices in one,
+    layer j's shifted by j·entries): one launch per layer for the indices, not a compare, an add, a where each
+    and a cat."""
+    banks = torch.cat([b for b, _ in group], 1)
+    Bsz, T, K = group[0][1].shape
+    indices = torch.empty(Bsz, T, len(group) * K, device=banks.device, dtype=torch.int32)
+    for j, (_, index) in enumerate(group):
+        if index.dtype != torch.int32 or index.shape != (Bsz, T, K) or index.stride(-1) != 1:
+            raise ValueError(f"cross_layer_bank wants int32 indices [B,T,K] with unit column stride; layer {j} "
+                             f"has {index.dtype} {list(index.shape)} strides {tuple(index.stride())}")
+        if Bsz and T and K:
+            shift_index_kernel[(Bsz, triton.cdiv(T, SHIFT_T))](
+                index, indices[:, :, j * K:], T, K, j * entries, index.stride(0), index.stride(1), indices.stride(0),
+                indices.stride(1), BLOCK_T=SHIFT_T, BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+    return banks, indices
 
 
 @triton.jit

@@ -568,8 +568,8 @@ def _conv_input(x_ptr, win_ptr, pid_b, offs_d, mask_d, p, T, stride_x_b, stride_
 
 @triton.jit
 def causal_conv_kernel(
-    x_ptr, w_ptr, b_ptr, win_ptr, out_ptr,
-    T, Di, stride_x_b, stride_x_t, stride_win_b, stride_out_b, stride_out_t,
+    x_ptr, w_ptr, b_ptr, win_ptr, out_ptr, new_win_ptr,
+    T, Di, stride_x_b, stride_x_t, stride_win_b, stride_out_b, stride_out_t, stride_new_win_b,
     WIDTH: tl.constexpr, CHUNK: tl.constexpr, AHEAD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """grid (B, cdiv(Di, BLOCK_D), cdiv(T, CHUNK)), one warp, WIDTH 2..4. out[t] = SiLU(b + Σ_k w[:, k]
@@ -577,7 +577,8 @@ def causal_conv_kernel(
     A program walks CHUNK tokens in order, the last WIDTH-1 inputs in registers, so each input is read once
     (a [tokens, channels] tile per tap read it WIDTH times: 85 vs 37 us at 16k on the H200); AHEAD tokens' loads
     at a time. x [B, T, Di] may be a strided view (in_proj's first half); unit stride along channels everywhere,
-    w [Di, WIDTH] contiguous."""
+    w [Di, WIDTH] contiguous. The last chunk's programs also write the window after the last token, new_win
+    [B, Di, WIDTH-1] (the last WIDTH-1 inputs, oldest first; the old window's where T < WIDTH-1)."""
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t0 = tl.program_id(2) * CHUNK
@@ -615,6 +616,12 @@ def causal_conv_kernel(
             tl.store(out_ptr + pid_b * stride_out_b + (tb + j) * stride_out_t + offs_d,
                      _silu(acc).to(out_ptr.dtype.element_ty), mask=mask_d & (tb + j < T))
             x_3, x_2, x_1 = x_2, x_1, x_0
+    if tl.program_id(2) == tl.num_programs(2) - 1:
+        for j in tl.static_range(WIDTH - 1):
+            v = _conv_input(x_ptr, win_ptr, pid_b, offs_d, mask_d, T - (WIDTH - 1) + j, T, stride_x_b, stride_x_t,
+                            stride_win_b, WIDTH)
+            tl.store(new_win_ptr + pid_b * stride_new_win_b + offs_d * (WIDTH - 1) + j,
+                     v.to(new_win_ptr.dtype.element_ty), mask=mask_d)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -892,14 +899,15 @@ def causal_conv(x, weight, bias, window):
     x = _last_dim_contiguous(x)
     win = window.to(x.dtype).contiguous()
     out = torch.empty(Bsz, T, Di, device=x.device, dtype=x.dtype)
-    if T > 0:
-        block_d = min(CONV_BLOCK_D, max(32, triton.next_power_of_2(Di)))
-        causal_conv_kernel[(Bsz, triton.cdiv(Di, block_d), triton.cdiv(T, CONV_CHUNK))](
-            x, weight.contiguous(), win if bias is None else bias.contiguous(), win, out,
-            T, Di, x.stride(0), x.stride(1), win.stride(0), out.stride(0), out.stride(1),
-            WIDTH=k, CHUNK=CONV_CHUNK, AHEAD=CONV_AHEAD, BLOCK_D=block_d, HAS_BIAS=bias is not None, num_warps=1)
-    joined = torch.cat([win, x[:, max(0, T - (k - 1)):].transpose(1, 2)], dim=2)   # the last inputs, oldest first
-    return out, joined[:, :, joined.shape[2] - (k - 1):].contiguous()
+    if T == 0:
+        return out, win.clone()
+    new_win = torch.empty_like(win)
+    block_d = min(CONV_BLOCK_D, max(32, triton.next_power_of_2(Di)))
+    causal_conv_kernel[(Bsz, triton.cdiv(Di, block_d), triton.cdiv(T, CONV_CHUNK))](
+        x, weight.contiguous(), win if bias is None else bias.contiguous(), win, out, new_win,
+        T, Di, x.stride(0), x.stride(1), win.stride(0), out.stride(0), out.stride(1), new_win.stride(0),
+        WIDTH=k, CHUNK=CONV_CHUNK, AHEAD=CONV_AHEAD, BLOCK_D=block_d, HAS_BIAS=bias is not None, num_warps=1)
+    return out, new_win
 
 
 def step_blocks(N: int, Di: int) -> tuple[int, int]:
