@@ -124,7 +124,7 @@ def test_causal_conv_of_no_tokens(rng):
 
 @interpreted
 def test_selective_scan_chunk_chain_carries_across_tiles(rng):
-    # 150 chunks: the chain's associative scan takes PREFIX_BLOCK_C (128) of them at a time and carries the state
+    # 150 chunks: the chain's associative scan takes PREFIX_BLOCK_C (32) of them at a time and carries the state
     a = scan_inputs(rng, 2, 300, 8, 4)
     assert triton.cdiv(300, 2) + 1 > kt.scan.PREFIX_BLOCK_C
     y_ref, h_ref = selective_scan_ref(**a)

@@ -48,8 +48,9 @@ SEQ_UNROLL_Y = 2       # ... of the passes that write y (4 spills there); 16k to
 CONV_CHUNK = 64        # causal_conv_kernel: tokens per program, loaded CONV_AHEAD at a time, CONV_BLOCK_D channels
 CONV_AHEAD = 8         # (8 per lane of its one warp); measured best of a sweep on the H200 (BENCHMARKS.md)
 CONV_BLOCK_D = 256
-PREFIX_BLOCK_C = 128   # scan_forward's chunk chain as a parallel scan: chunks x state elements per tile
-PREFIX_BLOCK_E = 32    # (12 vs 26 us for the sequential chain at 16k tokens, H200, BENCHMARKS.md)
+PREFIX_BLOCK_C = 32    # scan_forward's chunk chain as a parallel scan: chunks x state elements per tile, one
+PREFIX_BLOCK_E = 32    # warp (a sweep on the H100 at 16k tokens, 86 chunks: 14 us; 128 x 32 with 4 warps, 22 us;
+PREFIX_NUM_WARPS = 1   # the sequential chain of before, 26 us on the H200: BENCHMARKS.md)
 NUM_WARPS = 4          # forward: a 16x16x16 fp32 tile is 32 values per thread (127 registers on sm_90, no spills)
 BWD_NUM_WARPS = 8      # backward keeps ~8 such tiles live: 8 warps fit them in 243 registers without spilling
 
@@ -778,7 +779,7 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     starts = torch.empty_like(states)
     scan_chunk_prefix_kernel[(Bsz, triton.cdiv(N * Di, PREFIX_BLOCK_E))](
         A, dt_sum, A if h0 is None else h0, states, starts, h, Di, N, n_chunks, Di * N, Di * N,
-        BLOCK_C=PREFIX_BLOCK_C, BLOCK_E=PREFIX_BLOCK_E, HAS_H0=h0 is not None, num_warps=4)
+        BLOCK_C=PREFIX_BLOCK_C, BLOCK_E=PREFIX_BLOCK_E, HAS_H0=h0 is not None, num_warps=PREFIX_NUM_WARPS)
     _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, z, dt_bias, starts, y, None, None, chunk_len,
                     n_chunks, dt_softplus, UNROLL=SEQ_UNROLL_Y, **meta)
     return y, h
