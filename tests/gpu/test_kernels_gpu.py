@@ -184,7 +184,10 @@ def test_pool_read(dtype, groups, g):
 def test_fused_memory_path(dtype, layer_index, g):
     # the fused half-precision path (memory.py) against the same ops composed; the two compute the scores with
     # differently ordered GEMM sums (and round the trigger twice), so a score within rounding of a decision may
-    # flip: the pool decisions must agree for all but a few rows, and the reads wherever no decision is that close
+    # flip: the pool decisions must agree for all but a few rows, and the reads wherever no decision is that close.
+    # The reads are held to the composition run in fp32 (same weights and inputs): the half-precision composition
+    # rounds ũ more often than the fused path, so the two half results differ by up to ~2 ulps (1.02e-2 in bf16
+    # on one draw), more than either differs from the fp32 result
     model = gpu_model(dtype, **SMALL)
     layer = model.layers[layer_index]
     with torch.no_grad():                    # large, distinct gains: the reads dominate ũ, a mixed-up gain shows
@@ -197,14 +200,20 @@ def test_fused_memory_path(dtype, layer_index, g):
     with poisoned():
         xz, pool, prio, (bank, index) = layer.memory_in_proj(u, pool0, prio0, group, kt.TRITON_OPS)
     xz_ref, pool_ref, prio_ref, (bank_ref, index_ref) = layer.memory_in_proj(u, pool0, prio0, group, composed)
+    xz32, _, _, (_, index32) = copy.deepcopy(layer).float().memory_in_proj(
+        u.float(), pool0.float(), prio0, [(bk.float(), ix) for bk, ix in group], composed)
     same = (index == index_ref).all(-1)                                              # [B, T] rows that agree
     b = torch.sigmoid(layer.token_attn.trigger(u).float()[..., 0])
     near = (b - layer.token_attn.read_threshold).abs() < 1e-2                        # a trigger decision that close
-    keep = same & ~near
-    err = rel_err((xz.float() - u.float())[keep], (xz_ref.float() - u.float())[keep])                # the reads
-    record(test="fused_memory_path", dtype=ids_dtype[dtype], layer=layer_index, err=err,
-           rows_differing=int((~same).sum()), rows_near_trigger=int(near.sum()), bank_err=rel_err(bank, bank_ref))
-    assert (~same).float().mean() <= 0.005 and near.float().mean() <= 0.05 and err <= TOL[dtype]
+    keep = same & (index == index32).all(-1) & ~near
+    reads32 = (xz32 - u.float())[keep]
+    err = rel_err((xz.float() - u.float())[keep], reads32)                                       # the reads
+    err_composed = rel_err((xz_ref.float() - u.float())[keep], reads32)
+    record(test="fused_memory_path", dtype=ids_dtype[dtype], layer=layer_index, err=err, seed=g.initial_seed(),
+           info_composed_vs_fp32=err_composed, rows_differing=int((~same).sum()),
+           rows_near_trigger=int(near.sum()), bank_err=rel_err(bank, bank_ref))
+    assert (~same).float().mean() <= 0.005 and near.float().mean() <= 0.05 and keep.float().mean() >= 0.9
+    assert err <= TOL[dtype]
     assert rel_err(bank, bank_ref) <= TOL[dtype]
     assert (index >= model.config.pool_size).any()                                   # tokens entered the pool
 
@@ -456,9 +465,11 @@ def test_decode_1k_greedy_steps_cuda_graph_fp32(variant, step_kernel, g):
         last_margin = margin
         token = ref_l.argmax(-1)                                     # the reference drives the tokens
     decisions.close()
-    state_err = max(rel_err(v, ref_state.tensors()[k]) for k, v in backend.to_reference(state).tensors().items())
+    state_errs = {k: rel_err(v, ref_state.tensors()[k]) for k, v in backend.to_reference(state).tensors().items()}
+    state_err = max(state_errs.values())
     record(test="decode_1k_fp32_graph", variant=str(variant), step_kernel=step_kernel, err=worst,
-           greedy_disagreements=disagree, decision_flips=flips, state_err=state_err)
+           greedy_disagreements=disagree, decision_flips=flips, state_err=state_err, seed=g.initial_seed(),
+           **{f"info_state_{k}": v for k, v in state_errs.items()})
     assert worst <= 1e-4 and disagree == 0 and flips <= 3 and (flips or state_err <= 1e-4)
 
 
