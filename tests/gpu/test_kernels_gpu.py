@@ -200,20 +200,23 @@ def test_fused_memory_path(dtype, layer_index, g):
     with poisoned():
         xz, pool, prio, (bank, index) = layer.memory_in_proj(u, pool0, prio0, group, kt.TRITON_OPS)
     xz_ref, pool_ref, prio_ref, (bank_ref, index_ref) = layer.memory_in_proj(u, pool0, prio0, group, composed)
-    xz32, _, _, (_, index32) = copy.deepcopy(layer).float().memory_in_proj(
-        u.float(), pool0.float(), prio0, [(bk.float(), ix) for bk, ix in group], composed)
+    # fp32 on the half composition's pool decisions (fp32 scores would take other ones, and one differing entry
+    # changes every later index row); its last index row, unused here, is a stand-in
+    decisions = types.SimpleNamespace(**{**vars(composed), "pool_sweep": lambda *_: (
+        torch.cat([index_ref, index_ref[:, -1:]], dim=1), prio_ref)})
+    xz32 = copy.deepcopy(layer).float().memory_in_proj(
+        u.float(), pool0.float(), prio0, [(bk.float(), ix) for bk, ix in group], decisions)[0]
     same = (index == index_ref).all(-1)                                              # [B, T] rows that agree
     b = torch.sigmoid(layer.token_attn.trigger(u).float()[..., 0])
     near = (b - layer.token_attn.read_threshold).abs() < 1e-2                        # a trigger decision that close
-    keep = same & (index == index32).all(-1) & ~near
+    keep = same & ~near
     reads32 = (xz32 - u.float())[keep]
     err = rel_err((xz.float() - u.float())[keep], reads32)                                       # the reads
     err_composed = rel_err((xz_ref.float() - u.float())[keep], reads32)
     record(test="fused_memory_path", dtype=ids_dtype[dtype], layer=layer_index, err=err, seed=g.initial_seed(),
            info_composed_vs_fp32=err_composed, rows_differing=int((~same).sum()),
            rows_near_trigger=int(near.sum()), bank_err=rel_err(bank, bank_ref))
-    assert (~same).float().mean() <= 0.005 and near.float().mean() <= 0.05 and keep.float().mean() >= 0.9
-    assert err <= TOL[dtype]
+    assert (~same).float().mean() <= 0.005 and near.float().mean() <= 0.05 and err <= TOL[dtype]
     assert rel_err(bank, bank_ref) <= TOL[dtype]
     assert (index >= model.config.pool_size).any()                                   # tokens entered the pool
 
