@@ -108,10 +108,13 @@ def test_causal_conv(T, bias, k, rng):
     x = xz[..., :Di]
     w, b = torch.randn(Di, k, generator=rng), torch.randn(Di, generator=rng) if bias else None
     window = torch.randn(Bsz, Di, k - 1, generator=rng)
+    xz[:, -1, :5] = -0.0                                              # the window keeps signed zeros
+    window[:, 5:9] = -0.0
     out_ref, win_ref = causal_conv_ref(x, w, b, window)
     with poisoned():
         out, win = kt.TRITON_OPS.causal_conv(x, w, b, window)
     assert rel_err(out, out_ref) <= TOL and torch.equal(win, win_ref)
+    assert torch.equal(torch.signbit(win), torch.signbit(win_ref))
 
 
 @interpreted

@@ -188,7 +188,7 @@ def _replay_entry(e, n, t, a, prio, key, slot, jmin, cols, mask_k, row_ptr, K, B
     prio = tl.where(hit, a, prio)
     key = tl.where(hit, _ordered_key(a), key)
     slot = tl.where(hit, K + t, slot)
-    tl.store(row_ptr + (e + 1) * K + cols, slot, mask=mask_k & (e < n))
+    tl.store(row_ptr + tl.cast(e + 1, tl.int64) * K + cols, slot, mask=mask_k & (e < n))
     return prio, key, slot, _argmin_slot(key, cols, BLOCK_K)
 
 
@@ -502,7 +502,7 @@ def shift_index_kernel(src_ptr, dst_ptr, T, K, offset, stride_src_b, stride_src_
                        BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """grid (B, cdiv(T, BLOCK_T)): dst[b, t, :K] = src[b, t, :K] + offset where >= 0, else unchanged (empty)."""
     b = tl.program_id(0).to(tl.int64)
-    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)   # T x row stride can pass 2^31
     cols = tl.arange(0, BLOCK_K)
     mask = (offs_t < T)[:, None] & (cols < K)[None, :]
     i = tl.load(src_ptr + b * stride_src_b + offs_t[:, None] * stride_src_t + cols[None, :], mask=mask)

@@ -564,7 +564,7 @@ def _conv_input(x_ptr, win_ptr, pid_b, offs_d, mask_d, p, T, stride_x_b, stride_
     xv = tl.load(x_ptr + pid_b * stride_x_b + p * stride_x_t + offs_d, mask=mask_d & (p >= 0) & (p < T), other=0.0)
     wv = tl.load(win_ptr + pid_b * stride_win_b + offs_d * (WIDTH - 1) + (p + WIDTH - 1),
                  mask=mask_d & (p < 0) & (p >= 1 - WIDTH), other=0.0)
-    return xv.to(tl.float32) + wv.to(tl.float32)
+    return tl.where(p >= 0, xv.to(tl.float32), wv.to(tl.float32))   # a select keeps an input's -0.0 (the window)
 
 
 @triton.jit
