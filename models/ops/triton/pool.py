@@ -193,6 +193,17 @@ def _replay_entry(e, n, t, a, prio, key, slot, jmin, cols, mask_k, row_ptr, K, B
 
 
 @triton.jit
+def _entries(ev_t, ev_a, first, last, some):
+    # entries first .. first+3 (tokens, scores), clamped to the last: past it their values are unused
+    toks = ()
+    scores = ()
+    for j in tl.static_range(4):
+        toks = toks + (tl.load(ev_t + tl.minimum(first + j, last), mask=some, other=0),)
+        scores = scores + (tl.load(ev_a + tl.minimum(first + j, last), mask=some, other=0.0),)
+    return toks, scores
+
+
+@triton.jit
 def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_ptr, hist_ptr, prio_ptr, T, K, n_seg,
                         BLOCK_SEG: tl.constexpr, BLOCK_K: tl.constexpr):
     """grid (B,), one warp. Replays the entering tokens (ev_tok, ev_a, in order; seg_count says how many): each
@@ -217,23 +228,13 @@ def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_p
     last = tl.maximum(n - 1, 0)                               # loads past the last entry read it again (unused)
     some = n > 0
     ev_t, ev_a = ev_tok_ptr + b * T, ev_a_ptr + b * T
-    t0, a0 = tl.load(ev_t, mask=some, other=0), tl.load(ev_a, mask=some, other=0.0)
-    t1, a1 = tl.load(ev_t + tl.minimum(1, last), mask=some, other=0), tl.load(ev_a + tl.minimum(1, last), mask=some)
-    t2, a2 = tl.load(ev_t + tl.minimum(2, last), mask=some, other=0), tl.load(ev_a + tl.minimum(2, last), mask=some)
-    t3, a3 = tl.load(ev_t + tl.minimum(3, last), mask=some, other=0), tl.load(ev_a + tl.minimum(3, last), mask=some)
+    toks, scores = _entries(ev_t, ev_a, 0, last, some)
     for e in range(0, n, 4):
-        u0, b0 = tl.load(ev_t + tl.minimum(e + 4, last)), tl.load(ev_a + tl.minimum(e + 4, last))
-        u1, b1 = tl.load(ev_t + tl.minimum(e + 5, last)), tl.load(ev_a + tl.minimum(e + 5, last))
-        u2, b2 = tl.load(ev_t + tl.minimum(e + 6, last)), tl.load(ev_a + tl.minimum(e + 6, last))
-        u3, b3 = tl.load(ev_t + tl.minimum(e + 7, last)), tl.load(ev_a + tl.minimum(e + 7, last))
-        prio, key, slot, jmin = _replay_entry(e, n, t0, a0, prio, key, slot, jmin, cols, mask_k, row_ptr, K, BLOCK_K)
-        prio, key, slot, jmin = _replay_entry(e + 1, n, t1, a1, prio, key, slot, jmin, cols, mask_k, row_ptr, K,
-                                              BLOCK_K)
-        prio, key, slot, jmin = _replay_entry(e + 2, n, t2, a2, prio, key, slot, jmin, cols, mask_k, row_ptr, K,
-                                              BLOCK_K)
-        prio, key, slot, jmin = _replay_entry(e + 3, n, t3, a3, prio, key, slot, jmin, cols, mask_k, row_ptr, K,
-                                              BLOCK_K)
-        t0, a0, t1, a1, t2, a2, t3, a3 = u0, b0, u1, b1, u2, b2, u3, b3
+        next_toks, next_scores = _entries(ev_t, ev_a, e + 4, last, some)
+        for j in tl.static_range(4):
+            prio, key, slot, jmin = _replay_entry(e + j, n, toks[j], scores[j], prio, key, slot, jmin, cols, mask_k,
+                                                  row_ptr, K, BLOCK_K)
+        toks, scores = next_toks, next_scores
     tl.store(prio_ptr + b * K + cols, prio, mask=mask_k)
 
 
