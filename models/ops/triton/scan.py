@@ -255,7 +255,7 @@ def selective_scan_seq_kernel(
     are [N, Di] (channels contiguous) so that Triton lays threads along channels: AT is A transposed (loaded as
     [Di, N], A spills registers in the loop), and h_in / h_out (per (b, c)) are [N, Di] fp32, strides as
     selective_scan_fwd_kernel's."""
-    tl.static_assert((UNROLL == 2) or (UNROLL == 4), "the loop below is written for 2 or 4 tokens an iteration")
+    tl.static_assert((UNROLL == 2) or (UNROLL == 4), "measured and tested with 2 or 4 tokens an iteration")
     pid_b = tl.program_id(0).to(tl.int64)              # batch offsets can pass 2^31 elements at long T
     pid_d = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -277,39 +277,19 @@ def selective_scan_seq_kernel(
     zp = z_ptr + pid_b * stride_z_b + offs_d
     yp = y_ptr + pid_b * stride_y_b
     st = (stride_x_t, stride_dt_t, stride_B_t, stride_C_t, stride_z_t)
-    x0, dt0, B0, C0, z0 = _seq_loads(xp, dtp, Bp, Cp, zp, t_begin, *st, offs_n, N, mask_d, EVEN_N, WRITE_Y, HAS_Z)
-    x1, dt1, B1, C1, z1 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t_begin + 1, last), *st, offs_n, N, mask_d,
-                                     EVEN_N, WRITE_Y, HAS_Z)
-    x2, dt2, B2, C2, z2 = x1, dt1, B1, C1, z1                  # tokens 2 and 3 of an iteration: UNROLL = 4 only
-    x3, dt3, B3, C3, z3 = x1, dt1, B1, C1, z1
-    if UNROLL == 4:
-        x2, dt2, B2, C2, z2 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t_begin + 2, last), *st, offs_n, N,
-                                         mask_d, EVEN_N, WRITE_Y, HAS_Z)
-        x3, dt3, B3, C3, z3 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t_begin + 3, last), *st, offs_n, N,
-                                         mask_d, EVEN_N, WRITE_Y, HAS_Z)
+    ahead = ()                                                 # the next iteration's tokens' loads
+    for j in tl.static_range(UNROLL):
+        ahead = ahead + (_seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t_begin + j, last), *st, offs_n, N, mask_d,
+                                    EVEN_N, WRITE_Y, HAS_Z),)
     for t in range(t_begin, t_end, UNROLL):
-        cur0 = (x0, dt0, B0, C0, z0)
-        cur1 = (x1, dt1, B1, C1, z1)
-        cur2 = (x2, dt2, B2, C2, z2)
-        cur3 = (x3, dt3, B3, C3, z3)
-        x0, dt0, B0, C0, z0 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + UNROLL, last), *st, offs_n, N, mask_d,
-                                         EVEN_N, WRITE_Y, HAS_Z)
-        x1, dt1, B1, C1, z1 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + UNROLL + 1, last), *st, offs_n, N,
-                                         mask_d, EVEN_N, WRITE_Y, HAS_Z)
-        if UNROLL == 4:
-            x2, dt2, B2, C2, z2 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + UNROLL + 2, last), *st, offs_n, N,
-                                             mask_d, EVEN_N, WRITE_Y, HAS_Z)
-            x3, dt3, B3, C3, z3 = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + UNROLL + 3, last), *st, offs_n, N,
-                                             mask_d, EVEN_N, WRITE_Y, HAS_Z)
-        h, dt_sum = _seq_token(t, t_end, *cur0, h, A2, Dv, bias, mask_d, dt_softplus, yp + t * stride_y_t, offs_d,
-                               dt_sum, WRITE_Y, HAS_Z, WRITE_DT_SUM)
-        h, dt_sum = _seq_token(t + 1, t_end, *cur1, h, A2, Dv, bias, mask_d, dt_softplus,
-                               yp + (t + 1) * stride_y_t, offs_d, dt_sum, WRITE_Y, HAS_Z, WRITE_DT_SUM)
-        if UNROLL == 4:
-            h, dt_sum = _seq_token(t + 2, t_end, *cur2, h, A2, Dv, bias, mask_d, dt_softplus,
-                                   yp + (t + 2) * stride_y_t, offs_d, dt_sum, WRITE_Y, HAS_Z, WRITE_DT_SUM)
-            h, dt_sum = _seq_token(t + 3, t_end, *cur3, h, A2, Dv, bias, mask_d, dt_softplus,
-                                   yp + (t + 3) * stride_y_t, offs_d, dt_sum, WRITE_Y, HAS_Z, WRITE_DT_SUM)
+        cur = ahead
+        ahead = ()
+        for j in tl.static_range(UNROLL):
+            ahead = ahead + (_seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + UNROLL + j, last), *st, offs_n, N,
+                                        mask_d, EVEN_N, WRITE_Y, HAS_Z),)
+        for j in tl.static_range(UNROLL):
+            h, dt_sum = _seq_token(t + j, t_end, *cur[j], h, A2, Dv, bias, mask_d, dt_softplus,
+                                   yp + (t + j) * stride_y_t, offs_d, dt_sum, WRITE_Y, HAS_Z, WRITE_DT_SUM)
     if WRITE_H:
         tl.store(h_out_ptr + pid_b * stride_hout_b + pid_c * stride_hout_c + nd_off, h, mask=mask_nd)
     if WRITE_DT_SUM:
