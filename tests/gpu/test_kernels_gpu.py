@@ -456,7 +456,11 @@ def test_decode_1k_greedy_steps_cuda_graph_fp32(variant, step_kernel, g):
     logits, state = backend.prefill(prompt, backend.new_state(2))
     assert rel_err(logits, ref_logits[:, -1]) <= 1e-4
     token = ref_logits[:, -1].argmax(-1)
-    worst, flips, disagree, last_margin = 0.0, 0, 0, float("inf")
+
+    def state_errs():
+        return {k: rel_err(v, ref_state.tensors()[k]) for k, v in backend.to_reference(state).tensors().items()}
+
+    worst, flips, ties, disagree, last_margin = 0.0, 0, 0, 0, float("inf")
     for _ in range(1000):
         ref_l, ref_state, margin = decisions.step(token, ref_state)
         logits, state = backend.step(token, state)
@@ -467,15 +471,25 @@ def test_decode_1k_greedy_steps_cuda_graph_fp32(variant, step_kernel, g):
         else:
             worst = max(worst, err)
             disagree += int((logits.argmax(-1) != ref_l.argmax(-1)).sum())
+        if err <= 1e-4 and margin < 1e-5:
+            # A pool decision within rounding (in a loop of repeated tokens a score ties the lowest priority, the
+            # tokens' summaries nearly equal): either choice is right, and the logits need not show which was
+            # taken. Where it went the other way only the pool differs; resume from the reference. Near
+            # decisions that went alike (most of them) leave the state to the end-of-run check.
+            errs = state_errs()
+            if max(errs.values()) > 1e-4:
+                assert errs["conv"] <= 1e-4 and errs["ssm"] <= 1e-4, errs
+                ties += 1
+                state = backend.copy_state(ref_state)
         last_margin = margin
         token = ref_l.argmax(-1)                                     # the reference drives the tokens
     decisions.close()
-    state_errs = {k: rel_err(v, ref_state.tensors()[k]) for k, v in backend.to_reference(state).tensors().items()}
-    state_err = max(state_errs.values())
+    errs = state_errs()
+    state_err = max(errs.values())
     record(test="decode_1k_fp32_graph", variant=str(variant), step_kernel=step_kernel, err=worst,
-           greedy_disagreements=disagree, decision_flips=flips, state_err=state_err, seed=g.initial_seed(),
-           **{f"info_state_{k}": v for k, v in state_errs.items()})
-    assert worst <= 1e-4 and disagree == 0 and flips <= 3 and (flips or state_err <= 1e-4)
+           greedy_disagreements=disagree, decision_flips=flips, pool_ties_taken_otherwise=ties, state_err=state_err,
+           seed=g.initial_seed(), **{f"info_state_{k}": v for k, v in errs.items()})
+    assert worst <= 1e-4 and disagree == 0 and flips <= 3 and ties <= 10 and (flips or state_err <= 1e-4)
 
 
 @pytest.mark.parametrize("step_kernel", STEP_KERNELS)
