@@ -386,19 +386,26 @@ def layer_inputs(model, layer_index, rng, T, dtype, device="cpu"):
     return u, pool0, prio0, group
 
 
+@torch.no_grad()
+def reads_only_layer(model, layer_index):
+    """A copy of the layer whose memory_in_proj returns ũ = u + r_tok + r_cross itself (in_proj an identity), with
+    large, distinct read gains: the reads dominate ũ, and a mixed-up gain shows."""
+    layer = copy.deepcopy(model.layers[layer_index])
+    layer.token_attn.alpha.fill_(20.0)
+    if layer.cross_attn is not None:
+        layer.cross_attn.alpha.fill_(-7.0)
+    layer.mixer.in_proj = torch.nn.Identity()
+    return layer
+
+
 @interpreted
 @pytest.mark.parametrize("layer_index", [0, 1], ids=["token-read", "token-and-cross-layer-reads"])
 @torch.no_grad()
 def test_fused_memory_path_equals_its_composition(layer_index, rng):
     # half precision only (fp32 and autograd compose the ops); the tiny preset's layer 1 closes a §5 group of 2
     model = make_model(5).half()
-    layer = copy.deepcopy(model.layers[layer_index])
+    layer = reads_only_layer(model, layer_index)
     assert (layer.cross_attn is not None) == (layer_index == 1)
-    with torch.no_grad():                    # large, distinct gains: the reads dominate ũ, a mixed-up gain shows
-        layer.token_attn.alpha.fill_(20.0)
-        if layer.cross_attn is not None:
-            layer.cross_attn.alpha.fill_(-7.0)
-    layer.mixer.in_proj = torch.nn.Identity()                     # so xz is ũ = u + r_tok + r_cross itself
     u, pool0, prio0, group = layer_inputs(model, layer_index, rng, 150, torch.float16)
     composed = types.SimpleNamespace(**{**vars(kt.TRITON_OPS), "fused_memory_in_proj": no_fused_memory_in_proj})
     with poisoned():

@@ -29,7 +29,8 @@ from memmamba_deploy.models.ops import triton as kt
 from memmamba_deploy.models.ops.norm import residual_norm_ref
 from memmamba_deploy.models.ops.pool import pool_attention_ref, pool_read_ref, pool_sweep_ref
 from memmamba_deploy.models.ops.scan import causal_conv_ref, selective_scan_ref, selective_state_step_ref
-from test_kernels import layer_inputs, poison_backend, poisoned, scan_inputs, sweep_like_index
+from test_kernels import (layer_inputs, poison_backend, poisoned, reads_only_layer, scan_inputs,
+                          sweep_like_index)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -191,12 +192,7 @@ def test_fused_memory_path(dtype, layer_index, g):
     # rounds ũ more often than the fused path, so the two half results differ by up to ~2 ulps (1.02e-2 in bf16
     # on one draw), more than either differs from the fp32 result
     model = gpu_model(dtype, **SMALL)
-    layer = model.layers[layer_index]
-    with torch.no_grad():                    # large, distinct gains: the reads dominate ũ, a mixed-up gain shows
-        layer.token_attn.alpha.fill_(20.0)
-        if layer.cross_attn is not None:
-            layer.cross_attn.alpha.fill_(-7.0)
-    layer.mixer.in_proj = torch.nn.Identity()                     # so xz is ũ = u + r_tok + r_cross itself
+    layer = reads_only_layer(model, layer_index)
     u, pool0, prio0, group = layer_inputs(model, layer_index, g, 2000, dtype, DEV)
     composed = types.SimpleNamespace(**{**vars(kt.TRITON_OPS), "fused_memory_in_proj": no_fused_memory_in_proj})
     with poisoned():
