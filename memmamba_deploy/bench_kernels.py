@@ -176,6 +176,7 @@ def bench_prefill(lengths=(2048, 16384, 65536), reference_at=2048) -> dict:
 def bench_kernels(bw: float, T: int = 16384) -> None:
     from .backends.triton_backend import TritonBackend
     from .models.ops.triton import TRITON_OPS
+    from .models.ops.triton.pool import pool_mix
 
     c = MemMambaConfig.preset("130m")
     Di, N, K, ds, d, H, p = c.d_inner, c.d_state, c.pool_size, c.summary_dim, c.d_model, c.memory_heads, \
@@ -217,12 +218,13 @@ def bench_kernels(bw: float, T: int = 16384) -> None:
         nbytes = T * ds * 2 + T * d * 2 + T * groups * K * 4 + M * (ds + d) * 2
         row("kernel", f"pool_attention T={T // 1024}k S={groups * K} (fp32 models, AOT)", ms, floor(nbytes),
             bytes=nbytes)
-        # the prefill's read (pool_mix_kernel between its two GEMMs): u and the bank in, r out
-        u, bank, gain = rand(1, T, d), rand(1, M, ds), torch.full((1, T), 0.1, device=DEV)
-        wq, wk, wv = rand(ds, d) * d ** -0.5, rand(ds, ds) * ds ** -0.5, rand(d, ds) * ds ** -0.5
-        ms = time_ms(lambda: TRITON_OPS.pool_read(u, bank, idx, wq, wk, wv, H, gain), reps=20, flush=True)
-        nbytes = 2 * T * d * 2 + T * groups * K * 4 + M * ds * 2 + T * 4
-        row("kernel", f"pool_read T={T // 1024}k S={groups * K} (with its GEMMs)", ms, floor(nbytes), bytes=nbytes)
+        # the prefill's read (pool_mix_kernel, between the fused path's GEMMs): queries, index and bank in, m out
+        qk, bank, gain = rand(1, T, H * ds), rand(1, M, ds), torch.full((1, T), 0.1, device=DEV)
+        m = torch.empty_like(qk)
+        ms = time_ms(lambda: pool_mix(qk, bank, idx, gain, H, m, groups), reps=20, flush=True)
+        nbytes = 2 * T * H * ds * 2 + T * groups * K * 4 + M * ds * 2 + T * 4
+        row("kernel", f"pool_mix T={T // 1024}k S={groups * K} (the prefill's read)", ms, floor(nbytes),
+            bytes=nbytes)
     # the decode kernels of one 130m layer (a cross layer), fp16, batch 1
     model = make_130m(torch.float16)
     backend = TritonBackend(model, cuda_graph=False, step_kernel="layered")

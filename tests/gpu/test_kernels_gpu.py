@@ -29,7 +29,7 @@ from memmamba_deploy.models.ops import triton as kt
 from memmamba_deploy.models.ops.norm import residual_norm_ref
 from memmamba_deploy.models.ops.pool import pool_attention_ref, pool_read_ref, pool_sweep_ref
 from memmamba_deploy.models.ops.scan import causal_conv_ref, selective_scan_ref, selective_state_step_ref
-from test_kernels import (layer_inputs, poison_backend, poisoned, reads_only_layer, scan_inputs,
+from test_kernels import (layer_inputs, poison_backend, poisoned, pool_mix_ref, reads_only_layer, scan_inputs,
                           sweep_like_index)
 
 pytestmark = [pytest.mark.gpu,
@@ -178,6 +178,22 @@ def test_pool_read(dtype, groups, g):
         o = kt.TRITON_OPS.pool_read(u, bank, index, *w, H, gain, residual)         # the add in the output GEMM
     err = rel_err(o, residual.float() + ref)
     record(kernel="pool_read+residual", dtype=ids_dtype[dtype], S=groups * K, err=err)
+    assert err <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=ids_dtype.get)
+@pytest.mark.parametrize("groups", [1, 4], ids=["token-read", "cross-read"])
+@torch.no_grad()
+def test_pool_mix_on_sweep_indices(dtype, groups, g):
+    # the prefill's read (pool_mix_kernel: the blocks' first rows and own tokens) on real sweeps
+    B, T, K, ds, H = 2, 2000, 50, 64, 4
+    index = group_sweep_index(g, B, T, K, groups)
+    bank = torch.randn(B, groups * (K + T), ds, generator=g).to(DEV, dtype)
+    qk = torch.randn(B, T, H * ds, generator=g).to(DEV, dtype)
+    gain = (0.1 * (torch.rand(B, T, generator=g) > 0.3).float()).to(DEV)
+    m = torch.full((B, T, H * ds), float("nan"), device=DEV, dtype=dtype)
+    err = rel_err(kt.pool.pool_mix(qk, bank, index, gain, H, m, groups), pool_mix_ref(qk, bank, index, gain, H))
+    record(kernel="pool_mix", dtype=ids_dtype[dtype], S=groups * K, err=err)
     assert err <= TOL[dtype]
 
 

@@ -90,13 +90,14 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False):
     g = g.view(Bsz, T, width)
     bank = torch.cat([pool0.to(dtype), g[:, :, hd:col_trig]], dim=1)
     entries = (bank, index[:, :T])                                  # what each token reads, and §5's share
-    sources = [(*entries, gain)]                                    # per read: bank, index rows, gain
+    sources = [(*entries, gain, 1)]                                 # per read: bank, index rows, gain, layers
     if cross is not None:
-        sources.append((*cross_layer_bank(group + [entries], layer.pool_size + T), cross.alpha.detach()))
+        sources.append((*cross_layer_bank(group + [entries], layer.pool_size + T), cross.alpha.detach(),
+                        len(group) + 1))
     m = torch.empty(Bsz, T, len(reads) * qk_w, device=dev, dtype=dtype)
-    for i, (read_bank, read_index, read_gain) in enumerate(sources):
+    for i, (read_bank, read_index, read_gain, layers) in enumerate(sources):
         pool_mix(g[:, :, col_qk + i * qk_w:col_qk + (i + 1) * qk_w], read_bank, read_index, read_gain, H,
-                 m[:, :, i * qk_w:(i + 1) * qk_w])
+                 m[:, :, i * qk_w:(i + 1) * qk_w], layers)
     m2 = m.view(Bsz * T, m.shape[-1])
     # u + r_tok + r_cross; torch.addmm would first copy u into its output (14 µs a layer at 16k tokens)
     ut = u2.addmm_(m2, w_out.t()) if u_is_scratch else torch.addmm(u2, m2, w_out.t())

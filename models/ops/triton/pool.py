@@ -410,88 +410,161 @@ def pool_attention_fwd_kernel(
 
 
 @triton.jit
-def pool_mix_kernel(
-    q_ptr, s_ptr, index_ptr, gain_ptr, m_ptr,
-    T, S, ds, scale,
-    stride_q_b, stride_q_t, stride_s_b, stride_s_m, stride_i_b, stride_i_t, stride_g_b, stride_g_t, stride_m_b,
-    stride_m_t, HEADS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """grid (B, cdiv(T, BLOCK_Q), H / HEADS): HEADS heads per program; fp16/bf16 tensors (tensor-core dots).
-    The attention of pool_attention_fwd_kernel done on the summaries themselves:
-    q [B,T,H*ds] holds each head's query already through that head's W_k (q'_h = W_k,hᵀ q_h, so that
-    q'_h·s_j = q_h·k_j), s [B,M,ds] the bank's summaries, index [B,T,S] int32 (negative: no entry).
-    m [B,T,H*ds] gets m_h = gain · Σ_j softmax_j(scale q'_h·s_j) s_j (gain [B,T] per query); the caller
-    applies W_v (o_h = W_v,h m_h), so no [M, d] values are ever formed or gathered. The first index row of the
-    block is gathered once for the program's heads; slots that change inside the block are gathered per query,
-    as in pool_attention_fwd_kernel."""
-    b = tl.program_id(0).to(tl.int64)                          # batch offsets can pass 2^31 elements at long T
-    qb = tl.program_id(1)
-    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+def _mix_dot(w, s):
+    # w [rows, slots] fp32 times s [slots, ds] half on tensor cores, w in two half parts: to ~2^-22 in fp16,
+    # ~2^-16 in bf16
+    w_hi = w.to(s.dtype)
+    w_lo = (w - w_hi.to(tl.float32)).to(s.dtype)
+    return tl.dot(w_hi, s) + tl.dot(w_lo, s)
+
+
+ENDS_T = 64           # entry_ends_kernel: index rows per program
+
+
+@triton.jit
+def entry_ends_kernel(index_ptr, ends_ptr, T, S, stride_i_b, stride_i_t, stride_e_b,
+                      BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
+    """grid (B, cdiv(T, BLOCK_T)). ends[b, r] = the last row t < T of index [B,T,S] that holds bank row r in
+    some slot, for a sweep's index (an entry keeps its slot until it is evicted, and never comes back): the row
+    after which the slot holds another entry, or the last row. ends is -1 beforehand (rows never held)."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = tl.arange(0, BLOCK_S)
+    mask = (offs_t < T)[:, None] & (offs_s < S)[None, :]
+    row = index_ptr + b * stride_i_b + offs_t[:, None].to(tl.int64) * stride_i_t + offs_s[None, :]
+    r = tl.load(row, mask=mask, other=-1)
+    r_next = tl.load(row + stride_i_t, mask=mask & (offs_t + 1 < T)[:, None], other=-2)
+    last = mask & (r >= 0) & (r != r_next)
+    tl.store(ends_ptr + b * stride_e_b + r, tl.broadcast_to(offs_t[:, None], [BLOCK_T, BLOCK_S]), mask=last)
+
+
+def entry_ends(index, rows: int):
+    """ends [B, rows] int32 (entry_ends_kernel): the last row of a sweep's index [B,T,S] holding each bank row,
+    -1 where none does."""
+    Bsz, T, S = index.shape
+    if index.dtype != torch.int32 or index.stride(-1) != 1:
+        raise ValueError(f"entry_ends wants an int32 index with unit slot stride, got {index.dtype} with strides "
+                         f"{tuple(index.stride())}")
+    ends = torch.full((Bsz, rows), -1, device=index.device, dtype=torch.int32)
+    if T and S:
+        entry_ends_kernel[(Bsz, triton.cdiv(T, ENDS_T))](index, ends, T, S, index.stride(0), index.stride(1),
+                                                         ends.stride(0), BLOCK_T=ENDS_T,
+                                                         BLOCK_S=triton.next_power_of_2(S), num_warps=4)
+    return ends
+
+
+@triton.jit
+def _online_softmax_step(logits, s, top, den, acc):
+    # one more part of a row softmax's entries (logits [rows, n], -inf where absent; summaries s [n, ds]) into
+    # the running maximum, denominator and weighted sum. A row that does not read summary j has weight 0 for
+    # it, and 0 x inf is NaN: non-finite summaries are mixed as 0 (a row that reads one has a non-finite logit
+    # and ends NaN anyway, as in the reference)
+    new_top = tl.maximum(top, tl.max(logits, axis=1))
+    shift = tl.where(new_top == float("-inf"), 0.0, new_top)       # nothing yet: every weight is exp(-inf) = 0
+    rescale = tl.exp(top - shift)
+    e = tl.exp(logits - shift[:, None])
+    s = tl.where(tl.abs(s.to(tl.float32)) < float("inf"), s, 0.0).to(s.dtype)          # NaN fails < too
+    return new_top, den * rescale + tl.sum(e, axis=1), acc * rescale[:, None] + _mix_dot(e, s)
+
+
+@triton.jit
+def pool_mix_kernel(
+    q_ptr, s_ptr, index_ptr, ends_ptr, gain_ptr, m_ptr,
+    T, K, ds, scale, layer_rows,
+    stride_q_b, stride_q_t, stride_s_b, stride_s_m, stride_i_b, stride_i_t, stride_e_b, stride_g_b, stride_g_t,
+    stride_m_b, stride_m_t, LAYERS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """grid (B, cdiv(T, BLOCK_Q), H); one head of BLOCK_Q queries a program; fp16/bf16 tensors (tensor-core
+    dots). The attention of pool_attention_fwd_kernel done on the summaries themselves:
+    q [B,T,H*ds] holds each head's query already through that head's W_k (q'_h = W_k,hᵀ q_h, so that
+    q'_h·s_j = q_h·k_j), s [B,M,ds] the bank's summaries, index [B,T,LAYERS·K] int32 (negative: no entry).
+    m [B,T,H*ds] gets m_h = gain · Σ_j softmax_j(scale q'_h·s_j) s_j (gain [B,T] per query); the caller
+    applies W_v (o_h = W_v,h m_h), so no [M, d] values are ever formed or gathered.
+
+    The index must be the sweeps' (§3, §8) of LAYERS pools of K slots: layer j's bank is rows
+    [j·layer_rows, +K + T) (its pool, then token t's summary at j·layer_rows + K + t), its slots are index
+    columns [j·K, +K). A bank row is then read by the queries from the one after it entered (or 0) through
+    ends[b, row] (entry_ends, -1: never). So per layer a query block reads its first index row's entries
+    while they last, and its own tokens that entered while they last: one index row loaded per block, and
+    the tokens' summaries only where one of them entered."""
+    b = tl.program_id(0).to(tl.int64)                          # batch offsets can pass 2^31 elements at long T
+    t0 = tl.program_id(1) * BLOCK_Q
+    h = tl.program_id(2)
+    lane = tl.arange(0, BLOCK_Q)
+    offs_q = t0 + lane
+    rows_q = offs_q.to(tl.int64)                               # token x row stride passes 2^31 at a few M tokens
+    offs_k = tl.arange(0, BLOCK_K)
     offs_c = tl.arange(0, BLOCK_C)
     mask_q = offs_q < T
-    mask_s = offs_s < S
+    mask_k = offs_k < K
     mask_c = offs_c < ds
     s_base = s_ptr + b * stride_s_b
-    idx, first, valid, changed = _block_index(index_ptr, b, qb, offs_q, offs_s, mask_q, mask_s, stride_i_b,
-                                              stride_i_t, BLOCK_Q)
-    has_first = first >= 0
-    s_first = tl.load(s_base + first[:, None] * stride_s_m + offs_c[None, :], mask=has_first[:, None] & mask_c[None, :],
-                      other=0.0)                                                  # [BLOCK_S, BLOCK_C], fp16/bf16
-    col_changed = tl.max(changed.to(tl.int32), axis=0)
-    gain = tl.load(gain_ptr + b * stride_g_b + offs_q * stride_g_t, mask=mask_q, other=0.0).to(tl.float32)
-    for hh in tl.static_range(HEADS):
-        h = tl.program_id(2) * HEADS + hh
-        q_half = tl.load(q_ptr + b * stride_q_b + offs_q[:, None] * stride_q_t + h * ds + offs_c[None, :],
-                         mask=mask_q[:, None] & mask_c[None, :], other=0.0)
-        q = q_half.to(tl.float32)
-        logits = tl.dot(q_half, tl.trans(s_first))             # half products are exact in the fp32 accumulator
-        logits = _changed_logits(logits, q, idx, first, offs_s, col_changed, s_base, stride_s_m, offs_c, mask_c,
-                                 BLOCK_S)
-        w = _masked_softmax(logits, valid, scale)
-        w_first = tl.where(changed, 0.0, w)
-        w_hi = w_first.to(s_first.dtype)                       # the weights in two half-precision parts, on tensor
-        w_lo = (w_first - w_hi.to(tl.float32)).to(s_first.dtype)   # cores: to ~2^-22 in fp16, ~2^-16 in bf16
-        m = tl.dot(w_hi, s_first) + tl.dot(w_lo, s_first)      # [BLOCK_Q, BLOCK_C]
-        m = _changed_mix(m, w, idx, first, offs_s, col_changed, s_base, stride_s_m, offs_c, mask_c, BLOCK_S)
-        tl.store(m_ptr + b * stride_m_b + offs_q[:, None] * stride_m_t + h * ds + offs_c[None, :],
-                 (m * gain[:, None]).to(m_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_c[None, :])
+    e_base = ends_ptr + b * stride_e_b
+    q = tl.load(q_ptr + b * stride_q_b + rows_q[:, None] * stride_q_t + h * ds + offs_c[None, :],
+                mask=mask_q[:, None] & mask_c[None, :], other=0.0)
+    gain = tl.load(gain_ptr + b * stride_g_b + rows_q * stride_g_t, mask=mask_q, other=0.0).to(tl.float32)
+    # a softmax over every layer's two parts, online (the layers one after the other, flash-attention's way)
+    top = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_C], tl.float32)
+    for j in range(LAYERS):
+        first = tl.load(index_ptr + b * stride_i_b + t0.to(tl.int64) * stride_i_t + j * K + offs_k, mask=mask_k,
+                        other=-1)
+        has = first >= 0
+        s_first = tl.load(s_base + first[:, None] * stride_s_m + offs_c[None, :], mask=has[:, None] & mask_c[None, :],
+                          other=0.0)                                              # [BLOCK_K, BLOCK_C]
+        last = tl.load(e_base + first, mask=has, other=-1)
+        logits = tl.where(offs_q[:, None] <= last[None, :], tl.dot(q, tl.trans(s_first)) * scale, float("-inf"))
+        top, den, acc = _online_softmax_step(logits, s_first, top, den, acc)
+        rows = j * layer_rows + K + offs_q                                          # the block's own tokens
+        own_last = tl.load(e_base + rows, mask=mask_q, other=-1)
+        if tl.max(own_last, axis=0) > t0:                        # a token of the block entered, read inside it
+            s_own = tl.load(s_base + rows[:, None] * stride_s_m + offs_c[None, :],
+                            mask=(own_last > offs_q)[:, None] & mask_c[None, :], other=0.0)
+            sees = (offs_q[:, None] > offs_q[None, :]) & (offs_q[:, None] <= own_last[None, :])   # [query, token]
+            l_own = tl.where(sees, tl.dot(q, tl.trans(s_own)) * scale, float("-inf"))
+            top, den, acc = _online_softmax_step(l_own, s_own, top, den, acc)
+    m = acc / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(m_ptr + b * stride_m_b + rows_q[:, None] * stride_m_t + h * ds + offs_c[None, :],
+             (m * gain[:, None]).to(m_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_c[None, :])
 
 
-MIX_TILE = 1024       # pool_mix_kernel's [BLOCK_Q, BLOCK_S] tile
-MIX_HEADS = 1         # heads per program (0: all); one is fastest on the H100 and the H200 (BENCHMARKS.md)
-MIX_MIN_Q = 8         # fewest queries per program: 8 beats 16 at S = 200 (the cross-layer reads), 154 vs 212 us
+MIX_Q = 64            # pool_mix_kernel: queries per program, and warps (a sweep on the H100 at 16k tokens:
+MIX_WARPS = 4         # 19 / 100 us a token / cross-layer read, 21.5 / 106 at 32 x 2, 23 / 122 at 16 x 2; BENCHMARKS.md)
 
 
-def mix_blocks(S: int, ds: int, H: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_Q, BLOCK_S, BLOCK_C, HEADS, num_warps) of pool_mix_kernel: [BLOCK_Q, BLOCK_S] tiles of about
-    MIX_TILE values and at least MIX_MIN_Q queries, the other dot dimensions >= 16; 2 warps for a pool of <= 64
-    slots, 4 beyond (sweeps of tiles, heads per program and warps on the H200: BENCHMARKS.md)."""
-    block_s = max(16, triton.next_power_of_2(max(S, 1)))
-    heads = MIX_HEADS if MIX_HEADS and H % MIX_HEADS == 0 else H
-    return (max(MIX_MIN_Q, MIX_TILE // block_s), block_s, max(16, triton.next_power_of_2(ds)), heads,
-            2 if block_s <= 64 else 4)
+def mix_blocks(K: int, ds: int) -> tuple[int, int, int, int]:
+    """(BLOCK_Q, BLOCK_K, BLOCK_C, num_warps) of pool_mix_kernel for pools of K slots."""
+    return MIX_Q, max(16, triton.next_power_of_2(max(K, 1))), max(16, triton.next_power_of_2(ds)), MIX_WARPS
 
 
-def pool_mix(qk, bank, index, gain, heads: int, m):
+def pool_mix(qk, bank, index, gain, heads: int, m, layers: int = 1):
     """m [B,T,H·ds] = gain · Σ_j softmax_j(q'_h·s_j / sqrt(ds/H)) s_j per head (pool_mix_kernel), for qk [B,T,H·ds]
     (each head's query through W_k,hᵀ; rows may be strided, as a column block of a wider GEMM output), the bank's
-    summaries [B,M,ds], index [B,T,S] and gain (broadcast to [B,T]; a scalar's expand is not copied). m may be a
-    column block of a wider tensor too."""
+    summaries [B,M,ds], a sweep's index [B,T,S] over it and gain (broadcast to [B,T]; a scalar's expand is not
+    copied). The bank is `layers` equal banks, each its pool's K slots then the T tokens' summaries, and the
+    index their sweeps' rows as cross_layer_bank joins them (layers=1: one layer's bank and index). m may be a
+    column block of a wider tensor too. Any other index gives wrong results (pool_attention takes any)."""
     Bsz, T, _ = qk.shape
-    ds = bank.shape[-1]
+    M, ds = bank.shape[1], bank.shape[-1]
+    S = index.shape[-1]
     if m.stride(-1) != 1:
         raise ValueError(f"pool_mix writes m with unit column stride; got strides {tuple(m.stride())}")
+    if layers < 1 or M % layers or S % layers or M // layers - S // layers != T:
+        raise ValueError(f"pool_mix wants {layers} banks of K + T rows and K slots each for T={T}; got a bank of "
+                         f"{M} rows and an index of {S} slots")
     qk, bank = (t if t.stride(-1) == 1 else t.contiguous() for t in (qk, bank))
     index = index.to(torch.int32).contiguous()
     gain = gain.expand(Bsz, T)
     if T:
-        block_q, block_s, block_c, heads_per_program, num_warps = mix_blocks(index.shape[-1], ds, heads)
-        pool_mix_kernel[(Bsz, triton.cdiv(T, block_q), heads // heads_per_program)](
-            qk, bank, index, gain, m, T, index.shape[-1], ds, (ds // heads) ** -0.5,
+        ends = entry_ends(index, M)
+        block_q, block_k, block_c, num_warps = mix_blocks(S // layers, ds)
+        pool_mix_kernel[(Bsz, triton.cdiv(T, block_q), heads)](
+            qk, bank, index, ends, gain, m, T, S // layers, ds, (ds // heads) ** -0.5, M // layers,
             qk.stride(0), qk.stride(1), bank.stride(0), bank.stride(1), index.stride(0), index.stride(1),
-            gain.stride(0), gain.stride(1), m.stride(0), m.stride(1),
-            HEADS=heads_per_program, BLOCK_Q=block_q, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
+            ends.stride(0), gain.stride(0), gain.stride(1), m.stride(0), m.stride(1),
+            LAYERS=layers, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps)
     return m
 
 
@@ -558,28 +631,12 @@ def pool_after(bank, index_last):
 
 
 def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
-    """Same signature and results as pool_read_ref. fp16/bf16 inference: through pool_mix_kernel, the keys' and
-    values' projections moved to the query side and the output (q'_h = W_k,hᵀ W_q,h u; o_h = W_v,h m_h), so the
-    kernel reads ds-wide summaries where the reference gathers d-wide values per query and slot; the residual
-    is added by the output GEMM (one rounding where the reference rounds r first). fp32 (an fp32 dot has no
-    exact tensor-core form) and autograd (pool_attention has the backward): pool_attention on the projected
-    keys and values."""
-    Bsz, T, d = u.shape
-    ds = w_k.shape[0]
-    H = heads
-    if u.dtype == torch.float32 or needs_grad(u, bank, w_q, w_k, w_v, gain, residual):
-        F = torch.nn.functional
-        o = pool_attention(F.linear(u, w_q), F.linear(bank, w_k), F.linear(bank, w_v), index, heads)
-        return gained_read(o, gain, residual)
-    wqk, w_out = read_weights(w_q, w_k, w_v, H, u.dtype)
-    qk = torch.nn.functional.linear(u, wqk)                                          # [B, T, H*ds]
-    m = torch.empty(Bsz, T, H * ds, device=u.device, dtype=u.dtype)
-    pool_mix(qk, bank, index, gain, H, m)
-    if residual is None:
-        return torch.nn.functional.linear(m, w_out)
-    if residual.dtype != u.dtype or residual.shape != u.shape:        # the reference promotes and broadcasts
-        return residual + torch.nn.functional.linear(m, w_out)
-    return torch.addmm(residual.reshape(-1, d), m.view(-1, H * ds), w_out.t()).view(Bsz, T, d)
+    """Same signature and results as pool_read_ref, for any index: pool_attention on the projected keys and
+    values (differentiable). The half-precision prefill reads through pool_mix_kernel instead, inside
+    fused_memory_in_proj, where the index is known to be a sweep's."""
+    F = torch.nn.functional
+    o = pool_attention(F.linear(u, w_q), F.linear(bank, w_k), F.linear(bank, w_v), index, heads)
+    return gained_read(o, gain, residual)
 
 
 @triton.jit
