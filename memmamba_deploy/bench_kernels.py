@@ -176,7 +176,7 @@ def bench_prefill(lengths=(2048, 16384, 65536), reference_at=2048) -> dict:
 def bench_kernels(bw: float, T: int = 16384) -> None:
     from .backends.triton_backend import TritonBackend
     from .models.ops.triton import TRITON_OPS
-    from .models.ops.triton.pool import pool_mix
+    from .models.ops.triton.pool import pool_mix, pool_sweep_ends
 
     c = MemMambaConfig.preset("130m")
     Di, N, K, ds, d, H, p = c.d_inner, c.d_state, c.pool_size, c.summary_dim, c.d_model, c.memory_heads, \
@@ -209,7 +209,8 @@ def bench_kernels(bw: float, T: int = 16384) -> None:
     nbytes = T * 4 + (T + 1) * K * 4
     row("kernel", f"pool_sweep T={T // 1024}k K={K}", ms, floor(nbytes), bytes=nbytes,
         note="five launches; the slot replay of the ~300 entering tokens is one warp per batch row")
-    index = TRITON_OPS.pool_sweep(scores, prio0, 0.5)[0][:, :T]
+    index, _, ends = pool_sweep_ends(scores, prio0, 0.5)
+    index = index[:, :T]
     for groups in (1, p):
         idx = torch.cat([torch.where(index >= 0, index + i * (K + T), -1) for i in range(groups)], 2).int()
         M = groups * (K + T)
@@ -221,7 +222,8 @@ def bench_kernels(bw: float, T: int = 16384) -> None:
         # the prefill's read (pool_mix_kernel, between the fused path's GEMMs): queries, index and bank in, m out
         qk, bank, gain = rand(1, T, H * ds), rand(1, M, ds), torch.full((1, T), 0.1, device=DEV)
         m = torch.empty_like(qk)
-        ms = time_ms(lambda: pool_mix(qk, bank, idx, gain, H, m, groups), reps=20, flush=True)
+        banks = list(bank.split(K + T, dim=1))                  # a group's pools, in place, with the sweep's ends
+        ms = time_ms(lambda: pool_mix(qk, banks, [index] * groups, gain, H, m, [ends] * groups), reps=20, flush=True)
         nbytes = 2 * T * H * ds * 2 + T * groups * K * 4 + M * ds * 2 + T * 4
         row("kernel", f"pool_mix T={T // 1024}k S={groups * K} (the prefill's read)", ms, floor(nbytes),
             bytes=nbytes)

@@ -178,14 +178,26 @@ def test_selective_state_step(with_z, rng):
 
 
 # ---- note pool -----------------------------------------------------------------------------------------------------
+def entry_ends_ref(index, rows):
+    """[B, rows]: the last row t of index [B,T,S] holding each bank row, -1 where none does (torch)."""
+    B, T, _ = index.shape
+    t = torch.arange(T).view(1, T, 1).expand_as(index)
+    return torch.full((B, rows + 1), -1).scatter_reduce(1, torch.where(index >= 0, index, rows).flatten(1).long(),
+                                                        t.flatten(1), "amax")[:, :-1].int()
+
+
 def assert_sweep_replays_the_reference(a, prio0):
     """The kernel sweep's index and priorities equal pool_sweep_ref's, with its scratch poisoned with NaN and with
-    1e30 (NaN fails every comparison, so unwritten scratch read by one would go unseen). Returns the index."""
+    1e30 (NaN fails every comparison, so unwritten scratch read by one would go unseen), and the entry ends it
+    finds on the way are those of its index. Returns the index."""
     index_ref, prio_ref = pool_sweep_ref(a, prio0, 0.5)
     for poison in (float("nan"), 1e30):
         with poisoned(poison):
-            index, prio = kt.TRITON_OPS.pool_sweep(a, prio0, 0.5)
+            index, prio, ends = kt.pool.pool_sweep_ends(a, prio0, 0.5)
         assert torch.equal(index, index_ref) and torch.equal(prio, prio_ref), poison
+        assert torch.equal(ends, entry_ends_ref(index_ref[:, :-1], a.shape[1] + prio0.shape[1])), poison
+        with poisoned(poison):
+            assert all(torch.equal(x, y) for x, y in zip(kt.TRITON_OPS.pool_sweep(a, prio0, 0.5), (index, prio)))
     return index_ref
 
 
@@ -230,22 +242,9 @@ def test_pool_sweep_of_a_few_tokens(case):
         prio0 = torch.tensor([[0.55, 0.6, 0.9]])
     index_ref, prio_ref = pool_sweep_ref(a, prio0, 0.5)
     with poisoned():
-        index, prio = kt.TRITON_OPS.pool_sweep(a, prio0, 0.5)
+        index, prio, ends = kt.pool.pool_sweep_ends(a, prio0, 0.5)
     assert torch.equal(index, index_ref) and torch.equal(prio, prio_ref)
-
-
-@interpreted
-def test_cross_layer_bank_equals_the_reference(rng):
-    # three layers' banks and index rows (views into [B, T+1, K], as the sweep returns them), empty slots too
-    B, T, K = 2, 70, 5
-    M = K + T
-    group = [(torch.randn(B, M, 8, generator=rng),
-              torch.randint(-1, M, (B, T + 1, K), generator=rng, dtype=torch.int32)[:, :T]) for _ in range(3)]
-    banks_ref, indices_ref = cross_layer_bank(group, M)
-    with poisoned():
-        banks, indices = kt.pool.cross_layer_bank(group, M)
-    assert torch.equal(banks, banks_ref) and torch.equal(indices, indices_ref) and indices.dtype == torch.int32
-    assert (indices_ref < 0).any() and (indices_ref >= 2 * M).any()
+    assert torch.equal(ends, entry_ends_ref(index_ref[:, :-1], a.shape[1] + prio0.shape[1]))
 
 
 def sweep_like_index(g, B, T, M, S):
@@ -343,36 +342,40 @@ def test_pool_mix_on_sweep_indices(layers, K, T, scores, rng):
         prio0 = torch.full((B, K), -1.0)
         prio0[0, 1::3] = 0.52 + 0.3 * torch.rand(len(range(1, K, 3)), generator=rng)   # held slots in row 0
         index, _ = pool_sweep_ref(a, prio0, 0.5)
-        group.append((torch.randn(B, K + T, ds, generator=rng).half(), index[:, :T]))
-    bank, index = cross_layer_bank(group, K + T) if layers > 1 else group[0]
-    index = index.to(torch.int32)
+        group.append((torch.randn(B, K + T, ds, generator=rng).half(), index[:, :T].int()))
+    banks, indices = [bank for bank, _ in group], [index for _, index in group]     # pool_mix reads them in place
+    bank, index = cross_layer_bank(group, K + T) if layers > 1 else group[0]       # the reference's one joined pool
     block_q = kt.pool.mix_blocks(K, ds)[0]
     first_rows = index[:, torch.arange(T) // block_q * block_q]
     twice = [(index[b, t0:t0 + block_q, s].unique().numel() > 2) for b in range(B) for t0 in range(0, T, block_q)
              for s in range(index.shape[-1])]
     assert (index >= K).any() and not torch.equal(index, first_rows) and any(twice)   # rows change inside blocks
-    t = torch.arange(T).view(1, T, 1).expand_as(index)
-    ends_ref = torch.full((B, bank.shape[1] + 1), -1).scatter_reduce(1, torch.where(index >= 0, index, bank.shape[1])
-                                                                      .flatten(1).long(), t.flatten(1), "amax")
     with poisoned():
-        assert torch.equal(kt.pool.entry_ends(index, bank.shape[1]), ends_ref[:, :-1].int())   # the last row holding it
+        assert torch.equal(kt.pool.entry_ends(index, bank.shape[1]), entry_ends_ref(index, bank.shape[1]))
     qk = torch.randn(B, T, H * ds, generator=rng).half()
     gain = 0.1 * (torch.rand(B, T, generator=rng) > 0.2).float()
     gain[1, 0] = 0.1                                                             # row 0 of batch 1 reads nothing
     m = torch.full((B, T, H * ds), float("nan"), dtype=torch.float16)
-    kt.pool.pool_mix(qk, bank, index, gain, H, m, layers)
+    kt.pool.pool_mix(qk, banks, indices, gain, H, m)
     assert rel_err(m, pool_mix_ref(qk, bank, index, gain, H)) <= 1e-2
     assert (index[1, 0] < 0).all() and torch.equal(m[1, 0], torch.zeros(H * ds, dtype=torch.float16))
+    given = torch.full_like(m, float("nan"))                                     # ends from the caller (the sweep's)
+    ends = [entry_ends_ref(i, K + T) for i in indices]
+    kt.pool.pool_mix(qk, banks, indices, gain, H, given, ends)
+    assert torch.equal(given, m)
+    with pytest.raises(ValueError, match="ends"):
+        kt.pool.pool_mix(qk, banks, indices, gain, H, given, [e[:, 1:] for e in ends])
     # a NaN summary (an overflowed model) spoils only the queries that read it, as in the reference
-    entered = (index[0, 1:] == K + torch.arange(T - 1)[:, None]).any(-1).nonzero()[:, 0]
-    bank[0, K + int(entered[len(entered) // 2]), 3] = float("nan")
+    entered = (indices[0][0, 1:] == K + torch.arange(T - 1)[:, None]).any(-1).nonzero()[:, 0]
+    banks[0][0, K + int(entered[len(entered) // 2]), 3] = float("nan")
+    bank, index = cross_layer_bank(group, K + T) if layers > 1 else group[0]
     ref = pool_mix_ref(qk, bank, index, gain, H)
-    kt.pool.pool_mix(qk, bank, index, gain, H, m, layers)
+    kt.pool.pool_mix(qk, banks, indices, gain, H, m)
     spoilt = ref.isnan().any(-1)
     assert spoilt.any() and not spoilt.all() and torch.equal(m.isnan().any(-1), spoilt)
     assert rel_err(m[~spoilt], ref[~spoilt]) <= 1e-2
     with pytest.raises(ValueError, match="banks of K"):
-        kt.pool.pool_mix(qk, bank[:, 1:], index, gain, H, m, layers)
+        kt.pool.pool_mix(qk, [b[:, 1:] for b in banks], indices, gain, H, m)
 
 
 # ---- the whole model with kernels="triton" ---------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from memmamba_deploy.models.ops import triton as kt
 from memmamba_deploy.models.ops.norm import residual_norm_ref
 from memmamba_deploy.models.ops.pool import pool_attention_ref, pool_read_ref, pool_sweep_ref
 from memmamba_deploy.models.ops.scan import causal_conv_ref, selective_scan_ref, selective_state_step_ref
-from test_kernels import (layer_inputs, poison_backend, poisoned, pool_mix_ref, reads_only_layer, scan_inputs,
-                          sweep_like_index)
+from test_kernels import (entry_ends_ref, layer_inputs, poison_backend, poisoned, pool_mix_ref, reads_only_layer,
+                          scan_inputs, sweep_like_index)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -123,10 +123,11 @@ def test_pool_sweep(K, g):
     prio0 = torch.where(torch.rand(4, K, generator=g) < 0.3, -1.0, torch.rand(4, K, generator=g)).to(DEV)
     index_ref, prio_ref = pool_sweep_ref(a, prio0, 0.5)
     with poisoned():
-        index, prio = kt.TRITON_OPS.pool_sweep(a, prio0, 0.5)
+        index, prio, ends = kt.pool.pool_sweep_ends(a, prio0, 0.5)
     mismatches = int((index != index_ref).sum())
-    record(kernel="pool_sweep", K=K, index_mismatches=mismatches)
-    assert mismatches == 0 and torch.equal(prio, prio_ref)
+    ends_ref = entry_ends_ref(index_ref[:, :-1].cpu(), K + a.shape[1])
+    record(kernel="pool_sweep", K=K, index_mismatches=mismatches, ends_mismatches=int((ends.cpu() != ends_ref).sum()))
+    assert mismatches == 0 and torch.equal(prio, prio_ref) and torch.equal(ends.cpu(), ends_ref)
 
 
 def group_sweep_index(g, B, T, K, groups):
@@ -192,7 +193,10 @@ def test_pool_mix_on_sweep_indices(dtype, groups, g):
     qk = torch.randn(B, T, H * ds, generator=g).to(DEV, dtype)
     gain = (0.1 * (torch.rand(B, T, generator=g) > 0.3).float()).to(DEV)
     m = torch.full((B, T, H * ds), float("nan"), device=DEV, dtype=dtype)
-    err = rel_err(kt.pool.pool_mix(qk, bank, index, gain, H, m, groups), pool_mix_ref(qk, bank, index, gain, H))
+    # the pools where they lie: the joined bank's layer blocks, each index block shifted back to its own rows
+    banks = list(bank.split(K + T, dim=1))
+    indices = [torch.where(i >= 0, i - j * (K + T), -1).int() for j, i in enumerate(index.split(K, dim=2))]
+    err = rel_err(kt.pool.pool_mix(qk, banks, indices, gain, H, m), pool_mix_ref(qk, bank, index, gain, H))
     record(kernel="pool_mix", dtype=ids_dtype[dtype], S=groups * K, err=err)
     assert err <= TOL[dtype]
 

@@ -6,6 +6,8 @@ What the fusion changes, and why:
                 W_kᵀ) is one [B·T, d] x [d, width] GEMM on a stacked weight: at 16k tokens one 576-wide GEMM costs
                 about half of the five narrow ones (BENCHMARKS.md);
   note_scores   score_out, both sigmoids, the trigger's bias and threshold are one small kernel over its rows;
+  reads         pool_mix on the summaries, with the sweep's entry ends; the cross-layer read takes its group's
+                pools where they lie (no joined bank or index);
   one output    the reads' mixtures land side by side in m, and ũ = u + m W_outᵀ is one GEMM (with the residual)
                 for the token read and the cross-layer read together.
 Rounding differs from the composition only in the order of GEMM sums and in the trigger's output (rounded to half
@@ -21,9 +23,19 @@ import triton.language as tl
 from memmamba_deploy.models.ops import needs_grad
 from memmamba_deploy.models.ops.pool import fp32
 
-from .pool import cross_layer_bank, pool_after, pool_mix, pool_sweep, read_weights
+from .pool import pool_after, pool_mix, pool_sweep_ends, read_weights
 
 SCORE_ROWS = 64          # note_scores_kernel: rows per program
+
+
+class SweepEntries(tuple):
+    """A layer's §5 entries (bank, index rows), the pair Layer.memory_in_proj returns, carrying its sweep's
+    entry ends [B, K+T] (pool_sweep_ends) for its group's cross-layer read: still a pair to whoever unpacks it."""
+
+    def __new__(cls, bank, index, ends):
+        entries = super().__new__(cls, (bank, index))
+        entries.ends = ends
+        return entries
 
 
 @triton.jit
@@ -86,18 +98,18 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False):
             g, note.score_out.weight.detach(), tok.trigger.bias.detach(), tok.alpha.detach(), a, gain, Bsz * T, hd,
             col_trig, g.stride(0), fp32(tok.read_threshold), BLOCK_M=SCORE_ROWS,
             BLOCK_H=max(16, triton.next_power_of_2(hd)), num_warps=4)
-    index, prio = pool_sweep(a, prio0, layer.insert_threshold)
+    index, prio, ends = pool_sweep_ends(a, prio0, layer.insert_threshold)
     g = g.view(Bsz, T, width)
     bank = torch.cat([pool0.to(dtype), g[:, :, hd:col_trig]], dim=1)
-    entries = (bank, index[:, :T])                                  # what each token reads, and §5's share
-    sources = [(*entries, gain, 1)]                                 # per read: bank, index rows, gain, layers
-    if cross is not None:
-        sources.append((*cross_layer_bank(group + [entries], layer.pool_size + T), cross.alpha.detach(),
-                        len(group) + 1))
+    entries = SweepEntries(bank, index[:, :T], ends)               # what each token reads, and §5's share
+    pools = [[entries]] if cross is None else [[entries], group + [entries]]   # each read's pools, read in place
+    gains = [gain, None if cross is None else cross.alpha.detach()]
     m = torch.empty(Bsz, T, len(reads) * qk_w, device=dev, dtype=dtype)
-    for i, (read_bank, read_index, read_gain, layers) in enumerate(sources):
-        pool_mix(g[:, :, col_qk + i * qk_w:col_qk + (i + 1) * qk_w], read_bank, read_index, read_gain, H,
-                 m[:, :, i * qk_w:(i + 1) * qk_w], layers)
+    for i, read_pools in enumerate(pools):
+        # ends: the sweep's; None (found by pool_mix) for a layer whose entries came from the composed ops
+        pool_mix(g[:, :, col_qk + i * qk_w:col_qk + (i + 1) * qk_w], [bank for bank, _ in read_pools],
+                 [rows for _, rows in read_pools], gains[i], H, m[:, :, i * qk_w:(i + 1) * qk_w],
+                 [getattr(e, "ends", None) for e in read_pools])
     m2 = m.view(Bsz * T, m.shape[-1])
     # u + r_tok + r_cross; torch.addmm would first copy u into its output (14 µs a layer at 16k tokens)
     ut = u2.addmm_(m2, w_out.t()) if u_is_scratch else torch.addmm(u2, m2, w_out.t())

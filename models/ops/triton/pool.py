@@ -146,10 +146,11 @@ def sweep_enter_kernel(scores_ptr, prio0_ptr, top_ptr, enter_ptr, seg_count_ptr,
 
 
 @triton.jit
-def sweep_compact_kernel(enter_ptr, seg_count_ptr, ev_tok_ptr, ev_a_ptr, ecount_ptr, T, n_seg,
+def sweep_compact_kernel(enter_ptr, seg_count_ptr, ev_tok_ptr, ev_a_ptr, ecount_ptr, ends_ptr, T, K, n_seg,
                          SEG: tl.constexpr, BLOCK_SEG: tl.constexpr):
-    """grid (B, n_seg). Lists segment s's entering tokens in order after the earlier segments' (ev_tok, ev_a) and
-    writes ecount[b, t] = how many tokens enter before t, for t in the segment."""
+    """grid (B, n_seg). Lists segment s's entering tokens in order after the earlier segments' (ev_tok, ev_a),
+    writes ecount[b, t] = how many tokens enter before t, and ends[b, K + t] = -1 (sweep_fill_kernel sets the
+    ends of the tokens held), for t in the segment."""
     b = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
     segs = tl.arange(0, BLOCK_SEG)
@@ -161,6 +162,7 @@ def sweep_compact_kernel(enter_ptr, seg_count_ptr, ev_tok_ptr, ev_a_ptr, ecount_
     f = hit.to(tl.int32)
     pos = before + tl.cumsum(f, axis=0) - f
     tl.store(ecount_ptr + b * (T + 1) + t, pos, mask=t < T)
+    tl.store(ends_ptr + b * (K + T) + K + t, -1, mask=t < T)
     tl.store(ev_tok_ptr + b * T + pos, t, mask=hit)
     tl.store(ev_a_ptr + b * T + pos, a, mask=hit)
 
@@ -204,11 +206,12 @@ def _entries(ev_t, ev_a, first, last, some):
 
 
 @triton.jit
-def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_ptr, hist_ptr, prio_ptr, T, K, n_seg,
-                        BLOCK_SEG: tl.constexpr, BLOCK_K: tl.constexpr):
+def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_ptr, hist_ptr, prio_ptr, ends_ptr, T,
+                        K, n_seg, BLOCK_SEG: tl.constexpr, BLOCK_K: tl.constexpr):
     """grid (B,), one warp. Replays the entering tokens (ev_tok, ev_a, in order; seg_count says how many): each
     takes the argmin slot (lowest index on ties). hist[b, e] is the slot vector after e entries (j < K an initial
-    slot, K + i token i, -1 empty); prio the priorities after the last. Each entry waits on the previous one's
+    slot, K + i token i, -1 empty); prio the priorities after the last; ends[b, :K] = -1 (sweep_compact_kernel
+    sets the token rows' -1, sweep_fill_kernel the ends of the rows held). Each entry waits on the previous one's
     argmin, so that is taken on the priorities as ordered integers (_ordered_key, _argmin_slot), and the entries
     come four at a time, loaded while the four before them are replayed: a load consumed in its own iteration
     cost the loop its latency every entry. (Replaying several entries per step by ranking the slots measured
@@ -224,6 +227,7 @@ def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_p
     slot = tl.where(prio >= 0, cols, -1)
     row_ptr = hist_ptr + b * (T + 1) * K
     tl.store(row_ptr + cols, slot, mask=mask_k)
+    tl.store(ends_ptr + b * (K + T) + cols, -1, mask=mask_k)   # for sweep_fill_kernel to set (token rows: compact)
     jmin = _argmin_slot(key, cols, BLOCK_K)
     last = tl.maximum(n - 1, 0)                               # loads past the last entry read it again (unused)
     some = n > 0
@@ -239,8 +243,10 @@ def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_p
 
 
 @triton.jit
-def sweep_fill_kernel(ecount_ptr, hist_ptr, index_ptr, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """grid (B, cdiv(T + 1, BLOCK_T)). index[b, t] = hist[b, ecount[b, t]], t <= T."""
+def sweep_fill_kernel(ecount_ptr, hist_ptr, index_ptr, ends_ptr, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grid (B, cdiv(T + 1, BLOCK_T)). index[b, t] = hist[b, ecount[b, t]], t <= T; and ends[b, r] = t for the
+    last row t < T that holds bank row r (entry_ends of index[:, :T]): where row t holds r and row t + 1 does
+    not (an entry keeps its slot until evicted and never comes back), or t = T - 1."""
     b = tl.program_id(0).to(tl.int64)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_K)
@@ -248,12 +254,25 @@ def sweep_fill_kernel(ecount_ptr, hist_ptr, index_ptr, T, K, BLOCK_T: tl.constex
     e = tl.load(ecount_ptr + b * (T + 1) + offs_t, mask=offs_t <= T, other=0)
     rows = tl.load(hist_ptr + (b * (T + 1) + e[:, None]) * K + cols[None, :], mask=mask)
     tl.store(index_ptr + (b * (T + 1) + offs_t[:, None]) * K + cols[None, :], rows, mask=mask)
+    held = (offs_t < T)[:, None] & (cols < K)[None, :]
+    e_next = tl.load(ecount_ptr + b * (T + 1) + offs_t + 1, mask=offs_t + 1 < T, other=0)
+    rows_next = tl.load(hist_ptr + (b * (T + 1) + e_next[:, None]) * K + cols[None, :],
+                        mask=held & (offs_t + 1 < T)[:, None], other=-2)
+    last = held & (rows >= 0) & (rows != rows_next)
+    tl.store(ends_ptr + b * (K + T) + rows, tl.broadcast_to(offs_t[:, None], [BLOCK_T, BLOCK_K]), mask=last)
 
 
 def pool_sweep(scores, prio0, tau1):
     """Same signature and results as pool_sweep_ref: (index [B,T+1,K] int32, prio [B,K] fp32). Five launches: the
     segments' top lists, who enters, their list, the slot replay of the entering tokens, the index rows; all but
     the replay in parallel. pool_sweep_kernel (one launch, sequential) is what the ahead-of-time builds use."""
+    return pool_sweep_ends(scores, prio0, tau1)[:2]
+
+
+def pool_sweep_ends(scores, prio0, tau1):
+    """pool_sweep, and ends [B, K+T] int32: entry_ends(index[:, :T], K + T), found by the index fill beside the
+    rows it writes, so pool_mix needs no pass of its own over the index. (Found by the replay instead, as it
+    evicts each entry, it measured slower: two more stores in its serial loop cost it 5.7 µs a layer at 16k.)"""
     if scores.dim() != 2 or prio0.dim() != 2 or scores.shape[0] != prio0.shape[0]:
         raise ValueError(f"pool_sweep wants scores [B,T] and prio0 [B,K], got {list(scores.shape)} and "
                          f"{list(prio0.shape)}")
@@ -275,19 +294,20 @@ def pool_sweep(scores, prio0, tau1):
     ev_a = torch.empty(Bsz, T, device=dev, dtype=torch.float32)
     ecount = torch.empty(Bsz, T + 1, device=dev, dtype=torch.int32)
     hist = torch.empty(Bsz, T + 1, K, device=dev, dtype=torch.int32)
+    ends = torch.empty(Bsz, K + T, device=dev, dtype=torch.int32)
     if T > 0:
         sweep_segment_top_kernel[(Bsz, n_seg)](scores, top, seg_count, T, tau, scores.stride(0), SEG=seg_len,
                                                BLOCK_K=block_k, num_warps=4)
         sweep_enter_kernel[(Bsz, triton.cdiv(T, SWEEP_COUNT_T))](
             scores, prio0, top, enter, seg_count, T, K, n_seg, tau, scores.stride(0), SEG=seg_len,
             BLOCK_T=SWEEP_COUNT_T, BLOCK_S=SWEEP_COUNT_S, BLOCK_K=block_k, num_warps=SWEEP_COUNT_WARPS)
-        sweep_compact_kernel[(Bsz, n_seg)](enter, seg_count, ev_tok, ev_a, ecount, T, n_seg, SEG=seg_len,
+        sweep_compact_kernel[(Bsz, n_seg)](enter, seg_count, ev_tok, ev_a, ecount, ends, T, K, n_seg, SEG=seg_len,
                                            BLOCK_SEG=block_seg, num_warps=4)
-    sweep_replay_kernel[(Bsz,)](seg_count, prio0, ev_tok, ev_a, ecount, hist, prio, T, K, n_seg, BLOCK_SEG=block_seg,
-                                BLOCK_K=block_k, num_warps=1)
-    sweep_fill_kernel[(Bsz, triton.cdiv(T + 1, SWEEP_FILL_T))](ecount, hist, index, T, K, BLOCK_T=SWEEP_FILL_T,
-                                                                BLOCK_K=block_k, num_warps=4)
-    return index, prio
+    sweep_replay_kernel[(Bsz,)](seg_count, prio0, ev_tok, ev_a, ecount, hist, prio, ends, T, K, n_seg,
+                                BLOCK_SEG=block_seg, BLOCK_K=block_k, num_warps=1)
+    sweep_fill_kernel[(Bsz, triton.cdiv(T + 1, SWEEP_FILL_T))](ecount, hist, index, ends, T, K,
+                                                                BLOCK_T=SWEEP_FILL_T, BLOCK_K=block_k, num_warps=4)
+    return index, prio, ends
 
 
 def sweep_block_t(block_k: int) -> int:
@@ -469,25 +489,25 @@ def _online_softmax_step(logits, s, top, den, acc):
 
 @triton.jit
 def pool_mix_kernel(
-    q_ptr, s_ptr, index_ptr, ends_ptr, gain_ptr, m_ptr,
-    T, K, ds, scale, layer_rows,
-    stride_q_b, stride_q_t, stride_s_b, stride_s_m, stride_i_b, stride_i_t, stride_e_b, stride_g_b, stride_g_t,
+    q_ptr, banks, indices, ends, gain_ptr, m_ptr,
+    T, K, ds, scale,
+    stride_q_b, stride_q_t, strides_s_b, strides_s_m, strides_i_b, strides_i_t, strides_e_b, stride_g_b, stride_g_t,
     stride_m_b, stride_m_t, LAYERS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """grid (B, cdiv(T, BLOCK_Q), H); one head of BLOCK_Q queries a program; fp16/bf16 tensors (tensor-core
     dots). The attention of pool_attention_fwd_kernel done on the summaries themselves:
     q [B,T,H*ds] holds each head's query already through that head's W_k (q'_h = W_k,hᵀ q_h, so that
-    q'_h·s_j = q_h·k_j), s [B,M,ds] the bank's summaries, index [B,T,LAYERS·K] int32 (negative: no entry).
-    m [B,T,H*ds] gets m_h = gain · Σ_j softmax_j(scale q'_h·s_j) s_j (gain [B,T] per query); the caller
-    applies W_v (o_h = W_v,h m_h), so no [M, d] values are ever formed or gathered.
+    q'_h·s_j = q_h·k_j); per pool j < LAYERS (tuples of pointers and strides), banks[j] [B,K+T,ds] its
+    summaries (its K slots, then token t's at row K + t), indices[j] [B,T,K] int32 its sweep's index rows over
+    that bank (negative: no entry) and ends[j] [B,K+T] int32 the last row holding each bank row (-1: never).
+    m [B,T,H*ds] gets m_h = gain · Σ_j softmax_j(scale q'_h·s_j) s_j over every pool's entries (gain [B,T] per
+    query); the caller applies W_v (o_h = W_v,h m_h), so no [M, d] values are ever formed or gathered.
 
-    The index must be the sweeps' (§3, §8) of LAYERS pools of K slots: layer j's bank is rows
-    [j·layer_rows, +K + T) (its pool, then token t's summary at j·layer_rows + K + t), its slots are index
-    columns [j·K, +K). A bank row is then read by the queries from the one after it entered (or 0) through
-    ends[b, row] (entry_ends, -1: never). So per layer a query block reads its first index row's entries
-    while they last, and its own tokens that entered while they last: one index row loaded per block, and
-    the tokens' summaries only where one of them entered."""
+    In a sweep's index a bank row is read by the queries from the one after it entered (or 0) through its end.
+    So per pool a query block reads its first index row's entries while they last, and its own tokens that
+    entered while they last: one index row loaded per block, and the tokens' summaries only where one of them
+    entered."""
     b = tl.program_id(0).to(tl.int64)                          # batch offsets can pass 2^31 elements at long T
     t0 = tl.program_id(1) * BLOCK_Q
     h = tl.program_id(2)
@@ -499,28 +519,28 @@ def pool_mix_kernel(
     mask_q = offs_q < T
     mask_k = offs_k < K
     mask_c = offs_c < ds
-    s_base = s_ptr + b * stride_s_b
-    e_base = ends_ptr + b * stride_e_b
     q = tl.load(q_ptr + b * stride_q_b + rows_q[:, None] * stride_q_t + h * ds + offs_c[None, :],
                 mask=mask_q[:, None] & mask_c[None, :], other=0.0)
     gain = tl.load(gain_ptr + b * stride_g_b + rows_q * stride_g_t, mask=mask_q, other=0.0).to(tl.float32)
-    # a softmax over every layer's two parts, online (the layers one after the other, flash-attention's way)
+    # a softmax over every pool's two parts, online (the pools one after the other, flash-attention's way)
     top = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     den = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_C], tl.float32)
-    for j in range(LAYERS):
-        first = tl.load(index_ptr + b * stride_i_b + t0.to(tl.int64) * stride_i_t + j * K + offs_k, mask=mask_k,
+    for j in tl.static_range(LAYERS):
+        s_base = banks[j] + b * strides_s_b[j]
+        e_base = ends[j] + b * strides_e_b[j]
+        first = tl.load(indices[j] + b * strides_i_b[j] + t0.to(tl.int64) * strides_i_t[j] + offs_k, mask=mask_k,
                         other=-1)
         has = first >= 0
-        s_first = tl.load(s_base + first[:, None] * stride_s_m + offs_c[None, :], mask=has[:, None] & mask_c[None, :],
-                          other=0.0)                                              # [BLOCK_K, BLOCK_C]
+        s_first = tl.load(s_base + first[:, None] * strides_s_m[j] + offs_c[None, :],
+                          mask=has[:, None] & mask_c[None, :], other=0.0)               # [BLOCK_K, BLOCK_C]
         last = tl.load(e_base + first, mask=has, other=-1)
         logits = tl.where(offs_q[:, None] <= last[None, :], tl.dot(q, tl.trans(s_first)) * scale, float("-inf"))
         top, den, acc = _online_softmax_step(logits, s_first, top, den, acc)
-        rows = j * layer_rows + K + offs_q                                          # the block's own tokens
+        rows = K + rows_q                                                           # the block's own tokens
         own_last = tl.load(e_base + rows, mask=mask_q, other=-1)
         if tl.max(own_last, axis=0) > t0:                        # a token of the block entered, read inside it
-            s_own = tl.load(s_base + rows[:, None] * stride_s_m + offs_c[None, :],
+            s_own = tl.load(s_base + rows[:, None] * strides_s_m[j] + offs_c[None, :],
                             mask=(own_last > offs_q)[:, None] & mask_c[None, :], other=0.0)
             sees = (offs_q[:, None] > offs_q[None, :]) & (offs_q[:, None] <= own_last[None, :])   # [query, token]
             l_own = tl.where(sees, tl.dot(q, tl.trans(s_own)) * scale, float("-inf"))
@@ -539,67 +559,45 @@ def mix_blocks(K: int, ds: int) -> tuple[int, int, int, int]:
     return MIX_Q, max(16, triton.next_power_of_2(max(K, 1))), max(16, triton.next_power_of_2(ds)), MIX_WARPS
 
 
-def pool_mix(qk, bank, index, gain, heads: int, m, layers: int = 1):
+def pool_mix(qk, banks, indices, gain, heads: int, m, ends=None):
     """m [B,T,H·ds] = gain · Σ_j softmax_j(q'_h·s_j / sqrt(ds/H)) s_j per head (pool_mix_kernel), for qk [B,T,H·ds]
-    (each head's query through W_k,hᵀ; rows may be strided, as a column block of a wider GEMM output), the bank's
-    summaries [B,M,ds], a sweep's index [B,T,S] over it and gain (broadcast to [B,T]; a scalar's expand is not
-    copied). The bank is `layers` equal banks, each its pool's K slots then the T tokens' summaries, and the
-    index their sweeps' rows as cross_layer_bank joins them (layers=1: one layer's bank and index). m may be a
-    column block of a wider tensor too. Any other index gives wrong results (pool_attention takes any)."""
+    (each head's query through W_k,hᵀ; rows may be strided, as a column block of a wider GEMM output), and one or
+    more pools read together (§4: a layer's own; §5: its group's), each a bank of summaries [B,K+T,ds] (its K
+    slots, then the T tokens') and its sweep's index rows [B,T,K] over that bank, read where they lie (no joined
+    copy). gain is broadcast to [B,T] (a scalar's expand is not copied); m may be a column block of a wider
+    tensor too. Any index other than a sweep's gives wrong results (pool_attention takes any). ends: per pool
+    entry_ends(index, K + T) [B,K+T] int32 where the caller has it (pool_sweep_ends), or None to find it here."""
     Bsz, T, _ = qk.shape
-    M, ds = bank.shape[1], bank.shape[-1]
-    S = index.shape[-1]
+    if not 0 < len(banks) == len(indices) or (ends is not None and len(ends) != len(banks)):
+        raise ValueError(f"pool_mix wants as many banks as indices (and ends), at least one; got {len(banks)}, "
+                         f"{len(indices)} and {'no ends' if ends is None else len(ends)}")
+    K, ds = indices[0].shape[-1], banks[0].shape[-1]
     if m.stride(-1) != 1:
         raise ValueError(f"pool_mix writes m with unit column stride; got strides {tuple(m.stride())}")
-    if layers < 1 or M % layers or S % layers or M // layers - S // layers != T:
-        raise ValueError(f"pool_mix wants {layers} banks of K + T rows and K slots each for T={T}; got a bank of "
-                         f"{M} rows and an index of {S} slots")
-    qk, bank = (t if t.stride(-1) == 1 else t.contiguous() for t in (qk, bank))
-    index = index.to(torch.int32).contiguous()
+    for j, (bank, index) in enumerate(zip(banks, indices)):
+        if bank.shape != (Bsz, K + T, ds) or index.shape != (Bsz, T, K):
+            raise ValueError(f"pool_mix wants banks of K + T rows and indices of K slots for T={T}, K={K}; pool {j} "
+                             f"has a bank {list(bank.shape)} and an index {list(index.shape)}")
+    ends = [None] * len(banks) if ends is None else list(ends)
+    for j, e in enumerate(ends):
+        if e is not None and (e.shape != (Bsz, K + T) or e.dtype != torch.int32 or e.stride(-1) != 1):
+            raise ValueError(f"pool_mix wants ends [B, K+T] = {[Bsz, K + T]} int32 with unit stride; pool {j} has "
+                             f"{e.dtype} {list(e.shape)} strides {tuple(e.stride())}")
+    banks = tuple(t if t.stride(-1) == 1 else t.contiguous() for t in banks)
+    indices = tuple(t if t.dtype == torch.int32 and t.stride(-1) == 1 else t.to(torch.int32).contiguous()
+                    for t in indices)
+    qk = qk if qk.stride(-1) == 1 else qk.contiguous()
     gain = gain.expand(Bsz, T)
     if T:
-        ends = entry_ends(index, M)
-        block_q, block_k, block_c, num_warps = mix_blocks(S // layers, ds)
+        ends = tuple(entry_ends(i, K + T) if e is None else e for i, e in zip(indices, ends))
+        block_q, block_k, block_c, num_warps = mix_blocks(K, ds)
         pool_mix_kernel[(Bsz, triton.cdiv(T, block_q), heads)](
-            qk, bank, index, ends, gain, m, T, S // layers, ds, (ds // heads) ** -0.5, M // layers,
-            qk.stride(0), qk.stride(1), bank.stride(0), bank.stride(1), index.stride(0), index.stride(1),
-            ends.stride(0), gain.stride(0), gain.stride(1), m.stride(0), m.stride(1),
-            LAYERS=layers, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps)
+            qk, banks, indices, ends, gain, m, T, K, ds, (ds // heads) ** -0.5, qk.stride(0), qk.stride(1),
+            tuple(t.stride(0) for t in banks), tuple(t.stride(1) for t in banks),
+            tuple(t.stride(0) for t in indices), tuple(t.stride(1) for t in indices), tuple(t.stride(0) for t in ends),
+            gain.stride(0), gain.stride(1), m.stride(0), m.stride(1),
+            LAYERS=len(banks), BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps)
     return m
-
-
-SHIFT_T = 64          # shift_index_kernel: index rows per program
-
-
-@triton.jit
-def shift_index_kernel(src_ptr, dst_ptr, T, K, offset, stride_src_b, stride_src_t, stride_dst_b, stride_dst_t,
-                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """grid (B, cdiv(T, BLOCK_T)): dst[b, t, :K] = src[b, t, :K] + offset where >= 0, else unchanged (empty)."""
-    b = tl.program_id(0).to(tl.int64)
-    offs_t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)   # T x row stride can pass 2^31
-    cols = tl.arange(0, BLOCK_K)
-    mask = (offs_t < T)[:, None] & (cols < K)[None, :]
-    i = tl.load(src_ptr + b * stride_src_b + offs_t[:, None] * stride_src_t + cols[None, :], mask=mask)
-    tl.store(dst_ptr + b * stride_dst_b + offs_t[:, None] * stride_dst_t + cols[None, :],
-             tl.where(i >= 0, i + offset, i), mask=mask)
-
-
-def cross_layer_bank(group, entries: int):
-    """Same results as models.ops.pool.cross_layer_bank (§5: a group's banks in one, their int32 indices in one,
-    layer j's shifted by j·entries): one launch per layer for the indices, not a compare, an add, a where each
-    and a cat."""
-    banks = torch.cat([b for b, _ in group], 1)
-    Bsz, T, K = group[0][1].shape
-    indices = torch.empty(Bsz, T, len(group) * K, device=banks.device, dtype=torch.int32)
-    for j, (_, index) in enumerate(group):
-        if index.dtype != torch.int32 or index.shape != (Bsz, T, K) or index.stride(-1) != 1:
-            raise ValueError(f"cross_layer_bank wants int32 indices [B,T,K] with unit column stride; layer {j} "
-                             f"has {index.dtype} {list(index.shape)} strides {tuple(index.stride())}")
-        if Bsz and T and K:
-            shift_index_kernel[(Bsz, triton.cdiv(T, SHIFT_T))](
-                index, indices[:, :, j * K:], T, K, j * entries, index.stride(0), index.stride(1), indices.stride(0),
-                indices.stride(1), BLOCK_T=SHIFT_T, BLOCK_K=triton.next_power_of_2(K), num_warps=4)
-    return banks, indices
 
 
 @triton.jit
