@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import MemMambaConfig, MemMambaLM, State
+from ..models.memmamba import decay_rates
 from ..models.ops.pool import fp32
 
 
@@ -157,7 +158,7 @@ class TritonBackend:
             w_xT=m.x_proj.weight.detach().t().contiguous(),             # [Di, R+2N]: a channel's row is contiguous
             w_dt=m.dt_proj.weight.detach().contiguous(),
             dt_bias=m.dt_proj.bias.detach().contiguous(),
-            A=-torch.exp(m.A_log.detach().float()).contiguous(),
+            A=decay_rates(m.A_log.detach()).contiguous(),
             D=m.D.detach().contiguous(),
             w_outT=m.out_proj.weight.detach().t().contiguous(),         # [Di, d]
             cross=c.is_cross_layer(l))
@@ -193,7 +194,7 @@ class TritonBackend:
             norm_w=st(lambda y: y.norm.weight), w_in=st(lambda y: y.mixer.in_proj.weight),
             conv_w=st(lambda y: y.mixer.conv1d.weight[:, 0]), conv_b=st(lambda y: y.mixer.conv1d.bias),
             w_xT=st(lambda y: y.mixer.x_proj.weight.t()), w_dt=st(lambda y: y.mixer.dt_proj.weight),
-            dt_bias=st(lambda y: y.mixer.dt_proj.bias), A=st(lambda y: -torch.exp(y.mixer.A_log.float())),
+            dt_bias=st(lambda y: y.mixer.dt_proj.bias), A=st(lambda y: decay_rates(y.mixer.A_log)),
             D=st(lambda y: y.mixer.D), w_outT=st(lambda y: y.mixer.out_proj.weight.t()))
         if c.memory:
             cross = [y for i, y in enumerate(layers) if c.is_cross_layer(i)]
