@@ -434,6 +434,36 @@ def reads_only_layer(model, layer_index):
 
 
 @interpreted
+def test_stack_weights_equals_its_composition():
+    assert_stack_weights_equal_their_composition("cpu")
+
+
+@torch.no_grad()
+def assert_stack_weights_equal_their_composition(device):
+    """The fused path's derived weights in one launch: the plain rows copied, the padding zeroed (poisoned
+    beforehand), each read's W_kᵀW_q per head and its block-diagonal W_v, for a layer with both reads."""
+    model = make_model(6).to(device, torch.float16)
+    layer, c = model.layers[1], model.config
+    reads, H, ds, d = [layer.token_attn, layer.cross_attn], c.memory_heads, c.summary_dim, c.d_model
+    plain = (layer.note.score_in.weight, layer.note.summary.weight, layer.token_attn.trigger.weight)
+    rows = sum(w.shape[0] for w in plain)
+    col_qk = triton.cdiv(rows, 64) * 64
+    width = col_qk + 2 * H * ds + 64                                            # a padding block after the reads
+    with poisoned():
+        w_stack, w_out = kt.memory.stack_weights(plain, reads, H, col_qk, width, torch.float16)
+    assert torch.equal(w_stack[:rows], torch.cat(plain)) and not w_stack[rows:col_qk].any()
+    assert not w_stack[col_qk + 2 * H * ds:].any()
+    dh, dv = ds // H, d // H
+    for r, read in enumerate(reads):
+        wq, wk, wv = (w.float() for w in (read.q_proj.weight, read.k_proj.weight, read.v_proj.weight))
+        wqk = torch.cat([wk[h * dh:(h + 1) * dh].t() @ wq[h * dh:(h + 1) * dh] for h in range(H)])
+        block = w_stack[col_qk + r * H * ds:col_qk + (r + 1) * H * ds]
+        assert rel_err(block, wqk) <= 1e-3                                      # rounded to half once
+        diag = torch.block_diag(*[wv[h * dv:(h + 1) * dv] for h in range(H)])
+        assert torch.equal(w_out[:, r * H * ds:(r + 1) * H * ds], diag.half())
+
+
+@interpreted
 @pytest.mark.parametrize("layer_index", [0, 1], ids=["token-read", "token-and-cross-layer-reads"])
 @torch.no_grad()
 def test_fused_memory_path_equals_its_composition(layer_index, rng):

@@ -29,8 +29,8 @@ from memmamba_deploy.models.ops import triton as kt
 from memmamba_deploy.models.ops.norm import residual_norm_ref
 from memmamba_deploy.models.ops.pool import pool_attention_ref, pool_read_ref, pool_sweep_ref
 from memmamba_deploy.models.ops.scan import causal_conv_ref, selective_scan_ref, selective_state_step_ref
-from test_kernels import (entry_ends_ref, layer_inputs, poison_backend, poisoned, pool_mix_ref, reads_only_layer,
-                          scan_inputs, sweep_like_index)
+from test_kernels import (assert_stack_weights_equal_their_composition, entry_ends_ref, layer_inputs, poison_backend,
+                          poisoned, pool_mix_ref, reads_only_layer, scan_inputs, sweep_like_index)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -180,6 +180,10 @@ def test_pool_read(dtype, groups, g):
     err = rel_err(o, residual.float() + ref)
     record(kernel="pool_read+residual", dtype=ids_dtype[dtype], S=groups * K, err=err)
     assert err <= TOL[dtype]
+
+
+def test_stack_weights():
+    assert_stack_weights_equal_their_composition(DEV)
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=ids_dtype.get)

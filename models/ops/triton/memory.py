@@ -12,7 +12,8 @@ What the fusion changes, and why:
                 for the token read and the cross-layer read together.
 Rounding differs from the composition only in the order of GEMM sums and in the trigger's output (rounded to half
 before its bias is added, then again); the scores' rounding is the reference's (score_out's output is rounded to
-half, as its Linear layer returns it). Weights are stacked on every call (no cache; see pool.read_weights).
+half, as its Linear layer returns it). Weights are stacked on every call, in one launch (no cache; see
+stack_weights).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import triton.language as tl
 from memmamba_deploy.models.ops import needs_grad
 from memmamba_deploy.models.ops.pool import fp32
 
-from .pool import pool_after, pool_mix, pool_sweep_ends, read_weights
+from .pool import pool_after, pool_mix, pool_sweep_ends
 
 SCORE_ROWS = 64          # note_scores_kernel: rows per program
 
@@ -62,6 +63,88 @@ def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr,
     tl.store(gain_ptr + rows, gain, mask=mask_r)
 
 
+STACK_D = 64             # stack_weights_kernel: columns of d per program
+STACK_ROWS = 32          # ... rows copied or zeroed at a time
+
+
+@triton.jit
+def stack_weights_kernel(plain, plain_rows, wqs, wks, wvs, w_stack_ptr, w_out_ptr, d, ds, dh, dv, col_qk, qk_w,
+                         width, stride_wout, READS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+    """grid (cdiv(d, BLOCK_D), H + 1); columns [i0, i0 + BLOCK_D) of the stacked weight w_stack [width, d] and the
+    matching rows of w_out [d, READS·H·ds]. Programs h < H write head h's share of each read r's derived weights:
+    W_qk rows col_qk + r·qk_w + h·ds + s, Σ_c w_k[h·dh + c, s] w_q[h·dh + c, i] (an fp32 dot), and w_out[i,
+    r·qk_w + h·ds + s] = w_v[i, s] where row i is head h's (i // dv == h), else 0 (the block-diagonal W_v).
+    Program h = H copies the plain weights (a tuple: score_in, summary, trigger, plain_rows rows each) into rows
+    0.. and zeroes the padding rows (up to col_qk, and after the reads' blocks)."""
+    offs_i = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    h = tl.program_id(1)
+    mask_i = offs_i < d
+    H = tl.num_programs(1) - 1
+    if h == H:
+        offs_r = tl.arange(0, BLOCK_R)
+        row0 = 0
+        for j in tl.static_range(len(plain)):
+            for r0 in range(0, plain_rows[j], BLOCK_R):
+                rows = r0 + offs_r
+                m = (rows < plain_rows[j])[:, None] & mask_i[None, :]
+                w = tl.load(plain[j] + rows[:, None] * d + offs_i[None, :], mask=m)
+                tl.store(w_stack_ptr + (row0 + rows)[:, None] * d + offs_i[None, :], w, mask=m)
+            row0 += plain_rows[j]
+        zero = tl.zeros([BLOCK_R, BLOCK_D], w_stack_ptr.dtype.element_ty)
+        for r0 in range(row0, col_qk, BLOCK_R):
+            rows = r0 + offs_r
+            tl.store(w_stack_ptr + rows[:, None] * d + offs_i[None, :], zero,
+                     mask=(rows < col_qk)[:, None] & mask_i[None, :])
+        for r0 in range(col_qk + READS * qk_w, width, BLOCK_R):
+            rows = r0 + offs_r
+            tl.store(w_stack_ptr + rows[:, None] * d + offs_i[None, :], zero,
+                     mask=(rows < width)[:, None] & mask_i[None, :])
+    else:
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_c = tl.arange(0, BLOCK_H)
+        mask_s = offs_s < ds
+        mask_c = offs_c < dh
+        for r in tl.static_range(READS):
+            k = tl.load(wks[r] + (h * dh + offs_c)[None, :] * ds + offs_s[:, None],
+                        mask=mask_s[:, None] & mask_c[None, :], other=0.0).to(tl.float32)  # W_k,hᵀ [S, H]
+            q = tl.load(wqs[r] + (h * dh + offs_c)[:, None] * d + offs_i[None, :],
+                        mask=mask_c[:, None] & mask_i[None, :], other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_D]
+            wqk = tl.dot(k, q, input_precision="ieee")
+            tl.store(w_stack_ptr + (col_qk + r * qk_w + h * ds + offs_s)[:, None] * d + offs_i[None, :],
+                     wqk.to(w_stack_ptr.dtype.element_ty), mask=mask_s[:, None] & mask_i[None, :])
+            v = tl.load(wvs[r] + offs_i[:, None] * ds + offs_s[None, :], mask=mask_i[:, None] & mask_s[None, :],
+                        other=0.0)
+            v = tl.where((offs_i // dv == h)[:, None], v, 0.0)
+            tl.store(w_out_ptr + offs_i[:, None] * stride_wout + (r * qk_w + h * ds + offs_s)[None, :],
+                     v.to(w_out_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_s[None, :])
+
+
+def stack_weights(plain, reads, heads: int, col_qk: int, width: int, dtype):
+    """The fused path's derived weights in one launch (stack_weights_kernel): w_stack [width, d] = [plain weights
+    (rows stacked); 0; each read's W_qk = W_k,hᵀ W_q,h per head; 0] and w_out [d, len(reads)·H·ds] = each read's
+    block-diagonal W_v, for q'_h = W_qk u and o = W_v m in one GEMM each. Derived on every call: a cache would have
+    to know every way weights change (.data edits and fused optimizers keep the version counter; a CUDA graph
+    would keep reading what the cache replaced)."""
+    w_q0, w_k0 = reads[0].q_proj.weight, reads[0].k_proj.weight
+    H, ds, d = heads, w_k0.shape[0], w_q0.shape[1]
+    qk_w = H * ds
+    plain = tuple(w.detach().contiguous() for w in plain)
+    if sum(w.shape[0] for w in plain) > col_qk or col_qk + len(reads) * qk_w > width or \
+            any(w.shape[1] != d or w.dtype != dtype for w in plain):
+        raise ValueError(f"stack_weights: plain weights {[list(w.shape) for w in plain]} ({dtype}) do not fit "
+                         f"{col_qk} rows of width {d} before {len(reads)} reads' {qk_w} rows in {width}")
+    w_stack = torch.empty(width, d, device=w_q0.device, dtype=dtype)
+    w_out = torch.empty(d, len(reads) * qk_w, device=w_q0.device, dtype=dtype)
+    wqs, wks, wvs = (tuple(getattr(r, name).weight.detach().contiguous() for r in reads)
+                     for name in ("q_proj", "k_proj", "v_proj"))
+    stack_weights_kernel[(triton.cdiv(d, STACK_D), H + 1)](
+        plain, tuple(w.shape[0] for w in plain), wqs, wks, wvs, w_stack, w_out, d, ds, ds // H, d // H, col_qk, qk_w,
+        width, w_out.stride(0), READS=len(reads), BLOCK_D=STACK_D, BLOCK_S=max(16, triton.next_power_of_2(ds)),
+        BLOCK_H=max(16, triton.next_power_of_2(ds // H)), BLOCK_R=STACK_ROWS, num_warps=4)
+    return w_stack, w_out
+
+
 def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False):
     """Layer.memory_in_proj for fp16/bf16 inference: (xz, pool, prio, (bank, index rows)). None for fp32 (an
     fp32 dot has no exact tensor-core form, pool_read's reasoning) and under autograd (the reference has the
@@ -81,13 +164,8 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False):
     width = triton.cdiv(col_qk + len(reads) * qk_w, 64) * 64   # a multiple of 64: cuBLAS is 5x slower at 513 than 576
 
     # stacked weights [score_in; summary; trigger; 0; each read's W_qk; 0] and the reads' output weights
-    w_stack = torch.zeros(width, d, device=dev, dtype=dtype)
-    torch.cat([note.score_in.weight.detach(), note.summary.weight.detach(), tok.trigger.weight.detach()],
-              out=w_stack[:col_trig + 1])
-    w_out = torch.empty(d, len(reads) * qk_w, device=dev, dtype=dtype)
-    for i, read in enumerate(reads):
-        read_weights(read.q_proj.weight, read.k_proj.weight, read.v_proj.weight, H, dtype,
-                     wqk=w_stack[col_qk + i * qk_w:col_qk + (i + 1) * qk_w], w_out=w_out[:, i * qk_w:(i + 1) * qk_w])
+    w_stack, w_out = stack_weights((note.score_in.weight, note.summary.weight, tok.trigger.weight), reads, H, col_qk,
+                                   width, dtype)
 
     u2 = u.reshape(Bsz * T, d)
     g = u2 @ w_stack.t()                                            # [B·T, width]

@@ -637,51 +637,6 @@ def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
     return gained_read(o, gain, residual)
 
 
-@triton.jit
-def read_weights_kernel(wq_ptr, wk_ptr, wv_ptr, wqk_ptr, wout_ptr, d, ds, dh, dv, stride_wout,
-                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
-    """grid (cdiv(d, BLOCK_D), H). Head h's share of pool_read's two derived weights, for columns (rows of w_out)
-    d-block j: wqk[h·ds + s, i] = Σ_c w_k[h·dh + c, s] w_q[h·dh + c, i] (an fp32 dot), and w_out[i, h·ds + s] =
-    w_v[i, s] where i is in head h's rows (i // dv == h), else 0: the block-diagonal W_v."""
-    offs_i = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_c = tl.arange(0, BLOCK_H)
-    mask_i = offs_i < d
-    mask_s = offs_s < ds
-    mask_c = offs_c < dh
-    k = tl.load(wk_ptr + (h * dh + offs_c)[None, :] * ds + offs_s[:, None], mask=mask_s[:, None] & mask_c[None, :],
-                other=0.0).to(tl.float32)                                          # [BLOCK_S, BLOCK_H] = W_k,hᵀ
-    q = tl.load(wq_ptr + (h * dh + offs_c)[:, None] * d + offs_i[None, :], mask=mask_c[:, None] & mask_i[None, :],
-                other=0.0).to(tl.float32)                                          # [BLOCK_H, BLOCK_D]
-    wqk = tl.dot(k, q, input_precision="ieee")
-    tl.store(wqk_ptr + (h * ds + offs_s)[:, None] * d + offs_i[None, :], wqk.to(wqk_ptr.dtype.element_ty),
-             mask=mask_s[:, None] & mask_i[None, :])
-    v = tl.load(wv_ptr + offs_i[:, None] * ds + offs_s[None, :], mask=mask_i[:, None] & mask_s[None, :], other=0.0)
-    v = tl.where((offs_i // dv == h)[:, None], v, 0.0)
-    tl.store(wout_ptr + offs_i[:, None] * stride_wout + (h * ds + offs_s)[None, :],
-             v.to(wout_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_s[None, :])
-
-
-def read_weights(w_q, w_k, w_v, heads: int, dtype, wqk=None, w_out=None):
-    """(W_qk [H·ds, d], the block-diagonal W_v [d, H·ds]) in dtype, for q'_h = W_k,hᵀ W_q,h u and o = W_v m in one
-    GEMM each; written into wqk / w_out where given (row blocks of a stacked weight, a column block of a wider
-    one). Derived on every call, in one launch: a cache would have to know every way weights change (.data edits
-    and fused optimizers keep the version counter; a CUDA graph would keep reading what the cache replaced)."""
-    H, ds, d = heads, w_k.shape[0], w_q.shape[1]
-    if wqk is None:
-        wqk = torch.empty(H * ds, d, device=w_q.device, dtype=dtype)
-    if w_out is None:
-        w_out = torch.empty(d, H * ds, device=w_q.device, dtype=dtype)
-    assert wqk.stride() == (d, 1) and w_out.stride(1) == 1, "read_weights writes row-major blocks"
-    block_d = min(64, max(16, triton.next_power_of_2(d)))
-    read_weights_kernel[(triton.cdiv(d, block_d), H)](
-        w_q.detach().contiguous(), w_k.detach().contiguous(), w_v.detach().contiguous(), wqk, w_out,
-        d, ds, ds // H, d // H, w_out.stride(0), BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(ds)),
-        BLOCK_H=max(16, triton.next_power_of_2(ds // H)), num_warps=4)
-    return wqk, w_out
-
-
 def attention_blocks(S: int, dh: int, dv: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_Q, BLOCK_S, BLOCK_DH, BLOCK_V, num_warps): [BLOCK_Q, BLOCK_S] tiles of about 2048 values, fp32 dot
     operands under 32 KiB of shared memory (no opt-in above 48 KiB), every dot dimension >= 16. ptxas keeps
