@@ -84,7 +84,10 @@ class TritonBackend:
 
     name = "triton"
     STEP_KERNELS = ("layered", "persistent", "phased")
-    PREFILL_CHUNK = 16384          # the longest prefill piece one captured graph runs (cuda_graph=True)
+    # the most tokens (batch x length) one captured prefill graph runs (cuda_graph=True): a prefill's fixed cost
+    # (~3 ms on the 130m, an H100) is paid once a piece, so one 64k piece runs 9% faster than four of 16k, for
+    # ~2 GiB of graph memory at batch 1 (the 130m; 0.4 GiB at 16k) and the same at any batch (BENCHMARKS.md)
+    PREFILL_TOKENS = 65536
 
     def __init__(self, model: MemMambaLM, cuda_graph: bool = True, pdl: bool | None = None,
                  step_kernel: str = "layered"):
@@ -386,10 +389,10 @@ class TritonBackend:
 
     # ---- prefill in CUDA graphs -------------------------------------------------------------------------------
     def _graphed_prefill(self, ids: torch.Tensor, state: State):
-        """The prompt in pieces of power-of-two lengths (at most PREFILL_CHUNK), each one captured CUDA graph of
-        model.prefill resuming from the previous piece's state: eager prefill costs ~40 ms of Python and launch
-        time for the 130m whatever the length, more than the GPU's work up to ~16k tokens (BENCHMARKS.md). A
-        length's graph is captured on first use (at most log2(PREFILL_CHUNK) + 1 of them per batch size, in one
+        """The prompt in pieces of power-of-two lengths (batch x length at most PREFILL_TOKENS), each one captured
+        CUDA graph of model.prefill resuming from the previous piece's state: eager prefill costs ~40 ms of Python
+        and launch time for the 130m whatever the length, more than the GPU's work up to ~16k tokens. A
+        length's graph is captured on first use (at most log2(longest piece) + 1 of them per batch size, in one
         shared memory pool, kept until release_prefill_graphs); the pieces' state and logits live in buffers
         outside it."""
         B, T = ids.shape
@@ -399,9 +402,10 @@ class TritonBackend:
                 state=State.zeros(self.config, B, self.device, self.dtype),
                 logits=torch.empty(B, self.config.vocab_size, device=self.device, dtype=torch.float32))
         io.state.copy_(state)
+        longest = 1 << (max(1, self.PREFILL_TOKENS // B).bit_length() - 1)
         pos = 0
         while pos < T:
-            n = min(self.PREFILL_CHUNK, 1 << ((T - pos).bit_length() - 1))
+            n = min(longest, 1 << ((T - pos).bit_length() - 1))
             graph = self._prefill_graphs.get((B, n)) or self._capture_prefill(io, B, n)
             graph.ids.copy_(ids[:, pos:pos + n])
             graph.graph.replay()
@@ -409,7 +413,7 @@ class TritonBackend:
         return io.logits.clone(), TritonState(io.state.clone())
 
     def release_prefill_graphs(self) -> None:
-        """Drop the captured prefill graphs and their memory pool (about a PREFILL_CHUNK-token prefill's
+        """Drop the captured prefill graphs and their memory pool (about a PREFILL_TOKENS-token prefill's
         activations); the next graphed prefill captures again."""
         self._prefill_graphs.clear()
         self._prefill_io.clear()

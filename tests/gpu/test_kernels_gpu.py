@@ -413,7 +413,7 @@ def test_graphed_prefill_in_pieces_matches_the_reference(variant, g):
 
     model = gpu_model(torch.float32, **variant)
     backend = TritonBackend(model, cuda_graph=True)
-    backend.PREFILL_CHUNK = 1024
+    backend.PREFILL_TOKENS = 2048                                       # pieces of 1024 at batch 2
     prompt = torch.randint(0, 256, (2, 3000), generator=g).to(DEV)
     start = model.prefill(prompt[:, :100])[1]                          # resuming from a non-trivial state
     ref_logits, ref_state = model.prefill(prompt, start)
@@ -449,7 +449,7 @@ def test_graphed_prefill_half_precision_replays_the_eager_pieces(g):
 
     model = gpu_model(torch.float16, **SMALL)
     backend = TritonBackend(model, cuda_graph=True)
-    backend.PREFILL_CHUNK = 1024
+    backend.PREFILL_TOKENS = 2048                                       # pieces of 1024 at batch 2
     prompt = torch.randint(0, 256, (2, 1500), generator=g).to(DEV)     # 1024 + 256 + 128 + 64 + 16 + 8 + 4
     logits, state = backend.prefill(prompt, backend.new_state(2))
     fast, eager_state, pos = triton_twin(model), model.new_state(2), 0
