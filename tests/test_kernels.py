@@ -12,6 +12,7 @@ interpreted directly with `TRITON_INTERPRET=1 python -m pytest tests/test_kernel
 import contextlib
 import copy
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -433,6 +434,16 @@ def reads_only_layer(model, layer_index):
     return layer
 
 
+def test_sweep_entries_copy_and_pickle_as_themselves():
+    # the fused path's entries are a (bank, index) pair carrying the sweep's ends: copies keep all three
+    from memmamba_deploy.models.ops.triton.memory import SweepEntries
+    entries = SweepEntries(torch.randn(2, 5, 3), torch.arange(6).view(2, 3, 1), torch.arange(10).view(2, 5))
+    for twin in (copy.copy(entries), copy.deepcopy(entries), pickle.loads(pickle.dumps(entries))):
+        bank, index = twin
+        assert isinstance(twin, SweepEntries) and torch.equal(bank, entries[0]) and torch.equal(index, entries[1])
+        assert torch.equal(twin.ends, entries.ends)
+
+
 @interpreted
 def test_stack_weights_equals_its_composition():
     assert_stack_weights_equal_their_composition("cpu")
@@ -451,6 +462,10 @@ def assert_stack_weights_equal_their_composition(device):
     width = col_qk + 2 * H * ds + 64                                            # a padding block after the reads
     with poisoned():
         w_stack, w_out = kt.memory.stack_weights(plain, reads, H, col_qk, width, torch.float16)
+    with pytest.raises(ValueError, match="must all be torch.float16"):
+        kt.memory.stack_weights(tuple(w.float() for w in plain), reads, H, col_qk, width, torch.float16)
+    with pytest.raises(ValueError, match="do not fit"):
+        kt.memory.stack_weights(plain, reads, H, col_qk, col_qk + H * ds, torch.float16)
     assert torch.equal(w_stack[:rows], torch.cat(plain)) and not w_stack[rows:col_qk].any()
     assert not w_stack[col_qk + 2 * H * ds:].any()
     dh, dv = ds // H, d // H

@@ -379,8 +379,8 @@ class TritonBackend:
     @torch.no_grad()
     def prefill(self, input_ids, state):
         ids = torch.as_tensor(input_ids).to(self.device).long()
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [batch, T] with T >= 1, got shape {list(ids.shape)}")
+        if ids.dim() != 2 or 0 in ids.shape:
+            raise ValueError(f"input_ids must be [batch, T] with batch >= 1 and T >= 1, got shape {list(ids.shape)}")
         s = self._as_state(state, ids.shape[0])
         if not self.cuda_graph:
             logits, new = self.model.prefill(ids, s, last_only=True)

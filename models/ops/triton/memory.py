@@ -38,6 +38,9 @@ class SweepEntries(tuple):
         entries.ends = ends
         return entries
 
+    def __getnewargs__(self):            # copy and pickle rebuild it from these, not from the pair
+        return (*self, self.ends)
+
 
 @triton.jit
 def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr, M, hd, col_trig, stride_g,
@@ -130,10 +133,13 @@ def stack_weights(plain, reads, heads: int, col_qk: int, width: int, dtype):
     H, ds, d = heads, w_k0.shape[0], w_q0.shape[1]
     qk_w = H * ds
     plain = tuple(w.detach().contiguous() for w in plain)
+    if any(w.dtype != dtype for w in (*plain, w_q0, w_k0)):
+        raise ValueError(f"stack_weights: the weights must all be {dtype}, got "
+                         f"{sorted({str(w.dtype) for w in (*plain, w_q0, w_k0)})}")
     if sum(w.shape[0] for w in plain) > col_qk or col_qk + len(reads) * qk_w > width or \
-            any(w.shape[1] != d or w.dtype != dtype for w in plain):
-        raise ValueError(f"stack_weights: plain weights {[list(w.shape) for w in plain]} ({dtype}) do not fit "
-                         f"{col_qk} rows of width {d} before {len(reads)} reads' {qk_w} rows in {width}")
+            any(w.shape[1] != d for w in plain):
+        raise ValueError(f"stack_weights: plain weights {[list(w.shape) for w in plain]} do not fit {col_qk} rows "
+                         f"of width {d} before {len(reads)} reads' {qk_w} rows in {width}")
     w_stack = torch.empty(width, d, device=w_q0.device, dtype=dtype)
     w_out = torch.empty(d, len(reads) * qk_w, device=w_q0.device, dtype=dtype)
     wqs, wks, wvs = (tuple(getattr(r, name).weight.detach().contiguous() for r in reads)

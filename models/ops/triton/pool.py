@@ -285,6 +285,7 @@ def pool_sweep_ends(scores, prio0, tau1):
     index = torch.empty(Bsz, T + 1, K, device=dev, dtype=torch.int32)
     prio = torch.empty(Bsz, K, device=dev, dtype=torch.float32)
     seg_len = max(SWEEP_SEG, block_k)           # a segment's top list is its first BLOCK_K sorted scores
+    assert seg_len % SWEEP_COUNT_T == 0, "sweep_enter_kernel's blocks must not straddle segments"
     n_seg = max(1, triton.cdiv(T, seg_len))
     block_seg = triton.next_power_of_2(n_seg)
     top = torch.empty(Bsz, n_seg, block_k, device=dev, dtype=torch.float32)
