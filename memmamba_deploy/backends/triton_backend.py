@@ -161,7 +161,7 @@ class TritonBackend:
             w_xT=m.x_proj.weight.detach().t().contiguous(),             # [Di, R+2N]: a channel's row is contiguous
             w_dt=m.dt_proj.weight.detach().contiguous(),
             dt_bias=m.dt_proj.bias.detach().contiguous(),
-            A=decay_rates(m.A_log.detach()).contiguous(),
+            A=decay_rates(m.A_log.detach()),
             D=m.D.detach().contiguous(),
             w_outT=m.out_proj.weight.detach().t().contiguous(),         # [Di, d]
             cross=c.is_cross_layer(l))

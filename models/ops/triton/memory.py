@@ -129,21 +129,20 @@ def stack_weights(plain, reads, heads: int, col_qk: int, width: int, dtype):
     block-diagonal W_v, for q'_h = W_qk u and o = W_v m in one GEMM each. Derived on every call: a cache would have
     to know every way weights change (.data edits and fused optimizers keep the version counter; a CUDA graph
     would keep reading what the cache replaced)."""
-    w_q0, w_k0 = reads[0].q_proj.weight, reads[0].k_proj.weight
-    H, ds, d = heads, w_k0.shape[0], w_q0.shape[1]
-    qk_w = H * ds
     plain = tuple(w.detach().contiguous() for w in plain)
-    if any(w.dtype != dtype for w in (*plain, w_q0, w_k0)):
+    wqs, wks, wvs = (tuple(getattr(r, name).weight.detach().contiguous() for r in reads)
+                     for name in ("q_proj", "k_proj", "v_proj"))
+    H, ds, d = heads, wks[0].shape[0], wqs[0].shape[1]
+    qk_w = H * ds
+    if any(w.dtype != dtype for w in (*plain, *wqs, *wks, *wvs)):
         raise ValueError(f"stack_weights: the weights must all be {dtype}, got "
-                         f"{sorted({str(w.dtype) for w in (*plain, w_q0, w_k0)})}")
+                         f"{sorted({str(w.dtype) for w in (*plain, *wqs, *wks, *wvs)})}")
     if sum(w.shape[0] for w in plain) > col_qk or col_qk + len(reads) * qk_w > width or \
             any(w.shape[1] != d for w in plain):
         raise ValueError(f"stack_weights: plain weights {[list(w.shape) for w in plain]} do not fit {col_qk} rows "
                          f"of width {d} before {len(reads)} reads' {qk_w} rows in {width}")
-    w_stack = torch.empty(width, d, device=w_q0.device, dtype=dtype)
-    w_out = torch.empty(d, len(reads) * qk_w, device=w_q0.device, dtype=dtype)
-    wqs, wks, wvs = (tuple(getattr(r, name).weight.detach().contiguous() for r in reads)
-                     for name in ("q_proj", "k_proj", "v_proj"))
+    w_stack = torch.empty(width, d, device=wqs[0].device, dtype=dtype)
+    w_out = torch.empty(d, len(reads) * qk_w, device=wqs[0].device, dtype=dtype)
     stack_weights_kernel[(triton.cdiv(d, STACK_D), H + 1)](
         plain, tuple(w.shape[0] for w in plain), wqs, wks, wvs, w_stack, w_out, d, ds, ds // H, d // H, col_qk, qk_w,
         width, w_out.stride(0), READS=len(reads), BLOCK_D=STACK_D, BLOCK_S=max(16, triton.next_power_of_2(ds)),
@@ -186,13 +185,14 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False):
     g = g.view(Bsz, T, width)
     bank = torch.cat([pool0.to(dtype), g[:, :, hd:col_trig]], dim=1)
     entries = SweepEntries(bank, index[:, :T], ends)               # what each token reads, and §5's share
-    pools = [[entries]] if cross is None else [[entries], group + [entries]]   # each read's pools, read in place
-    gains = [gain, None if cross is None else cross.alpha.detach()]
+    sources = [([entries], gain)]                                   # per read: its pools (read in place), gain
+    if cross is not None:
+        sources.append((group + [entries], cross.alpha.detach()))
     m = torch.empty(Bsz, T, len(reads) * qk_w, device=dev, dtype=dtype)
-    for i, read_pools in enumerate(pools):
+    for i, (read_pools, read_gain) in enumerate(sources):
         # ends: the sweep's; None (found by pool_mix) for a layer whose entries came from the composed ops
         pool_mix(g[:, :, col_qk + i * qk_w:col_qk + (i + 1) * qk_w], [bank for bank, _ in read_pools],
-                 [rows for _, rows in read_pools], gains[i], H, m[:, :, i * qk_w:(i + 1) * qk_w],
+                 [rows for _, rows in read_pools], read_gain, H, m[:, :, i * qk_w:(i + 1) * qk_w],
                  [getattr(e, "ends", None) for e in read_pools])
     m2 = m.view(Bsz * T, m.shape[-1])
     # u + r_tok + r_cross; torch.addmm would first copy u into its output (14 µs a layer at 16k tokens)

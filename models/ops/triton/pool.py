@@ -243,6 +243,14 @@ def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_p
 
 
 @triton.jit
+def _store_ends(ends_row, rows, rows_next, held, offs_t):
+    # ends[r] = t where index row t holds bank row r and row t + 1 does not (rows_next: -2 past the last row):
+    # an entry keeps its slot until evicted and never comes back, so each held bank row has one such t
+    last = held & (rows >= 0) & (rows != rows_next)
+    tl.store(ends_row + rows, tl.broadcast_to(offs_t[:, None], rows.shape), mask=last)
+
+
+@triton.jit
 def sweep_fill_kernel(ecount_ptr, hist_ptr, index_ptr, ends_ptr, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """grid (B, cdiv(T + 1, BLOCK_T)). index[b, t] = hist[b, ecount[b, t]], t <= T; and ends[b, r] = t for the
     last row t < T that holds bank row r (entry_ends of index[:, :T]): where row t holds r and row t + 1 does
@@ -258,8 +266,7 @@ def sweep_fill_kernel(ecount_ptr, hist_ptr, index_ptr, ends_ptr, T, K, BLOCK_T: 
     e_next = tl.load(ecount_ptr + b * (T + 1) + offs_t + 1, mask=offs_t + 1 < T, other=0)
     rows_next = tl.load(hist_ptr + (b * (T + 1) + e_next[:, None]) * K + cols[None, :],
                         mask=held & (offs_t + 1 < T)[:, None], other=-2)
-    last = held & (rows >= 0) & (rows != rows_next)
-    tl.store(ends_ptr + b * (K + T) + rows, tl.broadcast_to(offs_t[:, None], [BLOCK_T, BLOCK_K]), mask=last)
+    _store_ends(ends_ptr + b * (K + T), rows, rows_next, held, offs_t)
 
 
 def pool_sweep(scores, prio0, tau1):
@@ -455,8 +462,7 @@ def entry_ends_kernel(index_ptr, ends_ptr, T, S, stride_i_b, stride_i_t, stride_
     row = index_ptr + b * stride_i_b + offs_t[:, None].to(tl.int64) * stride_i_t + offs_s[None, :]
     r = tl.load(row, mask=mask, other=-1)
     r_next = tl.load(row + stride_i_t, mask=mask & (offs_t + 1 < T)[:, None], other=-2)
-    last = mask & (r >= 0) & (r != r_next)
-    tl.store(ends_ptr + b * stride_e_b + r, tl.broadcast_to(offs_t[:, None], [BLOCK_T, BLOCK_S]), mask=last)
+    _store_ends(ends_ptr + b * stride_e_b, r, r_next, mask, offs_t)
 
 
 def entry_ends(index, rows: int):
