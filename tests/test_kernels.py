@@ -104,7 +104,7 @@ def test_residual_norm(with_y, dtype, rng):
 @pytest.mark.parametrize("k", [4, 3, 2, 5, 1], ids=["width4", "width3", "width2", "width5-reference",
                                                    "width1-reference"])
 def test_causal_conv(T, bias, k, rng):
-    Bsz, Di = 2, 40                                                   # 150 tokens: three programs' chunks
+    Bsz, Di = 2, 40                                                   # 150 tokens: chunks of CONV_CHUNK, many programs
     xz = torch.randn(Bsz, T, 2 * Di, generator=rng)                   # x a strided view, as in_proj's first half
     x = xz[..., :Di]
     w, b = torch.randn(Di, k, generator=rng), torch.randn(Di, generator=rng) if bias else None

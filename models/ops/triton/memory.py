@@ -67,42 +67,36 @@ def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr,
 
 
 STACK_D = 64             # stack_weights_kernel: columns of d per program
-STACK_ROWS = 32          # ... rows copied or zeroed at a time
+STACK_ROWS = 32          # ... rows copied or zeroed per program
 
 
 @triton.jit
 def stack_weights_kernel(plain, plain_rows, wqs, wks, wvs, w_stack_ptr, w_out_ptr, d, ds, dh, dv, col_qk, qk_w,
                          width, stride_wout, READS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
-    """grid (cdiv(d, BLOCK_D), H + 1); columns [i0, i0 + BLOCK_D) of the stacked weight w_stack [width, d] and the
-    matching rows of w_out [d, READS·H·ds]. Programs h < H write head h's share of each read r's derived weights:
-    W_qk rows col_qk + r·qk_w + h·ds + s, Σ_c w_k[h·dh + c, s] w_q[h·dh + c, i] (an fp32 dot), and w_out[i,
-    r·qk_w + h·ds + s] = w_v[i, s] where row i is head h's (i // dv == h), else 0 (the block-diagonal W_v).
-    Program h = H copies the plain weights (a tuple: score_in, summary, trigger, plain_rows rows each) into rows
-    0.. and zeroes the padding rows (up to col_qk, and after the reads' blocks)."""
+    """grid (cdiv(d, BLOCK_D), H + cdiv(col_qk + width - tail, BLOCK_R)), tail = col_qk + READS·qk_w; columns
+    [i0, i0 + BLOCK_D) of the stacked weight w_stack [width, d] and the matching rows of w_out [d, READS·H·ds].
+    Programs h < H write head h's share of each read r's derived weights: W_qk rows col_qk + r·qk_w + h·ds + s,
+    Σ_c w_k[h·dh + c, s] w_q[h·dh + c, i] (an fp32 dot), and w_out[i, r·qk_w + h·ds + s] = w_v[i, s] where row i
+    is head h's (i // dv == h), else 0 (the block-diagonal W_v). Programs h >= H write BLOCK_R of the other rows
+    each (rows 0..col_qk, then tail..width): the plain weights (a tuple: score_in, summary, trigger, plain_rows rows
+    each) stacked from row 0, zeros elsewhere (one block a program: a loop over them was the launch's long pole)."""
     offs_i = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     h = tl.program_id(1)
     mask_i = offs_i < d
-    H = tl.num_programs(1) - 1
-    if h == H:
-        offs_r = tl.arange(0, BLOCK_R)
+    H = ds // dh
+    if h >= H:
+        nth = (h - H) * BLOCK_R + tl.arange(0, BLOCK_R)        # the rows outside the reads' blocks, in order
+        tail = col_qk + READS * qk_w
+        rows = tl.where(nth < col_qk, nth, nth - col_qk + tail)
+        w = tl.zeros([BLOCK_R, BLOCK_D], w_stack_ptr.dtype.element_ty)
         row0 = 0
         for j in tl.static_range(len(plain)):
-            for r0 in range(0, plain_rows[j], BLOCK_R):
-                rows = r0 + offs_r
-                m = (rows < plain_rows[j])[:, None] & mask_i[None, :]
-                w = tl.load(plain[j] + rows[:, None] * d + offs_i[None, :], mask=m)
-                tl.store(w_stack_ptr + (row0 + rows)[:, None] * d + offs_i[None, :], w, mask=m)
+            mine = (rows >= row0) & (rows < row0 + plain_rows[j])
+            w = tl.where(mine[:, None], tl.load(plain[j] + (rows - row0)[:, None] * d + offs_i[None, :],
+                                                mask=mine[:, None] & mask_i[None, :], other=0.0), w)
             row0 += plain_rows[j]
-        zero = tl.zeros([BLOCK_R, BLOCK_D], w_stack_ptr.dtype.element_ty)
-        for r0 in range(row0, col_qk, BLOCK_R):
-            rows = r0 + offs_r
-            tl.store(w_stack_ptr + rows[:, None] * d + offs_i[None, :], zero,
-                     mask=(rows < col_qk)[:, None] & mask_i[None, :])
-        for r0 in range(col_qk + READS * qk_w, width, BLOCK_R):
-            rows = r0 + offs_r
-            tl.store(w_stack_ptr + rows[:, None] * d + offs_i[None, :], zero,
-                     mask=(rows < width)[:, None] & mask_i[None, :])
+        tl.store(w_stack_ptr + rows[:, None] * d + offs_i[None, :], w, mask=(rows < width)[:, None] & mask_i[None, :])
     else:
         offs_s = tl.arange(0, BLOCK_S)
         offs_c = tl.arange(0, BLOCK_H)
@@ -143,7 +137,8 @@ def stack_weights(plain, reads, heads: int, col_qk: int, width: int, dtype):
                          f"of width {d} before {len(reads)} reads' {qk_w} rows in {width}")
     w_stack = torch.empty(width, d, device=wqs[0].device, dtype=dtype)
     w_out = torch.empty(d, len(reads) * qk_w, device=wqs[0].device, dtype=dtype)
-    stack_weights_kernel[(triton.cdiv(d, STACK_D), H + 1)](
+    copy_rows = col_qk + width - (col_qk + len(reads) * qk_w)   # rows that are not the reads' derived ones
+    stack_weights_kernel[(triton.cdiv(d, STACK_D), H + triton.cdiv(copy_rows, STACK_ROWS))](
         plain, tuple(w.shape[0] for w in plain), wqs, wks, wvs, w_stack, w_out, d, ds, ds // H, d // H, col_qk, qk_w,
         width, w_out.stride(0), READS=len(reads), BLOCK_D=STACK_D, BLOCK_S=max(16, triton.next_power_of_2(ds)),
         BLOCK_H=max(16, triton.next_power_of_2(ds // H)), BLOCK_R=STACK_ROWS, num_warps=4)

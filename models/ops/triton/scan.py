@@ -45,8 +45,9 @@ SEQ_NUM_WARPS = 1      # scan_forward: one warp per program (measured best on th
 SEQ_CHANNELS_PER_THREAD = 4
 SEQ_UNROLL_STATES = 4  # tokens per loop iteration of scan_forward's chunk-state pass (no y: fewer live registers)
 SEQ_UNROLL_Y = 2       # ... of the passes that write y (4 spills there); 16k tokens, H200: 337 -> 313 us a layer
-CONV_CHUNK = 64        # causal_conv_kernel: tokens per program, loaded CONV_AHEAD at a time, CONV_BLOCK_D channels
-CONV_AHEAD = 8         # (8 per lane of its one warp); measured best of a sweep on the H200 (BENCHMARKS.md)
+CONV_CHUNK = 8         # causal_conv_kernel: tokens per program, loaded CONV_AHEAD at a time, CONV_BLOCK_D channels
+CONV_AHEAD = 8         # (8 per lane of its one warp). H100, Di 1536: 8 tokens a program beat 64 at 2k-64k tokens
+                       # (7.7 vs 12.2 us at 2k, 38.6 vs 42.4 at 16k; 16 is 1.7 us better at 4k only; BENCHMARKS.md)
 CONV_BLOCK_D = 256
 PREFIX_BLOCK_C = 32    # scan_forward's chunk chain as a parallel scan: chunks x state elements per tile, one
 PREFIX_BLOCK_E = 32    # warp (a sweep on the H100 at 16k tokens, 86 chunks: 14 us; 128 x 32 with 4 warps, 22 us;
