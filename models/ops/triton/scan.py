@@ -28,6 +28,8 @@ All kernels take runtime sizes and strides as scalars and are AOT-compilable (se
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -43,8 +45,9 @@ MIN_CHUNK = 256
 SEQ_MIN_CHUNK = 16     # scan_forward's shortest chunk (seq_chunk_plan): 16 beats 64 by 10% at 2k tokens, ties at 16k
 SEQ_NUM_WARPS = 1      # scan_forward: one warp per program (measured best on the H100, see BENCHMARKS.md)
 SEQ_CHANNELS_PER_THREAD = 4
-SEQ_UNROLL_STATES = 4  # tokens per loop iteration of scan_forward's chunk-state pass (no y: fewer live registers)
-SEQ_UNROLL_Y = 2       # ... of the passes that write y (4 spills there); 16k tokens, H200: 337 -> 313 us a layer
+SEQ_UNROLL = 2         # tokens per loop iteration of scan_forward's passes, whose loads Triton issues SEQ_STAGES - 1
+SEQ_STAGES = 3         # iterations ahead into shared memory (cp.async): no registers held by loads in flight
+SEQ_PROGRAMS_PER_SM = 8  # one warp each at ~250 registers: 8 fill an SM's register file (one wave: 1056 on an H100)
 CONV_CHUNK = 8         # causal_conv_kernel: tokens per program, loaded CONV_AHEAD at a time, CONV_BLOCK_D channels
 CONV_AHEAD = 8         # (8 per lane of its one warp). H100, Di 1536: 8 tokens a program beat 64 at 2k-64k tokens
                        # (7.7 vs 12.2 us at 2k, 38.6 vs 42.4 at 16k; 16 is 1.7 us better at 4k only; BENCHMARKS.md)
@@ -246,17 +249,18 @@ def selective_scan_seq_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H_IN: tl.constexpr,
     WRITE_Y: tl.constexpr, WRITE_H: tl.constexpr, WRITE_DT_SUM: tl.constexpr, UNROLL: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """The prefill scan (scan_forward): as selective_scan_fwd_kernel, but each thread owns a few channels and all
     their states and walks the chunk one token at a time. A token costs N exp2 and no cross-thread traffic: the
     sum over N is in-thread and every [BLOCK_D] vector is the slice of the state tile's layout.
-    UNROLL (2 or 4) tokens per iteration, whose loads were issued one iteration earlier: the loads' latency, not
-    the arithmetic, bounded the one-token loop (seq_unroll).
+    UNROLL tokens per iteration; Triton's pipeliner issues an iteration's loads STAGES - 1 iterations ahead,
+    asynchronously into shared memory (the loads' latency bounded the plain loop; loads issued ahead into
+    registers took registers the state tiles need).
     grid (B, cdiv(Di, BLOCK_D), n_chunks), BLOCK_D = 32 x num_warps x channels per thread. The state tiles
     are [N, Di] (channels contiguous) so that Triton lays threads along channels: AT is A transposed (loaded as
     [Di, N], A spills registers in the loop), and h_in / h_out (per (b, c)) are [N, Di] fp32, strides as
     selective_scan_fwd_kernel's."""
-    tl.static_assert((UNROLL == 2) or (UNROLL == 4), "measured and tested with 2 or 4 tokens an iteration")
     pid_b = tl.program_id(0).to(tl.int64)              # batch offsets can pass 2^31 elements at long T
     pid_d = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -278,18 +282,11 @@ def selective_scan_seq_kernel(
     zp = z_ptr + pid_b * stride_z_b + offs_d
     yp = y_ptr + pid_b * stride_y_b
     st = (stride_x_t, stride_dt_t, stride_B_t, stride_C_t, stride_z_t)
-    ahead = ()                                                 # the next iteration's tokens' loads
-    for j in tl.static_range(UNROLL):
-        ahead = ahead + (_seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t_begin + j, last), *st, offs_n, N, mask_d,
-                                    EVEN_N, WRITE_Y, HAS_Z),)
-    for t in range(t_begin, t_end, UNROLL):
-        cur = ahead
-        ahead = ()
+    for t in tl.range(t_begin, t_end, UNROLL, num_stages=STAGES):
         for j in tl.static_range(UNROLL):
-            ahead = ahead + (_seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + UNROLL + j, last), *st, offs_n, N,
-                                        mask_d, EVEN_N, WRITE_Y, HAS_Z),)
-        for j in tl.static_range(UNROLL):
-            h, dt_sum = _seq_token(t + j, t_end, *cur[j], h, A2, Dv, bias, mask_d, dt_softplus,
+            loads = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + j, last), *st, offs_n, N, mask_d, EVEN_N, WRITE_Y,
+                               HAS_Z)
+            h, dt_sum = _seq_token(t + j, t_end, *loads, h, A2, Dv, bias, mask_d, dt_softplus,
                                    yp + (t + j) * stride_y_t, offs_d, dt_sum, WRITE_Y, HAS_Z, WRITE_DT_SUM)
     if WRITE_H:
         tl.store(h_out_ptr + pid_b * stride_hout_b + pid_c * stride_hout_c + nd_off, h, mask=mask_nd)
@@ -715,12 +712,22 @@ def seq_blocks(N: int, Di: int) -> tuple[int, int, int]:
     return 32 * num_warps * per_thread, triton.next_power_of_2(N), num_warps
 
 
-def seq_chunk_plan(B: int, T: int, Di: int, N: int) -> tuple[int, int]:
-    """(chunk_len, n_chunks) of scan_forward: split T until batch x channel blocks x chunks reach TARGET_PROGRAMS,
-    never into chunks under SEQ_MIN_CHUNK tokens (every chunk costs its state twice, passes 1 and 2)."""
+@functools.lru_cache(maxsize=None)
+def seq_programs(device: torch.device) -> int:
+    """The programs scan_forward aims for on a device: one wave, SEQ_PROGRAMS_PER_SM per SM (on an H100 1056 beat
+    1032 by 4 us a pass at 16k tokens; a second wave, even a partial one, costs far more; BENCHMARKS.md)."""
+    if device.type != "cuda":
+        return TARGET_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count * SEQ_PROGRAMS_PER_SM
+
+
+def seq_chunk_plan(B: int, T: int, Di: int, N: int, programs: int = TARGET_PROGRAMS) -> tuple[int, int]:
+    """(chunk_len, n_chunks) of scan_forward: split T until batch x channel blocks x chunks reach `programs`
+    (seq_programs), never into chunks under SEQ_MIN_CHUNK tokens (every chunk costs its state twice, passes 1 and
+    2)."""
     block_d, _, _ = seq_blocks(N, Di)
     rows = B * triton.cdiv(Di, block_d)
-    n_chunks = max(1, min(triton.cdiv(TARGET_PROGRAMS, rows), triton.cdiv(T, SEQ_MIN_CHUNK)))
+    n_chunks = max(1, min(programs // rows, triton.cdiv(T, SEQ_MIN_CHUNK)))
     if n_chunks == 1:
         return max(T, 1), 1
     chunk_len = triton.cdiv(T, n_chunks)
@@ -738,31 +745,32 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     if T == 0:
         return x.new_empty(Bsz, 0, Di), (torch.zeros(Bsz, Di, N, device=x.device) if h0 is None else h0.clone())
     if chunk_len is None:
-        chunk_len, n_chunks = seq_chunk_plan(Bsz, T, Di, N)
+        chunk_len, n_chunks = seq_chunk_plan(Bsz, T, Di, N, seq_programs(x.device))
     else:
         n_chunks = triton.cdiv(T, chunk_len)
     AT = A.t().contiguous()                            # the chunk kernel's state tiles are [N, Di]
     block_d, block_n, num_warps = seq_blocks(N, Di)
-    meta = dict(BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=N == block_n, num_warps=num_warps)
+    meta = dict(BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=N == block_n, UNROLL=SEQ_UNROLL, STAGES=SEQ_STAGES,
+                num_warps=num_warps)
     y = torch.empty_like(x)
     f32 = dict(device=x.device, dtype=torch.float32)
     if n_chunks == 1:                                  # h0 and h transposed too
         h0_nd = None if h0 is None else h0.transpose(1, 2).contiguous()
         h_nd = torch.empty(Bsz, 1, N, Di, **f32)
         _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, z, dt_bias, h0_nd, y, h_nd, None, T, 1,
-                        dt_softplus, UNROLL=SEQ_UNROLL_Y, **meta)
+                        dt_softplus, **meta)
         return y, h_nd[:, 0].transpose(1, 2).contiguous()
     states = torch.empty(Bsz, n_chunks, N, Di, **f32)
     dt_sum = torch.empty(Bsz, n_chunks, Di, **f32)
     h = torch.empty(Bsz, Di, N, **f32)
     _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, None, dt_bias, None, None, states, dt_sum,
-                    chunk_len, n_chunks, dt_softplus, UNROLL=SEQ_UNROLL_STATES, **meta)
+                    chunk_len, n_chunks, dt_softplus, **meta)
     starts = torch.empty_like(states)
     scan_chunk_prefix_kernel[(Bsz, triton.cdiv(N * Di, PREFIX_BLOCK_E))](
         A, dt_sum, A if h0 is None else h0, states, starts, h, Di, N, n_chunks, Di * N, Di * N,
         BLOCK_C=PREFIX_BLOCK_C, BLOCK_E=PREFIX_BLOCK_E, HAS_H0=h0 is not None, num_warps=PREFIX_NUM_WARPS)
     _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, z, dt_bias, starts, y, None, None, chunk_len,
-                    n_chunks, dt_softplus, UNROLL=SEQ_UNROLL_Y, **meta)
+                    n_chunks, dt_softplus, **meta)
     return y, h
 
 
