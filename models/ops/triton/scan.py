@@ -11,7 +11,8 @@ A program owns (batch row, some channels, one chunk of tokens); across chunks:
                                     2. h_start[c+1] = exp(A Σδ_c) h_start[c] + S_c: scan_chunk_prefix (an
                                        associative scan over the chunks; the backward and the AOT builds chain
                                        them in order, scan_chunk_combine)
-                                    3. every chunk again from h_start[c] -> y.
+                                    3. every chunk again from h_start[c] -> y (scan_forward: pass 1 keeps δ,
+                                       fp32, so pass 3 reads it instead of recomputing the softplus).
 Two kernels walk a chunk:
   selective_scan_seq_kernel  (scan_forward: prefill and training forward; seq_chunk_plan) a thread owns a few
       channels and all their states and steps token by token: N exp2 per channel-token, no cross-thread traffic.
@@ -223,12 +224,16 @@ def _seq_loads(xp, dtp, Bp, Cp, zp, t, stride_x_t, stride_dt_t, stride_B_t, stri
 
 
 @triton.jit
-def _seq_token(t, t_end, x, dt, Bv, Cv, z, h, A2, Dv, bias, mask_d, dt_softplus, y_row, offs_d, dt_sum,
-               WRITE_Y: tl.constexpr, HAS_Z: tl.constexpr, WRITE_DT_SUM: tl.constexpr):
+def _seq_token(t, t_end, x, dt, Bv, Cv, z, h, A2, Dv, bias, mask_d, dt_softplus, y_row, delta_row, offs_d, dt_sum,
+               WRITE_Y: tl.constexpr, HAS_Z: tl.constexpr, WRITE_DT_SUM: tl.constexpr, WRITE_DELTA: tl.constexpr,
+               DELTA_IN: tl.constexpr):
     # one token of the recurrence; past the chunk's end δ = 0 makes it the identity and y is not stored
     valid = mask_d & (t < t_end)
     x = x.to(tl.float32)
-    delta = _delta(dt.to(tl.float32), bias, valid, dt_softplus)
+    if DELTA_IN:                       # dt is δ itself, as the chunk-state pass stored it
+        delta = tl.where(valid, dt.to(tl.float32), 0.0)
+    else:
+        delta = _delta(dt.to(tl.float32), bias, valid, dt_softplus)
     h = tl.exp2(delta[None, :] * A2) * h + Bv[:, None] * (delta * x)[None, :]
     if WRITE_Y:
         y = tl.sum(h * Cv[:, None], axis=0) + Dv * x
@@ -237,19 +242,21 @@ def _seq_token(t, t_end, x, dt, Bv, Cv, z, h, A2, Dv, bias, mask_d, dt_softplus,
         tl.store(y_row + offs_d, y.to(y_row.dtype.element_ty), mask=valid)
     if WRITE_DT_SUM:
         dt_sum += delta
+    if WRITE_DELTA:                    # the chunk-state pass keeps δ for the pass that writes y
+        tl.store(delta_row + offs_d, delta.to(delta_row.dtype.element_ty), mask=valid)
     return h, dt_sum
 
 
 @triton.jit
 def selective_scan_seq_kernel(
     x_ptr, dt_ptr, AT_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h_in_ptr, y_ptr, h_out_ptr, dt_sum_ptr,
-    T, Di, N, chunk_len, dt_softplus,
+    delta_ptr, T, Di, N, chunk_len, dt_softplus,
     stride_x_b, stride_x_t, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_C_b, stride_C_t,
     stride_z_b, stride_z_t, stride_y_b, stride_y_t, stride_hin_b, stride_hin_c, stride_hout_b, stride_hout_c,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H_IN: tl.constexpr,
     WRITE_Y: tl.constexpr, WRITE_H: tl.constexpr, WRITE_DT_SUM: tl.constexpr, UNROLL: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, WRITE_DELTA: tl.constexpr, DELTA_IN: tl.constexpr,
 ):
     """The prefill scan (scan_forward): as selective_scan_fwd_kernel, but each thread owns a few channels and all
     their states and walks the chunk one token at a time. A token costs N exp2 and no cross-thread traffic: the
@@ -281,13 +288,15 @@ def selective_scan_seq_kernel(
     Cp = C_ptr + pid_b * stride_C_b
     zp = z_ptr + pid_b * stride_z_b + offs_d
     yp = y_ptr + pid_b * stride_y_b
+    deltap = delta_ptr + pid_b * T * Di                        # δ [B, T, Di] (WRITE_DELTA)
     st = (stride_x_t, stride_dt_t, stride_B_t, stride_C_t, stride_z_t)
     for t in tl.range(t_begin, t_end, UNROLL, num_stages=STAGES):
         for j in tl.static_range(UNROLL):
             loads = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + j, last), *st, offs_n, N, mask_d, EVEN_N, WRITE_Y,
                                HAS_Z)
             h, dt_sum = _seq_token(t + j, t_end, *loads, h, A2, Dv, bias, mask_d, dt_softplus,
-                                   yp + (t + j) * stride_y_t, offs_d, dt_sum, WRITE_Y, HAS_Z, WRITE_DT_SUM)
+                                   yp + (t + j) * stride_y_t, deltap + (t + j) * Di, offs_d, dt_sum, WRITE_Y, HAS_Z,
+                                   WRITE_DT_SUM, WRITE_DELTA, DELTA_IN)
     if WRITE_H:
         tl.store(h_out_ptr + pid_b * stride_hout_b + pid_c * stride_hout_c + nd_off, h, mask=mask_nd)
     if WRITE_DT_SUM:
@@ -661,20 +670,26 @@ def _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token: bool):
 
 
 def _forward_launch(kernel, x, dt, A, B, C, D, z, dt_bias, h_in, y, h_out, dt_sum, chunk_len, n_chunks,
-                    dt_softplus, **meta):
+                    dt_softplus, delta=None, delta_in=False, **meta):
     """One launch of a forward scan kernel over the chunks: selective_scan_fwd_kernel (A [Di, N], chunk states
     [B, n_chunks, Di, N]) or selective_scan_seq_kernel (A transposed, states [B, n_chunks, N, Di]); both take the
-    same arguments. Absent tensors are None, which sets HAS_* / WRITE_*; meta: block sizes and num_warps."""
+    same arguments. Absent tensors are None, which sets HAS_* / WRITE_*; meta: block sizes and num_warps. The seq
+    kernel only: delta [B, T, Di] fp32 receives δ (a chunk-state pass), or with delta_in dt is δ itself (no bias,
+    no softplus)."""
     Bsz, T, Di = x.shape
     N = A.numel() // Di
     dummy = A                                                    # stands in for absent tensors; never read
     zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
     ys = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
     hs = (n_chunks * Di * N, Di * N)                             # chunk states, in and out
+    seq = ()
+    if kernel is selective_scan_seq_kernel:                      # δ out (chunk-state pass) or in (instead of dt)
+        seq = (dummy if delta is None else delta,)
+        meta = dict(meta, WRITE_DELTA=delta is not None, DELTA_IN=delta_in)
     kernel[(Bsz, triton.cdiv(Di, meta["BLOCK_D"]), n_chunks)](
         x, dt, A, B, C, D, dummy if z is None else z, dummy if dt_bias is None else dt_bias,
         dummy if h_in is None else h_in, dummy if y is None else y, dummy if h_out is None else h_out,
-        dummy if dt_sum is None else dt_sum, T, Di, N, chunk_len, int(bool(dt_softplus)),
+        dummy if dt_sum is None else dt_sum, *seq, T, Di, N, chunk_len, int(bool(dt_softplus)),
         x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         *zs, *ys, *hs, *hs, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, HAS_H_IN=h_in is not None,
         WRITE_Y=y is not None, WRITE_H=h_out is not None, WRITE_DT_SUM=dt_sum is not None, **meta)
@@ -736,8 +751,8 @@ def seq_chunk_plan(B: int, T: int, Di: int, N: int, programs: int = TARGET_PROGR
 
 def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, chunk_len=None):
     """The kernel path of selective_scan_ref (no autograd): (y [B,T,Di] in x.dtype, h [B,Di,N] fp32).
-    One pass when batch x channel blocks fill the GPU, else three (each chunk from zero -> its final state;
-    chain the chunks; each chunk again from its true start -> y). chunk_len=None picks the plan
+    One pass when batch x channel blocks fill the GPU, else three (each chunk from zero -> its final state, and δ
+    kept; chain the chunks; each chunk again from its true start -> y). chunk_len=None picks the plan
     (seq_chunk_plan); tests pass one to force the three-pass path."""
     x, dt, A, B, C, D, z, dt_bias, h0 = _prepare(x, dt, A, B, C, D, z, dt_bias, h0)
     Bsz, T, Di = x.shape
@@ -763,14 +778,15 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     states = torch.empty(Bsz, n_chunks, N, Di, **f32)
     dt_sum = torch.empty(Bsz, n_chunks, Di, **f32)
     h = torch.empty(Bsz, Di, N, **f32)
+    delta = torch.empty(Bsz, T, Di, **f32)             # δ, kept by pass 1: pass 3 skips the softplus
     _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, None, dt_bias, None, None, states, dt_sum,
-                    chunk_len, n_chunks, dt_softplus, **meta)
+                    chunk_len, n_chunks, dt_softplus, delta, **meta)
     starts = torch.empty_like(states)
     scan_chunk_prefix_kernel[(Bsz, triton.cdiv(N * Di, PREFIX_BLOCK_E))](
         A, dt_sum, A if h0 is None else h0, states, starts, h, Di, N, n_chunks, Di * N, Di * N,
         BLOCK_C=PREFIX_BLOCK_C, BLOCK_E=PREFIX_BLOCK_E, HAS_H0=h0 is not None, num_warps=PREFIX_NUM_WARPS)
-    _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, z, dt_bias, starts, y, None, None, chunk_len,
-                    n_chunks, dt_softplus, **meta)
+    _forward_launch(selective_scan_seq_kernel, x, delta, AT, B, C, D, z, None, starts, y, None, None, chunk_len,
+                    n_chunks, False, delta_in=True, **meta)
     return y, h
 
 
