@@ -138,6 +138,22 @@ def test_selective_scan_chunk_chain_carries_across_tiles(rng):
 
 
 @interpreted
+@pytest.mark.parametrize("softplus", [True, False], ids=["softplus", "no-softplus"])
+def test_selective_scan_three_pass_delta_across_channel_blocks(softplus, rng):
+    # pass 1 keeps δ for pass 3: Di 130 is two channel blocks of 128, the second with 2 live channels; batch 3 (δ's
+    # batch offset); chunk_len 7 is odd (the unrolled loop steps past a chunk's end), the last chunk 3 tokens
+    a = scan_inputs(rng, 3, 24, 130, 5)
+    if not softplus:
+        a["dt"], a["dt_bias"] = a["dt"].abs() * 0.1, a["dt_bias"].abs()
+    assert kt.scan.seq_blocks(5, 130)[0] == 128
+    y_ref, h_ref = selective_scan_ref(**a, dt_softplus=softplus)
+    for poison in (float("nan"), 1e30):
+        with poisoned(poison):
+            y, h = kt.scan.scan_forward(**a, dt_softplus=softplus, chunk_len=7)
+        assert rel_err(y, y_ref) <= TOL and rel_err(h, h_ref) <= TOL, poison
+
+
+@interpreted
 def test_selective_scan_long_sequence_does_not_overflow(rng):
     # δ·A from about -1e-4 to -60 per token and many chunks: decays underflow to 0, nothing overflows
     a = scan_inputs(rng, 1, 600, 8, 4, dt_scale=4.0)
@@ -452,22 +468,32 @@ def test_stack_weights_equals_its_composition():
 @torch.no_grad()
 def assert_stack_weights_equal_their_composition(device):
     """The fused path's derived weights in one launch: the plain rows copied, the padding zeroed (poisoned
-    beforehand), each read's W_kᵀW_q per head and its block-diagonal W_v, for a layer with both reads."""
+    beforehand), each read's W_kᵀW_q per head and its block-diagonal W_v; for a layer with both reads and padding
+    after them, and for one read with none (the width fused_memory_in_proj gives when the sum is 64-aligned)."""
     model = make_model(6).to(device, torch.float16)
     layer, c = model.layers[1], model.config
-    reads, H, ds, d = [layer.token_attn, layer.cross_attn], c.memory_heads, c.summary_dim, c.d_model
+    H, ds, d = c.memory_heads, c.summary_dim, c.d_model
     plain = (layer.note.score_in.weight, layer.note.summary.weight, layer.token_attn.trigger.weight)
     rows = sum(w.shape[0] for w in plain)
     col_qk = triton.cdiv(rows, 64) * 64
-    width = col_qk + 2 * H * ds + 64                                            # a padding block after the reads
-    with poisoned():
-        w_stack, w_out = kt.memory.stack_weights(plain, reads, H, col_qk, width, torch.float16)
+    for reads, pad_after in (([layer.token_attn, layer.cross_attn], 64), ([layer.token_attn], 0)):
+        width = col_qk + len(reads) * H * ds + pad_after
+        with poisoned():
+            w_stack, w_out = kt.memory.stack_weights(plain, reads, H, col_qk, width, torch.float16)
+        assert torch.equal(w_stack[:rows], torch.cat(plain)) and not w_stack[rows:col_qk].any()
+        assert not w_stack[col_qk + len(reads) * H * ds:].any()
+        check_read_weights(w_stack, w_out, reads, col_qk, H, ds, d)
+    reads = [layer.token_attn, layer.cross_attn]
+    width = col_qk + 2 * H * ds
     with pytest.raises(ValueError, match="must all be torch.float16"):
         kt.memory.stack_weights(tuple(w.float() for w in plain), reads, H, col_qk, width, torch.float16)
     with pytest.raises(ValueError, match="do not fit"):
         kt.memory.stack_weights(plain, reads, H, col_qk, col_qk + H * ds, torch.float16)
-    assert torch.equal(w_stack[:rows], torch.cat(plain)) and not w_stack[rows:col_qk].any()
-    assert not w_stack[col_qk + 2 * H * ds:].any()
+    with pytest.raises(ValueError, match="heads must divide"):
+        kt.memory.stack_weights(plain, reads, H + 1, col_qk, width, torch.float16)
+
+
+def check_read_weights(w_stack, w_out, reads, col_qk, H, ds, d):
     dh, dv = ds // H, d // H
     for r, read in enumerate(reads):
         wq, wk, wv = (w.float() for w in (read.q_proj.weight, read.k_proj.weight, read.v_proj.weight))

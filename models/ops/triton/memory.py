@@ -127,6 +127,8 @@ def stack_weights(plain, reads, heads: int, col_qk: int, width: int, dtype):
     wqs, wks, wvs = (tuple(getattr(r, name).weight.detach().contiguous() for r in reads)
                      for name in ("q_proj", "k_proj", "v_proj"))
     H, ds, d = heads, wks[0].shape[0], wqs[0].shape[1]
+    if H < 1 or ds % H or d % H:                 # the kernel finds H as ds // (ds // H), each head's rows as d // H
+        raise ValueError(f"stack_weights: {heads} heads must divide summary_dim {ds} and d_model {d}")
     qk_w = H * ds
     if any(w.dtype != dtype for w in (*plain, *wqs, *wks, *wvs)):
         raise ValueError(f"stack_weights: the weights must all be {dtype}, got "
@@ -137,7 +139,7 @@ def stack_weights(plain, reads, heads: int, col_qk: int, width: int, dtype):
                          f"of width {d} before {len(reads)} reads' {qk_w} rows in {width}")
     w_stack = torch.empty(width, d, device=wqs[0].device, dtype=dtype)
     w_out = torch.empty(d, len(reads) * qk_w, device=wqs[0].device, dtype=dtype)
-    copy_rows = col_qk + width - (col_qk + len(reads) * qk_w)   # rows that are not the reads' derived ones
+    copy_rows = width - len(reads) * qk_w                        # rows that are not the reads' derived ones
     stack_weights_kernel[(triton.cdiv(d, STACK_D), H + triton.cdiv(copy_rows, STACK_ROWS))](
         plain, tuple(w.shape[0] for w in plain), wqs, wks, wvs, w_stack, w_out, d, ds, ds // H, d // H, col_qk, qk_w,
         width, w_out.stride(0), READS=len(reads), BLOCK_D=STACK_D, BLOCK_S=max(16, triton.next_power_of_2(ds)),

@@ -737,12 +737,11 @@ def seq_programs(device: torch.device) -> int:
 
 
 def seq_chunk_plan(B: int, T: int, Di: int, N: int, programs: int = TARGET_PROGRAMS) -> tuple[int, int]:
-    """(chunk_len, n_chunks) of scan_forward: split T until batch x channel blocks x chunks reach `programs`
-    (seq_programs), never into chunks under SEQ_MIN_CHUNK tokens (every chunk costs its state twice, passes 1 and
-    2)."""
+    """(chunk_len, n_chunks) of scan_forward: as many chunks as batch x channel blocks x chunks fit in `programs`
+    (seq_programs), never chunks under SEQ_MIN_CHUNK tokens (every chunk costs its state twice, passes 1 and 2)."""
     block_d, _, _ = seq_blocks(N, Di)
     rows = B * triton.cdiv(Di, block_d)
-    n_chunks = max(1, min(programs // rows, triton.cdiv(T, SEQ_MIN_CHUNK)))
+    n_chunks = max(1, min(programs // rows, T // SEQ_MIN_CHUNK))
     if n_chunks == 1:
         return max(T, 1), 1
     chunk_len = triton.cdiv(T, n_chunks)
@@ -778,7 +777,8 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     states = torch.empty(Bsz, n_chunks, N, Di, **f32)
     dt_sum = torch.empty(Bsz, n_chunks, Di, **f32)
     h = torch.empty(Bsz, Di, N, **f32)
-    delta = torch.empty(Bsz, T, Di, **f32)             # δ, kept by pass 1: pass 3 skips the softplus
+    delta = torch.empty(Bsz, T, Di, **f32)             # δ, kept by pass 1: pass 3 skips the softplus (the kernel
+                                                       # indexes it as this fresh contiguous [B, T, Di] buffer)
     _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, None, dt_bias, None, None, states, dt_sum,
                     chunk_len, n_chunks, dt_softplus, delta, **meta)
     starts = torch.empty_like(states)
