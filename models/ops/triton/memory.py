@@ -74,7 +74,7 @@ STACK_ROWS = 32          # ... rows copied or zeroed per program
 def stack_weights_kernel(plain, plain_rows, wqs, wks, wvs, w_stack_ptr, w_out_ptr, d, ds, dh, dv, col_qk, qk_w,
                          width, stride_wout, READS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                          BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
-    """grid (cdiv(d, BLOCK_D), H + cdiv(col_qk + width - tail, BLOCK_R)), tail = col_qk + READS·qk_w; columns
+    """grid (cdiv(d, BLOCK_D), H + cdiv(width - READS·qk_w, BLOCK_R)), tail = col_qk + READS·qk_w; columns
     [i0, i0 + BLOCK_D) of the stacked weight w_stack [width, d] and the matching rows of w_out [d, READS·H·ds].
     Programs h < H write head h's share of each read r's derived weights: W_qk rows col_qk + r·qk_w + h·ds + s,
     Σ_c w_k[h·dh + c, s] w_q[h·dh + c, i] (an fp32 dot), and w_out[i, r·qk_w + h·ds + s] = w_v[i, s] where row i

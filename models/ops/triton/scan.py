@@ -230,7 +230,8 @@ def _seq_token(t, t_end, x, dt, Bv, Cv, z, h, A2, Dv, bias, mask_d, dt_softplus,
     # one token of the recurrence; past the chunk's end δ = 0 makes it the identity and y is not stored
     valid = mask_d & (t < t_end)
     x = x.to(tl.float32)
-    if DELTA_IN:                       # dt is δ itself, as the chunk-state pass stored it
+    if DELTA_IN:                       # dt is δ itself, as the chunk-state pass stored it (a constexpr: the
+                                       # runtime dt_softplus switch would keep a bias add and a branch per token)
         delta = tl.where(valid, dt.to(tl.float32), 0.0)
     else:
         delta = _delta(dt.to(tl.float32), bias, valid, dt_softplus)
@@ -250,10 +251,10 @@ def _seq_token(t, t_end, x, dt, Bv, Cv, z, h, A2, Dv, bias, mask_d, dt_softplus,
 @triton.jit
 def selective_scan_seq_kernel(
     x_ptr, dt_ptr, AT_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, h_in_ptr, y_ptr, h_out_ptr, dt_sum_ptr,
-    delta_ptr, T, Di, N, chunk_len, dt_softplus,
+    T, Di, N, chunk_len, dt_softplus,
     stride_x_b, stride_x_t, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_C_b, stride_C_t,
     stride_z_b, stride_z_t, stride_y_b, stride_y_t, stride_hin_b, stride_hin_c, stride_hout_b, stride_hout_c,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+    delta_ptr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H_IN: tl.constexpr,
     WRITE_Y: tl.constexpr, WRITE_H: tl.constexpr, WRITE_DT_SUM: tl.constexpr, UNROLL: tl.constexpr,
     STAGES: tl.constexpr, WRITE_DELTA: tl.constexpr, DELTA_IN: tl.constexpr,
@@ -670,26 +671,21 @@ def _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token: bool):
 
 
 def _forward_launch(kernel, x, dt, A, B, C, D, z, dt_bias, h_in, y, h_out, dt_sum, chunk_len, n_chunks,
-                    dt_softplus, delta=None, delta_in=False, **meta):
+                    dt_softplus, **meta):
     """One launch of a forward scan kernel over the chunks: selective_scan_fwd_kernel (A [Di, N], chunk states
     [B, n_chunks, Di, N]) or selective_scan_seq_kernel (A transposed, states [B, n_chunks, N, Di]); both take the
-    same arguments. Absent tensors are None, which sets HAS_* / WRITE_*; meta: block sizes and num_warps. The seq
-    kernel only: delta [B, T, Di] fp32 receives δ (a chunk-state pass), or with delta_in dt is δ itself (no bias,
-    no softplus)."""
+    same arguments. Absent tensors are None, which sets HAS_* / WRITE_*; meta: block sizes and num_warps (and the
+    seq kernel's own arguments, by name: scan_forward's)."""
     Bsz, T, Di = x.shape
     N = A.numel() // Di
     dummy = A                                                    # stands in for absent tensors; never read
     zs = (z.stride(0), z.stride(1)) if z is not None else (0, 0)
     ys = (y.stride(0), y.stride(1)) if y is not None else (0, 0)
     hs = (n_chunks * Di * N, Di * N)                             # chunk states, in and out
-    seq = ()
-    if kernel is selective_scan_seq_kernel:                      # δ out (chunk-state pass) or in (instead of dt)
-        seq = (dummy if delta is None else delta,)
-        meta = dict(meta, WRITE_DELTA=delta is not None, DELTA_IN=delta_in)
     kernel[(Bsz, triton.cdiv(Di, meta["BLOCK_D"]), n_chunks)](
         x, dt, A, B, C, D, dummy if z is None else z, dummy if dt_bias is None else dt_bias,
         dummy if h_in is None else h_in, dummy if y is None else y, dummy if h_out is None else h_out,
-        dummy if dt_sum is None else dt_sum, *seq, T, Di, N, chunk_len, int(bool(dt_softplus)),
+        dummy if dt_sum is None else dt_sum, T, Di, N, chunk_len, int(bool(dt_softplus)),
         x.stride(0), x.stride(1), dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         *zs, *ys, *hs, *hs, HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, HAS_H_IN=h_in is not None,
         WRITE_Y=y is not None, WRITE_H=h_out is not None, WRITE_DT_SUM=dt_sum is not None, **meta)
@@ -765,7 +761,7 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     AT = A.t().contiguous()                            # the chunk kernel's state tiles are [N, Di]
     block_d, block_n, num_warps = seq_blocks(N, Di)
     meta = dict(BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=N == block_n, UNROLL=SEQ_UNROLL, STAGES=SEQ_STAGES,
-                num_warps=num_warps)
+                num_warps=num_warps, delta_ptr=AT, WRITE_DELTA=False, DELTA_IN=False)   # δ: passes 1 and 3 below
     y = torch.empty_like(x)
     f32 = dict(device=x.device, dtype=torch.float32)
     if n_chunks == 1:                                  # h0 and h transposed too
@@ -780,13 +776,13 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     delta = torch.empty(Bsz, T, Di, **f32)             # δ, kept by pass 1: pass 3 skips the softplus (the kernel
                                                        # indexes it as this fresh contiguous [B, T, Di] buffer)
     _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, None, dt_bias, None, None, states, dt_sum,
-                    chunk_len, n_chunks, dt_softplus, delta, **meta)
+                    chunk_len, n_chunks, dt_softplus, **dict(meta, delta_ptr=delta, WRITE_DELTA=True))
     starts = torch.empty_like(states)
     scan_chunk_prefix_kernel[(Bsz, triton.cdiv(N * Di, PREFIX_BLOCK_E))](
         A, dt_sum, A if h0 is None else h0, states, starts, h, Di, N, n_chunks, Di * N, Di * N,
         BLOCK_C=PREFIX_BLOCK_C, BLOCK_E=PREFIX_BLOCK_E, HAS_H0=h0 is not None, num_warps=PREFIX_NUM_WARPS)
     _forward_launch(selective_scan_seq_kernel, x, delta, AT, B, C, D, z, None, starts, y, None, None, chunk_len,
-                    n_chunks, False, delta_in=True, **meta)
+                    n_chunks, False, **dict(meta, DELTA_IN=True))
     return y, h
 
 
