@@ -330,8 +330,9 @@ class MemMambaLM(nn.Module):
         out = {k: [] for k in state.tensors()}
         group: list[tuple[torch.Tensor, torch.Tensor]] = []           # (bank, index) of this §5 group's layers
         y = None                                                      # the previous layer's mixer output
-        # every layer's A at once: three small launches in all, not three a layer (0.2 ms of a 16k prefill)
-        A = decay_rates(torch.stack([layer.mixer.A_log for layer in self.layers]))
+        # every layer's A at once: three small launches in all, not three a layer (0.2 ms of a 16k prefill); laid
+        # out [L, N, d_inner] (A[l] a transposed view), the layout the scan kernels' state tiles take
+        A = decay_rates(torch.stack([layer.mixer.A_log.t() for layer in self.layers])).transpose(1, 2)
         for l, layer in enumerate(self.layers):
             # h += y; u = RMSNorm(h): one fused op on the weight (layer.norm itself is called by step() only)
             h, u = ops.residual_norm(h, y, layer.norm.weight, layer.norm.eps)
@@ -348,6 +349,8 @@ class MemMambaLM(nn.Module):
             y, window, hs = layer.mixer.from_in_proj(xz, state.conv[l], state.ssm[l], ops, A[l])
             out["conv"].append(window)
             out["ssm"].append(hs)
+        if last_only and not want_hidden:                            # the logits read the last token's only
+            h, y = h[:, -1:], y[:, -1:]
         h = h + y
         if want_hidden:
             hidden.append(h)

@@ -46,11 +46,11 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from memmamba_deploy.models.ops.pool import pool_insert_ref  # noqa: F401 (reference)
 from memmamba_deploy.models.ops.scan import causal_conv_step_ref, selective_state_step_ref  # noqa: F401
 
+from .launch import _after_predecessor
 from .scan import _silu, _softplus
 
 
@@ -76,15 +76,6 @@ def _acc_sum(ptr, copy_stride, offs, mask, COPIES: tl.constexpr):
     for c in tl.static_range(1, COPIES):
         o += tl.load(ptr + c * copy_stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
     return o
-
-
-@triton.jit
-def _after_predecessor(USE_PDL: tl.constexpr):
-    """Wait until the previous kernel of the step has finished (its writes visible), then let the next kernel
-    launch (and start its own prefetch). No-op without PDL: stream order already serialises."""
-    if USE_PDL:
-        gdc_wait()
-        gdc_launch_dependents()
 
 
 # ----------------------------------------------------------------------------------------------------------------

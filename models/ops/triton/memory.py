@@ -24,6 +24,7 @@ import triton.language as tl
 from memmamba_deploy.models.ops import needs_grad
 from memmamba_deploy.models.ops.pool import fp32
 
+from .launch import _after_predecessor, pdl_meta
 from .pool import pool_after, pool_mix, pool_sweep_ends
 
 SCORE_ROWS = 64          # note_scores_kernel: rows per program
@@ -44,11 +45,12 @@ class SweepEntries(tuple):
 
 @triton.jit
 def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr, M, hd, col_trig, stride_g,
-                       tau2, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+                       tau2, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr):
     """grid (cdiv(M, BLOCK_M),) over the M = B·T rows of the stacked GEMM's output g (half):
     a = sigmoid(w2ᵀ ReLU(g[:, :hd])) (§3) and gain = α·[sigmoid(g[:, col_trig] + β) > τ2] (§4), both fp32.
     score_out's and the trigger's outputs are rounded to g's dtype first, as their half-precision Linear layers
     return them."""
+    _after_predecessor(USE_PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_H)
     mask_r = rows < M
@@ -73,7 +75,7 @@ STACK_ROWS = 32          # ... rows copied or zeroed per program
 @triton.jit
 def stack_weights_kernel(plain, plain_rows, wqs, wks, wvs, w_stack_ptr, w_out_ptr, d, ds, dh, dv, col_qk, qk_w,
                          width, stride_wout, READS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+                         BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr):
     """grid (cdiv(d, BLOCK_D), H + cdiv(width - READS·qk_w, BLOCK_R)), tail = col_qk + READS·qk_w; columns
     [i0, i0 + BLOCK_D) of the stacked weight w_stack [width, d] and the matching rows of w_out [d, READS·H·ds].
     Programs h < H write head h's share of each read r's derived weights: W_qk rows col_qk + r·qk_w + h·ds + s,
@@ -81,6 +83,7 @@ def stack_weights_kernel(plain, plain_rows, wqs, wks, wvs, w_stack_ptr, w_out_pt
     is head h's (i // dv == h), else 0 (the block-diagonal W_v). Programs h >= H write BLOCK_R of the other rows
     each (rows 0..col_qk, then tail..width): the plain weights (a tuple: score_in, summary, trigger, plain_rows rows
     each) stacked from row 0, zeros elsewhere (one block a program: a loop over them was the launch's long pole)."""
+    _after_predecessor(USE_PDL)
     offs_i = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     h = tl.program_id(1)
     mask_i = offs_i < d
@@ -143,7 +146,8 @@ def stack_weights(plain, reads, heads: int, col_qk: int, width: int, dtype):
     stack_weights_kernel[(triton.cdiv(d, STACK_D), H + triton.cdiv(copy_rows, STACK_ROWS))](
         plain, tuple(w.shape[0] for w in plain), wqs, wks, wvs, w_stack, w_out, d, ds, ds // H, d // H, col_qk, qk_w,
         width, w_out.stride(0), READS=len(reads), BLOCK_D=STACK_D, BLOCK_S=max(16, triton.next_power_of_2(ds)),
-        BLOCK_H=max(16, triton.next_power_of_2(ds // H)), BLOCK_R=STACK_ROWS, num_warps=4)
+        BLOCK_H=max(16, triton.next_power_of_2(ds // H)), BLOCK_R=STACK_ROWS, num_warps=4,
+        **pdl_meta(w_stack.device))
     return w_stack, w_out
 
 
@@ -177,7 +181,7 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False):
         note_scores_kernel[(triton.cdiv(Bsz * T, SCORE_ROWS),)](
             g, note.score_out.weight.detach(), tok.trigger.bias.detach(), tok.alpha.detach(), a, gain, Bsz * T, hd,
             col_trig, g.stride(0), fp32(tok.read_threshold), BLOCK_M=SCORE_ROWS,
-            BLOCK_H=max(16, triton.next_power_of_2(hd)), num_warps=4)
+            BLOCK_H=max(16, triton.next_power_of_2(hd)), num_warps=4, **pdl_meta(dev))
     index, prio, ends = pool_sweep_ends(a, prio0, layer.insert_threshold)
     g = g.view(Bsz, T, width)
     bank = torch.cat([pool0.to(dtype), g[:, :, hd:col_trig]], dim=1)

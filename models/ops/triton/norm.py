@@ -11,14 +11,17 @@ import triton.language as tl
 
 from memmamba_deploy.models.ops.norm import residual_norm_ref  # noqa: F401 (reference)
 
+from .launch import _after_predecessor, pdl_meta
+
 
 @triton.jit
 def residual_norm_kernel(
     h_ptr, y_ptr, w_ptr, h_out_ptr, u_ptr, rows, d, eps,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_Y: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_Y: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """grid (cdiv(rows, BLOCK_R),). h, h_out [rows, d] fp32; y [rows, d] (HAS_Y); w [d]; u [rows, d] in w's
     dtype; all contiguous. h_out = h + y; u = w * round(h_out * rsqrt(mean(h_out^2) + eps)) in fp32, rounded."""
+    _after_predecessor(USE_PDL)
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_r < rows)[:, None] & (offs_d < d)[None, :]
@@ -48,5 +51,5 @@ def residual_norm(h, y, weight, eps: float):
         block_r = max(1, min(16, 4096 // block_d))
         residual_norm_kernel[(triton.cdiv(rows, block_r),)](
             h, h if y is None else y.contiguous(), weight.contiguous(), h_out, u, rows, d, eps,
-            BLOCK_R=block_r, BLOCK_D=block_d, HAS_Y=y is not None, num_warps=4)
+            BLOCK_R=block_r, BLOCK_D=block_d, HAS_Y=y is not None, num_warps=4, **pdl_meta(h.device))
     return h_out, u

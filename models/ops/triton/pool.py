@@ -27,6 +27,8 @@ from memmamba_deploy.models.ops import needs_grad
 from memmamba_deploy.models.ops.pool import (fp32, gained_read, pool_attention_ref, pool_read_ref,  # noqa: F401
                                               pool_sweep_ref)
 
+from .launch import _after_predecessor, pdl_meta
+
 ATTN_BWD_BYTES = 1 << 28       # the reference backward materialises [B, chunk, S, d] fp32: keep a chunk under this
 
 
@@ -89,9 +91,10 @@ SWEEP_FILL_T = 64        # index rows per program of the fill
 
 @triton.jit
 def sweep_segment_top_kernel(scores_ptr, top_ptr, seg_count_ptr, T, tau1, stride_scores_b,
-                             SEG: tl.constexpr, BLOCK_K: tl.constexpr):
+                             SEG: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """grid (B, n_seg). top[b, s] = the BLOCK_K largest scores above tau1 of segment s, descending, -inf padded;
     seg_count[b, s] = 0 for sweep_enter_kernel to count into."""
+    _after_predecessor(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
     tl.store(seg_count_ptr + b * tl.num_programs(1) + seg, 0)
@@ -110,10 +113,12 @@ def _any_open(a, count, tau1, K):
 
 @triton.jit
 def sweep_enter_kernel(scores_ptr, prio0_ptr, top_ptr, enter_ptr, seg_count_ptr, T, K, n_seg, tau1, stride_scores_b,
-                       SEG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+                       SEG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+                       USE_PDL: tl.constexpr):
     """grid (B, cdiv(T, BLOCK_T)). enter[b, t] = a_t if token t enters, else -inf. It enters iff a_t > tau1 and
     fewer than K of prio0, the earlier segments' top lists and this segment's earlier candidates are >= a_t.
     seg_count[b, s] (zeroed by sweep_segment_top_kernel) gets how many of segment s enter."""
+    _after_predecessor(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     t0 = tl.program_id(1) * BLOCK_T
     offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -148,10 +153,11 @@ def sweep_enter_kernel(scores_ptr, prio0_ptr, top_ptr, enter_ptr, seg_count_ptr,
 
 @triton.jit
 def sweep_compact_kernel(enter_ptr, seg_count_ptr, ev_tok_ptr, ev_a_ptr, ecount_ptr, ends_ptr, T, K, n_seg,
-                         SEG: tl.constexpr, BLOCK_SEG: tl.constexpr):
+                         SEG: tl.constexpr, BLOCK_SEG: tl.constexpr, USE_PDL: tl.constexpr):
     """grid (B, n_seg). Lists segment s's entering tokens in order after the earlier segments' (ev_tok, ev_a),
     writes ecount[b, t] = how many tokens enter before t, and ends[b, K + t] = -1 (sweep_fill_kernel sets the
     ends of the tokens held), for t in the segment."""
+    _after_predecessor(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     seg = tl.program_id(1)
     segs = tl.arange(0, BLOCK_SEG)
@@ -208,7 +214,7 @@ def _entries(ev_t, ev_a, first, last, some):
 
 @triton.jit
 def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_ptr, hist_ptr, prio_ptr, ends_ptr, T,
-                        K, n_seg, BLOCK_SEG: tl.constexpr, BLOCK_K: tl.constexpr):
+                        K, n_seg, BLOCK_SEG: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
     """grid (B,), one warp. Replays the entering tokens (ev_tok, ev_a, in order; seg_count says how many): each
     takes the argmin slot (lowest index on ties). hist[b, e] is the slot vector after e entries (j < K an initial
     slot, K + i token i, -1 empty); prio the priorities after the last; ends[b, :K] = -1 (sweep_compact_kernel
@@ -217,6 +223,7 @@ def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_p
     come four at a time, loaded while the four before them are replayed: a load consumed in its own iteration
     cost the loop its latency every entry. (Replaying several entries per step by ranking the slots measured
     slower on the H100: BENCHMARKS.md.)"""
+    _after_predecessor(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     mask_k = cols < K
@@ -252,10 +259,12 @@ def _store_ends(ends_row, rows, rows_next, held, offs_t):
 
 
 @triton.jit
-def sweep_fill_kernel(ecount_ptr, hist_ptr, index_ptr, ends_ptr, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+def sweep_fill_kernel(ecount_ptr, hist_ptr, index_ptr, ends_ptr, T, K, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                      USE_PDL: tl.constexpr):
     """grid (B, cdiv(T + 1, BLOCK_T)). index[b, t] = hist[b, ecount[b, t]], t <= T; and ends[b, r] = t for the
     last row t < T that holds bank row r (entry_ends of index[:, :T]): where row t holds r and row t + 1 does
     not (an entry keeps its slot until evicted and never comes back), or t = T - 1."""
+    _after_predecessor(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_K)
@@ -304,18 +313,19 @@ def pool_sweep_ends(scores, prio0, tau1):
     ecount = torch.empty(Bsz, T + 1, device=dev, dtype=torch.int32)
     hist = torch.empty(Bsz, T + 1, K, device=dev, dtype=torch.int32)
     ends = torch.empty(Bsz, K + T, device=dev, dtype=torch.int32)
+    pdl = pdl_meta(dev)
     if T > 0:
         sweep_segment_top_kernel[(Bsz, n_seg)](scores, top, seg_count, T, tau, scores.stride(0), SEG=seg_len,
-                                               BLOCK_K=block_k, num_warps=4)
+                                               BLOCK_K=block_k, num_warps=4, **pdl)
         sweep_enter_kernel[(Bsz, triton.cdiv(T, SWEEP_COUNT_T))](
             scores, prio0, top, enter, seg_count, T, K, n_seg, tau, scores.stride(0), SEG=seg_len,
-            BLOCK_T=SWEEP_COUNT_T, BLOCK_S=SWEEP_COUNT_S, BLOCK_K=block_k, num_warps=SWEEP_COUNT_WARPS)
+            BLOCK_T=SWEEP_COUNT_T, BLOCK_S=SWEEP_COUNT_S, BLOCK_K=block_k, num_warps=SWEEP_COUNT_WARPS, **pdl)
         sweep_compact_kernel[(Bsz, n_seg)](enter, seg_count, ev_tok, ev_a, ecount, ends, T, K, n_seg, SEG=seg_len,
-                                           BLOCK_SEG=block_seg, num_warps=4)
+                                           BLOCK_SEG=block_seg, num_warps=4, **pdl)
     sweep_replay_kernel[(Bsz,)](seg_count, prio0, ev_tok, ev_a, ecount, hist, prio, ends, T, K, n_seg,
-                                BLOCK_SEG=block_seg, BLOCK_K=block_k, num_warps=1)
-    sweep_fill_kernel[(Bsz, triton.cdiv(T + 1, SWEEP_FILL_T))](ecount, hist, index, ends, T, K,
-                                                                BLOCK_T=SWEEP_FILL_T, BLOCK_K=block_k, num_warps=4)
+                                BLOCK_SEG=block_seg, BLOCK_K=block_k, num_warps=1, **pdl)
+    sweep_fill_kernel[(Bsz, triton.cdiv(T + 1, SWEEP_FILL_T))](ecount, hist, index, ends, T, K, BLOCK_T=SWEEP_FILL_T,
+                                                                BLOCK_K=block_k, num_warps=4, **pdl)
     return index, prio, ends
 
 
@@ -501,8 +511,7 @@ def pool_mix_kernel(
     T, K, ds, scale,
     stride_q_b, stride_q_t, strides_s_b, strides_s_m, strides_i_b, strides_i_t, strides_e_b, stride_g_b, stride_g_t,
     stride_m_b, stride_m_t, LAYERS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+    BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr):
     """grid (B, cdiv(T, BLOCK_Q), H); one head of BLOCK_Q queries a program; fp16/bf16 tensors (tensor-core
     dots). The attention of pool_attention_fwd_kernel done on the summaries themselves:
     q [B,T,H*ds] holds each head's query already through that head's W_k (q'_h = W_k,hᵀ q_h, so that
@@ -516,6 +525,7 @@ def pool_mix_kernel(
     So per pool a query block reads its first index row's entries while they last, and its own tokens that
     entered while they last: one index row loaded per block, and the tokens' summaries only where one of them
     entered."""
+    _after_predecessor(USE_PDL)
     b = tl.program_id(0).to(tl.int64)                          # batch offsets can pass 2^31 elements at long T
     t0 = tl.program_id(1) * BLOCK_Q
     h = tl.program_id(2)
@@ -604,14 +614,16 @@ def pool_mix(qk, banks, indices, gain, heads: int, m, ends=None):
             tuple(t.stride(0) for t in banks), tuple(t.stride(1) for t in banks),
             tuple(t.stride(0) for t in indices), tuple(t.stride(1) for t in indices), tuple(t.stride(0) for t in ends),
             gain.stride(0), gain.stride(1), m.stride(0), m.stride(1),
-            LAYERS=len(banks), BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps)
+            LAYERS=len(banks), BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps,
+            **pdl_meta(m.device))
     return m
 
 
 @triton.jit
 def pool_after_kernel(bank_ptr, last_ptr, out_ptr, K, ds, stride_bank_b, stride_bank_m, stride_last_b, stride_last_k,
-                      stride_out_b, stride_out_k, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+                      stride_out_b, stride_out_k, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr):
     """grid (B,): pool_after_ref, out[b, j] = bank[b, last[b, j]], or bank[b, j] where last[b, j] < 0 (empty)."""
+    _after_predecessor(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     offs_c = tl.arange(0, BLOCK_C)
@@ -632,7 +644,7 @@ def pool_after(bank, index_last):
     if Bsz and K:
         pool_after_kernel[(Bsz,)](bank, index_last, out, K, ds, bank.stride(0), bank.stride(1), index_last.stride(0),
                                   index_last.stride(1), out.stride(0), out.stride(1), BLOCK_K=triton.next_power_of_2(K),
-                                  BLOCK_C=triton.next_power_of_2(ds), num_warps=4)
+                                  BLOCK_C=triton.next_power_of_2(ds), num_warps=4, **pdl_meta(out.device))
     return out
 
 

@@ -38,6 +38,8 @@ import triton.language as tl
 from memmamba_deploy.models.ops import needs_grad
 from memmamba_deploy.models.ops.scan import selective_scan_ref, selective_state_step_ref  # noqa: F401 (references)
 
+from .launch import _after_predecessor, pdl_meta
+
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(δA) = exp2(δ·A·log2 e): A prescaled once per program
 
 # Chunk plan: aim for this many programs per pass before splitting T into chunks; never chunks under MIN_CHUNK.
@@ -257,7 +259,7 @@ def selective_scan_seq_kernel(
     delta_ptr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H_IN: tl.constexpr,
     WRITE_Y: tl.constexpr, WRITE_H: tl.constexpr, WRITE_DT_SUM: tl.constexpr, UNROLL: tl.constexpr,
-    STAGES: tl.constexpr, WRITE_DELTA: tl.constexpr, DELTA_IN: tl.constexpr,
+    STAGES: tl.constexpr, WRITE_DELTA: tl.constexpr, DELTA_IN: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """The prefill scan (scan_forward): as selective_scan_fwd_kernel, but each thread owns a few channels and all
     their states and walks the chunk one token at a time. A token costs N exp2 and no cross-thread traffic: the
@@ -269,6 +271,7 @@ def selective_scan_seq_kernel(
     are [N, Di] (channels contiguous) so that Triton lays threads along channels: AT is A transposed (loaded as
     [Di, N], A spills registers in the loop), and h_in / h_out (per (b, c)) are [N, Di] fp32, strides as
     selective_scan_fwd_kernel's."""
+    _after_predecessor(USE_PDL)
     pid_b = tl.program_id(0).to(tl.int64)              # batch offsets can pass 2^31 elements at long T
     pid_d = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -349,22 +352,23 @@ def scan_chunk_combine_kernel(
 
 
 @triton.jit
-def scan_chunk_prefix_kernel(A_ptr, dt_sum_ptr, h0_ptr, states_ptr, starts_ptr, h_out_ptr,
+def scan_chunk_prefix_kernel(AT_ptr, dt_sum_ptr, h0_ptr, states_ptr, starts_ptr, h_out_ptr,
                              Di, N, n_chunks, stride_h0_b, stride_hout_b,
-                             BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, HAS_H0: tl.constexpr):
+                             BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr, HAS_H0: tl.constexpr, USE_PDL: tl.constexpr):
     """grid (B, cdiv(N·Di, BLOCK_E)). scan_forward's pass 2 as a parallel scan over the chunks, for element
     e = n·Di + d of the [N, Di] chunk states. states [B, n_chunks, N, Di]: each chunk's final state from zero;
     dt_sum [B, n_chunks, Di]: Σδ per chunk. Writes starts [B, n_chunks, N, Di] (the state entering each chunk)
-    and h_out [B, Di, N] (the final state; A and h0 are [Di, N] too). Row r of a tile is the step into chunk r,
+    and h_out [B, Di, N] (the final state; h0 is [Di, N] too, AT = A transposed [N, Di]). Row r of a tile is the step into chunk r,
     h_start[r] = exp2(A2 Σδ[r-1]) h_start[r-1] + states[r-1] (r = n_chunks: the final state), an associative
     scan over r, BLOCK_C rows at a time from the carry h0."""
+    _after_predecessor(USE_PDL)
     pid_b = tl.program_id(0).to(tl.int64)
     NDi = N * Di
     offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_e = offs_e < NDi
     d = offs_e % Di
     dn = d * N + offs_e // Di                                   # element e of a [Di, N] tensor
-    A2 = tl.load(A_ptr + dn, mask=mask_e, other=0.0).to(tl.float32) * LOG2E
+    A2 = tl.load(AT_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32) * LOG2E
     if HAS_H0:
         carry = tl.load(h0_ptr + pid_b * stride_h0_b + dn, mask=mask_e, other=0.0)
     else:
@@ -560,6 +564,7 @@ def causal_conv_kernel(
     x_ptr, w_ptr, b_ptr, win_ptr, out_ptr, new_win_ptr,
     T, Di, stride_x_b, stride_x_t, stride_win_b, stride_out_b, stride_out_t, stride_new_win_b,
     WIDTH: tl.constexpr, CHUNK: tl.constexpr, AHEAD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """grid (B, cdiv(Di, BLOCK_D), cdiv(T, CHUNK)), one warp, WIDTH 2..4. out[t] = SiLU(b + Σ_k w[:, k]
     x[t - WIDTH + 1 + k]) in fp32, where x before token 0 comes from win [B, Di, WIDTH-1] (oldest first).
@@ -568,6 +573,7 @@ def causal_conv_kernel(
     at a time. x [B, T, Di] may be a strided view (in_proj's first half); unit stride along channels everywhere,
     w [Di, WIDTH] contiguous. The last chunk's programs also write the window after the last token, new_win
     [B, Di, WIDTH-1] (the last WIDTH-1 inputs, oldest first; the old window's where T < WIDTH-1)."""
+    _after_predecessor(USE_PDL)
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t0 = tl.program_id(2) * CHUNK
@@ -749,19 +755,21 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     One pass when batch x channel blocks fill the GPU, else three (each chunk from zero -> its final state, and δ
     kept; chain the chunks; each chunk again from its true start -> y). chunk_len=None picks the plan
     (seq_chunk_plan); tests pass one to force the three-pass path."""
-    x, dt, A, B, C, D, z, dt_bias, h0 = _prepare(x, dt, A, B, C, D, z, dt_bias, h0)
+    # the state tiles are [N, Di]: A transposed (no copy where A is a transposed view, as the model's prefill
+    # passes every layer's: a [N, Di] copy a layer is a launch, 56 µs of a 16k prefill)
+    x, dt, AT, B, C, D, z, dt_bias, h0 = _prepare(x, dt, A.float().t(), B, C, D, z, dt_bias, h0)
     Bsz, T, Di = x.shape
-    N = A.shape[1]
+    N = AT.shape[0]
     if T == 0:
         return x.new_empty(Bsz, 0, Di), (torch.zeros(Bsz, Di, N, device=x.device) if h0 is None else h0.clone())
     if chunk_len is None:
         chunk_len, n_chunks = seq_chunk_plan(Bsz, T, Di, N, seq_programs(x.device))
     else:
         n_chunks = triton.cdiv(T, chunk_len)
-    AT = A.t().contiguous()                            # the chunk kernel's state tiles are [N, Di]
     block_d, block_n, num_warps = seq_blocks(N, Di)
     meta = dict(BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=N == block_n, UNROLL=SEQ_UNROLL, STAGES=SEQ_STAGES,
-                num_warps=num_warps, delta_ptr=AT, WRITE_DELTA=False, DELTA_IN=False)   # δ: passes 1 and 3 below
+                num_warps=num_warps, delta_ptr=AT, WRITE_DELTA=False, DELTA_IN=False,   # δ: passes 1 and 3 below
+                **pdl_meta(x.device))
     y = torch.empty_like(x)
     f32 = dict(device=x.device, dtype=torch.float32)
     if n_chunks == 1:                                  # h0 and h transposed too
@@ -779,8 +787,9 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
                     chunk_len, n_chunks, dt_softplus, **dict(meta, delta_ptr=delta, WRITE_DELTA=True))
     starts = torch.empty_like(states)
     scan_chunk_prefix_kernel[(Bsz, triton.cdiv(N * Di, PREFIX_BLOCK_E))](
-        A, dt_sum, A if h0 is None else h0, states, starts, h, Di, N, n_chunks, Di * N, Di * N,
-        BLOCK_C=PREFIX_BLOCK_C, BLOCK_E=PREFIX_BLOCK_E, HAS_H0=h0 is not None, num_warps=PREFIX_NUM_WARPS)
+        AT, dt_sum, AT if h0 is None else h0, states, starts, h, Di, N, n_chunks, Di * N, Di * N,
+        BLOCK_C=PREFIX_BLOCK_C, BLOCK_E=PREFIX_BLOCK_E, HAS_H0=h0 is not None, num_warps=PREFIX_NUM_WARPS,
+        **pdl_meta(x.device))
     _forward_launch(selective_scan_seq_kernel, x, delta, AT, B, C, D, z, None, starts, y, None, None, chunk_len,
                     n_chunks, False, **dict(meta, DELTA_IN=True))
     return y, h
@@ -908,7 +917,8 @@ def causal_conv(x, weight, bias, window):
     causal_conv_kernel[(Bsz, triton.cdiv(Di, block_d), triton.cdiv(T, CONV_CHUNK))](
         x, weight.contiguous(), win if bias is None else bias.contiguous(), win, out, new_win,
         T, Di, x.stride(0), x.stride(1), win.stride(0), out.stride(0), out.stride(1), new_win.stride(0),
-        WIDTH=k, CHUNK=CONV_CHUNK, AHEAD=CONV_AHEAD, BLOCK_D=block_d, HAS_BIAS=bias is not None, num_warps=1)
+        WIDTH=k, CHUNK=CONV_CHUNK, AHEAD=CONV_AHEAD, BLOCK_D=block_d, HAS_BIAS=bias is not None, num_warps=1,
+        **pdl_meta(x.device))
     return out, new_win
 
 
