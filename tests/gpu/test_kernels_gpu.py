@@ -462,6 +462,32 @@ def test_graphed_prefill_half_precision_replays_the_eager_pieces(g):
     assert err <= 1e-2 and max(errs.values()) <= 1e-2, (err, errs)
 
 
+@torch.no_grad()
+def test_prefill_with_pdl_equals_without(g):
+    # the prefill kernels' programmatic dependent launch (launch.py) changes when programs start, never what they
+    # compute: fp16 (the fused memory path) and fp32, eagerly and in CUDA graphs, bit for bit
+    from memmamba_deploy.backends.triton_backend import TritonBackend
+    from memmamba_deploy.models.ops.triton import launch
+
+    assert launch.pdl_meta(torch.device(DEV))["USE_PDL"] == (torch.cuda.get_device_capability()[0] >= 9)
+    ids = torch.randint(0, 256, (2, 1500), generator=g).to(DEV)
+    for dtype in (torch.float16, torch.float32):
+        model = gpu_model(dtype, **SMALL)
+        runs = {}
+        for pdl in (False, True):
+            launch.PDL = pdl
+            try:
+                backend = TritonBackend(model, cuda_graph=True)
+                logits, state = backend.prefill(ids, backend.new_state(2))
+                runs[pdl] = (triton_twin(model).prefill(ids), (logits, backend.to_reference(state)))
+            finally:
+                launch.PDL = True
+        for (off_logits, off_state), (on_logits, on_state) in zip(runs[False], runs[True]):
+            assert torch.equal(on_logits, off_logits)
+            for k, v in on_state.tensors().items():
+                assert torch.equal(v, off_state.tensors()[k]), (dtype, k)
+
+
 @pytest.mark.parametrize("step_kernel", STEP_KERNELS)
 @pytest.mark.parametrize("variant", [dict(), SMALL, dict(memory=False)], ids=["tiny", "small", "no-memory"])
 @torch.no_grad()
