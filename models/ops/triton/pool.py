@@ -84,7 +84,10 @@ def pool_sweep_kernel(
 SWEEP_SEG = 512          # tokens per segment (one sort each); earlier segments cost BLOCK_K compares per token
                          # (the H100, K = 50: 512 beats 1024 by 4 us a layer at 16k tokens, 8 us at 2k)
 SWEEP_COUNT_T = 16       # tokens per program of the count
-SWEEP_COUNT_S = 64       # earlier tokens of the segment compared at a time
+SWEEP_COUNT_S = 128      # earlier tokens of the segment compared at a time
+SWEEP_COUNT_GROUP = 4    # earlier segments' top lists compared at a time (one load: they lie side by side). The
+                         # H100, the 130m's 24 sweeps at 16k: 1314 us with 1 and 64, 1173 with 4 and 64, 1134 with
+                         # 4 and 128 (2k: 751 -> 713 us; BENCHMARKS.md)
 SWEEP_COUNT_WARPS = 1
 SWEEP_FILL_T = 64        # index rows per program of the fill
 
@@ -114,7 +117,7 @@ def _any_open(a, count, tau1, K):
 @triton.jit
 def sweep_enter_kernel(scores_ptr, prio0_ptr, top_ptr, enter_ptr, seg_count_ptr, T, K, n_seg, tau1, stride_scores_b,
                        SEG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
-                       USE_PDL: tl.constexpr):
+                       GROUP: tl.constexpr, USE_PDL: tl.constexpr):
     """grid (B, cdiv(T, BLOCK_T)). enter[b, t] = a_t if token t enters, else -inf. It enters iff a_t > tau1 and
     fewer than K of prio0, the earlier segments' top lists and this segment's earlier candidates are >= a_t.
     seg_count[b, s] (zeroed by sweep_segment_top_kernel) gets how many of segment s enter."""
@@ -129,14 +132,17 @@ def sweep_enter_kernel(scores_ptr, prio0_ptr, top_ptr, enter_ptr, seg_count_ptr,
     count = tl.sum((p0[None, :] >= a[:, None]).to(tl.int32), axis=1)
     seg = t0 // SEG
     # stop once every candidate of the block is refused (K already >= it): after one earlier segment for most
-    # blocks, since a segment's top list holds its K best
+    # blocks, since a segment's top list holds its K best. GROUP segments a step: the steps are a chain of
+    # dependent loads, and a block with a high score stays open through every earlier segment
+    lists = tl.arange(0, GROUP * BLOCK_K)
     alive = _any_open(a, count, tau1, K)
     s = 0
     while alive & (s < seg):
-        top = tl.load(top_ptr + (b * n_seg + s) * BLOCK_K + cols)
+        top = tl.load(top_ptr + (b * n_seg + s) * BLOCK_K + lists, mask=lists < (seg - s) * BLOCK_K,
+                      other=float("-inf"))
         count += tl.sum((top[None, :] >= a[:, None]).to(tl.int32), axis=1)
         alive = _any_open(a, count, tau1, K)
-        s += 1
+        s += GROUP
     s0 = seg * SEG
     while alive & (s0 < t0 + BLOCK_T):                             # this segment, up to the block's last token
         offs_s = s0 + tl.arange(0, BLOCK_S)
@@ -319,7 +325,8 @@ def pool_sweep_ends(scores, prio0, tau1):
                                                BLOCK_K=block_k, num_warps=4, **pdl)
         sweep_enter_kernel[(Bsz, triton.cdiv(T, SWEEP_COUNT_T))](
             scores, prio0, top, enter, seg_count, T, K, n_seg, tau, scores.stride(0), SEG=seg_len,
-            BLOCK_T=SWEEP_COUNT_T, BLOCK_S=SWEEP_COUNT_S, BLOCK_K=block_k, num_warps=SWEEP_COUNT_WARPS, **pdl)
+            BLOCK_T=SWEEP_COUNT_T, BLOCK_S=SWEEP_COUNT_S, BLOCK_K=block_k, GROUP=SWEEP_COUNT_GROUP,
+            num_warps=SWEEP_COUNT_WARPS, **pdl)
         sweep_compact_kernel[(Bsz, n_seg)](enter, seg_count, ev_tok, ev_a, ecount, ends, T, K, n_seg, SEG=seg_len,
                                            BLOCK_SEG=block_seg, num_warps=4, **pdl)
     sweep_replay_kernel[(Bsz,)](seg_count, prio0, ev_tok, ev_a, ecount, hist, prio, ends, T, K, n_seg,
