@@ -13,7 +13,7 @@ What the fusion changes, and why:
 Rounding differs from the composition only in the order of GEMM sums and in the trigger's output (rounded to half
 before its bias is added, then again); the scores' rounding is the reference's (score_out's output is rounded to
 half, as its Linear layer returns it). Weights are stacked on every call, in one launch (no cache; see
-stack_weights).
+stack_weights), unless the caller passes them derived once (TritonBackend: `derived`).
 """
 from __future__ import annotations
 
@@ -151,27 +151,44 @@ def stack_weights(plain, reads, heads: int, col_qk: int, width: int, dtype):
     return w_stack, w_out
 
 
-def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False):
+def _layout(layer):
+    """(reads, H, ds, hd, col_trig, col_qk, qk_w, width) of a layer's fused path: the columns of its stacked GEMM."""
+    tok, cross = layer.token_attn, layer.cross_attn
+    reads = [tok] if cross is None else [tok, cross]
+    H, ds = tok.heads, tok.k_proj.weight.shape[0]
+    hd = layer.note.score_in.weight.shape[0]
+    col_trig = hd + ds
+    col_qk = triton.cdiv(col_trig + 1, 64) * 64  # 16-byte aligned query blocks (pool_mix loads them as vectors)
+    qk_w = H * ds
+    width = triton.cdiv(col_qk + len(reads) * qk_w, 64) * 64   # a multiple of 64: cuBLAS is 5x slower at 513 than 576
+    return reads, H, ds, hd, col_trig, col_qk, qk_w, width
+
+
+def layer_weights(layer, dtype):
+    """A layer's derived weights for fused_memory_in_proj, (w_stack, w_out): the stacked weights [score_in;
+    summary; trigger; 0; each read's W_qk; 0] and the reads' output weights (stack_weights)."""
+    note, tok = layer.note, layer.token_attn
+    reads, H, _, _, _, col_qk, _, width = _layout(layer)
+    return stack_weights((note.score_in.weight, note.summary.weight, tok.trigger.weight), reads, H, col_qk, width,
+                         dtype)
+
+
+def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False, derived=None):
     """Layer.memory_in_proj for fp16/bf16 inference: (xz, pool, prio, (bank, index rows)). None for fp32 (an
     fp32 dot has no exact tensor-core form, pool_read's reasoning) and under autograd (the reference has the
-    gradients, including the straight-through factors). u_is_scratch: u may be overwritten (with ũ)."""
+    gradients, including the straight-through factors). u_is_scratch: u may be overwritten (with ũ).
+    derived: {layer: layer_weights(layer, dtype)} taken once by an owner that snapshots the weights
+    (TritonBackend, whose decode kernels pack theirs too); without it they are derived on every call."""
     note, tok, cross, mixer = layer.note, layer.token_attn, layer.cross_attn, layer.mixer
-    reads = [tok] if cross is None else [tok, cross]
     if u.dtype not in (torch.float16, torch.bfloat16) or \
             needs_grad(u, pool0, *(p for p in layer.parameters())):
         return None
     Bsz, T, d = u.shape
     dev, dtype = u.device, u.dtype
-    H, ds = tok.heads, tok.k_proj.weight.shape[0]
-    hd = note.score_in.weight.shape[0]
-    col_trig = hd + ds
-    col_qk = triton.cdiv(col_trig + 1, 64) * 64  # 16-byte aligned query blocks (pool_mix loads them as vectors)
-    qk_w = H * ds
-    width = triton.cdiv(col_qk + len(reads) * qk_w, 64) * 64   # a multiple of 64: cuBLAS is 5x slower at 513 than 576
-
-    # stacked weights [score_in; summary; trigger; 0; each read's W_qk; 0] and the reads' output weights
-    w_stack, w_out = stack_weights((note.score_in.weight, note.summary.weight, tok.trigger.weight), reads, H, col_qk,
-                                   width, dtype)
+    reads, H, ds, hd, col_trig, col_qk, qk_w, width = _layout(layer)
+    w_stack, w_out = (derived or {}).get(layer) or layer_weights(layer, dtype)
+    if w_stack.dtype != dtype:
+        raise ValueError(f"fused_memory_in_proj: derived weights are {w_stack.dtype}, u is {dtype}")
 
     u2 = u.reshape(Bsz * T, d)
     g = u2 @ w_stack.t()                                            # [B·T, width]
