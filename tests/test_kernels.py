@@ -627,7 +627,7 @@ def test_triton_backend_keeps_every_returned_state_valid(rng):
 
 @interpreted
 @torch.no_grad()
-def test_triton_backend_derives_the_memory_weights_once(rng):
+def test_triton_backend_derives_the_memory_weights_once(rng, monkeypatch):
     # half precision: the backend derives each layer's memory weights when it is built (no stack_weights launch in
     # its prefills), and its prefill equals the model's own Triton prefill, which derives them every call, bit for bit
     from memmamba_deploy.backends.triton_backend import TritonBackend
@@ -637,12 +637,9 @@ def test_triton_backend_derives_the_memory_weights_once(rng):
     assert set(backend.model.ops.fused_memory_in_proj.keywords["derived"]) == set(backend.model.layers)
     ids = torch.randint(0, 256, (2, 40), generator=rng)
     calls, real = [], kt.memory.stack_weights
-    kt.memory.stack_weights = lambda *a, **k: calls.append(1) or real(*a, **k)
-    try:
-        logits, state = backend.prefill(ids, backend.new_state(2))
-        ref_logits, ref_state = triton_twin(model).prefill(ids, last_only=True)
-    finally:
-        kt.memory.stack_weights = real
+    monkeypatch.setattr(kt.memory, "stack_weights", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logits, state = backend.prefill(ids, backend.new_state(2))
+    ref_logits, ref_state = triton_twin(model).prefill(ids, last_only=True)
     assert len(calls) == model.config.n_layers                         # the model's own prefill only
     assert torch.equal(logits, ref_logits[:, -1])
     for k, v in backend.to_reference(state).tensors().items():

@@ -463,7 +463,7 @@ def test_graphed_prefill_half_precision_replays_the_eager_pieces(g):
 
 
 @torch.no_grad()
-def test_prefill_with_pdl_equals_without(g):
+def test_prefill_with_pdl_equals_without(g, monkeypatch):
     # the prefill kernels' programmatic dependent launch (launch.py) changes when programs start, never what they
     # compute: fp16 (the fused memory path) and fp32, eagerly and in CUDA graphs, bit for bit
     from memmamba_deploy.backends.triton_backend import TritonBackend
@@ -475,13 +475,10 @@ def test_prefill_with_pdl_equals_without(g):
         model = gpu_model(dtype, **SMALL)
         runs = {}
         for pdl in (False, True):
-            launch.PDL = pdl
-            try:
-                backend = TritonBackend(model, cuda_graph=True)
-                logits, state = backend.prefill(ids, backend.new_state(2))
-                runs[pdl] = (triton_twin(model).prefill(ids), (logits, backend.to_reference(state)))
-            finally:
-                launch.PDL = True
+            monkeypatch.setattr(launch, "PDL", pdl)
+            backend = TritonBackend(model, cuda_graph=True)
+            logits, state = backend.prefill(ids, backend.new_state(2))
+            runs[pdl] = (triton_twin(model).prefill(ids), (logits, backend.to_reference(state)))
         for (off_logits, off_state), (on_logits, on_state) in zip(runs[False], runs[True]):
             assert torch.equal(on_logits, off_logits)
             for k, v in on_state.tensors().items():

@@ -358,9 +358,9 @@ def scan_chunk_prefix_kernel(AT_ptr, dt_sum_ptr, h0_ptr, states_ptr, starts_ptr,
     """grid (B, cdiv(N·Di, BLOCK_E)). scan_forward's pass 2 as a parallel scan over the chunks, for element
     e = n·Di + d of the [N, Di] chunk states. states [B, n_chunks, N, Di]: each chunk's final state from zero;
     dt_sum [B, n_chunks, Di]: Σδ per chunk. Writes starts [B, n_chunks, N, Di] (the state entering each chunk)
-    and h_out [B, Di, N] (the final state; h0 is [Di, N] too, AT = A transposed [N, Di]). Row r of a tile is the step into chunk r,
-    h_start[r] = exp2(A2 Σδ[r-1]) h_start[r-1] + states[r-1] (r = n_chunks: the final state), an associative
-    scan over r, BLOCK_C rows at a time from the carry h0."""
+    and h_out [B, Di, N] (the final state; h0 is [Di, N] too, AT = A transposed [N, Di]). Row r of a tile is the
+    step into chunk r, h_start[r] = exp2(A2 Σδ[r-1]) h_start[r-1] + states[r-1] (r = n_chunks: the final state),
+    an associative scan over r, BLOCK_C rows at a time from the carry h0."""
     _after_predecessor(USE_PDL)
     pid_b = tl.program_id(0).to(tl.int64)
     NDi = N * Di
@@ -767,9 +767,9 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     else:
         n_chunks = triton.cdiv(T, chunk_len)
     block_d, block_n, num_warps = seq_blocks(N, Di)
+    pdl = pdl_meta(x.device)
     meta = dict(BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=N == block_n, UNROLL=SEQ_UNROLL, STAGES=SEQ_STAGES,
-                num_warps=num_warps, delta_ptr=AT, WRITE_DELTA=False, DELTA_IN=False,   # δ: passes 1 and 3 below
-                **pdl_meta(x.device))
+                num_warps=num_warps, delta_ptr=AT, WRITE_DELTA=False, DELTA_IN=False, **pdl)   # δ: passes 1, 3
     y = torch.empty_like(x)
     f32 = dict(device=x.device, dtype=torch.float32)
     if n_chunks == 1:                                  # h0 and h transposed too
@@ -788,8 +788,7 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     starts = torch.empty_like(states)
     scan_chunk_prefix_kernel[(Bsz, triton.cdiv(N * Di, PREFIX_BLOCK_E))](
         AT, dt_sum, AT if h0 is None else h0, states, starts, h, Di, N, n_chunks, Di * N, Di * N,
-        BLOCK_C=PREFIX_BLOCK_C, BLOCK_E=PREFIX_BLOCK_E, HAS_H0=h0 is not None, num_warps=PREFIX_NUM_WARPS,
-        **pdl_meta(x.device))
+        BLOCK_C=PREFIX_BLOCK_C, BLOCK_E=PREFIX_BLOCK_E, HAS_H0=h0 is not None, num_warps=PREFIX_NUM_WARPS, **pdl)
     _forward_launch(selective_scan_seq_kernel, x, delta, AT, B, C, D, z, None, starts, y, None, None, chunk_len,
                     n_chunks, False, **dict(meta, DELTA_IN=True))
     return y, h
