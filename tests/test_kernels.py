@@ -341,16 +341,17 @@ def pool_mix_ref(qk, bank, index, gain, H):
 
 
 @interpreted
-@pytest.mark.parametrize("layers, K, T, scores", [(1, 6, 150, "random"), (3, 6, 150, "random"), (4, 50, 150, "random"),
-                                                  (1, 1, 130, "rising")],
+@pytest.mark.parametrize("layers, K, T, scores, H, ds", [(1, 6, 150, "random", 2, 16), (3, 6, 150, "random", 3, 24),
+                                                         (4, 50, 150, "random", 4, 16), (1, 1, 130, "rising", 1, 16)],
                          ids=["token-read", "three-layer-read", "wide", "every-token-one-slot"])
-def test_pool_mix_on_sweep_indices(layers, K, T, scores, rng):
+def test_pool_mix_on_sweep_indices(layers, K, T, scores, H, ds, rng):
     # pool_mix reads the block's first index row and its own tokens, never the other rows: on real sweeps it
     # must equal the reference, which gathers every row's entries. Random rising scores: tokens enter all
     # along, a slot changes twice inside a block, ties on 0.01 steps, held slots in row 0; "wide" is the 130m
     # preset's §5 read (S = 200). One slot and strictly rising scores: every token enters and is evicted by the
-    # next, and the last block (tokens 128, 129) reads its first token only in the sequence's last row.
-    B, ds, H = 2, 16, 2
+    # next, and the last block (tokens 128, 129) reads its first token only in the sequence's last row. A
+    # program's rows are (query, head) pairs: three heads leave a fourth of its rows (and of its columns) masked.
+    B = 2
     group = []
     for j in range(layers):
         a = (0.45 + 0.55 * torch.rand(B, T, generator=rng) * torch.linspace(0.4, 1.0, T)).mul(100).round().div(100)
@@ -362,7 +363,7 @@ def test_pool_mix_on_sweep_indices(layers, K, T, scores, rng):
         group.append((torch.randn(B, K + T, ds, generator=rng).half(), index[:, :T].int()))
     banks, indices = [bank for bank, _ in group], [index for _, index in group]     # pool_mix reads them in place
     bank, index = cross_layer_bank(group, K + T) if layers > 1 else group[0]       # the reference's one joined pool
-    block_q = kt.pool.mix_blocks(K, ds)[0]
+    block_q = kt.pool.mix_blocks(K, ds, H)[0]
     first_rows = index[:, torch.arange(T) // block_q * block_q]
     twice = [(index[b, t0:t0 + block_q, s].unique().numel() > 2) for b in range(B) for t0 in range(0, T, block_q)
              for s in range(index.shape[-1])]

@@ -515,12 +515,14 @@ def _online_softmax_step(logits, s, top, den, acc):
 @triton.jit
 def pool_mix_kernel(
     q_ptr, banks, indices, ends, gain_ptr, m_ptr,
-    T, K, ds, scale,
+    T, K, ds, H, scale,
     stride_q_b, stride_q_t, strides_s_b, strides_s_m, strides_i_b, strides_i_t, strides_e_b, stride_g_b, stride_g_t,
-    stride_m_b, stride_m_t, LAYERS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr):
-    """grid (B, cdiv(T, BLOCK_Q), H); one head of BLOCK_Q queries a program; fp16/bf16 tensors (tensor-core
-    dots). The attention of pool_attention_fwd_kernel done on the summaries themselves:
+    stride_m_b, stride_m_t, LAYERS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr):
+    """grid (B, cdiv(T, BLOCK_Q)); BLOCK_Q queries a program, all H heads of each: its rows are (query, head)
+    pairs, BLOCK_Q x BLOCK_H of them, so one set of index and summary loads serves every head (the heads share
+    the summaries) and each dot is one [rows, ds] x [ds, slots]. fp16/bf16 tensors (tensor-core dots). The
+    attention of pool_attention_fwd_kernel done on the summaries themselves:
     q [B,T,H*ds] holds each head's query already through that head's W_k (q'_h = W_k,hᵀ q_h, so that
     q'_h·s_j = q_h·k_j); per pool j < LAYERS (tuples of pointers and strides), banks[j] [B,K+T,ds] its
     summaries (its K slots, then token t's at row K + t), indices[j] [B,T,K] int32 its sweep's index rows over
@@ -531,57 +533,66 @@ def pool_mix_kernel(
     In a sweep's index a bank row is read by the queries from the one after it entered (or 0) through its end.
     So per pool a query block reads its first index row's entries while they last, and its own tokens that
     entered while they last: one index row loaded per block, and the tokens' summaries only where one of them
-    entered."""
+    entered. Every pool's index row and its tokens' ends are loaded before the first pool's summaries."""
     _after_predecessor(USE_PDL)
     b = tl.program_id(0).to(tl.int64)                          # batch offsets can pass 2^31 elements at long T
     t0 = tl.program_id(1) * BLOCK_Q
-    h = tl.program_id(2)
-    lane = tl.arange(0, BLOCK_Q)
-    offs_q = t0 + lane
+    r = tl.arange(0, BLOCK_Q * BLOCK_H)                        # row r: query t0 + r // BLOCK_H, head r % BLOCK_H
+    t_r = t0 + r // BLOCK_H
+    h_r = r % BLOCK_H
+    mask_r = (t_r < T) & (h_r < H)
+    offs_q = t0 + tl.arange(0, BLOCK_Q)                        # the block's queries (its own tokens' rows)
     rows_q = offs_q.to(tl.int64)                               # token x row stride passes 2^31 at a few M tokens
     offs_k = tl.arange(0, BLOCK_K)
     offs_c = tl.arange(0, BLOCK_C)
     mask_q = offs_q < T
     mask_k = offs_k < K
     mask_c = offs_c < ds
-    q = tl.load(q_ptr + b * stride_q_b + rows_q[:, None] * stride_q_t + h * ds + offs_c[None, :],
-                mask=mask_q[:, None] & mask_c[None, :], other=0.0)
-    gain = tl.load(gain_ptr + b * stride_g_b + rows_q * stride_g_t, mask=mask_q, other=0.0).to(tl.float32)
+    cell = t_r.to(tl.int64)[:, None] * stride_q_t + (h_r * ds)[:, None] + offs_c[None, :]
+    q = tl.load(q_ptr + b * stride_q_b + cell, mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+    gain = tl.load(gain_ptr + b * stride_g_b + t_r.to(tl.int64) * stride_g_t, mask=mask_r, other=0.0).to(tl.float32)
+    firsts = ()
+    owns = ()
+    for j in tl.static_range(LAYERS):                          # round one: every pool's index row and own ends
+        firsts = firsts + (tl.load(indices[j] + b * strides_i_b[j] + t0.to(tl.int64) * strides_i_t[j] + offs_k,
+                                   mask=mask_k, other=-1),)
+        owns = owns + (tl.load(ends[j] + b * strides_e_b[j] + K + rows_q, mask=mask_q, other=-1),)
     # a softmax over every pool's two parts, online (the pools one after the other, flash-attention's way)
-    top = tl.full([BLOCK_Q], float("-inf"), tl.float32)
-    den = tl.zeros([BLOCK_Q], tl.float32)
-    acc = tl.zeros([BLOCK_Q, BLOCK_C], tl.float32)
+    top = tl.full([BLOCK_Q * BLOCK_H], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_Q * BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_H, BLOCK_C], tl.float32)
     for j in tl.static_range(LAYERS):
         s_base = banks[j] + b * strides_s_b[j]
-        e_base = ends[j] + b * strides_e_b[j]
-        first = tl.load(indices[j] + b * strides_i_b[j] + t0.to(tl.int64) * strides_i_t[j] + offs_k, mask=mask_k,
-                        other=-1)
+        first = firsts[j]
         has = first >= 0
         s_first = tl.load(s_base + first[:, None] * strides_s_m[j] + offs_c[None, :],
                           mask=has[:, None] & mask_c[None, :], other=0.0)               # [BLOCK_K, BLOCK_C]
-        last = tl.load(e_base + first, mask=has, other=-1)
-        logits = tl.where(offs_q[:, None] <= last[None, :], tl.dot(q, tl.trans(s_first)) * scale, float("-inf"))
+        last = tl.load(ends[j] + b * strides_e_b[j] + first, mask=has, other=-1)
+        logits = tl.where(t_r[:, None] <= last[None, :], tl.dot(q, tl.trans(s_first)) * scale, float("-inf"))
         top, den, acc = _online_softmax_step(logits, s_first, top, den, acc)
-        rows = K + rows_q                                                           # the block's own tokens
-        own_last = tl.load(e_base + rows, mask=mask_q, other=-1)
+        own_last = owns[j]
         if tl.max(own_last, axis=0) > t0:                        # a token of the block entered, read inside it
-            s_own = tl.load(s_base + rows[:, None] * strides_s_m[j] + offs_c[None, :],
+            s_own = tl.load(s_base + (K + rows_q)[:, None] * strides_s_m[j] + offs_c[None, :],
                             mask=(own_last > offs_q)[:, None] & mask_c[None, :], other=0.0)
-            sees = (offs_q[:, None] > offs_q[None, :]) & (offs_q[:, None] <= own_last[None, :])   # [query, token]
+            sees = (t_r[:, None] > offs_q[None, :]) & (t_r[:, None] <= own_last[None, :])   # [row, token]
             l_own = tl.where(sees, tl.dot(q, tl.trans(s_own)) * scale, float("-inf"))
             top, den, acc = _online_softmax_step(l_own, s_own, top, den, acc)
     m = acc / tl.where(den > 0, den, 1.0)[:, None]
-    tl.store(m_ptr + b * stride_m_b + rows_q[:, None] * stride_m_t + h * ds + offs_c[None, :],
-             (m * gain[:, None]).to(m_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_c[None, :])
+    tl.store(m_ptr + b * stride_m_b + t_r.to(tl.int64)[:, None] * stride_m_t + (h_r * ds)[:, None] + offs_c[None, :],
+             (m * gain[:, None]).to(m_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_c[None, :])
 
 
-MIX_Q = 64            # pool_mix_kernel: queries per program, and warps (a sweep on the H100 at 16k tokens:
-MIX_WARPS = 4         # 19 / 100 us a token / cross-layer read, 21.5 / 106 at 32 x 2, 23 / 122 at 16 x 2; BENCHMARKS.md)
+MIX_ROWS = 64         # pool_mix_kernel: (query, head) rows per program (16 queries of the 130m's 4 heads), and
+MIX_WARPS = 4         # warps. H100, the 130m's 16k reads: token 15.5 -> 11.3 us, cross-layer 69.5 -> 42.6 against one
+                      # head a program (64 queries); 128 rows 15.7 / 60.5, 2 warps 19.3 / 149 (BENCHMARKS.md)
 
 
-def mix_blocks(K: int, ds: int) -> tuple[int, int, int, int]:
-    """(BLOCK_Q, BLOCK_K, BLOCK_C, num_warps) of pool_mix_kernel for pools of K slots."""
-    return MIX_Q, max(16, triton.next_power_of_2(max(K, 1))), max(16, triton.next_power_of_2(ds)), MIX_WARPS
+def mix_blocks(K: int, ds: int, heads: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_Q, BLOCK_H, BLOCK_K, BLOCK_C, num_warps) of pool_mix_kernel for pools of K slots: MIX_ROWS
+    (query, head) rows a program, at least 16 queries."""
+    block_h = triton.next_power_of_2(heads)
+    return (max(16, MIX_ROWS // block_h), block_h, max(16, triton.next_power_of_2(max(K, 1))),
+            max(16, triton.next_power_of_2(ds)), MIX_WARPS)
 
 
 def pool_mix(qk, banks, indices, gain, heads: int, m, ends=None):
@@ -615,13 +626,14 @@ def pool_mix(qk, banks, indices, gain, heads: int, m, ends=None):
     gain = gain.expand(Bsz, T)
     if T:
         ends = tuple(entry_ends(i, K + T) if e is None else e for i, e in zip(indices, ends))
-        block_q, block_k, block_c, num_warps = mix_blocks(K, ds)
-        pool_mix_kernel[(Bsz, triton.cdiv(T, block_q), heads)](
-            qk, banks, indices, ends, gain, m, T, K, ds, (ds // heads) ** -0.5, qk.stride(0), qk.stride(1),
+        block_q, block_h, block_k, block_c, num_warps = mix_blocks(K, ds, heads)
+        pool_mix_kernel[(Bsz, triton.cdiv(T, block_q))](
+            qk, banks, indices, ends, gain, m, T, K, ds, heads, (ds // heads) ** -0.5, qk.stride(0), qk.stride(1),
             tuple(t.stride(0) for t in banks), tuple(t.stride(1) for t in banks),
             tuple(t.stride(0) for t in indices), tuple(t.stride(1) for t in indices), tuple(t.stride(0) for t in ends),
             gain.stride(0), gain.stride(1), m.stride(0), m.stride(1),
-            LAYERS=len(banks), BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_C=block_c, num_warps=num_warps,
+            LAYERS=len(banks), BLOCK_Q=block_q, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_C=block_c,
+            num_warps=num_warps,
             **pdl_meta(m.device))
     return m
 
