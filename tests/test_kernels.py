@@ -530,6 +530,13 @@ def test_fused_memory_path_equals_its_composition(layer_index, rng):
     assert not torch.equal(pool, pool0)
     read = layer.token_attn(u, bank_ref, index_ref, TORCH_OPS).abs().amax(-1)
     assert (read > 0).any() and (read == 0).any()                               # the trigger fired both ways
+    # one batch row (a prompt's prefill): the stacked GEMM writes into the bank's rows without a batch stride
+    rows1 = (u[:1], pool0[:1], prio0[:1], [(b[:1], i[:1]) for b, i in group])
+    with poisoned():
+        xz1, pool1, _, (bank1, index1) = layer.memory_in_proj(*rows1, kt.TRITON_OPS)
+    xz1_ref, pool1_ref, _, (bank1_ref, index1_ref) = layer.memory_in_proj(*rows1, composed)
+    assert rel_err(xz1.float() - u[:1].float(), xz1_ref.float() - u[:1].float()) <= 5e-3
+    assert rel_err(bank1, bank1_ref) <= 1e-2 and rel_err(pool1, pool1_ref) <= 1e-2 and torch.equal(index1, index1_ref)
     layer.token_attn.v_proj.weight.mul_(-2.0)          # a weight changed in place: no stale derived weights
     xz2 = layer.memory_in_proj(u, pool0, prio0, group, kt.TRITON_OPS)[0]
     xz2_ref = layer.memory_in_proj(u, pool0, prio0, group, composed)[0]

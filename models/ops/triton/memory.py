@@ -44,28 +44,39 @@ class SweepEntries(tuple):
 
 
 @triton.jit
-def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr, M, hd, col_trig, stride_g,
-                       tau2, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr):
-    """grid (cdiv(M, BLOCK_M),) over the M = B·T rows of the stacked GEMM's output g (half):
+def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr, pool0_ptr, M, T, K, hd, ds, col_trig,
+                       stride_g, stride_pool_b, stride_pool_k, tau2, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
+    """grid (cdiv(M, BLOCK_M),) over the M = B·T token rows of the stacked GEMM's output g (half), which has
+    K + T rows a batch row (the bank's layout: K pool rows, then the tokens'; row stride stride_g):
     a = sigmoid(w2ᵀ ReLU(g[:, :hd])) (§3) and gain = α·[sigmoid(g[:, col_trig] + β) > τ2] (§4), both fp32.
     score_out's and the trigger's outputs are rounded to g's dtype first, as their half-precision Linear layers
-    return them."""
+    return them. Program 0 also writes pool0 [B, K, ds] into the first K rows' summary columns [hd, hd + ds),
+    which makes those columns the layer's bank."""
     _after_predecessor(USE_PDL)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_r = m < M
+    rows = ((m // T) * (K + T) + K + m % T).to(tl.int64)          # token m's row of g
     cols = tl.arange(0, BLOCK_H)
-    mask_r = rows < M
     mask_c = cols < hd
-    hid = tl.load(g_ptr + rows[:, None].to(tl.int64) * stride_g + cols[None, :],
-                  mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+    hid = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask_r[:, None] & mask_c[None, :], other=0.0)
     w2 = tl.load(w2_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
     score = tl.sum(tl.maximum(hid.to(tl.float32), 0.0) * w2[None, :], axis=1)
     score = score.to(g_ptr.dtype.element_ty).to(tl.float32)
     a = tl.sigmoid(score)
-    trig = tl.load(g_ptr + rows.to(tl.int64) * stride_g + col_trig, mask=mask_r, other=0.0).to(tl.float32)
+    trig = tl.load(g_ptr + rows * stride_g + col_trig, mask=mask_r, other=0.0).to(tl.float32)
     trig = (trig + tl.load(trig_bias_ptr).to(tl.float32)).to(g_ptr.dtype.element_ty).to(tl.float32)
     gain = tl.where(tl.sigmoid(trig) > tau2, tl.load(alpha_ptr).to(tl.float32), 0.0)
-    tl.store(a_ptr + rows, a, mask=mask_r)
-    tl.store(gain_ptr + rows, gain, mask=mask_r)
+    tl.store(a_ptr + m, a, mask=mask_r)
+    tl.store(gain_ptr + m, gain, mask=mask_r)
+    if tl.program_id(0) == 0:
+        slots = tl.arange(0, BLOCK_K)
+        offs_s = tl.arange(0, BLOCK_S)
+        mask_p = (slots < K)[:, None] & (offs_s < ds)[None, :]
+        for b in range(0, M // T):
+            p = tl.load(pool0_ptr + b * stride_pool_b + slots[:, None] * stride_pool_k + offs_s[None, :], mask=mask_p)
+            tl.store(g_ptr + (b * (K + T) + slots.to(tl.int64))[:, None] * stride_g + hd + offs_s[None, :],
+                     p.to(g_ptr.dtype.element_ty), mask=mask_p)
 
 
 STACK_D = 64             # stack_weights_kernel: columns of d per program
@@ -191,17 +202,25 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False, deri
         raise ValueError(f"fused_memory_in_proj: derived weights are {w_stack.dtype}, u is {dtype}")
 
     u2 = u.reshape(Bsz * T, d)
-    g = u2 @ w_stack.t()                                            # [B·T, width]
+    K = pool0.shape[1]
+    g_rows = torch.empty(Bsz, K + T, width, device=dev, dtype=dtype)   # K pool rows, then the tokens': the layout
+    g = g_rows[:, K:]                                                   # of the bank, so no copy of the summaries
+    if Bsz == 1:
+        torch.mm(u2, w_stack.t(), out=g[0])                             # [T, width]
+    else:
+        torch.bmm(u, w_stack.t().expand(Bsz, d, width), out=g)
+    bank = g_rows[:, :, hd:col_trig]                                    # [B, K+T, ds]; rows < K: pool0, below
     a = torch.empty(Bsz, T, device=dev, dtype=torch.float32)
     gain = torch.empty(Bsz, T, device=dev, dtype=torch.float32)
     if T:
         note_scores_kernel[(triton.cdiv(Bsz * T, SCORE_ROWS),)](
-            g, note.score_out.weight.detach(), tok.trigger.bias.detach(), tok.alpha.detach(), a, gain, Bsz * T, hd,
-            col_trig, g.stride(0), fp32(tok.read_threshold), BLOCK_M=SCORE_ROWS,
-            BLOCK_H=max(16, triton.next_power_of_2(hd)), num_warps=4, **pdl_meta(dev))
+            g_rows, note.score_out.weight.detach(), tok.trigger.bias.detach(), tok.alpha.detach(), a, gain, pool0,
+            Bsz * T, T, K, hd, ds, col_trig, g_rows.stride(1), pool0.stride(0), pool0.stride(1),
+            fp32(tok.read_threshold), BLOCK_M=SCORE_ROWS, BLOCK_H=max(16, triton.next_power_of_2(hd)),
+            BLOCK_K=triton.next_power_of_2(K), BLOCK_S=triton.next_power_of_2(ds), num_warps=4, **pdl_meta(dev))
+    else:
+        bank.copy_(pool0)
     index, prio, ends = pool_sweep_ends(a, prio0, layer.insert_threshold)
-    g = g.view(Bsz, T, width)
-    bank = torch.cat([pool0.to(dtype), g[:, :, hd:col_trig]], dim=1)
     entries = SweepEntries(bank, index[:, :T], ends)               # what each token reads, and §5's share
     sources = [([entries], gain)]                                   # per read: its pools (read in place), gain
     if cross is not None:
