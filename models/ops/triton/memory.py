@@ -4,8 +4,10 @@ reference composition it equals (spec §3–§5 in parallel form, then the mixer
 What the fusion changes, and why:
   one GEMM      every projection of u on the memory path (score_in, summary, trigger, each read's query through
                 W_kᵀ) is one [B·T, d] x [d, width] GEMM on a stacked weight: at 16k tokens one 576-wide GEMM costs
-                about half of the five narrow ones (BENCHMARKS.md);
-  note_scores   score_out, both sigmoids, the trigger's bias and threshold are one small kernel over its rows;
+                about half of the five narrow ones (BENCHMARKS.md). It writes into K + T rows a batch row, whose
+                summary columns are then the layer's bank (K pool rows, then the tokens'): no cat;
+  note_scores   score_out, both sigmoids, the trigger's bias and threshold are one small kernel over its rows,
+                which also writes the pool's summaries into the bank's first K rows;
   reads         pool_mix on the summaries, with the sweep's entry ends; the cross-layer read takes its group's
                 pools where they lie (no joined bank or index);
   one output    the reads' mixtures land side by side in m, and ũ = u + m W_outᵀ is one GEMM (with the residual)
