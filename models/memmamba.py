@@ -161,13 +161,14 @@ class Mixer(nn.Module):
         """u [B,T,d] -> (y [B,T,d], window, h)."""
         return self.from_in_proj(self.in_proj(u), window, h, ops, decay_rates(self.A_log))
 
-    def from_in_proj(self, xz, window, h, ops, A):
+    def from_in_proj(self, xz, window, h, ops, A, last_only=False):
         """forward after in_proj: xz [B,T,2·d_inner] -> (y [B,T,d], window, h). A = decay_rates(self.A_log),
-        which the model's prefill derives for every layer at once."""
+        which the model's prefill derives for every layer at once. last_only: y of the last token only,
+        [B,1,d] (the last layer of a prefill that wants the last logits only)."""
         x, z = xz.chunk(2, dim=-1)
         xc, window = ops.causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, window)
         dt, B, C = self._proj(xc)
-        y, h = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, h)
+        y, h = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, h, last_only=last_only)
         return self.out_proj(y), window, h
 
     def step(self, u, window, h, ops):
@@ -346,7 +347,9 @@ class MemMambaLM(nn.Module):
                 out["prio"].append(prio)
             else:
                 xz = layer.mixer.in_proj(u)
-            y, window, hs = layer.mixer.from_in_proj(xz, state.conv[l], state.ssm[l], ops, A[l])
+            # the last layer's mixer output is read at the last token only when only its logits are wanted
+            y, window, hs = layer.mixer.from_in_proj(xz, state.conv[l], state.ssm[l], ops, A[l],
+                                                     last_only=last_only and not want_hidden and l == c.n_layers - 1)
             out["conv"].append(window)
             out["ssm"].append(hs)
         if last_only and not want_hidden:                            # the logits read the last token's only

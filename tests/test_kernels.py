@@ -82,6 +82,10 @@ def test_selective_scan_forward(chunk_len, variant, rng):
     with poisoned():
         y, h = kt.scan.scan_forward(**a, dt_softplus=softplus, chunk_len=chunk_len)
     assert rel_err(y, y_ref) <= TOL and rel_err(h, h_ref) <= TOL
+    # the last token's y only (a prompt's last layer): from the final state, without the pass that writes y
+    with poisoned():
+        y_last, h_last = kt.scan.scan_forward(**a, dt_softplus=softplus, chunk_len=chunk_len, last_only=True)
+    assert y_last.shape == (2, 1, 24) and rel_err(y_last, y_ref[:, -1:]) <= TOL and rel_err(h_last, h_ref) <= TOL
 
 
 @interpreted
@@ -652,6 +656,20 @@ def test_triton_backend_derives_the_memory_weights_once(rng, monkeypatch):
     assert torch.equal(logits, ref_logits[:, -1])
     for k, v in backend.to_reference(state).tensors().items():
         assert torch.equal(v, ref_state.tensors()[k]), k
+
+
+@interpreted
+@torch.no_grad()
+def test_triton_prefill_of_the_last_logits_equals_the_full_prefill(rng):
+    # last_only: the last layer's scan gives the last token's y from its final state (no pass writing every y) and
+    # its out_proj reads that token only; the logits and the state are the full prefill's
+    fast = triton_twin(make_model(7))
+    ids = torch.randint(0, 256, (2, 40), generator=rng)
+    full, state = fast.prefill(ids)
+    last, state_last = fast.prefill(ids, last_only=True)
+    assert last.shape == (2, 1, 256) and rel_err(last, full[:, -1:]) <= 1e-5
+    for k, v in state.tensors().items():
+        assert torch.equal(v, state_last.tensors()[k]), k
 
 
 @interpreted

@@ -45,9 +45,10 @@ def selective_state_step_ref(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_soft
     return y.to(x.dtype), h
 
 
-def selective_scan_ref(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True):
+def selective_scan_ref(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False):
     """The selective scan over T tokens, run as the step recurrence (§8: the parallel form must equal it).
-    Returns (y [B,T,Di], final state [B,Di,N] fp32)."""
+    Returns (y [B,T,Di], final state [B,Di,N] fp32); last_only: y of the last token only, [B,1,Di] (what a
+    prompt's last layer gives when only the last logits are wanted: a kernel set may skip every other y)."""
     Bsz, T, Di = x.shape
     h = torch.zeros(Bsz, Di, A.shape[1], device=x.device, dtype=torch.float32) if h0 is None else h0.float()
     ys = []
@@ -56,4 +57,4 @@ def selective_scan_ref(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_soft
                                         None if z is None else z[:, t], dt_bias, dt_softplus)
         ys.append(y)
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(Bsz, 0, Di)
-    return y, h
+    return (y[:, -1:] if last_only else y), h

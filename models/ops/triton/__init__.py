@@ -88,8 +88,8 @@ def causal_conv_step(x, weight, bias, window):
     return causal_conv_step_ref(x, weight, bias, window)
 
 
-def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True):
-    return kernels_for(x.device).scan.selective_scan(x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus)
+def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False):
+    return kernels_for(x.device).scan.selective_scan(x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus, last_only)
 
 
 def selective_state_step(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=True):

@@ -750,11 +750,13 @@ def seq_chunk_plan(B: int, T: int, Di: int, N: int, programs: int = TARGET_PROGR
     return chunk_len, triton.cdiv(T, chunk_len)
 
 
-def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, chunk_len=None):
+def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, chunk_len=None,
+                 last_only=False):
     """The kernel path of selective_scan_ref (no autograd): (y [B,T,Di] in x.dtype, h [B,Di,N] fp32).
     One pass when batch x channel blocks fill the GPU, else three (each chunk from zero -> its final state, and δ
     kept; chain the chunks; each chunk again from its true start -> y). chunk_len=None picks the plan
-    (seq_chunk_plan); tests pass one to force the three-pass path."""
+    (seq_chunk_plan); tests pass one to force the three-pass path. last_only: y [B,1,Di] of the last token, from
+    the final state (y_T = C_T·h_T + D x_T, gated), with no pass that writes y (a prompt's last layer)."""
     # the state tiles are [N, Di]: A transposed (no copy where A is a transposed view, as the model's prefill
     # passes every layer's: a [N, Di] copy a layer is a launch, 56 µs of a 16k prefill)
     x, dt, AT, B, C, D, z, dt_bias, h0 = _prepare(x, dt, A.float().t(), B, C, D, z, dt_bias, h0)
@@ -770,28 +772,39 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     pdl = pdl_meta(x.device)
     meta = dict(BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=N == block_n, UNROLL=SEQ_UNROLL, STAGES=SEQ_STAGES,
                 num_warps=num_warps, delta_ptr=AT, WRITE_DELTA=False, DELTA_IN=False, **pdl)   # δ: passes 1, 3
-    y = torch.empty_like(x)
+    y = None if last_only else torch.empty_like(x)
     f32 = dict(device=x.device, dtype=torch.float32)
     if n_chunks == 1:                                  # h0 and h transposed too
         h0_nd = None if h0 is None else h0.transpose(1, 2).contiguous()
         h_nd = torch.empty(Bsz, 1, N, Di, **f32)
-        _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, z, dt_bias, h0_nd, y, h_nd, None, T, 1,
-                        dt_softplus, **meta)
-        return y, h_nd[:, 0].transpose(1, 2).contiguous()
+        _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, None if last_only else z, dt_bias, h0_nd, y,
+                        h_nd, None, T, 1, dt_softplus, **meta)
+        h = h_nd[:, 0].transpose(1, 2).contiguous()
+        return (_last_y(x, C, D, z, h) if last_only else y), h
     states = torch.empty(Bsz, n_chunks, N, Di, **f32)
     dt_sum = torch.empty(Bsz, n_chunks, Di, **f32)
     h = torch.empty(Bsz, Di, N, **f32)
-    delta = torch.empty(Bsz, T, Di, **f32)             # δ, kept by pass 1: pass 3 skips the softplus (the kernel
-                                                       # indexes it as this fresh contiguous [B, T, Di] buffer)
+    # δ, kept by pass 1: pass 3 skips the softplus (the kernel indexes it as this fresh contiguous [B, T, Di] buffer)
+    delta = AT if last_only else torch.empty(Bsz, T, Di, **f32)
     _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, None, dt_bias, None, None, states, dt_sum,
-                    chunk_len, n_chunks, dt_softplus, **dict(meta, delta_ptr=delta, WRITE_DELTA=True))
+                    chunk_len, n_chunks, dt_softplus, **dict(meta, delta_ptr=delta, WRITE_DELTA=not last_only))
     starts = torch.empty_like(states)
     scan_chunk_prefix_kernel[(Bsz, triton.cdiv(N * Di, PREFIX_BLOCK_E))](
         AT, dt_sum, AT if h0 is None else h0, states, starts, h, Di, N, n_chunks, Di * N, Di * N,
         BLOCK_C=PREFIX_BLOCK_C, BLOCK_E=PREFIX_BLOCK_E, HAS_H0=h0 is not None, num_warps=PREFIX_NUM_WARPS, **pdl)
+    if last_only:
+        return _last_y(x, C, D, z, h), h
     _forward_launch(selective_scan_seq_kernel, x, delta, AT, B, C, D, z, None, starts, y, None, None, chunk_len,
                     n_chunks, False, **dict(meta, DELTA_IN=True))
     return y, h
+
+
+def _last_y(x, C, D, z, h):
+    """y [B,1,Di] of the last token from the state after it, h [B,Di,N] fp32: (C_T·h_T + D x_T)·SiLU(z_T)."""
+    y = (h * C[:, -1, None, :].float()).sum(-1) + D.float() * x[:, -1].float()
+    if z is not None:
+        y = y * torch.nn.functional.silu(z[:, -1].float())
+    return y.to(x.dtype)[:, None]
 
 
 def scan_backward(x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus, dy, dh, chunks_per_program=None):
@@ -865,13 +878,14 @@ class SelectiveScanFn(torch.autograd.Function):
         return (*grads[:2], dA, *grads[3:], None)
 
 
-def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True):
+def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False):
     """Same signature and results as selective_scan_ref; differentiable when any input requires grad."""
     _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token=False)
     tensors = (x, dt, A, B, C, D, z, dt_bias, h0)
     if needs_grad(*tensors):
-        return SelectiveScanFn.apply(*tensors, dt_softplus)
-    return scan_forward(*tensors, dt_softplus)
+        y, h = SelectiveScanFn.apply(*tensors, dt_softplus)
+        return (y[:, -1:] if last_only else y), h
+    return scan_forward(*tensors, dt_softplus, last_only=last_only)
 
 
 def selective_state_step(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=True):
