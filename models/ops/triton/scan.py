@@ -784,7 +784,8 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     states = torch.empty(Bsz, n_chunks, N, Di, **f32)
     dt_sum = torch.empty(Bsz, n_chunks, Di, **f32)
     h = torch.empty(Bsz, Di, N, **f32)
-    # δ, kept by pass 1: pass 3 skips the softplus (the kernel indexes it as this fresh contiguous [B, T, Di] buffer)
+    # δ, kept by pass 1: pass 3 skips the softplus (the kernel indexes it as this fresh contiguous [B, T, Di]
+    # buffer); last_only has no pass 3, so nothing is kept (AT stands in, unwritten)
     delta = AT if last_only else torch.empty(Bsz, T, Di, **f32)
     _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, None, dt_bias, None, None, states, dt_sum,
                     chunk_len, n_chunks, dt_softplus, **dict(meta, delta_ptr=delta, WRITE_DELTA=not last_only))
