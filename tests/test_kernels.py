@@ -346,15 +346,17 @@ def pool_mix_ref(qk, bank, index, gain, H):
 
 @interpreted
 @pytest.mark.parametrize("layers, K, T, scores, H, ds", [(1, 6, 150, "random", 2, 16), (3, 6, 150, "random", 3, 24),
-                                                         (4, 50, 150, "random", 4, 16), (1, 1, 130, "rising", 1, 16)],
-                         ids=["token-read", "three-layer-read", "wide", "every-token-one-slot"])
+                                                         (4, 50, 150, "random", 4, 16), (1, 1, 130, "rising", 1, 16),
+                                                         (2, 6, 70, "random", 12, 48)],
+                         ids=["token-read", "three-layer-read", "wide", "every-token-one-slot", "head-groups"])
 def test_pool_mix_on_sweep_indices(layers, K, T, scores, H, ds, rng):
     # pool_mix reads the block's first index row and its own tokens, never the other rows: on real sweeps it
     # must equal the reference, which gathers every row's entries. Random rising scores: tokens enter all
     # along, a slot changes twice inside a block, ties on 0.01 steps, held slots in row 0; "wide" is the 130m
     # preset's §5 read (S = 200). One slot and strictly rising scores: every token enters and is evicted by the
     # next, and the last block (tokens 128, 129) reads its first token only in the sequence's last row. A
-    # program's rows are (query, head) pairs: three heads leave a fourth of its rows (and of its columns) masked.
+    # program's rows are (query, head) pairs: three heads leave a fourth of its rows (and of its columns) masked;
+    # twelve take three programs of four heads a block.
     B = 2
     group = []
     for j in range(layers):
@@ -541,6 +543,15 @@ def test_fused_memory_path_equals_its_composition(layer_index, rng):
     xz1_ref, pool1_ref, _, (bank1_ref, index1_ref) = layer.memory_in_proj(*rows1, composed)
     assert rel_err(xz1.float() - u[:1].float(), xz1_ref.float() - u[:1].float()) <= 5e-3
     assert rel_err(bank1, bank1_ref) <= 1e-2 and rel_err(pool1, pool1_ref) <= 1e-2 and torch.equal(index1, index1_ref)
+    # pool0 in another layout (a caller's State keeps whatever strides it was given): the same bank and result;
+    # a pool0 of the wrong shape is refused by name
+    strided = pool0.transpose(1, 2).contiguous().transpose(1, 2)
+    assert strided.stride(-1) != 1
+    xz_s, pool_s, _, (bank_s, _) = layer.memory_in_proj(u, strided, prio0, group, kt.TRITON_OPS)
+    assert torch.equal(xz_s, xz) and torch.equal(bank_s, bank) and torch.equal(pool_s, pool)
+    for wrong in (pool0[:1], pool0[..., :-4]):
+        with pytest.raises(ValueError, match="pool0"):
+            kt.memory.fused_memory_in_proj(layer, u, wrong, prio0, group)
     layer.token_attn.v_proj.weight.mul_(-2.0)          # a weight changed in place: no stale derived weights
     xz2 = layer.memory_in_proj(u, pool0, prio0, group, kt.TRITON_OPS)[0]
     xz2_ref = layer.memory_in_proj(u, pool0, prio0, group, composed)[0]

@@ -160,11 +160,12 @@ def test_pool_attention_matches_reference(harness, dtype, b, t, m, s, ds, d, hea
 def plugin_ops(harness):
     """TORCH_OPS with the four contract ops replaced by plugin runs (what a plugins-flavour engine executes)."""
 
-    def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True):
+    def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False):
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)     # empty_like would keep a view's strides
         h = torch.empty(x.shape[0], x.shape[2], A.shape[1], dtype=torch.float32, device=x.device)
-        return tuple(run_plugin(harness, "SelectiveScanChunk", {"dt_softplus": int(dt_softplus)},
-                                [x, dt, A.float(), B, C, D.float(), z, dt_bias.float(), h0.float()], [y, h]))
+        run_plugin(harness, "SelectiveScanChunk", {"dt_softplus": int(dt_softplus)},
+                   [x, dt, A.float(), B, C, D.float(), z, dt_bias.float(), h0.float()], [y, h])
+        return (y[:, -1:] if last_only else y), h
 
     def selective_state_step(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=True):
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)

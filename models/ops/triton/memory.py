@@ -47,14 +47,14 @@ class SweepEntries(tuple):
 
 @triton.jit
 def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr, pool0_ptr, M, T, K, hd, ds, col_trig,
-                       stride_g, stride_pool_b, stride_pool_k, tau2, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
+                       stride_g, stride_pool_b, stride_pool_k, stride_pool_s, tau2, BLOCK_M: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
     """grid (cdiv(M, BLOCK_M),) over the M = B·T token rows of the stacked GEMM's output g (half), which has
     K + T rows a batch row (the bank's layout: K pool rows, then the tokens'; row stride stride_g):
     a = sigmoid(w2ᵀ ReLU(g[:, :hd])) (§3) and gain = α·[sigmoid(g[:, col_trig] + β) > τ2] (§4), both fp32.
     score_out's and the trigger's outputs are rounded to g's dtype first, as their half-precision Linear layers
-    return them. Program 0 also writes pool0 [B, K, ds] into the first K rows' summary columns [hd, hd + ds),
-    which makes those columns the layer's bank."""
+    return them. Program 0 also writes pool0 [B, K, ds] (any strides) into the first K rows' summary columns
+    [hd, hd + ds), which makes those columns the layer's bank."""
     _after_predecessor(USE_PDL)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_r = m < M
@@ -76,7 +76,8 @@ def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr,
         offs_s = tl.arange(0, BLOCK_S)
         mask_p = (slots < K)[:, None] & (offs_s < ds)[None, :]
         for b in range(0, M // T):
-            p = tl.load(pool0_ptr + b * stride_pool_b + slots[:, None] * stride_pool_k + offs_s[None, :], mask=mask_p)
+            p = tl.load(pool0_ptr + b * stride_pool_b + slots[:, None] * stride_pool_k + offs_s[None, :] * stride_pool_s,
+                        mask=mask_p)
             tl.store(g_ptr + (b * (K + T) + slots.to(tl.int64))[:, None] * stride_g + hd + offs_s[None, :],
                      p.to(g_ptr.dtype.element_ty), mask=mask_p)
 
@@ -203,8 +204,11 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False, deri
     if w_stack.dtype != dtype:
         raise ValueError(f"fused_memory_in_proj: derived weights are {w_stack.dtype}, u is {dtype}")
 
+    K = layer.pool_size
+    if pool0.shape != (Bsz, K, ds) or prio0.shape != (Bsz, K):
+        raise ValueError(f"fused_memory_in_proj wants pool0 [B, K, ds] = {[Bsz, K, ds]} and prio0 [B, K]; got "
+                         f"{list(pool0.shape)} and {list(prio0.shape)}")
     u2 = u.reshape(Bsz * T, d)
-    K = pool0.shape[1]
     g_rows = torch.empty(Bsz, K + T, width, device=dev, dtype=dtype)   # K pool rows, then the tokens': the layout
     g = g_rows[:, K:]                                                   # of the bank, so no copy of the summaries
     if Bsz == 1:
@@ -217,7 +221,7 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False, deri
     if T:
         note_scores_kernel[(triton.cdiv(Bsz * T, SCORE_ROWS),)](
             g_rows, note.score_out.weight.detach(), tok.trigger.bias.detach(), tok.alpha.detach(), a, gain, pool0,
-            Bsz * T, T, K, hd, ds, col_trig, g_rows.stride(1), pool0.stride(0), pool0.stride(1),
+            Bsz * T, T, K, hd, ds, col_trig, g_rows.stride(1), pool0.stride(0), pool0.stride(1), pool0.stride(2),
             fp32(tok.read_threshold), BLOCK_M=SCORE_ROWS, BLOCK_H=max(16, triton.next_power_of_2(hd)),
             BLOCK_K=triton.next_power_of_2(K), BLOCK_S=triton.next_power_of_2(ds), num_warps=4, **pdl_meta(dev))
     else:

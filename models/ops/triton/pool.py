@@ -519,9 +519,10 @@ def pool_mix_kernel(
     stride_q_b, stride_q_t, strides_s_b, strides_s_m, strides_i_b, strides_i_t, strides_e_b, stride_g_b, stride_g_t,
     stride_m_b, stride_m_t, LAYERS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, USE_PDL: tl.constexpr):
-    """grid (B, cdiv(T, BLOCK_Q)); BLOCK_Q queries a program, all H heads of each: its rows are (query, head)
-    pairs, BLOCK_Q x BLOCK_H of them, so one set of index and summary loads serves every head (the heads share
-    the summaries) and each dot is one [rows, ds] x [ds, slots]. fp16/bf16 tensors (tensor-core dots). The
+    """grid (B, cdiv(T, BLOCK_Q), cdiv(H, BLOCK_H)); BLOCK_Q queries a program, BLOCK_H heads of each (all of
+    them up to MIX_ROWS // 16): its rows are (query, head) pairs, so one set of index and summary loads serves
+    those heads (they share the summaries) and each dot is one [rows, ds] x [ds, slots]. fp16/bf16 tensors
+    (tensor-core dots). The
     attention of pool_attention_fwd_kernel done on the summaries themselves:
     q [B,T,H*ds] holds each head's query already through that head's W_k (q'_h = W_k,hᵀ q_h, so that
     q'_h·s_j = q_h·k_j); per pool j < LAYERS (tuples of pointers and strides), banks[j] [B,K+T,ds] its
@@ -538,8 +539,8 @@ def pool_mix_kernel(
     b = tl.program_id(0).to(tl.int64)                          # batch offsets can pass 2^31 elements at long T
     t0 = tl.program_id(1) * BLOCK_Q
     r = tl.arange(0, BLOCK_Q * BLOCK_H)                        # row r: query t0 + r // BLOCK_H, head r % BLOCK_H
-    t_r = t0 + r // BLOCK_H
-    h_r = r % BLOCK_H
+    t_r = t0 + r // BLOCK_H                                    # of the program's group of heads
+    h_r = tl.program_id(2) * BLOCK_H + r % BLOCK_H
     mask_r = (t_r < T) & (h_r < H)
     offs_q = t0 + tl.arange(0, BLOCK_Q)                        # the block's queries (its own tokens' rows)
     rows_q = offs_q.to(tl.int64)                               # token x row stride passes 2^31 at a few M tokens
@@ -589,8 +590,9 @@ MIX_WARPS = 4         # warps. H100, the 130m's 16k reads: token 15.5 -> 11.3 us
 
 def mix_blocks(K: int, ds: int, heads: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_Q, BLOCK_H, BLOCK_K, BLOCK_C, num_warps) of pool_mix_kernel for pools of K slots: MIX_ROWS
-    (query, head) rows a program, at least 16 queries."""
-    block_h = triton.next_power_of_2(heads)
+    (query, head) rows a program, at least 16 queries (a dot's least M), so more heads than MIX_ROWS // 16 are
+    spread over programs (the grid's third axis)."""
+    block_h = min(triton.next_power_of_2(heads), MIX_ROWS // 16)
     return (max(16, MIX_ROWS // block_h), block_h, max(16, triton.next_power_of_2(max(K, 1))),
             max(16, triton.next_power_of_2(ds)), MIX_WARPS)
 
@@ -627,7 +629,7 @@ def pool_mix(qk, banks, indices, gain, heads: int, m, ends=None):
     if T:
         ends = tuple(entry_ends(i, K + T) if e is None else e for i, e in zip(indices, ends))
         block_q, block_h, block_k, block_c, num_warps = mix_blocks(K, ds, heads)
-        pool_mix_kernel[(Bsz, triton.cdiv(T, block_q))](
+        pool_mix_kernel[(Bsz, triton.cdiv(T, block_q), triton.cdiv(heads, block_h))](
             qk, banks, indices, ends, gain, m, T, K, ds, heads, (ds // heads) ** -0.5, qk.stride(0), qk.stride(1),
             tuple(t.stride(0) for t in banks), tuple(t.stride(1) for t in banks),
             tuple(t.stride(0) for t in indices), tuple(t.stride(1) for t in indices), tuple(t.stride(0) for t in ends),
