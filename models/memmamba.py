@@ -334,6 +334,7 @@ class MemMambaLM(nn.Module):
         # every layer's A at once: three small launches in all, not three a layer (0.2 ms of a 16k prefill); laid
         # out [L, N, d_inner] (A[l] a transposed view), the layout the scan kernels' state tiles take
         A = decay_rates(torch.stack([layer.mixer.A_log.t() for layer in self.layers])).transpose(1, 2)
+        last_token = last_only and not want_hidden                   # the last layer's output read at one token
         for l, layer in enumerate(self.layers):
             # h += y; u = RMSNorm(h): one fused op on the weight (layer.norm itself is called by step() only)
             h, u = ops.residual_norm(h, y, layer.norm.weight, layer.norm.eps)
@@ -347,12 +348,11 @@ class MemMambaLM(nn.Module):
                 out["prio"].append(prio)
             else:
                 xz = layer.mixer.in_proj(u)
-            # the last layer's mixer output is read at the last token only when only its logits are wanted
             y, window, hs = layer.mixer.from_in_proj(xz, state.conv[l], state.ssm[l], ops, A[l],
-                                                     last_only=last_only and not want_hidden and l == c.n_layers - 1)
+                                                     last_only=last_token and l == c.n_layers - 1)
             out["conv"].append(window)
             out["ssm"].append(hs)
-        if last_only and not want_hidden:                            # the logits read the last token's only
+        if last_token:                                               # the logits read the last token's only
             h, y = h[:, -1:], y[:, -1:]
         h = h + y
         if want_hidden:

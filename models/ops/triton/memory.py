@@ -211,9 +211,9 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False, deri
     u2 = u.reshape(Bsz * T, d)
     g_rows = torch.empty(Bsz, K + T, width, device=dev, dtype=dtype)   # K pool rows, then the tokens': the layout
     g = g_rows[:, K:]                                                   # of the bank, so no copy of the summaries
-    if Bsz == 1:
-        torch.mm(u2, w_stack.t(), out=g[0])                             # [T, width]
-    else:
+    if Bsz == 1:                                                        # a prompt: one plain GEMM into [T, width]
+        torch.mm(u2, w_stack.t(), out=g[0])
+    else:                                                               # batch rows K + T rows apart
         torch.bmm(u, w_stack.t().expand(Bsz, d, width), out=g)
     bank = g_rows[:, :, hd:col_trig]                                    # [B, K+T, ds]; rows < K: pool0, below
     a = torch.empty(Bsz, T, device=dev, dtype=torch.float32)
