@@ -157,15 +157,17 @@ class Mixer(nn.Module):
         dt_r, B, C = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.linear(dt_r, self.dt_proj.weight), B, C
 
-    def forward(self, u, window, h, ops):
-        """u [B,T,d] -> (y [B,T,d], window, h)."""
-        return self.from_in_proj(self.in_proj(u), window, h, ops, decay_rates(self.A_log))
-
-    def from_in_proj(self, xz, window, h, ops, A, last_only=False):
-        """forward after in_proj: xz [B,T,2·d_inner] -> (y [B,T,d], window, h). A = decay_rates(self.A_log),
-        which the model's prefill derives for every layer at once. last_only: y of the last token only,
-        [B,1,d] (the last layer of a prefill that wants the last logits only)."""
-        x, z = xz.chunk(2, dim=-1)
+    def forward(self, u, window, h, ops, A=None, last_only=False):
+        """u [B,T,d] -> (y [B,T,d], window, h). A: decay_rates(self.A_log), which the model's prefill derives for
+        every layer at once. last_only: y of the last token only, [B,1,d] (the last layer of a prefill that wants
+        the last logits only): the gate's half of in_proj is then projected at that token alone (in_proj's
+        weight is used directly there, so hooks on the in_proj module do not apply)."""
+        A = decay_rates(self.A_log) if A is None else A
+        if last_only:                         # z gates y only: a 16k prompt's last layer saves a 38 GFLOP half
+            x_w, z_w = self.in_proj.weight.chunk(2, dim=0)
+            x, z = F.linear(u, x_w), F.linear(u[:, -1:], z_w)
+        else:
+            x, z = self.in_proj(u).chunk(2, dim=-1)
         xc, window = ops.causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, window)
         dt, B, C = self._proj(xc)
         y, h = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, h, last_only=last_only)
@@ -254,14 +256,14 @@ class Layer(nn.Module):
             self.token_attn = PoolAttention(c, trigger=True)
             self.cross_attn = PoolAttention(c, trigger=False) if c.is_cross_layer(index) else None
 
-    def memory_in_proj(self, u, pool0, prio0, group, ops, u_is_scratch=False):
-        """§3–§5 in parallel form (§8), through the mixer's in_proj. Returns xz = in_proj(u + r_tok + r_cross)
-        [B,T,2·d_inner], the pool after the last token (summaries [B,K,ds], priorities [B,K]) and this layer's
-        entries for §5: its bank [B,K+T,ds] (pool0's summaries, then each token's) and the sweep's index rows
-        [B,T,K]. group: the entries of this §5 group's earlier layers. A kernel set may do it all at once
-        (ops.fused_memory_in_proj, None where it does not apply); the lines below are what it must equal.
-        u_is_scratch: the caller has no further use for u, so a kernel set may overwrite it."""
-        fused = ops.fused_memory_in_proj(self, u, pool0, prio0, group, u_is_scratch)
+    def memory_read(self, u, pool0, prio0, group, ops, u_is_scratch=False):
+        """§3–§5 in parallel form (§8). Returns ũ = u + r_tok + r_cross [B,T,d] (the mixer's input), the pool
+        after the last token (summaries [B,K,ds], priorities [B,K]) and this layer's entries for §5: its bank
+        [B,K+T,ds] (pool0's summaries, then each token's) and the sweep's index rows [B,T,K]. group: the entries
+        of this §5 group's earlier layers. A kernel set may do it all at once (ops.fused_memory_read, None where
+        it does not apply); the lines below are what it must equal. u_is_scratch: the caller has no further use
+        for u, so a kernel set may overwrite it (with ũ)."""
+        fused = ops.fused_memory_read(self, u, pool0, prio0, group, u_is_scratch)
         if fused is not None:
             return fused
         T = u.shape[1]
@@ -272,7 +274,7 @@ class Layer(nn.Module):
         if self.cross_attn is not None:
             banks, indices = cross_layer_bank(group + [(bank, index[:, :T])], self.pool_size + T)
             ut = self.cross_attn(u, banks, indices, ops, residual=ut)
-        return self.mixer.in_proj(ut), pool_after_ref(bank, index[:, T]), prio, (bank, index[:, :T])
+        return ut, pool_after_ref(bank, index[:, T]), prio, (bank, index[:, :T])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -341,15 +343,13 @@ class MemMambaLM(nn.Module):
             if want_hidden and l > 0:
                 hidden.append(h)
             if c.memory:
-                xz, pool, prio, entries = layer.memory_in_proj(u, state.pool[l], state.prio[l], group, ops,
-                                                               u_is_scratch=True)
+                u, pool, prio, entries = layer.memory_read(u, state.pool[l], state.prio[l], group, ops,
+                                                           u_is_scratch=True)
                 group = [] if c.is_cross_layer(l) else group + [entries]
                 out["pool"].append(pool)
                 out["prio"].append(prio)
-            else:
-                xz = layer.mixer.in_proj(u)
-            y, window, hs = layer.mixer.from_in_proj(xz, state.conv[l], state.ssm[l], ops, A[l],
-                                                     last_only=last_token and l == c.n_layers - 1)
+            y, window, hs = layer.mixer(u, state.conv[l], state.ssm[l], ops, A[l],
+                                        last_only=last_token and l == c.n_layers - 1)
             out["conv"].append(window)
             out["ssm"].append(hs)
         if last_token:                                               # the logits read the last token's only

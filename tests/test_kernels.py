@@ -26,7 +26,7 @@ import triton
 from conftest import interpreted, make_model, run_interpreted
 from memmamba_deploy.metrics import rel_err
 from memmamba_deploy.models import State
-from memmamba_deploy.models.ops import TORCH_OPS, no_fused_memory_in_proj
+from memmamba_deploy.models.ops import TORCH_OPS, no_fused_memory_read
 from memmamba_deploy.models.ops import triton as kt
 from memmamba_deploy.models.ops.norm import residual_norm_ref
 from memmamba_deploy.models.ops.pool import (cross_layer_bank, pool_after_ref, pool_attention_ref, pool_read_ref,
@@ -431,7 +431,7 @@ def test_model_forward_prefill_and_step_match_torch(variant, rng):
 
 def layer_inputs(model, layer_index, rng, T, dtype, device="cpu"):
     """u, pool0 (half full: -1 priorities), and the §5 group of the layers before layer_index (their banks and
-    indices, by the reference composition), for Layer.memory_in_proj."""
+    indices, by the reference composition), for Layer.memory_read."""
     c = model.config
     B = 2
     u = torch.randn(B, T, c.d_model, generator=rng).to(device, dtype)
@@ -441,19 +441,18 @@ def layer_inputs(model, layer_index, rng, T, dtype, device="cpu"):
     group = []
     first = layer_index - layer_index % c.cross_layer_every
     for l in range(first, layer_index):
-        group.append(model.layers[l].memory_in_proj(u, pool0, prio0, group, TORCH_OPS)[3])
+        group.append(model.layers[l].memory_read(u, pool0, prio0, group, TORCH_OPS)[3])
     return u, pool0, prio0, group
 
 
 @torch.no_grad()
 def reads_only_layer(model, layer_index):
-    """A copy of the layer whose memory_in_proj returns ũ = u + r_tok + r_cross itself (in_proj an identity), with
-    large, distinct read gains: the reads dominate ũ, and a mixed-up gain shows."""
+    """A copy of the layer with large, distinct read gains: the reads dominate its memory_read's ũ = u + r_tok +
+    r_cross, and a mixed-up gain shows."""
     layer = copy.deepcopy(model.layers[layer_index])
     layer.token_attn.alpha.fill_(20.0)
     if layer.cross_attn is not None:
         layer.cross_attn.alpha.fill_(-7.0)
-    layer.mixer.in_proj = torch.nn.Identity()
     return layer
 
 
@@ -476,7 +475,7 @@ def test_stack_weights_equals_its_composition():
 def assert_stack_weights_equal_their_composition(device):
     """The fused path's derived weights in one launch: the plain rows copied, the padding zeroed (poisoned
     beforehand), each read's W_kᵀW_q per head and its block-diagonal W_v; for a layer with both reads and padding
-    after them, and for one read with none (the width fused_memory_in_proj gives when the sum is 64-aligned)."""
+    after them, and for one read with none (the width fused_memory_read gives when the sum is 64-aligned)."""
     model = make_model(6).to(device, torch.float16)
     layer, c = model.layers[1], model.config
     H, ds, d = c.memory_heads, c.summary_dim, c.d_model
@@ -520,16 +519,16 @@ def test_fused_memory_path_equals_its_composition(layer_index, rng):
     layer = reads_only_layer(model, layer_index)
     assert (layer.cross_attn is not None) == (layer_index == 1)
     u, pool0, prio0, group = layer_inputs(model, layer_index, rng, 150, torch.float16)
-    composed = types.SimpleNamespace(**{**vars(kt.TRITON_OPS), "fused_memory_in_proj": no_fused_memory_in_proj})
+    composed = types.SimpleNamespace(**{**vars(kt.TRITON_OPS), "fused_memory_read": no_fused_memory_read})
     with poisoned():
-        xz, pool, prio, (bank, index) = layer.memory_in_proj(u, pool0, prio0, group, kt.TRITON_OPS)
-    xz_ref, pool_ref, prio_ref, (bank_ref, index_ref) = layer.memory_in_proj(u, pool0, prio0, group, composed)
-    assert xz.shape == xz_ref.shape and xz.dtype == torch.float16
+        ut, pool, prio, (bank, index) = layer.memory_read(u, pool0, prio0, group, kt.TRITON_OPS)
+    ut_ref, pool_ref, prio_ref, (bank_ref, index_ref) = layer.memory_read(u, pool0, prio0, group, composed)
+    assert ut.shape == ut_ref.shape and ut.dtype == torch.float16
     # u_is_scratch (the model's prefill): the same result, written over u instead of a copy; u kept otherwise
     u_before, scratch = u.clone(), u.clone()
-    xz_scratch = layer.memory_in_proj(scratch, pool0, prio0, group, kt.TRITON_OPS, u_is_scratch=True)[0]
-    assert torch.equal(xz_scratch, xz) and torch.equal(u, u_before) and not torch.equal(scratch, u)
-    assert rel_err(xz.float() - u.float(), xz_ref.float() - u.float()) <= 5e-3                 # the reads
+    ut_scratch = layer.memory_read(scratch, pool0, prio0, group, kt.TRITON_OPS, u_is_scratch=True)[0]
+    assert torch.equal(ut_scratch, ut) and torch.equal(u, u_before) and not torch.equal(scratch, u)
+    assert rel_err(ut.float() - u.float(), ut_ref.float() - u.float()) <= 5e-3                 # the reads
     assert rel_err(bank, bank_ref) <= 1e-2 and rel_err(pool, pool_ref) <= 1e-2
     assert torch.equal(index, index_ref) and rel_err(prio, prio_ref) <= 1e-6    # the same pool decisions
     assert (index >= model.config.pool_size).any()                              # tokens entered the pool
@@ -539,26 +538,26 @@ def test_fused_memory_path_equals_its_composition(layer_index, rng):
     # one batch row (a prompt's prefill): the stacked GEMM writes into the bank's rows without a batch stride
     rows1 = (u[:1], pool0[:1], prio0[:1], [(b[:1], i[:1]) for b, i in group])
     with poisoned():
-        xz1, pool1, _, (bank1, index1) = layer.memory_in_proj(*rows1, kt.TRITON_OPS)
-    xz1_ref, pool1_ref, _, (bank1_ref, index1_ref) = layer.memory_in_proj(*rows1, composed)
-    assert rel_err(xz1.float() - u[:1].float(), xz1_ref.float() - u[:1].float()) <= 5e-3
+        ut1, pool1, _, (bank1, index1) = layer.memory_read(*rows1, kt.TRITON_OPS)
+    ut1_ref, pool1_ref, _, (bank1_ref, index1_ref) = layer.memory_read(*rows1, composed)
+    assert rel_err(ut1.float() - u[:1].float(), ut1_ref.float() - u[:1].float()) <= 5e-3
     assert rel_err(bank1, bank1_ref) <= 1e-2 and rel_err(pool1, pool1_ref) <= 1e-2 and torch.equal(index1, index1_ref)
     # pool0 in another layout (a caller's State keeps whatever strides it was given): the same bank and result;
     # a pool0 of the wrong shape is refused by name
     strided = pool0.transpose(1, 2).contiguous().transpose(1, 2)
     assert strided.stride(-1) != 1
-    xz_s, pool_s, _, (bank_s, _) = layer.memory_in_proj(u, strided, prio0, group, kt.TRITON_OPS)
-    assert torch.equal(xz_s, xz) and torch.equal(bank_s, bank) and torch.equal(pool_s, pool)
+    ut_s, pool_s, _, (bank_s, _) = layer.memory_read(u, strided, prio0, group, kt.TRITON_OPS)
+    assert torch.equal(ut_s, ut) and torch.equal(bank_s, bank) and torch.equal(pool_s, pool)
     for wrong in (pool0[:1], pool0[..., :-4]):
         with pytest.raises(ValueError, match="pool0"):
-            kt.memory.fused_memory_in_proj(layer, u, wrong, prio0, group)
+            kt.memory.fused_memory_read(layer, u, wrong, prio0, group)
     layer.token_attn.v_proj.weight.mul_(-2.0)          # a weight changed in place: no stale derived weights
-    xz2 = layer.memory_in_proj(u, pool0, prio0, group, kt.TRITON_OPS)[0]
-    xz2_ref = layer.memory_in_proj(u, pool0, prio0, group, composed)[0]
-    assert not torch.equal(xz2, xz) and rel_err(xz2.float() - u.float(), xz2_ref.float() - u.float()) <= 5e-3
+    ut2 = layer.memory_read(u, pool0, prio0, group, kt.TRITON_OPS)[0]
+    ut2_ref = layer.memory_read(u, pool0, prio0, group, composed)[0]
+    assert not torch.equal(ut2, ut) and rel_err(ut2.float() - u.float(), ut2_ref.float() - u.float()) <= 5e-3
     # no tokens: the same (empty) shapes and the unchanged pool
-    empty = layer.memory_in_proj(u[:, :0], pool0, prio0, [(b[:, :8], i[:, :0]) for b, i in group], kt.TRITON_OPS)
-    empty_ref = layer.memory_in_proj(u[:, :0], pool0, prio0, [(b[:, :8], i[:, :0]) for b, i in group], composed)
+    empty = layer.memory_read(u[:, :0], pool0, prio0, [(b[:, :8], i[:, :0]) for b, i in group], kt.TRITON_OPS)
+    empty_ref = layer.memory_read(u[:, :0], pool0, prio0, [(b[:, :8], i[:, :0]) for b, i in group], composed)
     assert empty[0].shape == empty_ref[0].shape == (2, 0, model.config.d_model)
     assert torch.equal(empty[1], pool0) and torch.equal(empty[2], prio0)
     # the whole model: the fused path against the reference's fp16 prefill
@@ -657,7 +656,7 @@ def test_triton_backend_derives_the_memory_weights_once(rng, monkeypatch):
 
     model = make_model(7).half()
     backend = TritonBackend(model, cuda_graph=False)
-    assert set(backend.model.ops.fused_memory_in_proj.keywords["derived"]) == set(backend.model.layers)
+    assert set(backend.model.ops.fused_memory_read.keywords["derived"]) == set(backend.model.layers)
     ids = torch.randint(0, 256, (2, 40), generator=rng)
     calls, real = [], kt.memory.stack_weights
     monkeypatch.setattr(kt.memory, "stack_weights", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -120,8 +120,8 @@ class TritonBackend:
             # launch a layer in every prefill (24 launches, ~0.1 ms of a 130m prefill at any length)
             with torch.no_grad():
                 derived = {layer: kernels.memory.layer_weights(layer, self.dtype) for layer in self.model.layers}
-            self.model.ops = types.SimpleNamespace(**{**vars(self.model.ops), "fused_memory_in_proj": functools.partial(
-                kernels.memory.fused_memory_in_proj, derived=derived)})
+            self.model.ops = types.SimpleNamespace(**{**vars(self.model.ops), "fused_memory_read": functools.partial(
+                kernels.memory.fused_memory_read, derived=derived)})
         c = self.config
         self.blocks = self.k.decode_blocks(c.d_model, c.d_inner, c.d_state, c.dt_rank, c.d_conv, c.pool_size,
                                            c.summary_dim, c.memory_heads, c.cross_layer_every)

@@ -3,8 +3,8 @@
     residual_norm                                                             (norm.py, spec §2)
     causal_conv, causal_conv_step, selective_scan, selective_state_step       (scan.py, spec §6)
     pool_sweep, pool_insert, pool_attention, pool_read                        (pool.py, spec §3-§5, §8)
-    fused_memory_in_proj   a whole layer's §3-§5 prefill and the mixer's in_proj at once, or None where the set
-                           has no such path (the reference: Layer.memory_in_proj composes the ops above)
+    fused_memory_read      a whole layer's §3-§5 prefill at once (ũ = u + r_tok + r_cross, the pool after it), or
+                           None where the set has no such path (the reference: Layer.memory_read composes the ops)
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from . import norm, pool, scan
 KERNEL_SETS = ("torch", "triton")
 
 
-def no_fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False):
-    """The reference composes the memory path from the ops (Layer.memory_in_proj); nothing is fused."""
+def no_fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False):
+    """The reference composes the memory path from the ops (Layer.memory_read); nothing is fused."""
     return None
 
 
@@ -33,7 +33,7 @@ TORCH_OPS = types.SimpleNamespace(
     pool_insert=pool.pool_insert_ref,
     pool_attention=pool.pool_attention_ref,
     pool_read=pool.pool_read_ref,
-    fused_memory_in_proj=no_fused_memory_in_proj,
+    fused_memory_read=no_fused_memory_read,
 )
 
 

@@ -48,13 +48,14 @@ def selective_state_step_ref(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_soft
 def selective_scan_ref(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False):
     """The selective scan over T tokens, run as the step recurrence (§8: the parallel form must equal it).
     Returns (y [B,T,Di], final state [B,Di,N] fp32); last_only: y of the last token only, [B,1,Di] (what a
-    prompt's last layer gives when only the last logits are wanted: a kernel set may skip every other y)."""
+    prompt's last layer gives when only the last logits are wanted: a kernel set may skip every other y), and z
+    may then be the last token's alone, [B,1,Di] (the gate is read there only)."""
     Bsz, T, Di = x.shape
     h = torch.zeros(Bsz, Di, A.shape[1], device=x.device, dtype=torch.float32) if h0 is None else h0.float()
     ys = []
     for t in range(T):
-        y, h = selective_state_step_ref(h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D,
-                                        None if z is None else z[:, t], dt_bias, dt_softplus)
+        zt = None if z is None or (last_only and t < T - 1) else z[:, -1 if last_only else t]
+        y, h = selective_state_step_ref(h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, zt, dt_bias, dt_softplus)
         ys.append(y)
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(Bsz, 0, Di)
     return (y[:, -1:] if last_only else y), h

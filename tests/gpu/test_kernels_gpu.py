@@ -24,7 +24,7 @@ import torch
 from conftest import make_model
 from memmamba_deploy.metrics import rel_err
 from memmamba_deploy.models import MemMambaConfig, MemMambaLM
-from memmamba_deploy.models.ops import no_fused_memory_in_proj
+from memmamba_deploy.models.ops import no_fused_memory_read
 from memmamba_deploy.models.ops import triton as kt
 from memmamba_deploy.models.ops.norm import residual_norm_ref
 from memmamba_deploy.models.ops.pool import pool_attention_ref, pool_read_ref, pool_sweep_ref
@@ -218,23 +218,23 @@ def test_fused_memory_path(dtype, layer_index, g):
     model = gpu_model(dtype, **SMALL)
     layer = reads_only_layer(model, layer_index)
     u, pool0, prio0, group = layer_inputs(model, layer_index, g, 2000, dtype, DEV)
-    composed = types.SimpleNamespace(**{**vars(kt.TRITON_OPS), "fused_memory_in_proj": no_fused_memory_in_proj})
+    composed = types.SimpleNamespace(**{**vars(kt.TRITON_OPS), "fused_memory_read": no_fused_memory_read})
     with poisoned():
-        xz, pool, prio, (bank, index) = layer.memory_in_proj(u, pool0, prio0, group, kt.TRITON_OPS)
-    xz_ref, pool_ref, prio_ref, (bank_ref, index_ref) = layer.memory_in_proj(u, pool0, prio0, group, composed)
+        ut, pool, prio, (bank, index) = layer.memory_read(u, pool0, prio0, group, kt.TRITON_OPS)
+    ut_ref, pool_ref, prio_ref, (bank_ref, index_ref) = layer.memory_read(u, pool0, prio0, group, composed)
     # fp32 on the half composition's pool decisions (fp32 scores would take other ones, and one differing entry
     # changes every later index row); its last index row, unused here, is a stand-in
     decisions = types.SimpleNamespace(**{**vars(composed), "pool_sweep": lambda *_: (
         torch.cat([index_ref, index_ref[:, -1:]], dim=1), prio_ref)})
-    xz32 = copy.deepcopy(layer).float().memory_in_proj(
+    ut32 = copy.deepcopy(layer).float().memory_read(
         u.float(), pool0.float(), prio0, [(bk.float(), ix) for bk, ix in group], decisions)[0]
     same = (index == index_ref).all(-1)                                              # [B, T] rows that agree
     b = torch.sigmoid(layer.token_attn.trigger(u).float()[..., 0])
     near = (b - layer.token_attn.read_threshold).abs() < 1e-2                        # a trigger decision that close
     keep = same & ~near
-    reads32 = (xz32 - u.float())[keep]
-    err = rel_err((xz.float() - u.float())[keep], reads32)                                       # the reads
-    err_composed = rel_err((xz_ref.float() - u.float())[keep], reads32)
+    reads32 = (ut32 - u.float())[keep]
+    err = rel_err((ut.float() - u.float())[keep], reads32)                                       # the reads
+    err_composed = rel_err((ut_ref.float() - u.float())[keep], reads32)
     record(test="fused_memory_path", dtype=ids_dtype[dtype], layer=layer_index, err=err, seed=g.initial_seed(),
            info_composed_vs_fp32=err_composed, rows_differing=int((~same).sum()),
            rows_near_trigger=int(near.sum()), bank_err=rel_err(bank, bank_ref))

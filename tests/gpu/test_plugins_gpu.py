@@ -161,6 +161,8 @@ def plugin_ops(harness):
     """TORCH_OPS with the four contract ops replaced by plugin runs (what a plugins-flavour engine executes)."""
 
     def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False):
+        if last_only and z is not None and z.shape[1] == 1:           # the last token's gate alone: it gates the
+            z = z.expand(x.shape).contiguous()                        # kept y, the other rows are dropped
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)     # empty_like would keep a view's strides
         h = torch.empty(x.shape[0], x.shape[2], A.shape[1], dtype=torch.float32, device=x.device)
         run_plugin(harness, "SelectiveScanChunk", {"dt_softplus": int(dt_softplus)},

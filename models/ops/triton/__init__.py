@@ -3,7 +3,7 @@
     norm.py     residual add + RMSNorm                                                 (ref: ops/norm.py)
     scan.py     causal conv, selective scan forward/backward, one-token state step     (ref: ops/scan.py)
     pool.py     pool sweep, sparse pool attention                                      (ref: ops/pool.py)
-    memory.py   a layer's memory path + in_proj fused for half-precision prefill   (ref: Layer.memory_in_proj)
+    memory.py   a layer's memory path fused for half-precision prefill               (ref: Layer.memory_read)
     decode.py           the fused per-layer decode kernels (the C++ runtime's fused plan; TritonBackend's layered mode)
     decode_step.py      the whole decode step as one persistent kernel (TritonBackend step_kernel='persistent')
 
@@ -114,10 +114,10 @@ def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
     return kernels_for(u.device).pool.pool_read(u, bank, index, w_q, w_k, w_v, heads, gain, residual)
 
 
-def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False):
-    """fp16/bf16 inference: the fused path (memory.py); otherwise None, and Layer.memory_in_proj composes the
-    ops above."""
-    return kernels_for(u.device).memory.fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch)
+def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False):
+    """fp16/bf16 inference: the fused path (memory.py); otherwise None, and Layer.memory_read composes the ops
+    above."""
+    return kernels_for(u.device).memory.fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch)
 
 
 TRITON_OPS = types.SimpleNamespace(
@@ -131,7 +131,7 @@ TRITON_OPS = types.SimpleNamespace(
     pool_insert=pool_insert,
     pool_attention=pool_attention,
     pool_read=pool_read,
-    fused_memory_in_proj=fused_memory_in_proj,
+    fused_memory_read=fused_memory_read,
 )
 
 

@@ -1,5 +1,5 @@
-"""A layer's memory path in half-precision prefill, fused: Layer.memory_in_proj (models/memmamba.py) is the
-reference composition it equals (spec §3–§5 in parallel form, then the mixer's in_proj).
+"""A layer's memory path in half-precision prefill, fused: Layer.memory_read (models/memmamba.py) is the
+reference composition it equals (spec §3–§5 in parallel form).
 
 What the fusion changes, and why:
   one GEMM      every projection of u on the memory path (score_in, summary, trigger, each read's query through
@@ -33,7 +33,7 @@ SCORE_ROWS = 64          # note_scores_kernel: rows per program
 
 
 class SweepEntries(tuple):
-    """A layer's §5 entries (bank, index rows), the pair Layer.memory_in_proj returns, carrying its sweep's
+    """A layer's §5 entries (bank, index rows), the pair Layer.memory_read returns, carrying its sweep's
     entry ends [B, K+T] (pool_sweep_ends) for its group's cross-layer read: still a pair to whoever unpacks it."""
 
     def __new__(cls, bank, index, ends):
@@ -179,7 +179,7 @@ def _layout(layer):
 
 
 def layer_weights(layer, dtype):
-    """A layer's derived weights for fused_memory_in_proj, (w_stack, w_out): the stacked weights [score_in;
+    """A layer's derived weights for fused_memory_read, (w_stack, w_out): the stacked weights [score_in;
     summary; trigger; 0; each read's W_qk; 0] and the reads' output weights (stack_weights)."""
     note, tok = layer.note, layer.token_attn
     reads, H, _, _, _, col_qk, _, width = _layout(layer)
@@ -187,13 +187,13 @@ def layer_weights(layer, dtype):
                          dtype)
 
 
-def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False, derived=None):
-    """Layer.memory_in_proj for fp16/bf16 inference: (xz, pool, prio, (bank, index rows)). None for fp32 (an
+def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, derived=None):
+    """Layer.memory_read for fp16/bf16 inference: (ũ, pool, prio, (bank, index rows)). None for fp32 (an
     fp32 dot has no exact tensor-core form, pool_read's reasoning) and under autograd (the reference has the
     gradients, including the straight-through factors). u_is_scratch: u may be overwritten (with ũ).
     derived: {layer: layer_weights(layer, dtype)} taken once by an owner that snapshots the weights
     (TritonBackend, whose decode kernels pack theirs too); without it they are derived on every call."""
-    note, tok, cross, mixer = layer.note, layer.token_attn, layer.cross_attn, layer.mixer
+    note, tok, cross = layer.note, layer.token_attn, layer.cross_attn
     if u.dtype not in (torch.float16, torch.bfloat16) or \
             needs_grad(u, pool0, *(p for p in layer.parameters())):
         return None
@@ -202,11 +202,11 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False, deri
     reads, H, ds, hd, col_trig, col_qk, qk_w, width = _layout(layer)
     w_stack, w_out = (derived or {}).get(layer) or layer_weights(layer, dtype)
     if w_stack.dtype != dtype:
-        raise ValueError(f"fused_memory_in_proj: derived weights are {w_stack.dtype}, u is {dtype}")
+        raise ValueError(f"fused_memory_read: derived weights are {w_stack.dtype}, u is {dtype}")
 
     K = layer.pool_size
     if pool0.shape != (Bsz, K, ds) or prio0.shape != (Bsz, K):
-        raise ValueError(f"fused_memory_in_proj wants pool0 [B, K, ds] = {[Bsz, K, ds]} and prio0 [B, K]; got "
+        raise ValueError(f"fused_memory_read wants pool0 [B, K, ds] = {[Bsz, K, ds]} and prio0 [B, K]; got "
                          f"{list(pool0.shape)} and {list(prio0.shape)}")
     u2 = u.reshape(Bsz * T, d)
     g_rows = torch.empty(Bsz, K + T, width, device=dev, dtype=dtype)   # K pool rows, then the tokens': the layout
@@ -240,4 +240,4 @@ def fused_memory_in_proj(layer, u, pool0, prio0, group, u_is_scratch=False, deri
     m2 = m.view(Bsz * T, m.shape[-1])
     # u + r_tok + r_cross; torch.addmm would first copy u into its output (14 µs a layer at 16k tokens)
     ut = u2.addmm_(m2, w_out.t()) if u_is_scratch else torch.addmm(u2, m2, w_out.t())
-    return mixer.in_proj(ut).unflatten(0, (Bsz, T)), pool_after(bank, index[:, T]), prio, entries
+    return ut.view(Bsz, T, d), pool_after(bank, index[:, T]), prio, entries

@@ -672,7 +672,7 @@ def pool_after(bank, index_last):
 def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
     """Same signature and results as pool_read_ref, for any index: pool_attention on the projected keys and
     values (differentiable). The half-precision prefill reads through pool_mix_kernel instead, inside
-    fused_memory_in_proj, where the index is known to be a sweep's."""
+    fused_memory_read, where the index is known to be a sweep's."""
     F = torch.nn.functional
     o = pool_attention(F.linear(u, w_q), F.linear(bank, w_k), F.linear(bank, w_v), index, heads)
     return gained_read(o, gain, residual)

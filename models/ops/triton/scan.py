@@ -655,12 +655,12 @@ def _last_dim_contiguous(t):
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token: bool):
+def _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token: bool, last_only: bool = False):
     lead = x.shape[:-1]
     Di, N = A.shape
     want = {"x": (*lead, Di), "dt": (*lead, Di), "B": (*lead, N), "C": (*lead, N), "D": (Di,)}
-    if z is not None:
-        want["z"] = (*lead, Di)
+    if z is not None:               # last_only: the gate may be the last token's alone
+        want["z"] = (x.shape[0], 1, Di) if last_only and z.dim() == 3 and z.shape[1] == 1 else (*lead, Di)
     if dt_bias is not None:
         want["dt_bias"] = (Di,)
     if h0 is not None:
@@ -881,9 +881,12 @@ class SelectiveScanFn(torch.autograd.Function):
 
 def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False):
     """Same signature and results as selective_scan_ref; differentiable when any input requires grad."""
-    _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token=False)
+    _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token=False, last_only=last_only)
     tensors = (x, dt, A, B, C, D, z, dt_bias, h0)
     if needs_grad(*tensors):
+        if last_only and z is not None:             # gated at the last token only (z may be that token's alone)
+            y, h = SelectiveScanFn.apply(x, dt, A, B, C, D, None, dt_bias, h0, dt_softplus)
+            return (y[:, -1:].float() * torch.nn.functional.silu(z[:, -1:].float())).to(x.dtype), h
         y, h = SelectiveScanFn.apply(*tensors, dt_softplus)
         return (y[:, -1:] if last_only else y), h
     return scan_forward(*tensors, dt_softplus, last_only=last_only)
