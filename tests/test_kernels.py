@@ -86,6 +86,19 @@ def test_selective_scan_forward(chunk_len, variant, rng):
     with poisoned():
         y_last, h_last = kt.scan.scan_forward(**a, dt_softplus=softplus, chunk_len=chunk_len, last_only=True)
     assert y_last.shape == (2, 1, 24) and rel_err(y_last, y_ref[:, -1:]) <= TOL and rel_err(h_last, h_ref) <= TOL
+    if a["z"] is not None:                       # ... whose gate may be the last token's alone, in every kernel set
+        one = dict(a, z=a["z"][:, -1:])
+        assert torch.equal(selective_scan_ref(**one, dt_softplus=softplus, last_only=True)[0],
+                           selective_scan_ref(**a, dt_softplus=softplus, last_only=True)[0])
+        with poisoned():
+            y_one, _ = kt.TRITON_OPS.selective_scan(**one, dt_softplus=softplus, last_only=True)
+        assert rel_err(y_one, y_ref[:, -1:]) <= TOL
+        x = one["x"].clone().requires_grad_()                   # and under autograd
+        y_grad, _ = kt.TRITON_OPS.selective_scan(**dict(one, x=x), dt_softplus=softplus, last_only=True)
+        y_grad.sum().backward()
+        assert rel_err(y_grad.detach(), y_ref[:, -1:]) <= TOL and x.grad.abs().sum() > 0
+        with pytest.raises(ValueError, match="z has shape"):    # a one-row gate is for last_only alone
+            kt.TRITON_OPS.selective_scan(**one, dt_softplus=softplus)
 
 
 @interpreted
