@@ -62,6 +62,15 @@ class State:
             t["prio"].fill_(-1.0)
         return cls(**t)
 
+    def layer(self, l: int) -> tuple:
+        """Layer l's (conv, ssm, pool, prio), views; pool and prio None without memory (Layer.forward's state)."""
+        return tuple(None if getattr(self, k) is None else getattr(self, k)[l] for k in self.FIELDS)
+
+    @classmethod
+    def stack(cls, layers) -> "State":
+        """The State of per-layer (conv, ssm, pool, prio) tuples, in layer order."""
+        return cls(*(None if parts[0] is None else torch.stack(parts) for parts in zip(*layers)))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self.FIELDS if getattr(self, k) is not None}
 
@@ -276,6 +285,20 @@ class Layer(nn.Module):
             ut = self.cross_attn(u, banks, indices, ops, residual=ut)
         return ut, pool_after_ref(bank, index[:, T]), prio, (bank, index[:, :T])
 
+    def forward(self, h, y, state: tuple, group, ops, A=None, last_only=False):
+        """One layer of the parallel form (§8): h += y (y None: nothing to add), u = RMSNorm(h), ũ = the memory
+        path, y = Mixer(ũ). state: this layer's (conv, ssm, pool, prio) before the tokens (pool and prio None
+        without memory); group: the §5 entries of this group's earlier layers. Returns (h, y, the state after the
+        tokens, the group the next layer reads). last_only: the mixer's y at the last token only."""
+        conv, ssm, pool, prio = state
+        # h += y; u = RMSNorm(h): one fused op on the weight (self.norm itself is called by step() only)
+        h, u = ops.residual_norm(h, y, self.norm.weight, self.norm.eps)
+        if pool is not None:
+            u, pool, prio, entries = self.memory_read(u, pool, prio, group, ops, u_is_scratch=True)
+            group = [] if self.cross_attn is not None else group + [entries]
+        y, conv, ssm = self.mixer(u, conv, ssm, ops, A, last_only=last_only)
+        return h, y, (conv, ssm, pool, prio), group
+
 
 # --------------------------------------------------------------------------------------------------------------
 # The model
@@ -330,35 +353,28 @@ class MemMambaLM(nn.Module):
         state.check(c, Bsz, self.dtype)
         h = self.embeddings(input_ids).float()                        # residual stream in fp32
         hidden = [h] if want_hidden else None
-        out = {k: [] for k in state.tensors()}
         group: list[tuple[torch.Tensor, torch.Tensor]] = []           # (bank, index) of this §5 group's layers
         y = None                                                      # the previous layer's mixer output
-        # every layer's A at once: three small launches in all, not three a layer (0.2 ms of a 16k prefill); laid
-        # out [L, N, d_inner] (A[l] a transposed view), the layout the scan kernels' state tiles take
-        A = decay_rates(torch.stack([layer.mixer.A_log.t() for layer in self.layers])).transpose(1, 2)
+        A = self.decay_rates()
         last_token = last_only and not want_hidden                   # the last layer's output read at one token
+        after = []
         for l, layer in enumerate(self.layers):
-            # h += y; u = RMSNorm(h): one fused op on the weight (layer.norm itself is called by step() only)
-            h, u = ops.residual_norm(h, y, layer.norm.weight, layer.norm.eps)
+            h, y, layer_state, group = layer(h, y, state.layer(l), group, ops, A[l],
+                                             last_only=last_token and l == c.n_layers - 1)
+            after.append(layer_state)
             if want_hidden and l > 0:
                 hidden.append(h)
-            if c.memory:
-                u, pool, prio, entries = layer.memory_read(u, state.pool[l], state.prio[l], group, ops,
-                                                           u_is_scratch=True)
-                group = [] if c.is_cross_layer(l) else group + [entries]
-                out["pool"].append(pool)
-                out["prio"].append(prio)
-            y, window, hs = layer.mixer(u, state.conv[l], state.ssm[l], ops, A[l],
-                                        last_only=last_token and l == c.n_layers - 1)
-            out["conv"].append(window)
-            out["ssm"].append(hs)
         if last_token:                                               # the logits read the last token's only
             h, y = h[:, -1:], y[:, -1:]
         h = h + y
         if want_hidden:
             hidden.append(h)
-        new_state = State(**{k: torch.stack(v) for k, v in out.items()})
-        return self._logits(h[:, -1:] if last_only else h), new_state, hidden
+        return self._logits(h[:, -1:] if last_only else h), State.stack(after), hidden
+
+    def decay_rates(self) -> torch.Tensor:
+        """Every layer's A at once: three small launches in all, not three a layer (0.2 ms of a 16k prefill);
+        laid out [L, N, d_inner] (A[l] a transposed view), the layout the scan kernels' state tiles take."""
+        return decay_rates(torch.stack([layer.mixer.A_log.t() for layer in self.layers])).transpose(1, 2)
 
     def forward(self, input_ids: torch.Tensor, state: State | None = None) -> torch.Tensor:
         """input_ids [B,T] -> logits [B,T,vocab] (fp32)."""

@@ -1,5 +1,6 @@
 """The fast decode path: the Triton decode kernels, optionally one CUDA graph per step; prefill through
-MemMambaLM(kernels="triton").prefill, with cuda_graph=True in captured graphs of power-of-two pieces.
+MemMambaLM(kernels="triton").prefill, with cuda_graph=True in captured graphs of power-of-two pieces (a long piece
+as two halves on two streams: prefill_in_halves).
 
 Three ways to run the same step math (step_kernel=):
   "layered"     (default) the four per-layer kernels of models/ops/triton/decode.py (three without the memory
@@ -20,6 +21,7 @@ The usual loop (`logits, state = backend.step(token, state)`) drops the old stat
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -90,6 +92,10 @@ class TritonBackend:
     # (~3 ms on the 130m, an H100) is paid once a piece, so one 64k piece runs 9% faster than four of 16k, for
     # ~2 GiB of graph memory at batch 1 (the 130m; 0.4 GiB at 16k) and the same at any batch (BENCHMARKS.md)
     PREFILL_TOKENS = 65536
+    # a captured piece of at least this many tokens (batch x length) runs as two halves on two streams
+    # (prefill_in_halves): the 130m on an H100, 16k tokens 18.06 -> 17.35 ms, 32k 34.0 -> 32.9, 64k 65.0 -> 63.8;
+    # 8k and 2k gain nothing or lose (BENCHMARKS.md)
+    SPLIT_TOKENS = 16384
 
     def __init__(self, model: MemMambaLM, cuda_graph: bool = True, pdl: bool | None = None,
                  step_kernel: str = "layered"):
@@ -150,6 +156,7 @@ class TritonBackend:
         self._prefill_io: dict[int, types.SimpleNamespace] = {}
         self._prefill_graphs: dict[tuple[int, int], types.SimpleNamespace] = {}
         self._prefill_pool = None
+        self._prefill_streams = None
 
     @classmethod
     def open(cls, checkpoint, device="cuda", dtype=None, cuda_graph: bool = True,
@@ -431,8 +438,14 @@ class TritonBackend:
     def _capture_prefill(self, io, B: int, n: int):
         ids = torch.zeros(B, n, dtype=torch.long, device=self.device)
 
+        if B * n >= self.SPLIT_TOKENS and n >= 2 and self._prefill_streams is None:
+            self._prefill_streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
+
         def run():
-            logits, new = self.model.prefill(ids, io.state, last_only=True)
+            if B * n >= self.SPLIT_TOKENS and n >= 2:
+                logits, new = prefill_in_halves(self.model, ids, io.state, self._prefill_streams)
+            else:
+                logits, new = self.model.prefill(ids, io.state, last_only=True)
             io.logits.copy_(logits[:, -1])
             io.state.copy_(new)                        # in place, after every read of io.state
 
@@ -489,6 +502,54 @@ class TritonBackend:
 
     def to_reference(self, state) -> State:
         return self._as_state(state, state.batch_size).clone()
+
+
+@torch.no_grad()
+def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, streams=None):
+    """model.prefill(ids, state, last_only=True) as its two halves, the second a layer behind the first on a
+    stream of its own: layer l of the second half starts once the first half's layer l has left its state. The
+    halves' latency-bound kernels (the pool sweep's one-warp replay, the small reads and launches) then overlap
+    the other half's large ones. The result is prefilling the halves one after the other (so it differs from one
+    whole prefill as any split of a prompt does: the scan's chunks, the GEMMs' shapes). streams: two CUDA
+    streams, or None to run in the same order on the current stream (the CPU). Returns (logits [B,1,vocab]
+    fp32, the State after the last token); `state` is not modified."""
+    c, ops = model.config, model.ops
+    half = ids.shape[1] // 2
+    if half < 1:
+        raise ValueError(f"prefill_in_halves needs at least 2 tokens, got {ids.shape[1]}")
+    pieces = (ids[:, :half], ids[:, half:])
+    A = model.decay_rates()                            # before the fork: both streams read it
+    if streams is not None:
+        for s in streams:
+            s.wait_stream(torch.cuda.current_stream())
+
+    def on(i):
+        return torch.cuda.stream(streams[i]) if streams is not None else contextlib.nullcontext()
+
+    h, y, group = [None, None], [None, None], [[], []]
+    layer_states = [state.layer(l) for l in range(c.n_layers)]
+    held = []          # the first half's states, read on the second stream: held to the end, so that the caching
+    ready = []         # allocator gives their memory to no later work of the first stream
+    for i in (0, 1):
+        with on(i):
+            h[i] = model.embeddings(pieces[i]).float()
+    for l, layer in enumerate(model.layers):
+        last = l == c.n_layers - 1                     # neither half needs the last layer's y beyond its last token
+        for i in (0, 1):
+            with on(i):
+                if i == 1 and streams is not None:
+                    streams[1].wait_event(ready[l])
+                h[i], y[i], layer_states[l], group[i] = layer(h[i], y[i], layer_states[l], group[i], ops, A[l],
+                                                              last_only=last)
+                if i == 0:
+                    held.append(layer_states[l])
+                    if streams is not None:
+                        ready.append(torch.cuda.Event())
+                        ready[l].record(streams[0])
+    if streams is not None:
+        for s in streams:
+            torch.cuda.current_stream().wait_stream(s)
+    return model._logits(h[1][:, -1:] + y[1][:, -1:]), State.stack(layer_states)
 
 
 def _warm_and_capture(run, pool=None) -> torch.cuda.CUDAGraph:
