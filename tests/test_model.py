@@ -78,6 +78,32 @@ def test_prefill_then_step_and_prefill_resume_equal_forward(variant):
         assert torch.equal(v, end_last.tensors()[k]), k
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=["tiny", "K4-p4", "L3-trailing", "no-memory"])
+@torch.no_grad()
+def test_prefill_in_halves_is_the_halves_one_after_the_other(variant):
+    # TritonBackend's two-stream prefill (here in order, on the CPU): each layer of the second half reads the
+    # state the first half's same layer left, so it is exactly prefilling the halves in turn, from any state
+    from memmamba_deploy.backends.triton_backend import prefill_in_halves
+
+    model = make_model(4, **variant)
+    ids = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(6))
+    _, start = model.prefill(ids[:, :30])
+    before = start.clone()
+    logits, state = prefill_in_halves(model, ids[:, 30:], start)
+    _, mid = model.prefill(ids[:, 30:60], start, last_only=True)
+    ref_logits, ref_state = model.prefill(ids[:, 60:], mid, last_only=True)
+    assert torch.equal(logits, ref_logits)
+    for k, v in state.tensors().items():
+        assert torch.equal(v, ref_state.tensors()[k]), k
+        assert torch.equal(start.tensors()[k], before.tensors()[k]), k          # the input state is not modified
+    whole, whole_state = model.prefill(ids[:, 30:], start, last_only=True)     # and a split of one prefill
+    assert rel_err(logits, whole) <= 1e-5
+    for k, v in state.tensors().items():
+        assert rel_err(v, whole_state.tensors()[k]) <= 1e-5, k
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        prefill_in_halves(model, ids[:, :1], start)
+
+
 @torch.no_grad()
 def test_step_does_not_modify_its_input_state(tiny):
     state = tiny.new_state(2)

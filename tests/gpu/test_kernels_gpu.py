@@ -462,6 +462,36 @@ def test_graphed_prefill_half_precision_replays_the_eager_pieces(g):
     assert err <= 1e-2 and max(errs.values()) <= 1e-2, (err, errs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@torch.no_grad()
+def test_graphed_prefill_in_two_streams_equals_the_halves_in_turn(dtype, g):
+    # a piece of SPLIT_TOKENS or more runs as two halves on two streams inside its graph (prefill_in_halves): the
+    # streams change when kernels run, never what they compute, so it is the eager halves in turn, bit for bit
+    from memmamba_deploy.backends.triton_backend import TritonBackend, prefill_in_halves
+
+    model = gpu_model(dtype, **SMALL)
+    backend = TritonBackend(model, cuda_graph=True)
+    backend.SPLIT_TOKENS = 2048                                         # 2 x 1024 tokens: halves of 512
+    prompt = torch.randint(0, 256, (2, 1100), generator=g).to(DEV)     # 1024 (split) + 64 + 8 + 4
+    start = model.prefill(prompt[:, :100])[1]
+    fast = triton_twin(model)
+    eager_logits, eager_state = prefill_in_halves(fast, prompt[:, :1024], start)
+    for pos, n in ((1024, 64), (1088, 8), (1096, 4)):
+        eager_logits, eager_state = fast.prefill(prompt[:, pos:pos + n], eager_state, last_only=True)
+    for _ in range(2):                                                   # capture, then replay
+        logits, state = backend.prefill(prompt, start)
+        assert torch.equal(logits, eager_logits[:, -1])
+        for k, v in backend.to_reference(state).tensors().items():
+            assert torch.equal(v, eager_state.tensors()[k]), k
+    assert backend._prefill_streams is not None
+    # against one prefill of the 1024 tokens: a split rounds otherwise (the scan's chunks, the GEMMs' shapes)
+    whole_logits, _ = fast.prefill(prompt[:, :1024], start, last_only=True)
+    split_logits, _ = prefill_in_halves(fast, prompt[:, :1024], start)
+    err = rel_err(split_logits, whole_logits)
+    record(test="prefill_in_halves", dtype=str(dtype), err_vs_whole=err)
+    assert err <= (1e-4 if dtype == torch.float32 else 1e-2), err
+
+
 @torch.no_grad()
 def test_prefill_with_pdl_equals_without(g, monkeypatch):
     # the prefill kernels' programmatic dependent launch (launch.py) changes when programs start, never what they
