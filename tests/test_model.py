@@ -100,8 +100,10 @@ def test_prefill_in_halves_is_the_halves_one_after_the_other(variant):
     assert rel_err(logits, whole) <= 1e-5
     for k, v in state.tensors().items():
         assert rel_err(v, whole_state.tensors()[k]) <= 1e-5, k
-    with pytest.raises(ValueError, match="at least 2 tokens"):
+    with pytest.raises(ValueError, match="T >= 2"):
         prefill_in_halves(model, ids[:, :1], start)
+    with pytest.raises(ValueError, match="state.conv has shape"):
+        prefill_in_halves(model, ids[:1], start)                                 # a state of another batch
 
 
 @torch.no_grad()

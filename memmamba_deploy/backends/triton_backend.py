@@ -93,8 +93,8 @@ class TritonBackend:
     # ~2 GiB of graph memory at batch 1 (the 130m; 0.4 GiB at 16k) and the same at any batch (BENCHMARKS.md)
     PREFILL_TOKENS = 65536
     # a captured piece of at least this many tokens (batch x length) runs as two halves on two streams
-    # (prefill_in_halves): the 130m on an H100, 16k tokens 18.06 -> 17.35 ms, 32k 34.0 -> 32.9, 64k 65.0 -> 63.8;
-    # 8k and 2k gain nothing or lose (BENCHMARKS.md)
+    # (prefill_in_halves): the 130m on an H100, 16k tokens 18.04 -> 17.61 ms, 32k 33.75 -> 33.33, 64k 65.42 ->
+    # 64.13; 8k gains nothing (BENCHMARKS.md, sixteenth session)
     SPLIT_TOKENS = 16384
 
     def __init__(self, model: MemMambaLM, cuda_graph: bool = True, pdl: bool | None = None,
@@ -511,17 +511,20 @@ def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, stream
     halves' latency-bound kernels (the pool sweep's one-warp replay, the small reads and launches) then overlap
     the other half's large ones. The result is prefilling the halves one after the other (so it differs from one
     whole prefill as any split of a prompt does: the scan's chunks, the GEMMs' shapes). streams: two CUDA
-    streams, or None to run in the same order on the current stream (the CPU). Returns (logits [B,1,vocab]
-    fp32, the State after the last token); `state` is not modified."""
+    streams, or None to run in the same order on the current stream (the CPU); they are this function's own:
+    memory it frees returns to their allocator pools, so any later work on them must first wait on the current
+    stream, as this function does. Returns (logits [B,1,vocab] fp32, the State after the last token); `state` is
+    not modified."""
     c, ops = model.config, model.ops
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise ValueError(f"prefill_in_halves needs input_ids [batch, T] with T >= 2, got shape {list(ids.shape)}")
+    state.check(c, ids.shape[0], model.dtype)
     half = ids.shape[1] // 2
-    if half < 1:
-        raise ValueError(f"prefill_in_halves needs at least 2 tokens, got {ids.shape[1]}")
     pieces = (ids[:, :half], ids[:, half:])
     A = model.decay_rates()                            # before the fork: both streams read it
     if streams is not None:
         for s in streams:
-            s.wait_stream(torch.cuda.current_stream())
+            s.wait_stream(torch.cuda.current_stream(ids.device))
 
     def on(i):
         return torch.cuda.stream(streams[i]) if streams is not None else contextlib.nullcontext()
@@ -534,7 +537,8 @@ def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, stream
         with on(i):
             h[i] = model.embeddings(pieces[i]).float()
     for l, layer in enumerate(model.layers):
-        last = l == c.n_layers - 1                     # neither half needs the last layer's y beyond its last token
+        last = l == c.n_layers - 1                     # the last layer's y: the first half needs none of it (only
+                                                       # its state), the second half its last token's
         for i in (0, 1):
             with on(i):
                 if i == 1 and streams is not None:
@@ -548,7 +552,7 @@ def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, stream
                         ready[l].record(streams[0])
     if streams is not None:
         for s in streams:
-            torch.cuda.current_stream().wait_stream(s)
+            torch.cuda.current_stream(ids.device).wait_stream(s)
     return model._logits(h[1][:, -1:] + y[1][:, -1:]), State.stack(layer_states)
 
 

@@ -425,7 +425,7 @@ def test_graphed_prefill_in_pieces_matches_the_reference(variant, g):
     # a pool or trigger decision sits within 1e-5 of its threshold, where the two paths' fp32 scores (about
     # 1e-6 apart after a few layers) may decide otherwise (seen twice on an H200, not reproducible alone)
     margin = prefill_decision_margin(model, prompt, start)
-    for _ in range(2):                                                   # capture, then replay the same graphs
+    for _ in range(2):                                                   # the captured graphs, replayed twice the same graphs
         logits, state = backend.prefill(prompt, start)
         state = backend.to_reference(state).tensors()
         errs = {k: rel_err(v, eager_state.tensors()[k]) for k, v in state.items()}
@@ -466,7 +466,8 @@ def test_graphed_prefill_half_precision_replays_the_eager_pieces(g):
 @torch.no_grad()
 def test_graphed_prefill_in_two_streams_equals_the_halves_in_turn(dtype, g):
     # a piece of SPLIT_TOKENS or more runs as two halves on two streams inside its graph (prefill_in_halves): the
-    # streams change when kernels run, never what they compute, so it is the eager halves in turn, bit for bit
+    # streams change when kernels run, never what they compute, so it equals the same halves run eagerly on one
+    # stream, bit for bit (that those are the halves prefilled in turn: tests/test_model.py, on the CPU)
     from memmamba_deploy.backends.triton_backend import TritonBackend, prefill_in_halves
 
     model = gpu_model(dtype, **SMALL)
@@ -478,7 +479,7 @@ def test_graphed_prefill_in_two_streams_equals_the_halves_in_turn(dtype, g):
     eager_logits, eager_state = prefill_in_halves(fast, prompt[:, :1024], start)
     for pos, n in ((1024, 64), (1088, 8), (1096, 4)):
         eager_logits, eager_state = fast.prefill(prompt[:, pos:pos + n], eager_state, last_only=True)
-    for _ in range(2):                                                   # capture, then replay
+    for _ in range(2):                                                   # the captured graphs, replayed twice
         logits, state = backend.prefill(prompt, start)
         assert torch.equal(logits, eager_logits[:, -1])
         for k, v in backend.to_reference(state).tensors().items():
