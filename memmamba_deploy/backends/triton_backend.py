@@ -438,11 +438,12 @@ class TritonBackend:
     def _capture_prefill(self, io, B: int, n: int):
         ids = torch.zeros(B, n, dtype=torch.long, device=self.device)
 
-        if B * n >= self.SPLIT_TOKENS and n >= 2 and self._prefill_streams is None:
+        split = B * n >= self.SPLIT_TOKENS and n >= 2
+        if split and self._prefill_streams is None:
             self._prefill_streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
 
         def run():
-            if B * n >= self.SPLIT_TOKENS and n >= 2:
+            if split:
                 logits, new = prefill_in_halves(self.model, ids, io.state, self._prefill_streams)
             else:
                 logits, new = self.model.prefill(ids, io.state, last_only=True)
