@@ -11,7 +11,8 @@ In one run, on one GPU:
                    generation needs), 130m fp16, batch 1, at 2k/16k/64k with kernels="triton", launched eagerly
                    and as TritonBackend.prefill's CUDA graphs (the summary line's figures); the reference at
                    2k only (its scan is a Python loop over tokens)
-  kernels          each kernel on 130m shapes against its own bytes floor (L2 flushed before every repeat)
+  kernels          each kernel on 130m shapes against its own bytes floor, replayed as a CUDA graph (graph_ms: L2
+                   flushed before every repeat)
 
 Timing: CUDA events, warm-up first, median of many repeats. Prints a rich table; appends JSON lines to
 $OUT/results.jsonl and prints "@@ " summary lines for gpu_check.
@@ -56,6 +57,22 @@ def time_ms(fn, reps: int = 50, warmup: int = 5, flush: bool = False) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def graph_ms(fn, reps: int = 50, flush: bool = True) -> float:
+    """Median milliseconds of fn's kernels replayed as one CUDA graph, L2 flushed before each repeat. A single
+    kernel runs for microseconds, less than Python takes to launch it: timed eagerly, the events would measure
+    the launch (a 5 µs kernel read 50-108 µs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):                       # compile and allocate outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, reps=reps, warmup=3, flush=flush)
 
 
 def row(group: str, what: str, ms: float | None = None, floor_ms: float | None = None, **extra) -> dict:
@@ -192,7 +209,7 @@ def bench_kernels(bw: float, T: int = 16384) -> None:
     B, C = rand(1, T, N), rand(1, T, N)
     A = -torch.exp(torch.rand(Di, N, device=DEV) * 2)
     D, bias, h0 = torch.ones(Di, device=DEV), torch.rand(Di, device=DEV) * 0.1, torch.zeros(1, Di, N, device=DEV)
-    ms = time_ms(lambda: TRITON_OPS.selective_scan(x, dt, A, B, C, D, z, bias, h0), reps=20, flush=True)
+    ms = graph_ms(lambda: TRITON_OPS.selective_scan(x, dt, A, B, C, D, z, bias, h0), reps=20)
     nbytes = 4 * T * Di * 2 + 2 * T * N * 2
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     row("kernel", f"selective_scan T={T // 1024}k fp16", ms, floor(nbytes), bytes=nbytes,
@@ -200,12 +217,13 @@ def bench_kernels(bw: float, T: int = 16384) -> None:
     # one-token state step
     h = torch.randn(1, Di, N, device=DEV)
     xs, dts, zs, Bs, Cs = x[:, 0], dt[:, 0], z[:, 0], B[:, 0], C[:, 0]
-    ms = time_ms(lambda: TRITON_OPS.selective_state_step(h, xs, dts, A, Bs, Cs, D, zs, bias), reps=100, flush=True)
-    row("kernel", "selective_state_step B=1 fp16", ms, floor(2 * Di * N * 4 + Di * N * 4), bytes=3 * Di * N * 4)
+    ms = graph_ms(lambda: TRITON_OPS.selective_state_step(h, xs, dts, A, Bs, Cs, D, zs, bias), reps=100)
+    row("kernel", "selective_state_step B=1 fp16", ms, floor(2 * Di * N * 4 + Di * N * 4), bytes=3 * Di * N * 4,
+        note="latency-bound: 0.3 MB in one short wave; decode runs it fused into ssm_out")
     # pool sweep
     scores = torch.rand(1, T, generator=g, device=DEV)
     prio0 = torch.full((1, K), -1.0, device=DEV)
-    ms = time_ms(lambda: TRITON_OPS.pool_sweep(scores, prio0, 0.5), reps=20, flush=True)
+    ms = graph_ms(lambda: TRITON_OPS.pool_sweep(scores, prio0, 0.5), reps=20)
     nbytes = T * 4 + (T + 1) * K * 4
     row("kernel", f"pool_sweep T={T // 1024}k K={K}", ms, floor(nbytes), bytes=nbytes,
         note="five launches; the slot replay of the ~300 entering tokens is one warp per batch row")
@@ -215,18 +233,20 @@ def bench_kernels(bw: float, T: int = 16384) -> None:
         idx = torch.cat([torch.where(index >= 0, index + i * (K + T), -1) for i in range(groups)], 2).int()
         M = groups * (K + T)
         q, keys, values = rand(1, T, ds), rand(1, M, ds), rand(1, M, d)
-        ms = time_ms(lambda: TRITON_OPS.pool_attention(q, keys, values, idx, H), reps=20, flush=True)
+        ms = graph_ms(lambda: TRITON_OPS.pool_attention(q, keys, values, idx, H), reps=20)
         nbytes = T * ds * 2 + T * d * 2 + T * groups * K * 4 + M * (ds + d) * 2
         row("kernel", f"pool_attention T={T // 1024}k S={groups * K} (fp32 models, AOT)", ms, floor(nbytes),
-            bytes=nbytes)
+            bytes=nbytes, note=f"gathers: each query reads its S entries' keys and values through L2, "
+                               f"{T * groups * K * (ds + d) * 2 / 1e9:.1f} GB; the floor counts each entry once")
         # the prefill's read (pool_mix_kernel, between the fused path's GEMMs): queries, index and bank in, m out
         qk, bank, gain = rand(1, T, H * ds), rand(1, M, ds), torch.full((1, T), 0.1, device=DEV)
         m = torch.empty_like(qk)
         banks = list(bank.split(K + T, dim=1))                  # a group's pools, in place, with the sweep's ends
-        ms = time_ms(lambda: pool_mix(qk, banks, [index] * groups, gain, H, m, [ends] * groups), reps=20, flush=True)
+        ms = graph_ms(lambda: pool_mix(qk, banks, [index] * groups, gain, H, m, [ends] * groups), reps=20)
         nbytes = 2 * T * H * ds * 2 + T * groups * K * 4 + M * ds * 2 + T * 4
         row("kernel", f"pool_mix T={T // 1024}k S={groups * K} (the prefill's read)", ms, floor(nbytes),
-            bytes=nbytes)
+            bytes=nbytes, note=f"each query reads its S summaries through L2, {T * groups * K * ds * 2 / 1e9:.2f} GB; "
+                               "the floor counts each once")
     # the decode kernels of one 130m layer (a cross layer), fp16, batch 1
     model = make_130m(torch.float16)
     backend = TritonBackend(model, cuda_graph=False, step_kernel="layered")
@@ -242,9 +262,10 @@ def bench_kernels(bw: float, T: int = 16384) -> None:
               "ssm_out": nb(w.w_dt, w.w_outT, w.A) + 2 * Di * N * 4 + d * 4 + 2 * Di * 2}
     for l, name, launch in backend.launches(bufs, 0):
         if l == layer:
-            ms = time_ms(launch, reps=200, flush=True)
+            ms = graph_ms(launch, reps=200)
             row("kernel", f"decode {name} (130m layer {layer}, fp16, B=1)", ms, floor(kbytes[name]),
-                bytes=kbytes[name])
+                bytes=kbytes[name], note="batch-1 latency: one short wave and a reduction across programs, "
+                                         "microseconds whatever the bytes")
 
 
 # ---- report --------------------------------------------------------------------------------------------------------

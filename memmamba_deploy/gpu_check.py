@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,11 +19,18 @@ from pathlib import Path
 STAGES = Path(__file__).resolve().parent.parent / "scripts" / "gpu_stages"
 
 
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:                 # it ended as the timer fired
+        pass
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", default="", help="comma-separated stage names (without NN- and .sh)")
     ap.add_argument("--skip", default="")
-    ap.add_argument("--timeout", type=float, default=420, help="seconds per stage")
+    ap.add_argument("--timeout", type=float, default=540, help="seconds per stage")
     args = ap.parse_args(argv)
     only = {s for s in args.only.split(",") if s}
     skip = {s for s in args.skip.split(",") if s}
@@ -40,9 +48,11 @@ def main(argv=None) -> int:
         t0 = time.time()
         rows: list[str] = []
         try:
+            # its own process group, so that a time-out kills what the stage started too (pytest, a harness):
+            # killing bash alone would leave them holding the pipe and the GPU
             proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, env={**os.environ, "OUT": str(out)})
-            timer = threading.Timer(args.timeout, proc.kill)     # a silent hang is killed too
+                                    text=True, env={**os.environ, "OUT": str(out)}, start_new_session=True)
+            timer = threading.Timer(args.timeout, _kill_group, (proc.pid,))     # a silent hang is killed too
             timer.start()
             for line in proc.stdout:
                 log.write(line)

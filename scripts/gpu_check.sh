@@ -5,8 +5,9 @@
 # harness, C++ runtime, ...), writes the full log to $OUT/gpu_check.log and JSON lines to $OUT/results.jsonl, and
 # prints a short summary table last.
 # All stages take about 25 minutes on an H100 (stage times in BENCHMARKS.md). Where one call may run 10 minutes,
-# split it: --only env,baselines,kernel-tests,kernel-bench (~5 min) | --only plugins,export-parity,native (~9 min,
-# needs third_party/ TensorRT headers) | --only bench (~6 min) | --only train-demo --timeout 590 (~6 min).
+# split it: --only env,baselines,kernel-tests,kernel-bench (~6-9 min) | --only plugins,export-parity (~4 min, needs
+# third_party/ TensorRT headers) | --only native (~5 min, the same) | --only bench (~6 min) | --only train-demo
+# --timeout 590 (~6 min). A stage past --timeout (540 s) is killed with everything it started.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-$PWD/runs/gpu}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Triton kernels (issue 3) on this GPU: every kernel vs its PyTorch reference in fp32/fp16/bf16, the scan backward
 # vs autograd, the whole model kernels="triton" vs "torch" over 2k tokens, and TritonBackend (CUDA graph) over 1k
-# greedy decode steps (tests/gpu/test_kernels_gpu.py). About 3 minutes on an H100, most of it Triton compiling.
+# greedy decode steps (tests/gpu/test_kernels_gpu.py). 3-7 minutes on an H100 (7 on 2026-11-26, 71 tests), most of it
+# Triton compiling.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"

@@ -1,0 +1,40 @@
+"""The GPU check driver (memmamba_deploy/gpu_check.py) on the CPU: stage order, summary rows, failures, and a
+time-out that kills what the stage started, not only its shell."""
+import time
+
+from memmamba_deploy import gpu_check
+
+
+def stage(dir_, name, body):
+    path = dir_ / f"{name}.sh"
+    path.write_text("#!/usr/bin/env bash\n" + body + "\n")
+    return path
+
+
+def test_stages_run_in_order_and_report(tmp_path, monkeypatch, capsys):
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    stage(stages, "10-first", 'echo "@@ first: 1.5 ms"')
+    stage(stages, "20-second", "echo not a row; exit 3")
+    stage(stages, "30-skipped", "echo '@@ never'")
+    monkeypatch.setattr(gpu_check, "STAGES", stages)
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    rc = gpu_check.main(["--skip", "skipped"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert out.index("=== first") < out.index("=== second") and "never" not in out
+    assert "[     ok] first" in out and "first: 1.5 ms" in out and "[FAIL rc=3] second" in out
+    assert "not a row" in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
+def test_timeout_kills_the_stage_and_its_children(tmp_path, monkeypatch, capsys):
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    # a child that keeps the output pipe open: killing bash alone would leave the driver waiting 60 s
+    stage(stages, "10-hang", "python3 -c 'import time; time.sleep(60)'")
+    monkeypatch.setattr(gpu_check, "STAGES", stages)
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    t0 = time.time()
+    rc = gpu_check.main(["--timeout", "1"])
+    assert time.time() - t0 < 20
+    assert rc == 1 and "[TIMEOUT] hang" in capsys.readouterr().out
