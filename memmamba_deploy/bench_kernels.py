@@ -214,6 +214,17 @@ def bench_kernels(bw: float, T: int = 16384) -> None:
     sm = torch.cuda.get_device_properties(0).multi_processor_count
     row("kernel", f"selective_scan T={T // 1024}k fp16", ms, floor(nbytes), bytes=nbytes,
         exp_per_s=T * Di * N / (ms * 1e-3), note=f"issue/MUFU-bound: two passes of T·Di·N exp2 ({sm} SMs x 16/clk)")
+    # the prefill's residual add + RMSNorm (h fp32 in and out, y and u fp16) and causal conv (x a strided view of
+    # in_proj's output, as in the model)
+    h, y, w_norm = rand(1, T, d, dtype=torch.float32), rand(1, T, d), rand(d)
+    ms = graph_ms(lambda: TRITON_OPS.residual_norm(h, y, w_norm, 1e-5), reps=20)
+    nbytes = T * d * (4 + 2 + 4 + 2)
+    row("kernel", f"residual_norm T={T // 1024}k fp16", ms, floor(nbytes), bytes=nbytes)
+    xz, w_conv, b_conv = rand(1, T, 2 * Di), rand(Di, c.d_conv), rand(Di)
+    window = rand(1, Di, c.d_conv - 1)
+    ms = graph_ms(lambda: TRITON_OPS.causal_conv(xz[..., :Di], w_conv, b_conv, window), reps=20)
+    nbytes = T * Di * 2 * 2
+    row("kernel", f"causal_conv T={T // 1024}k fp16", ms, floor(nbytes), bytes=nbytes)
     # one-token state step
     h = torch.randn(1, Di, N, device=DEV)
     xs, dts, zs, Bs, Cs = x[:, 0], dt[:, 0], z[:, 0], B[:, 0], C[:, 0]
