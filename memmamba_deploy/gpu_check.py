@@ -36,44 +36,63 @@ def main(argv=None) -> int:
     skip = {s for s in args.skip.split(",") if s}
     out = Path(os.environ.get("OUT", "runs/gpu"))
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "gpu_check.log", "a")
     summary: list[tuple[str, str, float, list[str]]] = []
-    for script in sorted(STAGES.glob("*.sh")):
-        name = script.stem.split("-", 1)[-1]
-        if (only and name not in only) or name in skip:
-            continue
-        print(f"=== {name}", flush=True)
-        log.write(f"\n=== {name} ({script})\n")
-        log.flush()
-        t0 = time.time()
-        rows: list[str] = []
-        try:
-            # its own process group, so that a time-out kills what the stage started too (pytest, a harness):
-            # killing bash alone would leave them holding the pipe and the GPU
-            proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, env={**os.environ, "OUT": str(out)}, start_new_session=True)
-            timer = threading.Timer(args.timeout, _kill_group, (proc.pid,))     # a silent hang is killed too
-            timer.start()
-            for line in proc.stdout:
-                log.write(line)
-                if line.startswith("@@ "):
-                    rows.append(line[3:].rstrip())
-            rc = proc.wait()
-            timed_out = not timer.is_alive()
-            timer.cancel()
-            status = "ok" if rc == 0 else ("TIMEOUT" if timed_out else f"FAIL rc={rc}")
-        except OSError as e:
-            status = f"FAIL {e}"
-        log.flush()
-        dt = time.time() - t0
-        print(f"    {status} in {dt:.0f}s", flush=True)
-        summary.append((name, status, dt, rows))
+    # SIGTERM (a device call running out of time) unwinds like Ctrl-C, so the running stage's group is killed
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        with open(out / "gpu_check.log", "a") as log:
+            for script in sorted(STAGES.glob("*.sh")):
+                name = script.stem.split("-", 1)[-1]
+                if (only and name not in only) or name in skip:
+                    continue
+                print(f"=== {name}", flush=True)
+                log.write(f"\n=== {name} ({script})\n")
+                log.flush()
+                t0 = time.time()
+                status, rows = _run_stage(script, out, log, args.timeout)
+                log.flush()
+                dt = time.time() - t0
+                print(f"    {status} in {dt:.0f}s", flush=True)
+                summary.append((name, status, dt, rows))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print("\n================ summary ================")
     for name, status, dt, rows in summary:
         print(f"[{status:>7}] {name} ({dt:.0f}s)")
         for r in rows:
             print(f"          {r}")
     return 0 if all(s == "ok" for _, s, _, _ in summary) else 1
+
+
+def _run_stage(script: Path, out: Path, log, timeout: float) -> tuple[str, list[str]]:
+    """(status, its "@@ " rows). The stage runs in its own process group, so that a time-out, or the driver
+    stopping, kills what it started too (pytest, a harness): killing bash alone would leave them holding the
+    pipe and the GPU."""
+    rows: list[str] = []
+    try:
+        proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "OUT": str(out)}, start_new_session=True)
+    except OSError as e:
+        return f"FAIL {e}", rows
+    fired = threading.Event()
+
+    def time_out():                            # a silent hang is killed too
+        fired.set()
+        _kill_group(proc.pid)
+
+    timer = threading.Timer(timeout, time_out)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            log.write(line)
+            if line.startswith("@@ "):
+                rows.append(line[3:].rstrip())
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            _kill_group(proc.pid)
+    return ("ok" if rc == 0 else "TIMEOUT" if fired.is_set() else f"FAIL rc={rc}"), rows
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The GPU check driver (memmamba_deploy/gpu_check.py) on the CPU: stage order, summary rows, failures, and a
-time-out that kills what the stage started, not only its shell."""
+time-out or a SIGTERM to the driver that kills what the stage started, not only its shell."""
 import time
 
 from memmamba_deploy import gpu_check
@@ -38,3 +38,39 @@ def test_timeout_kills_the_stage_and_its_children(tmp_path, monkeypatch, capsys)
     rc = gpu_check.main(["--timeout", "1"])
     assert time.time() - t0 < 20
     assert rc == 1 and "[TIMEOUT] hang" in capsys.readouterr().out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line.split()[1] for line in f)   # a zombie is dead
+    except FileNotFoundError:
+        return True
+
+
+def test_sigterm_to_the_driver_kills_the_running_stage(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    stages = tmp_path / "stages"
+    stages.mkdir()
+    pidfile = tmp_path / "pid"
+    stage(stages, "10-long", "python3 -c 'import os, time; "
+                             "open(os.environ[\"PIDFILE\"], \"w\").write(str(os.getpid())); time.sleep(60)'")
+    driver = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; from pathlib import Path; from memmamba_deploy import gpu_check; "
+                               f"gpu_check.STAGES = Path({str(stages)!r}); sys.exit(gpu_check.main([]))"],
+        env={**os.environ, "OUT": str(tmp_path / "out"), "PIDFILE": str(pidfile)}, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while not (pidfile.exists() and pidfile.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    assert not _gone(pid)
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=20) == 143
+    deadline = time.time() + 10
+    while not _gone(pid) and time.time() < deadline:
+        time.sleep(0.05)
+    assert _gone(pid)
