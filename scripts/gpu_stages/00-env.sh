@@ -6,4 +6,6 @@ import torch, triton
 p = torch.cuda.get_device_properties(0)
 print(f"@@ {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}")
 PY
-echo "@@ commit ${COMMIT:-unknown (pass COMMIT=\$(git rev-parse --short HEAD))}"
+# the commit as given by the caller: a copy of the working tree sent to this machine may carry a stale .git, so
+# `git rev-parse` here can name an older commit than the files are (seen 2026-11-26)
+echo "@@ commit ${COMMIT:-unknown (pass COMMIT=<hash>, computed where the repository lives)}"
