@@ -1,8 +1,9 @@
-"""Registers, spills and the instruction mix of the prefill scan's passes as compiled for an NVIDIA GPU, on any
-machine (no GPU needed): triton.compile for a GPUTarget, then the SASS of its hot loop from cuobjdump. For perf
-work on models/ops/triton/scan.py, where device time is the scarce thing: what a pass's loop issues per state and
-token, and how many of those are MUFU ops (the H100's bound for this scan, BENCHMARKS.md). The counts can rule a
-change out; they cannot promise a gain (the seventeenth session's FMA-pipe exp2 counted one and measured a loss).
+"""Registers, stack bytes (spills) and the instruction mix of the prefill scan's passes as compiled for an NVIDIA
+GPU, on any machine (no GPU needed): triton.compile for a GPUTarget, then the SASS of its hot loop from
+cuobjdump. For perf work on models/ops/triton/scan.py, where device time is the scarce thing: what a pass's loop
+issues per state and token, and how many of those are MUFU ops (the H100's bound for this scan, BENCHMARKS.md).
+The counts can rule a change out; they cannot promise a gain (the seventeenth session's FMA-pipe exp2 counted one
+and measured a loss).
 
     python scripts/sass_stats.py [pass1|pass3] [--dtype fp16|fp32] [--arch 90] [--maxnreg N] [--set NAME=VALUE]...
 
@@ -35,7 +36,7 @@ PASSES = {   # scan_forward's two walks of the chunks: 1 (chunk states from zero
 }
 CONSTEXPRS = [p.name for p in scan.selective_scan_seq_kernel.params if p.is_constexpr]
 LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*)")
-BRANCH = re.compile(r"BRA(?:\.\w+)*\s+(?:`\()?0x([0-9a-f]+)")
+TARGET = re.compile(r"0x([0-9a-f]+)")      # a branch's target: the last address among its operands
 
 
 def compile_pass(which: str, dtype: str = "fp16", arch: int = 90, maxnreg: int | None = None,
@@ -83,13 +84,15 @@ def sass_stats(cubin: bytes) -> dict:
     code = [(int(m[1], 16), m[2], m[3]) for m in map(LINE.search, sass.splitlines()) if m]
     loops = []
     for addr, op, rest in code:
-        target = BRANCH.search(op + rest)
-        if op.startswith("BRA") and target and int(target[1], 16) < addr:
-            body = [o for a, o, _ in code if int(target[1], 16) <= a <= addr]
-            loops.append((sum(o.startswith("MUFU") for o in body), len(body), int(target[1], 16), addr, body))
+        targets = TARGET.findall(rest.split(";")[0]) if op.startswith("BRA") else []
+        if targets and int(targets[-1], 16) < addr:
+            start = int(targets[-1], 16)
+            body = [o for a, o, _ in code if start <= a <= addr]
+            loops.append((sum(o.startswith("MUFU") for o in body), -len(body), start, addr, body))
     if not loops:
         raise ValueError("sass_stats: no loop in the SASS (no backward branch)")
-    mufu, size, start, end, body = max(loops)
+    mufu, size, start, end, body = max(loops)   # most MUFU ops; of those, the innermost (shortest)
+    size = -size
     ops = collections.Counter(o if o.startswith("MUFU") else o.split(".")[0] for o in body)
     return dict(registers=int(regs[1]) if regs else None, stack=int(stack[1]) if stack else None,
                 loop=(start, end), instructions=size, mufu=mufu, ops=ops)

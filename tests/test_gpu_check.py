@@ -48,29 +48,52 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_sigterm_to_the_driver_kills_the_running_stage(tmp_path):
+def _driver_on_a_hanging_stage(tmp_path):
+    """The driver in a child process: a stage that prints a row, then one that hangs. Returns (driver, the hanging
+    stage's pid)."""
     import os
-    import signal
     import subprocess
     import sys
 
     stages = tmp_path / "stages"
     stages.mkdir()
     pidfile = tmp_path / "pid"
-    stage(stages, "10-long", "python3 -c 'import os, time; "
+    stage(stages, "10-quick", 'echo "@@ quick: 2.5 ms"')
+    stage(stages, "20-long", "python3 -c 'import os, time; "
                              "open(os.environ[\"PIDFILE\"], \"w\").write(str(os.getpid())); time.sleep(60)'")
     driver = subprocess.Popen(
         [sys.executable, "-c", f"import sys; from pathlib import Path; from memmamba_deploy import gpu_check; "
                                f"gpu_check.STAGES = Path({str(stages)!r}); sys.exit(gpu_check.main([]))"],
-        env={**os.environ, "OUT": str(tmp_path / "out"), "PIDFILE": str(pidfile)}, stdout=subprocess.DEVNULL)
+        env={**os.environ, "OUT": str(tmp_path / "out"), "PIDFILE": str(pidfile)}, stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 20
     while not (pidfile.exists() and pidfile.read_text()) and time.time() < deadline:
         time.sleep(0.05)
     pid = int(pidfile.read_text())
     assert not _gone(pid)
-    driver.send_signal(signal.SIGTERM)
-    assert driver.wait(timeout=20) == 143
+    return driver, pid
+
+
+def _dies(pid: int) -> bool:
     deadline = time.time() + 10
     while not _gone(pid) and time.time() < deadline:
         time.sleep(0.05)
-    assert _gone(pid)
+    return _gone(pid)
+
+
+def test_sigterm_to_the_driver_kills_the_running_stage_and_prints_the_summary(tmp_path):
+    import signal
+
+    driver, pid = _driver_on_a_hanging_stage(tmp_path)
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=20)
+    assert driver.returncode == 143 and _dies(pid)
+    assert "[     ok] quick" in out and "quick: 2.5 ms" in out and "[ KILLED] long" in out
+
+
+def test_a_killed_driver_takes_the_running_stage_with_it(tmp_path):
+    import signal
+
+    driver, pid = _driver_on_a_hanging_stage(tmp_path)
+    driver.send_signal(signal.SIGKILL)          # no handler runs: the parent-death signal and the wrapper's trap
+    driver.wait(timeout=20)
+    assert _dies(pid)

@@ -23,6 +23,9 @@ def test_hot_loop_issues_one_exp2_per_state_and_token(which, capsys):
     # the loop found is the token loop: its exp2 are the decays plus a few per channel-token (softplus, SiLU)
     assert decays <= s["ops"]["MUFU.EX2"] <= decays + 2 * const["UNROLL"] * per_thread
     assert s["mufu"] >= s["ops"]["MUFU.EX2"] and 4 * decays < s["instructions"] < 20 * decays
+    # twice the tokens an iteration: twice the exponentials in the loop found
+    cubin4, _ = sass_stats.compile_pass(which, overrides=dict(UNROLL=2 * const["UNROLL"]))
+    assert sass_stats.sass_stats(cubin4)["ops"]["MUFU.EX2"] == 2 * s["ops"]["MUFU.EX2"]
     assert sass_stats.main([which, "--set", "UNROLL=4"]) == 0
     assert "4 tokens x" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="NAME=INTEGER"):
