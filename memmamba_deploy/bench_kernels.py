@@ -64,16 +64,8 @@ def graph_ms(fn, reps: int = 50) -> float:
     kernel runs for microseconds, less than Python takes to launch it: timed eagerly, the events would measure
     the launch (a 5 µs kernel read 50-108 µs). The flush (~90 µs of GPU work) also keeps the stream busy while
     the host launches the replay, so the start event does not fire before the graph is queued."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):                       # compile and allocate outside the capture
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_ms(graph.replay, reps=reps, warmup=3, flush=True)
+    from .backends.triton_backend import warm_and_capture
+    return time_ms(warm_and_capture(fn).replay, reps=reps, warmup=3, flush=True)
 
 
 def row(group: str, what: str, ms: float | None = None, floor_ms: float | None = None, **extra) -> dict:

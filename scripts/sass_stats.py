@@ -26,6 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from memmamba_deploy.models.ops.triton import scan
+from memmamba_deploy.models.ops.triton.aot import _signature
 
 T, DI, N, STRIDE_XZ = 16384, 1536, 16, 3072      # 130m at 16k; x and z are views of in_proj's [T, 2 Di] output
 PASSES = {   # scan_forward's two walks of the chunks: 1 (chunk states from zero, δ kept) and 3 (y from the starts)
@@ -49,14 +50,9 @@ def compile_pass(which: str, dtype: str = "fp16", arch: int = 90, maxnreg: int |
     const.update(overrides or {})
     act = {"fp16": "*fp16", "fp32": "*fp32"}[dtype]
     acts = {"x_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr"} | ({"dt_ptr"} if which == "pass1" else set())
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in const:
-            sig[name] = "constexpr"
-            continue
-        sig[name] = (act if name in acts else "*fp32") if name.endswith("_ptr") else "i32"
-        if name.endswith("_ptr") or name.startswith("stride") or name in ("T", "Di", "N"):
-            attrs[(i,)] = [["tt.divisibility", 16]]   # every one of these is a multiple of 16 at this shape
+    sig = _signature(fn, {n: act if n in acts else "*fp32" for n in fn.arg_names if n.endswith("_ptr")}, const)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)   # multiples of 16 at this shape
+             if sig[n] != "constexpr" and (n.endswith("_ptr") or n.startswith("stride") or n in ("T", "Di", "N"))}
     options = dict(num_warps=num_warps, num_stages=scan.SEQ_STAGES, **({"maxnreg": maxnreg} if maxnreg else {}))
     kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32), options=options)
     return kernel.asm["cubin"], const

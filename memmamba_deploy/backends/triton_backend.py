@@ -262,7 +262,7 @@ class TritonBackend:
         return bufs
 
     def _capture(self, bufs: _Buffers) -> list:
-        return [_warm_and_capture(functools.partial(self._launch, bufs, src)) for src in (0, 1)]
+        return [warm_and_capture(functools.partial(self._launch, bufs, src)) for src in (0, 1)]
 
     # ---- one step: the kernel sequence --------------------------------------------------------------------------
     def _launch(self, bufs: _Buffers, src: int) -> None:
@@ -453,7 +453,7 @@ class TritonBackend:
         saved = io.state.clone()
         if self._prefill_pool is None:
             self._prefill_pool = torch.cuda.graph_pool_handle()
-        graph = _warm_and_capture(run, self._prefill_pool)
+        graph = warm_and_capture(run, self._prefill_pool)
         io.state.copy_(saved)                          # the warm-up ran on the caller's state: put it back
         entry = self._prefill_graphs[(B, n)] = types.SimpleNamespace(ids=ids, graph=graph)
         return entry
@@ -557,7 +557,7 @@ def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, stream
     return model._logits(h[1][:, -1:] + y[1][:, -1:]), State.stack(layer_states)
 
 
-def _warm_and_capture(run, pool=None) -> torch.cuda.CUDAGraph:
+def warm_and_capture(run, pool=None) -> torch.cuda.CUDAGraph:
     """run() once on a side stream (compiles its kernels, warms cuBLAS), then captured as a CUDA graph."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
