@@ -1,4 +1,4 @@
-"""Two fixes to Triton 3.6's interpreter (TRITON_INTERPRET=1), applied only in interpreted processes.
+"""Fixes to Triton 3.6's interpreter (TRITON_INTERPRET=1), applied only in interpreted processes.
 
 1. A scalar is a 1-element numpy array there, turned into a Python int with int(array), which numpy >= 2.4
    refuses: every runtime-bounded loop (`for i in range(0, n)`) fails. Index the element instead.
@@ -7,6 +7,8 @@
    results.
 3. Every call of a library function (tl.sum, tl.max, ...) re-patches all of triton.language (~0.3 ms each); patch
    each language module once per kernel launch instead.
+4. libdevice's functions are not interpreted: `fast_log2f` (lg2.approx on the GPU, scan._fast_log2) becomes
+   tl.log2, which the interpreter runs as numpy's log2.
 """
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ def patch_interpreter() -> None:
             return original_run(self, *args, **kwargs)
         finally:
             patched_langs.clear()
+
+    from triton.language.extra import libdevice
+    libdevice.fast_log2f = lambda x, _semantic=None: interpreter.tl.log2(x)
 
     interpreter._patch_lang_tensor = patch_tensor
     interpreter.ScanOps.generic_scan = generic_scan

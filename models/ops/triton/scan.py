@@ -34,6 +34,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from memmamba_deploy.models.ops import needs_grad
 from memmamba_deploy.models.ops.scan import selective_scan_ref, selective_state_step_ref  # noqa: F401 (references)
@@ -73,20 +74,22 @@ def _combine(a1, b1, a2, b2):
 
 @triton.jit
 def _softplus(v):
-    # F.softplus (threshold 20) = max(v, 0) + log1p(u), u = e^-|v|: one exp2, then libdevice logf's polynomial
-    # on w = 1 + u in [1, 2] without its special cases, plus c = u - (w - 1), the exact rounding error of 1 + u
-    # (log1p(u) = log(w) + c/w, c/w ~ c). Within 1.7 ulp given u; about half the instructions of log(w) with a
-    # division, and one MUFU op instead of two (the prefill scan is issue- and MUFU-bound).
+    # F.softplus (threshold 20) = max(v, 0) + log1p(u), u = e^-|v|, in two MUFU ops (exp2, lg2.approx) and ~9
+    # others: the prefill scan's chunk pass ran 5% faster than with libdevice's log polynomial and one MUFU op
+    # (BENCHMARKS.md, eighteenth session). lg2.approx's absolute error and 1 + u's rounding are ~1e-5 relative
+    # at u = 1/64 (6.4e-6 measured); below that, log1p's series u - u²/2 + u³/3 (truncation < u³/4 < 1e-6
+    # relative) keeps a tiny δ precise.
     u = tl.exp2(tl.abs(v) * -LOG2E)
-    w = 1.0 + u
-    bits = w.to(tl.int32, bitcast=True)
-    e = (bits - 0x3F2AAAAB) & -8388608                 # w = 2^k m, m in [2/3, 4/3): e = k << 23
-    f = (bits - e).to(tl.float32, bitcast=True) - 1.0
-    p = ((f * -0.13018856942653656 + 0.14084610342979431) * f - 0.12148627638816833) * f + 0.13980610668659210
-    p = ((p * f - 0.16684235632419586) * f + 0.20012299716472626) * f - 0.24999669194221497
-    p = (p * f + 0.33333182334899902) * f - 0.5
-    lp = e.to(tl.float32) * 8.262958294867817e-08 + ((p * f) * f + f) + (u - (w - 1.0))  # 8.26e-8 = ln2 * 2^-23
+    series = u * (1.0 - u * (0.5 - u * 0.3333333333333333))
+    lp = tl.where(u < 0.015625, series, _fast_log2(1.0 + u) * 0.6931471805599453)
     return tl.maximum(v, 0.0) + lp
+
+
+@triton.jit
+def _fast_log2(w):
+    # lg2.approx.ftz.f32, one MUFU op (tl.log2 is libdevice's polynomial); the CPU interpreter, which has no
+    # libdevice, gets numpy's log2 instead (_interpreter.py)
+    return libdevice.fast_log2f(w)
 
 
 @triton.jit
