@@ -73,23 +73,23 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _softplus(v):
-    # F.softplus (threshold 20) = max(v, 0) + log1p(u), u = e^-|v|, in two MUFU ops (exp2, lg2.approx) and ~9
-    # others: the prefill scan's chunk pass ran 5% faster than with libdevice's log polynomial and one MUFU op
-    # (BENCHMARKS.md, eighteenth session). lg2.approx's absolute error and 1 + u's rounding are ~1e-5 relative
-    # at u = 1/64 (6.4e-6 measured); below that, log1p's series u - u²/2 + u³/3 (truncation < u³/4 < 1e-6
-    # relative) keeps a tiny δ precise.
-    u = tl.exp2(tl.abs(v) * -LOG2E)
-    series = u * (1.0 - u * (0.5 - u * 0.3333333333333333))
-    lp = tl.where(u < 0.015625, series, _fast_log2(1.0 + u) * 0.6931471805599453)
-    return tl.maximum(v, 0.0) + lp
-
-
-@triton.jit
 def _fast_log2(w):
     # lg2.approx.ftz.f32, one MUFU op (tl.log2 is libdevice's polynomial); the CPU interpreter, which has no
     # libdevice, gets numpy's log2 instead (_interpreter.py)
     return libdevice.fast_log2f(w)
+
+
+@triton.jit
+def _softplus(v):
+    # F.softplus (threshold 20) = max(v, 0) + log1p(u), u = e^-|v|, in two MUFU ops (exp2, lg2.approx) and ~9
+    # others. Against one exp2 and libdevice's log polynomial (~20 others), the prefill scan's chunk pass loop
+    # went 887 -> 792 instructions and the scan 1.5% faster (BENCHMARKS.md, eighteenth session). lg2.approx's
+    # absolute error and 1 + u's rounding are ~1e-5 relative at u = 1/64 (6.4e-6 measured); below that, log1p's
+    # series u - u²/2 + u³/3 (truncation < u³/4 < 1e-6 relative) keeps a tiny δ precise.
+    u = tl.exp2(tl.abs(v) * -LOG2E)
+    series = u * (1.0 - u * (0.5 - u * 0.3333333333333333))
+    lp = tl.where(u < 0.015625, series, _fast_log2(1.0 + u) * 0.6931471805599453)
+    return tl.maximum(v, 0.0) + lp
 
 
 @triton.jit
