@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 from memmamba_deploy.models.ops.triton import scan
 from memmamba_deploy.models.ops.triton.aot import _signature
 
-T, DI, N, STRIDE_XZ = 16384, 1536, 16, 3072      # 130m at 16k; x and z are views of in_proj's [T, 2 Di] output
+DI, N = 1536, 16                                  # the 130m's d_inner and d_state
 PASSES = {   # scan_forward's two walks of the chunks: 1 (chunk states from zero, δ kept) and 3 (y from the starts)
     "pass1": dict(HAS_Z=False, HAS_DT_BIAS=True, HAS_H_IN=False, WRITE_Y=False, WRITE_H=True, WRITE_DT_SUM=True,
                   WRITE_DELTA=True, DELTA_IN=False, dt_softplus=1),
@@ -56,6 +56,11 @@ def compile_pass(which: str, dtype: str = "fp16", arch: int = 90, maxnreg: int |
     options = dict(num_warps=num_warps, num_stages=scan.SEQ_STAGES, **({"maxnreg": maxnreg} if maxnreg else {}))
     kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32), options=options)
     return kernel.asm["cubin"], const
+
+
+def channels_per_thread(const: dict) -> int:
+    """Channels each thread of compile_pass's launch owns (all N states of each)."""
+    return const["BLOCK_D"] // (32 * scan.seq_blocks(N, DI)[2])
 
 
 def cuobjdump() -> str:
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
         overrides[name] = int(value)
     cubin, const = compile_pass(args.which, args.dtype, args.arch, args.maxnreg, overrides)
     s = sass_stats(cubin)
-    per_thread = const["BLOCK_D"] // (32 * scan.seq_blocks(N, DI)[2])
+    per_thread = channels_per_thread(const)
     state_tokens = const["UNROLL"] * per_thread * const["BLOCK_N"]
     print(f"{args.which} {args.dtype} sm_{args.arch}: {s['registers']} registers, {s['stack']} B stack")
     print(f"hot loop 0x{s['loop'][0]:x}-0x{s['loop'][1]:x}: {s['instructions']} instructions, {s['mufu']} MUFU, for "

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from memmamba_deploy.models.ops.triton import scan
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "sass_stats.py"
 spec = importlib.util.spec_from_file_location("sass_stats", SCRIPT)
@@ -17,7 +16,7 @@ spec.loader.exec_module(sass_stats)
 def test_hot_loop_issues_one_exp2_per_state_and_token(which, capsys):
     cubin, const = sass_stats.compile_pass(which)
     s = sass_stats.sass_stats(cubin)
-    per_thread = const["BLOCK_D"] // (32 * scan.seq_blocks(16, 1536)[2])
+    per_thread = sass_stats.channels_per_thread(const)
     decays = const["UNROLL"] * per_thread * const["BLOCK_N"]        # exp2(δ·A) for each state of each channel-token
     assert 0 < s["registers"] <= 255 and s["stack"] is not None
     # the loop found is the token loop: its exp2 are the decays plus a few per channel-token (softplus, SiLU)

@@ -430,7 +430,7 @@ def test_graphed_prefill_in_pieces_matches_the_reference(variant, g):
     # a pool or trigger decision sits within 1e-5 of its threshold, where the two paths' fp32 scores (about
     # 1e-6 apart after a few layers) may decide otherwise (seen twice on an H200, not reproducible alone)
     margin = prefill_decision_margin(model, prompt, start)
-    for _ in range(2):                                                   # the captured graphs, replayed twice the same graphs
+    for _ in range(2):                                                   # the captured graphs, replayed twice
         logits, state = backend.prefill(prompt, start)
         state = backend.to_reference(state).tensors()
         errs = {k: rel_err(v, eager_state.tensors()[k]) for k, v in state.items()}
