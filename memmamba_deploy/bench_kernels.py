@@ -10,7 +10,9 @@ In one run, on one GPU:
   prefill          tokens/s of MemMambaLM.prefill(last_only=True) (the state and the last token's logits, what
                    generation needs), 130m fp16, batch 1, at 2k/16k/64k with kernels="triton", launched eagerly
                    and as TritonBackend.prefill's CUDA graphs (the summary line's figures); the reference at
-                   2k only (its scan is a Python loop over tokens)
+                   2k only (its scan is a Python loop over tokens). Each graphed length then runs for ~2 s under
+                   a PowerSampler: the SM clock and board power it sustains (an H100 prefills 16k tokens at
+                   its 700 W cap, below the clock a kernel alone gets)
   kernels          each kernel on 130m shapes against its own bytes floor, replayed as a CUDA graph (graph_ms: L2
                    flushed before every repeat)
 
@@ -24,7 +26,10 @@ import copy
 import gc
 import json
 import os
+import shutil
 import statistics
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +71,84 @@ def graph_ms(fn, reps: int = 50) -> float:
     the host launches the replay, so the start event does not fire before the graph is queued."""
     from .backends.triton_backend import warm_and_capture
     return time_ms(warm_and_capture(fn).replay, reps=reps, warmup=3, flush=True)
+
+
+class PowerSampler:
+    """The SM clock and board power while a benchmark runs: `nvidia-smi` (NVML's readings) every `period` seconds
+    from a thread. A graphed 16k prefill holds an H100 at its 700 W cap, where the clock drops below the 1980 MHz a
+    kernel alone runs at (BENCHMARKS.md, nineteenth session), so a figure that adds instructions to save cycles
+    can measure as a gain alone and as nothing in the prefill. summary() is None where nvidia-smi is absent or
+    gives no reading (the rows then say nothing of power)."""
+
+    QUERY = "clocks.sm,power.draw,power.limit"
+
+    def __init__(self, device: int = 0, period: float = 0.05):
+        self.period, self.readings = period, []
+        self.command = [shutil.which("nvidia-smi") or "nvidia-smi", f"--query-gpu={self.QUERY}",
+                        "--format=csv,noheader,nounits"]
+        props = torch.cuda.get_device_properties(device) if torch.cuda.is_available() else None
+        if props is not None and hasattr(props, "pci_bus_id"):      # the same GPU, whatever CUDA_VISIBLE_DEVICES
+            self.command.append(f"--id={props.pci_domain_id:08X}:{props.pci_bus_id:02X}:{props.pci_device_id:02X}.0")
+        self._stop = threading.Event()
+        self._thread = None
+
+    @staticmethod
+    def parse(line: str) -> tuple[float, float, float] | None:
+        """(SM MHz, power W, power limit W) of one nvidia-smi answer line; None for "[N/A]" or anything else."""
+        try:
+            clock, power, limit = (float(v) for v in line.strip().split(","))
+        except ValueError:
+            return None
+        return clock, power, limit
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(self.command, capture_output=True, text=True, timeout=5).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                return                                               # no nvidia-smi here: no readings
+            reading = self.parse(out.splitlines()[0]) if out.strip() else None
+            if reading is not None:
+                self.readings.append(reading)
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "PowerSampler":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict | None:
+        """Medians (and the lowest clock) over the readings, or None without any."""
+        if not self.readings:
+            return None
+        clocks, powers, limits = zip(*self.readings)
+        return dict(sm_clock_mhz=statistics.median(clocks), sm_clock_min_mhz=min(clocks),
+                    power_w=statistics.median(powers), power_limit_w=statistics.median(limits),
+                    power_samples=len(self.readings))
+
+
+def sustained_power(fn, seconds: float = 2.0) -> dict:
+    """fn() run back to back for `seconds` under a PowerSampler; its summary (empty without readings)."""
+    fn()
+    torch.cuda.synchronize()
+    with PowerSampler() as sampler:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            fn()
+            torch.cuda.synchronize()
+    return sampler.summary() or {}
+
+
+def power_note(r: dict) -> str:
+    """"692 of 700 W, SM 1950 MHz (min 1830)" for a row with PowerSampler figures, else ""."""
+    if "power_w" not in r:
+        return ""
+    return (f"{r['power_w']:.0f} of {r['power_limit_w']:.0f} W, SM {r['sm_clock_mhz']:.0f} MHz "
+            f"(min {r['sm_clock_min_mhz']:.0f})")
 
 
 def row(group: str, what: str, ms: float | None = None, floor_ms: float | None = None, **extra) -> dict:
@@ -166,7 +249,7 @@ def bench_prefill(lengths=(2048, 16384, 65536), reference_at=2048) -> dict:
         ms = time_ms(lambda: graphed.prefill(ids, state), reps=3 if T > 16384 else 5, warmup=1)
         out[T] = T / (ms * 1e-3)
         row("prefill", f"130m fp16 prefill {T // 1024}k tokens: triton, CUDA graphs (TritonBackend)", ms, None,
-            tokens_per_s=out[T])
+            tokens_per_s=out[T], **sustained_power(lambda: graphed.prefill(ids, state)))
     if reference_at:
         ids = torch.randint(0, 50280, (1, reference_at), generator=g).to(DEV)
         model.prefill(ids[:, :64], last_only=True)
@@ -283,7 +366,7 @@ def report(out_dir: Path, decode: list[dict], prefill: dict, bw: float) -> None:
     for r in ROWS:
         note = r.get("note", "")
         if "tokens_per_s" in r:
-            note = f"{r['tokens_per_s'] / 1e6:.2f} M tokens/s"
+            note = f"{r['tokens_per_s'] / 1e6:.2f} M tokens/s" + (f"; {power_note(r)}" if "power_w" in r else "")
         if "bandwidth_GBps" in r:
             note = f"{r['bandwidth_GBps']:.0f} GB/s"
         table.add_row(r["group"], r["what"], f"{r['ms']:.4f}" if r["ms"] is not None else "",
@@ -307,6 +390,10 @@ def report(out_dir: Path, decode: list[dict], prefill: dict, bw: float) -> None:
         parts = [f"{k // 1024}k {v / 1e6:.2f}M" for k, v in prefill.items() if k != "reference"]
         ref = f"; reference at 2k {prefill['reference'] / 1e3:.1f}k" if "reference" in prefill else ""
         print(f"@@ kernel-bench: prefill 130m fp16 tokens/s (CUDA graphs) {', '.join(parts)}{ref}")
+        sustained = [f"{r['what'].split(' tokens')[0].split()[-1]} {power_note(r)}" for r in ROWS
+                     if r["group"] == "prefill" and "power_w" in r]
+        if sustained:
+            print(f"@@ kernel-bench: prefill sustained (~2 s each): {'; '.join(sustained)}")
     worst = [r for r in ROWS if r["group"] == "kernel" and r["x_floor"]]
     if worst:
         w = max(worst, key=lambda r: r["x_floor"])
