@@ -366,7 +366,8 @@ def report(out_dir: Path, decode: list[dict], prefill: dict, bw: float) -> None:
     for r in ROWS:
         note = r.get("note", "")
         if "tokens_per_s" in r:
-            note = f"{r['tokens_per_s'] / 1e6:.2f} M tokens/s" + (f"; {power_note(r)}" if "power_w" in r else "")
+            power = power_note(r)
+            note = f"{r['tokens_per_s'] / 1e6:.2f} M tokens/s" + (f"; {power}" if power else "")
         if "bandwidth_GBps" in r:
             note = f"{r['bandwidth_GBps']:.0f} GB/s"
         table.add_row(r["group"], r["what"], f"{r['ms']:.4f}" if r["ms"] is not None else "",
