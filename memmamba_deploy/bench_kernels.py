@@ -249,7 +249,7 @@ def bench_prefill(lengths=(2048, 16384, 65536), reference_at=2048) -> dict:
         ms = time_ms(lambda: graphed.prefill(ids, state), reps=3 if T > 16384 else 5, warmup=1)
         out[T] = T / (ms * 1e-3)
         row("prefill", f"130m fp16 prefill {T // 1024}k tokens: triton, CUDA graphs (TritonBackend)", ms, None,
-            tokens_per_s=out[T], **sustained_power(lambda: graphed.prefill(ids, state)))
+            tokens=T, tokens_per_s=out[T], **sustained_power(lambda: graphed.prefill(ids, state)))
     if reference_at:
         ids = torch.randint(0, 50280, (1, reference_at), generator=g).to(DEV)
         model.prefill(ids[:, :64], last_only=True)
@@ -391,7 +391,7 @@ def report(out_dir: Path, decode: list[dict], prefill: dict, bw: float) -> None:
         parts = [f"{k // 1024}k {v / 1e6:.2f}M" for k, v in prefill.items() if k != "reference"]
         ref = f"; reference at 2k {prefill['reference'] / 1e3:.1f}k" if "reference" in prefill else ""
         print(f"@@ kernel-bench: prefill 130m fp16 tokens/s (CUDA graphs) {', '.join(parts)}{ref}")
-        sustained = [f"{r['what'].split(' tokens')[0].split()[-1]} {power_note(r)}" for r in ROWS
+        sustained = [f"{r['tokens'] // 1024}k {power_note(r)}" for r in ROWS
                      if r["group"] == "prefill" and "power_w" in r]
         if sustained:
             print(f"@@ kernel-bench: prefill sustained (~2 s each): {'; '.join(sustained)}")
