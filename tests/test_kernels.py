@@ -292,6 +292,18 @@ def test_pool_sweep_with_more_slots_than_a_segment(rng, monkeypatch):
 
 
 @interpreted
+def test_pool_sweep_with_priorities_too_wide_to_pack(rng, monkeypatch):
+    # the replay's argmin packs each priority with its slot in an int32 where the priorities span under 2^25
+    # floats; rows 0 and 1 do not (a held slot at 1e-30, one at -2 below the empty slots' -1) and take the
+    # two-minimum argmin, row 2 packs: the same results either way, ties included (scores on a coarse grid)
+    monkeypatch.setattr(kt.pool, "SWEEP_SEG", 128)
+    a = torch.randint(0, 40, (3, 400), generator=rng) / 40.0
+    prio0 = torch.tensor([[1e-30, 0.7, -1.0, 0.6, 0.7], [-2.0, -1.0, 0.9, 0.55, -1.0], [-1.0, 0.8, -1.0, 0.525, 0.8]])
+    index_ref = assert_sweep_replays_the_reference(a, prio0)
+    assert (index_ref[:, -1] >= prio0.shape[1]).all()                   # tokens entered every row
+
+
+@interpreted
 @pytest.mark.parametrize("case", ["none", "one", "three", "entrant-ties-a-slot"])
 def test_pool_sweep_of_a_few_tokens(case):
     # fewer events than a replay step; and an entrant (0.6 in slot 0) tying a held slot (0.6 in slot 1): the

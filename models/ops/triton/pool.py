@@ -90,6 +90,7 @@ SWEEP_COUNT_GROUP = 4    # earlier segments' top lists compared at a time (one l
                          # 4 and 128 (2k: 751 -> 713 us; BENCHMARKS.md)
 SWEEP_COUNT_WARPS = 1
 SWEEP_FILL_T = 64        # index rows per program of the fill
+SWEEP_RANGE_R = 128      # entries a step of the replay's pass for the range of the priorities
 
 
 @triton.jit
@@ -218,17 +219,63 @@ def _entries(ev_t, ev_a, first, last, some):
     return toks, scores
 
 
+INT32_MAX = tl.constexpr(2 ** 31 - 1)
+INT32_MIN = tl.constexpr(-2 ** 31)
+MINUS_ONE_KEY = tl.constexpr(-1065353217)   # _ordered_key(-1.0): the bits 0xBF800000 flipped as a negative float's
+
+
+@triton.jit
+def _code(p, lo):
+    # a priority as a small int32 in its order: an empty slot's -1 is 0, any other p its ordered key above lo's
+    return tl.where(p == -1.0, 0, _ordered_key(p) - lo + 1)
+
+
+@triton.jit
+def _packed_entry(e, n, t, a, lo, prio, packed, slot, m, cols, mask_k, row_ptr, K, SLOT_BITS: tl.constexpr):
+    # _replay_entry on (code << SLOT_BITS) | slot: the argmin slot is the one whose packed value is the minimum
+    hit = (packed == m) & (e < n)
+    packed = tl.where(hit, (_code(a, lo) << SLOT_BITS) | cols, packed)
+    prio = tl.where(hit, a, prio)
+    slot = tl.where(hit, K + t, slot)
+    tl.store(row_ptr + tl.cast(e + 1, tl.int64) * K + cols, slot, mask=mask_k & (e < n))
+    return prio, packed, slot, tl.min(packed, axis=0)
+
+
+@triton.jit
+def _priority_range(prio, key, mask_k, ev_a, n, BLOCK_R: tl.constexpr):
+    # (lo, hi) of the ordered keys of every priority but -1 (prio0's and the entries'), and whether any is NaN
+    held = mask_k & (prio != -1.0)
+    lo = tl.min(tl.where(held, key, INT32_MAX), axis=0)
+    hi = tl.max(tl.where(held, key, INT32_MIN), axis=0)
+    nan = tl.max((mask_k & (prio != prio)).to(tl.int32), axis=0)
+    offs = tl.arange(0, BLOCK_R)
+    for r0 in range(0, n, BLOCK_R):
+        live = r0 + offs < n
+        a = tl.load(ev_a + r0 + offs, mask=live, other=-1.0)
+        k = _ordered_key(a)
+        scored = live & (a != -1.0)
+        lo = tl.minimum(lo, tl.min(tl.where(scored, k, INT32_MAX), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(scored, k, INT32_MIN), axis=0))
+        nan = tl.maximum(nan, tl.max((live & (a != a)).to(tl.int32), axis=0))
+    return lo, hi, nan
+
+
 @triton.jit
 def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_ptr, hist_ptr, prio_ptr, ends_ptr, T,
-                        K, n_seg, BLOCK_SEG: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+                        K, n_seg, BLOCK_SEG: tl.constexpr, BLOCK_K: tl.constexpr, SLOT_BITS: tl.constexpr,
+                        BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr):
     """grid (B,), one warp. Replays the entering tokens (ev_tok, ev_a, in order; seg_count says how many): each
     takes the argmin slot (lowest index on ties). hist[b, e] is the slot vector after e entries (j < K an initial
     slot, K + i token i, -1 empty); prio the priorities after the last; ends[b, :K] = -1 (sweep_compact_kernel
     sets the token rows' -1, sweep_fill_kernel the ends of the rows held). Each entry waits on the previous one's
-    argmin, so that is taken on the priorities as ordered integers (_ordered_key, _argmin_slot), and the entries
-    come four at a time, loaded while the four before them are replayed: a load consumed in its own iteration
-    cost the loop its latency every entry. (Replaying several entries per step by ranking the slots measured
-    slower on the H100: BENCHMARKS.md.)"""
+    argmin, and the entries come four at a time, loaded while the four before them are replayed (a load consumed
+    in its own iteration cost the loop its latency every entry). The argmin is one integer minimum where each
+    priority fits in an int32 with its slot, (_code << SLOT_BITS) | slot, _code the ordered key less the least
+    one plus 1 (0 for an empty slot's -1): so wherever prio0's and the entries' priorities lie within 2^(31 -
+    SLOT_BITS) - 2 floats of each other, e.g. scores in [1/8, 1] at K <= 64 (a first pass over the entries finds
+    their range). Otherwise (priorities spread wider, below -1, or NaN) it is two minimums of the ordered keys
+    themselves (_ordered_key, _argmin_slot): the same slots either way. (Replaying several entries per step by
+    ranking the slots measured slower on the H100: BENCHMARKS.md.)"""
     _after_predecessor(USE_PDL)
     b = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
@@ -242,17 +289,29 @@ def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_p
     row_ptr = hist_ptr + b * (T + 1) * K
     tl.store(row_ptr + cols, slot, mask=mask_k)
     tl.store(ends_ptr + b * (K + T) + cols, -1, mask=mask_k)   # for sweep_fill_kernel to set (token rows: compact)
-    jmin = _argmin_slot(key, cols, BLOCK_K)
     last = tl.maximum(n - 1, 0)                               # loads past the last entry read it again (unused)
     some = n > 0
     ev_t, ev_a = ev_tok_ptr + b * T, ev_a_ptr + b * T
+    lo, hi, nan = _priority_range(prio, key, mask_k, ev_a, n, BLOCK_R)
+    packs = (nan == 0) & (lo > MINUS_ONE_KEY) & (hi.to(tl.int64) - lo.to(tl.int64) < (1 << (31 - SLOT_BITS)) - 2)
     toks, scores = _entries(ev_t, ev_a, 0, last, some)
-    for e in range(0, n, 4):
-        next_toks, next_scores = _entries(ev_t, ev_a, e + 4, last, some)
-        for j in tl.static_range(4):
-            prio, key, slot, jmin = _replay_entry(e + j, n, toks[j], scores[j], prio, key, slot, jmin, cols, mask_k,
-                                                  row_ptr, K, BLOCK_K)
-        toks, scores = next_toks, next_scores
+    if packs:
+        packed = tl.where(mask_k, (_code(prio, lo) << SLOT_BITS) | cols, INT32_MAX)
+        m = tl.min(packed, axis=0)
+        for e in range(0, n, 4):
+            next_toks, next_scores = _entries(ev_t, ev_a, e + 4, last, some)
+            for j in tl.static_range(4):
+                prio, packed, slot, m = _packed_entry(e + j, n, toks[j], scores[j], lo, prio, packed, slot, m, cols,
+                                                      mask_k, row_ptr, K, SLOT_BITS)
+            toks, scores = next_toks, next_scores
+    else:
+        jmin = _argmin_slot(key, cols, BLOCK_K)
+        for e in range(0, n, 4):
+            next_toks, next_scores = _entries(ev_t, ev_a, e + 4, last, some)
+            for j in tl.static_range(4):
+                prio, key, slot, jmin = _replay_entry(e + j, n, toks[j], scores[j], prio, key, slot, jmin, cols,
+                                                      mask_k, row_ptr, K, BLOCK_K)
+            toks, scores = next_toks, next_scores
     tl.store(prio_ptr + b * K + cols, prio, mask=mask_k)
 
 
@@ -330,7 +389,8 @@ def pool_sweep_ends(scores, prio0, tau1):
         sweep_compact_kernel[(Bsz, n_seg)](enter, seg_count, ev_tok, ev_a, ecount, ends, T, K, n_seg, SEG=seg_len,
                                            BLOCK_SEG=block_seg, num_warps=4, **pdl)
     sweep_replay_kernel[(Bsz,)](seg_count, prio0, ev_tok, ev_a, ecount, hist, prio, ends, T, K, n_seg,
-                                BLOCK_SEG=block_seg, BLOCK_K=block_k, num_warps=1, **pdl)
+                                BLOCK_SEG=block_seg, BLOCK_K=block_k, SLOT_BITS=block_k.bit_length() - 1,
+                                BLOCK_R=SWEEP_RANGE_R, num_warps=1, **pdl)
     sweep_fill_kernel[(Bsz, triton.cdiv(T + 1, SWEEP_FILL_T))](ecount, hist, index, ends, T, K, BLOCK_T=SWEEP_FILL_T,
                                                                 BLOCK_K=block_k, num_warps=4, **pdl)
     return index, prio, ends
