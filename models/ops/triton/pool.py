@@ -242,6 +242,29 @@ def _packed_entry(e, n, t, a, lo, prio, packed, slot, m, cols, mask_k, row_ptr, 
 
 
 @triton.jit
+def _replay(order, prio, slot, lo, n, last, some, ev_t, ev_a, cols, mask_k, row_ptr, K, BLOCK_K: tl.constexpr,
+            SLOT_BITS: tl.constexpr, PACKED: tl.constexpr):
+    # the entries in order, four at a time, loaded while the four before them are replayed; order: the packed
+    # priorities (PACKED) or the ordered keys. Returns the priorities after the last
+    if PACKED:
+        m = tl.min(order, axis=0)
+    else:
+        m = _argmin_slot(order, cols, BLOCK_K)
+    toks, scores = _entries(ev_t, ev_a, 0, last, some)
+    for e in range(0, n, 4):
+        next_toks, next_scores = _entries(ev_t, ev_a, e + 4, last, some)
+        for j in tl.static_range(4):
+            if PACKED:
+                prio, order, slot, m = _packed_entry(e + j, n, toks[j], scores[j], lo, prio, order, slot, m, cols,
+                                                     mask_k, row_ptr, K, SLOT_BITS)
+            else:
+                prio, order, slot, m = _replay_entry(e + j, n, toks[j], scores[j], prio, order, slot, m, cols,
+                                                     mask_k, row_ptr, K, BLOCK_K)
+        toks, scores = next_toks, next_scores
+    return prio
+
+
+@triton.jit
 def _priority_range(prio, key, mask_k, ev_a, n, BLOCK_R: tl.constexpr):
     # (lo, hi) of the ordered keys of every priority but -1 (prio0's and the entries'), and whether any is NaN
     held = mask_k & (prio != -1.0)
@@ -294,24 +317,12 @@ def sweep_replay_kernel(seg_count_ptr, prio0_ptr, ev_tok_ptr, ev_a_ptr, ecount_p
     ev_t, ev_a = ev_tok_ptr + b * T, ev_a_ptr + b * T
     lo, hi, nan = _priority_range(prio, key, mask_k, ev_a, n, BLOCK_R)
     packs = (nan == 0) & (lo > MINUS_ONE_KEY) & (hi.to(tl.int64) - lo.to(tl.int64) < (1 << (31 - SLOT_BITS)) - 2)
-    toks, scores = _entries(ev_t, ev_a, 0, last, some)
     if packs:
-        packed = tl.where(mask_k, (_code(prio, lo) << SLOT_BITS) | cols, INT32_MAX)
-        m = tl.min(packed, axis=0)
-        for e in range(0, n, 4):
-            next_toks, next_scores = _entries(ev_t, ev_a, e + 4, last, some)
-            for j in tl.static_range(4):
-                prio, packed, slot, m = _packed_entry(e + j, n, toks[j], scores[j], lo, prio, packed, slot, m, cols,
-                                                      mask_k, row_ptr, K, SLOT_BITS)
-            toks, scores = next_toks, next_scores
+        prio = _replay(tl.where(mask_k, (_code(prio, lo) << SLOT_BITS) | cols, INT32_MAX), prio, slot, lo, n, last,
+                       some, ev_t, ev_a, cols, mask_k, row_ptr, K, BLOCK_K, SLOT_BITS, True)
     else:
-        jmin = _argmin_slot(key, cols, BLOCK_K)
-        for e in range(0, n, 4):
-            next_toks, next_scores = _entries(ev_t, ev_a, e + 4, last, some)
-            for j in tl.static_range(4):
-                prio, key, slot, jmin = _replay_entry(e + j, n, toks[j], scores[j], prio, key, slot, jmin, cols,
-                                                      mask_k, row_ptr, K, BLOCK_K)
-            toks, scores = next_toks, next_scores
+        prio = _replay(key, prio, slot, lo, n, last, some, ev_t, ev_a, cols, mask_k, row_ptr, K, BLOCK_K, SLOT_BITS,
+                       False)
     tl.store(prio_ptr + b * K + cols, prio, mask=mask_k)
 
 
