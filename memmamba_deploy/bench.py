@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from .kv_baseline import KVBaseline
-from .models.checkpoint import atomic_file, write_json
+from .models.checkpoint import atomic_file, creatable_dir, write_json
+from .models.ops import check_kernels_on
 from .session import DTYPE_NAMES, inspect_path, open_backend
 
 FLATNESS_TARGET = 1.05
@@ -98,6 +99,7 @@ def prefill_kernels(backend, kernels: str | None):
     if not kernels or not hasattr(model, "set_kernels") or model.kernels == kernels:
         yield
         return
+    check_kernels_on(kernels, model.device)
     before = model.kernels
     model.set_kernels(kernels)
     try:
@@ -113,14 +115,19 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
 
 
+def check_settings(**settings: int) -> None:
+    """ValueError naming each setting below its least (warmup may be 0, the others must be >= 1)."""
+    bad = [f"--{k} must be >= {int(k != 'warmup')}, got {v}" for k, v in settings.items() if v < int(k != "warmup")]
+    if bad:
+        raise ValueError("bad bench settings: " + "; ".join(bad))
+
+
 @torch.no_grad()
 def measure(backend, contexts: list[int], tokens: int = 256, batch: int = 1, *, warmup: int = 16, rounds: int = 4,
             chunk: int = 2048, seed: int = 0, progress=None, label: str = "", prefill_with: str | None = None,
             copy_state=None) -> dict:
     """Steps 1-3 of the module docstring for one backend. Returns {"rows": [...], "flatness": x}."""
-    if tokens < 1 or batch < 1 or warmup < 0 or rounds < 1 or chunk < 1:
-        raise ValueError(f"bad bench settings: tokens={tokens}, batch={batch}, warmup={warmup}, rounds={rounds}, "
-                         f"chunk={chunk}")
+    check_settings(tokens=tokens, batch=batch, warmup=warmup, rounds=rounds, chunk=chunk)
     timer = StepTimer(backend_device(backend))
     vocab = backend.config.vocab_size
     g = torch.Generator().manual_seed(seed)
@@ -332,6 +339,20 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+NOISY_P90 = 2.0   # p90 / median of a decode row above this: other work shared the machine (quiet: 1.1-1.2)
+
+
+def noise_note(*runs: dict) -> str | None:
+    """A warning where a run's decode timings are too spread to compare (the worst p90 / median), else None."""
+    worst = max(((r["decode_ms_p90"] / r["decode_ms_median"], m["label"], r["context"])
+                 for res in runs for m in res["models"].values() for r in m["rows"] if r["decode_ms_median"] > 0),
+                default=None)
+    if worst is None or worst[0] <= NOISY_P90:
+        return None
+    return (f"noisy timings: p90 is {worst[0]:.1f}x the median ({worst[1]} at {fmt_tokens(worst[2])} context); "
+            f"other work probably shared the machine: rerun on a quiet one before comparing")
+
+
 def results_table(results: dict):
     """A rich Table: one row per context, both models side by side (fits 80 columns)."""
     from rich import box
@@ -409,6 +430,11 @@ def bench_cli(path, backend, contexts, tokens, batch, dtype, device, out, baseli
     """What `memdeploy bench` does: run with progress bars, print the table, write bench.json + bench.png."""
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise FileExistsError(f"--out {out} is a file: give a directory for bench.json and bench.png")
+    check_settings(tokens=tokens, batch=batch, warmup=warmup, rounds=rounds, chunk=chunk)   # before loading
+    if out is not None:
+        creatable_dir(out)                         # before the run: its results would be lost after it
+    if prefill_with is not None:
+        check_kernels_on(prefill_with, "cuda" if device is None and torch.cuda.is_available() else device or "cpu")
     with default_progress(console) if console is not None else nullcontext() as bar:
         results = run_bench(path, backend, contexts, tokens, batch, dtype, device, baseline, warmup, rounds, chunk,
                             seed, prefill_with, progress=bar, **options)
@@ -417,6 +443,9 @@ def bench_cli(path, backend, contexts, tokens, batch, dtype, device, out, baseli
         results["files"] = [str(json_path), str(png_path)]
     if console is not None:
         console.print(results_table(results))
+        note = noise_note(results)
+        if note:
+            console.print(f"[yellow]{note}[/]")
         if out is not None:
             console.print(f"wrote {results['files'][0]} and {results['files'][1]}")
     return results

@@ -65,8 +65,11 @@ def init(directory: Path = typer.Argument(..., help="where to write config.json 
 @app.command()
 @user_errors
 def selfcheck(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
-              batch: int = typer.Option(2), tokens: Optional[int] = typer.Option(None, help="default: 4x pool size"),
-              seed: int = typer.Option(0), tol: float = typer.Option(1e-5, help="max relative error"),
+              batch: int = typer.Option(2),
+              tokens: Optional[int] = typer.Option(None, help="default: 4x the pool size, at least 64"),
+              seed: int = typer.Option(0),
+              tol: Optional[float] = typer.Option(None, help="max relative error; default 1e-5 for fp32 "
+                                                             "checkpoints, 1e-2 for fp16 / bf16"),
               json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here")):
     """Check that the recurrent step reproduces the parallel forward pass (spec §8)."""
     from .models import MemMambaLM

@@ -28,8 +28,12 @@ def aot(out: Path = typer.Option(..., "--out", help="folder for memmamba_kernels
     from rich.table import Table
 
     from .aot import AotError, build_library, parse_archs, project_kernels
+    from .models.checkpoint import creatable_dir
 
     archs = parse_archs(arch)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file: give a directory")
+    creatable_dir(out)                         # before the compiles, not after
     try:
         kernels = project_kernels(only.split(","))
         with _progress() as bar:

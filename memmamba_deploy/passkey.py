@@ -64,12 +64,15 @@ def _answer_text(tokens: list[int]) -> str:
 def evaluate_passkey(backend, lengths: list[int], samples: int = 5, seed: int = 0, batch: int = 4,
                      chunk: int = 4096, on_tokens: Callable[[int], None] | None = None) -> list[PasskeyResult]:
     """Accuracy per length for `backend` (any Backend: new_state, prefill, step). on_tokens(n) is called as
-    prompt tokens are consumed (for a progress bar). The vocabulary must hold bytes (vocab_size >= 256)."""
-    if backend.config.vocab_size < 256:
-        raise ValueError(f"passkey prompts are bytes: the model's vocabulary ({backend.config.vocab_size}) must "
-                         f"hold 256 symbols")
-    if samples < 1 or batch < 1 or chunk < 1:
-        raise ValueError(f"samples, batch and chunk must be >= 1, got {samples}, {batch}, {chunk}")
+    prompt tokens are consumed (for a progress bar). The model must be byte-level (vocab_size 256): the prompts
+    are UTF-8 bytes, meaningless as ids of another tokenizer's vocabulary."""
+    if backend.config.vocab_size != 256:
+        raise ValueError(f"passkey prompts are bytes: the model's vocabulary has {backend.config.vocab_size} tokens, "
+                         f"not 256 bytes (a byte-level model's); without its tokenizer the prompts mean nothing to it")
+    settings = (("samples", samples), ("batch", batch), ("chunk", chunk))
+    bad = [f"--{k} must be >= 1, got {v}" for k, v in settings if v < 1]
+    if bad:
+        raise ValueError("; ".join(bad))
     results = []
     for length in lengths:
         t0 = time.perf_counter()

@@ -37,8 +37,12 @@ def atomic_directory(target, force: bool = True):
         raise FileExistsError(f"{target} exists and is not a directory")
     if not force and target.is_dir() and any(target.iterdir()):
         raise FileExistsError(f"{target} is not empty (use --force to overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    creatable_dir(target.parent, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as e:                    # e.g. a read-only or virtual file system: name the target, not the temp
+        raise OSError(f"cannot create {target}: {e.strerror} (in {target.parent})") from None
     try:
         yield tmp
         usual_permissions(tmp)
@@ -68,14 +72,39 @@ def usual_permissions(path: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
+def creatable_dir(path, target=None) -> Path:
+    """Check before a long run that directory `path` exists or can be made: every existing part of it must be a
+    directory, and the deepest existing one must take a new entry (probed with a temporary directory, removed at
+    once). Raises an OSError naming the part at fault, and `target` (default: `path`) as what was to be written."""
+    path = Path(path)
+    target = path if target is None else target
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "" if probe == path else f" (a part of {path})"
+        raise NotADirectoryError(f"{probe}{what} is a file, not a directory")
+    try:                                    # the one test that holds for root and for virtual file systems too
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=probe))
+    except OSError as e:
+        raise OSError(f"cannot write {target}: {e.strerror} (in {probe})") from None
+    return path
+
+
 def writable_file(path) -> Path:
-    """Check before a long run that `path` can be written: an existing directory or a missing parent is an error
-    now, not after the work."""
+    """Check before a long run that `path` can be written: an existing directory, a missing parent or a parent
+    that is a file is an error now, not after the work."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory: give a file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"{path.parent} is a file, not a directory: give another path for {path.name}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent} does not exist: create it first, or give another path for {path.name}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write {path}: {path.parent} is not writable")
     return path
 
 
@@ -84,7 +113,10 @@ def atomic_file(path):
     """Yield a temporary path beside `path` (same suffix, for writers that look at it); on success it replaces
     `path` in one rename with the usual modes, on any exception it is removed and `path` is left as it was."""
     path = writable_file(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror} (in {path.parent})") from None
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -141,7 +173,9 @@ def _is_hf_mamba(cfg: dict) -> bool:
 def load_pretrained(directory, kernels: str = "torch", device=None, dtype=None):
     """Load a memmamba-deploy checkpoint, or a Hugging Face `MambaForCausalLM` one (as memory=False)."""
     from .memmamba import MemMambaLM
+    from .ops import check_kernels_on
 
+    check_kernels_on(kernels, "cpu" if device is None else device)
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoint directory at {directory}")
@@ -181,6 +215,11 @@ def load_tensors(model, tensors: dict[str, torch.Tensor], source: str) -> None:
         if tuple(tensors[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{source}: tensor {k!r} has shape {list(tensors[k].shape)} in the file but the "
                                   f"config needs {list(v.shape)}")
+        if not tensors[k].is_floating_point():
+            raise CheckpointError(f"{source}: tensor {k!r} is {tensors[k].dtype}; parameters must be floating point "
+                                  f"(fp32, fp16 or bf16)")
+        if not torch.isfinite(tensors[k]).all():        # a diverged training run: every output would be NaN
+            raise CheckpointError(f"{source}: tensor {k!r} holds NaN or infinite values")
     model.load_state_dict(tensors, strict=True, assign=True)
 
 

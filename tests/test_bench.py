@@ -188,3 +188,14 @@ def test_demo_runs_the_main_job(tmp_path):
     assert data["meta"]["contexts"] == [32, 64] and set(data["models"]) == {"memmamba", "kv_baseline"}
     if not torch.cuda.is_available():
         assert data["meta"]["backend"] in ("ort", "onnxruntime")
+
+
+def test_noise_note_flags_spread_timings_only():
+    from memmamba_deploy.bench import NOISY_P90, noise_note
+
+    def run(p90_over_median):
+        rows = [{"context": 1024, "decode_ms_median": 0.5, "decode_ms_p90": 0.5 * p90_over_median}]
+        return {"models": {"memmamba": {"label": "MemMamba (onnxruntime)", "rows": rows}}}
+    assert noise_note(run(1.2)) is None and noise_note(run(NOISY_P90)) is None
+    note = noise_note(run(1.1), run(8.0))
+    assert note and "p90 is 8.0x the median" in note and "1k" in note

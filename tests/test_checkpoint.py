@@ -170,3 +170,74 @@ def test_every_verb_is_there_however_the_cli_is_started(module):
     for verb in ("init", "selfcheck", "export", "parity", "bench", "generate", "demo", "aot", "build", "selftest",
                  "fidelity", "eval"):
         assert f" {verb} " in out.stdout, verb
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda t: t.to(torch.int32), "is torch.int32; parameters must be floating point"),
+    (lambda t: t.clone().fill_(float("nan")), "holds NaN or infinite values"),
+])
+def test_loader_names_a_tensor_of_the_wrong_kind(tmp_path, tiny, bad, message):
+    from safetensors.torch import load_file, save_file
+
+    tiny.save_pretrained(tmp_path / "ck")
+    weights = tmp_path / "ck" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["embeddings.weight"] = bad(tensors["embeddings.weight"])
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match="'embeddings.weight' " + message.replace("(", r"\(")):
+        MemMambaLM.from_pretrained(tmp_path / "ck")
+    r = CliRunner().invoke(app, ["selfcheck", str(tmp_path / "ck")])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_outputs_under_a_file_fail_before_any_work(tmp_path, tiny, monkeypatch):
+    """A path through a file, or on a file system that takes no new entry, is refused up front with a line that
+    names it (not a raw errno about a temporary name, not after a long run)."""
+    import memmamba_deploy.bench as bench
+    from memmamba_deploy.models.checkpoint import creatable_dir, writable_file
+
+    (tmp_path / "afile").write_text("x")
+    tiny.save_pretrained(tmp_path / "ck")
+    runner = CliRunner()
+    r = runner.invoke(app, ["init", str(tmp_path / "afile" / "sub")])
+    assert r.exit_code == 2 and "afile is a file, not a directory" in r.output
+    r = runner.invoke(app, ["export", str(tmp_path / "ck"), "-o", str(tmp_path / "afile" / "sub")])
+    assert r.exit_code == 2 and "afile is a file, not a directory" in r.output
+
+    def no_run(*a, **k):
+        raise AssertionError("the benchmark ran before its --out was checked")
+    monkeypatch.setattr(bench, "run_bench", no_run)
+    r = runner.invoke(app, ["bench", str(tmp_path / "ck"), "--device", "cpu", "--out",
+                            str(tmp_path / "afile" / "sub" / "deeper")])
+    assert r.exit_code == 2 and "is a file, not a directory" in r.output, r.output
+    with pytest.raises(NotADirectoryError, match="afile is a file, not a directory"):
+        writable_file(tmp_path / "afile" / "x.json")
+    with pytest.raises(OSError, match="cannot write .*target"):
+        monkeypatch.setattr("tempfile.mkdtemp", lambda **k: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+        creatable_dir(tmp_path / "new", tmp_path / "target")
+
+
+def test_cli_selfcheck_validates_its_settings_and_follows_the_dtype(tmp_path, tiny):
+    runner = CliRunner()
+    tiny.save_pretrained(tmp_path / "ck")
+    for args, message in ((["--batch", "0"], "--batch must be >= 1"), (["--tokens", "1"], "--tokens must be >= 2"),
+                          (["--tokens", "0"], "--tokens must be >= 2"), (["--tol", "0"], "--tol must be > 0")):
+        r = runner.invoke(app, ["selfcheck", str(tmp_path / "ck"), *args])
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, args
+    tiny.half().save_pretrained(tmp_path / "ck16")                   # fp16 weights: half-precision tolerance
+    r = runner.invoke(app, ["selfcheck", str(tmp_path / "ck16"), "--tokens", "16", "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    checks = json.loads((tmp_path / "s.json").read_text())["checks"]
+    assert {c["tolerance"] for c in checks} == {1e-2} and max(c["error"] for c in checks) > 1e-5  # fp32's would fail
+
+
+def test_triton_kernels_on_the_cpu_are_refused_before_loading(tmp_path, tiny, monkeypatch):
+    from memmamba_deploy.models.ops import check_kernels_on
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tiny.save_pretrained(tmp_path / "ck")
+    with pytest.raises(ValueError, match="the Triton kernels run on a CUDA GPU"):
+        MemMambaLM.from_pretrained(tmp_path / "ck", kernels="triton")
+    check_kernels_on("torch", "cpu")                                  # the reference runs anywhere
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_kernels_on("triton", "cpu")                                 # the interpreter: allowed (tests use it)

@@ -181,3 +181,11 @@ def test_cli_fidelity_on_an_export(tiny, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "fidelity.json").read_text())
     assert report["ok"] and report["insertion_flips"] == 0 and report["decisions"] > 0
+
+
+def test_cli_fidelity_refuses_a_reference_of_another_shape(tiny, tmp_path):
+    _ort_backend(tiny, tmp_path)
+    make_model(1, n_layers=2).save_pretrained(tmp_path / "other")
+    r = CliRunner().invoke(app, ["fidelity", str(tmp_path / "out"), "--backend", "onnxruntime", "--reference",
+                                 str(tmp_path / "other"), "--samples", "2", "--length", "16"])
+    assert r.exit_code == 2 and "config differs (n_layers 2 vs 4)" in r.output and "Traceback" not in r.output

@@ -102,10 +102,11 @@ def test_parse_lengths():
 
 
 def test_errors():
-    small = ReaderBackend()
-    small.config = MemMambaConfig.preset("tiny", vocab_size=100)
-    with pytest.raises(ValueError, match="256 symbols"):
-        evaluate_passkey(small, [200])
+    for vocab in (100, 512):                       # too few symbols for bytes; another tokenizer's ids
+        other = ReaderBackend()
+        other.config = MemMambaConfig.preset("tiny", vocab_size=vocab)
+        with pytest.raises(ValueError, match=f"has {vocab} tokens, not 256 bytes"):
+            evaluate_passkey(other, [200])
     with pytest.raises(ValueError, match="too short"):
         evaluate_passkey(ReaderBackend(), [50])
 

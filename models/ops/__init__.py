@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import os
 import types
 
 import torch
@@ -41,6 +42,17 @@ def needs_grad(*tensors) -> bool:
     """Whether autograd records an op on these tensors (None allowed): where a kernel has no backward of its
     own, the kernel set runs its reference instead."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+TRITON_ON_CPU = ("the Triton kernels run on a CUDA GPU (on the CPU only in Triton's slow interpreter: "
+                 "TRITON_INTERPRET=1 set before the process first imports triton); use the torch kernels on the CPU")
+
+
+def check_kernels_on(name: str, device) -> None:
+    """Raise ValueError, before any work, where kernel set `name` cannot run on `device` in this process."""
+    cpu = torch.device(device).type == "cpu"
+    if name == "triton" and cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(TRITON_ON_CPU)
 
 
 def load_ops(name: str) -> types.SimpleNamespace:

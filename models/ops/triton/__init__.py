@@ -21,7 +21,7 @@ import types
 
 import triton.language as tl
 
-from .. import needs_grad
+from .. import TRITON_ON_CPU, needs_grad
 
 
 def _triton_is_interpreted() -> bool:
@@ -60,8 +60,8 @@ _KERNELS = types.SimpleNamespace(norm=norm, scan=scan, pool=pool, memory=memory,
 def kernels_for(device) -> types.SimpleNamespace:
     """The kernel modules, after checking that this process can run them on `device`."""
     if getattr(device, "type", str(device)) == "cpu" and not INTERPRETED:
-        raise RuntimeError("Triton kernels run on CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 "
-                           "before the first `import triton` of the process (this one imported triton compiled)")
+        # a ValueError: the caller chose the kernels and the device (the CLI prints it as one line)
+        raise ValueError(TRITON_ON_CPU + " (this process imported triton compiled)")
     return _KERNELS
 
 
