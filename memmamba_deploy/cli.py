@@ -69,7 +69,8 @@ def selfcheck(checkpoint: Path = typer.Argument(..., help="checkpoint directory"
               tokens: Optional[int] = typer.Option(None, help="default: 4x the pool size, at least 64"),
               seed: int = typer.Option(0),
               tol: Optional[float] = typer.Option(None, help="max relative error; default 1e-5 for fp32 "
-                                                             "checkpoints, 1e-2 for fp16 / bf16"),
+                                                             "checkpoints, 1e-2 for fp16 / bf16 (in bf16 a pool "
+                                                             "decision can flip at a near-tie: see parity)"),
               json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results here")):
     """Check that the recurrent step reproduces the parallel forward pass (spec §8)."""
     from .models import MemMambaLM

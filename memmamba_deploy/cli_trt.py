@@ -33,7 +33,7 @@ def aot(out: Path = typer.Option(..., "--out", help="folder for memmamba_kernels
     archs = parse_archs(arch)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: give a directory")
-    creatable_dir(out)                         # before the compiles, not after
+    creatable_dir(out.parent, out)             # before the compiles, as atomic_directory will write it after
     try:
         kernels = project_kernels(only.split(","))
         with _progress() as bar:

@@ -99,8 +99,11 @@ def writable_file(path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory: give a file name")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise NotADirectoryError(f"{path.parent} is a file, not a directory: give another path for {path.name}")
+    probe = path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise NotADirectoryError(f"{probe} is a file, not a directory: give another path for {path.name}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent} does not exist: create it first, or give another path for {path.name}")
     if not os.access(path.parent, os.W_OK | os.X_OK):
@@ -175,7 +178,8 @@ def load_pretrained(directory, kernels: str = "torch", device=None, dtype=None):
     from .memmamba import MemMambaLM
     from .ops import check_kernels_on
 
-    check_kernels_on(kernels, "cpu" if device is None else device)
+    if device is not None:                  # else the caller may still move the model (kernels_for guards then)
+        check_kernels_on(kernels, device)
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoint directory at {directory}")
@@ -201,6 +205,9 @@ def load_pretrained(directory, kernels: str = "torch", device=None, dtype=None):
     return model.eval()
 
 
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def load_tensors(model, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Strictly load `tensors` into a (possibly meta) model: every key present, no extra key, same shapes."""
     expected = model.state_dict()
@@ -215,9 +222,9 @@ def load_tensors(model, tensors: dict[str, torch.Tensor], source: str) -> None:
         if tuple(tensors[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{source}: tensor {k!r} has shape {list(tensors[k].shape)} in the file but the "
                                   f"config needs {list(v.shape)}")
-        if not tensors[k].is_floating_point():
-            raise CheckpointError(f"{source}: tensor {k!r} is {tensors[k].dtype}; parameters must be floating point "
-                                  f"(fp32, fp16 or bf16)")
+        if tensors[k].dtype not in PARAM_DTYPES:
+            raise CheckpointError(f"{source}: tensor {k!r} is {tensors[k].dtype}; parameters must be fp32, fp16 or "
+                                  f"bf16 (or fp64)")
         if not torch.isfinite(tensors[k]).all():        # a diverged training run: every output would be NaN
             raise CheckpointError(f"{source}: tensor {k!r} holds NaN or infinite values")
     model.load_state_dict(tensors, strict=True, assign=True)

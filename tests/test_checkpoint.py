@@ -173,7 +173,8 @@ def test_every_verb_is_there_however_the_cli_is_started(module):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (lambda t: t.to(torch.int32), "is torch.int32; parameters must be floating point"),
+    (lambda t: t.to(torch.int32), "is torch.int32; parameters must be fp32, fp16 or bf16"),
+    (lambda t: t.to(torch.float8_e4m3fn), "is torch.float8_e4m3fn; parameters must be fp32, fp16 or bf16"),
     (lambda t: t.clone().fill_(float("nan")), "holds NaN or infinite values"),
 ])
 def test_loader_names_a_tensor_of_the_wrong_kind(tmp_path, tiny, bad, message):
@@ -210,8 +211,11 @@ def test_outputs_under_a_file_fail_before_any_work(tmp_path, tiny, monkeypatch):
     r = runner.invoke(app, ["bench", str(tmp_path / "ck"), "--device", "cpu", "--out",
                             str(tmp_path / "afile" / "sub" / "deeper")])
     assert r.exit_code == 2 and "is a file, not a directory" in r.output, r.output
-    with pytest.raises(NotADirectoryError, match="afile is a file, not a directory"):
-        writable_file(tmp_path / "afile" / "x.json")
+    for json_path in (tmp_path / "afile" / "x.json", tmp_path / "afile" / "sub" / "x.json"):
+        with pytest.raises(NotADirectoryError, match="afile is a file, not a directory"):
+            writable_file(json_path)
+    r = runner.invoke(app, ["aot", "--out", str(tmp_path / "afile" / "lib"), "--arch", "90"])
+    assert r.exit_code == 2 and "afile is a file, not a directory" in r.output
     with pytest.raises(OSError, match="cannot write .*target"):
         monkeypatch.setattr("tempfile.mkdtemp", lambda **k: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
         creatable_dir(tmp_path / "new", tmp_path / "target")
@@ -229,15 +233,24 @@ def test_cli_selfcheck_validates_its_settings_and_follows_the_dtype(tmp_path, ti
     assert r.exit_code == 0, r.output
     checks = json.loads((tmp_path / "s.json").read_text())["checks"]
     assert {c["tolerance"] for c in checks} == {1e-2} and max(c["error"] for c in checks) > 1e-5  # fp32's would fail
+    make_model(0).double().save_pretrained(tmp_path / "ck64")        # fp64 loads, and keeps fp32's tolerance
+    r = runner.invoke(app, ["selfcheck", str(tmp_path / "ck64"), "--tokens", "16", "--json", str(tmp_path / "d.json")])
+    assert r.exit_code == 0, r.output
+    assert {c["tolerance"] for c in json.loads((tmp_path / "d.json").read_text())["checks"]} == {1e-5}
 
 
 def test_triton_kernels_on_the_cpu_are_refused_before_loading(tmp_path, tiny, monkeypatch):
+    """Refused where this process runs Triton compiled, allowed where it runs interpreted (the CPU tests)."""
+    import memmamba_deploy.models.ops.triton as triton_ops
     from memmamba_deploy.models.ops import check_kernels_on
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     tiny.save_pretrained(tmp_path / "ck")
+    monkeypatch.setattr(triton_ops, "INTERPRETED", False)
     with pytest.raises(ValueError, match="the Triton kernels run on a CUDA GPU"):
-        MemMambaLM.from_pretrained(tmp_path / "ck", kernels="triton")
+        MemMambaLM.from_pretrained(tmp_path / "ck", kernels="triton", device="cpu")
+    MemMambaLM.from_pretrained(tmp_path / "ck", kernels="triton")   # no device yet: the caller may move it
     check_kernels_on("torch", "cpu")                                  # the reference runs anywhere
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    check_kernels_on("triton", "cpu")                                 # the interpreter: allowed (tests use it)
+    with pytest.raises(ValueError, match="device 'gpu': use cpu, cuda or cuda:N"):
+        check_kernels_on("triton", "gpu")
+    monkeypatch.setattr(triton_ops, "INTERPRETED", True)
+    check_kernels_on("triton", torch.device("cpu"))                  # the interpreter: allowed (tests use it)

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import os
 import types
 
 import torch
@@ -49,9 +48,19 @@ TRITON_ON_CPU = ("the Triton kernels run on a CUDA GPU (on the CPU only in Trito
 
 
 def check_kernels_on(name: str, device) -> None:
-    """Raise ValueError, before any work, where kernel set `name` cannot run on `device` in this process."""
-    cpu = torch.device(device).type == "cpu"
-    if name == "triton" and cpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    """Raise ValueError, before any work, where kernel set `name` cannot run on `device` in this process (the
+    Triton kernels on the CPU, unless this process runs Triton interpreted)."""
+    try:
+        cpu = torch.device(device).type == "cpu"
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: use cpu, cuda or cuda:N") from None
+    if name != "triton" or not cpu:
+        return
+    try:
+        from .triton import INTERPRETED        # how the triton this process imported runs
+    except ImportError:
+        return                                 # load_ops names what is missing
+    if not INTERPRETED:
         raise ValueError(TRITON_ON_CPU)
 
 
