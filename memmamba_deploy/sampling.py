@@ -1,21 +1,42 @@
 """Token sampling and streaming generation, written once for every backend."""
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
 from typing import Iterator, Sequence
 
 import torch
 
 
+def check_settings(temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=()) -> list[int]:
+    """ValueError naming each bad sampling setting; returns `stop` as a list of ints."""
+    bad = []
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) or math.isnan(temperature) \
+            or temperature < 0:
+        bad.append(f"temperature={temperature!r} (a number >= 0)")
+    if isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 0:
+        bad.append(f"top_k={top_k!r} (an integer >= 0)")
+    if isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0 < top_p <= 1:
+        bad.append(f"top_p={top_p!r} (in (0, 1])")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral)):
+        bad.append(f"seed={seed!r} (an integer or None)")
+    if isinstance(stop, (str, bytes)) or not hasattr(stop, "__iter__") or \
+            not all(isinstance(t, Integral) and not isinstance(t, bool) for t in stop):
+        bad.append(f"stop={stop!r} (a sequence of token ids)")
+    if bad:
+        raise ValueError("bad sampling settings: " + "; ".join(bad))
+    return [int(t) for t in stop]
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B,V] -> token ids [B]. temperature 0 is greedy (argmax, lowest id on ties)."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
-                         f"top_p={top_p} (in (0, 1])")
+    check_settings(temperature, top_k, top_p)
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    # less the row's maximum first: a tiny temperature then sends the others to -inf, not inf - inf = NaN
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -39,7 +60,8 @@ def generate(backend, prompt: torch.Tensor, max_new_tokens: int, temperature: fl
         prompt = prompt[None]
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be [batch, T] with T >= 1, got shape {list(prompt.shape)}")
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    stop = check_settings(temperature, top_k, top_p, seed, stop)
+    generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     state = backend.new_state(prompt.shape[0]) if state is None else state
     logits, state = backend.prefill(prompt, state)
     done = torch.zeros(prompt.shape[0], dtype=torch.bool)

@@ -22,10 +22,12 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import importlib
+import inspect
 import itertools
 import json
 import threading
 import weakref
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -158,9 +160,21 @@ def _device(device: str | None, default: str) -> str:
     return check_device(device or default)
 
 
+def _takes(fn, options: dict, backend: str, fixed=()) -> None:
+    """ValueError naming the options `fn` does not take (`fixed`: those the opener passes itself)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [n for n in params if n not in ("cls", "self", *fixed)]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise ValueError(f"backend {backend!r} takes no option(s) {unknown}; its options: {takes or 'none'}")
+
+
 def _open_torch(art: Artifact, device, dtype, options):
     from .backends import TorchBackend
 
+    _takes(lambda kernels="torch": None, options, "torch")
     kernels = options.pop("kernels", "torch")
     device = _device(device, "cuda" if torch.cuda.is_available() else "cpu")
     return TorchBackend.open(art.checkpoint, device=device, dtype=dtype, kernels=kernels)
@@ -170,6 +184,7 @@ def _open_triton(art: Artifact, device, dtype, options):
     cls = _import("triton", ".backends.triton_backend", "TritonBackend", "the triton package (pip install triton)")
     device = _device(device, "cuda")
     if hasattr(cls, "open"):
+        _takes(cls.open, options, "triton", fixed=("checkpoint", "device", "dtype"))
         return cls.open(art.checkpoint, device=device, dtype=dtype, **options)
     from .models import MemMambaLM
     return cls(MemMambaLM.from_pretrained(art.checkpoint, kernels="triton", device=device, dtype=dtype), **options)
@@ -194,16 +209,18 @@ def _open_ort(art: Artifact, device, dtype, options):
                 raise ValueError("device 'cuda' with onnxruntime needs onnxruntime-gpu (CUDAExecutionProvider); this "
                                  "onnxruntime has " + ", ".join(onnxruntime.get_available_providers()))
             options["providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        elif device == "cpu":
+        elif str(device).split(":")[0] == "cpu":
             options["providers"] = ["CPUExecutionProvider"]
         else:
             raise ValueError(f"unknown device {device!r} for onnxruntime: use cpu or cuda")
+    _takes(cls.open, options, "onnxruntime", fixed=("out",))
     return cls.open(art.path, **options)
 
 
 def _open_tensorrt(art: Artifact, device, dtype, options):
     cls = _import("tensorrt", ".backends.trt_backend", "TensorRTBackend", "TensorRT")
     _export_dtype(art, dtype)
+    _takes(cls.open, options, "tensorrt", fixed=("out", "device"))
     return cls.open(art.path, device=_device(device, "cuda"), **options)
 
 
@@ -303,8 +320,8 @@ class Session:
 
     @property
     def logits(self) -> torch.Tensor | None:
-        """Logits [B, vocab] after the last consumed token."""
-        return self._logits
+        """Logits [B, vocab] after the last consumed token (a copy: editing it leaves the session as it was)."""
+        return None if self._logits is None else self._logits.clone()
 
     @property
     def batch_size(self) -> int | None:
@@ -320,38 +337,39 @@ class Session:
     # ---- tokens in --------------------------------------------------------------------------------------------
     def prefill(self, ids) -> torch.Tensor:
         """Consume `ids` ([T] or [B, T] token ids, or text for byte-level models); returns the logits [B, vocab]
-        of the last token. Resumes from the current state (multi-turn)."""
+        of the last token (a copy). Resumes from the current state (multi-turn)."""
         ids = self._as_ids(ids)
-        self._take_batch(ids.shape[0])
+        self._check_batch(ids.shape[0])
         if self._pending is not None:
             ids = torch.cat([self._pending[:, None], ids], 1)
         self._epoch = next(self._ids)
         with self._locked():
             state = self._state if self._state is not None else self.backend.new_state(ids.shape[0])
             self._logits, self._state = self.backend.prefill(ids, state)
-        self._pending = None
-        return self._logits
+        self._pending, self._batch = None, ids.shape[0]
+        return self._logits.clone()
 
     def step(self, token) -> torch.Tensor:
-        """Consume one token per row (an int, [B] or [B, 1]); returns the logits [B, vocab]."""
+        """Consume one token per row (an int, [B] or [B, 1]); returns the logits [B, vocab] (a copy)."""
         token = self._as_tokens(token)
-        self._take_batch(token.shape[0])
+        self._check_batch(token.shape[0])
         self._flush()
         self._epoch = next(self._ids)
         with self._locked():
             state = self._state if self._state is not None else self.backend.new_state(token.shape[0])
             self._logits, self._state = self.backend.step(token, state)
-        return self._logits
+        self._batch = token.shape[0]
+        return self._logits.clone()
 
     def generate(self, prompt=None, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Sequence[int] = ()) -> Iterator[torch.Tensor]:
         """Stream up to max_new_tokens tokens ([B] each) after `prompt`; without a prompt, go on from the tokens
         already consumed. temperature 0 is greedy. The session follows the stream: afterwards it holds every
         yielded token, so generate/prefill/step continue the same text. Sampling is memmamba_deploy.sampling's.
-        Arguments are checked here, before the first token is asked for."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        Arguments are checked here, before the first token is asked for; each yielded token is a copy."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        sampling.sample(torch.zeros(1, 2), temperature, top_k, top_p, torch.Generator())  # raises on bad settings
+        stop = sampling.check_settings(temperature, top_k, top_p, seed, stop)
         ids = None if prompt is None else self._as_ids(prompt)
         if ids is None:
             self._flush()
@@ -359,19 +377,19 @@ class Session:
                 raise ValueError("generate() needs a prompt: this session has consumed no tokens yet")
             ids, follow = torch.zeros(self._batch, 1, dtype=torch.long), _Follow(self, resume=True)
         else:
-            self._take_batch(ids.shape[0])
+            self._check_batch(ids.shape[0])
             if self._pending is not None:
                 ids = torch.cat([self._pending[:, None], ids], 1)
             follow = _Follow(self, resume=False)
         with self._locked():
             state = self._state if self._state is not None else self.backend.new_state(ids.shape[0])
-        return self._stream(sampling.generate(follow, ids, max_new_tokens, temperature, top_k, top_p, seed, stop,
-                                              state))
+        return self._stream(sampling.generate(follow, ids, int(max_new_tokens), temperature, top_k, top_p, seed,
+                                              stop, state))
 
     def _stream(self, tokens: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
         for token in tokens:
             self._pending = token
-            yield token
+            yield token.clone()                 # the session feeds its own copy back to the model
 
     # ---- text (byte-level models) -------------------------------------------------------------------------------
     @property
@@ -388,9 +406,20 @@ class Session:
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
     def decode(self, ids) -> str:
-        """Token ids -> text (byte-level models; invalid UTF-8 shows as U+FFFD). Row 0 of a batch."""
-        ids = torch.as_tensor(ids).reshape(-1) if not isinstance(ids, int) else torch.tensor([ids])
-        return bytes(int(i) for i in ids.tolist()).decode("utf-8", errors="replace")
+        """Token ids of one sequence ([T], [1, T] or an int) -> text (byte-level models; invalid UTF-8 shows as
+        U+FFFD)."""
+        if not self.byte_level:
+            raise ValueError(f"this model's vocabulary has {self.config.vocab_size} tokens, not 256 bytes: its ids "
+                             f"cannot be decoded without its tokenizer")
+        ids = torch.as_tensor(ids)
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.dim() > 1:
+            raise ValueError(f"decode takes one sequence ([T] or [1, T]), got shape {list(ids.shape)}: decode each row")
+        ids = ids.reshape(-1).tolist()
+        if any(not 0 <= int(i) < 256 for i in ids):
+            raise ValueError(f"byte ids must lie in [0, 256), got {ids[:8]}")
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
     def text_stream(self) -> "codecs.IncrementalDecoder":
         """An incremental UTF-8 decoder for streaming bytes that may split a character."""
@@ -409,8 +438,8 @@ class Session:
             raise ValueError(f"token ids must be integers ([T] or [batch, T]): {e}") from None
         if ids.dim() == 1:
             ids = ids[None]
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            raise ValueError(f"token ids must be [T] or [batch, T] with T >= 1, got shape {list(ids.shape)}")
+        if ids.dim() != 2 or 0 in ids.shape:
+            raise ValueError(f"token ids must be [T] or [batch, T] with batch, T >= 1, got shape {list(ids.shape)}")
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
             raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
@@ -429,10 +458,9 @@ class Session:
             raise ValueError(f"step() takes one token per row ([batch] or [batch, 1]), got shape {list(t.shape)}")
         return self._as_ids(t[:, None])[:, 0]
 
-    def _take_batch(self, batch: int) -> None:
-        if self._batch is None:
-            self._batch = batch
-        elif batch != self._batch:
+    def _check_batch(self, batch: int) -> None:
+        # the batch is the session's once a backend call has succeeded with it (prefill, step, _Follow.prefill)
+        if self._batch is not None and batch != self._batch:
             raise ValueError(f"this session decodes {self._batch} row(s); got {batch} (reset() to change the batch)")
 
     def _flush(self) -> None:
@@ -485,7 +513,7 @@ class _Follow:
             return s._logits, s._state
         with s._locked():
             s._logits, s._state = s.backend.prefill(ids, state)
-        s._pending = None
+        s._pending, s._batch = None, ids.shape[0]
         return s._logits, s._state
 
     def step(self, token, state):

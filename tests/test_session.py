@@ -306,3 +306,75 @@ def test_gpu_session_matches_cpu_reference(checkpoint, model, backend):
         got_b.append(int(y))
     assert got_a == greedy_by_hand(model, prompt + want + list(b" cat"), 24)[0]
     assert got_b == greedy_by_hand(model, prompt + want + list(b" dog"), 24)[0]
+
+
+def test_batch_is_the_sessions_only_once_a_call_succeeds(checkpoint):
+    s = Session.open(checkpoint, device="cpu")
+    with pytest.raises(ValueError, match="batch, T >= 1"):
+        s.prefill(torch.zeros(0, 3, dtype=torch.long))
+    s.generate([[1], [2]], 3)                                       # never iterated: no backend call made
+    assert s.batch_size is None and s.prefill([1, 2]).shape == (1, 256)
+    with pytest.raises(ValueError, match="decodes 1 row"):
+        s.prefill([[1], [2]])
+
+
+@pytest.mark.parametrize("bad", [dict(top_k=2.5), dict(top_k=True), dict(seed="x"), dict(seed=1.5), dict(stop=5),
+                                 dict(stop="ab"), dict(temperature=float("nan")), dict(top_p=float("nan"))])
+def test_generate_checks_every_setting_before_consuming_the_prompt(checkpoint, bad):
+    s = Session.open(checkpoint, device="cpu")
+    with pytest.raises(ValueError, match="bad sampling settings: " + next(iter(bad))):
+        s.generate(PROMPT, 3, **{"temperature": 1.0, **bad})
+    assert s.state is None                                          # nothing consumed: a retry starts clean
+
+
+def test_a_tiny_temperature_samples_the_argmax(checkpoint, model):
+    s = Session.open(checkpoint, device="cpu")
+    tokens = [int(t) for t in s.generate(PROMPT, 4, temperature=1e-40, seed=0)]
+    assert tokens == greedy_by_hand(model, PROMPT, 4)[0]
+
+
+def test_returned_logits_and_tokens_are_copies(checkpoint):
+    """A caller that edits what it got (a logits processor masking in place) does not steer the session."""
+    s, t = Session.open(checkpoint, device="cpu"), Session.open(checkpoint, device="cpu")
+    edited = s.prefill(PROMPT)
+    t.prefill(PROMPT)
+    edited[:] = 0
+    s.logits[:] = 0
+    assert int(next(s.generate(None, 1))) == int(next(t.generate(None, 1)))
+    a, b = s.generate(None, 3), t.generate(None, 3)
+    first = next(a)
+    next(b)
+    first[0] = 7                                                    # not what the session feeds back
+    assert torch.equal(next(a), next(b))
+
+
+def test_decode_takes_one_byte_sequence(checkpoint, tmp_path):
+    s = Session.open(checkpoint, device="cpu")
+    assert s.decode([104, 105]) == s.decode(torch.tensor([[104, 105]])) == "hi"
+    with pytest.raises(ValueError, match="one sequence"):
+        s.decode(torch.tensor([[104, 105], [106, 107]]))
+    save_pretrained(make_model(0, vocab_size=300), tmp_path / "v300")
+    with pytest.raises(ValueError, match="300 tokens, not 256 bytes"):
+        Session.open(tmp_path / "v300", device="cpu").decode([104])
+
+
+def test_unknown_backend_options_are_named(checkpoint, export_dir):
+    with pytest.raises(ValueError, match=r"backend 'torch' takes no option\(s\) \['bogus'\]"):
+        Session.open(checkpoint, device="cpu", bogus=1)
+    with pytest.raises(ValueError, match=r"backend 'onnxruntime' takes no option\(s\) \['bogus'\]; .*threads"):
+        Session.open(export_dir, backend="ort", bogus=1)
+    assert Session.open(export_dir, backend="ort", device="cpu:0", threads=1).prefill(PROMPT).shape == (1, 256)
+
+
+def test_torch_backend_checks_token_ids_as_onnxruntime_does(checkpoint):
+    b = open_backend(checkpoint, device="cpu")
+    state = b.new_state(1)
+    for ids, message in ((torch.tensor([1.9]), "dtype torch.float32"), (torch.tensor([300]), "token id 300"),
+                         (torch.tensor([[1, 2]]), "shape")):
+        with pytest.raises(ValueError, match=message):
+            b.step(ids, state)
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        b.new_state(0)
+    with pytest.raises(ValueError, match="token id -1"):
+        b.prefill(torch.tensor([[1, -1]]), state)
+    assert torch.equal(b.step(torch.tensor([[3]]), state)[0], b.step(torch.tensor([3]), state)[0])

@@ -31,3 +31,29 @@ class Backend(Protocol):
     def copy_state(self, state: Any) -> Any: ...
 
     def state_nbytes(self, state: Any) -> int: ...
+
+
+def check_ids(ids, vocab_size: int, what: str, dims: int) -> torch.Tensor:
+    """`ids` as an int64 tensor once it is `dims`-D integer token ids in [0, vocab_size) with a batch of at least
+    one row (and T >= 1 for [B, T]; [B, 1] is taken as [B] where dims is 1); else ValueError naming the problem."""
+    try:
+        ids = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{what} must be integer token ids: {e}") from None
+    if ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{what} must be integer token ids, got dtype {ids.dtype}")
+    if dims == 1 and ids.dim() == 2 and ids.shape[1] == 1:
+        ids = ids[:, 0]
+    if ids.dim() != dims or 0 in ids.shape:
+        want = "[batch]" if dims == 1 else "[batch, T]"
+        raise ValueError(f"{what} must be {want} with every size >= 1, got shape {list(ids.shape)}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+    return ids.long()
+
+
+def check_batch(batch) -> int:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    return batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..models import MemMambaLM, State
+from .base import check_batch, check_ids
 
 
 class TorchBackend:
@@ -18,17 +19,18 @@ class TorchBackend:
         return cls(MemMambaLM.from_pretrained(checkpoint, kernels=kernels, device=device, dtype=dtype))
 
     def new_state(self, batch: int) -> State:
-        return self.model.new_state(batch)
+        return self.model.new_state(check_batch(batch))
 
     @torch.no_grad()
     def prefill(self, input_ids, state):
-        ids = torch.as_tensor(input_ids).to(self.model.device).long()
+        ids = check_ids(input_ids, self.config.vocab_size, "input_ids", 2).to(self.model.device)
         logits, state = self.model.prefill(ids, state, last_only=True)
         return logits[:, -1], state
 
     @torch.no_grad()
     def step(self, token_ids, state):
-        return self.model.step(torch.as_tensor(token_ids).to(self.model.device).long(), state)
+        ids = check_ids(token_ids, self.config.vocab_size, "token_ids", 1).to(self.model.device)
+        return self.model.step(ids, state)
 
     def copy_state(self, state: State) -> State:
         return state.clone()
