@@ -264,6 +264,7 @@ def test_generate_cli_streams_the_session_text(checkpoint):
     s = Session.open(checkpoint, device="cpu")
     want = bytes(greedy(s, PROMPT, 12)).decode("utf-8", errors="replace")
     assert res.stdout.startswith(want)
+    assert "12 tokens in" in res.output and "the first after" in res.output and "tokens/s (median)" in res.output
 
     res = runner.invoke(app, ["generate", str(checkpoint), "--ids", "1,2,3", "--max-new-tokens", "4",
                               "--temperature", "0", "--device", "cpu"])
