@@ -8,8 +8,19 @@ from typing import Iterator, Sequence
 import torch
 
 
+def _scalar(x):
+    # a one-element tensor as the Python number it holds (settings computed with torch)
+    return x.item() if isinstance(x, torch.Tensor) and x.numel() == 1 else x
+
+
 def check_settings(temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=()) -> list[int]:
-    """ValueError naming each bad sampling setting; returns `stop` as a list of ints."""
+    """ValueError naming each bad sampling setting; returns `stop` (any iterable of ids, a tensor included) as a
+    list of ints."""
+    temperature, top_k, top_p, seed = map(_scalar, (temperature, top_k, top_p, seed))
+    if isinstance(stop, torch.Tensor):
+        stop = stop.reshape(-1).tolist()
+    elif not isinstance(stop, (str, bytes)) and hasattr(stop, "__iter__"):
+        stop = [_scalar(t) for t in stop]             # once: a generator is consumed here, not by the check
     bad = []
     if isinstance(temperature, bool) or not isinstance(temperature, Real) or math.isnan(temperature) \
             or temperature < 0:
@@ -20,8 +31,7 @@ def check_settings(temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=()) -> l
         bad.append(f"top_p={top_p!r} (in (0, 1])")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral)):
         bad.append(f"seed={seed!r} (an integer or None)")
-    if isinstance(stop, (str, bytes)) or not hasattr(stop, "__iter__") or \
-            not all(isinstance(t, Integral) and not isinstance(t, bool) for t in stop):
+    if not isinstance(stop, list) or not all(isinstance(t, Integral) and not isinstance(t, bool) for t in stop):
         bad.append(f"stop={stop!r} (a sequence of token ids)")
     if bad:
         raise ValueError("bad sampling settings: " + "; ".join(bad))

@@ -406,16 +406,17 @@ class Session:
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
     def decode(self, ids) -> str:
-        """Token ids of one sequence ([T], [1, T] or an int) -> text (byte-level models; invalid UTF-8 shows as
-        U+FFFD)."""
+        """Token ids of one sequence ([T], [1, T], [T, 1] or an int) -> text (byte-level models; invalid UTF-8
+        shows as U+FFFD)."""
         if not self.byte_level:
             raise ValueError(f"this model's vocabulary has {self.config.vocab_size} tokens, not 256 bytes: its ids "
                              f"cannot be decoded without its tokenizer")
         ids = torch.as_tensor(ids)
-        if ids.dim() == 2 and ids.shape[0] == 1:
-            ids = ids[0]
+        if ids.dim() == 2 and 1 in ids.shape:                 # [1, T], or [T, 1]: a batch-1 stream stacked
+            ids = ids.reshape(-1)
         if ids.dim() > 1:
-            raise ValueError(f"decode takes one sequence ([T] or [1, T]), got shape {list(ids.shape)}: decode each row")
+            raise ValueError(f"decode takes one sequence ([T], [1, T] or [T, 1]), got shape {list(ids.shape)}: "
+                             f"decode each sequence")
         ids = ids.reshape(-1).tolist()
         if any(not 0 <= int(i) < 256 for i in ids):
             raise ValueError(f"byte ids must lie in [0, 256), got {ids[:8]}")
@@ -442,10 +443,11 @@ class Session:
             raise ValueError(f"token ids must be [T] or [batch, T] with batch, T >= 1, got shape {list(ids.shape)}")
         if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
             raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
+        ids = ids.long()                                      # first: torch has no min/max for uint16 / uint32
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got "
                              f"{int(ids.min())}..{int(ids.max())}")
-        return ids.long().cpu()
+        return ids.cpu()
 
     def _as_tokens(self, token) -> torch.Tensor:
         """One token per row: an int, [B] or [B, 1] -> [B]."""

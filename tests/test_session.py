@@ -379,3 +379,20 @@ def test_torch_backend_checks_token_ids_as_onnxruntime_does(checkpoint):
     with pytest.raises(ValueError, match="token id -1"):
         b.prefill(torch.tensor([[1, -1]]), state)
     assert torch.equal(b.step(torch.tensor([[3]]), state)[0], b.step(torch.tensor([3]), state)[0])
+
+
+def test_common_input_forms_are_taken(checkpoint, model):
+    """What callers hand in: a generator or a tensor of stop ids (read once), one-element tensor settings, a
+    stacked batch-1 stream to decode, uint16 token arrays, a numpy batch size."""
+    import numpy as np
+
+    first = greedy_by_hand(model, PROMPT, 1)[0][0]
+    for stop in ((t for t in [first]), torch.tensor([first]), np.array([first])):
+        assert len(list(Session.open(checkpoint, device="cpu").generate(PROMPT, 6, stop=stop))) == 1
+    s = Session.open(checkpoint, device="cpu")
+    stream = torch.stack(list(s.generate(PROMPT, 3, temperature=torch.tensor(1.0), seed=np.int64(3))))  # [T, 1]
+    assert s.decode(stream) == s.decode(stream[:, 0]) and len(stream) == 3
+    b = open_backend(checkpoint, device="cpu")
+    ids = np.array([PROMPT[:4], PROMPT[4:8]], dtype=np.uint16)
+    logits, _ = b.prefill(ids, b.new_state(np.int64(2)))
+    assert torch.equal(logits, b.prefill(torch.tensor(ids.astype(np.int64)), b.new_state(2))[0])

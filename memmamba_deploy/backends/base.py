@@ -1,6 +1,7 @@
 """The protocol every backend implements; sampling and generation are written once on top of it (sampling.py)."""
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -47,13 +48,14 @@ def check_ids(ids, vocab_size: int, what: str, dims: int) -> torch.Tensor:
     if ids.dim() != dims or 0 in ids.shape:
         want = "[batch]" if dims == 1 else "[batch, T]"
         raise ValueError(f"{what} must be {want} with every size >= 1, got shape {list(ids.shape)}")
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
-        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-        raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
-    return ids.long()
+    ids = ids.long()                        # first: torch has no min/max for uint16 / uint32
+    lo, hi = (int(v) for v in torch.aminmax(ids))        # one sync where ids live on a GPU
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{what} holds token id {lo if lo < 0 else hi}, outside the vocabulary [0, {vocab_size})")
+    return ids
 
 
 def check_batch(batch) -> int:
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if isinstance(batch, bool) or not isinstance(batch, Integral) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
-    return batch
+    return int(batch)
