@@ -123,9 +123,7 @@ def demo(workdir: Path = typer.Option(Path("runs/demo"), help="where the export 
         raise ValueError(f"--tokens must be >= 1, got {tokens}")
     if parity_steps < 1:
         raise ValueError(f"--parity-steps must be >= 1, got {parity_steps}")
-    if workdir.exists() and not workdir.is_dir():
-        raise FileExistsError(f"--workdir {workdir} is a file: give a directory")
-    creatable_dir(workdir)
+    creatable_dir(workdir)                     # a file there, or an unwritable place: named before any work
 
     # 1. checkpoint
     if checkpoint is None and DEMO_ASSET.is_dir():

@@ -42,6 +42,11 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B,V] -> token ids [B]. temperature 0 is greedy (argmax, lowest id on ties)."""
     check_settings(temperature, top_k, top_p)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _sample(logits, temperature, top_k, top_p, generator):
+    # sample() without its checks: generate() checks once, then draws a token per step
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
@@ -77,7 +82,7 @@ def generate(backend, prompt: torch.Tensor, max_new_tokens: int, temperature: fl
     done = torch.zeros(prompt.shape[0], dtype=torch.bool)
     stop_ids = torch.tensor(list(stop), dtype=torch.long)
     for i in range(max_new_tokens):
-        token = sample(logits, temperature, top_k, top_p, generator).cpu()
+        token = _sample(logits, temperature, top_k, top_p, generator).cpu()
         yield token
         done |= torch.isin(token, stop_ids)
         if bool(done.all()) or i == max_new_tokens - 1:

@@ -46,8 +46,8 @@ def check_ids(ids, vocab_size: int, what: str, dims: int) -> torch.Tensor:
     if dims == 1 and ids.dim() == 2 and ids.shape[1] == 1:
         ids = ids[:, 0]
     if ids.dim() != dims or 0 in ids.shape:
-        want = "[batch]" if dims == 1 else "[batch, T]"
-        raise ValueError(f"{what} must be {want} with every size >= 1, got shape {list(ids.shape)}")
+        want = "[batch] or [batch, 1] with batch >= 1" if dims == 1 else "[batch, T] with batch, T >= 1"
+        raise ValueError(f"{what} must be {want}, got shape {list(ids.shape)}")
     ids = ids.long()                        # first: torch has no min/max for uint16 / uint32
     lo, hi = (int(v) for v in torch.aminmax(ids))        # one sync where ids live on a GPU
     if lo < 0 or hi >= vocab_size:

@@ -17,6 +17,7 @@ import torch
 
 from ..export.manifest import read_manifest
 from ..models import MemMambaConfig, State
+from .base import check_batch, check_ids
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 _ORT_TYPE = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
@@ -122,8 +123,7 @@ class OrtBackend:
 
     def new_state(self, batch: int) -> OrtState:
         """The state before any token, from the manifest's initial values (0; -1 for pool priorities)."""
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        batch = check_batch(batch)
         return self.state_from_arrays({s["name"]: np.full(self._shape(s, batch), s["initial"], _NP[s["dtype"]])
                                        for s in self.state_specs})
 
@@ -196,14 +196,9 @@ class OrtBackend:
                                        for s in self.state_specs}, copy=False)
 
     # ---- running ----------------------------------------------------------------------------------------------------
-    def _ids(self, ids, what: str) -> np.ndarray:
-        ids = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
-        if ids.dtype.kind not in "iu":
-            raise ValueError(f"{what} must be integer token ids, got dtype {ids.dtype}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-            raise ValueError(f"{what} holds token id {bad}, outside the vocabulary [0, {self.config.vocab_size})")
-        return np.ascontiguousarray(ids, dtype=np.int64)
+    def _ids(self, ids, what: str, dims: int) -> np.ndarray:
+        ids = ids.detach() if isinstance(ids, torch.Tensor) else ids
+        return np.ascontiguousarray(check_ids(ids, self.config.vocab_size, what, dims).cpu().numpy())
 
     def _run(self, graph: str, ids: np.ndarray, state) -> tuple[torch.Tensor, OrtState]:
         import onnxruntime as ort
@@ -228,19 +223,11 @@ class OrtBackend:
 
     def prefill(self, input_ids, state) -> tuple[torch.Tensor, OrtState]:
         """input_ids [B,T], T >= 1 -> (logits of the last token [B,vocab] fp32, state after it)."""
-        ids = self._ids(input_ids, "input_ids")
-        if ids.ndim != 2 or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be [batch, T] with T >= 1, got shape {list(ids.shape)}")
-        return self._run("prefill", ids, state)
+        return self._run("prefill", self._ids(input_ids, "input_ids", 2), state)
 
     def step(self, token_ids, state) -> tuple[torch.Tensor, OrtState]:
         """token_ids [B] (or [B,1]) -> (logits [B,vocab] fp32, state after the token)."""
-        ids = self._ids(token_ids, "token_ids")
-        if ids.ndim == 2 and ids.shape[1] == 1:
-            ids = ids[:, 0]
-        if ids.ndim != 1:
-            raise ValueError(f"token_ids must be [batch] or [batch, 1], got shape {list(ids.shape)}")
-        return self._run("decode_step", ids[:, None], state)
+        return self._run("decode_step", self._ids(token_ids, "token_ids", 1)[:, None], state)
 
     def generate(self, prompt, max_new_tokens: int, **sampling):
         """sampling.generate over this backend (greedy / top-k / top-p / temperature / seed)."""
