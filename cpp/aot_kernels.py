@@ -152,7 +152,7 @@ def build(configs, out: Path, archs, ptx: bool = True, jobs: int = 0) -> int:
     header, source = aot.render_sources(done)
     meta = aot.manifest(done)
     meta["archs"] = list(archs)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, force=True) as tmp:     # the build tree's own folder
         (tmp / "memmamba_kernels.h").write_text(header)
         (tmp / "memmamba_kernels.cpp").write_text(source)
         (tmp / "kernels.json").write_text(json.dumps(meta, indent=1) + "\n")

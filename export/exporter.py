@@ -1,11 +1,13 @@
 """`memdeploy export CKPT -o OUT`: checkpoint -> decode_step.onnx + prefill.onnx + reference weights + manifest.
 
-OUT is written into a temporary directory beside it and renamed into place at the end (models.checkpoint
-.atomic_directory), so an export that fails or is interrupted leaves no OUT (and an old OUT untouched).
+OUT is written into a temporary directory beside it and swapped into place at the end (models.checkpoint
+.atomic_directory), so an export that fails or is interrupted leaves no OUT (and an old OUT untouched). Only a new,
+empty or (with force) earlier-export OUT is written, never the checkpoint's own folder (_check_out).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -40,11 +42,7 @@ def export_model(checkpoint, out, flavor: str = "portable", dtype: str = "fp32",
         raise ValueError(f"unknown flavour {flavor!r}: choose one of {list(FLAVORS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose one of {list(DTYPES)}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if not force and out.is_dir() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty (use --force to overwrite)")
+    _check_out(Path(out), Path(checkpoint), force)
     model = load_pretrained(checkpoint)
     writer = GraphWriter(model, dtype)
     L = model.config.n_layers
@@ -70,6 +68,25 @@ def export_model(checkpoint, out, flavor: str = "portable", dtype: str = "fp32",
         manifest = _manifest(model, flavor, dtype, graphs, described, writer, checkpoint, tmp)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _check_out(out: Path, checkpoint: Path, force: bool) -> None:
+    """OUT is replaced whole: refuse one that is not a new folder, an empty one or (with force) an earlier export,
+    and one that is or holds the checkpoint."""
+    if str(out) in ("", "."):
+        raise ValueError("give OUT a folder of its own (-o NAME), not the working directory")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    o, c = Path(os.path.realpath(out)), Path(os.path.realpath(checkpoint))
+    if c.is_relative_to(o):
+        raise ValueError(f"OUT {out} {'is' if o == c else 'holds'} the checkpoint {checkpoint}: give OUT a folder of "
+                         f"its own")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} is not empty (use --force to overwrite)")
+        if not (out / MANIFEST_NAME).is_file():
+            raise FileExistsError(f"{out} is not empty and holds no earlier export ({MANIFEST_NAME}): refusing to "
+                                  f"replace it, even with --force")
 
 
 def _inline(graph: onnx.ModelProto, name: str) -> onnx.ModelProto:

@@ -90,7 +90,7 @@ def c_type(triton_type: str, where: str = "") -> str:
 
 # ---- cubin ELF checks (no cuobjdump) --------------------------------------------------------------------------
 EM_CUDA = 190
-ELFOSABI_CUDA = 0x33
+ELFOSABI_CUDA = (0x33, 0x41)     # 0x41: the ABI v8 cubins of sm_100 and later
 EF_CUDA_ACCELERATORS_V7 = 0x800      # sm_90a-style "arch-accelerated" cubin (runs on exactly that SM)
 EIATTR_KPARAM_INFO = 0x17
 
@@ -109,8 +109,8 @@ def read_cubin(data: bytes) -> CubinInfo:
         raise AotError("not an ELF file")
     if data[4] != 2 or data[5] != 1:
         raise AotError("not a 64-bit little-endian ELF")
-    if data[7] != ELFOSABI_CUDA:
-        raise AotError(f"ELF OS/ABI is {data[7]:#x}, not CUDA ({ELFOSABI_CUDA:#x})")
+    if data[7] not in ELFOSABI_CUDA:
+        raise AotError(f"ELF OS/ABI is {data[7]:#x}, not CUDA ({', '.join(f'{v:#x}' for v in ELFOSABI_CUDA)})")
     machine, = struct.unpack_from("<H", data, 18)
     if machine != EM_CUDA:
         raise AotError(f"ELF machine is {machine}, not EM_CUDA ({EM_CUDA})")
@@ -369,11 +369,15 @@ def build_library(kernels: list[AotKernel], out: str | Path, archs: Iterable[int
     header, source = render_sources(compiled)
     meta = manifest(compiled)
     meta["archs"] = list(archs)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, force=True) as tmp:     # an earlier library only (checked above)
         (tmp / "memmamba_kernels.h").write_text(header)
         (tmp / "memmamba_kernels.cpp").write_text(source)
         (tmp / "kernels.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
+
+
+# the SMs of released GPUs from Ampere on (an SM between them, sm_91 say, crashes LLVM inside Triton's compile)
+CUDA_SMS = (80, 86, 87, 89, 90, 100, 101, 103, 110, 120, 121)
 
 
 def parse_archs(archs) -> tuple[int, ...]:
@@ -384,8 +388,9 @@ def parse_archs(archs) -> tuple[int, ...]:
         s = str(a).strip().lower().removeprefix("sm_").removeprefix("sm")
         if not s:
             continue
-        if not s.isdigit() or not 80 <= int(s) < 130:
-            raise ValueError(f"bad --arch entry {a!r}: give SM numbers such as 80,86,87,89,90 (sm_80 or newer)")
+        if not s.isdigit() or int(s) not in CUDA_SMS:
+            raise ValueError(f"bad --arch entry {a!r}: give SM numbers of real GPUs, sm_80 or newer: "
+                             f"{','.join(map(str, CUDA_SMS))}")
         out.add(int(s))
     if not out:
         raise ValueError("no architectures given (--arch 80,86,87,89,90)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -21,12 +22,29 @@ USER_ERRORS = (ValueError, OSError, ImportError)   # OSError: missing files, a d
 def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        previous = _terminate_as_interrupt()
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
             err_console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     return wrapper
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (timeout, docker stop, Kubernetes) unwinds as Ctrl-C does, so that a verb's half-written output is
+    removed on the way out. Returns the handler it replaced (None off the main thread, where none can be set)."""
+    try:
+        return signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:
+        return None
 
 
 def print_checks(title: str, rows) -> bool:
@@ -47,7 +65,8 @@ def init(directory: Path = typer.Argument(..., help="where to write config.json 
          preset: str = typer.Option("tiny", help="tiny | 130m (spec §1)"),
          memory: bool = typer.Option(True, "--memory/--no-memory", help="--no-memory gives plain Mamba"),
          seed: int = typer.Option(0, help="seed of the random initialisation"),
-         force: bool = typer.Option(False, help="overwrite a non-empty DIRECTORY")):
+         force: bool = typer.Option(False, help="write into a non-empty DIRECTORY (its config.json and "
+                                                "model.safetensors are replaced, other files kept)")):
     """Write a seeded random-init checkpoint."""
     import torch
 

@@ -131,7 +131,7 @@ def demo(workdir: Path = typer.Option(Path("runs/demo"), help="where the export 
     elif checkpoint is None:
         checkpoint = workdir / "checkpoint"
         torch.manual_seed(0)
-        save_pretrained(MemMambaLM(MemMambaConfig.preset("tiny")), checkpoint)
+        save_pretrained(MemMambaLM(MemMambaConfig.preset("tiny")), checkpoint, force=True)
         what = "no bundled model in this install: seeded tiny init (random weights)"
     else:
         what = "given"

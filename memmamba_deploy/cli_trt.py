@@ -122,7 +122,7 @@ def _selftest_tensorrt(plugins: Path, workdir: Path, steps: int) -> None:
 
     ckpt, out = workdir / "checkpoint", workdir / "export"
     torch.manual_seed(0)
-    save_pretrained(MemMambaLM(MemMambaConfig.preset("tiny")), ckpt)
+    save_pretrained(MemMambaLM(MemMambaConfig.preset("tiny")), ckpt, force=True)
     with console.status("1/3 exporting the tiny model (plugins flavour, fp32)"):
         export_model(ckpt, out, flavor="plugins", dtype="fp32", force=True, show_progress=False)
     with console.status("2/3 building TensorRT engines (batch <= 2, prefill <= 64 tokens per call)"):

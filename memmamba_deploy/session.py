@@ -34,11 +34,11 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from . import sampling
+from .models.checkpoint import DTYPES_BY_NAME
 
 CHECKPOINT, EXPORT = "checkpoint", "export"
 ALIASES = {"ort": "onnxruntime", "trt": "tensorrt", "pytorch": "torch"}
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+DTYPES = {k: v for k, v in DTYPES_BY_NAME.items() if v != torch.float64}   # what the backends run
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -193,8 +193,12 @@ def _open_triton(art: Artifact, device, dtype, options):
 def _export_dtype(art: Artifact, dtype):
     have = parse_dtype(art.manifest.get("dtype", "fp32"))
     if dtype is not None and dtype != have:
-        raise ValueError(f"{art.path} holds an {DTYPE_NAMES.get(have, have)} export; --dtype "
-                         f"{DTYPE_NAMES.get(dtype, dtype)} needs `memdeploy export --dtype {DTYPE_NAMES.get(dtype)}`")
+        from .export.exporter import DTYPES as EXPORT_DTYPES
+
+        name = DTYPE_NAMES.get(dtype, str(dtype))
+        fix = (f"needs `memdeploy export --dtype {name}`" if name in EXPORT_DTYPES else
+               f"has no export (exports are {' or '.join(EXPORT_DTYPES)}); use the checkpoint with --backend torch or triton")
+        raise ValueError(f"{art.path} holds an {DTYPE_NAMES.get(have, have)} export; --dtype {name} {fix}")
 
 
 def _open_ort(art: Artifact, device, dtype, options):

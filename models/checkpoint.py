@@ -4,6 +4,7 @@ Every failure names the problem (missing file, corrupt file, unknown architectur
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,43 +25,109 @@ class CheckpointError(ValueError):
 
 
 @contextmanager
-def atomic_directory(target, force: bool = True):
+def atomic_directory(target, force: bool = False):
     """Yield a temporary directory beside `target`; on success it takes `target`'s place.
 
-    A new `target` appears in one rename. An existing one is first moved aside (one rename), then the new one
-    renamed in; if that fails the old one is moved back, so readers see the old or the new directory, never a
-    mix. On any exception the temporary directory is removed and `target` is left as it was. With force=False an
-    existing non-empty `target` is refused before anything is written. The result gets the modes a plain mkdir /
-    open would give (temporary directories are created 0700)."""
-    target = Path(target)
+    A new `target` appears in one rename. An existing one is swapped with the new one in one atomic exchange
+    (Linux renameat2) and then removed; where the system has no exchange, it is moved aside (one rename), the new
+    one renamed in, and if that fails moved back; a process killed between the two renames leaves the old one
+    aside, and the next atomic_directory (or recover_directory) on `target` puts it back. Readers see the old or
+    the new directory, never a mix. On any exception the temporary directory is removed and `target` is left as
+    it was. An existing non-empty `target` is replaced only with force=True: it is removed whole, so callers pass
+    force only for directories this project writes (an export, a kernel library, a training run's `last`). The
+    result gets the modes a plain mkdir / open would give (temporary directories are created 0700)."""
+    # absolute (the renames must not depend on a working directory that moves), through symlinks (a link to a
+    # folder is written where it points, not replaced by a folder)
+    target = Path(os.path.realpath(target))
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory")
+    recover_directory(target)
     if not force and target.is_dir() and any(target.iterdir()):
         raise FileExistsError(f"{target} is not empty (use --force to overwrite)")
+    if target.is_dir() and _working_dir().is_relative_to(target):
+        raise OSError(f"cannot replace {target}: it holds the working directory (give a new folder)")
     creatable_dir(target.parent, target)
+    _remove_stale_temporaries(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     except OSError as e:                    # e.g. a read-only or virtual file system: name the target, not the temp
         raise OSError(f"cannot create {target}: {e.strerror} (in {target.parent})") from None
     try:
         yield tmp
         usual_permissions(tmp)
-        old = None
-        if target.exists():
+        if not target.exists():
+            os.replace(tmp, target)
+        elif _exchange(tmp, target):        # tmp now holds the old directory
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / "x")
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            if old is not None:
+            try:
+                os.replace(tmp, target)
+            except BaseException:
                 os.replace(old / "x", target)
-            raise
-        if old is not None:
+                raise
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _working_dir() -> Path:
+    try:
+        return Path.cwd().resolve()
+    except OSError:                         # the working directory was removed: it is in no target
+        return Path("/nonexistent-working-directory")
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove `.NAME.tmp-PID-*` folders beside `target` whose writer (PID) is gone: what a killed atomic_directory
+    leaves (a live writer's are kept)."""
+    for tmp in target.parent.glob(f".{target.name}.tmp-*-*") if target.parent.is_dir() else ():
+        pid = tmp.name[len(f".{target.name}.tmp-"):].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:               # another user's live process
+            pass
+
+
+def recover_directory(target) -> bool:
+    """Put back a directory that atomic_directory's two-rename fallback had moved aside when its process was
+    killed (`target` missing, `.NAME.old-*/x` beside it; the newest wins). True if one was put back."""
+    target = Path(os.path.realpath(target))
+    if target.exists() or not target.parent.is_dir():
+        return False
+    aside = sorted(target.parent.glob(f".{target.name}.old-*/x"), key=lambda p: p.stat().st_mtime)
+    if not aside:
+        return False
+    os.replace(aside[-1], target)
+    shutil.rmtree(aside[-1].parent, ignore_errors=True)
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE). False where the C library or the file
+    system has no such call: the caller then renames in two steps."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot replace {b}: {os.strerror(err)}")
 
 
 def usual_permissions(path: Path) -> None:
@@ -136,13 +203,33 @@ def write_json(path, data) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def save_pretrained(model, directory, force: bool = True) -> None:
+def save_pretrained(model, directory, force: bool = False) -> None:
+    """Write `directory`/config.json and model.safetensors. A new directory appears whole in one rename. Into an
+    existing one each file is written beside its final name and renamed over it, the weights first: other files
+    there are left alone, as Hugging Face's save_pretrained leaves them. force=False refuses a non-empty
+    directory (memdeploy init without --force). Weights that are NaN or infinite are refused before anything is
+    written (load_pretrained would refuse them)."""
     from safetensors.torch import save_file
 
-    with atomic_directory(directory, force=force) as tmp:
-        (tmp / CONFIG_NAME).write_text(model.config.to_json())
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "architecture": ARCHITECTURE})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"cannot save {directory}: tensor {k!r} holds NaN or infinite values")
+    meta = {"format": "pt", "architecture": ARCHITECTURE}
+    directory = Path(os.path.realpath(directory))
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory")
+    if not directory.exists():
+        with atomic_directory(directory) as tmp:                 # a new folder appears whole
+            (tmp / CONFIG_NAME).write_text(model.config.to_json())
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
+        return
+    if not force and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} is not empty (use --force to overwrite)")
+    # the inner file is renamed first: the weights, then the config that describes them
+    with atomic_file(directory / CONFIG_NAME) as config, atomic_file(directory / WEIGHTS_NAME) as weights:
+        config.write_text(model.config.to_json())
+        save_file(tensors, str(weights), metadata=meta)
 
 
 def _read_json(path: Path) -> dict:
@@ -173,6 +260,29 @@ def _is_hf_mamba(cfg: dict) -> bool:
     return cfg.get("model_type") == "mamba" or "MambaForCausalLM" in (cfg.get("architectures") or [])
 
 
+def read_config(directory) -> MemMambaConfig:
+    """The MemMambaConfig of a checkpoint directory (ours, or a Hugging Face Mamba one), without its weights."""
+    return _config(Path(directory))[0]
+
+
+def _config(directory: Path) -> tuple[MemMambaConfig, dict]:
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {directory}")
+    raw = _read_json(directory / CONFIG_NAME)
+    if _is_hf_mamba(raw):
+        return hf_mamba_config(raw), raw
+    if "architecture" not in raw:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: unknown architecture (no 'architecture' key, and not "
+                              f"a Hugging Face Mamba config); expected architecture {ARCHITECTURE!r}")
+    missing = sorted({f.name for f in dataclasses.fields(MemMambaConfig)} - set(raw))
+    if missing:                             # a default would pass unseen: pool_size has no weights to disagree
+        raise CheckpointError(f"{directory / CONFIG_NAME} lacks {missing} (a checkpoint names every field)")
+    try:
+        return MemMambaConfig.from_dict(raw), raw
+    except ValueError as e:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from None
+
+
 def load_pretrained(directory, kernels: str = "torch", device=None, dtype=None):
     """Load a memmamba-deploy checkpoint, or a Hugging Face `MambaForCausalLM` one (as memory=False)."""
     from .memmamba import MemMambaLM
@@ -181,28 +291,32 @@ def load_pretrained(directory, kernels: str = "torch", device=None, dtype=None):
     if device is not None:                  # else the caller may still move the model (kernels_for guards then)
         check_kernels_on(kernels, device)
     directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"no checkpoint directory at {directory}")
-    raw = _read_json(directory / CONFIG_NAME)
-    if _is_hf_mamba(raw):
-        config, tensors = hf_mamba_config(raw), hf_mamba_tensors(directory, raw)
-    else:
-        if "architecture" not in raw:
-            raise CheckpointError(f"{directory / CONFIG_NAME}: unknown architecture (no 'architecture' key, and not "
-                                  f"a Hugging Face Mamba config); expected architecture {ARCHITECTURE!r}")
-        try:
-            config = MemMambaConfig.from_dict(raw)
-        except ValueError as e:
-            raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from None
-        tensors = read_safetensors(directory / WEIGHTS_NAME)
+    if dtype is not None:
+        parse_dtype(dtype)                  # before the weights are read
+    config, raw = _config(directory)
+    tensors = hf_mamba_tensors(directory, raw) if _is_hf_mamba(raw) else read_safetensors(directory / WEIGHTS_NAME)
     with torch.device("meta"):
         model = MemMambaLM(config, kernels=kernels)
     load_tensors(model, tensors, source=str(directory))
     if dtype is not None:
-        model = model.to(dtype)
+        model = model.to(parse_dtype(dtype))
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+DTYPES_BY_NAME = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+               "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp64": torch.float64,
+               "float64": torch.float64}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    """A parameter dtype from a torch dtype or a name (fp32, fp16, bf16, fp64, or torch's names)."""
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES_BY_NAME:
+        return DTYPES_BY_NAME[dtype.lower().removeprefix("torch.")]
+    if dtype in PARAM_DTYPES:
+        return dtype
+    raise ValueError(f"dtype must be fp32, fp16, bf16 or fp64 (or the torch dtype), got {dtype!r}")
 
 
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -218,7 +332,11 @@ def load_tensors(model, tensors: dict[str, torch.Tensor], source: str) -> None:
     if extra:
         raise CheckpointError(f"{source}: unexpected tensor(s) {extra[:8]}{' ...' if len(extra) > 8 else ''} "
                               f"(does config.json match the weights?)")
-    for k, v in expected.items():
+    dtypes = {}
+    for k, t in tensors.items():
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel()
+    common = max(dtypes, key=dtypes.get)            # a checkpoint of mixed dtypes (fp16 weights, fp32 norms, say)
+    for k, v in expected.items():                   # loads in the dtype of most of its numbers, as one model
         if tuple(tensors[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{source}: tensor {k!r} has shape {list(tensors[k].shape)} in the file but the "
                                   f"config needs {list(v.shape)}")
@@ -227,6 +345,8 @@ def load_tensors(model, tensors: dict[str, torch.Tensor], source: str) -> None:
                                   f"bf16 (or fp64)")
         if not torch.isfinite(tensors[k]).all():        # a diverged training run: every output would be NaN
             raise CheckpointError(f"{source}: tensor {k!r} holds NaN or infinite values")
+    if common in PARAM_DTYPES:
+        tensors = {k: t.to(common) for k, t in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
 
 
@@ -236,19 +356,32 @@ def hf_mamba_config(cfg: dict) -> MemMambaConfig:
     def get(k, default=None):
         if k not in cfg and default is None:
             raise CheckpointError(f"Hugging Face Mamba config lacks {k!r}")
-        return cfg.get(k, default)
+        v = cfg.get(k, default)
+        if isinstance(default, bool) or k in ("use_bias", "use_conv_bias"):
+            ok = isinstance(v, bool)
+        elif isinstance(default, float) or k == "layer_norm_epsilon":
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= (0 if k == "time_step_rank" else 1)
+        if not ok:
+            raise CheckpointError(f"Hugging Face Mamba config: {k} = {v!r} is not a valid value")
+        return v
 
-    if cfg.get("use_bias", False):
+    if get("use_bias", False):
         raise CheckpointError("Hugging Face Mamba with use_bias=true (biased in/out projections) is not supported")
-    if not cfg.get("use_conv_bias", True):
+    if not get("use_conv_bias", True):
         raise CheckpointError("Hugging Face Mamba with use_conv_bias=false is not supported")
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise CheckpointError(f"Hugging Face Mamba with hidden_act={act!r} is not supported (only silu, as Mamba "
+                              f"trains)")
     d, expand = get("hidden_size"), get("expand", 2)
     if cfg.get("intermediate_size", d * expand) != d * expand:
         raise CheckpointError(f"intermediate_size {cfg['intermediate_size']} != expand*hidden_size {d * expand}")
     try:
         return MemMambaConfig(vocab_size=get("vocab_size"), d_model=d, n_layers=get("num_hidden_layers"),
                               d_state=get("state_size", 16), expand=expand, d_conv=get("conv_kernel", 4),
-                              dt_rank=get("time_step_rank", 0) if cfg.get("time_step_rank") != "auto" else 0,
+                              dt_rank=0 if cfg.get("time_step_rank", "auto") == "auto" else get("time_step_rank"),
                               norm_eps=get("layer_norm_epsilon", 1e-5), memory=False)
     except ValueError as e:
         raise CheckpointError(f"Hugging Face Mamba config: {e}") from None
@@ -257,15 +390,28 @@ def hf_mamba_config(cfg: dict) -> MemMambaConfig:
 def hf_mamba_tensors(directory: Path, cfg: dict) -> dict[str, torch.Tensor]:
     """Read HF weights (model.safetensors or pytorch_model.bin) and rename `backbone.*` to our keys."""
     st, bin_ = directory / WEIGHTS_NAME, directory / "pytorch_model.bin"
+    index = directory / (WEIGHTS_NAME + ".index.json")
     if st.is_file():
         raw = read_safetensors(st)
+    elif index.is_file():                       # sharded (transformers' save_pretrained past max_shard_size)
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no weight_map of tensor names to shard files")
+        raw = {}
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard:
+                raise CheckpointError(f"{index} names a shard outside its directory: {shard!r}")
+            raw.update(read_safetensors(directory / shard))
+        missing = sorted(set(weight_map) - set(raw))
+        if missing:
+            raise CheckpointError(f"{index} lists tensor(s) its shards lack: {missing[:8]}")
     elif bin_.is_file():
         try:
             raw = torch.load(bin_, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for a bad pickle/zip
             raise CheckpointError(f"{bin_} is corrupt: {e}") from None
     else:
-        raise CheckpointError(f"missing {WEIGHTS_NAME} (or pytorch_model.bin) in {directory}")
+        raise CheckpointError(f"missing {WEIGHTS_NAME} (or its sharded index, or pytorch_model.bin) in {directory}")
     out = {}
     for k, v in raw.items():
         if k == "lm_head.weight":

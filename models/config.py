@@ -60,12 +60,17 @@ class MemMambaConfig:
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be a positive integer, got {v!r}")
         need(isinstance(self.memory, bool), f"memory must be true or false, got {self.memory!r}")
         need(self.d_conv >= 2, f"d_conv must be >= 2, got {self.d_conv}")
-        need(isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
+        need(isinstance(self.norm_eps, (int, float)) and not isinstance(self.norm_eps, bool)
+             and 0 < self.norm_eps < math.inf, f"norm_eps must be a finite number > 0, got {self.norm_eps!r}")
+        for name in ("pool_size", "summary_dim", "memory_heads", "cross_layer_every"):   # with memory off too:
+            v = getattr(self, name)                                                      # config.json keeps them
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be a positive integer, got {v!r}")
+        for name in ("insert_threshold", "read_threshold"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < 1.0,
+                 f"{name} must lie in [0, 1) (scores are sigmoids), got {v!r}")
         if not self.memory:
             return
-        for name in ("pool_size", "summary_dim", "memory_heads", "cross_layer_every"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be a positive integer, got {v!r}")
         need(self.d_model >= 4, f"d_model must be >= 4 with the memory path on (Note Block width d/4), got {self.d_model}")
         need(self.summary_dim % self.memory_heads == 0,
              f"summary_dim ({self.summary_dim}) must be divisible by memory_heads ({self.memory_heads})")
@@ -73,9 +78,6 @@ class MemMambaConfig:
              f"d_model ({self.d_model}) must be divisible by memory_heads ({self.memory_heads})")
         need(self.cross_layer_every <= self.n_layers,
              f"cross_layer_every ({self.cross_layer_every}) must be <= n_layers ({self.n_layers})")
-        for name in ("insert_threshold", "read_threshold"):
-            v = getattr(self, name)
-            need(isinstance(v, (int, float)) and 0.0 <= v < 1.0, f"{name} must lie in [0, 1) (scores are sigmoids), got {v!r}")
 
     # JSON ------------------------------------------------------------------
     def to_dict(self) -> dict:

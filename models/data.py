@@ -39,6 +39,12 @@ def _filler(n_sentences: int, start: int = 0) -> str:
     return "".join(FILLER_SENTENCES[(start + i) % len(FILLER_SENTENCES)] for i in range(n_sentences))
 
 
+def passkey_min_length(with_answer: bool = True) -> int:
+    """The shortest passkey row: the key sentence and the question (and the answer), no filler."""
+    return len(KEY_INTRO + "0" * KEY_DIGITS + KEY_OUTRO) + len(QUESTION) + (KEY_DIGITS + len(ANSWER_END)
+                                                                             if with_answer else 0)
+
+
 def passkey_sample(rng: np.random.Generator, length: int, with_answer: bool = False, key: str | None = None,
                    depth: float | None = None, key_before: int | None = None) -> PasskeySample:
     """A passkey row of exactly `length` bytes (the prompt; + answer and "." when with_answer).

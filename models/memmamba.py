@@ -94,8 +94,9 @@ class State:
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.tensors().values())
 
-    def check(self, config: MemMambaConfig, batch: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Raise ValueError naming the first tensor whose presence, shape or dtype does not fit `config`."""
+    def check(self, config: MemMambaConfig, batch: int | None = None, dtype: torch.dtype | None = None,
+              device: torch.device | None = None) -> None:
+        """Raise ValueError naming the first tensor whose presence, shape, dtype or device does not fit."""
         b = self.batch_size if batch is None else batch
         want = self.shapes(config, b)
         dts = self.dtypes(self.conv.dtype if dtype is None else dtype)
@@ -111,6 +112,8 @@ class State:
                 raise ValueError(f"state.{k} has shape {list(v.shape)}, expected {list(want[k])}")
             if v.dtype != dts[k]:
                 raise ValueError(f"state.{k} has dtype {v.dtype}, expected {dts[k]}")
+            if device is not None and v.device != device:
+                raise ValueError(f"state.{k} is on {v.device}, the model on {device}: move it (state.to(device))")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -347,10 +350,13 @@ class MemMambaLM(nn.Module):
         c, ops = self.config, self.ops
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, T], got shape {list(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids holds no tokens (T = 0)")
+        self._check_ids(input_ids, "input_ids")
         Bsz = input_ids.shape[0]
         if state is None:
             state = self.new_state(Bsz)
-        state.check(c, Bsz, self.dtype)
+        self._check_state(state, Bsz)
         h = self.embeddings(input_ids).float()                        # residual stream in fp32
         hidden = [h] if want_hidden else None
         group: list[tuple[torch.Tensor, torch.Tensor]] = []           # (bank, index) of this §5 group's layers
@@ -370,6 +376,24 @@ class MemMambaLM(nn.Module):
         if want_hidden:
             hidden.append(h)
         return self._logits(h[:, -1:] if last_only else h), State.stack(after), hidden
+
+    def _check_ids(self, ids: torch.Tensor, name: str) -> None:
+        """Token ids: integers on the model's device, inside the vocabulary (an id outside it would index past the
+        embedding: an IndexError on a CPU, a device-side assert that ends the process on a GPU). The range check
+        reads the ids (a sync on a GPU); inside a CUDA graph capture, where it cannot, the caller checks them."""
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"{name} must be integers, got {ids.dtype}")
+        if ids.device != self.device:
+            raise ValueError(f"{name} is on {ids.device}, the model on {self.device}")
+        if ids.numel() and not (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            lo, hi = (int(v) for v in ids.aminmax())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"{name} must lie in [0, {self.config.vocab_size}), got {lo if lo < 0 else hi}")
+
+    def _check_state(self, state, batch: int) -> None:
+        if not isinstance(state, State):
+            raise ValueError(f"state must be a State (model.new_state(batch)), got {type(state).__name__}")
+        state.check(self.config, batch, self.dtype, self.device)
 
     def decay_rates(self) -> torch.Tensor:
         """Every layer's A at once: three small launches in all, not three a layer (0.2 ms of a 16k prefill);
@@ -400,7 +424,8 @@ class MemMambaLM(nn.Module):
             token_ids = token_ids[:, 0]
         if token_ids.dim() != 1:
             raise ValueError(f"token_ids must be [batch] or [batch, 1], got shape {list(token_ids.shape)}")
-        state.check(c, token_ids.shape[0], self.dtype)
+        self._check_ids(token_ids, "token_ids")
+        self._check_state(state, token_ids.shape[0])
         h = self.embeddings(token_ids).float()
         out = {k: [] for k in state.tensors()}
         for l, layer in enumerate(self.layers):
@@ -425,8 +450,10 @@ class MemMambaLM(nn.Module):
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save_pretrained(self, directory) -> None:
+        """config.json + model.safetensors into `directory` (made if absent; each file replaced in one rename;
+        other files there are left alone)."""
         from .checkpoint import save_pretrained
-        save_pretrained(self, directory)
+        save_pretrained(self, directory, force=True)
 
     @classmethod
     def from_pretrained(cls, directory, kernels: str = "torch", device=None, dtype=None) -> "MemMambaLM":

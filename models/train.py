@@ -2,7 +2,8 @@
 
     python -m memmamba_deploy.models.train --out runs/demo-memmamba                 # the demo model (GPU: Triton)
     python -m memmamba_deploy.models.train --out runs/demo-mamba --no-memory        # its plain-Mamba twin
-    python -m memmamba_deploy.models.train --out runs/t --preset tiny --steps 50 --curriculum 64x8   # CPU smoke run
+    python -m memmamba_deploy.models.train --out runs/t --preset tiny --steps 50 --curriculum 128x8   # CPU smoke run
+    python -m memmamba_deploy.models.train --out runs/ft --init-from CKPT --lr 3e-4 --warmup 10       # fine-tune
 
 Seeded and resumable: run the same command again and it continues from OUT/last (weights, optimizer, step, RNG
 state and elapsed time, written atomically every --save-every steps); batches are a pure function of (seed, step),
@@ -28,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,9 +37,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_directory, save_pretrained, write_json
+from .checkpoint import atomic_directory, atomic_file, creatable_dir, recover_directory, save_pretrained, write_json
 from .config import PRESETS, MemMambaConfig
-from .data import make_batch, stdlib_text
+from .data import make_batch, passkey_min_length, stdlib_text
 from .memmamba import MemMambaLM, State
 
 # The bundled demo model: a few MB of fp32 safetensors, 6 layers, two cross-layer groups of 3.
@@ -49,6 +51,8 @@ DEMO_MODEL = dict(vocab_size=256, d_model=128, n_layers=6, d_state=16, expand=2,
 class TrainConfig:
     out: str = "runs/train"
     preset: str = "demo"                  # demo | tiny | 130m (model size)
+    init_from: str = ""                   # a checkpoint (ours, or Hugging Face Mamba: --no-memory) to start from;
+                                          # its config is the model's (no --set; --preset is not used)
     model: dict = dataclasses.field(default_factory=dict)   # MemMambaConfig overrides (--set key=value)
     memory: bool = True
     seed: int = 0
@@ -103,8 +107,27 @@ class TrainConfig:
         need(self.kernels in ("torch", "triton"), f"kernels must be torch or triton, got {self.kernels!r}")
         need(self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be >= 1")
         phases(self.curriculum)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"invalid training config: unknown device {self.device!r} (cpu, cuda or cuda:N)") from None
+        need(device.type in ("cpu", "cuda"), f"device must be cpu or cuda, got {self.device!r}")
+        need(device.type != "cuda" or torch.cuda.is_available(), f"device {self.device!r} but this machine has no "
+                                                                  f"CUDA device (use --device cpu)")
+        config = self.model_config()
+        need(config.vocab_size >= 256, f"vocab_size {config.vocab_size} < 256: the training data is bytes")
 
     def model_config(self) -> MemMambaConfig:
+        if self.init_from:
+            from .checkpoint import read_config
+
+            if self.model:
+                raise ValueError("invalid training config: --set cannot change the model --init-from loads")
+            config = read_config(self.init_from)
+            if config.memory != self.memory:
+                raise ValueError(f"invalid training config: {self.init_from} has the memory path "
+                                 f"{'on: drop --no-memory' if config.memory else 'off: add --no-memory'}")
+            return config
         if self.preset == "demo":
             return MemMambaConfig.from_dict({**DEMO_MODEL, **self.model, "memory": self.memory})
         return MemMambaConfig.preset(self.preset, **{**self.model, "memory": self.memory})
@@ -126,8 +149,9 @@ def phases(curriculum: str) -> list[tuple[int, int]]:
             length, batch = (int(v) for v in part.strip().lower().split("x"))
         except ValueError:
             raise ValueError(f"bad curriculum phase {part!r}: write LENGTHxBATCH, e.g. 512x32") from None
-        if length < 64 or batch < 2:
-            raise ValueError(f"curriculum phase {part!r}: length must be >= 64 (a passkey sample) and batch >= 2")
+        if length < passkey_min_length() or batch < 2:
+            raise ValueError(f"curriculum phase {part!r}: length must be >= {passkey_min_length()} (a passkey "
+                             f"sample) and batch >= 2")
         out.append((length, batch))
     if not out:
         raise ValueError("the curriculum has no phase")
@@ -202,6 +226,8 @@ def compute_loss(model: MemMambaLM, batch, cfg: TrainConfig) -> tuple[torch.Tens
         L = c.n_layers
         per_layer = [torch.cat(scores[l::L], dim=1) for l in range(L)]       # chunks in order, per layer
         a = torch.stack(per_layer).float().clamp(1e-6, 1 - 1e-6)             # [L, B, T]
+        if not torch.isfinite(a).all():                                      # a diverged run: BCE would raise
+            raise FloatingPointError("the Note Block's scores are NaN")
         bce = F.binary_cross_entropy(a, batch.note_target.expand_as(a), reduction="none")
         pos = batch.note_mask * batch.note_target
         neg = batch.note_mask * (1 - batch.note_target)
@@ -219,7 +245,7 @@ def compute_loss(model: MemMambaLM, batch, cfg: TrainConfig) -> tuple[torch.Tens
 # ---- checkpoints ----------------------------------------------------------------------------------------------------
 def save_training_state(out: Path, model, optimizer, step: int, elapsed: float, cfg: TrainConfig) -> None:
     """OUT/last = model/ (config.json + model.safetensors) + trainer.pt, replaced in one rename."""
-    with atomic_directory(out / "last") as tmp:
+    with atomic_directory(out / "last", force=True) as tmp:
         save_pretrained(model, tmp / "model")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -248,6 +274,9 @@ def load_training_state(out: Path, cfg: TrainConfig, model, optimizer) -> tuple[
         for k, v in model.state_dict().items():
             if k not in tensors or tensors[k].shape != v.shape:
                 raise ValueError(f"{out}/last does not match the model: tensor {k!r}")
+            if not torch.isfinite(tensors[k]).all():
+                raise ValueError(f"{out}/last: tensor {k!r} holds NaN or infinite values (the run had diverged): "
+                                 f"start again with another --out and a lower --lr")
             v.copy_(tensors[k])
     optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["rng"]["torch"])
@@ -257,12 +286,23 @@ def load_training_state(out: Path, cfg: TrainConfig, model, optimizer) -> tuple[
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines of steps <= step (a killed run may have logged past its last checkpoint)."""
+    """Keep the log lines of steps <= step (a killed run may have logged past its last checkpoint, and left its
+    last line half-written: that one is dropped; a bad line before it is an error)."""
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON; fix or remove it to resume") from None
+        if entry.get("step", 0) <= step:
+            keep.append(line)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
@@ -276,18 +316,34 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False) 
     cfg.validate()
     out = Path(cfg.out)
     console = Console(stderr=True, quiet=quiet)
+
+    def progress_of(s: int, t: float) -> float:
+        return max(s / cfg.steps, t / cfg.max_seconds if cfg.max_seconds else 0.0)
+
     config = cfg.model_config()
     if cfg.device.startswith("cuda") and cfg.kernels == "torch":
         console.print("[yellow]warning:[/] training on CUDA with the torch reference kernels (a Python loop per "
                       "token): install triton and the Triton kernels for real speed")
     if cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True            # fp32 runs: TF32 matmuls, fp32 everything else
-    model = init_model(config, cfg.seed, cfg.kernels).to(cfg.device).train()
+    if cfg.init_from:                               # fine-tuning: fp32 master weights, as a fresh run has
+        from .checkpoint import load_pretrained
+
+        torch.manual_seed(cfg.seed)
+        model = load_pretrained(cfg.init_from, kernels=cfg.kernels, dtype=torch.float32)
+    else:
+        model = init_model(config, cfg.seed, cfg.kernels)
+    model = model.to(cfg.device).train()
     optimizer = make_optimizer(model, cfg)
     step, elapsed = 0, 0.0
     log_path = out / "train_log.jsonl"
+    creatable_dir(out)
+    recover_directory(out / "last")                 # a save killed between its two renames (systems without renameat2)
     if (out / "last" / "trainer.pt").is_file():
         step, elapsed = load_training_state(out, cfg, model, optimizer)
+        if progress_of(step, elapsed) >= 1.0 and (out / "summary.json").is_file():
+            console.print(f"{out} is finished already (step {step}): nothing to do")
+            return json.loads((out / "summary.json").read_text())
         _truncate_log(log_path, step)
         console.print(f"resuming {out} at step {step}")
     out.mkdir(parents=True, exist_ok=True)
@@ -299,9 +355,6 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False) 
     console.print(f"training {out}: {n_params / 1e6:.2f}M parameters, memory={'on' if config.memory else 'off'}, "
                   f"kernels={cfg.kernels}, {cfg.device}, {cfg.dtype}, {cfg.steps} steps"
                   + (f" or {cfg.max_seconds:.0f} s" if cfg.max_seconds else ""))
-
-    def progress_of(s: int, t: float) -> float:
-        return max(s / cfg.steps, t / cfg.max_seconds if cfg.max_seconds else 0.0)
 
     done_this_call, last = 0, {}
     columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -317,7 +370,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False) 
             lr = learning_rate(cfg, step, p)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            loss, figures = compute_loss(model, batch, cfg)
+            try:
+                loss, figures = compute_loss(model, batch, cfg)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"{e} at step {step + 1}: lower --lr") from None
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -345,7 +401,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False) 
                 if step % cfg.save_every:
                     save_training_state(out, model, optimizer, step, elapsed, cfg)
                 return {"step": step, "stopped": True, **last}
-    save_pretrained(model, out / "model")          # the final checkpoint (what gets bundled)
+    save_pretrained(model, out / "model", force=True)   # the final checkpoint (what gets bundled)
     summary = {"out": str(out), "steps": step, "elapsed_s": round(elapsed, 1), "parameters": n_params,
                "memory": config.memory, "kernels": cfg.kernels, "device": cfg.device, "dtype": cfg.dtype,
                "max_train_length": max(n for n, _ in plan), "train_config": dataclasses.asdict(cfg),
@@ -383,13 +439,22 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**values, model=model, memory=not args.no_memory)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)       # timeout / docker stop: unwind as Ctrl-C does (temporaries go)
     try:
         cfg = parse_args(argv)
         summary = train(cfg)
-    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume from the last checkpoint (--save-every)",
+              file=sys.stderr)
+        return 130
     print(json.dumps(summary))
     return 0
 

@@ -24,14 +24,34 @@ def test_round_trip_is_bit_exact(tmp_path, tiny):
         assert torch.equal(tiny(ids), back(ids))
 
 
-def test_overwrite_replaces_whole_directory(tmp_path, tiny):
+def test_saving_into_a_directory_keeps_what_else_is_there(tmp_path, tiny, monkeypatch):
     (tmp_path / "ck").mkdir()
-    (tmp_path / "ck" / "stale.txt").write_text("x")
-    tiny.save_pretrained(tmp_path / "ck")
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors"]
-    assert [p.name for p in tmp_path.iterdir()] == ["ck"]          # no temp dirs left behind
+    (tmp_path / "ck" / "notes.txt").write_text("mine")
+    (tmp_path / "ck" / "data").mkdir()
+    make_model(3).save_pretrained(tmp_path / "ck")
+    tiny.save_pretrained(tmp_path / "ck")                              # the checkpoint's files replaced, no others
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "data", "model.safetensors",
+                                                                    "notes.txt"]
+    assert (tmp_path / "ck" / "notes.txt").read_text() == "mine"
+    back = MemMambaLM.from_pretrained(tmp_path / "ck")
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in tiny.state_dict().items())
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]          # no temp files or dirs left behind
     with pytest.raises(FileExistsError, match="not empty"):
         save_pretrained(tiny, tmp_path / "ck", force=False)
+    monkeypatch.chdir(tmp_path / "ck")                                 # "." and a path through the working dir
+    tiny.save_pretrained(".")
+    tiny.save_pretrained("../ck")
+    assert (tmp_path / "ck" / "notes.txt").read_text() == "mine" and Path.cwd() == tmp_path / "ck"
+
+
+def test_non_finite_weights_are_refused_before_anything_is_written(tmp_path, tiny):
+    tiny.save_pretrained(tmp_path / "ck")
+    before = (tmp_path / "ck" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        tiny.layers[0].mixer.D[0] = float("nan")
+    with pytest.raises(ValueError, match=r"layers\.0\.mixer\.D.*NaN"):
+        tiny.save_pretrained(tmp_path / "ck")
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
 
 
 def test_failure_mid_write_leaves_nothing(tmp_path):
@@ -42,8 +62,29 @@ def test_failure_mid_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_replacing_a_directory_is_one_exchange(tmp_path):
+    from memmamba_deploy.models import checkpoint
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="not empty"):           # a non-empty directory only with force
+        with atomic_directory(tmp_path / "out"):
+            pass
+    with atomic_directory(tmp_path / "out", force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "A").write_text("")
+    if checkpoint._exchange(tmp_path / "a", tmp_path / "out"):        # Linux: one atomic swap, no moment without
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["A"]      # "out" (elsewhere: two renames)
+        assert [p.name for p in (tmp_path / "a").iterdir()] == ["new.txt"]
+
+
 def test_a_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
     import os
+
+    from memmamba_deploy.models import checkpoint
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
@@ -54,13 +95,26 @@ def test_a_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
             raise OSError("disk gone")
         return real_replace(src, dst)
 
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)    # a system without renameat2
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="disk gone"):
-        with atomic_directory(tmp_path / "out") as tmp:
+        with atomic_directory(tmp_path / "out", force=True) as tmp:
             (tmp / "new.txt").write_text("new")
     monkeypatch.setattr(os, "replace", real_replace)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".out.old-")) == ["out"]
+
+
+def test_a_directory_left_aside_by_a_killed_swap_comes_back(tmp_path):
+    from memmamba_deploy.models.checkpoint import recover_directory
+
+    aside = tmp_path / ".out.old-abc123"           # a process killed between the fallback's two renames
+    aside.mkdir()
+    (aside / "x").mkdir()
+    (aside / "x" / "old.txt").write_text("old")
+    assert recover_directory(tmp_path / "out")
+    assert (tmp_path / "out" / "old.txt").read_text() == "old" and not aside.exists()
+    assert not recover_directory(tmp_path / "out")                   # nothing missing: nothing done
 
 
 def test_written_files_get_the_usual_modes(tmp_path, tiny):
@@ -254,3 +308,63 @@ def test_triton_kernels_on_the_cpu_are_refused_before_loading(tmp_path, tiny, mo
         check_kernels_on("triton", "gpu")
     monkeypatch.setattr(triton_ops, "INTERPRETED", True)
     check_kernels_on("triton", torch.device("cpu"))                  # the interpreter: allowed (tests use it)
+
+
+def test_mixed_dtypes_load_as_one_and_dtype_names_are_understood(tmp_path, tiny):
+    from safetensors.torch import load_file, save_file
+
+    tiny.half().save_pretrained(tmp_path / "ck")
+    path = tmp_path / "ck" / "model.safetensors"
+    t = load_file(str(path))
+    t["layers.0.norm.weight"] = t["layers.0.norm.weight"].float()    # fp16 weights with an fp32 norm
+    save_file(t, str(path))
+    model = MemMambaLM.from_pretrained(tmp_path / "ck")
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        model(ids)                                                      # runs: one dtype throughout
+    assert MemMambaLM.from_pretrained(tmp_path / "ck", dtype="fp32").dtype == torch.float32
+    assert MemMambaLM.from_pretrained(tmp_path / "ck", dtype="bfloat16").dtype == torch.bfloat16
+    for bad in ("fp8", torch.int8):
+        with pytest.raises(ValueError, match="dtype must be fp32, fp16, bf16 or fp64"):
+            MemMambaLM.from_pretrained(tmp_path / "ck", dtype=bad)
+
+
+def test_a_killed_writers_temporary_is_removed_and_a_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+
+    done = subprocess.run(["true"])                                  # a PID no process holds now
+    dead = tmp_path / f".out.tmp-{2 ** 22 + 7}-abc"                  # above pid_max's default: never live
+    live = tmp_path / f".out.tmp-{os.getppid()}-def"                 # our parent: alive
+    for d in (dead, live):
+        d.mkdir()
+        (d / "half.onnx").write_bytes(b"x")
+    with atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert not dead.exists() and live.exists() and done.returncode == 0
+    assert (tmp_path / "out" / "new.txt").is_file()
+
+
+def test_sigterm_unwinds_a_verb_like_ctrl_c():
+    import os
+    import signal
+
+    from memmamba_deploy.cli import _terminate_as_interrupt
+
+    previous = _terminate_as_interrupt()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_config_lacking_a_field_is_refused(tmp_path, tiny):
+    tiny.save_pretrained(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    del cfg["pool_size"]
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"lacks \['pool_size'\]"):
+        MemMambaLM.from_pretrained(tmp_path / "ck")

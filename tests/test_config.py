@@ -35,6 +35,10 @@ def test_cross_layer_rule():
     ({"cross_layer_every": 8}, "cross_layer_every (8) must be <= n_layers"),
     ({"architecture": "llama"}, "unknown architecture 'llama'"),
     ({"memory": "yes"}, "memory must be true or false"),
+    ({"norm_eps": float("inf")}, "norm_eps must be a finite number > 0"),
+    ({"norm_eps": True}, "norm_eps must be a finite number > 0"),
+    ({"memory": False, "pool_size": -5}, "pool_size must be a positive integer"),
+    ({"memory": False, "insert_threshold": 7.0}, "insert_threshold must lie in [0, 1)"),
 ])
 def test_bad_config_errors_name_the_problem(bad, words):
     d = {**MemMambaConfig.preset("tiny").to_dict(), **bad}

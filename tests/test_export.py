@@ -259,9 +259,39 @@ def test_refuses_non_empty_out_without_force(tiny_export, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty .*--force"):
         export_model(ckpt, out, show_progress=False)
+    with pytest.raises(FileExistsError, match="holds no earlier export .*even with --force"):
+        export_model(ckpt, out, force=True, show_progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    export_model(ckpt, out, force=True, show_progress=False)
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    (out / "keep.txt").unlink()
+    export_model(ckpt, out, show_progress=False)                       # empty: taken
+    export_model(ckpt, out, flavor="plugins", force=True, show_progress=False)   # an earlier export: replaced
+    assert json.loads((out / "manifest.json").read_text())["flavor"] == "plugins"
+
+
+def test_out_that_is_or_holds_the_checkpoint_or_the_working_dir_is_refused(tiny_export, tmp_path, monkeypatch):
+    ckpt = tmp_path / "proj" / "ck"
+    save_pretrained(make_model(memory=False), ckpt)
+    for out in (ckpt, tmp_path / "proj"):
+        with pytest.raises(ValueError, match="the checkpoint"):
+            export_model(ckpt, out, force=True, show_progress=False)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors"]
+    export_model(ckpt, ckpt / "onnx", show_progress=False)             # inside it: a folder of its own, fine
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for out in (".", ""):
+        with pytest.raises(ValueError, match="not the working directory"):
+            export_model(ckpt, out, show_progress=False)
+    with pytest.raises(OSError, match="holds the working directory"):
+        export_model(ckpt, tmp_path / "work", show_progress=False)
+
+
+def test_out_through_a_symlink_lands_where_it_points(tiny_export, tmp_path):
+    ckpt = tiny_export(memory=False).parent / "ckpt-False"
+    (tmp_path / "big").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "big")
+    export_model(ckpt, tmp_path / "link", show_progress=False)
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "big" / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "link"]
 
 
 @pytest.mark.parametrize("existing", [False, True])
@@ -271,9 +301,9 @@ def test_interrupted_export_leaves_no_out(tiny_export, tmp_path, monkeypatch, ex
 
     ckpt = tiny_export(memory=False).parent / "ckpt-False"
     out = tmp_path / "out"
-    if existing:
+    if existing:                                   # an earlier export
         out.mkdir()
-        (out / "old.txt").write_text("old")
+        (out / "manifest.json").write_text("old")
 
     def interrupted(*a, **k):
         assert any((p / "prefill.onnx").exists() for p in tmp_path.glob(".out.tmp-*"))
@@ -284,7 +314,7 @@ def test_interrupted_export_leaves_no_out(tiny_export, tmp_path, monkeypatch, ex
         export_model(ckpt, out, force=True, show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
     if existing:
-        assert [p.name for p in out.iterdir()] == ["old.txt"]
+        assert [p.name for p in out.iterdir()] == ["manifest.json"]
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):

@@ -23,11 +23,14 @@ def hf_model(seed=0, **kw):
     return model
 
 
-@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
-def test_hf_mamba_logits_match(tmp_path, safe):
+@pytest.mark.parametrize("form", ["safetensors", "sharded", "bin"])
+def test_hf_mamba_logits_match(tmp_path, form):
     hf = hf_model()
-    if safe:
+    if form == "safetensors":
         hf.save_pretrained(tmp_path)
+    elif form == "sharded":                    # what transformers writes past max_shard_size (larger Mambas)
+        hf.save_pretrained(tmp_path, max_shard_size="20KB")
+        assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("model-*"))) > 1
     else:                                      # the older format, still common on the Hub
         hf.config.save_pretrained(tmp_path)
         torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
@@ -51,3 +54,18 @@ def test_hf_unsupported_variant_is_refused(tmp_path):
     hf_model(use_bias=True).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="use_bias=true"):
         MemMambaLM.from_pretrained(tmp_path)
+
+
+def test_hf_other_activation_and_bad_config_values_are_refused(tmp_path):
+    import json
+
+    hf_model(hidden_act="gelu").save_pretrained(tmp_path / "gelu")
+    with pytest.raises(CheckpointError, match="hidden_act='gelu' is not supported"):
+        MemMambaLM.from_pretrained(tmp_path / "gelu")
+    hf_model().save_pretrained(tmp_path / "ok")
+    good = json.loads((tmp_path / "ok" / "config.json").read_text())
+    for key, value in [("hidden_size", None), ("hidden_size", "32"), ("expand", None), ("use_bias", "false")]:
+        cfg = {**good, key: value}
+        (tmp_path / "ok" / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=f"{key} = {value!r} is not a valid value"):
+            MemMambaLM.from_pretrained(tmp_path / "ok")

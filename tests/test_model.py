@@ -212,6 +212,19 @@ def test_state_shapes_and_errors(tiny):
         tiny.step(torch.zeros(3, 2, dtype=torch.long), s)
     with pytest.raises(ValueError, match="input_ids must be"):
         tiny(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="no tokens"):
+        tiny.prefill(torch.zeros(3, 0, dtype=torch.long))
+    for ids, words in [(torch.tensor([[5, 256]]), r"input_ids must lie in \[0, 256\), got 256"),
+                       (torch.tensor([[-1, 3]]), "got -1"), (torch.zeros(1, 2), "must be integers"),
+                       (torch.zeros(1, 2, dtype=torch.long, device="meta"), "input_ids is on meta")]:
+        with pytest.raises(ValueError, match=words):
+            tiny.prefill(ids)
+    with pytest.raises(ValueError, match="token_ids must lie in"):
+        tiny.step(torch.tensor([0, 1, 999]), s)
+    with pytest.raises(ValueError, match="state must be a State"):
+        tiny.step(torch.zeros(3, dtype=torch.long), tuple(s.tensors().values()))
+    with pytest.raises(ValueError, match="state.conv is on meta"):
+        tiny.step(torch.zeros(3, dtype=torch.long), s.to("meta"))
     plain = State.zeros(MemMambaConfig.preset("tiny", memory=False), 1)
     assert plain.pool is None and set(plain.tensors()) == {"conv", "ssm"}
 

@@ -86,9 +86,17 @@ def test_spec_validation_names_the_problem():
         aot.AotKernel("k", _scale_add_kernel, sig, {"BLOCK": 128}).validate()
     with pytest.raises(aot.AotError, match="C identifier"):
         aot.AotKernel("k-1", _scale_add_kernel, _toy().signature, {"BLOCK": 128}).validate()
-    with pytest.raises(ValueError, match="bad --arch"):
-        aot.parse_archs("80,75")
+    for bad in ("80,75", "91", "95", "130"):
+        with pytest.raises(ValueError, match="bad --arch"):
+            aot.parse_archs(bad)
     assert aot.parse_archs("sm_90, 87,80") == (80, 87, 90)
+
+
+def test_blackwell_cubins_parse():
+    """sm_100 and later: ABI v8 cubins, OS/ABI 0x41, the SM in bits 8..15 of e_flags."""
+    compiled = aot.compile_kernel(_toy("fp16"), (100, 120))
+    for sm, cubin in compiled.cubins.items():
+        assert cubin[7] == 0x41 and aot.read_cubin(cubin).sm == sm
 
 
 def _embedded(source: str, symbol: str) -> bytes:

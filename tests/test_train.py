@@ -13,10 +13,10 @@ import torch
 from memmamba_deploy.models import MemMambaLM
 from memmamba_deploy.models.checkpoint import read_safetensors
 from memmamba_deploy.models.data import (FILLER_SENTENCES, KEY_DIGITS, KEY_INTRO, QUESTION, make_batch,
-                                         passkey_prompt, passkey_sample, stdlib_text)
+                                         passkey_min_length, passkey_prompt, passkey_sample, stdlib_text)
 from memmamba_deploy.models.memmamba import State
-from memmamba_deploy.models.train import (TrainConfig, _swap_recurrent, compute_loss, init_model, parse_args,
-                                          phases, train)
+from memmamba_deploy.models.train import (TrainConfig, _swap_recurrent, compute_loss, init_model, main,
+                                          parse_args, phases, train)
 
 TINY = dict(d_model=32, n_layers=2, pool_size=8, summary_dim=8)   # ~60k parameters: fast on 2 cores
 
@@ -237,7 +237,7 @@ def test_command_line_and_bad_settings(tmp_path):
     assert cfg.resolved().swap_fraction == 0.0 and cfg.resolved().model_config().d_model == 64
     assert TrainConfig().resolved().swap_fraction == 0.5
     assert phases("256x64, 1024x16") == [(256, 64), (1024, 16)]
-    for bad, msg in [("256", "LENGTHxBATCH"), ("32x4", "length must be >= 64"), ("128x1", "batch >= 2")]:
+    for bad, msg in [("256", "LENGTHxBATCH"), ("79x4", "length must be >= 80"), ("128x1", "batch >= 2")]:
         with pytest.raises(ValueError, match=msg):
             phases(bad)
     with pytest.raises(ValueError, match="needs the memory path"):
@@ -246,7 +246,69 @@ def test_command_line_and_bad_settings(tmp_path):
         train(tiny_cfg(tmp_path / "x", preset="huge"), quiet=True)
     with pytest.raises(ValueError, match="unknown config key"):
         train(tiny_cfg(tmp_path / "x", model={"width": 3}), quiet=True)
+    with pytest.raises(ValueError, match="vocab_size 100 < 256"):
+        train(tiny_cfg(tmp_path / "x", model={"vocab_size": 100}), quiet=True)
+    with pytest.raises(ValueError, match="unknown device 'foo'"):
+        train(tiny_cfg(tmp_path / "x", device="foo"), quiet=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train(tiny_cfg(tmp_path / "x", device="cuda"), quiet=True)
+    assert phases(f"{passkey_min_length()}x2") == [(80, 2)]           # the shortest phase a passkey row fits
     assert not (tmp_path / "x").exists()                              # nothing written for a refused run
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        train(tiny_cfg(tmp_path / "afile" / "sub"), quiet=True)
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["--out", str(tmp_path / "afile"), "--preset", "tiny", "--steps", "1", "--curriculum", "80x2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "is a file" in err and "Traceback" not in err
+
+
+def test_a_diverged_run_is_named_not_a_traceback(tmp_path, monkeypatch):
+    from memmamba_deploy.models import train as train_mod
+
+    real = train_mod.compute_loss
+
+    def diverged(model, batch, cfg):                   # NaN weights reach the Note Block's scores first
+        with torch.no_grad():
+            model.layers[0].norm.weight.fill_(float("nan"))
+        return real(model, batch, cfg)
+
+    monkeypatch.setattr(train_mod, "compute_loss", diverged)
+    with pytest.raises(FloatingPointError, match=r"Note Block's scores are NaN at step 1: lower --lr"):
+        train(tiny_cfg(tmp_path / "d", steps=2), quiet=True)
+
+
+def test_resume_recovers_a_swap_killed_half_way_and_a_torn_log_line(tmp_path):
+    out = tmp_path / "r"
+    train(tiny_cfg(out, steps=2, save_every=1), stop_after=1, quiet=True)
+    aside = tmp_path / "r" / ".last.old-killed"                       # the fallback's first rename done, not its
+    aside.mkdir()                                                     # second: `last` is only aside
+    (out / "last").rename(aside / "x")
+    with open(out / "train_log.jsonl", "a") as f:
+        f.write('{"step": 9, "lm_lo')                                 # killed mid-line
+    summary = train(tiny_cfg(out, steps=2, save_every=1), quiet=True)
+    assert summary["steps"] == 2 and not aside.exists()
+    steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    again = train(tiny_cfg(out, steps=2, save_every=1), quiet=True)    # finished: nothing rewritten
+    assert again == summary
+
+
+def test_non_finite_last_checkpoint_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "n"
+    train(tiny_cfg(out, steps=2, save_every=1), stop_after=1, quiet=True)
+    path = out / "last" / "model" / "model.safetensors"
+    t = load_file(str(path))
+    t["layers.0.mixer.D"][0] = float("inf")
+    save_file(t, str(path))
+    with pytest.raises(ValueError, match=r"layers\.0\.mixer\.D.*NaN or infinite"):
+        train(tiny_cfg(out, steps=2, save_every=1), quiet=True)
 
 
 def test_demo_config_is_a_few_megabytes():
@@ -255,3 +317,18 @@ def test_demo_config_is_a_few_megabytes():
     assert 1.0 <= n * 4 / 2 ** 20 <= 8.0                               # fp32 safetensors, MB
     twin = TrainConfig(memory=False).model_config()
     assert not twin.memory and twin.d_model == cfg.d_model and twin.n_layers == cfg.n_layers
+
+
+def test_fine_tuning_starts_from_the_checkpoint(tmp_path):
+    from memmamba_deploy.models import MemMambaConfig
+
+    start = MemMambaLM(MemMambaConfig.from_dict({**MemMambaConfig.preset("tiny").to_dict(), **TINY}))
+    start.save_pretrained(tmp_path / "ck")
+    summary = train(tiny_cfg(tmp_path / "ft", model={}, init_from=str(tmp_path / "ck"), steps=1, lr=0.0), quiet=True)
+    assert summary["steps"] == 1
+    assert _same(_weights(tmp_path / "ft"), start.state_dict())          # lr 0: the checkpoint's weights, kept
+    with pytest.raises(ValueError, match="--set cannot change the model"):
+        train(tiny_cfg(tmp_path / "x", init_from=str(tmp_path / "ck")), quiet=True)
+    with pytest.raises(ValueError, match="has the memory path on: drop --no-memory"):
+        train(tiny_cfg(tmp_path / "x", model={}, init_from=str(tmp_path / "ck"), memory=False, swap_fraction=0.0),
+              quiet=True)
