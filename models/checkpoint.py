@@ -5,9 +5,11 @@ Every failure names the problem (missing file, corrupt file, unknown architectur
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,7 +52,7 @@ def atomic_directory(target, force: bool = False):
     _remove_stale_temporaries(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
     except OSError as e:                    # e.g. a read-only or virtual file system: name the target, not the temp
         raise OSError(f"cannot create {target}: {e.strerror} (in {target.parent})") from None
     try:
@@ -81,11 +83,16 @@ def _working_dir() -> Path:
         return Path("/nonexistent-working-directory")
 
 
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
 def _remove_stale_temporaries(target: Path) -> None:
-    """Remove `.NAME.tmp-PID-*` folders beside `target` whose writer (PID) is gone: what a killed atomic_directory
-    leaves (a live writer's are kept)."""
-    for tmp in target.parent.glob(f".{target.name}.tmp-*-*") if target.parent.is_dir() else ():
-        pid = tmp.name[len(f".{target.name}.tmp-"):].split("-")[0]
+    """Remove `.NAME.tmp-HOST-PID-*` folders beside `target` whose writer, on this host, is gone: what a killed
+    atomic_directory leaves (a live writer's are kept; another host's or container's are left alone)."""
+    mine = _temp_prefix(target)[:-len(f"{os.getpid()}-")]      # this host's writers: a PID means something here
+    for tmp in target.parent.glob(glob.escape(mine) + "*-*") if target.parent.is_dir() else ():
+        pid = tmp.name[len(mine):].split("-")[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
@@ -102,7 +109,7 @@ def recover_directory(target) -> bool:
     target = Path(os.path.realpath(target))
     if target.exists() or not target.parent.is_dir():
         return False
-    aside = sorted(target.parent.glob(f".{target.name}.old-*/x"), key=lambda p: p.stat().st_mtime)
+    aside = sorted(target.parent.glob(glob.escape(f".{target.name}.old-") + "*/x"), key=lambda p: p.stat().st_mtime)
     if not aside:
         return False
     os.replace(aside[-1], target)
@@ -114,7 +121,6 @@ def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE). False where the C library or the file
     system has no such call: the caller then renames in two steps."""
     import ctypes
-    import errno
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -122,12 +128,9 @@ def _exchange(a: Path, b: Path) -> bool:
     except (OSError, AttributeError):
         return False
     at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"cannot replace {b}: {os.strerror(err)}")
+    # any failure (no support on this file system, a seccomp filter's EPERM, ...) leaves both paths as they were:
+    # the caller's two renames then do the work, and report a real error themselves
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def usual_permissions(path: Path) -> None:
@@ -205,10 +208,10 @@ def write_json(path, data) -> None:
 
 def save_pretrained(model, directory, force: bool = False) -> None:
     """Write `directory`/config.json and model.safetensors. A new directory appears whole in one rename. Into an
-    existing one each file is written beside its final name and renamed over it, the weights first: other files
-    there are left alone, as Hugging Face's save_pretrained leaves them. force=False refuses a non-empty
-    directory (memdeploy init without --force). Weights that are NaN or infinite are refused before anything is
-    written (load_pretrained would refuse them)."""
+    existing one both files are written beside their final names, then renamed over them back to back, the
+    weights first, with Ctrl-C and SIGTERM held between: other files there are left alone, as Hugging Face's
+    save_pretrained leaves them. force=False refuses a non-empty directory (memdeploy init without --force).
+    Weights that are NaN or infinite are refused before anything is written (load_pretrained would refuse them)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -219,6 +222,7 @@ def save_pretrained(model, directory, force: bool = False) -> None:
     directory = Path(os.path.realpath(directory))
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory")
+    recover_directory(directory)
     if not directory.exists():
         with atomic_directory(directory) as tmp:                 # a new folder appears whole
             (tmp / CONFIG_NAME).write_text(model.config.to_json())
@@ -226,10 +230,41 @@ def save_pretrained(model, directory, force: bool = False) -> None:
         return
     if not force and any(directory.iterdir()):
         raise FileExistsError(f"{directory} is not empty (use --force to overwrite)")
-    # the inner file is renamed first: the weights, then the config that describes them
-    with atomic_file(directory / CONFIG_NAME) as config, atomic_file(directory / WEIGHTS_NAME) as weights:
-        config.write_text(model.config.to_json())
-        save_file(tensors, str(weights), metadata=meta)
+    writable_file(directory / WEIGHTS_NAME)
+    temps = []
+    try:
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory)
+            os.close(fd)
+            temps.append(Path(tmp))
+        save_file(tensors, str(temps[0]), metadata=meta)
+        temps[1].write_text(model.config.to_json())
+        for t in temps:
+            usual_permissions(t)
+        with _signals_held():               # the two renames, weights first, with no Ctrl-C / SIGTERM between
+            os.replace(temps[0], directory / WEIGHTS_NAME)
+            os.replace(temps[1], directory / CONFIG_NAME)
+    finally:
+        for t in temps:
+            t.unlink(missing_ok=True)
+
+
+@contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM (delivered on leaving) where the system can: a handled signal then cannot stop a
+    pair of renames half way."""
+    import signal
+
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, OSError, ValueError):
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _read_json(path: Path) -> dict:
@@ -297,9 +332,7 @@ def load_pretrained(directory, kernels: str = "torch", device=None, dtype=None):
     tensors = hf_mamba_tensors(directory, raw) if _is_hf_mamba(raw) else read_safetensors(directory / WEIGHTS_NAME)
     with torch.device("meta"):
         model = MemMambaLM(config, kernels=kernels)
-    load_tensors(model, tensors, source=str(directory))
-    if dtype is not None:
-        model = model.to(parse_dtype(dtype))
+    load_tensors(model, tensors, source=str(directory), dtype=None if dtype is None else parse_dtype(dtype))
     if device is not None:
         model = model.to(device)
     return model.eval()
@@ -322,8 +355,10 @@ def parse_dtype(dtype) -> torch.dtype:
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def load_tensors(model, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Strictly load `tensors` into a (possibly meta) model: every key present, no extra key, same shapes."""
+def load_tensors(model, tensors: dict[str, torch.Tensor], source: str, dtype: torch.dtype | None = None) -> None:
+    """Strictly load `tensors` into a (possibly meta) model: every key present, no extra key, same shapes, finite
+    values. They load in `dtype`, else in the dtype that holds most of their numbers (a checkpoint of mixed dtypes,
+    fp16 weights with fp32 norms say, becomes one model); a value the cast overflows is named."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -332,22 +367,25 @@ def load_tensors(model, tensors: dict[str, torch.Tensor], source: str) -> None:
     if extra:
         raise CheckpointError(f"{source}: unexpected tensor(s) {extra[:8]}{' ...' if len(extra) > 8 else ''} "
                               f"(does config.json match the weights?)")
-    dtypes = {}
-    for k, t in tensors.items():
-        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel()
-    common = max(dtypes, key=dtypes.get)            # a checkpoint of mixed dtypes (fp16 weights, fp32 norms, say)
-    for k, v in expected.items():                   # loads in the dtype of most of its numbers, as one model
-        if tuple(tensors[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{source}: tensor {k!r} has shape {list(tensors[k].shape)} in the file but the "
+    counts: dict[torch.dtype, int] = {}
+    for k, v in expected.items():
+        t = tensors[k]
+        if tuple(t.shape) != tuple(v.shape):
+            raise CheckpointError(f"{source}: tensor {k!r} has shape {list(t.shape)} in the file but the "
                                   f"config needs {list(v.shape)}")
-        if tensors[k].dtype not in PARAM_DTYPES:
-            raise CheckpointError(f"{source}: tensor {k!r} is {tensors[k].dtype}; parameters must be fp32, fp16 or "
+        if t.dtype not in PARAM_DTYPES:
+            raise CheckpointError(f"{source}: tensor {k!r} is {t.dtype}; parameters must be fp32, fp16 or "
                                   f"bf16 (or fp64)")
-        if not torch.isfinite(tensors[k]).all():        # a diverged training run: every output would be NaN
+        if not torch.isfinite(t).all():                 # a diverged training run: every output would be NaN
             raise CheckpointError(f"{source}: tensor {k!r} holds NaN or infinite values")
-    if common in PARAM_DTYPES:
-        tensors = {k: t.to(common) for k, t in tensors.items()}
-    model.load_state_dict(tensors, strict=True, assign=True)
+        counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    dtype = dtype or max(counts, key=counts.get)
+    cast = {}
+    for k, t in tensors.items():
+        cast[k] = t.to(dtype)
+        if t.dtype != dtype and not torch.isfinite(cast[k]).all():
+            raise CheckpointError(f"{source}: tensor {k!r} ({t.dtype}) holds values beyond {dtype}'s range")
+    model.load_state_dict(cast, strict=True, assign=True)
 
 
 # ---- Hugging Face MambaForCausalLM -------------------------------------------------------------------------

@@ -262,7 +262,8 @@ def load_training_state(out: Path, cfg: TrainConfig, model, optimizer) -> tuple[
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a bad zip/pickle
         raise ValueError(f"{path} is corrupt: {e}") from None
-    old = saved["train_config"]
+    # a setting a run predates (saved by an older version) had its default then
+    old = {**dataclasses.asdict(TrainConfig().resolved()), **saved["train_config"]}
     diff = [k for k, v in dataclasses.asdict(cfg).items()
             if k not in TrainConfig.RESUMABLE_CHANGES and old.get(k) != v]
     if diff:
@@ -344,8 +345,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False) 
         if progress_of(step, elapsed) >= 1.0 and (out / "summary.json").is_file():
             console.print(f"{out} is finished already (step {step}): nothing to do")
             return json.loads((out / "summary.json").read_text())
-        _truncate_log(log_path, step)
         console.print(f"resuming {out} at step {step}")
+    _truncate_log(log_path, step)                   # a fresh start (step 0) keeps no line of a run killed early
     out.mkdir(parents=True, exist_ok=True)
     text = None
     if cfg.text_fraction > 0:
@@ -444,7 +445,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)       # timeout / docker stop: unwind as Ctrl-C does (temporaries go)
+    previous = signal.signal(signal.SIGTERM, _interrupt)   # timeout / docker stop: unwind as Ctrl-C does
     try:
         cfg = parse_args(argv)
         summary = train(cfg)
@@ -455,6 +456,8 @@ def main(argv=None) -> int:
         print("interrupted: run the same command again to resume from the last checkpoint (--save-every)",
               file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(summary))
     return 0
 

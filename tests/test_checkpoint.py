@@ -62,7 +62,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_replacing_a_directory_is_one_exchange(tmp_path):
+def test_replacing_a_directory_is_one_exchange(tmp_path, monkeypatch):
     from memmamba_deploy.models import checkpoint
 
     (tmp_path / "out").mkdir()
@@ -79,6 +79,13 @@ def test_replacing_a_directory_is_one_exchange(tmp_path):
     if checkpoint._exchange(tmp_path / "a", tmp_path / "out"):        # Linux: one atomic swap, no moment without
         assert [p.name for p in (tmp_path / "out").iterdir()] == ["A"]      # "out" (elsewhere: two renames)
         assert [p.name for p in (tmp_path / "a").iterdir()] == ["new.txt"]
+        calls = []
+        real = checkpoint._exchange
+        monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: calls.append(b) or real(a, b))
+        with atomic_directory(tmp_path / "out", force=True) as tmp:
+            (tmp / "third.txt").write_text("")
+        assert calls == [tmp_path / "out"] and [p.name for p in (tmp_path / "out").iterdir()] == ["third.txt"]
+    assert not checkpoint._exchange(tmp_path / "missing", tmp_path / "out")   # a failure: False, nothing moved
 
 
 def test_a_failed_swap_puts_the_old_directory_back(tmp_path, monkeypatch):
@@ -115,6 +122,36 @@ def test_a_directory_left_aside_by_a_killed_swap_comes_back(tmp_path):
     assert recover_directory(tmp_path / "out")
     assert (tmp_path / "out" / "old.txt").read_text() == "old" and not aside.exists()
     assert not recover_directory(tmp_path / "out")                   # nothing missing: nothing done
+    for name in ("run[1]", "x*"):                                     # names are not patterns
+        (tmp_path / f".{name}.old-abc").mkdir()
+        (tmp_path / f".{name}.old-abc" / "x").mkdir()
+    (tmp_path / ".xyz.old-abc").mkdir()
+    (tmp_path / ".xyz.old-abc" / "x").mkdir()
+    assert recover_directory(tmp_path / "run[1]") and (tmp_path / "run[1]").is_dir()
+    assert recover_directory(tmp_path / "x*") and (tmp_path / ".xyz.old-abc" / "x").is_dir()
+
+
+def test_a_save_after_a_killed_swap_recovers_then_saves(tmp_path, tiny):
+    aside = tmp_path / ".ck.old-abc"
+    (aside / "x").mkdir(parents=True)
+    (aside / "x" / "notes.txt").write_text("mine")
+    tiny.save_pretrained(tmp_path / "ck")                             # force: into the recovered folder
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+
+
+def test_a_failed_save_into_a_folder_leaves_it_as_it_was(tmp_path, tiny, monkeypatch):
+    from memmamba_deploy.models import checkpoint
+
+    make_model(3).save_pretrained(tmp_path / "ck")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
+
+    def full(tensors, path, metadata=None):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save_pretrained(tiny, tmp_path / "ck", force=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == before    # no temporaries either
 
 
 def test_written_files_get_the_usual_modes(tmp_path, tiny):
@@ -323,7 +360,8 @@ def test_mixed_dtypes_load_as_one_and_dtype_names_are_understood(tmp_path, tiny)
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         model(ids)                                                      # runs: one dtype throughout
-    assert MemMambaLM.from_pretrained(tmp_path / "ck", dtype="fp32").dtype == torch.float32
+    fp32 = MemMambaLM.from_pretrained(tmp_path / "ck", dtype="fp32")
+    assert fp32.dtype == torch.float32 and torch.equal(fp32.layers[0].norm.weight, t["layers.0.norm.weight"])
     assert MemMambaLM.from_pretrained(tmp_path / "ck", dtype="bfloat16").dtype == torch.bfloat16
     for bad in ("fp8", torch.int8):
         with pytest.raises(ValueError, match="dtype must be fp32, fp16, bf16 or fp64"):
@@ -332,17 +370,20 @@ def test_mixed_dtypes_load_as_one_and_dtype_names_are_understood(tmp_path, tiny)
 
 def test_a_killed_writers_temporary_is_removed_and_a_live_ones_kept(tmp_path):
     import os
+    import socket
     import subprocess
 
     done = subprocess.run(["true"])                                  # a PID no process holds now
-    dead = tmp_path / f".out.tmp-{2 ** 22 + 7}-abc"                  # above pid_max's default: never live
-    live = tmp_path / f".out.tmp-{os.getppid()}-def"                 # our parent: alive
-    for d in (dead, live):
+    host = socket.gethostname()
+    dead = tmp_path / f".out.tmp-{host}-{2 ** 22 + 7}-abc"           # above pid_max's default: never live
+    live = tmp_path / f".out.tmp-{host}-{os.getppid()}-def"          # our parent: alive
+    other = tmp_path / f".out.tmp-otherhost-{2 ** 22 + 7}-ghi"       # another host's (a shared folder): kept
+    for d in (dead, live, other):
         d.mkdir()
         (d / "half.onnx").write_bytes(b"x")
     with atomic_directory(tmp_path / "out") as tmp:
         (tmp / "new.txt").write_text("new")
-    assert not dead.exists() and live.exists() and done.returncode == 0
+    assert not dead.exists() and live.exists() and other.exists() and done.returncode == 0
     assert (tmp_path / "out" / "new.txt").is_file()
 
 
@@ -368,3 +409,16 @@ def test_a_config_lacking_a_field_is_refused(tmp_path, tiny):
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"lacks \['pool_size'\]"):
         MemMambaLM.from_pretrained(tmp_path / "ck")
+
+
+def test_a_value_the_cast_overflows_is_named(tmp_path, tiny):
+    from safetensors.torch import load_file, save_file
+
+    tiny.half().save_pretrained(tmp_path / "ck")
+    path = tmp_path / "ck" / "model.safetensors"
+    t = load_file(str(path))
+    t["layers.0.mixer.D"] = torch.full_like(t["layers.0.mixer.D"], 1e5, dtype=torch.float32)
+    save_file(t, str(path))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.mixer\.D.*beyond torch.float16's range"):
+        MemMambaLM.from_pretrained(tmp_path / "ck")
+    assert MemMambaLM.from_pretrained(tmp_path / "ck", dtype="fp32").layers[0].mixer.D[0] == 1e5

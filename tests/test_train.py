@@ -261,10 +261,12 @@ def test_command_line_and_bad_settings(tmp_path):
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
+    before = signal.getsignal(signal.SIGTERM)
     (tmp_path / "afile").write_text("")
     assert main(["--out", str(tmp_path / "afile"), "--preset", "tiny", "--steps", "1", "--curriculum", "80x2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "is a file" in err and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is before                 # main() put SIGTERM's handler back
 
 
 def test_a_diverged_run_is_named_not_a_traceback(tmp_path, monkeypatch):
@@ -332,3 +334,21 @@ def test_fine_tuning_starts_from_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="has the memory path on: drop --no-memory"):
         train(tiny_cfg(tmp_path / "x", model={}, init_from=str(tmp_path / "ck"), memory=False, swap_fraction=0.0),
               quiet=True)
+
+
+def test_a_run_saved_before_a_setting_existed_resumes(tmp_path):
+    out = tmp_path / "old"
+    train(tiny_cfg(out, steps=2, save_every=1), stop_after=1, quiet=True)
+    saved = torch.load(out / "last" / "trainer.pt", weights_only=True)
+    del saved["train_config"]["init_from"]                            # as the version before --init-from wrote it
+    torch.save(saved, out / "last" / "trainer.pt")
+    assert train(tiny_cfg(out, steps=2, save_every=1), quiet=True)["steps"] == 2
+
+
+def test_a_fresh_start_drops_the_log_of_a_run_killed_before_its_first_save(tmp_path):
+    out = tmp_path / "f"
+    out.mkdir()
+    (out / "train_log.jsonl").write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "lm_lo')
+    train(tiny_cfg(out, steps=2, save_every=5), quiet=True)
+    steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
