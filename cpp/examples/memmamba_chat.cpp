@@ -46,21 +46,37 @@ int main(int argc, char** argv)
                     throw memmamba::Error(a + " needs a value");
                 return argv[++i];
             };
+            auto number = [&](auto parse) {   // std::stoi's own message is just "stoi": name the option
+                std::string v = value();
+                try
+                {
+                    size_t used = 0;
+                    auto n = parse(v, &used);
+                    if (used == v.size())
+                        return n;
+                }
+                catch (std::exception const&)
+                {
+                }
+                throw memmamba::Error(a + " wants a number, got '" + v + "'");
+            };
+            auto toInt = [](std::string const& v, size_t* used) { return std::stoi(v, used); };
+            auto toFloat = [](std::string const& v, size_t* used) { return std::stof(v, used); };
             if (a == "--prompt")
             {
                 prompt = value();
                 havePrompt = true;
             }
             else if (a == "--tokens")
-                tokens = std::stoi(value());
+                tokens = number(toInt);
             else if (a == "--temperature")
-                sampling.temperature = std::stof(value());
+                sampling.temperature = number(toFloat);
             else if (a == "--top-k")
-                sampling.topK = std::stoi(value());
+                sampling.topK = number(toInt);
             else if (a == "--top-p")
-                sampling.topP = std::stof(value());
+                sampling.topP = number(toFloat);
             else if (a == "--seed")
-                options.seed = std::stoull(value());
+                options.seed = number([](std::string const& v, size_t* used) { return std::stoull(v, used); });
             else if (a == "--fp32")
                 options.dtype = memmamba::DType::kFloat32;
             else if (a == "--no-graph")
@@ -78,10 +94,13 @@ int main(int argc, char** argv)
             throw memmamba::Error("memmamba_chat streams bytes and needs vocab_size >= 256 (this model has "
                 + std::to_string(session->config().vocab_size) + ")");
         std::fprintf(stderr, "%s\n", session->describe().c_str());
+        // generate() returns its last token without feeding it (the state ends before it): the next turn's prompt
+        // starts with it, so the conversation's state holds every byte of the reply
+        std::vector<int32_t> unfed;
         auto turn = [&](std::string const& text) {
-            std::vector<int32_t> ids(text.begin(), text.end());
-            for (auto& t : ids)
-                t = static_cast<unsigned char>(t);
+            std::vector<int32_t> ids = unfed;
+            for (unsigned char c : text)
+                ids.push_back(c);
             if (ids.empty())
                 ids.push_back('\n');
             session->prefill(ids.data(), static_cast<int>(ids.size()));
@@ -92,6 +111,7 @@ int main(int argc, char** argv)
                 std::fflush(stdout);
                 return true;
             });
+            unfed.assign(out[0].end() - (out[0].empty() ? 0 : 1), out[0].end());
             double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             std::fprintf(stderr, "\n[%zu tokens in %.3f s: %.1f tokens/s]\n", out[0].size(), s, out[0].size() / s);
         };

@@ -3,6 +3,8 @@
 
 #include <sys/stat.h>
 
+#include <cmath>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -98,11 +100,17 @@ Checkpoint::Checkpoint(std::string const& directory)
     if (!raw.isObject())
         throw Error(cfgPath + " must hold a JSON object");
     auto const* modelType = raw.find("model_type");
-    if (modelType && modelType->isString() && modelType->asString("model_type") == "mamba")
+    bool hf = modelType && modelType->isString() && modelType->asString("model_type") == "mamba";
+    if (auto const* archs = raw.find("architectures"); archs && archs->isArray())
+        for (auto const& a : archs->asArray("architectures"))
+            hf = hf || (a.isString() && a.asString("architectures") == "MambaForCausalLM");
+    if (hf)
         throw Error(directory + " is a Hugging Face Mamba checkpoint; the C++ runtime reads memmamba checkpoints: "
                                 "load it with MemMambaLM.from_pretrained(...) and save_pretrained() it first");
     if (!raw.find("architecture"))
         throw Error(cfgPath + ": unknown architecture (no 'architecture' key); expected architecture 'memmamba'");
+    if (auto missing = missingConfigKeys(raw); !missing.empty())   // a default would pass unseen: pool_size has
+        throw Error(cfgPath + " lacks " + listSome(missing) + " (a checkpoint names every field)");   // no weights
     try
     {
         config_ = Config::fromJson(text);
@@ -139,9 +147,9 @@ Checkpoint::Checkpoint(std::string const& directory)
         if (t->shape != e.shape)
             throw Error(directory + ": tensor '" + e.name + "' has shape " + shapeString(t->shape)
                 + " in the file but the config needs " + shapeString(e.shape));
-        if (t->dtype != "F32" && t->dtype != "F16" && t->dtype != "BF16")
+        if (t->dtype != "F32" && t->dtype != "F16" && t->dtype != "BF16" && t->dtype != "F64")
             throw Error(directory + ": tensor '" + e.name + "' has dtype " + t->dtype
-                + "; the runtime reads F32, F16 or BF16 weights");
+                + "; the runtime reads F32, F16, BF16 or F64 weights");
     }
 }
 
@@ -157,6 +165,15 @@ std::vector<float> Checkpoint::values(std::string const& name, DType modelDtype)
     {
         std::memcpy(out.data(), p, 4 * n);
     }
+    else if (t->dtype == "F64")
+    {
+        for (size_t i = 0; i < n; ++i)
+        {
+            double d;
+            std::memcpy(&d, p + 8 * i, 8);
+            out[i] = static_cast<float>(d);
+        }
+    }
     else
     {
         bool f16 = t->dtype == "F16";
@@ -166,9 +183,18 @@ std::vector<float> Checkpoint::values(std::string const& name, DType modelDtype)
             out[i] = f16 ? halfToFloat(h) : bf16ToFloat(h);
         }
     }
+    // as load_pretrained: a diverged run's weights, or values the model's dtype cannot hold, are named
+    for (float v : out)
+        if (!std::isfinite(v))
+            throw Error(directory_ + ": tensor '" + name + "' holds NaN or infinite values"
+                + (t->dtype == "F64" ? " (or values beyond fp32's range)" : ""));
     if (modelDtype == DType::kFloat16)
         for (float& v : out)
+        {
             v = halfToFloat(floatToHalf(v));
+            if (!std::isfinite(v))
+                throw Error(directory_ + ": tensor '" + name + "' (" + t->dtype + ") holds values beyond fp16's range");
+        }
     return out;
 }
 

@@ -20,6 +20,8 @@ class Value;
 
 //! Config::fromJson on an already parsed JSON object (manifest.json embeds one).
 Config configFromJson(json::Value const& object);
+// The config keys a checkpoint's config.json lacks (a checkpoint names every field: Config's defaults are for code)
+std::vector<std::string> missingConfigKeys(json::Value const& object);
 
 struct ExpectedTensor
 {

@@ -65,15 +65,27 @@ void Config::validate() const
         need(n.value >= 1, std::string(n.name) + " must be a positive integer, got " + std::to_string(n.value));
     }
     need(d_conv >= 2, "d_conv must be >= 2, got " + std::to_string(d_conv));
-    need(norm_eps > 0, "norm_eps must be > 0, got " + std::to_string(norm_eps));
+    need(norm_eps > 0 && std::isfinite(norm_eps), "norm_eps must be a finite number > 0, got " + std::to_string(norm_eps));
     need(vocab_size <= (int64_t{1} << 31) - 1, "vocab_size must fit int32");
-    if (!memory)
-        return;
+    // with the memory path off too (config.json keeps them), as MemMambaConfig does
     for (Named n : {Named{"pool_size", pool_size}, {"summary_dim", summary_dim}, {"memory_heads", memory_heads},
              {"cross_layer_every", cross_layer_every}})
     {
         need(n.value >= 1, std::string(n.name) + " must be a positive integer, got " + std::to_string(n.value));
     }
+    // sizes past these are no model anyone builds, and their products would overflow int64 in the shape arithmetic
+    for (Named n : {Named{"d_model", d_model}, {"n_layers", n_layers}, {"d_state", d_state}, {"expand", expand},
+             {"d_conv", d_conv}, {"dt_rank", dt_rank}, {"pool_size", pool_size}, {"summary_dim", summary_dim},
+             {"memory_heads", memory_heads}, {"cross_layer_every", cross_layer_every}})
+    {
+        need(n.value <= (int64_t{1} << 20), std::string(n.name) + " must be <= 2^20, got " + std::to_string(n.value));
+    }
+    need(insert_threshold >= 0 && insert_threshold < 1,
+        "insert_threshold must lie in [0, 1) (scores are sigmoids), got " + std::to_string(insert_threshold));
+    need(read_threshold >= 0 && read_threshold < 1,
+        "read_threshold must lie in [0, 1) (scores are sigmoids), got " + std::to_string(read_threshold));
+    if (!memory)
+        return;
     need(d_model >= 4,
         "d_model must be >= 4 with the memory path on (Note Block width d/4), got " + std::to_string(d_model));
     need(summary_dim % memory_heads == 0,
@@ -85,10 +97,15 @@ void Config::validate() const
     need(cross_layer_every <= n_layers,
         "cross_layer_every (" + std::to_string(cross_layer_every) + ") must be <= n_layers (" + std::to_string(n_layers)
             + ")");
-    need(insert_threshold >= 0 && insert_threshold < 1,
-        "insert_threshold must lie in [0, 1) (scores are sigmoids), got " + std::to_string(insert_threshold));
-    need(read_threshold >= 0 && read_threshold < 1,
-        "read_threshold must lie in [0, 1) (scores are sigmoids), got " + std::to_string(read_threshold));
+}
+
+std::vector<std::string> missingConfigKeys(json::Value const& object)
+{
+    std::vector<std::string> missing;
+    for (char const* k : kKnownKeys)
+        if (!object.find(k))
+            missing.push_back(k);
+    return missing;
 }
 
 Config Config::fromJson(std::string const& text)

@@ -26,6 +26,45 @@ inline void cublasCheck(cublasStatus_t s, char const* what)
 #define MM_CUDA(call) ::memmamba::cudaCheck((call), #call)
 #define MM_CUBLAS(call) ::memmamba::cublasCheck((call), #call)
 
+//! Make `device` current for a scope and give the calling thread its own current device back on leaving: a
+//! service's CUDA work on another device must not find its current device changed by a session call.
+class DeviceGuard
+{
+public:
+    explicit DeviceGuard(int device)
+    {
+        MM_CUDA(cudaGetDevice(&previous_));
+        if (previous_ != device)
+        {
+            MM_CUDA(cudaSetDevice(device));
+            changed_ = true;
+        }
+    }
+    ~DeviceGuard()
+    {
+        if (changed_)
+            cudaSetDevice(previous_);
+    }
+    DeviceGuard(DeviceGuard const&) = delete;
+    DeviceGuard& operator=(DeviceGuard const&) = delete;
+
+private:
+    int previous_ = 0;
+    bool changed_ = false;
+};
+
+//! Throw a clear error unless CUDA sees a GPU numbered `device` (`who`: the backend that needs it).
+inline void requireDevice(int device, char const* who)
+{
+    int devices = 0;
+    cudaError_t e = cudaGetDeviceCount(&devices);
+    if (e != cudaSuccess || devices == 0)
+        throw Error(std::string(who) + " needs an NVIDIA GPU, and CUDA finds none ("
+            + (e != cudaSuccess ? cudaGetErrorString(e) : "0 devices") + ")");
+    if (device < 0 || device >= devices)
+        throw Error("device " + std::to_string(device) + " does not exist (" + std::to_string(devices) + " visible)");
+}
+
 //! A device allocation (cudaMalloc / cudaFree).
 class DeviceBuffer
 {

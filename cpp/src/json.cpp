@@ -2,6 +2,8 @@
 #include "json.h"
 
 #include <cerrno>
+#include <charconv>
+#include <cmath>
 #include <cstdlib>
 #include <set>
 
@@ -235,7 +237,11 @@ private:
         std::string literal = s_.substr(start, pos_ - start);
         Value v;
         v.kind_ = Value::Kind::kNumber;
-        v.number_ = std::strtod(literal.c_str(), nullptr);
+        // std::from_chars, not strtod: the same number whatever the host's locale (strtod reads LC_NUMERIC's decimal
+        // point, so "0.5" read 0 in a comma-decimal locale an embedding application had set)
+        auto parsed = std::from_chars(literal.data(), literal.data() + literal.size(), v.number_);
+        if (parsed.ec == std::errc::result_out_of_range)
+            v.number_ = literal[0] == '-' ? -HUGE_VAL : HUGE_VAL;   // as strtod gave: validation names it
         if (integer)
         {
             errno = 0;

@@ -217,7 +217,7 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
         slots.push_back(s);
     }
     size_t normF = pk.tensor("norm_f.weight");
-    MM_CUDA(cudaSetDevice(device));
+    DeviceGuard onDevice(device);
     pk.upload(w->storage);
     w->bytes = pk.bytes();
     w->emb = pk.at(emb);
@@ -361,7 +361,30 @@ public:
         , opt_(std::move(options))
         , c_(w_->config)
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
+        try
+        {
+            build();
+        }
+        catch (...)                 // no destructor runs for a constructor that throws: free what was made
+        {
+            release();
+            throw;
+        }
+    }
+
+    ~NativeBackend() override
+    {
+        int previous = -1;
+        cudaGetDevice(&previous);
+        cudaSetDevice(opt_.device);
+        release();
+        if (previous >= 0)
+            cudaSetDevice(previous);
+    }
+
+    void build()
+    {
         act_ = dtypeName(w_->dtype);
         actElem_ = w_->dtype == DType::kFloat16 ? 2 : 4;
         fused_ = opt_.plan == "fused";
@@ -385,25 +408,24 @@ public:
             capture();
     }
 
-    ~NativeBackend() override
+    void release() noexcept // what build() made, in reverse; anything not made yet is null
     {
-        cudaSetDevice(opt_.device);
         if (stream_)
             cudaStreamSynchronize(stream_);
         for (auto& g : graphs_)
             for (auto& e : g)
                 if (e)
-                    cudaGraphExecDestroy(e);
-        for (auto e : nextReady_)
+                    cudaGraphExecDestroy(e), e = nullptr;
+        for (auto& e : nextReady_)
             if (e)
-                cudaEventDestroy(e);
+                cudaEventDestroy(e), e = nullptr;
         gemms_.clear();
         if (lt_)
-            cublasLtDestroy(lt_);
+            cublasLtDestroy(lt_), lt_ = nullptr;
         if (stream_)
-            cudaStreamDestroy(stream_);
+            cudaStreamDestroy(stream_), stream_ = nullptr;
         if (pinned_)
-            cudaFreeHost(pinned_);
+            cudaFreeHost(pinned_), pinned_ = nullptr;
     }
 
     Config const& config() const override { return c_; }
@@ -424,7 +446,7 @@ public:
     // ---- feeding tokens ----------------------------------------------------------------------------------------------
     void prefill(int32_t const* tokens, int T) override
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         int const B = opt_.batch;
         std::vector<int64_t> byStep(static_cast<size_t>(T) * B); // [T, B]: one contiguous row per step
         for (int b = 0; b < B; ++b)
@@ -444,7 +466,7 @@ public:
 
     void step(int32_t const* tokens) override
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         std::vector<int64_t> t(tokens, tokens + opt_.batch);
         MM_CUDA(cudaMemcpyAsync(tok_[cur_].get(), t.data(), t.size() * 8, cudaMemcpyHostToDevice, stream_));
         runStep(true);
@@ -455,7 +477,7 @@ public:
 
     void logits(float* out) const override
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         size_t n = static_cast<size_t>(opt_.batch) * c_.vocab_size;
         std::vector<uint16_t> half(actElem_ == 2 ? n : 0);
         void* dst = actElem_ == 2 ? static_cast<void*>(half.data()) : static_cast<void*>(out);
@@ -478,13 +500,13 @@ public:
 
     void resample() override
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         enqueueSample(cur_);
     }
 
     void stepNext() override
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         runStep(true);
     }
 
@@ -513,7 +535,7 @@ public:
     // ---- state ---------------------------------------------------------------------------------------------------------------
     void reset() override
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         resetState();
         MM_CUDA(cudaStreamSynchronize(stream_));
     }
@@ -527,7 +549,7 @@ public:
 
     std::unique_ptr<Backend> fork() const override
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         MM_CUDA(cudaStreamSynchronize(stream_));
         auto other = std::make_unique<NativeBackend>(w_, opt_);
         int const o = other->cur_;
@@ -561,21 +583,21 @@ public:
 
     void readState(std::string const& name, void* host) const override
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         MM_CUDA(cudaMemcpyAsync(host, state(name, cur_), info(name).bytes(), cudaMemcpyDeviceToHost, stream_));
         MM_CUDA(cudaStreamSynchronize(stream_));
     }
 
     void writeState(std::string const& name, void const* host) override
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         MM_CUDA(cudaMemcpyAsync(state(name, cur_), host, info(name).bytes(), cudaMemcpyHostToDevice, stream_));
         MM_CUDA(cudaStreamSynchronize(stream_));
     }
 
     void synchronize() const override
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         MM_CUDA(cudaStreamSynchronize(stream_));
     }
 
@@ -1058,14 +1080,7 @@ private:
 std::unique_ptr<Backend> openNative(std::string const& checkpoint, SessionOptions const& options)
 {
     Checkpoint ck(checkpoint); // a bad checkpoint is reported as such, GPU or not
-    int devices = 0;
-    cudaError_t e = cudaGetDeviceCount(&devices);
-    if (e != cudaSuccess || devices == 0)
-        throw Error(std::string("the native backend needs an NVIDIA GPU, and CUDA finds none (")
-            + (e != cudaSuccess ? cudaGetErrorString(e) : "0 devices") + ")");
-    if (options.device < 0 || options.device >= devices)
-        throw Error("device " + std::to_string(options.device) + " does not exist (" + std::to_string(devices)
-            + " visible)");
+    requireDevice(options.device, "the native backend");
     auto weights = loadWeights(ck, options.dtype, options.device, options.plan == "fused");
     return std::make_unique<NativeBackend>(std::move(weights), options);
 }

@@ -19,6 +19,9 @@ std::unique_ptr<Session> Session::open(std::string const& path, SessionOptions c
         throw Error("batch must be >= 1, got " + std::to_string(options.batch));
     if (options.plan != "cublas" && options.plan != "fused")
         throw Error("unknown plan '" + options.plan + "': choose cublas or fused");
+    if (options.dtype != DType::kFloat16 && options.dtype != DType::kFloat32)
+        throw Error("unknown dtype " + std::to_string(static_cast<int>(options.dtype)) + ": choose kFloat16 or "
+                    "kFloat32");
     if (options.backend == "native")
         return std::unique_ptr<Session>(new Session(detail::openNative(path, options)));
     if (options.backend == "tensorrt")
@@ -105,26 +108,38 @@ std::vector<std::vector<int32_t>> Session::generate(int maxNewTokens, SamplingPa
     bool speculative = false;
     // Token i is on the GPU before the host sees it: step i+1 (which feeds token i) is launched first, so the GPU
     // never waits for the host. If generation stops at token i, that step is undone (the state is double-buffered).
-    for (int i = 0; i < maxNewTokens; ++i)
+    try
     {
-        bool more = i + 1 < maxNewTokens;
-        if (more)
+        for (int i = 0; i < maxNewTokens; ++i)
         {
-            backend_->stepNext();
-            backend_->copyNextAsync((i + 1) % 2);
+            bool more = i + 1 < maxNewTokens;
+            if (more)
+            {
+                backend_->stepNext();
+                backend_->copyNextAsync((i + 1) % 2);
+            }
+            speculative = more;
+            backend_->waitNext(i % 2, tokens.data());
+            bool all = true;
+            for (int b = 0; b < B; ++b)
+            {
+                out[b].push_back(tokens[b]);
+                done[b] = done[b] || std::find(stop.begin(), stop.end(), tokens[b]) != stop.end();
+                all = all && done[b];
+            }
+            bool keepGoing = onToken ? onToken(i, tokens.data()) : true;
+            if (all || !keepGoing)
+                break;
         }
-        speculative = more;
-        backend_->waitNext(i % 2, tokens.data());
-        bool all = true;
-        for (int b = 0; b < B; ++b)
+    }
+    catch (...)                     // a callback that throws: the state still ends before the last token returned
+    {
+        if (speculative)
         {
-            out[b].push_back(tokens[b]);
-            done[b] = done[b] || std::find(stop.begin(), stop.end(), tokens[b]) != stop.end();
-            all = all && done[b];
+            backend_->synchronize();
+            backend_->undoStep();
         }
-        bool keepGoing = onToken ? onToken(i, tokens.data()) : true;
-        if (all || !keepGoing)
-            break;
+        throw;
     }
     if (speculative)
     {

@@ -56,6 +56,8 @@ using CreateRuntime = void* (*) (void*, int32_t);
 
 CreateRuntime openNvinfer()
 {
+    static std::mutex opening;      // sessions may be opened from several threads at once
+    std::lock_guard<std::mutex> lock(opening);
     static void* lib = nullptr;
     std::string tried;
     for (char const* name : {"libnvinfer.so." MM_STR(NV_TENSORRT_MAJOR), "libnvinfer.so"})
@@ -220,7 +222,7 @@ public:
         : e_(std::move(engines))
         , opt_(std::move(options))
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         // blocking w.r.t. the legacy stream: TensorRT's own setup work there is ordered before our first step
         MM_CUDA(cudaStreamCreate(&stream_));
         decode_.reset(e_->decode->createExecutionContext());
@@ -275,7 +277,7 @@ public:
 
     void prefill(int32_t const* tokens, int T) override
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         int const B = opt_.batch;
         for (int start = 0; start < T; start += e_->maxPrefill) // resumable prefill, in chunks of the profile's max
         {
@@ -294,7 +296,7 @@ public:
 
     void step(int32_t const* tokens) override
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         std::vector<int64_t> t(tokens, tokens + opt_.batch);
         MM_CUDA(cudaMemcpyAsync(tok_[cur_].get(), t.data(), t.size() * 8, cudaMemcpyHostToDevice, stream_));
         run(*decode_, tok_[cur_].get(), 1);
@@ -338,7 +340,7 @@ public:
 
     void reset() override
     {
-        MM_CUDA(cudaSetDevice(opt_.device));
+        DeviceGuard onDevice(opt_.device);
         for (int p = 0; p < 2; ++p)
             for (auto const& s : e_->states)
             {
@@ -486,7 +488,11 @@ private:
 
 std::unique_ptr<Backend> openTensorRT(std::string const& exportDir, SessionOptions const& options)
 {
-    MM_CUDA(cudaSetDevice(options.device));
+    if (!std::ifstream(exportDir + "/manifest.json"))   // a bad export is reported as such, GPU or not
+        throw Error(exportDir + " is not an export directory (no manifest.json): run `memdeploy export` and "
+                                "`memdeploy build`");
+    requireDevice(options.device, "the TensorRT backend");
+    DeviceGuard onDevice(options.device);
     return std::make_unique<TensorRTBackend>(loadEngines(exportDir, options), options);
 }
 

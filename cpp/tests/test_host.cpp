@@ -4,12 +4,14 @@
 // `memmamba_unit_tests --list` lists them.
 #include <unistd.h>
 
+#include <clocale>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <string>
@@ -249,9 +251,29 @@ TEST(config_rejects_bad_values)
     CHECK_ERROR(Config::fromJson("[1]"), "config must be a JSON object");
     CHECK_ERROR(Config::fromJson("{\"d_model\": "), "invalid JSON");
     CHECK_ERROR(Config::load("/nonexistent/config.json"), "no config file at /nonexistent/config.json");
-    // memory off: the memory keys are not validated (as MemMambaConfig)
+    CHECK_ERROR(Config::fromJson(configWith("norm_eps", "1e999")), "norm_eps must be a finite number > 0");
+    CHECK_ERROR(Config::fromJson(configWith("d_model", "4611686018427387904")), "d_model must be <= 2^20");
+    // memory off: the memory keys' values are still checked, their relations not (as MemMambaConfig)
     Config off = Config::fromJson(configWith("memory_heads", "3", configWith("memory", "false")));
     CHECK(!off.memory);
+    CHECK_ERROR(Config::fromJson(configWith("pool_size", "0", configWith("memory", "false"))),
+        "pool_size must be a positive integer, got 0");
+    CHECK_ERROR(Config::fromJson(configWith("insert_threshold", "5.0", configWith("memory", "false"))),
+        "insert_threshold must lie in [0, 1)");
+}
+
+TEST(config_numbers_do_not_depend_on_the_locale)
+{
+    // strtod reads LC_NUMERIC's decimal point: "0.5" read 0 where an embedding application set a comma locale
+    char const* set = nullptr;
+    for (char const* name : {"de_DE.UTF-8", "de_DE.utf8", "fr_FR.UTF-8", "fr_FR.utf8", "ru_RU.UTF-8"})
+        if ((set = std::setlocale(LC_NUMERIC, name)))
+            break;
+    Config c = Config::fromJson(kTinyConfig);
+    std::setlocale(LC_NUMERIC, "C");
+    CHECK(c.insert_threshold == 0.5 && c.read_threshold == 0.3 && c.norm_eps == 1e-5);
+    if (!set)
+        std::fprintf(stderr, "  (no comma-decimal locale installed: read in the C locale only)\n");
 }
 
 // ---- fp16 ---------------------------------------------------------------------------------------------------------
@@ -358,6 +380,28 @@ TEST(checkpoint_validates_names_shapes_dtypes)
     std::string hf = tempDir();
     writeFile(hf + "/config.json", R"({"model_type": "mamba", "hidden_size": 768})");
     CHECK_ERROR(Checkpoint{hf}, "Hugging Face Mamba checkpoint");
+    writeFile(hf + "/config.json", R"({"architectures": ["MambaForCausalLM"], "hidden_size": 768})");
+    CHECK_ERROR(Checkpoint{hf}, "Hugging Face Mamba checkpoint");
+    std::string noPool = kTinyConfig;                                       // a default would pass unseen
+    noPool.erase(noPool.find("\"pool_size\""), noPool.find('\n', noPool.find("\"pool_size\"")) + 1
+        - noPool.find("\"pool_size\""));
+    CHECK_ERROR(Checkpoint(writeCheckpoint(c, noPool)), "lacks ['pool_size'] (a checkpoint names every field)");
+    float const nan = std::numeric_limits<float>::quiet_NaN();
+    Checkpoint diverged(writeCheckpoint(c, kTinyConfig, "F32",
+        [&](auto& e) { e[1] = {e[1].name, "F32", e[1].shape, f32Bytes(std::vector<float>(64, nan))}; }));
+    CHECK_ERROR(diverged.values(expected[1].name, DType::kFloat32), "holds NaN or infinite values");
+    Checkpoint big(writeCheckpoint(c, kTinyConfig, "F32",
+        [&](auto& e) { e[1] = {e[1].name, "F32", e[1].shape, f32Bytes(std::vector<float>(64, 1e5f))}; }));
+    CHECK(big.values(expected[1].name, DType::kFloat32)[0] == 1e5f);
+    CHECK_ERROR(big.values(expected[1].name, DType::kFloat16), "holds values beyond fp16's range");
+    std::string f64(64 * 8, '\0');
+    for (int j = 0; j < 64; ++j)
+    {
+        double d = 0.25 * j;
+        std::memcpy(&f64[8 * j], &d, 8);
+    }
+    Checkpoint wide(writeCheckpoint(c, kTinyConfig, "F32", [&](auto& e) { e[1] = {e[1].name, "F64", e[1].shape, f64}; }));
+    CHECK(wide.values(expected[1].name, DType::kFloat32)[3] == 0.75f);
     std::string noArch = tempDir();
     writeFile(noArch + "/config.json", "{\"d_model\": 64}");
     CHECK_ERROR(Checkpoint{noArch}, "no 'architecture' key");
@@ -375,7 +419,9 @@ TEST(checkpoint_written_by_python)
     // tests/test_cpp_unit.py points this at a checkpoint saved by MemMambaLM.save_pretrained and a JSON file of
     // reference values; without it the test fails (it must not pass vacuously)
     char const* dir = std::getenv("MEMMAMBA_TEST_CHECKPOINT");
-    CHECK(dir != nullptr);
+    if (!dir)
+        throw Failure{"MEMMAMBA_TEST_CHECKPOINT is not set: this test reads a checkpoint the Python side writes "
+                      "(python -m pytest tests/test_cpp_unit.py runs it so)"};
     Checkpoint ck(dir);
     std::ifstream f(std::string(dir) + "/expected.json");
     std::stringstream ss;

@@ -1,7 +1,7 @@
 // memmamba C++ runtime: generate with a MemMamba model on an NVIDIA GPU, from C++.
 //
 //   auto session = memmamba::Session::open("runs/demo/checkpoint", {});   // config.json + model.safetensors
-//   session->prefill(prompt.data(), prompt.size());                        // [batch, T] token ids
+//   session->prefill(prompt.data(), prompt.size());                        // batch 1: T = the prompt's size
 //   session->generate(64, {0.8f, 40, 0.95f}, [](int, int32_t const* tok) { putchar(tok[0]); return true; });
 //
 // Two backends behind this one interface (SessionOptions::backend):
@@ -134,8 +134,9 @@ public:
     //! Sample a token from the current logits, feed it, and repeat: up to maxNewTokens tokens per row. `onToken`
     //! gets (index, tokens[batch]) for each new token and may return false to stop; generation also stops once
     //! every row has produced a token in `stop`. Needs a prefill (or step) first. As memmamba_deploy.sampling
-    //! .generate, the last token returned is not fed: the state is that after the tokens before it.
-    //! Returns the tokens, row by row.
+    //! .generate, the last token returned is not fed: the state is that after the tokens before it (feed it
+    //! first to continue; memmamba_chat starts the next turn's prompt with it). If `onToken` throws, the state
+    //! is the same and the exception propagates. Returns the tokens, row by row.
     using TokenCallback = std::function<bool(int index, int32_t const* tokens)>;
     std::vector<std::vector<int32_t>> generate(int maxNewTokens, SamplingParams const& params,
         TokenCallback const& onToken = {}, std::vector<int32_t> const& stop = {});
