@@ -19,17 +19,24 @@
 #include <string>
 #include <vector>
 
+// What the library exports: this header's API and nothing else (it is built with hidden visibility).
+#if defined(__GNUC__)
+#define MEMMAMBA_API __attribute__((visibility("default")))
+#else
+#define MEMMAMBA_API
+#endif
+
 namespace memmamba
 {
 
-class Error : public std::runtime_error
+class MEMMAMBA_API Error : public std::runtime_error
 {
 public:
     using std::runtime_error::runtime_error;
 };
 
 //! MemMambaConfig (models/config.py): the same keys, defaults and validation.
-struct Config
+struct MEMMAMBA_API Config
 {
     int64_t vocab_size{256};
     int64_t d_model{64};
@@ -63,10 +70,10 @@ enum class DType
     kFloat32,
     kFloat16
 };
-char const* dtypeName(DType dtype); //!< "fp32" / "fp16"
+MEMMAMBA_API char const* dtypeName(DType dtype); //!< "fp32" / "fp16"
 
 //! Token sampling, done on the GPU. temperature 0: greedy (argmax, lowest id on ties).
-struct SamplingParams
+struct MEMMAMBA_API SamplingParams
 {
     float temperature{0.f};
     int32_t topK{0};   //!< 0: off
@@ -74,7 +81,7 @@ struct SamplingParams
     void validate() const;
 };
 
-struct SessionOptions
+struct MEMMAMBA_API SessionOptions
 {
     std::string backend{"native"}; //!< "native" or "tensorrt"
     DType dtype{DType::kFloat16};  //!< native: weights and activations (the SSM state is fp32 always)
@@ -91,7 +98,7 @@ struct SessionOptions
 };
 
 //! One tensor of the recurrent state, in MemMambaLM's State layout (models/memmamba.py).
-struct StateTensorInfo
+struct MEMMAMBA_API StateTensorInfo
 {
     std::string name;          //!< "conv", "ssm", "pool", "prio"
     std::vector<int64_t> shape; //!< e.g. conv [L, B, d_inner, d_conv-1]
@@ -106,7 +113,7 @@ class Backend;
 
 //! A model instance with its own recurrent state, CUDA stream and buffers. Not thread-safe: one thread at a time
 //! per session (fork() gives independent sessions that share the weights).
-class Session
+class MEMMAMBA_API Session
 {
 public:
     //! `path`: a checkpoint directory (native) or an export directory with engines (tensorrt).
