@@ -140,9 +140,7 @@ def build(configs, out: Path, archs, ptx: bool = True, jobs: int = 0) -> int:
     from memmamba_deploy import aot
     from memmamba_deploy.models.checkpoint import atomic_directory
 
-    if out.is_dir() and any(out.iterdir()) and not (out / "kernels.json").is_file():
-        raise ValueError(f"{out} is not empty and holds no earlier kernel library (kernels.json): refusing to "
-                         f"replace it")
+    aot.check_library_out(out)
     variants = runtime_kernels(configs)
     dicts = [c.to_dict() for c in configs]
     jobs = jobs or min(len(variants), os.cpu_count() or 1)

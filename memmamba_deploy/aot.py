@@ -346,8 +346,7 @@ def build_library(kernels: list[AotKernel], out: str | Path, archs: Iterable[int
     from triton import knobs
 
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not (out / "kernels.json").is_file():
-        raise AotError(f"{out} is not empty and holds no earlier kernel library (kernels.json): refusing to replace it")
+    check_library_out(out)
     archs = parse_archs(archs)
     if not kernels:
         raise AotError("no kernels to compile")
@@ -378,6 +377,12 @@ def build_library(kernels: list[AotKernel], out: str | Path, archs: Iterable[int
 
 # the SMs of released GPUs from Ampere on (an SM between them, sm_91 say, crashes LLVM inside Triton's compile)
 CUDA_SMS = (80, 86, 87, 89, 90, 100, 101, 103, 110, 120, 121)
+
+
+def check_library_out(out: Path) -> None:
+    """A kernel library replaces its folder whole: refuse a non-empty one that holds no earlier library."""
+    if out.is_dir() and any(out.iterdir()) and not (out / "kernels.json").is_file():
+        raise AotError(f"{out} is not empty and holds no earlier kernel library (kernels.json): refusing to replace it")
 
 
 def parse_archs(archs) -> tuple[int, ...]:

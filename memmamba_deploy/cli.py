@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import signal
 from pathlib import Path
 from typing import Optional
 
@@ -22,29 +21,15 @@ USER_ERRORS = (ValueError, OSError, ImportError)   # OSError: missing files, a d
 def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        previous = _terminate_as_interrupt()
+        from .models.checkpoint import terminate_as_interrupt
+
         try:
-            return fn(*args, **kwargs)
+            with terminate_as_interrupt():
+                return fn(*args, **kwargs)
         except USER_ERRORS as e:
             err_console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
     return wrapper
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _terminate_as_interrupt():
-    """SIGTERM (timeout, docker stop, Kubernetes) unwinds as Ctrl-C does, so that a verb's half-written output is
-    removed on the way out. Returns the handler it replaced (None off the main thread, where none can be set)."""
-    try:
-        return signal.signal(signal.SIGTERM, _interrupt)
-    except ValueError:
-        return None
 
 
 def print_checks(title: str, rows) -> bool:

@@ -83,14 +83,18 @@ def _working_dir() -> Path:
         return Path("/nonexistent-working-directory")
 
 
+def _host_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-{socket.gethostname()}-"
+
+
 def _temp_prefix(target: Path) -> str:
-    return f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+    return f"{_host_prefix(target)}{os.getpid()}-"
 
 
 def _remove_stale_temporaries(target: Path) -> None:
     """Remove `.NAME.tmp-HOST-PID-*` folders beside `target` whose writer, on this host, is gone: what a killed
     atomic_directory leaves (a live writer's are kept; another host's or container's are left alone)."""
-    mine = _temp_prefix(target)[:-len(f"{os.getpid()}-")]      # this host's writers: a PID means something here
+    mine = _host_prefix(target)             # this host's writers: a PID means something here
     for tmp in target.parent.glob(glob.escape(mine) + "*-*") if target.parent.is_dir() else ():
         pid = tmp.name[len(mine):].split("-")[0]
         if not pid.isdigit() or int(pid) == os.getpid():
@@ -249,6 +253,27 @@ def save_pretrained(model, directory, force: bool = False) -> None:
             t.unlink(missing_ok=True)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """For the block, SIGTERM (timeout, docker stop, Kubernetes) unwinds as Ctrl-C does, so that a command's
+    half-written output is removed on the way out. Off the main thread, where no handler can be set, nothing."""
+    import signal
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def _signals_held():
     """Hold SIGINT and SIGTERM (delivered on leaving) where the system can: a handled signal then cannot stop a
@@ -326,13 +351,12 @@ def load_pretrained(directory, kernels: str = "torch", device=None, dtype=None):
     if device is not None:                  # else the caller may still move the model (kernels_for guards then)
         check_kernels_on(kernels, device)
     directory = Path(directory)
-    if dtype is not None:
-        parse_dtype(dtype)                  # before the weights are read
+    dtype = None if dtype is None else parse_dtype(dtype)     # before the weights are read
     config, raw = _config(directory)
     tensors = hf_mamba_tensors(directory, raw) if _is_hf_mamba(raw) else read_safetensors(directory / WEIGHTS_NAME)
     with torch.device("meta"):
         model = MemMambaLM(config, kernels=kernels)
-    load_tensors(model, tensors, source=str(directory), dtype=None if dtype is None else parse_dtype(dtype))
+    load_tensors(model, tensors, source=str(directory), dtype=dtype)
     if device is not None:
         model = model.to(device)
     return model.eval()

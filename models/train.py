@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_directory, atomic_file, creatable_dir, recover_directory, save_pretrained, write_json
+from .checkpoint import (atomic_directory, atomic_file, creatable_dir, recover_directory, save_pretrained,
+                         terminate_as_interrupt, write_json)
 from .config import PRESETS, MemMambaConfig
 from .data import make_batch, passkey_min_length, stdlib_text
 from .memmamba import MemMambaLM, State
@@ -440,15 +440,11 @@ def parse_args(argv=None) -> TrainConfig:
     return TrainConfig(**values, model=model, memory=not args.no_memory)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
-    previous = signal.signal(signal.SIGTERM, _interrupt)   # timeout / docker stop: unwind as Ctrl-C does
     try:
-        cfg = parse_args(argv)
-        summary = train(cfg)
+        with terminate_as_interrupt():
+            cfg = parse_args(argv)
+            summary = train(cfg)
     except (ValueError, OSError, ImportError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -456,8 +452,6 @@ def main(argv=None) -> int:
         print("interrupted: run the same command again to resume from the last checkpoint (--save-every)",
               file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(summary))
     return 0
 

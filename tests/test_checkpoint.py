@@ -391,15 +391,11 @@ def test_sigterm_unwinds_a_verb_like_ctrl_c():
     import os
     import signal
 
-    from memmamba_deploy.cli import _terminate_as_interrupt
+    from memmamba_deploy.models.checkpoint import terminate_as_interrupt
 
-    previous = _terminate_as_interrupt()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-            signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(KeyboardInterrupt), terminate_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
 
 
 def test_a_config_lacking_a_field_is_refused(tmp_path, tiny):
