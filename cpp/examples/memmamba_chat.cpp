@@ -94,11 +94,10 @@ int main(int argc, char** argv)
             throw memmamba::Error("memmamba_chat streams bytes and needs vocab_size >= 256 (this model has "
                 + std::to_string(session->config().vocab_size) + ")");
         std::fprintf(stderr, "%s\n", session->describe().c_str());
-        // generate() returns its last token without feeding it (the state ends before it): the next turn's prompt
-        // starts with it, so the conversation's state holds every byte of the reply
-        std::vector<int32_t> unfed;
+        // the session feeds each reply's last token before the next turn's prompt (generate leaves it pending), so
+        // the conversation's state holds every byte of every reply
         auto turn = [&](std::string const& text) {
-            std::vector<int32_t> ids = unfed;
+            std::vector<int32_t> ids;
             for (unsigned char c : text)
                 ids.push_back(c);
             if (ids.empty())
@@ -111,7 +110,6 @@ int main(int argc, char** argv)
                 std::fflush(stdout);
                 return true;
             });
-            unfed.assign(out[0].end() - (out[0].empty() ? 0 : 1), out[0].end());
             double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             std::fprintf(stderr, "\n[%zu tokens in %.3f s: %.1f tokens/s]\n", out[0].size(), s, out[0].size() / s);
         };

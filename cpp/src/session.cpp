@@ -47,17 +47,41 @@ void checkTokens(int32_t const* tokens, size_t n, int64_t vocab)
 }
 } // namespace
 
+void Session::feedPending()
+{
+    if (pending_.empty())
+        return;
+    std::vector<int32_t> tokens;
+    tokens.swap(pending_);          // dropped before the step, as the Python Session: never fed twice
+    backend_->step(tokens.data());
+}
+
 void Session::prefill(int32_t const* tokens, int T)
 {
     if (T < 1)
         throw Error("prefill needs T >= 1 tokens per row, got " + std::to_string(T));
-    checkTokens(tokens, static_cast<size_t>(T) * batch(), config().vocab_size);
-    backend_->prefill(tokens, T);
+    int const B = batch();
+    checkTokens(tokens, static_cast<size_t>(T) * B, config().vocab_size);
+    if (pending_.empty())
+    {
+        backend_->prefill(tokens, T);
+        return;
+    }
+    std::vector<int32_t> ids(static_cast<size_t>(B) * (T + 1));      // each row: its pending token, then its T
+    for (int b = 0; b < B; ++b)
+    {
+        ids[static_cast<size_t>(b) * (T + 1)] = pending_[b];
+        std::copy(tokens + static_cast<size_t>(b) * T, tokens + static_cast<size_t>(b + 1) * T,
+            ids.begin() + static_cast<size_t>(b) * (T + 1) + 1);
+    }
+    backend_->prefill(ids.data(), T + 1);
+    pending_.clear();
 }
 
 void Session::step(int32_t const* tokens)
 {
     checkTokens(tokens, static_cast<size_t>(batch()), config().vocab_size);
+    feedPending();
     backend_->step(tokens);
 }
 
@@ -78,6 +102,7 @@ std::vector<float> Session::logits() const
 std::vector<int32_t> Session::sample(SamplingParams const& params)
 {
     params.validate();
+    feedPending();
     if (!backend_->hasLogits())
         throw Error("no logits to sample from: feed tokens with prefill() or step() first");
     backend_->setSampling(params);
@@ -100,6 +125,7 @@ std::vector<std::vector<int32_t>> Session::generate(int maxNewTokens, SamplingPa
     std::vector<std::vector<int32_t>> out(B);
     if (maxNewTokens == 0)
         return out;
+    feedPending();
     backend_->setSampling(params);
     backend_->resample();           // token 0 from the current logits with these settings
     backend_->copyNextAsync(0);
@@ -120,6 +146,7 @@ std::vector<std::vector<int32_t>> Session::generate(int maxNewTokens, SamplingPa
             }
             speculative = more;
             backend_->waitNext(i % 2, tokens.data());
+            pending_ = tokens;      // the last token returned is not fed: the next prefill/step/generate feeds it
             bool all = true;
             for (int b = 0; b < B; ++b)
             {
@@ -132,7 +159,8 @@ std::vector<std::vector<int32_t>> Session::generate(int maxNewTokens, SamplingPa
                 break;
         }
     }
-    catch (...)                     // a callback that throws: the state still ends before the last token returned
+    catch (...)                     // a callback that throws: the state still ends before the last token returned,
+                                    // which is pending
     {
         if (speculative)
         {
@@ -149,17 +177,29 @@ std::vector<std::vector<int32_t>> Session::generate(int maxNewTokens, SamplingPa
     return out;
 }
 
-void Session::reset() { backend_->reset(); }
+void Session::reset()
+{
+    backend_->reset();
+    pending_.clear();
+}
+
 void Session::reseed(uint64_t seed) { backend_->reseed(seed); }
 
 std::unique_ptr<Session> Session::fork() const
 {
-    return std::unique_ptr<Session>(new Session(backend_->fork()));
+    std::unique_ptr<Session> other(new Session(backend_->fork()));
+    other->pending_ = pending_;
+    return other;
 }
 
 std::vector<StateTensorInfo> Session::stateInfo() const { return backend_->stateInfo(); }
 void Session::readState(std::string const& name, void* host) const { backend_->readState(name, host); }
-void Session::writeState(std::string const& name, void const* host) { backend_->writeState(name, host); }
+
+void Session::writeState(std::string const& name, void const* host)
+{
+    backend_->writeState(name, host);
+    pending_.clear();
+}
 void Session::synchronize() const { backend_->synchronize(); }
 
 } // namespace memmamba

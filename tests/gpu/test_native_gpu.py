@@ -172,6 +172,45 @@ def test_generate_equals_the_step_loop_and_stop_semantics(build, checkpoints):
     assert torch.equal(d.logits(V), e.logits(V))
 
 
+@torch.no_grad()
+def test_the_session_feeds_generates_last_token_when_the_stream_goes_on(build, checkpoints):
+    # as the Python Session: generate's last tokens are pending; prefill, step, sample and generate feed them
+    # first, fork copies them, reset drops them
+    ckpt, model = checkpoints[True]
+    V = model.config.vocab_size
+    rng = torch.Generator().manual_seed(6)
+    prompt, more = torch.randint(0, V, (2, 20), generator=rng), torch.randint(0, V, (2, 5), generator=rng)
+
+    def fresh(ids):
+        s = NativeSession(build, ckpt, dtype="fp32", batch=2)
+        s.prefill(ids)
+        return s
+
+    a = fresh(prompt)
+    gen = a.generate(8)
+    b = a.fork()
+    a.prefill(more)                                                    # the next turn: pending token, then more
+    want = fresh(torch.cat([prompt, gen, more], 1))
+    assert torch.equal(a.logits(V), want.logits(V))
+    assert torch.equal(a.state("ssm", (4, 2, 128, 8)), want.state("ssm", (4, 2, 128, 8)))
+    b.prefill(more)                                                    # the fork had the pending token too
+    assert torch.equal(b.logits(V), want.logits(V))
+    c = fresh(prompt)                                                  # generate twice = once (greedy)
+    assert torch.equal(torch.cat([c.generate(4), c.generate(4)], 1), gen)
+    d = fresh(prompt)
+    d.generate(3)
+    assert torch.equal(d.sample(), gen[:, 3])                          # sample continues the text
+    e = fresh(prompt)
+    e.generate(3)
+    e.step(gen[:, 3])
+    assert torch.equal(e.logits(V), fresh(torch.cat([prompt, gen[:, :4]], 1)).logits(V))
+    f = fresh(prompt)
+    f.generate(3)
+    f.reset()
+    f.prefill(prompt)
+    assert torch.equal(f.logits(V), fresh(prompt).logits(V))         # reset forgot the pending token
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_gpu_sampler_matches_reference(build, checkpoints, dtype):
     os.environ.setdefault("TRITON_INTERPRET", "0")

@@ -129,38 +129,47 @@ public:
 
     //! Feed `tokens` [batch, T] (row-major, T >= 1) from the current state; afterwards logits() are those of
     //! the last token. The native backend runs the decode step token by token (in its CUDA graph).
+    //! After generate(), its last tokens are fed first (see generate).
     void prefill(int32_t const* tokens, int T);
-    //! Feed one token per row, tokens [batch].
+    //! Feed one token per row, tokens [batch] (after generate()'s last tokens, if pending).
     void step(int32_t const* tokens);
-    //! Logits of the last token fed, [batch, vocab] fp32 (copied to the host).
+    //! Logits after the last token consumed, [batch, vocab] fp32 (copied to the host). After generate(), that is
+    //! the token before the last one it returned (the one the last token was drawn from).
     std::vector<float> logits() const;
     void logits(float* out) const;
-    //! Draw one token per row from the current logits on the GPU (the state does not change).
+    //! Draw one token per row from the current logits on the GPU. The state does not change, except that
+    //! generate()'s pending last tokens are fed first, so the draw continues the generated text.
     std::vector<int32_t> sample(SamplingParams const& params);
 
     //! Sample a token from the current logits, feed it, and repeat: up to maxNewTokens tokens per row. `onToken`
     //! gets (index, tokens[batch]) for each new token and may return false to stop; generation also stops once
-    //! every row has produced a token in `stop`. Needs a prefill (or step) first. As memmamba_deploy.sampling
-    //! .generate, the last token returned is not fed: the state is that after the tokens before it (feed it
-    //! first to continue; memmamba_chat starts the next turn's prompt with it). If `onToken` throws, the state
-    //! is the same and the exception propagates. Returns the tokens, row by row.
+    //! every row has produced a token in `stop`. Needs a prefill (or step) first. Like the Python `Session`, the
+    //! session follows the stream: the last tokens returned are pending, consumed (fed) by the next prefill,
+    //! step, sample or generate, so continuing costs nothing extra and stopping wastes no step; until then
+    //! logits() and the state are those after the tokens before them. reset() and writeState() drop them,
+    //! fork() copies them. If `onToken` throws, the exception propagates and the tokens returned until then
+    //! count as generated (the last of them pending). Returns the tokens, row by row.
     using TokenCallback = std::function<bool(int index, int32_t const* tokens)>;
     std::vector<std::vector<int32_t>> generate(int maxNewTokens, SamplingParams const& params,
         TokenCallback const& onToken = {}, std::vector<int32_t> const& stop = {});
 
     void reset();                   //!< the empty state (State.zeros); no logits until the next token
     void reseed(uint64_t seed);     //!< restart the sampling stream (seed, step 0)
-    std::unique_ptr<Session> fork() const; //!< same weights, a copy of the state, logits and sampling stream
+    //! Same weights, a copy of the state, logits, sampling stream and pending tokens.
+    std::unique_ptr<Session> fork() const;
 
     std::vector<StateTensorInfo> stateInfo() const;
     void readState(std::string const& name, void* host) const;  //!< copy one state tensor to the host
-    void writeState(std::string const& name, void const* host); //!< and back (same layout and dtype)
+    //! And back (same layout and dtype); drops generate()'s pending tokens (they belong to the old state).
+    void writeState(std::string const& name, void const* host);
 
     void synchronize() const; //!< wait for the session's stream
 
 private:
     explicit Session(std::unique_ptr<detail::Backend> backend);
+    void feedPending();             //!< consume generate()'s last tokens, if any
     std::unique_ptr<detail::Backend> backend_;
+    std::vector<int32_t> pending_;  //!< generate()'s last tokens [batch], not yet fed (empty: none)
 };
 
 } // namespace memmamba
