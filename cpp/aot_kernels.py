@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 ACTS = ("fp32", "fp16")
+TABLE_FILES = ("runtime_variants.cpp", "runtime_shapes.json")   # beside aot.LIBRARY_FILES in the library folder
 
 
 def shape_keys(c) -> dict[str, str]:
@@ -140,7 +141,7 @@ def build(configs, out: Path, archs, ptx: bool = True, jobs: int = 0) -> int:
     from memmamba_deploy import aot
     from memmamba_deploy.models.checkpoint import atomic_directory
 
-    aot.check_library_out(out)
+    aot.check_library_out(out, aot.LIBRARY_FILES + TABLE_FILES)
     variants = runtime_kernels(configs)
     dicts = [c.to_dict() for c in configs]
     jobs = jobs or min(len(variants), os.cpu_count() or 1)
@@ -157,8 +158,8 @@ def build(configs, out: Path, archs, ptx: bool = True, jobs: int = 0) -> int:
         (tmp / "memmamba_kernels.h").write_text(header)
         (tmp / "memmamba_kernels.cpp").write_text(source)
         (tmp / "kernels.json").write_text(json.dumps(meta, indent=1) + "\n")
-        (tmp / "runtime_variants.cpp").write_text(render_table(variants))
-        (tmp / "runtime_shapes.json").write_text(json.dumps(dicts, indent=1) + "\n")
+        (tmp / TABLE_FILES[0]).write_text(render_table(variants))
+        (tmp / TABLE_FILES[1]).write_text(json.dumps(dicts, indent=1) + "\n")
     return len(done)
 
 

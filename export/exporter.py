@@ -19,7 +19,8 @@ from .. import __version__
 from ..models.checkpoint import atomic_directory, load_pretrained, save_pretrained
 from .contract import CUSTOM_OPS, DOMAIN, PLUGIN_NAMESPACE
 from .graphs import GraphWriter
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, REFERENCE_DIR, file_hashes
+from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, REFERENCE_DIR, ManifestError, file_hashes,
+                       read_manifest)
 from .onnx_builder import DTYPE_NAMES, OPSET
 
 FLAVORS = ("portable", "plugins")
@@ -84,9 +85,19 @@ def _check_out(out: Path, checkpoint: Path, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} is not empty (use --force to overwrite)")
-        if not (out / MANIFEST_NAME).is_file():
+        try:
+            earlier = read_manifest(out, verify=False)
+        except (ManifestError, FileNotFoundError):
             raise FileExistsError(f"{out} is not empty and holds no earlier export ({MANIFEST_NAME}): refusing to "
-                                  f"replace it, even with --force")
+                                  f"replace it, even with --force") from None
+        ours = set(earlier["files"]) | {MANIFEST_NAME}
+        ours |= {e["file"] for e in earlier.get("tensorrt", {}).get("engines", {}).values() if isinstance(e, dict)}
+        others = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                        if not p.is_dir() and p.relative_to(out).as_posix() not in ours)
+        if others:
+            raise FileExistsError(f"{out} holds files that are not part of its earlier export ({', '.join(others[:5])}"
+                                  f"{', ...' if len(others) > 5 else ''}): --force would delete them; move them or "
+                                  f"choose another OUT")
 
 
 def _inline(graph: onnx.ModelProto, name: str) -> onnx.ModelProto:

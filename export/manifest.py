@@ -64,6 +64,7 @@ def read_manifest(out, verify: bool = True, only: tuple[str, ...] | None = None)
     for key in ("config", "flavor", "dtype", "graphs", "state", "files"):
         if key not in manifest:
             raise ManifestError(f"{path} lacks {key!r}")
+    _check_types(manifest, path)
     if verify:
         for rel, digest in manifest["files"].items():
             if only is not None and not rel.startswith(only):
@@ -75,3 +76,29 @@ def read_manifest(out, verify: bool = True, only: tuple[str, ...] | None = None)
                 raise ManifestError(f"{f} does not match the sha256 recorded in {MANIFEST_NAME} (modified or corrupt "
                                     f"since export): export again")
     return manifest
+
+
+def _check_types(manifest: dict, path: Path) -> None:
+    """Each field read by the backends has the type the exporter writes (a hand-edited or foreign manifest would
+    otherwise fail deep inside a backend)."""
+    def bad(key, want):
+        raise ManifestError(f"{path}: {key!r} must be {want}, got {json.dumps(manifest.get(key))[:60]}")
+
+    if not isinstance(manifest["config"], dict):
+        bad("config", "an object (the model's config)")
+    if manifest["flavor"] not in ("portable", "plugins"):
+        bad("flavor", '"portable" or "plugins"')
+    if manifest["dtype"] not in ("fp32", "fp16"):
+        bad("dtype", '"fp32" or "fp16"')
+    graphs = manifest["graphs"]
+    if not isinstance(graphs, dict) or not graphs or not all(isinstance(g, dict) and isinstance(g.get("file"), str)
+                                                             for g in graphs.values()):
+        bad("graphs", "an object of graphs, each with its \"file\"")
+    if not isinstance(manifest["state"], list) or not all(isinstance(t, dict) for t in manifest["state"]):
+        bad("state", "a list of state tensors")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        bad("files", "an object of file: sha256")
+    trt = manifest.get("tensorrt")
+    if trt is not None and not (isinstance(trt, dict) and isinstance(trt.get("engines"), dict)):
+        bad("tensorrt", "an object with the engines (written by memdeploy build)")

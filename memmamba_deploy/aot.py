@@ -368,6 +368,7 @@ def build_library(kernels: list[AotKernel], out: str | Path, archs: Iterable[int
     header, source = render_sources(compiled)
     meta = manifest(compiled)
     meta["archs"] = list(archs)
+    meta["ptx"] = ptx
     with atomic_directory(out, force=True) as tmp:     # an earlier library only (checked above)
         (tmp / "memmamba_kernels.h").write_text(header)
         (tmp / "memmamba_kernels.cpp").write_text(source)
@@ -375,14 +376,45 @@ def build_library(kernels: list[AotKernel], out: str | Path, archs: Iterable[int
     return meta
 
 
-# the SMs of released GPUs from Ampere on (an SM between them, sm_91 say, crashes LLVM inside Triton's compile)
-CUDA_SMS = (80, 86, 87, 89, 90, 100, 101, 103, 110, 120, 121)
+# the SMs of released GPUs from Ampere on that Triton's bundled ptxas compiles (an SM between them, sm_91 say,
+# crashes LLVM inside Triton's compile; CUDA 13's sm_110, Thor, is sm_101 to the CUDA 12.8 ptxas Triton ships)
+CUDA_SMS = (80, 86, 87, 89, 90, 100, 101, 103, 120, 121)
+LIBRARY_FILES = ("memmamba_kernels.h", "memmamba_kernels.cpp", "kernels.json")
 
 
-def check_library_out(out: Path) -> None:
-    """A kernel library replaces its folder whole: refuse a non-empty one that holds no earlier library."""
-    if out.is_dir() and any(out.iterdir()) and not (out / "kernels.json").is_file():
+def check_library_out(out: Path, files: Iterable[str] = LIBRARY_FILES) -> None:
+    """Before any compile: `out` must be a folder that can be made, and a kernel library replaces it whole, so a
+    non-empty one must hold an earlier library and nothing but its `files` (anything else would be deleted)."""
+    from .models.checkpoint import creatable_dir
+
+    if out.exists() and not out.is_dir():
+        raise AotError(f"--out {out} is a file: give a directory")
+    creatable_dir(out.parent, out)             # atomic_directory writes it after the compiles
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        earlier = json.loads((out / "kernels.json").read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict) or earlier.get("format") != 1 or not isinstance(earlier.get("kernels"), dict):
         raise AotError(f"{out} is not empty and holds no earlier kernel library (kernels.json): refusing to replace it")
+    others = sorted(p.name for p in out.iterdir() if p.name not in files)
+    if others:
+        raise AotError(f"{out} holds files that are not part of its kernel library ({', '.join(others[:5])}"
+                       f"{', ...' if len(others) > 5 else ''}): they would be deleted; move them or give another --out")
+
+
+def missing_ptx(meta: dict) -> str | None:
+    """A note when PTX was asked for but left out (the lowest SM's code is arch-specific, sm_90a and up)."""
+    if not meta.get("ptx") or not meta.get("kernels"):
+        return None
+    left = [name for name, k in meta["kernels"].items() if not k["ptx_sm"]]
+    if not left:
+        return None
+    lowest = min(meta["archs"])
+    return (f"no PTX in {len(left)} of {len(meta['kernels'])} kernel(s): sm_{lowest} code is arch-specific "
+            f"(sm_{lowest}a), which no other GPU can JIT; add an SM below 90 to --arch (e.g. 80) for a PTX that "
+            f"newer GPUs JIT")
 
 
 def parse_archs(archs) -> tuple[int, ...]:
@@ -409,12 +441,15 @@ def project_kernels(only: Iterable[str] = ()) -> list[AotKernel]:
         from .models.ops import triton as kernels_pkg
     except ImportError as e:
         raise AotError(f"cannot import the Triton kernels (models/ops/triton): {e}") from None
-    table = getattr(kernels_pkg, "AOT_KERNELS", None)
+    try:
+        table = getattr(kernels_pkg, "AOT_KERNELS", None)
+    except RuntimeError as e:                   # TRITON_INTERPRET=1: the kernels are not compilable in this process
+        raise AotError(str(e)) from None
     if not table:
         raise AotError("models/ops/triton defines no AOT_KERNELS yet: there is nothing to compile ahead of time")
     specs = [from_table_entry(name, entry) for name, entry in table.items()]
     specs = [s for group in specs for s in group]
-    only = [o for o in only if o]
+    only = [o.strip() for o in only if o.strip()]
     if only:
         known = {s.name for s in specs}
         missing = [o for o in only if o not in known]
@@ -451,13 +486,18 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated variant names (default: all of AOT_KERNELS)")
     args = ap.parse_args(argv)
     try:
+        archs = parse_archs(args.arch)
+        check_library_out(Path(args.out))          # before the kernels are even imported
         kernels = project_kernels(args.only.split(","))
-        meta = build_library(kernels, args.out, parse_archs(args.arch), ptx=not args.no_ptx,
+        meta = build_library(kernels, args.out, archs, ptx=not args.no_ptx,
                              progress=lambda n: print(f"compiling {n}", file=sys.stderr))
-    except (AotError, ValueError) as e:
+    except (AotError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(meta['kernels'])} kernel(s) x sm_{'/'.join(map(str, meta['archs']))} to {args.out}")
+    note = missing_ptx(meta)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

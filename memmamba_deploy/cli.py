@@ -49,7 +49,7 @@ def print_checks(title: str, rows) -> bool:
 def init(directory: Path = typer.Argument(..., help="where to write config.json + model.safetensors"),
          preset: str = typer.Option("tiny", help="tiny | 130m (spec §1)"),
          memory: bool = typer.Option(True, "--memory/--no-memory", help="--no-memory gives plain Mamba"),
-         seed: int = typer.Option(0, help="seed of the random initialisation"),
+         seed: int = typer.Option(0, min=0, help="seed of the random initialisation"),
          force: bool = typer.Option(False, help="write into a non-empty DIRECTORY (its config.json and "
                                                 "model.safetensors are replaced, other files kept)")):
     """Write a seeded random-init checkpoint."""
@@ -71,7 +71,7 @@ def init(directory: Path = typer.Argument(..., help="where to write config.json 
 def selfcheck(checkpoint: Path = typer.Argument(..., help="checkpoint directory"),
               batch: int = typer.Option(2),
               tokens: Optional[int] = typer.Option(None, help="default: 4x the pool size, at least 64"),
-              seed: int = typer.Option(0),
+              seed: int = typer.Option(0, min=0),
               tol: Optional[float] = typer.Option(None, help="max relative error; default 1e-5 for fp32 "
                                                              "checkpoints, 1e-2 for fp16 / bf16 (in bf16 a pool "
                                                              "decision can flip at a near-tie: see parity)"),

@@ -68,33 +68,37 @@ def passkey(paths: List[Path] = typer.Argument(..., help="checkpoint(s) (or expo
             backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt | triton (export directory "
                                                       "for onnxruntime and tensorrt)"),
             samples: int = typer.Option(5, help="prompts per length"),
-            seed: int = typer.Option(0, help="seed of the prompts (the same for every model)"),
+            seed: int = typer.Option(0, min=0, help="seed of the prompts (the same for every model)"),
             batch: int = typer.Option(4, help="prompts decoded together"),
             chunk: int = typer.Option(4096, help="prefill chunk in tokens (prefill resumes from the state)"),
             device: str = typer.Option("auto", help="torch backend: auto | cpu | cuda"),
             kernels: str = typer.Option("auto", help="torch backend: auto | torch | triton"),
             json_out: Optional[Path] = typer.Option(None, "--json", help="write the results here")):
     """Passkey retrieval accuracy per length: a 5-digit key hidden in filler, asked for at the end (greedy)."""
-    from .passkey import evaluate_passkey, format_length, parse_lengths
+    from .passkey import check_passkey_run, evaluate_passkey, format_length, parse_lengths
 
     from .models.checkpoint import writable_file, write_json
 
     todo = parse_lengths(lengths)
     if json_out:
         writable_file(json_out)
+    backends = [open_backend(path, backend, device, kernels) for path in paths]
+    for path, be in zip(paths, backends):          # every model and setting checked before the first one runs
+        check_passkey_run(be, todo, samples, batch, chunk, name=str(path))
+    names = [p.resolve().name for p in paths]
+    names = [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]   # two .../model: their paths
     runs = []
-    for path in paths:
-        be = open_backend(path, backend, device, kernels)
+    for path, be, name in zip(paths, backends, names):
         with _progress() as bar:
-            task = bar.add_task(f"{path.name} ({be.name})", total=samples * sum(todo))
+            task = bar.add_task(f"{name} ({be.name})", total=samples * sum(todo))
             results = evaluate_passkey(be, todo, samples=samples, seed=seed, batch=batch, chunk=chunk,
                                        on_tokens=lambda n: bar.advance(task, n))
-        runs.append({"path": str(path), "backend": be.name, "memory": be.config.memory,
+        runs.append({"path": str(path), "name": name, "backend": be.name, "memory": be.config.memory,
                      "results": [r.to_dict() for r in results]})
     table = Table(title=f"passkey retrieval accuracy ({samples} prompts per length, seed {seed}, {backend})")
     table.add_column("length", justify="right")
     for run in runs:
-        table.add_column(f"{Path(run['path']).name}\n(memory {'on' if run['memory'] else 'off'})", justify="right")
+        table.add_column(f"{run['name']}\n(memory {'on' if run['memory'] else 'off'})", justify="right")
     for i, n in enumerate(todo):
         cells = []
         for run in runs:
@@ -114,7 +118,7 @@ def fidelity(path: Path = typer.Argument(..., help="checkpoint, or an export dir
              reference: Optional[Path] = typer.Option(None, help="the PyTorch checkpoint (default: found from PATH)"),
              samples: int = typer.Option(8, help="sequences (half passkey prompts, half Python source)"),
              length: int = typer.Option(256, help="tokens per sequence (the backend steps token by token)"),
-             seed: int = typer.Option(0),
+             seed: int = typer.Option(0, min=0),
              tol: float = typer.Option(1e-4, help="max |ETMF(backend) − ETMF(PyTorch)| (use 1e-2 for fp16)"),
              device: str = typer.Option("cpu", help="device of the PyTorch reference and of the backend"),
              kernels: str = typer.Option("auto", help="torch backend: auto | torch | triton"),
@@ -127,6 +131,8 @@ def fidelity(path: Path = typer.Argument(..., help="checkpoint, or an export dir
 
     if samples < 1 or length < 2:
         raise ValueError(f"--samples must be >= 1 and --length >= 2, got {samples} and {length}")
+    if not tol >= 0 or tol == float("inf"):
+        raise ValueError(f"--tol must be a finite number >= 0, got {tol}")
     if json_out:
         writable_file(json_out)
     ckpt = reference_checkpoint(path, reference)

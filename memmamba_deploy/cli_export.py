@@ -51,7 +51,7 @@ def parity(out: Path = typer.Argument(..., help="export directory (memdeploy exp
            prompt_len: List[int] = typer.Option([32], help="random prompt length (repeat for several cases)"),
            prompt: List[str] = typer.Option([], help="a prompt as comma-separated token ids (repeatable)"),
            batch: int = typer.Option(2, help="rows of each random prompt"),
-           seed: int = typer.Option(0, help="seed of the random prompts"),
+           seed: int = typer.Option(0, min=0, help="seed of the random prompts"),
            rtol: Optional[float] = typer.Option(None, help="max relative error (default fp32 1e-4, fp16 1e-2)"),
            flip_radius: Optional[float] = typer.Option(None, help="largest decision margin a flip may have to count "
                                                                     "as rounding (default 10*rtol)"),

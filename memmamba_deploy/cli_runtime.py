@@ -32,7 +32,7 @@ def bench(path: Path = typer.Argument(..., help=PATH_HELP),
           warmup: int = typer.Option(16, help="untimed decode steps per context first"),
           rounds: int = typer.Option(4, help="interleaved rounds over the contexts (spreads machine drift)"),
           chunk: int = typer.Option(2048, help="tokens per prefill call"),
-          seed: int = typer.Option(0, help="seed of the random prompt and decode tokens"),
+          seed: int = typer.Option(0, min=0, help="seed of the random prompt and decode tokens"),
           prefill_kernels: Optional[str] = typer.Option(
               None, help="torch backend only: prefill with this kernel set, decode with the one opened (default on "
                          "a GPU: triton when it loads; the reference scan is a Python loop)")):
@@ -57,7 +57,7 @@ def generate(path: Path = typer.Argument(..., help=PATH_HELP),
              temperature: float = typer.Option(0.7, help="0 = greedy"),
              top_k: int = typer.Option(0, help="keep the k most likely tokens (0 = all)"),
              top_p: float = typer.Option(0.9, help="keep the smallest set with this much probability"),
-             seed: Optional[int] = typer.Option(0, help="sampling seed (same seed, same text)"),
+             seed: Optional[int] = typer.Option(0, min=0, help="sampling seed (same seed, same text)"),
              stop: Optional[str] = typer.Option(None, help="comma-separated token ids that end generation")):
     """Stream generated tokens to stdout as they come (text for byte-level models, token ids otherwise)."""
     from .parity import parse_prompt

@@ -27,14 +27,11 @@ def aot(out: Path = typer.Option(..., "--out", help="folder for memmamba_kernels
     """Compile the Triton kernels ahead of time into a C++ kernel library (no GPU needed)."""
     from rich.table import Table
 
-    from .aot import AotError, build_library, parse_archs, project_kernels
-    from .models.checkpoint import creatable_dir
+    from .aot import AotError, build_library, check_library_out, missing_ptx, parse_archs, project_kernels
 
     archs = parse_archs(arch)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file: give a directory")
-    creatable_dir(out.parent, out)             # before the compiles, as atomic_directory will write it after
     try:
+        check_library_out(out)                 # before the kernels are even imported
         kernels = project_kernels(only.split(","))
         with _progress() as bar:
             task = bar.add_task("compiling", total=len(kernels))
@@ -48,11 +45,14 @@ def aot(out: Path = typer.Option(..., "--out", help="folder for memmamba_kernels
         raise ValueError(str(e)) from None
     table = Table(title=f"AOT kernel library: {out} (triton {meta['triton']}, {meta['ptxas']})")
     for col in ("variant", "Triton kernel", "warps", "shared B", "params", "cubins", "PTX"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")     # names stay whole (folded) in a narrow or piped terminal
     for name, k in meta["kernels"].items():
         table.add_row(name, k["fn"], str(k["num_warps"]), str(k["shared"]), str(len(k["params"])),
                       " ".join(f"sm_{sm}" for sm in k["cubins"]), f"sm_{k['ptx_sm']}" if k["ptx_sm"] else "-")
     console.print(table)
+    note = missing_ptx(meta)
+    if note:
+        console.print(f"[yellow]note:[/yellow] {note}")
 
 
 @app.command()

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .models.data import KEY_DIGITS, passkey_prompt
+from .models.data import KEY_DIGITS, passkey_min_length, passkey_prompt
 from .sampling import generate
 
 _LENGTH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
@@ -61,18 +61,29 @@ def _answer_text(tokens: list[int]) -> str:
     return "".join(chr(t) if 32 <= t < 127 else f"\\x{t:02x}" for t in tokens)
 
 
+def check_passkey_run(backend, lengths: list[int], samples: int, batch: int, chunk: int, name: str = "") -> None:
+    """What evaluate_passkey needs, checked before any prompt runs: a byte-level model, lengths that hold a
+    passkey sample, and positive counts."""
+    if backend.config.vocab_size != 256:
+        raise ValueError(f"passkey prompts are bytes: {name or 'the model'}'s vocabulary has "
+                         f"{backend.config.vocab_size} tokens, not 256 bytes (a byte-level model's); without its "
+                         f"tokenizer the prompts mean nothing to it")
+    shortest = passkey_min_length(with_answer=False)
+    short = [format_length(n) for n in lengths if n < shortest]
+    if short:
+        raise ValueError(f"length(s) {', '.join(short)} too short for a passkey sample (needs >= {shortest} tokens)")
+    settings = (("samples", samples), ("batch", batch), ("chunk", chunk))
+    bad = [f"--{k} must be >= 1, got {v}" for k, v in settings if v < 1]
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
 def evaluate_passkey(backend, lengths: list[int], samples: int = 5, seed: int = 0, batch: int = 4,
                      chunk: int = 4096, on_tokens: Callable[[int], None] | None = None) -> list[PasskeyResult]:
     """Accuracy per length for `backend` (any Backend: new_state, prefill, step). on_tokens(n) is called as
     prompt tokens are consumed (for a progress bar). The model must be byte-level (vocab_size 256): the prompts
     are UTF-8 bytes, meaningless as ids of another tokenizer's vocabulary."""
-    if backend.config.vocab_size != 256:
-        raise ValueError(f"passkey prompts are bytes: the model's vocabulary has {backend.config.vocab_size} tokens, "
-                         f"not 256 bytes (a byte-level model's); without its tokenizer the prompts mean nothing to it")
-    settings = (("samples", samples), ("batch", batch), ("chunk", chunk))
-    bad = [f"--{k} must be >= 1, got {v}" for k, v in settings if v < 1]
-    if bad:
-        raise ValueError("; ".join(bad))
+    check_passkey_run(backend, lengths, samples, batch, chunk)
     results = []
     for length in lengths:
         t0 = time.perf_counter()

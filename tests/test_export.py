@@ -266,6 +266,35 @@ def test_refuses_non_empty_out_without_force(tiny_export, tmp_path):
     export_model(ckpt, out, show_progress=False)                       # empty: taken
     export_model(ckpt, out, flavor="plugins", force=True, show_progress=False)   # an earlier export: replaced
     assert json.loads((out / "manifest.json").read_text())["flavor"] == "plugins"
+    (out / "notes.txt").write_text("mine")                             # an export with a file of the user's beside it
+    with pytest.raises(FileExistsError, match=r"not part of its earlier export \(notes.txt\)"):
+        export_model(ckpt, out, force=True, show_progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"name": "app"}')           # somebody else's manifest.json
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no earlier export"):
+        export_model(ckpt, other, force=True, show_progress=False)
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_manifest_fields_of_the_wrong_type_are_named(tiny_export, tmp_path):
+    import shutil
+
+    from memmamba_deploy.export import read_manifest
+    from memmamba_deploy.export.manifest import ManifestError
+
+    good = json.loads((tiny_export(memory=True) / "manifest.json").read_text())
+    out = tmp_path / "out"
+    shutil.copytree(tiny_export(memory=True), out)
+    for key, value in [("files", []), ("files", None), ("graphs", None), ("graphs", {"decode_step": 3}),
+                       ("state", None), ("dtype", None), ("flavor", "fancy"), ("config", []), ("tensorrt", [])]:
+        (out / "manifest.json").write_text(json.dumps(dict(good, **{key: value})))
+        with pytest.raises(ManifestError, match=f"'{key}' must be"):
+            read_manifest(out)
+    (out / "manifest.json").write_text(json.dumps(good))
+    read_manifest(out)
 
 
 def test_out_that_is_or_holds_the_checkpoint_or_the_working_dir_is_refused(tiny_export, tmp_path, monkeypatch):

@@ -154,6 +154,9 @@ def test_cli_fidelity(tmp_path):
     assert r.exit_code == 2 and "runs an export directory" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["fidelity", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "no such directory" in r.output
+    for tol in ("-1", "nan", "inf"):
+        r = CliRunner().invoke(app, ["fidelity", str(tmp_path / "ckpt"), "--tol", tol])
+        assert r.exit_code == 2 and "--tol must be a finite number >= 0" in r.output, r.output
 
 
 def _ort_backend(model, tmp_path):

@@ -131,6 +131,7 @@ def test_cli_eval_passkey_two_checkpoints(tmp_path):
     (["eval", "passkey", "{ckpt}", "--backend", "onnxruntime"], "runs an export directory"),
     (["eval", "passkey", "{ckpt}", "--backend", "magic"], "unknown backend 'magic'"),
     (["eval", "passkey", "{ckpt}", "--lengths", "4q"], "bad length '4q'"),
+    (["eval", "passkey", "{ckpt}", "--seed", "-3"], "--seed"),
 ])
 def test_cli_bad_input_is_one_clear_line(tmp_path, args, message):
     make_model(0).save_pretrained(tmp_path / "ckpt")
@@ -167,3 +168,22 @@ def test_bundled_checkpoints_give_the_same_answers_on_torch_and_ort(name, tmp_pa
     assert ref.predictions == ort.predictions
     if name == "demo-memmamba":
         assert ref.accuracy >= 0.75
+
+
+def test_cli_eval_passkey_checks_every_model_and_length_first(tmp_path, monkeypatch):
+    """A length too short or a model that is not byte-level anywhere in the run fails before any prompt runs, and
+    two checkpoints with the same folder name (DIR/model, the training layout) get columns by their paths."""
+    import memmamba_deploy.passkey as passkey
+
+    for run, vocab in (("r1", 256), ("r2", 256), ("r3", 300)):
+        make_model(0, vocab_size=vocab).save_pretrained(tmp_path / run / "model")
+    ran = []
+    real = passkey.evaluate_passkey
+    monkeypatch.setattr(passkey, "evaluate_passkey", lambda *a, **k: ran.append(1) or real(*a, **k))
+    r1, r2, r3 = (str(tmp_path / r / "model") for r in ("r1", "r2", "r3"))
+    for args, message in ((["--lengths", "100,50"], "50 too short"), ([r3, "--lengths", "100"], "has 300 tokens")):
+        r = CliRunner().invoke(app, ["eval", "passkey", r1, *args, "--samples", "1"])
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    assert ran == []
+    r = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["eval", "passkey", r1, r2, "--lengths", "100", "--samples", "1"])
+    assert r.exit_code == 0 and r1 in r.output and r2 in r.output, r.output

@@ -11,6 +11,7 @@ Budget: about a minute on 2 cores (Triton's compile cache makes re-runs faster).
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -86,7 +87,7 @@ def test_spec_validation_names_the_problem():
         aot.AotKernel("k", _scale_add_kernel, sig, {"BLOCK": 128}).validate()
     with pytest.raises(aot.AotError, match="C identifier"):
         aot.AotKernel("k-1", _scale_add_kernel, _toy().signature, {"BLOCK": 128}).validate()
-    for bad in ("80,75", "91", "95", "130"):
+    for bad in ("80,75", "91", "95", "110", "130"):
         with pytest.raises(ValueError, match="bad --arch"):
             aot.parse_archs(bad)
     assert aot.parse_archs("sm_90, 87,80") == (80, 87, 90)
@@ -124,6 +125,51 @@ def test_generated_sources_embed_exactly_the_checked_cubins(tmp_path, toy_compil
         (tmp_path / "busy").mkdir()
         (tmp_path / "busy" / "mine.txt").write_text("keep")
         aot.build_library([k], tmp_path / "busy", archs=(80,))
+    assert aot.missing_ptx(meta) is None
+
+
+def test_library_folder_is_checked_before_compiling(tmp_path, monkeypatch):
+    """A library replaces its folder whole: only an earlier library, with nothing else beside it, is replaced,
+    and a bad --out is named before any compile (compile_kernel would fail the test if it ran)."""
+    monkeypatch.setattr(aot, "compile_kernel", lambda *a, **k: pytest.fail("compiled before checking --out"))
+    k = _toy("fp32")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "kernels.json").write_text("{}")                  # a kernels.json that is not a library's
+    (fake / "notes.txt").write_text("keep")
+    with pytest.raises(aot.AotError, match="holds no earlier kernel library"):
+        aot.build_library([k], fake, archs=(80,))
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "kernels.json").write_text(json.dumps({"format": 1, "kernels": {}}))
+    (lib / "memmamba_kernels.h").write_text("")
+    (lib / "mine.txt").write_text("keep")
+    with pytest.raises(aot.AotError, match=r"not part of its kernel library \(mine.txt\)"):
+        aot.build_library([k], lib, archs=(80,))
+    assert (fake / "notes.txt").read_text() == (lib / "mine.txt").read_text() == "keep"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(aot.AotError, match="is a file"):
+        aot.build_library([k], tmp_path / "afile", archs=(80,))
+    with pytest.raises(OSError, match="is a file, not a directory"):
+        aot.build_library([k], tmp_path / "afile" / "lib", archs=(80,))
+    for out in (tmp_path / "afile", tmp_path / "afile" / "lib", lib):    # python -m memmamba_deploy.aot (CMake's)
+        assert aot.main(["--out", str(out), "--arch", "80", "--only", "pool_sweep_k64_fp32"]) == 2
+
+
+def test_aot_under_the_interpreter_is_a_one_line_error(tmp_path):
+    import os
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "memmamba_deploy.cli", "aot", "--out", str(tmp_path / "lib"), "--arch",
+                          "80", "--only", "pool_sweep_k64_fp32"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 2 and "TRITON_INTERPRET=1" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not (tmp_path / "lib").exists()
+
+
+def test_a_library_without_ptx_says_so(toy_compiled):
+    meta = {"ptx": True, "archs": [90], "kernels": {"a": {"ptx_sm": 0}, "b": {"ptx_sm": 0}}}
+    assert "no PTX in 2 of 2 kernel(s): sm_90 code is arch-specific" in aot.missing_ptx(meta)
+    assert aot.missing_ptx(dict(meta, ptx=False)) is None
+    assert aot.missing_ptx({"ptx": True, "archs": [80, 90], "kernels": {"a": {"ptx_sm": 80}}}) is None
 
 
 # ---- the project's kernels and the plugin library -------------------------------------------------------------------

@@ -63,7 +63,8 @@ def _export_dir(tmp_path, **manifest):
     out = tmp_path / "export"
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"format": "memmamba-deploy-export", "format_version": 1,
-                                                   "config": {}, "graphs": {"decode_step": {}, "prefill": {}},
+                                                   "config": {}, "graphs": {"decode_step": {"file": "decode_step.onnx"},
+                                                                                "prefill": {"file": "prefill.onnx"}},
                                                    "state": [], "files": {}, **manifest}))
     return out
 
@@ -109,3 +110,108 @@ def test_profile_shapes_cover_batch_and_tokens():
     assert trt_backend._profile_shape("conv", (4, -1, 128, 3), ["L", "batch", "Di", "k"], 8, 64)[2] == (4, 8, 128, 3)
     with pytest.raises(ValueError, match="neither a batch nor a token"):
         trt_backend._profile_shape("x", (-1,), ["mystery"], 8, 64)
+
+
+# ---- the engine build's file handling, with a stand-in TensorRT that "builds" any graph into its name's bytes --------
+def _building_tensorrt(fail: str = "", tag: bytes = b""):
+    """Enough of `tensorrt` for build_engines: the parser reads the ONNX inputs and counts the custom nodes as
+    plugin layers; build_serialized_network returns None (TensorRT's failure) for a graph named `fail`."""
+    import enum
+
+    import onnx
+
+    class Layer(enum.Enum):
+        PLUGIN_V3, OTHER = 1, 2
+
+    class Network:
+        def __init__(self):
+            self.inputs, self.layers, self.name = [], [], ""
+            self.num_inputs = self.num_layers = 0
+
+        def get_input(self, i):
+            return self.inputs[i]
+
+        def get_layer(self, i):
+            return self.layers[i]
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            self.network = network
+
+        def parse(self, data, path):
+            g = onnx.load_from_string(data).graph
+            net = self.network
+            net.name = path
+            net.inputs = [types.SimpleNamespace(name=i.name, shape=tuple(d.dim_value if d.HasField("dim_value") else -1
+                                                                         for d in i.type.tensor_type.shape.dim))
+                          for i in g.input]
+            net.layers = [types.SimpleNamespace(type=Layer.PLUGIN_V3 if n.domain == "memmamba" else Layer.OTHER)
+                          for n in g.node]
+            net.num_inputs, net.num_layers = len(net.inputs), len(net.layers)
+            return True
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return Network()
+
+        def create_builder_config(self):
+            return types.SimpleNamespace(set_memory_pool_limit=lambda *a: None, set_flag=lambda *a: None,
+                                         add_optimization_profile=lambda p: None)
+
+        def create_optimization_profile(self):
+            return types.SimpleNamespace(set_shape=lambda *a: None)
+
+        def build_serialized_network(self, network, config):
+            name = network.name.rsplit("/", 1)[-1]
+            return None if fail and name.startswith(fail) else b"engine " + name.encode() + tag
+
+    class ILogger:
+        Severity = enum.IntEnum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE", start=0)
+
+        def __init__(self):
+            pass
+
+    registry = types.SimpleNamespace(load_library=lambda path: object(), get_creator=lambda *a: object())
+    return types.SimpleNamespace(
+        __version__="10.3.0", ILogger=ILogger, Builder=Builder, OnnxParser=Parser, LayerType=Layer,
+        get_plugin_registry=lambda: registry, NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=0),
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE=0), BuilderFlag=types.SimpleNamespace(FP16=0))
+
+
+def _folder(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_build_leaves_the_export_as_it_was(monkeypatch, tmp_path):
+    from conftest import make_model
+
+    from memmamba_deploy.export import export_model
+    from memmamba_deploy.models.checkpoint import save_pretrained
+
+    save_pretrained(make_model(memory=True), tmp_path / "ckpt")
+    out = tmp_path / "out"
+    export_model(tmp_path / "ckpt", out, flavor="plugins", show_progress=False)
+    plugins = tmp_path / "libmemmamba_plugins.so"
+    plugins.write_bytes(b"stand-in")
+    exported = _folder(out)
+    monkeypatch.setitem(sys.modules, "tensorrt", _building_tensorrt(fail="prefill"))
+    with pytest.raises(ValueError, match="could not build .*prefill.onnx"):
+        trt_backend.build_engines(out, plugins)
+    assert _folder(out) == exported                          # no engine, no temporary, the manifest untouched
+    monkeypatch.setitem(sys.modules, "tensorrt", _building_tensorrt())
+    entry = trt_backend.build_engines(out, plugins)
+    built = _folder(out)
+    assert built["decode_step.engine"].startswith(b"engine decode_step") and set(entry["engines"]) == {"decode_step",
+                                                                                                       "prefill"}
+    monkeypatch.setitem(sys.modules, "tensorrt", _building_tensorrt(fail="prefill", tag=b" v2"))
+    with pytest.raises(ValueError, match="could not build"):
+        trt_backend.build_engines(out, plugins, max_batch=2)
+    assert _folder(out) == built                             # the engines that worked are still there, as recorded
+    trt_backend.read_manifest(out)
+    with pytest.raises(ValueError, match="--workspace-mb must be >= 1"):
+        trt_backend.build_engines(out, plugins, workspace_mb=0)

@@ -13,6 +13,7 @@ builder flag, weakly typed), for Jetson's TensorRT 10.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -146,8 +147,9 @@ def build_engines(out: str | Path, plugins: str | Path, precision: str | None = 
     trt = require_tensorrt()
     out = Path(out)
     manifest = read_manifest(out)
-    if max_batch < 1 or max_prefill < 1:
-        raise ValueError(f"--max-batch and --max-prefill must be >= 1, got {max_batch} and {max_prefill}")
+    if max_batch < 1 or max_prefill < 1 or workspace_mb < 1:
+        raise ValueError(f"--max-batch, --max-prefill and --workspace-mb must be >= 1, got {max_batch}, {max_prefill} "
+                         f"and {workspace_mb}")
     graph_dtype = manifest.get("dtype", "fp32")
     precision = precision or graph_dtype
     if precision not in ("fp32", "fp16"):
@@ -165,40 +167,43 @@ def build_engines(out: str | Path, plugins: str | Path, precision: str | None = 
     logger = _logger(trt, messages)
     load_plugins(trt, plugins, logger)
     engines = {}
-    for graph in GRAPHS:
-        onnx_path = graph_file(out, manifest, graph)
-        if progress:
-            progress(graph)
-        builder = trt.Builder(logger)
-        flags = 0 if weak_fp16 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, logger)
-        model_bytes, n_custom = plugin_only_graph(onnx_path)
-        if not parser.parse(model_bytes, str(onnx_path)):
-            errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
-            raise ValueError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
-        n_plugins = sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
-        if n_plugins != n_custom:
-            raise ValueError(f"{onnx_path}: {n_custom} memmamba custom nodes but {n_plugins} plugin layers after "
-                             f"parsing: the parser did not map every custom node to the memmamba plugins")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-        if weak_fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
-        profile = builder.create_optimization_profile()
-        symbols = _input_symbols(manifest, graph)
-        for i in range(network.num_inputs):
-            t = network.get_input(i)
-            profile.set_shape(t.name, *_profile_shape(t.name, tuple(t.shape), symbols.get(t.name, []),
-                                                      max_batch, max_prefill))
-        config.add_optimization_profile(profile)
-        blob = builder.build_serialized_network(network, config)
-        if blob is None:
-            raise ValueError(f"TensorRT could not build {onnx_path}: " + ("; ".join(messages[-5:]) or "no message"))
-        engine_path = onnx_path.with_suffix(".engine")
-        with atomic_file(engine_path) as tmp:
+    # the engines are written beside their final names and renamed over them together once both have built, then
+    # the manifest: a failed build leaves the folder (and any engines it held) as it was
+    with contextlib.ExitStack() as staged:
+        for graph in GRAPHS:
+            onnx_path = graph_file(out, manifest, graph)
+            if progress:
+                progress(graph)
+            builder = trt.Builder(logger)
+            flags = 0 if weak_fp16 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+            network = builder.create_network(flags)
+            parser = trt.OnnxParser(network, logger)
+            model_bytes, n_custom = plugin_only_graph(onnx_path)
+            if not parser.parse(model_bytes, str(onnx_path)):
+                errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
+                raise ValueError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
+            n_plugins = sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
+            if n_plugins != n_custom:
+                raise ValueError(f"{onnx_path}: {n_custom} memmamba custom nodes but {n_plugins} plugin layers after "
+                                 f"parsing: the parser did not map every custom node to the memmamba plugins")
+            config = builder.create_builder_config()
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+            if weak_fp16:
+                config.set_flag(trt.BuilderFlag.FP16)
+            profile = builder.create_optimization_profile()
+            symbols = _input_symbols(manifest, graph)
+            for i in range(network.num_inputs):
+                t = network.get_input(i)
+                profile.set_shape(t.name, *_profile_shape(t.name, tuple(t.shape), symbols.get(t.name, []),
+                                                          max_batch, max_prefill))
+            config.add_optimization_profile(profile)
+            blob = builder.build_serialized_network(network, config)
+            if blob is None:
+                raise ValueError(f"TensorRT could not build {onnx_path}: " + ("; ".join(messages[-5:]) or "no message"))
+            engine_path = onnx_path.with_suffix(".engine")
+            tmp = staged.enter_context(atomic_file(engine_path))
             tmp.write_bytes(bytes(blob))
-        engines[graph] = {"file": engine_path.name, "sha256": _sha256(engine_path)}
+            engines[graph] = {"file": engine_path.name, "sha256": _sha256(tmp)}
     entry = {
         "engines": engines,
         "plugins": str(Path(plugins).resolve()),
