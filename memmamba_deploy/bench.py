@@ -34,21 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_contexts(text: str) -> list[int]:
-    """"1k,4k,16k" -> [1024, 4096, 16384] (k = 1024; plain numbers are tokens)."""
-    out = []
-    for part in str(text).split(","):
-        p = part.strip().lower()
-        if not p:
-            continue
-        try:
-            n = int(float(p[:-1]) * 1024) if p.endswith("k") else int(p)
-        except ValueError:
-            raise ValueError(f"bad context length {part!r} in {text!r}: use numbers like 512,1k,4k,64k") from None
-        if n < 1:
-            raise ValueError(f"context lengths must be >= 1 token, got {part!r}")
-        out.append(n)
-    if not out:
-        raise ValueError("no context lengths given")
+    """"1k,4k,16k" -> [1024, 4096, 16384] (k = 1024, m = 1024²; plain numbers are tokens: passkey.parse_lengths)."""
+    from .passkey import parse_lengths
+
+    out = parse_lengths(text, what="context length")
     if sorted(set(out)) != out:
         raise ValueError(f"context lengths must be distinct and increasing, got {text!r}")
     return out
@@ -178,8 +167,8 @@ def measure(backend, contexts: list[int], tokens: int = 256, batch: int = 1, *, 
         row["decode_ms_p90"] = percentile(ts, 0.9) * 1e3
         row["decode_ms_min"] = min(ts) * 1e3
         row["decode_tokens"] = len(ts)
-    return {"rows": rows, "flatness": rows[-1]["decode_ms_median"] / rows[0]["decode_ms_median"],
-            "timer": timer.method}
+    flatness = rows[-1]["decode_ms_median"] / rows[0]["decode_ms_median"] if len(rows) > 1 else None
+    return {"rows": rows, "flatness": flatness, "timer": timer.method}     # None: one context, nothing compared
 
 
 class _NoProgress:
@@ -230,6 +219,10 @@ def run_bench(path, backend: str = "torch", contexts=(1024, 4096, 16384, 65536),
         prefill_with = _triton_if_available()     # the reference prefill of 64k tokens takes minutes on a GPU
     art = inspect_path(path) if path is not None else None
     model_dtype = _backend_dtype(model, art)
+    # the KV baseline in the model's dtype, except on a CPU, whose half-precision matmuls are emulated (slow)
+    kv_dtype = torch.float32 if dev.type == "cpu" else {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        model_dtype, torch.float32)
+    check_memory(model.config, contexts, batch, warmup + tokens, baseline, torch.finfo(kv_dtype).bits // 8, dev)
     results = {
         "meta": {"path": str(path), "backend": getattr(model, "name", backend), "device": str(dev),
                  "device_name": device_name(dev), "dtype": model_dtype, "batch": batch, "tokens": tokens,
@@ -245,8 +238,6 @@ def run_bench(path, backend: str = "torch", contexts=(1024, 4096, 16384, 65536),
     results["models"]["memmamba"] = {"label": f"MemMamba ({results['meta']['backend']})", **mm}
     results["meta"]["timer"] = mm.pop("timer")
     if baseline:
-        kv_dtype = torch.float32 if dev.type == "cpu" else {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-            model_dtype, torch.float32)
         kv = KVBaseline.like(model.config, device=dev, dtype=kv_dtype, capacity=contexts[-1], seed=seed)
         res = measure(kv, contexts, tokens, batch, warmup=warmup, rounds=rounds, chunk=chunk, seed=seed,
                       progress=progress, label="KV transformer",
@@ -254,7 +245,9 @@ def run_bench(path, backend: str = "torch", contexts=(1024, 4096, 16384, 65536),
         res.pop("timer")
         results["models"]["kv_baseline"] = {
             "label": f"Transformer + KV cache (SDPA{', CUDA graph' if kv.graph else ''}, d={kv.config.d_model}, "
-                     f"L={kv.config.n_layers}, {kv.config.heads} heads)", "dtype": DTYPE_NAMES[kv_dtype], "params": kv.n_params, **res}
+                     f"L={kv.config.n_layers}, {kv.config.heads} heads"
+                     f"{'' if DTYPE_NAMES[kv_dtype] == model_dtype else ', ' + DTYPE_NAMES[kv_dtype]})",
+            "dtype": DTYPE_NAMES[kv_dtype], "params": kv.n_params, **res}
     return results
 
 
@@ -268,12 +261,34 @@ def _triton_if_available() -> str | None:
 
 
 def _backend_dtype(model, art) -> str:
-    if art is not None and art.manifest is not None:
-        return str(art.manifest.get("dtype", "fp32"))
+    """What the backend computes in: its module's weights where it has one, else the export's dtype."""
     m = getattr(model, "model", None)
     if isinstance(m, torch.nn.Module):
         return DTYPE_NAMES.get(next(m.parameters()).dtype, str(next(m.parameters()).dtype))
+    if art is not None and art.manifest is not None:
+        return str(art.manifest.get("dtype", "fp32"))
     return "fp32"
+
+
+def check_memory(config, contexts: list[int], batch: int, headroom: int, baseline: bool, kv_bytes: int,
+                 device: torch.device) -> None:
+    """Refuse, before any work, contexts whose prompt (int64 ids) or KV-baseline caches (one per context, as
+    measure() keeps them) would not fit in the memory free on `device` now."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):      # not Linux: nothing to check against
+            return
+    need = 8 * batch * contexts[-1]
+    if baseline:
+        need += sum(2 * config.n_layers * (c + headroom) * config.d_model * batch * kv_bytes for c in contexts)
+    if need > free:
+        what = "the prompt and the KV baseline's caches" if baseline else "the prompt"
+        raise ValueError(f"--contexts up to {fmt_tokens(contexts[-1])} tokens: {what} need {need / 2**30:.1f} GiB, "
+                         f"{free / 2**30:.1f} GiB free on {device}" + ("; use shorter contexts or --no-baseline"
+                                                                        if baseline else "; use shorter contexts"))
 
 
 def dataclass_dict(config) -> dict:
@@ -383,13 +398,25 @@ def results_table(results: dict):
                       f"{k['decode_ms_median'] / r['decode_ms_median']:.2f}"]
             prefill += f"/{fmt_rate(k['prefill_tok_s'])}"
         t.add_row(*cells, prefill)
-    ok = mm["flatness"] <= FLATNESS_TARGET
-    cells = ["flatness", f"[{'green' if ok else 'red'}]{mm['flatness']:.3f}[/]", ""]
+    cells = ["flatness", flatness_cell(mm["flatness"]), ""]
     if kv:
-        cells += [f"{kv['flatness']:.3f}", "", ""]
+        cells += [fmt_flatness(kv["flatness"]), "", ""]
     t.add_section()
     t.add_row(*cells, "")
     return t
+
+
+def fmt_flatness(x: float | None, why: bool = False) -> str:
+    return ("n/a (one context)" if why else "n/a") if x is None else f"{x:.3f}"
+
+
+def flatness_verdict(x: float | None) -> str:
+    return "n/a" if x is None else "ok" if x <= FLATNESS_TARGET else "MISS"
+
+
+def flatness_cell(x: float | None) -> str:
+    colour = {"ok": "green", "MISS": "red"}.get(flatness_verdict(x), "yellow")
+    return f"[{colour}]{fmt_flatness(x)}[/]"
 
 
 def fmt_rate(x: float) -> str:
@@ -408,13 +435,13 @@ def summary_lines(results: dict) -> list[str]:
     meta, mm = results["meta"], results["models"]["memmamba"]
     kv = results["models"].get("kv_baseline")
     per_ctx = ", ".join(f"{fmt_tokens(r['context'])} {r['decode_ms_median']:.3f}" for r in mm["rows"])
-    lines = [f"{mm['label']} {meta['dtype']} b{meta['batch']}: ms/token {per_ctx}; flatness {mm['flatness']:.3f} "
-             f"({'ok' if mm['flatness'] <= FLATNESS_TARGET else 'MISS'} ≤ {FLATNESS_TARGET})"]
+    lines = [f"{mm['label']} {meta['dtype']} b{meta['batch']}: ms/token {per_ctx}; flatness "
+             f"{fmt_flatness(mm['flatness'], why=True)} ({flatness_verdict(mm['flatness'])} ≤ {FLATNESS_TARGET})"]
     if kv:
         ratios = ", ".join(f"{fmt_tokens(k['context'])} {k['decode_ms_median']:.3f} "
                            f"({k['decode_ms_median'] / r['decode_ms_median']:.2f}x)"
                            for r, k in zip(mm["rows"], kv["rows"]))
-        lines.append(f"KV baseline ms/token (KV/MemMamba): {ratios}; flatness {kv['flatness']:.3f}")
+        lines.append(f"KV baseline ms/token (KV/MemMamba): {ratios}; flatness {fmt_flatness(kv['flatness'])}")
     return lines
 
 
@@ -433,6 +460,11 @@ def bench_cli(path, backend, contexts, tokens, batch, dtype, device, out, baseli
     if out is not None:
         creatable_dir(out)                         # before the run: its results would be lost after it
     if prefill_with is not None:
+        from .session import ALIASES
+
+        if ALIASES.get(str(backend).lower(), str(backend).lower()) != "torch":
+            raise ValueError(f"--prefill-kernels is for the torch backend only (it swaps the torch model's kernels); "
+                             f"the {backend} backend prefills as it was built")
         check_kernels_on(prefill_with, "cuda" if device is None and torch.cuda.is_available() else device or "cpu")
     with default_progress(console) if console is not None else nullcontext() as bar:
         results = run_bench(path, backend, contexts, tokens, batch, dtype, device, baseline, warmup, rounds, chunk,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +28,10 @@ def user_errors(fn):
         try:
             with terminate_as_interrupt():
                 return fn(*args, **kwargs)
+        except BrokenPipeError:             # `memdeploy generate ... | head`: the reader left; end quietly, as
+            devnull = os.open(os.devnull, os.O_WRONLY)    # Unix tools do (128 + SIGPIPE), without the flush error
+            os.dup2(devnull, sys.stdout.fileno())         # Python would print at exit
+            raise typer.Exit(141) from None
         except USER_ERRORS as e:
             err_console.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None

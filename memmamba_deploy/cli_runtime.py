@@ -48,12 +48,13 @@ def bench(path: Path = typer.Argument(..., help=PATH_HELP),
 @user_errors
 def generate(path: Path = typer.Argument(..., help=PATH_HELP),
              prompt: Optional[str] = typer.Option(
-                 None, help="prompt text, encoded as UTF-8 bytes (byte-level models, vocab 256, only)"),
+                 None, help="prompt text, encoded as UTF-8 bytes (byte-level models, vocab 256, only); - reads it "
+                            "from stdin"),
              ids: Optional[str] = typer.Option(None, help="prompt as comma-separated token ids (any vocabulary)"),
              backend: str = typer.Option("torch", help=BACKEND_HELP),
              device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when there is one)"),
              dtype: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16"),
-             max_new_tokens: int = typer.Option(200, help="tokens to generate"),
+             max_new_tokens: int = typer.Option(200, min=1, help="tokens to generate"),
              temperature: float = typer.Option(0.7, help="0 = greedy"),
              top_k: int = typer.Option(0, help="keep the k most likely tokens (0 = all)"),
              top_p: float = typer.Option(0.9, help="keep the smallest set with this much probability"),
@@ -65,15 +66,18 @@ def generate(path: Path = typer.Argument(..., help=PATH_HELP),
 
     if (prompt is None) == (ids is None):
         raise ValueError("give exactly one of --prompt TEXT or --ids 1,2,3")
+    if prompt == "-":
+        prompt = sys.stdin.read()
     session = Session.open(path, backend=backend, device=device, dtype=dtype)
-    tokens = session.encode(prompt) if prompt is not None else parse_prompt(ids, what="--ids")
-    stop_ids = parse_prompt(stop, what="--stop") if stop else []
+    vocab = session.config.vocab_size
+    tokens = session.encode(prompt) if prompt is not None else parse_prompt(ids, vocab, what="--ids")
+    stop_ids = parse_prompt(stop, vocab, what="--stop") if stop else []
     stream = session.generate(tokens, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
     text = session.text_stream() if session.byte_level else None
     stamps = [time.perf_counter()]
-    for token in stream:
+    for i, token in enumerate(stream):
         stamps.append(time.perf_counter())
-        piece = text.decode(bytes([int(token[0])])) if text else f"{int(token[0])} "
+        piece = text.decode(bytes([int(token[0])])) if text else f"{' ' if i else ''}{int(token[0])}"
         sys.stdout.write(piece)
         sys.stdout.flush()
     if text:
@@ -108,8 +112,8 @@ def demo(workdir: Path = typer.Option(Path("runs/demo"), help="where the export 
     CPU) against a KV-cache transformer. About 20 s on 2 CPU cores."""
     import torch
 
-    from .bench import (FLATNESS_TARGET, default_progress, fmt_tokens, noise_note, parse_contexts, results_table,
-                        run_bench, write_results)
+    from .bench import (FLATNESS_TARGET, default_progress, flatness_verdict, fmt_flatness, fmt_tokens, noise_note,
+                        parse_contexts, results_table, run_bench, write_results)
     from .export import export_model
     from .models import MemMambaConfig, MemMambaLM
     from .models.checkpoint import creatable_dir, save_pretrained
@@ -185,8 +189,8 @@ def demo(workdir: Path = typer.Option(Path("runs/demo"), help="where the export 
     console.print(results_table(results))
     mm = results["models"]["memmamba"]
     span = f"{fmt_tokens(ctx[0])} to {fmt_tokens(ctx[-1])}"
-    steps.append(("bench", f"{name}: flatness {mm['flatness']:.3f} from {span} context (target ≤ "
-                           f"{FLATNESS_TARGET}); {png_path}", "ok" if mm["flatness"] <= FLATNESS_TARGET else "MISS"))
+    steps.append(("bench", f"{name}: flatness {fmt_flatness(mm['flatness'], why=True)} from {span} context (target ≤ "
+                           f"{FLATNESS_TARGET}); {png_path}", flatness_verdict(mm["flatness"])))
     if cmp:
         steps.append(("ORT vs eager", f"decode at {fmt_tokens(ctx[0])} context: PyTorch eager {cmp[0]:.3f} ms, "
                                       f"ONNX Runtime {cmp[1]:.3f} ms: {cmp[0] / cmp[1]:.1f}x (target ≥ 2x)",
@@ -199,7 +203,7 @@ def demo(workdir: Path = typer.Option(Path("runs/demo"), help="where the export 
     table.add_column("stage")
     table.add_column("result")
     table.add_column("", justify="center")
-    colour = {"ok": "green", "FAIL": "red", "MISS": "yellow", "NOISY": "yellow"}   # MISS, NOISY: benchmarks
+    colour = {"ok": "green", "FAIL": "red", "MISS": "yellow", "NOISY": "yellow", "n/a": "yellow"}  # benchmarks
     for stage, result, status in steps:
         table.add_row(stage, result, f"[{colour[status]}]{status}[/]")
     console.print(table)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -182,8 +183,25 @@ class ParityReport:
         return all(c.ok for c in self.cases)
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "backend": self.backend, "dtype": self.dtype, "rtol": self.rtol,
-                "flip_radius": self.flip_radius, "info": self.info, "cases": [c.to_dict() for c in self.cases]}
+        return _finite({"ok": self.ok, "backend": self.backend, "dtype": self.dtype, "rtol": self.rtol,
+                        "flip_radius": self.flip_radius, "info": self.info,
+                        "cases": [c.to_dict() for c in self.cases]})
+
+
+def _worst(a: float, b: float) -> float:
+    """max(a, b) that keeps a NaN (Python's max drops it when it comes second)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def _finite(value):
+    """The report as JSON can carry it: NaN and infinities become null (json.dumps would write bare NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _min(current, values: torch.Tensor | None):
@@ -299,8 +317,8 @@ def compare(reference: MemMambaLM, backend, prompt: torch.Tensor, steps: int, rt
             logits = logits.float().cpu()
             rel = rel_err(logits, ref_logits)
             r.step_logits_rel.append(rel)
-            r.step_logits_max_rel = max(r.step_logits_max_rel, rel)
-            r.step_logits_max_abs = max(r.step_logits_max_abs, float((logits - ref_logits).abs().max()))
+            r.step_logits_max_rel = _worst(r.step_logits_max_rel, rel)
+            r.step_logits_max_abs = _worst(r.step_logits_max_abs, float((logits - ref_logits).abs().max()))
             if c.memory:
                 got_after = state_view(backend, state).prio
                 if decisions.token(ref_before, ref_state.prio.cpu(), got_prio, got_after) and resync:
@@ -314,16 +332,17 @@ def compare(reference: MemMambaLM, backend, prompt: torch.Tensor, steps: int, rt
         r.final_state_rel = _state_errors(ref_state.to("cpu"), state_view(backend, state))
 
     # A flip inside the prompt changes the prefill's later tokens: its logits then differ by more than rounding.
+    # Every test reads "not err <= rtol", so that a NaN error (the backend gave NaN or Inf) fails it.
     r.prefill_flips = prefill_flips
-    if r.prefill_logits_rel > rtol and not prefill_flips:
+    if math.isnan(r.prefill_logits_rel) or (r.prefill_logits_rel > rtol and not prefill_flips):
         r.failures.append(f"prefill logits rel. error {r.prefill_logits_rel:.2e} > {rtol:.0e}")
     if r.prefill_slot_mismatches and not prefill_flips:
         r.failures.append(f"{r.prefill_slot_mismatches} pool slot(s) differ after prefill, but replaying the prompt "
                           f"token by token shows no flipped decision")
-    if r.step_logits_max_rel > rtol:
+    if not r.step_logits_max_rel <= rtol:
         r.failures.append(f"step logits rel. error {r.step_logits_max_rel:.2e} > {rtol:.0e}")
     for k, err in r.final_state_rel.items():
-        if err > rtol:
+        if not err <= rtol:
             r.failures.append(f"final state.{k} rel. error {err:.2e} > {rtol:.0e}")
     unexplained = [m for m in r.flip_margins if m > flip_radius]
     if unexplained:
@@ -352,9 +371,8 @@ def _open_tensorrt(out: Path, manifest: dict, device: str):
     return TensorRTBackend.open(out)
 
 
-BACKENDS: dict[str, Callable[[Path, dict, str], Any]] = {
-    "ort": _open_ort,
-    "onnxruntime": _open_ort,                 # the name the other verbs use
+BACKENDS: dict[str, Callable[[Path, dict, str], Any]] = {      # by session.ALIASES' names ("ort" -> onnxruntime)
+    "onnxruntime": _open_ort,
     "torch": _open_torch,
     "triton": lambda out, manifest, device: _open_torch(out, manifest, device, kernels="triton"),
     "tensorrt": _open_tensorrt,
@@ -390,10 +408,10 @@ def run_parity(out, backend: str | Any = "ort", steps: int = 512, prompt_lens=(3
 
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    if rtol is not None and not rtol > 0:
-        raise ValueError(f"--rtol must be > 0, got {rtol}")
-    if flip_radius is not None and flip_radius < 0:
-        raise ValueError(f"--flip-radius must be >= 0, got {flip_radius}")
+    if rtol is not None and not 0 < rtol < math.inf:
+        raise ValueError(f"--rtol must be a finite number > 0, got {rtol}")
+    if flip_radius is not None and not 0 <= flip_radius < math.inf:
+        raise ValueError(f"--flip-radius must be a finite number >= 0, got {flip_radius}")
     device = check_device(device)
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
@@ -402,10 +420,16 @@ def run_parity(out, backend: str | Any = "ort", steps: int = 512, prompt_lens=(3
     rtol = DEFAULT_RTOL[manifest["dtype"]] if rtol is None else rtol
     flip_radius = 10 * rtol if flip_radius is None else flip_radius
     reference = MemMambaLM.from_pretrained(out / REFERENCE_DIR, device=device, dtype=torch.float32)
+    kernels = None
     if isinstance(backend, str):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(BACKENDS)}")
-        backend = BACKENDS[backend](out, manifest, device)
+        from .session import ALIASES
+
+        name = ALIASES.get(backend.lower(), backend.lower())
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(set(BACKENDS) | set(ALIASES))}")
+        kernels = "triton" if name == "triton" else None
+        backend = BACKENDS[name](out, manifest, device)
+    label = kernels or backend.name            # "triton" is the torch backend with the Triton kernels
     c = reference.config
     g = torch.Generator().manual_seed(seed)
     cases = [(f"random T={n}", torch.randint(0, c.vocab_size, (batch, n), generator=g)) for n in prompt_lens]
@@ -415,9 +439,11 @@ def run_parity(out, backend: str | Any = "ort", steps: int = 512, prompt_lens=(3
         cb = on_case(name, steps) if on_case else None
         results.append(compare(reference, backend, ids, steps, rtol, flip_radius, name=name, resync=resync,
                                on_step=cb or (lambda: None)))
-    info = {"export": str(out), "flavor": manifest["flavor"], "backend_device": getattr(backend, "device", None),
+    backend_device = getattr(backend, "device", None) or getattr(getattr(backend, "model", None), "device", None)
+    info = {"export": str(out), "flavor": manifest["flavor"],
+            "backend_device": None if backend_device is None else str(backend_device),
             "reference_device": str(device), "seed": seed}
-    return ParityReport(backend=backend.name, dtype=manifest["dtype"], rtol=rtol, flip_radius=flip_radius,
+    return ParityReport(backend=label, dtype=manifest["dtype"], rtol=rtol, flip_radius=flip_radius,
                         cases=results, info=info)
 
 

@@ -20,19 +20,22 @@ from .sampling import generate
 _LENGTH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 
 
-def parse_lengths(text: str) -> list[int]:
-    """'1k,4k,16k,64k' -> [1024, 4096, 16384, 65536] (k = 1024, m = 1024², plain numbers are tokens)."""
+def parse_lengths(text: str, what: str = "length") -> list[int]:
+    """'1k,4k,16k,64k' -> [1024, 4096, 16384, 65536] (k = 1024, m = 1024², plain numbers are tokens; empty
+    parts are skipped). The one parser of token counts (`eval passkey --lengths`, `bench --contexts`)."""
     out = []
     for part in str(text).split(","):
+        if not part.strip():
+            continue
         m = _LENGTH.match(part)
         if not m:
-            raise ValueError(f"bad length {part!r}: write a token count like 1000, 4k or 1m")
+            raise ValueError(f"bad {what} {part!r}: write a token count like 1000, 4k or 1m")
         n = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2}[m.group(2).lower()]
         if n != int(n) or n < 1:
-            raise ValueError(f"bad length {part!r}: not a whole number of tokens")
+            raise ValueError(f"bad {what} {part!r}: not a whole number of tokens")
         out.append(int(n))
     if not out:
-        raise ValueError("no lengths given")
+        raise ValueError(f"no {what}s given")
     return out
 
 

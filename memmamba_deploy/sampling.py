@@ -82,6 +82,9 @@ def generate(backend, prompt: torch.Tensor, max_new_tokens: int, temperature: fl
     done = torch.zeros(prompt.shape[0], dtype=torch.bool)
     stop_ids = torch.tensor(list(stop), dtype=torch.long)
     for i in range(max_new_tokens):
+        if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):   # argmax would pick them, multinomial fail
+            raise ValueError(f"the model's logits hold NaN or +Inf {'after the prompt' if i == 0 else f'at new token {i}'}"
+                             f": its weights or export are broken (`memdeploy parity` or `selfcheck` shows where)")
         token = _sample(logits, temperature, top_k, top_p, generator).cpu()
         yield token
         done |= torch.isin(token, stop_ids)

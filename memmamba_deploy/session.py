@@ -2,8 +2,8 @@
 
     from memmamba_deploy.session import Session
 
-    s = Session.open("runs/demo/checkpoint")                        # PyTorch reference
-    s = Session.open("runs/demo/export", backend="onnxruntime")      # an export directory (manifest.json)
+    s = Session.open("memmamba_deploy/assets/demo-memmamba")        # a checkpoint: PyTorch reference
+    s = Session.open("runs/demo/export", backend="onnxruntime")      # an export (manifest.json; `memdeploy demo`)
     text = s.text_stream()                                           # UTF-8 that may split a character
     for token in s.generate("Once upon a time", max_new_tokens=64):  # text: byte-level models (vocab 256) only
         print(text.decode(bytes([int(token)])), end="", flush=True)
@@ -171,18 +171,27 @@ def _takes(fn, options: dict, backend: str, fixed=()) -> None:
         raise ValueError(f"backend {backend!r} takes no option(s) {unknown}; its options: {takes or 'none'}")
 
 
+def _checkpoint_dtype(art: Artifact, dtype):
+    """An export run by a checkpoint backend computes in the export's dtype unless told otherwise (its reference/
+    weights are the fp32 originals; `memdeploy parity` runs them so too)."""
+    if dtype is None and art.kind == EXPORT and art.manifest is not None:
+        return parse_dtype(art.manifest.get("dtype", "fp32"))
+    return dtype
+
+
 def _open_torch(art: Artifact, device, dtype, options):
     from .backends import TorchBackend
 
     _takes(lambda kernels="torch": None, options, "torch")
     kernels = options.pop("kernels", "torch")
     device = _device(device, "cuda" if torch.cuda.is_available() else "cpu")
-    return TorchBackend.open(art.checkpoint, device=device, dtype=dtype, kernels=kernels)
+    return TorchBackend.open(art.checkpoint, device=device, dtype=_checkpoint_dtype(art, dtype), kernels=kernels)
 
 
 def _open_triton(art: Artifact, device, dtype, options):
     cls = _import("triton", ".backends.triton_backend", "TritonBackend", "the triton package (pip install triton)")
     device = _device(device, "cuda")
+    dtype = _checkpoint_dtype(art, dtype)
     if hasattr(cls, "open"):
         _takes(cls.open, options, "triton", fixed=("checkpoint", "device", "dtype"))
         return cls.open(art.checkpoint, device=device, dtype=dtype, **options)

@@ -294,7 +294,10 @@ def _signals_held():
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise CheckpointError(f"missing {path.name} in {path.parent}")
+        hint = ""
+        if (path.parent / "manifest.json").is_file() and (path.parent / "reference" / path.name).is_file():
+            hint = f": it is an export directory; its checkpoint is {path.parent / 'reference'}"
+        raise CheckpointError(f"missing {path.name} in {path.parent}{hint}")
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

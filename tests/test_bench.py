@@ -1,6 +1,7 @@
 """`memdeploy bench` (memmamba_deploy/bench.py), its KV-cache baseline, and the main job `memdeploy demo`."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -27,7 +28,10 @@ def checkpoint(tmp_path_factory):
 def test_parse_contexts():
     assert parse_contexts("1k, 4k,16k,64k") == [1024, 4096, 16384, 65536]
     assert parse_contexts("100,0.5k") == [100, 512]
-    for bad, msg in [("1k,x", "bad context length"), ("4k,1k", "increasing"), ("0", ">= 1"), ("", "no context")]:
+    assert parse_contexts("1m,") == [1024 ** 2]
+    for bad, msg in [("1k,x", "bad context length"), ("4k,1k", "increasing"), ("0", "not a whole number"),
+                     ("", "no context"), ("infk", "bad context length"), ("nan", "bad context length"),
+                     ("1e9k", "bad context length"), ("1.0001k", "not a whole number")]:
         with pytest.raises(ValueError, match=msg):
             parse_contexts(bad)
 
@@ -167,12 +171,25 @@ def test_bench_cli(checkpoint, tmp_path):
     (["--contexts", "4k,1k"], "increasing"),
     (["--backend", "onnxruntime"], "runs an export directory"),
     (["--tokens", "0"], "bad bench settings"),
+    (["--contexts", "1024m"], "GiB free on cpu"),
+    (["--prefill-kernels", "torch", "--backend", "onnxruntime"], "--prefill-kernels is for the torch backend"),
 ])
 def test_bench_cli_errors_are_one_line(checkpoint, tmp_path, args, message):
     res = CliRunner().invoke(app, ["bench", str(checkpoint), "--device", "cpu", "--out", str(tmp_path), *args])
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_one_context_has_no_flatness_and_the_kv_baseline_names_its_own_dtype(checkpoint, tmp_path):
+    res = CliRunner().invoke(app, ["bench", str(checkpoint), "--contexts", "16", "--tokens", "2", "--warmup", "0",
+                                   "--rounds", "1", "--device", "cpu", "--dtype", "bf16", "--out", str(tmp_path)],
+                             terminal_width=250)
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["models"]["memmamba"]["flatness"] is None and re.search(r"flatness\s+n/a", res.output)
+    kv = data["models"]["kv_baseline"]
+    assert data["meta"]["dtype"] == "bf16" and kv["dtype"] == "fp32" and kv["label"].endswith(", fp32)")
 
 
 def test_demo_runs_the_main_job(tmp_path):

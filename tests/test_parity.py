@@ -54,7 +54,10 @@ def test_cli_parity_user_errors(tiny_export, tmp_path):
                           ([out, "--prompt", "1,x"], "comma-separated token ids"),
                           ([out, "--prompt", "1,999"], "outside the vocabulary"),
                           ([out, "--steps", "0"], "--steps must be >= 1"),
-                          ([out, "--rtol", "-1"], "--rtol must be > 0"),
+                          ([out, "--rtol", "-1"], "--rtol must be a finite number > 0"),
+                          ([out, "--rtol", "inf"], "--rtol must be a finite number > 0"),
+                          ([out, "--flip-radius", "nan"], "--flip-radius must be a finite number >= 0"),
+                          ([out, "--backend", "trt"], "TensorRT"),
                           ([out, "--backend", "torch", "--device", "gpu0"], "use cpu, cuda or cuda:N"),
                           ([out, "--json", str(tmp_path)], "is a directory"),
                           ([out, "--json", str(tmp_path / "no" / "r.json")], "does not exist"),
@@ -65,7 +68,8 @@ def test_cli_parity_user_errors(tiny_export, tmp_path):
 
 
 def test_torch_backend_is_exact(tiny_export):
-    report = run_parity(tiny_export(memory=True), "torch", steps=16, prompt_lens=(10,))
+    report = run_parity(tiny_export(memory=True), "pytorch", steps=16, prompt_lens=(10,))
+    assert report.backend == "torch"
     case = report.cases[0]
     assert report.ok and case.prefill_logits_rel == 0 and case.step_logits_max_rel == 0
     assert case.insert_flips == 0 and all(v == 0 for v in case.final_state_rel.values())
@@ -104,6 +108,22 @@ def test_logit_errors_fail(tiny_export):
     ref = _reference(tiny_export(memory=True))
     r = compare(ref, Wrapped(ref, logits_noise=1e-3), _prompt(), steps=8, rtol=1e-4, flip_radius=1e-3)
     assert not r.ok and any("logits rel. error" in f for f in r.failures)
+
+
+def test_nan_from_the_backend_fails(tiny_export, tmp_path):
+    """NaN logits or state fail every check they reach (max() and `err > rtol` would let NaN through), and the
+    JSON report holds null, not a bare NaN."""
+    ref = _reference(tiny_export(memory=False))
+    for noise in (float("nan"), float("inf")):
+        r = compare(ref, Wrapped(ref, logits_noise=noise), _prompt(), steps=4, rtol=1e-4, flip_radius=1e-3)
+        assert not r.ok and any("prefill logits" in f for f in r.failures) and any("step logits" in f
+                                                                                    for f in r.failures)
+    r = compare(ref, Wrapped(ref, ssm_scale=float("nan")), _prompt(), steps=4, rtol=1e-4, flip_radius=1e-3)
+    assert not r.ok and any("final state.ssm" in f for f in r.failures)
+    from memmamba_deploy.parity import ParityReport
+
+    text = json.dumps(ParityReport("wrapped", "fp32", 1e-4, 1e-3, [r]).to_dict(), allow_nan=False)
+    assert '"final_state_rel"' in text and "null" in text
 
 
 def test_state_errors_fail(tiny_export):

@@ -276,11 +276,56 @@ def test_generate_cli_streams_the_session_text(checkpoint):
     (["generate", "{ckpt}", "--prompt", "hi", "--backend", "nope"], "unknown backend"),
     (["generate", "{ckpt}"], "exactly one of --prompt"),
     (["generate", "{ckpt}", "--ids", "1,x"], "comma-separated token ids"),
+    (["generate", "{ckpt}", "--ids", "1,300"], "outside the vocabulary"),
+    (["generate", "{ckpt}", "--prompt", "hi", "--stop", "300"], "--stop holds token id(s) [300]"),
+    (["generate", "{ckpt}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
 ])
 def test_generate_cli_errors_are_one_line(checkpoint, args, message):
     res = CliRunner().invoke(app, [a.replace("{ckpt}", str(checkpoint)) for a in args])
     assert res.exit_code == 2
     assert message in res.output and "Traceback" not in res.output
+
+
+def test_generate_cli_reads_the_prompt_from_stdin_and_ids_need_no_trailing_space(checkpoint):
+    res = CliRunner().invoke(app, ["generate", str(checkpoint), "--prompt", "-", "--max-new-tokens", "4",
+                                   "--temperature", "0", "--device", "cpu"], input="Once upon a time, ")
+    assert res.exit_code == 0, res.output
+    want = bytes(greedy(Session.open(checkpoint, device="cpu"), PROMPT, 4)).decode("utf-8", errors="replace")
+    assert res.stdout.startswith(want)
+
+
+def test_generate_cli_ends_quietly_when_the_reader_leaves(checkpoint):
+    """`memdeploy generate ... | head -c 5`: exit 141 (128 + SIGPIPE) with nothing on stderr."""
+    import subprocess
+    import sys
+
+    cmd = (f"{sys.executable} -m memmamba_deploy.cli generate {checkpoint} --prompt hi --max-new-tokens 400 "
+           f"--temperature 0 --device cpu | head -c 5; exit ${{PIPESTATUS[0]}}")
+    run = subprocess.run(["bash", "-c", cmd], capture_output=True, timeout=300)
+    assert run.returncode == 141 and run.stderr == b"", (run.returncode, run.stderr)
+
+
+class NaNBackend:
+    """A torch backend whose logits turn NaN: generate names it instead of failing inside the sampler."""
+
+    def __init__(self, backend):
+        self.inner, self.config, self.name = backend, backend.config, "nan"
+
+    def new_state(self, batch):
+        return self.inner.new_state(batch)
+
+    def prefill(self, ids, state):
+        logits, state = self.inner.prefill(ids, state)
+        return logits * float("nan"), state
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_names_nan_logits(checkpoint, temperature):
+    from memmamba_deploy.sampling import generate
+
+    backend = NaNBackend(Session.open(checkpoint, device="cpu").backend)
+    with pytest.raises(ValueError, match="logits hold NaN or \\+Inf after the prompt"):
+        next(generate(backend, torch.tensor([PROMPT]), 3, temperature=temperature, seed=0))
 
 
 # ---- GPU (scripts/gpu_stages/40-bench.sh runs these) -----------------------------------------------------------------

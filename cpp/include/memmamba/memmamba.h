@@ -1,7 +1,7 @@
 // memmamba C++ runtime: generate with a MemMamba model on an NVIDIA GPU, from C++.
 //
-//   auto session = memmamba::Session::open("runs/demo/checkpoint", {});   // config.json + model.safetensors
-//   session->prefill(prompt.data(), prompt.size());                        // batch 1: T = the prompt's size
+//   auto session = memmamba::Session::open("memmamba_deploy/assets/demo-memmamba", {});  // a checkpoint folder
+//   session->prefill(prompt.data(), prompt.size());             // batch 1: T = the prompt's size
 //   session->generate(64, {0.8f, 40, 0.95f}, [](int, int32_t const* tok) { putchar(tok[0]); return true; });
 //
 // Two backends behind this one interface (SessionOptions::backend):
