@@ -328,11 +328,13 @@ def test_interrupted_export_leaves_no_out(tiny_export, tmp_path, monkeypatch, ex
     """Interrupted after both graphs were written: no OUT (or the old OUT untouched), no temporary left behind."""
     import memmamba_deploy.export.exporter as exporter
 
+    import shutil
+
     ckpt = tiny_export(memory=False).parent / "ckpt-False"
     out = tmp_path / "out"
     if existing:                                   # an earlier export
-        out.mkdir()
-        (out / "manifest.json").write_text("old")
+        shutil.copytree(tiny_export(memory=False), out)
+        before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
 
     def interrupted(*a, **k):
         assert any((p / "prefill.onnx").exists() for p in tmp_path.glob(".out.tmp-*"))
@@ -343,7 +345,7 @@ def test_interrupted_export_leaves_no_out(tiny_export, tmp_path, monkeypatch, ex
         export_model(ckpt, out, force=True, show_progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
     if existing:
-        assert [p.name for p in out.iterdir()] == ["manifest.json"]
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
