@@ -19,8 +19,7 @@ from .. import __version__
 from ..models.checkpoint import atomic_directory, load_pretrained, save_pretrained
 from .contract import CUSTOM_OPS, DOMAIN, PLUGIN_NAMESPACE
 from .graphs import GraphWriter
-from .manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, REFERENCE_DIR, ManifestError, file_hashes,
-                       read_manifest)
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, REFERENCE_DIR, file_hashes
 from .onnx_builder import DTYPE_NAMES, OPSET
 
 FLAVORS = ("portable", "plugins")
@@ -85,19 +84,38 @@ def _check_out(out: Path, checkpoint: Path, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise FileExistsError(f"{out} is not empty (use --force to overwrite)")
-        try:
-            earlier = read_manifest(out, verify=False)
-        except (ManifestError, FileNotFoundError):
-            raise FileExistsError(f"{out} is not empty and holds no earlier export ({MANIFEST_NAME}): refusing to "
-                                  f"replace it, even with --force") from None
-        ours = set(earlier["files"]) | {MANIFEST_NAME}
-        ours |= {e["file"] for e in earlier.get("tensorrt", {}).get("engines", {}).values() if isinstance(e, dict)}
-        others = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
-                        if not p.is_dir() and p.relative_to(out).as_posix() not in ours)
+        ours = _earlier_export_files(out)
+        others = sorted(rel for rel in (p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
+                        if rel not in ours and not _ours_by_name(rel))
         if others:
             raise FileExistsError(f"{out} holds files that are not part of its earlier export ({', '.join(others[:5])}"
                                   f"{', ...' if len(others) > 5 else ''}): --force would delete them; move them or "
                                   f"choose another OUT")
+
+
+def _earlier_export_files(out: Path) -> set[str]:
+    """The files an earlier export in `out` lists (any format version, a manifest that fails today's checks too);
+    FileExistsError where `out` holds no export manifest at all."""
+    try:
+        earlier = json.loads((out / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict) or earlier.get("format") != FORMAT:
+        raise FileExistsError(f"{out} is not empty and holds no earlier export (a readable {MANIFEST_NAME}): refusing "
+                              f"to replace it, even with --force")
+    files = earlier.get("files")
+    ours = set(files) if isinstance(files, dict) else set()
+    engines = (earlier.get("tensorrt") or {}).get("engines") if isinstance(earlier.get("tensorrt"), dict) else None
+    for e in (engines.values() if isinstance(engines, dict) else ()):
+        ours.add(e.get("file") if isinstance(e, dict) else e)
+    return ours | {MANIFEST_NAME}
+
+
+def _ours_by_name(rel: str) -> bool:
+    """Files memdeploy writes into an export besides those its manifest lists: engines (`memdeploy build`) and the
+    temporaries of a killed writer (`.NAME.tmp-*`)."""
+    name = rel.rsplit("/", 1)[-1]
+    return ("/" not in rel and name.endswith(".engine")) or (name.startswith(".") and ".tmp-" in name)
 
 
 def _inline(graph: onnx.ModelProto, name: str) -> onnx.ModelProto:

@@ -270,20 +270,33 @@ def _backend_dtype(model, art) -> str:
     return "fp32"
 
 
+def _available_host_memory() -> int | None:
+    """MemAvailable (free memory plus what the kernel can reclaim, the page cache), bytes; None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def check_memory(config, contexts: list[int], batch: int, headroom: int, baseline: bool, kv_bytes: int,
                  device: torch.device) -> None:
     """Refuse, before any work, contexts whose prompt (int64 ids) or KV-baseline caches (one per context, as
     measure() keeps them) would not fit in the memory free on `device` now."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+    if device.type == "cuda":                # free, plus what torch's allocator holds unused
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - \
+            torch.cuda.memory_allocated(device)
     else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):      # not Linux: nothing to check against
+        free = _available_host_memory()
+        if free is None:                     # not Linux: nothing to check against
             return
     need = 8 * batch * contexts[-1]
-    if baseline:
-        need += sum(2 * config.n_layers * (c + headroom) * config.d_model * batch * kv_bytes for c in contexts)
+    if baseline:                             # the working cache (capacity: the longest context) and one copy a context
+        need += sum(2 * config.n_layers * (c + headroom) * config.d_model * batch * kv_bytes
+                    for c in [contexts[-1], *contexts])
     if need > free:
         what = "the prompt and the KV baseline's caches" if baseline else "the prompt"
         raise ValueError(f"--contexts up to {fmt_tokens(contexts[-1])} tokens: {what} need {need / 2**30:.1f} GiB, "
@@ -436,7 +449,8 @@ def summary_lines(results: dict) -> list[str]:
     kv = results["models"].get("kv_baseline")
     per_ctx = ", ".join(f"{fmt_tokens(r['context'])} {r['decode_ms_median']:.3f}" for r in mm["rows"])
     lines = [f"{mm['label']} {meta['dtype']} b{meta['batch']}: ms/token {per_ctx}; flatness "
-             f"{fmt_flatness(mm['flatness'], why=True)} ({flatness_verdict(mm['flatness'])} ≤ {FLATNESS_TARGET})"]
+             + (fmt_flatness(None, why=True) if mm["flatness"] is None else
+                f"{fmt_flatness(mm['flatness'])} ({flatness_verdict(mm['flatness'])} ≤ {FLATNESS_TARGET})")]
     if kv:
         ratios = ", ".join(f"{fmt_tokens(k['context'])} {k['decode_ms_median']:.3f} "
                            f"({k['decode_ms_median'] / r['decode_ms_median']:.2f}x)"

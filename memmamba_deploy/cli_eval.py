@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import List, Optional
 
 import typer
@@ -82,13 +83,13 @@ def passkey(paths: List[Path] = typer.Argument(..., help="checkpoint(s) (or expo
     todo = parse_lengths(lengths)
     if json_out:
         writable_file(json_out)
-    backends = [open_backend(path, backend, device, kernels) for path in paths]
-    for path, be in zip(paths, backends):          # every model and setting checked before the first one runs
-        check_passkey_run(be, todo, samples, batch, chunk, name=str(path))
+    for path in paths:                             # every model and setting checked before the first one runs
+        check_passkey_run(SimpleNamespace(config=_config_of(path)), todo, samples, batch, chunk, name=str(path))
     names = [p.resolve().name for p in paths]
     names = [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]   # two .../model: their paths
     runs = []
-    for path, be, name in zip(paths, backends, names):
+    for path, name in zip(paths, names):          # one model in memory at a time
+        be = open_backend(path, backend, device, kernels)
         with _progress() as bar:
             task = bar.add_task(f"{name} ({be.name})", total=samples * sum(todo))
             results = evaluate_passkey(be, todo, samples=samples, seed=seed, batch=batch, chunk=chunk,
@@ -109,6 +110,16 @@ def passkey(paths: List[Path] = typer.Argument(..., help="checkpoint(s) (or expo
     if json_out:
         write_json(json_out, {"seed": seed, "samples": samples, "lengths": todo, "runs": runs})
         console.print(f"wrote {json_out}")
+
+
+def _config_of(path: Path):
+    """The model config a checkpoint or export directory holds, without loading its weights."""
+    from .models import MemMambaConfig
+    from .models.checkpoint import read_config
+    from .session import EXPORT, inspect_path
+
+    art = inspect_path(path)
+    return MemMambaConfig.from_dict(art.manifest["config"]) if art.kind == EXPORT else read_config(path)
 
 
 @app.command()

@@ -101,7 +101,8 @@ def evaluate_passkey(backend, lengths: list[int], samples: int = 5, seed: int = 
                 _, state = backend.prefill(ids[:, s:s + chunk], state)
                 if on_tokens:
                     on_tokens(ids[:, s:s + chunk].numel())
-            answer = torch.stack(list(generate(backend, ids[:, cut:], KEY_DIGITS, state=state)), 1)  # ... the rest
+            answer = torch.stack(list(generate(backend, ids[:, cut:], KEY_DIGITS, state=state, finite=False)),
+                                 1)                                # ... the rest; a NaN row answers wrong, no more
             if on_tokens:
                 on_tokens(ids[:, cut:].numel())
             for p, row in zip(group, answer.tolist()):

@@ -66,10 +66,11 @@ def _sample(logits, temperature, top_k, top_p, generator):
 
 
 def generate(backend, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int | None = None, stop: Sequence[int] = (), state=None
-             ) -> Iterator[torch.Tensor]:
+             top_p: float = 1.0, seed: int | None = None, stop: Sequence[int] = (), state=None,
+             finite: bool = True) -> Iterator[torch.Tensor]:
     """Prefill `prompt` [B,T] (from `state` if given), then yield max_new_tokens tokens [B] one by one.
-    Stops early once every row has produced a token in `stop`."""
+    Stops early once every row has produced a token in `stop`. finite: logits holding NaN or +Inf raise a
+    ValueError (an evaluation that scores whatever comes out, as eval passkey, passes False)."""
     prompt = torch.as_tensor(prompt)
     if prompt.dim() == 1:
         prompt = prompt[None]
@@ -82,7 +83,8 @@ def generate(backend, prompt: torch.Tensor, max_new_tokens: int, temperature: fl
     done = torch.zeros(prompt.shape[0], dtype=torch.bool)
     stop_ids = torch.tensor(list(stop), dtype=torch.long)
     for i in range(max_new_tokens):
-        if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):   # argmax would pick them, multinomial fail
+        if finite and bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):   # argmax picks them, and
+                                                                                            # multinomial fails
             raise ValueError(f"the model's logits hold NaN or +Inf {'after the prompt' if i == 0 else f'at new token {i}'}"
                              f": its weights or export are broken (`memdeploy parity` or `selfcheck` shows where)")
         token = _sample(logits, temperature, top_k, top_p, generator).cpu()

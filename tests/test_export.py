@@ -266,6 +266,12 @@ def test_refuses_non_empty_out_without_force(tiny_export, tmp_path):
     export_model(ckpt, out, show_progress=False)                       # empty: taken
     export_model(ckpt, out, flavor="plugins", force=True, show_progress=False)   # an earlier export: replaced
     assert json.loads((out / "manifest.json").read_text())["flavor"] == "plugins"
+    (out / "decode_step.engine").write_bytes(b"a stray engine")          # what a failed build of old left behind
+    (out / ".prefill.tmp-ab12.engine").write_bytes(b"a killed build's")  # a killed writer's temporary
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, format_version=0, tensorrt=None)))   # an older one
+    export_model(ckpt, out, force=True, show_progress=False)            # all memdeploy's: replaced
+    assert not (out / "decode_step.engine").exists()
     (out / "notes.txt").write_text("mine")                             # an export with a file of the user's beside it
     with pytest.raises(FileExistsError, match=r"not part of its earlier export \(notes.txt\)"):
         export_model(ckpt, out, force=True, show_progress=False)

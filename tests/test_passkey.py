@@ -111,6 +111,17 @@ def test_errors():
         evaluate_passkey(ReaderBackend(), [50])
 
 
+def test_nan_logits_score_as_wrong_answers_not_an_abort():
+    """An evaluation scores whatever comes out: one model or length going NaN (fp16 overflow, say) must not lose
+    the whole run's results (generate itself refuses NaN logits; eval passkey asks it not to)."""
+    class NaNReader(ReaderBackend):
+        def _logits(self, state):
+            return super()._logits(state) * float("nan")
+
+    results = evaluate_passkey(NaNReader(), [200], samples=2, batch=2)
+    assert results[0].correct == 0 and results[0].samples == 2
+
+
 def test_cli_eval_passkey_two_checkpoints(tmp_path):
     for name, memory in (("mem", True), ("twin", False)):
         make_model(0, memory=memory).save_pretrained(tmp_path / name)

@@ -131,22 +131,33 @@ std::vector<std::vector<int32_t>> Session::generate(int maxNewTokens, SamplingPa
     backend_->copyNextAsync(0);
     std::vector<char> done(B, 0);
     std::vector<int32_t> tokens(B);
-    bool speculative = false;
     // Token i is on the GPU before the host sees it: step i+1 (which feeds token i) is launched first, so the GPU
-    // never waits for the host. If generation stops at token i, that step is undone (the state is double-buffered).
+    // never waits for the host. When generation ends, the last token returned must not be in the state (it stays
+    // pending): the step that fed it, or one token past it after an error, is undone (the state is double-buffered).
+    int launched = -1;              // the last token whose feeding step was launched
+    int returned = -1;              // the last token handed to the caller (pending_)
+    auto settle = [&] {
+        if (launched >= 0 && launched >= returned)
+        {
+            backend_->synchronize();
+            backend_->undoStep();
+        }
+        if (launched > returned)    // the undone step fed a token the caller never saw: the one returned is fed
+            pending_.clear();
+    };
     try
     {
         for (int i = 0; i < maxNewTokens; ++i)
         {
-            bool more = i + 1 < maxNewTokens;
-            if (more)
+            if (i + 1 < maxNewTokens)
             {
                 backend_->stepNext();
+                launched = i;
                 backend_->copyNextAsync((i + 1) % 2);
             }
-            speculative = more;
             backend_->waitNext(i % 2, tokens.data());
-            pending_ = tokens;      // the last token returned is not fed: the next prefill/step/generate feeds it
+            returned = i;
+            pending_ = tokens;      // the next prefill/step/sample/generate feeds it
             bool all = true;
             for (int b = 0; b < B; ++b)
             {
@@ -159,21 +170,12 @@ std::vector<std::vector<int32_t>> Session::generate(int maxNewTokens, SamplingPa
                 break;
         }
     }
-    catch (...)                     // a callback that throws: the state still ends before the last token returned,
-                                    // which is pending
-    {
-        if (speculative)
-        {
-            backend_->synchronize();
-            backend_->undoStep();
-        }
+    catch (...)                     // a callback that throws (or a failed launch): the tokens returned until then
+    {                               // count as generated, the last of them pending
+        settle();
         throw;
     }
-    if (speculative)
-    {
-        backend_->synchronize();
-        backend_->undoStep(); // the last token returned is not fed (as memmamba_deploy.sampling.generate)
-    }
+    settle();
     return out;
 }
 
