@@ -184,7 +184,7 @@ def main(argv=None) -> int:
             raise ValueError("no model shapes: give --preset and/or --config")
         archs = aot.parse_archs(args.arch)
         n = build(configs, Path(args.out), archs, ptx=not args.no_ptx, jobs=args.jobs)
-    except (aot.AotError, ValueError, FileNotFoundError) as e:
+    except (aot.AotError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {n} kernel variant(s) x sm_{'/'.join(map(str, archs))} to {args.out}")
