@@ -84,6 +84,9 @@ class State:
         return self
 
     def to(self, device) -> "State":
+        """The same state on `device` (the dtypes are the model's, and fp32 for ssm and prio: State.dtypes)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError("State.to takes a device; a state's dtypes follow its model (State.dtypes)")
         return State(**{k: v.to(device) for k, v in self.tensors().items()})
 
     @property
@@ -375,7 +378,7 @@ class MemMambaLM(nn.Module):
         h = h + y
         if want_hidden:
             hidden.append(h)
-        return self._logits(h[:, -1:] if last_only else h), State.stack(after), hidden
+        return self._logits(h[:, -1:] if last_only else h), self._as_state(State.stack(after)), hidden
 
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
         """Token ids: integers on the model's device, inside the vocabulary (an id outside it would index past the
@@ -446,7 +449,13 @@ class MemMambaLM(nn.Module):
             out["conv"].append(window)
             out["ssm"].append(hs)
             h = h + y
-        return self._logits(h), State(**{k: torch.stack(v) for k, v in out.items()})
+        return self._logits(h), self._as_state(State(**{k: torch.stack(v) for k, v in out.items()}))
+
+    def _as_state(self, state: State) -> State:
+        """In the model's dtypes: under torch.autocast the conv window and the pool come out of lower-precision
+        matmuls, and step() must take back the State it returned."""
+        want = State.dtypes(self.dtype)
+        return State(**{k: v if v is None or v.dtype == want[k] else v.to(want[k]) for k, v in state.tensors().items()})
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
     def save_pretrained(self, directory) -> None:

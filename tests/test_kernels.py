@@ -480,6 +480,42 @@ def test_model_forward_prefill_and_step_match_torch(variant, rng):
         assert (ref_state2.prio >= 0).all()                          # every pool full: replacement was exercised
 
 
+@interpreted
+def test_training_through_step_has_the_references_gradients(rng):
+    """The step kernel has no backward: with gradients, kernels="triton" runs the reference for it (it used to
+    run the kernel and drop every gradient behind the SSM state, silently)."""
+    model = make_model(4)
+    fast = triton_twin(model)
+    ids = torch.randint(0, 256, (2, 3), generator=rng)
+    grads = []
+    for m in (model, fast):
+        m.zero_grad()
+        state, loss = m.new_state(2), 0
+        for t in range(3):
+            logits, state = m.step(ids[:, t], state)
+            loss = loss + logits.logsumexp(-1).mean()
+        loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert all(g is not None for g in grads[1].values())
+    for n, g in grads[0].items():
+        assert rel_err(grads[1][n], g) <= 1e-5, n
+
+
+@interpreted
+def test_bad_calls_are_named_not_read_past(rng):
+    from memmamba_deploy.models.ops.triton.scan import scan_forward
+    x, A = torch.randn(2, 8, 32), -torch.rand(32, 8) - 0.5
+    with pytest.raises(ValueError, match="B has shape"):                 # state size 4 where A says 8
+        scan_forward(x, x, A, torch.randn(2, 8, 4), torch.randn(2, 8, 4), torch.randn(32))
+    y, h = scan_forward(x[:0], x[:0], A, torch.randn(0, 8, 8), torch.randn(0, 8, 8), torch.randn(32))
+    assert y.shape == (0, 8, 32) and h.shape == (0, 32, 8)                # an empty batch
+    with torch.no_grad():
+        assert triton_twin(make_model(5))(torch.zeros(0, 4, dtype=torch.long)).shape == (0, 4, 256)
+    bf16 = triton_twin(make_model(5)).to(torch.bfloat16)
+    with torch.no_grad(), pytest.raises(ValueError, match="bf16 with kernels='triton' needs a GPU"):
+        bf16(torch.zeros(1, 4, dtype=torch.long))
+
+
 def layer_inputs(model, layer_index, rng, T, dtype, device="cpu"):
     """u, pool0 (half full: -1 priorities), and the §5 group of the layers before layer_index (their banks and
     indices, by the reference composition), for Layer.memory_read."""

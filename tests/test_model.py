@@ -237,3 +237,19 @@ def test_half_precision_step_tracks_forward():
     steps, state = run_steps(model, ids)
     assert state.ssm.dtype == torch.float32 and state.pool.dtype == torch.bfloat16
     assert rel_err(steps, full) <= 1e-2
+
+
+@torch.no_grad()
+def test_autocast_states_resume_in_the_models_dtypes():
+    """Under torch.autocast the conv window and the pool come out of bf16 matmuls: prefill and step still return
+    a State in the model's dtypes, which step and prefill take back."""
+    from conftest import make_model
+    model = make_model(0)
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, state = model.prefill(ids[:, :4])
+        assert {k: v.dtype for k, v in state.tensors().items()} == State.dtypes(torch.float32)
+        _, state = model.step(ids[:, 4], state)
+        model(ids[:, 5:], state)
+    with pytest.raises(TypeError, match="State.to takes a device"):
+        state.to(torch.float16)

@@ -19,6 +19,8 @@ import contextlib
 import os
 import types
 
+import torch
+
 import triton.language as tl
 
 from .. import TRITON_ON_CPU, needs_grad
@@ -93,6 +95,11 @@ def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus
 
 
 def selective_state_step(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=True):
+    """The kernel for inference; with gradients (training through step), the reference: the kernel has no
+    backward."""
+    if needs_grad(h, x, dt, A, B, C, D, z, dt_bias):
+        from ..scan import selective_state_step_ref
+        return selective_state_step_ref(h, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     return kernels_for(x.device).scan.selective_state_step(h, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
@@ -106,18 +113,27 @@ def pool_insert(pool, prio, score, summary, tau1):
     return pool_insert_ref(pool, prio, score, summary, tau1)
 
 
+def _dots(t):
+    """The kernels of the pool reads multiply with tl.dot, which Triton 3.6's interpreter gets wrong in bf16 (it
+    multiplies bf16's raw bits): refuse there rather than return garbage."""
+    if INTERPRETED and t.dtype == torch.bfloat16:
+        raise ValueError("bf16 with kernels='triton' needs a GPU: Triton's CPU interpreter computes bf16 tl.dot "
+                         "wrongly (use fp32 or fp16 there, or kernels='torch')")
+    return kernels_for(t.device)
+
+
 def pool_attention(q, keys, values, index, heads: int):
-    return kernels_for(q.device).pool.pool_attention(q, keys, values, index, heads)
+    return _dots(q).pool.pool_attention(q, keys, values, index, heads)
 
 
 def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
-    return kernels_for(u.device).pool.pool_read(u, bank, index, w_q, w_k, w_v, heads, gain, residual)
+    return _dots(u).pool.pool_read(u, bank, index, w_q, w_k, w_v, heads, gain, residual)
 
 
 def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False):
     """fp16/bf16 inference: the fused path (memory.py); otherwise None, and Layer.memory_read composes the ops
     above."""
-    return kernels_for(u.device).memory.fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch)
+    return _dots(u).memory.fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch)
 
 
 TRITON_OPS = types.SimpleNamespace(

@@ -762,11 +762,13 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     the final state (y_T = C_T·h_T + D x_T, gated), with no pass that writes y (a prompt's last layer)."""
     # the state tiles are [N, Di]: A transposed (no copy where A is a transposed view, as the model's prefill
     # passes every layer's: a [N, Di] copy a layer is a launch, 56 µs of a 16k prefill)
+    _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token=False, last_only=last_only)
     x, dt, AT, B, C, D, z, dt_bias, h0 = _prepare(x, dt, A.float().t(), B, C, D, z, dt_bias, h0)
     Bsz, T, Di = x.shape
     N = AT.shape[0]
-    if T == 0:
-        return x.new_empty(Bsz, 0, Di), (torch.zeros(Bsz, Di, N, device=x.device) if h0 is None else h0.clone())
+    if T == 0 or Bsz == 0:
+        y = x.new_empty(Bsz, 1 if last_only and T else T, Di)
+        return y, (torch.zeros(Bsz, Di, N, device=x.device) if h0 is None else h0.clone())
     if chunk_len is None:
         chunk_len, n_chunks = seq_chunk_plan(Bsz, T, Di, N, seq_programs(x.device))
     else:
