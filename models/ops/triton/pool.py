@@ -14,7 +14,9 @@ pool_attention: a program owns (batch row, BLOCK_Q consecutive queries, one head
 Consecutive rows of a sweep index differ in at most one slot per inserted token, so the block's queries mostly
 read the entries of its first row: those keys/values are gathered once and used in two small fp32 dots (logits,
 then weights x values); only slots that changed inside the block are gathered per query. Softmax in fp32, scale
-1/sqrt(ds/H), a query with no entry gets 0. Correct for any index; fast when rows repeat.
+1/sqrt(ds/H), a query with no entry gets 0. Correct for any index in [-1, M) (-1: no entry). An entry past
+the bank is not checked (the sweep never writes one, and a check would read the index on the host); fast
+when rows repeat.
 Backward (autograd): recomputes with the reference math (pool_attention_ref) in chunks of queries.
 """
 from __future__ import annotations
