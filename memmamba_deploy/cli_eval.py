@@ -77,6 +77,7 @@ def passkey(paths: List[Path] = typer.Argument(..., help="checkpoint(s) (or expo
             json_out: Optional[Path] = typer.Option(None, "--json", help="write the results here")):
     """Passkey retrieval accuracy per length: a 5-digit key hidden in filler, asked for at the end (greedy)."""
     from .passkey import check_passkey_run, evaluate_passkey, format_length, parse_lengths
+    from .session import config_of, inspect_path
 
     from .models.checkpoint import writable_file, write_json
 
@@ -84,7 +85,8 @@ def passkey(paths: List[Path] = typer.Argument(..., help="checkpoint(s) (or expo
     if json_out:
         writable_file(json_out)
     for path in paths:                             # every model and setting checked before the first one runs
-        check_passkey_run(SimpleNamespace(config=_config_of(path)), todo, samples, batch, chunk, name=str(path))
+        model = SimpleNamespace(config=config_of(inspect_path(path)))   # its config, no weights loaded
+        check_passkey_run(model, todo, samples, batch, chunk, name=str(path))
     names = [p.resolve().name for p in paths]
     names = [str(p) if names.count(n) > 1 else n for p, n in zip(paths, names)]   # two .../model: their paths
     runs = []
@@ -110,16 +112,6 @@ def passkey(paths: List[Path] = typer.Argument(..., help="checkpoint(s) (or expo
     if json_out:
         write_json(json_out, {"seed": seed, "samples": samples, "lengths": todo, "runs": runs})
         console.print(f"wrote {json_out}")
-
-
-def _config_of(path: Path):
-    """The model config a checkpoint or export directory holds, without loading its weights."""
-    from .models import MemMambaConfig
-    from .models.checkpoint import read_config
-    from .session import EXPORT, inspect_path
-
-    art = inspect_path(path)
-    return MemMambaConfig.from_dict(art.manifest["config"]) if art.kind == EXPORT else read_config(path)
 
 
 @app.command()
