@@ -3,8 +3,9 @@
 One table, read by the exporter (node names, attributes, I/O order), by the plugin build (names, versions, field
 names; tests check the C++ side against it) and by the docs (export/README.md). Every op lives in ONNX domain
 `memmamba`, version 1, and is emitted with a model-local FunctionProto whose body is the reference math, so ONNX
-Runtime runs the graph as is while TensorRT (>= 10.7 prefers a registered plugin over a local function of the same
-name) swaps in the plugin.
+Runtime runs the graph as is while TensorRT swaps in the plugin (its parser prefers a registered plugin over a local
+function of the same name from 10.7 on, and from 10.15 for nodes with a `plugin_namespace` attribute, which every
+node carries).
 
 Dtype letters: "T" = the graph's activation dtype (float32 or float16); fixed dtypes are spelled out.
 Shape symbols: B batch, T tokens, Di d_inner, N d_state, K pool slots, S slots read per query, M bank entries,

@@ -1,9 +1,10 @@
 """The four `memmamba` custom ops of export/contract.py as ONNX nodes with model-local function bodies.
 
 `emit` adds a node exactly as the contract table says (op_type, domain, input/output arity, typed attributes, plus
-the string attribute `plugin_version` TensorRT's parser reads). `functions(act)` returns the FunctionProtos whose
-bodies are the reference math of models/ops (scan.py, pool.py) in standard ONNX ops, specialised to the graph's
-activation dtype: ONNX Runtime runs them, TensorRT >= 10.7 prefers the registered plugin of the same name, and
+the string attributes `plugin_version` and `plugin_namespace` TensorRT's parser reads). `functions(act)` returns the
+FunctionProtos whose bodies are the reference math of models/ops (scan.py, pool.py) in standard ONNX ops,
+specialised to the graph's activation dtype: ONNX Runtime runs them, TensorRT's parser takes the registered plugin
+instead (10.7 on; from 10.15 only for nodes that carry `plugin_namespace`, hence the attribute), and
 `--flavor portable` inlines them (onnx.inliner). Per spec §9 the bodies compute exp, softplus, the scan's
 accumulation and the softmax in fp32 whatever the activation dtype.
 """
@@ -13,10 +14,13 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, helper
 
-from .contract import CUSTOM_OPS, DOMAIN, OPSET_VERSION
+from .contract import CUSTOM_OPS, DOMAIN, OPSET_VERSION, PLUGIN_NAMESPACE
 from .onnx_builder import BOOL, FLOAT, INT32, INT64, OPSET, Builder, value_info
 
 PLUGIN_VERSION_ATTR = "plugin_version"  # onnx-tensorrt: attrs.get<std::string>("plugin_version", "1")
+# onnx-tensorrt (10.15 on) imports a node as a plugin before its local function only where the node has this
+# attribute (or the parser's ENABLE_PLUGIN_OVERRIDE flag is set); it is also the namespace the lookup uses
+PLUGIN_NAMESPACE_ATTR = "plugin_namespace"
 _ATTR_KIND = {"int": AttributeProto.INT, "float": AttributeProto.FLOAT}
 
 
@@ -32,7 +36,7 @@ def emit(b: Builder, op_name: str, *inputs: str, **attrs) -> list[str]:
     name = b.fresh(op_name)
     outs = [f"{name}:{t.name}" for t in op.outputs]
     b.nodes.append(helper.make_node(op_name, list(inputs), outs, name=name, domain=DOMAIN,
-                                    **typed, **{PLUGIN_VERSION_ATTR: op.version}))
+                                    **typed, **{PLUGIN_VERSION_ATTR: op.version, PLUGIN_NAMESPACE_ATTR: PLUGIN_NAMESPACE}))
     return outs
 
 
@@ -41,7 +45,7 @@ def _function(name: str, b: Builder) -> onnx.FunctionProto:
     op = CUSTOM_OPS[name]
     return helper.make_function(DOMAIN, name, [t.name for t in op.inputs], [t.name for t in op.outputs], b.nodes,
                                 [helper.make_opsetid("", OPSET)],
-                                attributes=[a.name for a in op.attributes] + [PLUGIN_VERSION_ATTR])
+                                attributes=[a.name for a in op.attributes] + [PLUGIN_VERSION_ATTR, PLUGIN_NAMESPACE_ATTR])
 
 
 def _dt(b: Builder, dt: str, dt_bias: str) -> str:

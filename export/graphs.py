@@ -133,13 +133,19 @@ class GraphWriter:
         return b.unsqueeze(b.where(b.op("GreaterOrEqual", prio, b.const(0.0, FLOAT)), slots, b.const(-1, INT32)), 1)
 
     def _insert(self, b: Builder, pool: str, prio: str, a: str, s: str) -> tuple[str, str]:
-        """§3 priority replacement for one token (pool_insert_ref): ArgMin (first minimum) + Where."""
-        j = b.op("ArgMin", prio, axis=1, keepdims=1, select_last_index=0)                      # [B, 1]
+        """§3 priority replacement for one token (pool_insert_ref): the first slot of least priority, then Where.
+        The slot is the least index among the minima, spelled out (ReduceMin twice) rather than ArgMin: empty slots
+        tie at -1, and ONNX's select_last_index is a convention a runtime may not keep (TensorRT lowers ArgMin to
+        TopK, whose order among ties it does not document)."""
+        K = self.config.pool_size
+        slots = b.const(np.arange(K).reshape(1, K), INT32)                                     # [1, K]
+        least = b.op("ReduceMin", prio, axes=[1], keepdims=1)                                   # [B, 1]
+        j = b.op("ReduceMin", b.where(b.op("Equal", prio, least), slots, b.const(K, INT32)), axes=[1],
+                 keepdims=1)                                                                    # [B, 1] int32
         a = b.unsqueeze(a, 1)                                                                   # [B, 1]
         take = b.op("And", b.op("Greater", a, b.const(fp32(self.config.insert_threshold), FLOAT)),
-                    b.op("Greater", a, b.op("GatherElements", prio, j, axis=1)))
-        slots = b.const(np.arange(self.config.pool_size), INT64)
-        hit = b.op("And", take, b.op("Equal", b.unsqueeze(slots, 0), j))                        # [B, K]
+                    b.op("Greater", a, least))
+        hit = b.op("And", take, b.op("Equal", slots, j))                                        # [B, K]
         new_prio = b.where(hit, a, prio)
         new_pool = b.where(b.unsqueeze(hit, -1), b.unsqueeze(s, 1), pool)
         return new_pool, new_prio

@@ -59,7 +59,8 @@ def aot(out: Path = typer.Option(..., "--out", help="folder for memmamba_kernels
 @user_errors
 def build(out: Path = typer.Argument(..., help="export directory (memdeploy export --flavor plugins)"),
           plugins: Path = typer.Option(DEFAULT_PLUGINS, help="libmemmamba_plugins.so (cmake -S plugins_trt ...)"),
-          precision: Optional[str] = typer.Option(None, help="fp16 | fp32 (default: the exported graph's dtype)"),
+          precision: Optional[str] = typer.Option(None, help="fp16 | fp32: the exported graph's dtype, the default "
+                                                  "(the engines are strongly typed)"),
           max_batch: int = typer.Option(8, help="largest batch the engines accept"),
           max_prefill: int = typer.Option(2048, help="most tokens one prefill call takes (longer prompts are chunked)"),
           workspace_mb: int = typer.Option(1024, help="TensorRT builder workspace (MiB)")):

@@ -13,7 +13,7 @@ from onnx import helper, shape_inference
 from conftest import make_model
 from memmamba_deploy.export import ExportError, export_model
 from memmamba_deploy.export import custom_ops
-from memmamba_deploy.export.contract import CUSTOM_OPS, DOMAIN
+from memmamba_deploy.export.contract import CUSTOM_OPS, DOMAIN, PLUGIN_NAMESPACE
 from memmamba_deploy.export.exporter import check_graph_file
 from memmamba_deploy.export.manifest import sha256
 from memmamba_deploy.export.onnx_builder import FLOAT, FLOAT16, INT32, Builder, value_info
@@ -108,12 +108,15 @@ def test_plugins_flavour_holds_exactly_the_contract_nodes(tiny_export, memory):
             op = CUSTOM_OPS[n.op_type]
             assert len(n.input) == len(op.inputs) and len(n.output) == len(op.outputs), n.name
             attrs = {a.name: a for a in n.attribute}
-            assert set(attrs) == {a.name for a in op.attributes} | {"plugin_version"}, n.name
+            assert set(attrs) == {a.name for a in op.attributes} | {"plugin_version", "plugin_namespace"}, n.name
             for a in op.attributes:
                 kind = onnx.AttributeProto.INT if a.kind == "int" else onnx.AttributeProto.FLOAT
                 assert attrs[a.name].type == kind
             assert attrs["plugin_version"].type == onnx.AttributeProto.STRING
             assert attrs["plugin_version"].s.decode() == op.version
+            # TensorRT >= 10.15 takes the plugin over the local function only for a node with this attribute
+            assert attrs["plugin_namespace"].type == onnx.AttributeProto.STRING
+            assert attrs["plugin_namespace"].s.decode() == PLUGIN_NAMESPACE
         assert counts == want
         functions = {(f.domain, f.name): f for f in model.functions}
         assert set(functions) == {(DOMAIN, op) for op in want}
@@ -191,6 +194,44 @@ def test_note_pool_sweep_body_replays_the_slot_rule(rng, inline):
     assert got_index.dtype == np.int32 and got_index.shape == (3, 21, 4)
     np.testing.assert_array_equal(got_index, index.numpy())
     np.testing.assert_array_equal(got_prio, prio.numpy())
+
+
+def test_decode_pool_insert_takes_the_first_least_slot():
+    """The decode graph's §3 insert against pool_insert_ref, on ties (empty slots at -1, equal priorities) and
+    scores at, below and above the threshold and the least priority."""
+    from memmamba_deploy.export.graphs import GraphWriter
+
+    model = make_model(memory=True)
+    model_cfg = model.config
+    K, ds = model_cfg.pool_size, 3
+    writer = GraphWriter(model)
+    b = Builder()
+    new_pool, new_prio = writer._insert(b, "pool", "prio", "a", "s")
+    b.op("Identity", new_pool, outputs=["new_pool"])
+    b.op("Identity", new_prio, outputs=["new_prio"])
+    graph = helper.make_graph(b.nodes, "insert", [value_info("pool", FLOAT, [None, K, ds]),
+                                                  value_info("prio", FLOAT, [None, K]), value_info("a", FLOAT, [None]),
+                                                  value_info("s", FLOAT, [None, ds])],
+                              [value_info("new_pool", FLOAT, [None, K, ds]), value_info("new_prio", FLOAT, [None, K])],
+                              initializer=b.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.checker.check_model(model, full_check=True)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    tau = model_cfg.insert_threshold
+    prio = torch.full((6, K), -1.0)
+    prio[1, : K // 2] = 0.9                         # the first empty slot is K // 2
+    prio[2] = 0.7                                    # all tied: slot 0
+    prio[3, 1::2] = 0.6                              # tied minima at 1, 3, ...: slot 1
+    prio[3, 0::2] = 0.8
+    prio[4] = torch.linspace(0.95, 0.9, K)          # the least is the last slot
+    prio[5] = 0.7
+    a = torch.tensor([0.99, 0.95, 0.75, tau, 0.91, 0.65])     # row 3 exactly tau: never; row 5 below the least
+    pool, s = torch.randn(6, K, ds), torch.randn(6, ds)
+    got_pool, got_prio = sess.run(None, dict(pool=pool.numpy(), prio=prio.numpy(), a=a.numpy(), s=s.numpy()))
+    want_pool, want_prio = pool_ops.pool_insert_ref(pool, prio, a, s, tau)
+    np.testing.assert_array_equal(got_prio, want_prio.numpy())
+    np.testing.assert_array_equal(got_pool, want_pool.numpy())
+    assert (want_prio != prio).sum(1).tolist() == [1, 1, 1, 0, 1, 0]   # the cases above do what they say
 
 
 @pytest.mark.parametrize("act", [FLOAT, FLOAT16])

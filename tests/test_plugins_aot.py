@@ -332,6 +332,43 @@ def test_runtime_shape_check_names_the_tensor(harness):
 
 
 
+# ---- SelectiveScanChunk's workspace: sized once for a profile's largest shapes, it must hold any smaller problem ----
+# (B, T, Di, N): the first three are sizes where the plan needs more chunks below the largest T than at it
+WORKSPACE_SHAPES = [(2, 8200, 256, 16), (1, 5700, 768, 16), (2, 16400, 128, 8), (1, 16384, 1536, 16), (3, 700, 48, 4)]
+
+
+def _chunk_states_bytes(b, t, di, n):
+    from memmamba_deploy.models.ops.triton.scan import scan_chunk_plan
+
+    chunks = scan_chunk_plan(b, t, di, n)[1]
+    return 0 if chunks == 1 else 4 * b * chunks * di * (n + 1)
+
+
+@pytest.mark.parametrize("shape", WORKSPACE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_scan_workspace_holds_every_smaller_problem(shape):
+    from memmamba_deploy.models.ops.triton.scan import scan_workspace_bytes
+
+    B, T, di, n = shape
+    bound = scan_workspace_bytes(B, T, di, n)
+    need = max(_chunk_states_bytes(b, t, di, n) for b in range(1, B + 1) for t in range(0, T + 1))
+    assert need <= bound <= 2 * max(need, 1)
+    if shape in WORKSPACE_SHAPES[:3]:        # the plan at the largest shapes alone would be too small
+        assert need > max(_chunk_states_bytes(b, T, di, n) for b in range(1, B + 1))
+
+
+def test_plugin_workspace_is_the_bound(harness):
+    from memmamba_deploy.models.ops.triton.scan import scan_workspace_bytes
+
+    for B, T, di, n in WORKSPACE_SHAPES:
+        inputs, outputs = _io("SelectiveScanChunk", "float16", dict(SIZES, B=B, T=T, Di=di, N=n))
+        p = harness.build("SelectiveScanChunk", inputs, contract_fields("SelectiveScanChunk", ATTRS["SelectiveScanChunk"]),
+                          len(outputs))
+        try:
+            assert p.workspace == scan_workspace_bytes(B, T, di, n), (B, T, di, n)
+        finally:
+            harness.release(p)
+
+
 # ---- the launch glue, replayed in Triton's interpreter ---------------------------------------------------------------
 # With MEMMAMBA_AOT_DRYRUN set the AOT runtime records each launch (variant, grid, parameter bytes) instead of running
 # it. Each case enqueues a plugin on fake addresses; one interpreted subprocess replays every recorded launch on CPU

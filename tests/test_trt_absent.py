@@ -90,9 +90,10 @@ def test_build_refuses_portable_flavour_and_precision_mismatch(monkeypatch, tmp_
         trt_backend.build_engines(out, tmp_path / "lib.so", precision="fp32")
     manifest["dtype"] = "fp32"
     (out / "manifest.json").write_text(json.dumps(manifest))
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt("11.1.0"))      # strongly typed only
-    with pytest.raises(ValueError, match="strongly typed"):
-        trt_backend.build_engines(out, tmp_path / "lib.so", precision="fp16")
+    for version in ("10.3.0", "11.1.0"):       # strongly typed on both: no weakly typed fp16 of an fp32 graph
+        monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(version))
+        with pytest.raises(ValueError, match="strongly typed.*export again with --dtype fp16"):
+            trt_backend.build_engines(out, tmp_path / "lib.so", precision="fp16")
     with pytest.raises(ValueError, match="unknown precision"):
         trt_backend.build_engines(out, tmp_path / "lib.so", precision="int8")
     with pytest.raises(ValueError, match="max-batch"):
@@ -110,6 +111,60 @@ def test_profile_shapes_cover_batch_and_tokens():
     assert trt_backend._profile_shape("conv", (4, -1, 128, 3), ["L", "batch", "Di", "k"], 8, 64)[2] == (4, 8, 128, 3)
     with pytest.raises(ValueError, match="neither a batch nor a token"):
         trt_backend._profile_shape("x", (-1,), ["mystery"], 8, 64)
+
+
+# ---- the plugin library, loaded once a process (TensorRT's registry refuses plugins it holds already) ---------------
+@pytest.fixture(autouse=True)
+def fresh_process(monkeypatch):
+    """Each test is a process: nothing loaded, one plugin registry (every stand-in TensorRT of the test shares it)."""
+    monkeypatch.setattr(trt_backend, "_LOADED", {})
+    monkeypatch.setattr(sys.modules[__name__], "_PROCESS_REGISTRY", _Registry())
+
+
+class _Registry:
+    """IPluginRegistry as documented: load_library registers the library's creators, and returns None (nullptr)
+    when any of them is registered already; get_creator finds registered ones only."""
+
+    def __init__(self):
+        self.creators, self.loads = set(), []
+
+    def load_library(self, path):
+        from memmamba_deploy.export.contract import CUSTOM_OPS
+
+        if self.creators & set(CUSTOM_OPS):
+            return None
+        self.creators |= set(CUSTOM_OPS)
+        self.loads.append(path)
+        return object()
+
+    def get_creator(self, name, version, namespace=""):
+        return object() if name in self.creators else None
+
+
+_PROCESS_REGISTRY = None
+
+
+def test_the_plugin_library_is_loaded_once_a_process(tmp_path):
+    registry = _Registry()
+    trt = types.SimpleNamespace(get_plugin_registry=lambda: registry)
+    lib = tmp_path / "libmemmamba_plugins.so"
+    lib.write_bytes(b"stand-in")
+    first = trt_backend.load_plugins(trt, lib, logger=None)            # memdeploy build ...
+    assert trt_backend.load_plugins(trt, tmp_path / "." / lib.name, logger=None) is first   # ... then a session
+    assert registry.loads == [str(lib.resolve())]
+    other = tmp_path / "other.so"
+    other.write_bytes(b"stand-in")
+    with pytest.raises(ValueError, match=f"loaded the plugin library {lib.resolve()} already.*other.so"):
+        trt_backend.load_plugins(trt, other, logger=None)
+
+
+def test_plugins_registered_by_someone_else_are_named(monkeypatch, tmp_path):
+    registry = _Registry()
+    registry.load_library("loaded by the application")
+    lib = tmp_path / "libmemmamba_plugins.so"
+    lib.write_bytes(b"stand-in")
+    with pytest.raises(ValueError, match="registered in this process already, not from .*libmemmamba_plugins.so"):
+        trt_backend.load_plugins(types.SimpleNamespace(get_plugin_registry=lambda: registry), lib, logger=None)
 
 
 # ---- the engine build's file handling, with a stand-in TensorRT that "builds" any graph into its name's bytes --------
@@ -176,11 +231,11 @@ def _building_tensorrt(fail: str = "", tag: bytes = b""):
         def __init__(self):
             pass
 
-    registry = types.SimpleNamespace(load_library=lambda path: object(), get_creator=lambda *a: object())
+    registry = _PROCESS_REGISTRY
     return types.SimpleNamespace(
         __version__="10.3.0", ILogger=ILogger, Builder=Builder, OnnxParser=Parser, LayerType=Layer,
-        get_plugin_registry=lambda: registry, NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=0),
-        MemoryPoolType=types.SimpleNamespace(WORKSPACE=0), BuilderFlag=types.SimpleNamespace(FP16=0))
+        get_plugin_registry=lambda: registry, NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1),
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE=0))         # 10.x's enum value; no FP16 flag: never set
 
 
 def _folder(path):

@@ -11,6 +11,7 @@
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <mutex>
@@ -53,6 +54,29 @@ private:
 };
 
 using CreateRuntime = void* (*) (void*, int32_t);
+
+// TensorRT's plugin registry is one per process, and loadLibrary fails when a library's plugins are registered
+// already (IPluginRegistry::loadLibrary, NvInferRuntimeCommon.h): a second session must not load the library
+// again, and a second, different library cannot be loaded at all.
+void loadPluginsOnce(nvinfer1::IPluginRegistry& registry, std::string const& path, Logger const& logger)
+{
+    static std::mutex loading;
+    static std::string loaded; // the canonical path of the library this process loaded
+    std::lock_guard<std::mutex> lock(loading);
+    std::error_code ec;
+    std::string const canonical = std::filesystem::canonical(path, ec).string();
+    std::string const key = ec ? path : canonical;
+    if (!loaded.empty())
+    {
+        if (key == loaded)
+            return;
+        throw Error("this process loaded the plugin library " + loaded + " already; TensorRT holds one per process, "
+            "so " + path + " cannot be loaded beside it (open every TensorRT session with the same library)");
+    }
+    if (!registry.loadLibrary(path.c_str()))
+        throw Error("TensorRT could not load the plugin library " + path + ": " + logger.last());
+    loaded = key;
+}
 
 CreateRuntime openNvinfer()
 {
@@ -197,8 +221,7 @@ std::shared_ptr<Engines> loadEngines(std::string const& dir, SessionOptions cons
     std::string plugins = options.pluginLibrary.empty() ? field(*trt, "plugins", path).asString("plugins") : options.pluginLibrary;
     if (!std::ifstream(plugins))
         throw Error("no plugin library at " + plugins + " (build plugins_trt/, or pass SessionOptions::pluginLibrary)");
-    if (!e->runtime->getPluginRegistry().loadLibrary(plugins.c_str()))
-        throw Error("TensorRT could not load the plugin library " + plugins + ": " + e->logger.last());
+    loadPluginsOnce(e->runtime->getPluginRegistry(), plugins, e->logger);
     auto const& engines = field(*trt, "engines", path).asObject("engines");
     for (auto const& [graph, entry] : engines)
     {

@@ -7,9 +7,11 @@ which ONNX Runtime runs, are left out of what the parser sees), sets one optimiz
 prefill tokens 1..max_prefill), builds, and writes <graph>.engine beside the ONNX file, recording the engines
 under "tensorrt" in manifest.json.
 
-Written for the TensorRT 10.x and 11.x Python APIs. 11.x networks are always strongly typed: the precision is the
-exported graph's (`memdeploy export --dtype fp16`). 10.x also accepts --precision fp16 on an fp32 graph (the
-builder flag, weakly typed), for Jetson's TensorRT 10.
+Written for the TensorRT 10.x and 11.x Python APIs. The networks are strongly typed on both (11.x knows no
+other kind): the precision is the exported graph's (`memdeploy export --dtype fp16`), so the parts the export keeps
+in fp32 whatever the dtype (the note scores, the pool's thresholds, RMSNorm, the SSM state) stay fp32. TensorRT
+10.x's weakly typed fp16 (the FP16 builder flag on an fp32 graph) would be free to run them in fp16 and flip pool
+decisions; it is not offered.
 """
 from __future__ import annotations
 
@@ -55,22 +57,39 @@ def _logger(trt, messages: list[str]):
     return Logger()
 
 
+# TensorRT's plugin registry is one per process, and load_library fails (returns None) when a library's plugins are
+# registered already (IPluginRegistry::loadLibrary): each library is loaded once, and its handle kept here.
+_LOADED: dict[Path, Any] = {}
+
+
 def load_plugins(trt, library: str | Path, logger) -> Any:
-    """Load the plugin library into TensorRT's registry and check that every memmamba op is registered."""
+    """Load the plugin library into TensorRT's registry (once a process) and check that every memmamba op is
+    registered."""
     from ..export.contract import CUSTOM_OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
     library = Path(library)
     if not library.is_file():
         raise FileNotFoundError(f"no plugin library at {library} (build it: cmake -S plugins_trt -B plugins_trt/build "
                                 f"&& cmake --build plugins_trt/build; see plugins_trt/README.md)")
+    path = library.resolve()
     registry = trt.get_plugin_registry()
-    handle = registry.load_library(str(library.resolve()))
-    if not handle:
-        raise ValueError(f"TensorRT could not load the plugin library {library} (built for another TensorRT or CUDA?)")
+    if path not in _LOADED:
+        if _LOADED:
+            raise ValueError(f"this process loaded the plugin library {next(iter(_LOADED))} already; TensorRT holds "
+                             f"one per process, so {library} cannot be loaded beside it (use the same library)")
+        registered = [n for n in CUSTOM_OPS if registry.get_creator(n, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None]
+        if registered:
+            raise ValueError(f"the plugin(s) {registered} are registered in this process already, not from {library}: "
+                             f"TensorRT cannot load a library whose plugins it holds (load only {library})")
+        handle = registry.load_library(str(path))
+        if not handle:
+            raise ValueError(f"TensorRT could not load the plugin library {library} (built for another TensorRT or "
+                             f"CUDA?)")
+        _LOADED[path] = handle
     missing = [n for n in CUSTOM_OPS if registry.get_creator(n, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None]
     if missing:
         raise ValueError(f"{library} does not register the plugin(s) {missing}: is it libmemmamba_plugins.so?")
-    return handle
+    return _LOADED[path]
 
 
 def read_manifest(out: Path, verify: bool = True) -> dict:
@@ -90,9 +109,9 @@ def graph_file(out: Path, manifest: dict, graph: str) -> Path:
 def plugin_only_graph(onnx_path: Path) -> tuple[bytes, int]:
     """The graph without its `memmamba` function bodies, and how many custom nodes it has.
 
-    TensorRT's parser prefers a model-local function over a plugin before 10.7 (JetPack 6 ships 10.3) and the
-    plugin from 10.7 on; with the bodies removed every version takes the plugin, so one engine build behaves the
-    same on all of them. (ONNX Runtime keeps using the exported file, bodies included.)"""
+    TensorRT's parser prefers a model-local function over a plugin before 10.7 (JetPack 6.1/6.2 ship 10.3), and from
+    10.15 for nodes without a `plugin_namespace` attribute (exports before that attribute); with the bodies removed
+    every version takes the plugin, so one engine build behaves the same on all of them. (ONNX Runtime keeps using the exported file, bodies included.)"""
     import onnx
 
     from ..export.contract import DOMAIN
@@ -122,7 +141,7 @@ def _profile_shape(name: str, shape, symbols: list[str], max_batch: int, max_pre
             continue
         sym = symbols[i] if i < len(symbols) else "?"
         if sym in BATCH_DIMS:
-            lo.append(1), opt.append(max(1, min(max_batch, 1))), hi.append(max_batch)
+            lo.append(1), opt.append(1), hi.append(max_batch)          # tuned for batch 1, decode's usual
         elif sym in TOKEN_DIMS:
             lo.append(1), opt.append(max(1, max_prefill // 2)), hi.append(max_prefill)
         else:
@@ -154,12 +173,10 @@ def build_engines(out: str | Path, plugins: str | Path, precision: str | None = 
     precision = precision or graph_dtype
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"unknown precision {precision!r}: choose fp16 or fp32")
-    weak_fp16 = precision == "fp16" and graph_dtype == "fp32"
-    if precision == "fp32" and graph_dtype == "fp16":
-        raise ValueError(f"{out} holds an fp16 export; export again with --dtype fp32 for an fp32 engine")
-    if weak_fp16 and trt_major(trt) >= 11:
-        raise ValueError(f"TensorRT {trt.__version__} builds strongly typed networks only: an fp16 engine needs an "
-                         f"fp16 graph (`memdeploy export --dtype fp16`); {out} holds an fp32 export")
+    if precision != graph_dtype:
+        raise ValueError(f"{out} holds an {graph_dtype} export and the engines take the graph's precision (strongly "
+                         f"typed, so its fp32 parts stay fp32): export again with --dtype {precision} for an "
+                         f"{precision} engine")
     if manifest.get("flavor") != "plugins":
         raise ValueError(f"{out} holds the {manifest.get('flavor')!r} flavour; TensorRT engines are built from the "
                          f"plugins flavour (`memdeploy export --flavor plugins`)")
@@ -175,7 +192,8 @@ def build_engines(out: str | Path, plugins: str | Path, precision: str | None = 
             if progress:
                 progress(graph)
             builder = trt.Builder(logger)
-            flags = 0 if weak_fp16 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+            # 11.x networks are strongly typed always (the flag is deprecated there and ignored); 10.x is told so
+            flags = 0 if trt_major(trt) >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
             network = builder.create_network(flags)
             parser = trt.OnnxParser(network, logger)
             model_bytes, n_custom = plugin_only_graph(onnx_path)
@@ -188,8 +206,6 @@ def build_engines(out: str | Path, plugins: str | Path, precision: str | None = 
                                  f"parsing: the parser did not map every custom node to the memmamba plugins")
             config = builder.create_builder_config()
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-            if weak_fp16:
-                config.set_flag(trt.BuilderFlag.FP16)
             profile = builder.create_optimization_profile()
             symbols = _input_symbols(manifest, graph)
             for i in range(network.num_inputs):
@@ -320,7 +336,10 @@ class TensorRTBackend:
                     raise ValueError(f"{graph}: no value for input {name!r}")
                 t = feeds[name].to(self.device, dtype).contiguous()
                 feeds[name] = t
-                ctx.set_input_shape(name, tuple(t.shape))
+                if not ctx.set_input_shape(name, tuple(t.shape)):
+                    raise ValueError(f"{graph}: input {name!r} of shape {list(t.shape)} is outside the engine's "
+                                     f"optimization profile (memdeploy build --max-batch {self.max_batch} "
+                                     f"--max-prefill {self.max_prefill}): " + "; ".join(self._messages[-2:]))
                 ctx.set_tensor_address(name, t.data_ptr())
         outputs = {}
         for name, (mode, dtype) in io.items():

@@ -62,12 +62,6 @@ ChunkPlan chunkPlan(int64_t b, int64_t t, int64_t di)
     return {static_cast<int32_t>(len), static_cast<int32_t>(cdiv(t, len))};
 }
 
-size_t chunkWorkspaceBytes(int64_t b, int64_t t, int64_t di, int64_t n)
-{
-    ChunkPlan const p = chunkPlan(b, t, di);
-    return p.nChunks == 1 ? 0 : sizeof(float) * static_cast<size_t>(b * p.nChunks * di * (n + 1));
-}
-
 bool preloadAll(std::initializer_list<aot::KernelImage const*> images)
 {
     for (aot::KernelImage const* k : images)
@@ -139,10 +133,18 @@ std::string poolAttentionLimits(AttentionSizes s)
 // ---- SelectiveScanChunk ---------------------------------------------------------------------------------------------
 size_t scanChunkWorkspace(ScanSizes s)
 {
-    size_t bytes = 0; // fewer rows can mean more chunks: take the worst batch up to the maximum
-    for (int32_t b = 1; b <= std::max(s.batch, 1); ++b)
+    // Bound the chunk count by chunkPlan's count before rounding the chunk length up to whole tiles: that one grows
+    // with T, the rounded one does not (a shorter T can need more chunks than the profile's longest), and
+    // cdiv(t, roundup(cdiv(t, n))) <= n. Fewer rows can mean more chunks too: take the worst batch up to the maximum.
+    size_t bytes = 0;
+    int64_t const tokens = std::max<int64_t>(s.tokens, 1), blocks = cdiv(s.dInner, kScanBlockD);
+    for (int64_t b = 1; b <= std::max(s.batch, 1); ++b)
     {
-        bytes = std::max(bytes, chunkWorkspaceBytes(b, s.tokens, s.dInner, s.dState));
+        int64_t const n = std::min(cdiv(kTargetPrograms, std::max<int64_t>(b * blocks, 1)), cdiv(tokens, kMinChunk));
+        if (n > 1)
+        {
+            bytes = std::max(bytes, sizeof(float) * static_cast<size_t>(b * n * s.dInner * (s.dState + 1)));
+        }
     }
     return bytes;
 }

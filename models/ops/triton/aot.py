@@ -49,7 +49,7 @@ def _scan_types(act):
                 dt_bias_ptr="*fp32", h_in_ptr="*fp32", y_ptr=act, h_out_ptr="*fp32", dt_sum_ptr="*fp32")
 
 
-SCAN_BLOCKS = dict(BLOCK_T=16, BLOCK_D=16, BLOCK_N=16)      # scan.scan_blocks(N <= 16, Di >= 16)
+SCAN_BLOCKS = dict(BLOCK_T=scan.AOT_SCAN_BLOCK_T, BLOCK_D=scan.AOT_SCAN_BLOCK_D, BLOCK_N=16)  # scan_chunk_plan's tile
 SCAN_LIMITS = "N <= 16"
 _SCAN_GRID = "(B, cdiv(Di, 16), n_chunks) with (chunk_len, n_chunks) = scan_chunk_plan(B, T, Di, N)"
 

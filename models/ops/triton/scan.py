@@ -633,22 +633,32 @@ def scan_blocks(N: int, Di: int) -> tuple[int, int, int]:
     return block_t, block_d, block_n
 
 
+AOT_SCAN_BLOCK_T, AOT_SCAN_BLOCK_D = 16, 16   # the AOT variants' tile (aot.SCAN_BLOCKS: N padded to 16)
+
+
 def scan_chunk_plan(B: int, T: int, Di: int, N: int) -> tuple[int, int]:
-    """(chunk_len, n_chunks): one chunk when batch x channel blocks already give TARGET_PROGRAMS programs."""
-    block_t, block_d, _ = scan_blocks(N, Di)
-    rows = B * triton.cdiv(Di, block_d)
+    """(chunk_len, n_chunks) of the AOT builds' tile scan (the TensorRT plugin and the C++ runtime;
+    opLaunch.cpp chunkPlan): one chunk when batch x channel blocks already give TARGET_PROGRAMS programs."""
+    rows = B * triton.cdiv(Di, AOT_SCAN_BLOCK_D)
     n_chunks = max(1, min(triton.cdiv(TARGET_PROGRAMS, rows), triton.cdiv(T, MIN_CHUNK)))
     if n_chunks == 1:
         return max(T, 1), 1
-    chunk_len = triton.cdiv(triton.cdiv(T, n_chunks), block_t) * block_t
+    chunk_len = triton.cdiv(triton.cdiv(T, n_chunks), AOT_SCAN_BLOCK_T) * AOT_SCAN_BLOCK_T
     return chunk_len, triton.cdiv(T, chunk_len)
 
 
 def scan_workspace_bytes(B: int, T: int, Di: int, N: int) -> int:
-    """fp32 scratch of the tile scan's three-pass forward (the AOT builds' plan, scan_chunk_plan): chunk states
-    [B, n_chunks, Di, N] + Σδ [B, n_chunks, Di]. scan_forward's own plan (seq_chunk_plan) allocates its own."""
-    _, n_chunks = scan_chunk_plan(B, T, Di, N)
-    return 0 if n_chunks == 1 else 4 * B * n_chunks * Di * (N + 1)
+    """fp32 scratch that scan_chunk_plan's three passes need at most for any batch <= B and tokens <= T: chunk
+    states [b, n_chunks, Di, N] + Σδ [b, n_chunks, Di]. n_chunks is not monotone in T (rounding chunk_len up to
+    whole tiles can leave a shorter T more chunks), so this bounds it by the count before that rounding, which
+    grows with T; fewer rows can mean more chunks, so every batch up to B is taken. The TensorRT plugin sizes its
+    workspace the same way (opLaunch.cpp scanChunkWorkspace)."""
+    worst = 0
+    for b in range(1, max(B, 1) + 1):
+        n = min(triton.cdiv(TARGET_PROGRAMS, b * triton.cdiv(Di, AOT_SCAN_BLOCK_D)), triton.cdiv(max(T, 1), MIN_CHUNK))
+        if n > 1:
+            worst = max(worst, 4 * b * n * Di * (N + 1))
+    return worst
 
 
 # ----------------------------------------------------------------------------------------------------------------
