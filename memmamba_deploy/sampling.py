@@ -67,17 +67,20 @@ def _sample(logits, temperature, top_k, top_p, generator):
 
 def generate(backend, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, stop: Sequence[int] = (), state=None,
-             finite: bool = True) -> Iterator[torch.Tensor]:
+             finite: bool = True, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
     """Prefill `prompt` [B,T] (from `state` if given), then yield max_new_tokens tokens [B] one by one.
     Stops early once every row has produced a token in `stop`. finite: logits holding NaN or +Inf raise a
-    ValueError (an evaluation that scores whatever comes out, as eval passkey, passes False)."""
+    ValueError (an evaluation that scores whatever comes out, as eval passkey, passes False). The draws come from
+    a generator seeded with `seed`, else from `generator` (a stream the caller keeps), else from torch's global
+    one; each token yielded takes one draw (none when greedy), and only those."""
     prompt = torch.as_tensor(prompt)
     if prompt.dim() == 1:
         prompt = prompt[None]
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be [batch, T] with T >= 1, got shape {list(prompt.shape)}")
     stop = check_settings(temperature, top_k, top_p, seed, stop)
-    generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    if seed is not None:
+        generator = torch.Generator().manual_seed(int(seed))
     state = backend.new_state(prompt.shape[0]) if state is None else state
     logits, state = backend.prefill(prompt, state)
     done = torch.zeros(prompt.shape[0], dtype=torch.bool)

@@ -302,6 +302,7 @@ class Session:
         self.backend = backend
         self.config = backend.config
         self._lock = lock if lock is not None else _lock_for(backend)
+        self._generator: torch.Generator | None = None     # the sampling stream, once a seed has been given
         self.reset()
 
     @classmethod
@@ -312,7 +313,8 @@ class Session:
 
     # ---- state ----------------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget every token: the next input starts from the empty state."""
+        """Forget every token: the next input starts from the empty state. (The sampling stream goes on: a seed
+        given to generate() restarts it.)"""
         self._state = self._logits = self._pending = self._batch = None
         self._epoch = next(self._ids)
 
@@ -324,6 +326,8 @@ class Session:
         other._logits = None if self._logits is None else self._logits.clone()
         other._pending = None if self._pending is None else self._pending.clone()
         other._batch = self._batch
+        if self._generator is not None:                   # the same draws, independently
+            other._generator = torch.Generator().set_state(self._generator.get_state())
         return other
 
     @property
@@ -379,6 +383,10 @@ class Session:
         """Stream up to max_new_tokens tokens ([B] each) after `prompt`; without a prompt, go on from the tokens
         already consumed. temperature 0 is greedy. The session follows the stream: afterwards it holds every
         yielded token, so generate/prefill/step continue the same text. Sampling is memmamba_deploy.sampling's.
+        seed restarts this session's sampling stream (torch.Generator(seed)); seed=None goes on with it (or with
+        torch's global generator, until a seed is given), so generate(8) draws what generate(4) twice does. Each
+        token yielded takes one draw of the stream, and only those; fork() copies the stream. (The C++ Session
+        draws from its own stream: the runtimes agree on greedy tokens, not on sampled ones.)
         Arguments are checked here, before the first token is asked for; each yielded token is a copy."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
@@ -396,8 +404,10 @@ class Session:
             follow = _Follow(self, resume=False)
         with self._locked():
             state = self._state if self._state is not None else self.backend.new_state(ids.shape[0])
-        return self._stream(sampling.generate(follow, ids, int(max_new_tokens), temperature, top_k, top_p, seed,
-                                              stop, state))
+        if seed is not None:
+            self._generator = torch.Generator().manual_seed(int(seed))
+        return self._stream(sampling.generate(follow, ids, int(max_new_tokens), temperature, top_k, top_p, None,
+                                              stop, state, generator=self._generator))
 
     def _stream(self, tokens: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
         for token in tokens:

@@ -111,6 +111,31 @@ def test_sampled_generation_is_seeded(checkpoint):
     assert a == b and a != c
 
 
+def test_the_sampling_stream_goes_on_across_calls(checkpoint):
+    """A seed starts the session's stream; later calls without one continue it, so generating in pieces (with a
+    stop in between) draws what one call does; a fork continues a copy of it."""
+    opts = dict(temperature=1.0, top_k=50)
+
+    def tokens(it):
+        return [int(t) for t in it]
+
+    s = Session.open(checkpoint, device="cpu")
+    whole = tokens(s.generate(PROMPT, 16, seed=11, **opts))
+    s.reset()
+    first = tokens(s.generate(PROMPT, 5, seed=11, **opts))
+    forked = s.fork()
+    assert first + tokens(s.generate(None, 11, **opts)) == whole
+    assert first + tokens(forked.generate(None, 11, **opts)) == whole
+    s.reset()
+    stop = whole[3]
+    head = tokens(s.generate(PROMPT, 16, seed=11, stop=[stop], **opts))
+    assert head == whole[:whole.index(stop) + 1]
+    assert head + tokens(s.generate(None, 16 - len(head), **opts)) == whole
+    s.reset()
+    assert tokens(s.generate(PROMPT, 5, seed=11, **opts)) + tokens(s.generate(None, 11, seed=11, **opts)) != whole
+    assert len(set(whole)) > 4                                  # really sampled
+
+
 def test_torch_and_onnxruntime_sessions_give_identical_generations(model, export_dir):
     ort, ref = Session.open(export_dir, backend="onnxruntime"), Session.open(export_dir, backend="torch", device="cpu")
     assert ort.backend.name in ("ort", "onnxruntime") and ref.backend.name == "torch"

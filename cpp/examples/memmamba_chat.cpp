@@ -89,6 +89,8 @@ int main(int argc, char** argv)
                 throw memmamba::Error("unknown option " + a);
         }
         sampling.validate();
+        if (tokens < 1)
+            throw memmamba::Error("--tokens must be >= 1, got " + std::to_string(tokens));
         auto session = memmamba::Session::open(checkpoint, options);
         if (session->config().vocab_size < 256)
             throw memmamba::Error("memmamba_chat streams bytes and needs vocab_size >= 256 (this model has "

@@ -40,7 +40,8 @@ public:
     virtual void undoStep() = 0;
 
     virtual void reset() = 0;
-    virtual void reseed(uint64_t seed) = 0;
+    //! Where the next draw reads the sampling stream: (seed, step); each draw launch then advances the step by one.
+    virtual void setStream(uint64_t seed, uint32_t step) = 0;
     virtual std::unique_ptr<Backend> fork() const = 0;
     virtual std::vector<StateTensorInfo> stateInfo() const = 0;
     virtual void readState(std::string const& name, void* host) const = 0;

@@ -403,7 +403,7 @@ public:
         enqueueStep(0, true); // warm-up: cuBLASLt and CUDA's lazy module loading must not happen inside capture
         MM_CUDA(cudaStreamSynchronize(stream_));
         resetState();
-        reseed(opt_.seed);
+        setStream(opt_.seed, 0);
         if (opt_.cudaGraph)
             capture();
     }
@@ -540,9 +540,9 @@ public:
         MM_CUDA(cudaStreamSynchronize(stream_));
     }
 
-    void reseed(uint64_t seed) override
+    void setStream(uint64_t seed, uint32_t step) override
     {
-        uint32_t rng[4] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), 0, 0};
+        uint32_t rng[4] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), step, 0};
         MM_CUDA(cudaMemcpyAsync(rng_.get(), rng, sizeof(rng), cudaMemcpyHostToDevice, stream_));
         MM_CUDA(cudaStreamSynchronize(stream_));
     }
@@ -593,6 +593,8 @@ public:
         DeviceGuard onDevice(opt_.device);
         MM_CUDA(cudaMemcpyAsync(state(name, cur_), host, info(name).bytes(), cudaMemcpyHostToDevice, stream_));
         MM_CUDA(cudaStreamSynchronize(stream_));
+        hasLogits_ = false;     // they were the old state's: the next token fed gives the restored state's
+        canUndo_ = false;
     }
 
     void synchronize() const override

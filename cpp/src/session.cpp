@@ -8,6 +8,7 @@ namespace memmamba
 
 Session::Session(std::unique_ptr<detail::Backend> backend)
     : backend_(std::move(backend))
+    , seed_(backend_->options().seed)
 {
 }
 
@@ -106,10 +107,12 @@ std::vector<int32_t> Session::sample(SamplingParams const& params)
     if (!backend_->hasLogits())
         throw Error("no logits to sample from: feed tokens with prefill() or step() first");
     backend_->setSampling(params);
+    backend_->setStream(seed_, draws_);
     backend_->resample();
     std::vector<int32_t> out(batch());
     backend_->copyNextAsync(0);
     backend_->waitNext(0, out.data());
+    ++draws_;
     return out;
 }
 
@@ -117,16 +120,15 @@ std::vector<std::vector<int32_t>> Session::generate(int maxNewTokens, SamplingPa
     TokenCallback const& onToken, std::vector<int32_t> const& stop)
 {
     params.validate();
-    if (maxNewTokens < 0)
-        throw Error("maxNewTokens must be >= 0");
+    if (maxNewTokens < 1)
+        throw Error("maxNewTokens must be >= 1, got " + std::to_string(maxNewTokens));
     if (!backend_->hasLogits())
         throw Error("generate needs a prompt: call prefill() first");
     int const B = batch();
     std::vector<std::vector<int32_t>> out(B);
-    if (maxNewTokens == 0)
-        return out;
     feedPending();
     backend_->setSampling(params);
+    backend_->setStream(seed_, draws_);   // token i is draw draws_ + i of the stream, whatever ran before
     backend_->resample();           // token 0 from the current logits with these settings
     backend_->copyNextAsync(0);
     std::vector<char> done(B, 0);
@@ -137,6 +139,7 @@ std::vector<std::vector<int32_t>> Session::generate(int maxNewTokens, SamplingPa
     int launched = -1;              // the last token whose feeding step was launched
     int returned = -1;              // the last token handed to the caller (pending_)
     auto settle = [&] {
+        draws_ += static_cast<uint32_t>(returned + 1);  // the tokens handed out; draws past them are not kept
         if (launched >= 0 && launched >= returned)
         {
             backend_->synchronize();
@@ -185,12 +188,18 @@ void Session::reset()
     pending_.clear();
 }
 
-void Session::reseed(uint64_t seed) { backend_->reseed(seed); }
+void Session::reseed(uint64_t seed)
+{
+    seed_ = seed;
+    draws_ = 0;
+}
 
 std::unique_ptr<Session> Session::fork() const
 {
     std::unique_ptr<Session> other(new Session(backend_->fork()));
     other->pending_ = pending_;
+    other->seed_ = seed_;
+    other->draws_ = draws_;
     return other;
 }
 

@@ -271,7 +271,7 @@ public:
         if (aot::preload(*sample_.image) != CUDA_SUCCESS)
             throw Error(aot::lastError());
         reset();
-        reseed(opt_.seed);
+        setStream(opt_.seed, 0);
         setSampling({});
     }
 
@@ -378,9 +378,10 @@ public:
         hasLogits_ = false;
         canUndo_ = false;
     }
-    void reseed(uint64_t seed) override
+    void setStream(uint64_t seed, uint32_t step) override
     {
-        uint32_t rng[4] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), 0, 0};
+        synchronize();          // the stream's earlier draws have read the old values
+        uint32_t rng[4] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), step, 0};
         MM_CUDA(cudaMemcpy(rng_.get(), rng, sizeof(rng), cudaMemcpyHostToDevice));
     }
     std::unique_ptr<Backend> fork() const override
@@ -415,6 +416,8 @@ public:
         synchronize();
         auto const& s = spec(name);
         MM_CUDA(cudaMemcpy(state_[cur_].at(s.field).get(), host, bytes(s), cudaMemcpyHostToDevice));
+        hasLogits_ = false;     // they were the old state's: the next token fed gives the restored state's
+        canUndo_ = false;
     }
     void synchronize() const override { MM_CUDA(cudaStreamSynchronize(stream_)); }
 

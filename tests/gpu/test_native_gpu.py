@@ -211,6 +211,60 @@ def test_the_session_feeds_generates_last_token_when_the_stream_goes_on(build, c
     assert torch.equal(f.logits(V), fresh(prompt).logits(V))         # reset forgot the pending token
 
 
+@torch.no_grad()
+def test_the_sampling_stream_steps_once_per_token_handed_out(build, checkpoints):
+    # same seed, prompt and calls, same tokens: whatever the session ran besides draws (the prompt in one or two
+    # prefills, steps, the step generate undoes at a stop) does not move the stream
+    ckpt, model = checkpoints[True]
+    V = model.config.vocab_size
+    prompt = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(8))
+
+    def fresh(pieces=1):
+        s = NativeSession(build, ckpt, dtype="fp32", batch=2)
+        for piece in prompt.chunk(pieces, 1):
+            s.prefill(piece)
+        s.reseed(77)
+        return s
+
+    whole = fresh().generate(12, temperature=1.0)
+    split = fresh()
+    assert torch.equal(torch.cat([split.generate(5, temperature=1.0), split.generate(7, temperature=1.0)], 1), whole)
+    assert torch.equal(fresh(2).generate(12, temperature=1.0), whole)
+    stopped = fresh()
+    first = stopped.generate(12, temperature=1.0, stop=whole[:, 3].tolist())      # both rows stop by token 3
+    assert first.shape[1] <= 4 and torch.equal(first, whole[:, :first.shape[1]])
+    assert torch.equal(torch.cat([first, stopped.generate(12 - first.shape[1], temperature=1.0)], 1), whole)
+    drawn = fresh()                                                    # sample and step, by hand: the same draws
+    first = drawn.sample(1.0)
+    drawn.step(first)
+    assert torch.equal(first, whole[:, 0]) and torch.equal(drawn.sample(1.0), whole[:, 1])
+    seen = set(whole.flatten().tolist())
+    assert len(seen) > 4                                               # really sampled, not greedy
+
+
+@torch.no_grad()
+def test_write_state_drops_the_old_states_logits(build, checkpoints):
+    ckpt, model = checkpoints[True]
+    V = model.config.vocab_size
+    rng = torch.Generator().manual_seed(9)
+    p, q = torch.randint(0, V, (2, 16), generator=rng), torch.randint(0, V, (2, 11), generator=rng)
+    shapes = {"conv": (4, 2, 128, 3), "ssm": (4, 2, 128, 8), "pool": (4, 2, 8, 16), "prio": (4, 2, 8)}
+    s = NativeSession(build, ckpt, dtype="fp32", batch=2)
+    s.prefill(p)
+    snapshot = {name: s.state(name, shape) for name, shape in shapes.items()}
+    s.prefill(q)
+    for name, value in snapshot.items():
+        s.set_state(name, value)
+    with pytest.raises(NativeError, match="no logits yet"):
+        s.logits(V)
+    with pytest.raises(NativeError, match="generate needs a prompt"):
+        s.generate(1)
+    s.step(q[:, 0])                                                    # the restored state goes on from P
+    want = NativeSession(build, ckpt, dtype="fp32", batch=2)
+    want.prefill(torch.cat([p, q[:, :1]], 1))
+    assert torch.equal(s.logits(V), want.logits(V))
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_gpu_sampler_matches_reference(build, checkpoints, dtype):
     os.environ.setdefault("TRITON_INTERPRET", "0")

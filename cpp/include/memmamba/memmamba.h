@@ -93,7 +93,7 @@ struct MEMMAMBA_API SessionOptions
     //! inside the Triton kernels, as the Python fast path: 0.60 vs 0.93 ms/token for 130m fp16 on an H100, but its
     //! partial sums meet in fp32 atomics, so two runs agree within rounding, not bit for bit); the same math
     std::string plan{"cublas"};
-    uint64_t seed{0};              //!< sampling seed (see Session::reseed)
+    uint64_t seed{0};              //!< the sampling stream's seed (see Session::reseed)
     std::string pluginLibrary;     //!< tensorrt: overrides the library recorded in manifest.json
 };
 
@@ -141,7 +141,7 @@ public:
     //! generate()'s pending last tokens are fed first, so the draw continues the generated text.
     std::vector<int32_t> sample(SamplingParams const& params);
 
-    //! Sample a token from the current logits, feed it, and repeat: up to maxNewTokens tokens per row. `onToken`
+    //! Sample a token from the current logits, feed it, and repeat: up to maxNewTokens (>= 1) tokens per row. `onToken`
     //! gets (index, tokens[batch]) for each new token and may return false to stop; generation also stops once
     //! every row has produced a token in `stop`. Needs a prefill (or step) first. Like the Python `Session`, the
     //! session follows the stream: the last tokens returned are pending, consumed (fed) by the next prefill,
@@ -153,14 +153,20 @@ public:
     std::vector<std::vector<int32_t>> generate(int maxNewTokens, SamplingParams const& params,
         TokenCallback const& onToken = {}, std::vector<int32_t> const& stop = {});
 
-    void reset();                   //!< the empty state (State.zeros); no logits until the next token
-    void reseed(uint64_t seed);     //!< restart the sampling stream (seed, step 0)
+    void reset();                   //!< the empty state (State.zeros); no logits until the next token (the
+                                    //!< sampling stream goes on: reseed restarts it)
+    //! Restart the sampling stream: (seed, step 0). The stream takes one step per token handed out by sample() or
+    //! generate() (all rows at once), and only then, so generate(8) draws what generate(4) twice does, and the same
+    //! seed, prompt and calls give the same tokens. (Python's Session draws with torch's generator instead: the
+    //! two runtimes agree on greedy tokens, not on sampled ones.)
+    void reseed(uint64_t seed);
     //! Same weights, a copy of the state, logits, sampling stream and pending tokens.
     std::unique_ptr<Session> fork() const;
 
     std::vector<StateTensorInfo> stateInfo() const;
     void readState(std::string const& name, void* host) const;  //!< copy one state tensor to the host
-    //! And back (same layout and dtype); drops generate()'s pending tokens (they belong to the old state).
+    //! And back (same layout and dtype); drops generate()'s pending tokens and the logits (both belong to the old
+    //! state): feed the next token (step or prefill) before logits(), sample() or generate().
     void writeState(std::string const& name, void const* host);
 
     void synchronize() const; //!< wait for the session's stream
@@ -170,6 +176,8 @@ private:
     void feedPending();             //!< consume generate()'s last tokens, if any
     std::unique_ptr<detail::Backend> backend_;
     std::vector<int32_t> pending_;  //!< generate()'s last tokens [batch], not yet fed (empty: none)
+    uint64_t seed_{0};              //!< the sampling stream: seed, and the tokens drawn from it so far
+    uint32_t draws_{0};
 };
 
 } // namespace memmamba
