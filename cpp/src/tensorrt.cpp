@@ -203,7 +203,10 @@ std::shared_ptr<Engines> loadEngines(std::string const& dir, SessionOptions cons
         spec.output = field(s, "output", path + " state").asString("state output");
         for (auto const& d : field(s, "shape", path + " state").asArray("state shape"))
             spec.shape.push_back(d.isString() ? -1 : d.asInt("state shape")); // "batch" -> -1
-        spec.dtype = field(s, "dtype", path + " state").asString("state dtype") == "float16" ? DType::kFloat16 : DType::kFloat32;
+        std::string const stateDtype = field(s, "dtype", path + " state").asString("state dtype");
+        if (stateDtype != "float16" && stateDtype != "float32")
+            throw Error(path + ": state " + spec.field + " has dtype '" + stateDtype + "' (float16 or float32)");
+        spec.dtype = stateDtype == "float16" ? DType::kFloat16 : DType::kFloat32;
         spec.initial = static_cast<float>(field(s, "initial", path + " state").asNumber("state initial"));
         e->states.push_back(spec);
     }
