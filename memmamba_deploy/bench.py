@@ -27,7 +27,7 @@ import torch
 from .kv_baseline import KVBaseline
 from .models.checkpoint import atomic_file, creatable_dir, write_json
 from .models.ops import check_kernels_on
-from .session import DTYPE_NAMES, inspect_path, open_backend
+from .session import DTYPE_NAMES, default_backend, inspect_path, open_backend
 
 FLATNESS_TARGET = 1.05
 REPO = Path(__file__).resolve().parent.parent
@@ -207,7 +207,7 @@ def device_name(device: torch.device) -> str:
            f"{os.cpu_count()} cores)"
 
 
-def run_bench(path, backend: str = "torch", contexts=(1024, 4096, 16384, 65536), tokens: int = 256, batch: int = 1,
+def run_bench(path, backend: str | None = None, contexts=(1024, 4096, 16384, 65536), tokens: int = 256, batch: int = 1,
               dtype=None, device: str | None = None, baseline: bool = True, warmup: int = 16, rounds: int = 4,
               chunk: int = 2048, seed: int = 0, prefill_with: str | None = None, progress=None,
               backend_obj=None, **options) -> dict:
@@ -389,7 +389,9 @@ def results_table(results: dict):
     mm, kv = models["memmamba"], models.get("kv_baseline")
     t = Table(title=f"{mm['label']}{' vs a KV-cache transformer' if kv else ''}: decode ms/token, median/p90",
               caption=f"{meta['device_name']}, {meta['dtype']}, batch {meta['batch']}, {meta['tokens']} timed "
-                      f"tokens per context ({meta['timer']}). flatness: median at the longest / shortest "
+                      f"tokens per context ({meta['timer']})"
+                      + (f"; ms/token is one decode step, a token for each of the {meta['batch']} rows"
+                         if meta['batch'] > 1 else "") + ". flatness: median at the longest / shortest "
                       f"context (target ≤ {FLATNESS_TARGET}). prefill: tokens/s over the segment up to the "
                       f"context" + (" (MemMamba/KV). cache: the KV cache's bytes. KV÷MM: median latency ratio."
                                     if kv else "."), box=box.SIMPLE_HEAD)
@@ -476,9 +478,10 @@ def bench_cli(path, backend, contexts, tokens, batch, dtype, device, out, baseli
     if prefill_with is not None:
         from .session import ALIASES
 
-        if ALIASES.get(str(backend).lower(), str(backend).lower()) != "torch":
+        name = default_backend(path) if backend is None else ALIASES.get(str(backend).lower(), str(backend).lower())
+        if name != "torch":
             raise ValueError(f"--prefill-kernels is for the torch backend only (it swaps the torch model's kernels); "
-                             f"the {backend} backend prefills as it was built")
+                             f"the {name} backend prefills as it was built")
         check_kernels_on(prefill_with, "cuda" if device is None and torch.cuda.is_available() else device or "cpu")
     with default_progress(console) if console is not None else nullcontext() as bar:
         results = run_bench(path, backend, contexts, tokens, batch, dtype, device, baseline, warmup, rounds, chunk,

@@ -28,6 +28,13 @@ def user_errors(fn):
         try:
             with terminate_as_interrupt():
                 return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:      # Ctrl-C, or SIGTERM (terminate_as_interrupt): one line, the usual code
+            from .models.checkpoint import Terminated
+
+            term = isinstance(e, Terminated)
+            err_console.print(f"[bold red]{'terminated' if term else 'interrupted'}:[/] stopped; what it writes "
+                              f"is written whole or not at all")
+            raise typer.Exit(143 if term else 130) from None
         except BrokenPipeError:             # `memdeploy generate ... | head`: the reader left; end quietly, as
             devnull = os.open(os.devnull, os.O_WRONLY)    # Unix tools do (128 + SIGPIPE), without the flush error
             os.dup2(devnull, sys.stdout.fileno())         # Python would print at exit

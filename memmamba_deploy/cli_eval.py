@@ -27,13 +27,15 @@ def _device(device: str) -> str:
     return check_device(device)
 
 
-def open_backend(path: Path, backend: str, device: str = "auto", kernels: str = "auto"):
-    """A Backend over `path` by name, through the session registry (a missing runtime is one clear error).
-    The torch backend runs the Triton kernels on CUDA when they import (kernels="auto")."""
+def open_backend(path: Path, backend: str | None, device: str = "auto", kernels: str = "auto"):
+    """A Backend over `path` by name (None: session.default_backend), through the session registry (a missing
+    runtime is one clear error). The torch backend runs the Triton kernels on CUDA when they import
+    (kernels="auto")."""
     from .models.train import _triton_available
-    from .session import backend_spec
+    from .session import backend_spec, default_backend
     from .session import open_backend as open_named
 
+    backend = default_backend(path) if backend is None else backend
     if backend_spec(backend).name != "torch":
         return open_named(path, backend, device=None if device == "auto" else device)
     device = _device(device)
@@ -66,8 +68,9 @@ def _progress() -> Progress:
 def passkey(paths: List[Path] = typer.Argument(..., help="checkpoint(s) (or export directories for other backends); "
                                                           "several give one column each"),
             lengths: str = typer.Option("1k,4k,16k,64k", help="prompt lengths in tokens (bytes): 1k = 1024"),
-            backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt | triton (export directory "
-                                                      "for onnxruntime and tensorrt)"),
+            backend: Optional[str] = typer.Option(None, help="torch | onnxruntime | tensorrt | triton (export "
+                                                                "directory for onnxruntime and tensorrt); default: "
+                                                                "onnxruntime for an export, torch for a checkpoint"),
             samples: int = typer.Option(5, help="prompts per length"),
             seed: int = typer.Option(0, min=0, help="seed of the prompts (the same for every model)"),
             batch: int = typer.Option(4, help="prompts decoded together"),
@@ -98,7 +101,8 @@ def passkey(paths: List[Path] = typer.Argument(..., help="checkpoint(s) (or expo
                                        on_tokens=lambda n: bar.advance(task, n))
         runs.append({"path": str(path), "name": name, "backend": be.name, "memory": be.config.memory,
                      "results": [r.to_dict() for r in results]})
-    table = Table(title=f"passkey retrieval accuracy ({samples} prompts per length, seed {seed}, {backend})")
+    backends = ", ".join(dict.fromkeys(run["backend"] for run in runs))
+    table = Table(title=f"passkey retrieval accuracy ({samples} prompts per length, seed {seed}, {backends})")
     table.add_column("length", justify="right")
     for run in runs:
         table.add_column(f"{run['name']}\n(memory {'on' if run['memory'] else 'off'})", justify="right")
@@ -117,7 +121,9 @@ def passkey(paths: List[Path] = typer.Argument(..., help="checkpoint(s) (or expo
 @app.command()
 @user_errors
 def fidelity(path: Path = typer.Argument(..., help="checkpoint, or an export directory for --backend onnxruntime"),
-             backend: str = typer.Option("torch", help="the deployed backend: torch | onnxruntime | tensorrt | triton"),
+             backend: Optional[str] = typer.Option(None, help="the deployed backend: torch | onnxruntime | tensorrt | "
+                                                             "triton (default: onnxruntime for an export, torch for "
+                                                             "a checkpoint)"),
              reference: Optional[Path] = typer.Option(None, help="the PyTorch checkpoint (default: found from PATH)"),
              samples: int = typer.Option(8, help="sequences (half passkey prompts, half Python source)"),
              length: int = typer.Option(256, help="tokens per sequence (the backend steps token by token)"),
@@ -203,6 +209,8 @@ def print_fidelity(report, title: str) -> None:
                       else f"{report.insertion_flips} of {report.decisions}")
     for name, m in report.margins.items():
         decisions.add_row(f"smallest margin, {name}", f"{m:.1e}")
+    if report.margins:
+        decisions.add_row("exact ties, a = min prio (a repeated token meets its own score)", str(report.replace_ties))
     console.print(decisions)
     console.print("[dim]* a backend exposes no hidden states: ECLMF is the PyTorch model's on the same inputs; the "
                   "decisions above are what could make the backend's memory differ. ECLMF n/a: needs more than G "

@@ -47,7 +47,8 @@ def export_table(out: Path, manifest: dict) -> Table:
 @user_errors
 def parity(out: Path = typer.Argument(..., help="export directory (memdeploy export)"),
            steps: int = typer.Option(512, help="decode steps per case"),
-           backend: str = typer.Option("ort", help="ort | torch | triton | tensorrt"),
+           backend: str = typer.Option("onnxruntime", help="onnxruntime | torch | triton | tensorrt (aliases: ort, "
+                                                           "pytorch, trt)"),
            prompt_len: List[int] = typer.Option([32], help="random prompt length (repeat for several cases)"),
            prompt: List[str] = typer.Option([], help="a prompt as comma-separated token ids (repeatable)"),
            batch: int = typer.Option(2, help="rows of each random prompt"),

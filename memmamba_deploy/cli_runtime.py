@@ -1,6 +1,7 @@
 """`memdeploy bench`, `memdeploy generate` and the main job `memdeploy demo` (issue 6)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ from rich.table import Table
 
 from .cli import app, console, print_checks, user_errors
 
-BACKEND_HELP = "torch | triton | onnxruntime | tensorrt (torch, triton: a checkpoint; onnxruntime, tensorrt: an export)"
+BACKEND_HELP = ("torch | triton | onnxruntime | tensorrt (torch, triton: a checkpoint; onnxruntime, tensorrt: an "
+                "export). Default: onnxruntime for an export directory, torch for a checkpoint")
 PATH_HELP = "checkpoint directory (config.json) or export directory (manifest.json)"
 DEMO_ASSET = Path(__file__).resolve().parent / "assets" / "demo-memmamba"
 
@@ -20,7 +22,7 @@ DEMO_ASSET = Path(__file__).resolve().parent / "assets" / "demo-memmamba"
 @app.command()
 @user_errors
 def bench(path: Path = typer.Argument(..., help=PATH_HELP),
-          backend: str = typer.Option("torch", help=BACKEND_HELP),
+          backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
           contexts: str = typer.Option("1k,4k,16k,64k", help="context lengths to decode after (k = 1024 tokens)"),
           tokens: int = typer.Option(256, help="timed decode tokens per context"),
           batch: int = typer.Option(1, help="sequences decoded together"),
@@ -51,11 +53,12 @@ def generate(path: Path = typer.Argument(..., help=PATH_HELP),
                  None, help="prompt text, encoded as UTF-8 bytes (byte-level models, vocab 256, only); - reads it "
                             "from stdin"),
              ids: Optional[str] = typer.Option(None, help="prompt as comma-separated token ids (any vocabulary)"),
-             backend: str = typer.Option("torch", help=BACKEND_HELP),
+             backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
              device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when there is one)"),
              dtype: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16"),
              max_new_tokens: int = typer.Option(200, min=1, help="tokens to generate"),
-             temperature: float = typer.Option(0.7, help="0 = greedy"),
+             temperature: float = typer.Option(0.7, help="0 = greedy (Session.generate's default; this command "
+                                                          "samples by default)"),
              top_k: int = typer.Option(0, help="keep the k most likely tokens (0 = all)"),
              top_p: float = typer.Option(0.9, help="keep the smallest set with this much probability"),
              seed: Optional[int] = typer.Option(0, min=0, help="sampling seed (same seed, same text)"),
@@ -116,7 +119,7 @@ def demo(workdir: Path = typer.Option(Path("runs/demo"), help="where the export 
                         parse_contexts, results_table, run_bench, write_results)
     from .export import export_model
     from .models import MemMambaConfig, MemMambaLM
-    from .models.checkpoint import creatable_dir, save_pretrained
+    from .models.checkpoint import creatable_dir, save_pretrained, write_json
     from .parity import report_table, run_parity
     from .selfcheck import step_vs_forward
 
@@ -167,8 +170,9 @@ def demo(workdir: Path = typer.Option(Path("runs/demo"), help="where the export 
         def on_case(name, n):
             task = bar.add_task(f"parity {name}", total=n)
             return lambda: bar.advance(task)
-        report = run_parity(export_dir, "ort", steps=parity_steps, prompt_lens=(64,), batch=2, on_case=on_case)
+        report = run_parity(export_dir, "onnxruntime", steps=parity_steps, prompt_lens=(64,), batch=2, on_case=on_case)
     console.print(report_table(report))
+    write_json(workdir / "parity.json", report.to_dict())
     worst = max(c.step_logits_max_rel for c in report.cases)
     agree = min(c.greedy_agreement for c in report.cases)
     steps.append(("parity", f"max rel. error {worst:.1e} (tol {report.rtol:.0e}), greedy tokens "
@@ -207,6 +211,10 @@ def demo(workdir: Path = typer.Option(Path("runs/demo"), help="where the export 
     for stage, result, status in steps:
         table.add_row(stage, result, f"[{colour[status]}]{status}[/]")
     console.print(table)
+    write_json(workdir / "demo.json", {"checkpoint": str(checkpoint), "stages": [
+        {"stage": stage, "result": result, "status": status} for stage, result, status in steps],
+        "selfcheck": [{**dataclasses.asdict(r), "ok": r.ok} for r in rows]})
+    console.print(f"reports: {workdir / 'demo.json'}, {workdir / 'parity.json'}, {workdir / 'bench'}")
     raise typer.Exit(1 if any(s == "FAIL" for _, _, s in steps) else 0)
 
 

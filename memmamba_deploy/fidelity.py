@@ -77,14 +77,15 @@ def eclmf(hidden: list[torch.Tensor], mask: torch.Tensor | None = None, gaps=GAP
 @torch.no_grad()
 def reference_decisions(model, ids: torch.Tensor) -> dict:
     """The reference's threshold decisions on `ids` (from an empty state): per layer, which tokens enter the pool
-    (bool [L,B,T]), and the smallest margins of the three decisions: a − τ1, a − min π (taken only when a > τ1),
-    b − τ2 (the token-read trigger)."""
+    (bool [L,B,T]), and the smallest margins of the three decisions: a − τ1, a − min π (taken only when a > τ1;
+    exact ties, as a repeated token meeting its own earlier score, are counted apart), b − τ2 (the token-read
+    trigger)."""
     c = model.config
     if not c.memory:
-        return {"inserted": None, "margins": {}}
+        return {"inserted": None, "margins": {}, "ties": 0}
     hs = model.hidden_states(ids)
     tau1, tau2 = fp32(c.insert_threshold), fp32(c.read_threshold)
-    inserted, m_insert, m_replace, m_read = [], [], [], []
+    inserted, m_insert, m_replace, m_read, ties = [], [], [], [], 0
     for l, layer in enumerate(model.layers):
         u = layer.norm(hs[l])
         a, _ = layer.note(u)
@@ -101,14 +102,16 @@ def reference_decisions(model, ids: torch.Tensor) -> dict:
                        .reshape(before.shape), -1.0)
         over = a_np > tau1
         m_insert.append(np.abs(a_np - tau1).min())
-        if over.any():
-            m_replace.append(np.abs(a_np - pri.min(-1))[over].min())
+        gaps = np.abs(a_np - pri.min(-1))[over]
+        ties += int((gaps == 0).sum())                    # a repeated token meeting its own earlier score
+        if (gaps > 0).any():
+            m_replace.append(gaps[gaps > 0].min())
         b = torch.sigmoid(layer.token_attn.trigger(u).float()[..., 0]).cpu().numpy()
         m_read.append(np.abs(b - tau2).min())
     margins = {"insert (a vs tau1)": float(min(m_insert)), "read (b vs tau2)": float(min(m_read))}
     if m_replace:
         margins["replace (a vs min prio)"] = float(min(m_replace))
-    return {"inserted": torch.stack(inserted), "margins": margins}
+    return {"inserted": torch.stack(inserted), "margins": margins, "ties": ties}
 
 
 def state_priorities(state, backend=None) -> torch.Tensor | None:
@@ -139,6 +142,7 @@ class FidelityReport:
     insertion_flips: int | None   # None: the backend's state shows no priorities
     decisions: int
     margins: dict
+    replace_ties: int = 0     # a == min π exactly: decided alike wherever both values are computed alike
 
     @property
     def ok(self) -> bool:
@@ -187,4 +191,4 @@ def compare(model, backend, ids: torch.Tensor, mask: torch.Tensor | None = None,
             flips = int((be_inserted != decisions["inserted"]).sum())
     return FidelityReport(reference, ours, diff, tolerance, rel_err(be_logits, ref_logits),
                           int((be_logits.argmax(-1) != ref_logits.argmax(-1)).sum()), flips, n_decisions,
-                          decisions["margins"])
+                          decisions["margins"], decisions["ties"])

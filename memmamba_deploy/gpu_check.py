@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 STAGES = Path(__file__).resolve().parent.parent / "scripts" / "gpu_stages"
+GPU_CHECK_ENV = "MEMMAMBA_GPU_CHECK"          # set for the stages: their gpu tests may not skip (tests/conftest.py)
 
 
 # A stage runs in its own process group (a new session), so that a time-out kills what it started too (pytest, a
@@ -57,6 +58,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     only = {s for s in args.only.split(",") if s}
     skip = {s for s in args.skip.split(",") if s}
+    if not _cuda_visible():                 # every stage needs one: say so once instead of nine stages failing
+        print("no CUDA GPU is visible to torch here: the GPU checks need one (the CPU tests: python -m pytest -m "
+              "'not gpu')", file=sys.stderr)
+        return 2
     out = Path(os.environ.get("OUT", "runs/gpu"))
     out.mkdir(parents=True, exist_ok=True)
     summary: list[tuple[str, str, float, list[str]]] = []
@@ -95,11 +100,18 @@ def main(argv=None) -> int:
     return 0 if all(s == "ok" for _, s, _, _ in summary) else 1
 
 
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _run_stage(script: Path, out: Path, log, timeout: float, rows: list[str]) -> str:
     """Runs one stage; its "@@ " rows go to `rows` as they come. Returns its status."""
     try:
         proc = subprocess.Popen(["bash", "-c", WRAPPER, str(script)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "OUT": str(out)},
+                                stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "OUT": str(out), GPU_CHECK_ENV: "1"},
                                 start_new_session=True, preexec_fn=_die_with_parent)
     except OSError as e:
         return f"FAIL {e}"

@@ -155,8 +155,10 @@ class CaseResult:
     insert_decisions: int = 0
     insert_flips: int = 0
     flip_margins: list = dataclasses.field(default_factory=list)
-    min_insert_margin: float | None = None
-    min_read_margin: float | None = None
+    min_insert_margin: float | None = None  # the smallest non-zero one: an exact tie is counted in insert_ties
+    insert_ties: int = 0                    # decisions on an exact tie (a token's score equal to the priority it
+    min_read_margin: float | None = None    # meets, as a repeated token's often is): the same on both sides when
+                                            # both compute the two values alike; insert_flips says whether they did
     reads_within_radius: int = 0
     resyncs: int = 0
     failures: list = dataclasses.field(default_factory=list)
@@ -233,6 +235,10 @@ class _Decisions:
         self.r, self.rec, self.radius = r, rec, flip_radius
         self.tau1, self.tau2 = fp32(config.insert_threshold), fp32(config.read_threshold)
 
+    def _insert_margins(self, margins: torch.Tensor) -> None:
+        self.r.min_insert_margin = _min(self.r.min_insert_margin, margins[margins > 0])
+        self.r.insert_ties += int((margins == 0).sum())
+
     def reads(self, b: torch.Tensor) -> None:
         self.r.min_read_margin = _min(self.r.min_read_margin, (b - self.tau2).abs())
         self.r.reads_within_radius += int(((b - self.tau2).abs() <= self.radius).sum())
@@ -241,7 +247,7 @@ class _Decisions:
         """One token's decisions ([L,B,K] priorities before/after on each side); True when any flipped."""
         a, b = self.rec.take()
         margins = _insert_margins(a, ref_before, self.tau1)
-        self.r.min_insert_margin = _min(self.r.min_insert_margin, margins)
+        self._insert_margins(margins)
         self.reads(b)
         self.r.insert_decisions += margins.numel()
         flips = _inserted_slot(ref_before, ref_after) != _inserted_slot(got_before, got_after)
@@ -285,7 +291,7 @@ def compare(reference: MemMambaLM, backend, prompt: torch.Tensor, steps: int, rt
         ref_logits = ref_logits[:, -1].float().cpu()
         a, b = rec.take()
         if a is not None:
-            r.min_insert_margin = _min(None, (a - decisions.tau1).abs())
+            decisions._insert_margins((a - decisions.tau1).abs())
             decisions.reads(b)
         logits, state = backend.prefill(prompt, backend.new_state(B))
         logits = logits.float().cpu()
@@ -371,7 +377,7 @@ def _open_tensorrt(out: Path, manifest: dict, device: str):
     return TensorRTBackend.open(out)
 
 
-BACKENDS: dict[str, Callable[[Path, dict, str], Any]] = {      # by session.ALIASES' names ("ort" -> onnxruntime)
+BACKENDS: dict[str, Callable[[Path, dict, str], Any]] = {      # session.ALIASES too ("ort" -> onnxruntime)
     "onnxruntime": _open_ort,
     "torch": _open_torch,
     "triton": lambda out, manifest, device: _open_torch(out, manifest, device, kernels="triton"),
@@ -393,7 +399,7 @@ def parse_prompt(text: str, vocab_size: int | None = None, what: str = "--prompt
     return ids
 
 
-def run_parity(out, backend: str | Any = "ort", steps: int = 512, prompt_lens=(32,), prompts=(), batch: int = 2,
+def run_parity(out, backend: str | Any = "onnxruntime", steps: int = 512, prompt_lens=(32,), prompts=(), batch: int = 2,
                seed: int = 0, rtol: float | None = None, flip_radius: float | None = None, device: str = "cpu",
                resync: bool = True, on_case: Callable[[str, int], Callable[[], None]] | None = None) -> ParityReport:
     """Parity of an export directory's backend against its reference weights (OUT/reference, fp32).
@@ -474,6 +480,7 @@ def report_table(report: ParityReport):
         ("insert flips / decisions", "", lambda c: f"{c.insert_flips}/{c.insert_decisions}"),
         ("largest flip margin", f"{report.flip_radius:.0e}", lambda c: e(max(c.flip_margins, default=None))),
         ("smallest margin insert/read", "", lambda c: f"{e(c.min_insert_margin)}/{e(c.min_read_margin)}"),
+        ("exact ties (insert)", "", lambda c: str(c.insert_ties)),
         ("re-syncs after a flip", "", lambda c: str(c.resyncs)),
         ("verdict", "", lambda c: "[green]ok[/]" if c.ok else "[red]FAIL[/]"),
     ]

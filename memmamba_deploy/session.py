@@ -75,6 +75,9 @@ def inspect_path(path) -> Artifact:
         return Artifact(EXPORT, path, manifest, _carried_checkpoint(path, manifest))
     if (path / "config.json").is_file():
         return Artifact(CHECKPOINT, path, None, path)
+    if (path / "model" / "config.json").is_file():
+        raise ValueError(f"{path} has no config.json, but {path / 'model'} does: the checkpoint of a training run "
+                         f"is its model/ folder")
     raise ValueError(f"{path} is neither a checkpoint directory (config.json + model.safetensors) nor an export "
                      f"directory (manifest.json from `memdeploy export`)")
 
@@ -248,14 +251,20 @@ BACKENDS: dict[str, BackendSpec] = {s.name: s for s in (
 def backend_spec(name: str) -> BackendSpec:
     name = ALIASES.get(str(name).lower(), str(name).lower())
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKENDS)}")
+        raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKENDS)} (or {', '.join(ALIASES)})")
     return BACKENDS[name]
 
 
-def open_backend(path, backend: str = "torch", device: str | None = None, dtype=None, **options):
-    """Open `path` with the named backend. Checks that the path holds what the backend runs."""
-    spec = backend_spec(backend)
+def default_backend(path) -> str:
+    """The backend a path runs on when none is named: ONNX Runtime for an export directory (what was exported,
+    not the checkpoint copy it carries), PyTorch for a checkpoint."""
+    return "onnxruntime" if inspect_path(path).kind == EXPORT else "torch"
+
+
+def open_backend(path, backend: str | None = None, device: str | None = None, dtype=None, **options):
+    """Open `path` with the named backend (None: default_backend). Checks that the path holds what it runs."""
     art = inspect_path(path)
+    spec = backend_spec(backend if backend is not None else default_backend(path))
     if spec.needs == EXPORT and art.kind != EXPORT:
         raise ValueError(f"backend {spec.name!r} runs an export directory; {art.path} is a checkpoint: run "
                          f"`memdeploy export {art.path} -o OUT` and pass OUT")
@@ -306,9 +315,10 @@ class Session:
         self.reset()
 
     @classmethod
-    def open(cls, path, backend: str = "torch", device: str | None = None, dtype=None, **options) -> "Session":
+    def open(cls, path, backend: str | None = None, device: str | None = None, dtype=None, **options) -> "Session":
         """path: a checkpoint directory (torch, triton) or an export directory (onnxruntime, tensorrt; torch
-        and triton also accept an export that carries its checkpoint). options go to the backend."""
+        and triton also accept an export that carries its checkpoint). backend None: onnxruntime for an export,
+        torch for a checkpoint. options go to the backend."""
         return cls(open_backend(path, backend, device, dtype, **options))
 
     # ---- state ----------------------------------------------------------------------------------------------

@@ -210,14 +210,24 @@ def write_json(path, data) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def _save_weights(tensors: dict, path: Path, meta: dict) -> None:
+    """safetensors' save_file, with its write failures (a full disk, a quota) as the OSError they are: safetensors
+    raises its own SafetensorError, which callers would not take for a file-system error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=meta)
+    except SafetensorError as e:
+        raise OSError(f"could not write {path}: {e}") from None
+
+
 def save_pretrained(model, directory, force: bool = False) -> None:
     """Write `directory`/config.json and model.safetensors. A new directory appears whole in one rename. Into an
     existing one both files are written beside their final names, then renamed over them back to back, the
     weights first, with Ctrl-C and SIGTERM held between: other files there are left alone, as Hugging Face's
     save_pretrained leaves them. force=False refuses a non-empty directory (memdeploy init without --force).
     Weights that are NaN or infinite are refused before anything is written (load_pretrained would refuse them)."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     for k, v in tensors.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
@@ -230,7 +240,7 @@ def save_pretrained(model, directory, force: bool = False) -> None:
     if not directory.exists():
         with atomic_directory(directory) as tmp:                 # a new folder appears whole
             (tmp / CONFIG_NAME).write_text(model.config.to_json())
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
+            _save_weights(tensors, tmp / WEIGHTS_NAME, meta)
         return
     if not force and any(directory.iterdir()):
         raise FileExistsError(f"{directory} is not empty (use --force to overwrite)")
@@ -241,7 +251,7 @@ def save_pretrained(model, directory, force: bool = False) -> None:
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory)
             os.close(fd)
             temps.append(Path(tmp))
-        save_file(tensors, str(temps[0]), metadata=meta)
+        _save_weights(tensors, temps[0], meta)
         temps[1].write_text(model.config.to_json())
         for t in temps:
             usual_permissions(t)
@@ -253,8 +263,12 @@ def save_pretrained(model, directory, force: bool = False) -> None:
             t.unlink(missing_ok=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding as Ctrl-C does (terminate_as_interrupt); a command exits 143 for it, 130 for Ctrl-C."""
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 @contextmanager
@@ -331,15 +345,20 @@ def read_config(directory) -> MemMambaConfig:
 def _config(directory: Path) -> tuple[MemMambaConfig, dict]:
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoint directory at {directory}")
+    if not (directory / CONFIG_NAME).exists() and (directory / "model" / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{directory} has no {CONFIG_NAME}, but {directory / 'model'} does: the checkpoint "
+                              f"of a training run is its model/ folder")
     raw = _read_json(directory / CONFIG_NAME)
     if _is_hf_mamba(raw):
         return hf_mamba_config(raw), raw
     if "architecture" not in raw:
         raise CheckpointError(f"{directory / CONFIG_NAME}: unknown architecture (no 'architecture' key, and not "
                               f"a Hugging Face Mamba config); expected architecture {ARCHITECTURE!r}")
-    missing = sorted({f.name for f in dataclasses.fields(MemMambaConfig)} - set(raw))
+    known = {f.name for f in dataclasses.fields(MemMambaConfig)}
+    missing, unknown = sorted(known - set(raw)), sorted(set(raw) - known)
     if missing:                             # a default would pass unseen: pool_size has no weights to disagree
-        raise CheckpointError(f"{directory / CONFIG_NAME} lacks {missing} (a checkpoint names every field)")
+        typo = f"; it has unknown key(s) {unknown} (a misspelling?)" if unknown else ""
+        raise CheckpointError(f"{directory / CONFIG_NAME} lacks {missing} (a checkpoint names every field){typo}")
     try:
         return MemMambaConfig.from_dict(raw), raw
     except ValueError as e:

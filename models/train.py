@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import (atomic_directory, atomic_file, creatable_dir, recover_directory, save_pretrained,
-                         terminate_as_interrupt, write_json)
+                         Terminated, terminate_as_interrupt, write_json)
 from .config import PRESETS, MemMambaConfig
 from .data import make_batch, passkey_min_length, stdlib_text
 from .memmamba import MemMambaLM, State
@@ -413,6 +413,33 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False) 
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
+OPTION_HELP = {
+    "out": "run folder: DIR/model is the checkpoint, DIR/last the resumable state",
+    "preset": "model size: demo | tiny | 130m (spec §1); --set changes single fields",
+    "init_from": "start from this checkpoint (ours, or Hugging Face Mamba with --no-memory); its config is the model's",
+    "seed": "seed of the initialisation and the data",
+    "steps": "optimizer steps",
+    "max_seconds": "> 0: also end after this much training time, the schedule following the clock",
+    "curriculum": "LENGTHxBATCH phases, each an equal share of the steps",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "the cosine schedule's floor, as a share of --lr",
+    "warmup": "linear warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "gradient norm clip",
+    "text_fraction": "share of rows that are Python source windows (the rest: passkey prompts)",
+    "text_bytes": "bytes of Python source read for those windows",
+    "text_dir": "folder of .py files for them (empty: this Python's standard library)",
+    "answer_weight": "loss weight of the passkey answer's digits",
+    "note_weight": "weight of the Note Block's score target (memory only)",
+    "swap_fraction": "share of state-swap batches (-1: 0.5 with memory, 0 without)",
+    "kernels": "auto | torch | triton",
+    "device": "auto | cpu | cuda",
+    "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32",
+    "save_every": "steps between resumable saves to DIR/last",
+    "log_every": "steps between log lines",
+}
+
+
 def parse_args(argv=None) -> TrainConfig:
     ap = argparse.ArgumentParser(prog="python -m memmamba_deploy.models.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -421,7 +448,8 @@ def parse_args(argv=None) -> TrainConfig:
         if f.name in ("model", "memory"):
             continue
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
-                        default=getattr(defaults, f.name), metavar=f.name.upper())
+                        default=getattr(defaults, f.name), metavar=f.name.upper(),
+                        help=f"{OPTION_HELP[f.name]} (default: %(default)r)")
     ap.add_argument("--no-memory", action="store_true", help="train the plain-Mamba twin (spec §1 memory=False)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a model config field, e.g. --set d_model=64 (JSON values)")
@@ -448,10 +476,10 @@ def main(argv=None) -> int:
     except (ValueError, OSError, ImportError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted: run the same command again to resume from the last checkpoint (--save-every)",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     print(json.dumps(summary))
     return 0
 

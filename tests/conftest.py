@@ -26,6 +26,18 @@ def run_interpreted(test_file: str, timeout: float = 900) -> None:
                          capture_output=True, text=True, env=env, cwd=here.parent.parent, timeout=timeout)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Inside scripts/gpu_check.sh (MEMMAMBA_GPU_CHECK set) a gpu test that skips fails: the check is there to run
+    them, and a broken CUDA setup must not read as ok."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("MEMMAMBA_GPU_CHECK") and item.get_closest_marker("gpu"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped inside the GPU check, where every gpu test must run: {reason}"
+
+
 # Tiny shapes keep the CPU suite inside CI's budget; fp32 throughout unless a test says otherwise.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

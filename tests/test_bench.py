@@ -204,7 +204,11 @@ def test_demo_runs_the_main_job(tmp_path):
     data = json.loads((tmp_path / "demo" / "bench" / "bench.json").read_text())
     assert data["meta"]["contexts"] == [32, 64] and set(data["models"]) == {"memmamba", "kv_baseline"}
     if not torch.cuda.is_available():
-        assert data["meta"]["backend"] in ("ort", "onnxruntime")
+        assert data["meta"]["backend"] == "onnxruntime"
+    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())          # the reports README promises
+    assert [s["stage"] for s in summary["stages"]][:5] == ["checkpoint", "self-check", "export", "parity", "bench"]
+    assert summary["selfcheck"] and all(r["ok"] for r in summary["selfcheck"])
+    assert json.loads((tmp_path / "demo" / "parity.json").read_text())["ok"]
 
 
 def test_noise_note_flags_spread_timings_only():

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,13 +146,17 @@ def test_a_failed_save_into_a_folder_leaves_it_as_it_was(tmp_path, tiny, monkeyp
     make_model(3).save_pretrained(tmp_path / "ck")
     before = {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()}
 
-    def full(tensors, path, metadata=None):
-        raise OSError(28, "No space left on device")
+    def full(tensors, path, metadata=None):           # what safetensors raises on a full disk: not an OSError
+        from safetensors import SafetensorError
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
 
     monkeypatch.setattr("safetensors.torch.save_file", full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="could not write .*No space"):
         checkpoint.save_pretrained(tiny, tmp_path / "ck", force=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == before    # no temporaries either
+    result = CliRunner().invoke(app, ["init", str(tmp_path / "new")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "could not write" in result.output and not (tmp_path / "new").exists()
 
 
 def test_written_files_get_the_usual_modes(tmp_path, tiny):
@@ -398,6 +403,28 @@ def test_sigterm_unwinds_a_verb_like_ctrl_c():
         signal.sigtimedwait([], 0.1) if hasattr(signal, "sigtimedwait") else None
 
 
+@pytest.mark.parametrize("signame, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_a_signal_mid_verb_is_one_line_and_the_usual_exit_code(tmp_path, signame, code, word):
+    """memdeploy init with the write slowed down, signalled half way: one line, 130 / 143, nothing left."""
+    import signal
+
+    script = (f"import sys, time, safetensors.torch as st\n"
+              f"save = st.save_file\n"
+              f"st.save_file = lambda *a, **k: (time.sleep(30), save(*a, **k))\n"
+              f"from memmamba_deploy.cli import app\n"
+              f"sys.argv = ['memdeploy', 'init', {str(tmp_path / 'ck')!r}]\n"
+              f"app()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".ck.tmp-*")) and time.time() < deadline:    # inside the write
+        time.sleep(0.1)
+    proc.send_signal(getattr(signal, signame))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, (out, err)
+    assert err.strip().startswith(word) and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not list(tmp_path.iterdir())                                          # nothing half-written
+
+
 def test_a_config_lacking_a_field_is_refused(tmp_path, tiny):
     tiny.save_pretrained(tmp_path / "ck")
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
@@ -405,6 +432,16 @@ def test_a_config_lacking_a_field_is_refused(tmp_path, tiny):
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"lacks \['pool_size'\]"):
         MemMambaLM.from_pretrained(tmp_path / "ck")
+    cfg["pool_szie"] = 8
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"lacks \['pool_size'\].*unknown key\(s\) \['pool_szie'\]"):
+        MemMambaLM.from_pretrained(tmp_path / "ck")
+
+
+def test_a_training_run_folder_points_to_its_model(tmp_path, tiny):
+    tiny.save_pretrained(tmp_path / "run" / "model")
+    with pytest.raises(CheckpointError, match="the checkpoint of a training run is its model/ folder"):
+        MemMambaLM.from_pretrained(tmp_path / "run")
 
 
 def test_a_value_the_cast_overflows_is_named(tmp_path, tiny):

@@ -1,8 +1,39 @@
 """The GPU check driver (memmamba_deploy/gpu_check.py) on the CPU: stage order, summary rows, failures, and a
 time-out or a SIGTERM to the driver that kills what the stage started, not only its shell."""
+import os
+import subprocess
+import sys
 import time
 
+import pytest
+
 from memmamba_deploy import gpu_check
+
+
+@pytest.fixture(autouse=True)
+def a_gpu_machine(monkeypatch):
+    """The driver refuses to start without a CUDA GPU; these tests play one."""
+    monkeypatch.setattr(gpu_check, "_cuda_visible", lambda: True)
+
+
+def test_without_a_gpu_it_stops_at_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "_cuda_visible", lambda: False)
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert gpu_check.main([]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_gpu_test_that_skips_inside_the_check_fails(tmp_path):
+    """tests/conftest.py: inside the check (MEMMAMBA_GPU_CHECK) a skipped gpu test is a failure, else a skip."""
+    test = tmp_path / "test_skips.py"
+    test.write_text("import pytest\n\n@pytest.mark.gpu\ndef test_needs_a_gpu():\n    pytest.skip('needs a CUDA GPU')\n")
+    conftest = os.path.join(os.path.dirname(__file__), "conftest.py")
+    (tmp_path / "conftest.py").write_text(open(conftest).read())
+    run = lambda env: subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],  # noqa: E731
+                                     capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env})
+    inside, outside = run({gpu_check.GPU_CHECK_ENV: "1"}), run({gpu_check.GPU_CHECK_ENV: ""})
+    assert inside.returncode == 1 and "skipped inside the GPU check" in inside.stdout, inside.stdout[-2000:]
+    assert outside.returncode == 0 and "1 skipped" in outside.stdout, outside.stdout[-2000:]
 
 
 def stage(dir_, name, body):
@@ -51,10 +82,6 @@ def _gone(pid: int) -> bool:
 def _driver_on_a_hanging_stage(tmp_path):
     """The driver in a child process: a stage that prints a row, then one that hangs. Returns (driver, the hanging
     stage's pid)."""
-    import os
-    import subprocess
-    import sys
-
     stages = tmp_path / "stages"
     stages.mkdir()
     pidfile = tmp_path / "pid"
@@ -63,7 +90,8 @@ def _driver_on_a_hanging_stage(tmp_path):
                              "open(os.environ[\"PIDFILE\"], \"w\").write(str(os.getpid())); time.sleep(60)'")
     driver = subprocess.Popen(
         [sys.executable, "-c", f"import sys; from pathlib import Path; from memmamba_deploy import gpu_check; "
-                               f"gpu_check.STAGES = Path({str(stages)!r}); sys.exit(gpu_check.main([]))"],
+                               f"gpu_check.STAGES = Path({str(stages)!r}); gpu_check._cuda_visible = lambda: True; "
+                               f"sys.exit(gpu_check.main([]))"],
         env={**os.environ, "OUT": str(tmp_path / "out"), "PIDFILE": str(pidfile)}, stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 20
     while not (pidfile.exists() and pidfile.read_text()) and time.time() < deadline:

@@ -29,11 +29,11 @@ def test_cli_parity_prints_a_table_and_writes_json(tiny_export, tmp_path):
     result = CliRunner().invoke(app, ["parity", str(out), "--steps", "24", "--prompt-len", "12", "--prompt",
                                       "1,2,3,4", "--json", str(report)], terminal_width=160)
     assert result.exit_code == 0, result.output
-    for text in ("ort vs PyTorch reference", "decode logits, max rel", "greedy tokens agree", "insert flips",
+    for text in ("onnxruntime vs PyTorch reference", "decode logits, max rel", "greedy tokens agree", "insert flips",
                  "random T=12 x2", "prompt 1 T=4 x1"):
         assert text in result.output
     data = json.loads(report.read_text())
-    assert data["ok"] and data["backend"] == "ort" and data["rtol"] == 1e-4
+    assert data["ok"] and data["backend"] == "onnxruntime" and data["rtol"] == 1e-4
     assert [c["name"] for c in data["cases"]] == ["random T=12", "prompt 1 T=4"]
     case = data["cases"][0]
     assert len(case["step_logits_rel"]) == 24 and case["greedy_agreement"] == 1.0
@@ -73,6 +73,19 @@ def test_torch_backend_is_exact(tiny_export):
     case = report.cases[0]
     assert report.ok and case.prefill_logits_rel == 0 and case.step_logits_max_rel == 0
     assert case.insert_flips == 0 and all(v == 0 for v in case.final_state_rel.values())
+
+
+def test_exact_ties_are_counted_apart_from_the_smallest_margin():
+    """A score equal to the priority it meets (a repeated token's, often) is a tie, not a margin of 0."""
+    from conftest import make_model
+    from memmamba_deploy.parity import CaseResult, _Decisions, _insert_margins
+
+    r = CaseResult(name="t", batch=1, prompt_len=1, steps=0)
+    d = _Decisions(r, rec=None, config=make_model().config, flip_radius=1e-3)
+    a = torch.tensor([[0.9], [0.8]])                                     # [L=2, B=1]
+    prio = torch.tensor([[[0.9, 0.95]], [[0.7, 0.75]]])                  # layer 0: a ties the least priority
+    d._insert_margins(_insert_margins(a, prio, d.tau1))
+    assert r.insert_ties == 1 and r.min_insert_margin == pytest.approx(0.05)
 
 
 # ---- wrong backends must fail ----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Session API (memmamba_deploy/session.py) and `memdeploy generate`: same tokens as the model itself, on every CPU
 backend; fork() and threads keep states apart; bad paths, backends and inputs give one clear error."""
 import json
+import shutil
 import threading
 
 import pytest
@@ -209,6 +210,12 @@ def test_threads_decoding_at_once_match_single_thread_onnxruntime(model, export_
 
 
 # ---- clear errors ----------------------------------------------------------------------------------------------------
+def test_an_export_runs_on_onnxruntime_and_a_checkpoint_on_torch_unless_told(checkpoint, export_dir):
+    assert Session.open(export_dir).backend.name == "onnxruntime"      # what was exported, not its checkpoint copy
+    assert Session.open(checkpoint).backend.name == "torch"
+    assert Session.open(export_dir, backend="torch").backend.name == "torch"
+
+
 def test_bad_paths_and_backends_give_clear_errors(checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such directory"):
         Session.open(tmp_path / "missing")
@@ -218,6 +225,9 @@ def test_bad_paths_and_backends_give_clear_errors(checkpoint, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither a checkpoint directory"):
         Session.open(tmp_path / "empty")
+    shutil.copytree(checkpoint, tmp_path / "run" / "model")
+    with pytest.raises(ValueError, match="the checkpoint of a training run is its model/ folder"):
+        Session.open(tmp_path / "run")
     with pytest.raises(ValueError, match="unknown backend 'tvm'"):
         Session.open(checkpoint, backend="tvm")
     with pytest.raises(ValueError, match="runs an export directory.*memdeploy export"):

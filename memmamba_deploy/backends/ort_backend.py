@@ -49,7 +49,7 @@ def _default_providers() -> list[str]:
 class OrtBackend:
     """Backend protocol (backends/base.py) over ONNX Runtime."""
 
-    name = "ort"
+    name = "onnxruntime"
 
     def __init__(self, out, providers: list[str] | None = None, threads: int | None = None, verify: bool = True):
         import onnxruntime as ort
