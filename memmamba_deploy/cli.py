@@ -32,8 +32,8 @@ def user_errors(fn):
             from .models.checkpoint import Terminated
 
             term = isinstance(e, Terminated)
-            err_console.print(f"[bold red]{'terminated' if term else 'interrupted'}:[/] stopped; what it writes "
-                              f"is written whole or not at all")
+            err_console.print(f"[bold red]{'terminated' if term else 'interrupted'}:[/] stopped; files it writes "
+                              f"appear whole or not at all")
             raise typer.Exit(143 if term else 130) from None
         except BrokenPipeError:             # `memdeploy generate ... | head`: the reader left; end quietly, as
             devnull = os.open(os.devnull, os.O_WRONLY)    # Unix tools do (128 + SIGPIPE), without the flush error

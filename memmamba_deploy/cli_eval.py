@@ -210,7 +210,8 @@ def print_fidelity(report, title: str) -> None:
     for name, m in report.margins.items():
         decisions.add_row(f"smallest margin, {name}", f"{m:.1e}")
     if report.margins:
-        decisions.add_row("exact ties, a = min prio (a repeated token meets its own score)", str(report.replace_ties))
+        decisions.add_row("exact ties (insert): a = min prio, as a repeated token meets its own score",
+                          str(report.replace_ties))
     console.print(decisions)
     console.print("[dim]* a backend exposes no hidden states: ECLMF is the PyTorch model's on the same inputs; the "
                   "decisions above are what could make the backend's memory differ. ECLMF n/a: needs more than G "

@@ -103,7 +103,8 @@ def reference_decisions(model, ids: torch.Tensor) -> dict:
         over = a_np > tau1
         m_insert.append(np.abs(a_np - tau1).min())
         gaps = np.abs(a_np - pri.min(-1))[over]
-        ties += int((gaps == 0).sum())                    # a repeated token meeting its own earlier score
+        ties += int((gaps == 0).sum())                    # a repeated token meeting its own earlier score (as
+                                                          # parity's "exact ties (insert)")
         if (gaps > 0).any():
             m_replace.append(gaps[gaps > 0].min())
         b = torch.sigmoid(layer.token_attn.trigger(u).float()[..., 0]).cpu().numpy()

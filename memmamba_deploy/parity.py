@@ -121,17 +121,20 @@ def _inserted_slot(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 1, torch.full_like(n, -2), slot)
 
 
-def _insert_margins(a: torch.Tensor, prio_before: torch.Tensor, tau1: float) -> torch.Tensor:
+def _insert_margins(a: torch.Tensor, prio_before: torch.Tensor, tau1: float):
     """[L,B] distance of each insert decision from flipping: |a - τ1|; when a clears τ1 also |a - π[j]| (j the
-    argmin slot) and, when the token is taken, the gap between the two lowest priorities (which slot it evicts)."""
+    argmin slot) and, when the token is taken, the gap between the two lowest priorities (which slot it evicts).
+    Also [L,B] ties: a == π[j] exactly (a token meeting its own earlier score, as a repeated token's often is in
+    a layer that sees only the token); their distance is 0."""
     m = (a - tau1).abs()
     low = prio_before.topk(min(2, prio_before.shape[-1]), dim=-1, largest=False).values
     above = a > tau1
+    tie = above & (a == low[..., 0])
     m = torch.where(above, torch.minimum(m, (a - low[..., 0]).abs()), m)
     if low.shape[-1] == 2:
         taken = above & (a > low[..., 0]) & (low[..., 1] >= 0)      # two empty slots are interchangeable
         m = torch.where(taken, torch.minimum(m, low[..., 1] - low[..., 0]), m)
-    return m
+    return m, tie
 
 
 # ---- results ---------------------------------------------------------------------------------------------------------
@@ -155,7 +158,7 @@ class CaseResult:
     insert_decisions: int = 0
     insert_flips: int = 0
     flip_margins: list = dataclasses.field(default_factory=list)
-    min_insert_margin: float | None = None  # the smallest non-zero one: an exact tie is counted in insert_ties
+    min_insert_margin: float | None = None  # ties (below) left out of its a-vs-priority distance
     insert_ties: int = 0                    # decisions on an exact tie (a token's score equal to the priority it
     min_read_margin: float | None = None    # meets, as a repeated token's often is): the same on both sides when
                                             # both compute the two values alike; insert_flips says whether they did
@@ -235,9 +238,6 @@ class _Decisions:
         self.r, self.rec, self.radius = r, rec, flip_radius
         self.tau1, self.tau2 = fp32(config.insert_threshold), fp32(config.read_threshold)
 
-    def _insert_margins(self, margins: torch.Tensor) -> None:
-        self.r.min_insert_margin = _min(self.r.min_insert_margin, margins[margins > 0])
-        self.r.insert_ties += int((margins == 0).sum())
 
     def reads(self, b: torch.Tensor) -> None:
         self.r.min_read_margin = _min(self.r.min_read_margin, (b - self.tau2).abs())
@@ -246,8 +246,10 @@ class _Decisions:
     def token(self, ref_before, ref_after, got_before, got_after) -> bool:
         """One token's decisions ([L,B,K] priorities before/after on each side); True when any flipped."""
         a, b = self.rec.take()
-        margins = _insert_margins(a, ref_before, self.tau1)
-        self._insert_margins(margins)
+        margins, tie = _insert_margins(a, ref_before, self.tau1)
+        # a tie is reported apart: its 0 would pin the smallest margin (flips are still judged by the full one)
+        self.r.min_insert_margin = _min(self.r.min_insert_margin, torch.where(tie, (a - self.tau1).abs(), margins))
+        self.r.insert_ties += int(tie.sum())
         self.reads(b)
         self.r.insert_decisions += margins.numel()
         flips = _inserted_slot(ref_before, ref_after) != _inserted_slot(got_before, got_after)
@@ -291,7 +293,7 @@ def compare(reference: MemMambaLM, backend, prompt: torch.Tensor, steps: int, rt
         ref_logits = ref_logits[:, -1].float().cpu()
         a, b = rec.take()
         if a is not None:
-            decisions._insert_margins((a - decisions.tau1).abs())
+            r.min_insert_margin = _min(None, (a - decisions.tau1).abs())
             decisions.reads(b)
         logits, state = backend.prefill(prompt, backend.new_state(B))
         logits = logits.float().cpu()

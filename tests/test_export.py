@@ -218,20 +218,22 @@ def test_decode_pool_insert_takes_the_first_least_slot():
     onnx.checker.check_model(model, full_check=True)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     tau = model_cfg.insert_threshold
-    prio = torch.full((6, K), -1.0)
+    prio = torch.full((8, K), -1.0)
     prio[1, : K // 2] = 0.9                         # the first empty slot is K // 2
     prio[2] = 0.7                                    # all tied: slot 0
     prio[3, 1::2] = 0.6                              # tied minima at 1, 3, ...: slot 1
     prio[3, 0::2] = 0.8
     prio[4] = torch.linspace(0.95, 0.9, K)          # the least is the last slot
-    prio[5] = 0.7
-    a = torch.tensor([0.99, 0.95, 0.75, tau, 0.91, 0.65])     # row 3 exactly tau: never; row 5 below the least
-    pool, s = torch.randn(6, K, ds), torch.randn(6, ds)
+    prio[5] = 0.7                                    # row 5: a below the least; row 6: a exactly tau, empty pool
+    prio[7] = 0.7                                    # row 7: a equal to the least (strict >): kept out
+    a = torch.tensor([0.99, 0.95, 0.75, 0.7, 0.91, 0.65, tau, 0.7])
+    pool, s = torch.randn(8, K, ds), torch.randn(8, ds)
     got_pool, got_prio = sess.run(None, dict(pool=pool.numpy(), prio=prio.numpy(), a=a.numpy(), s=s.numpy()))
     want_pool, want_prio = pool_ops.pool_insert_ref(pool, prio, a, s, tau)
     np.testing.assert_array_equal(got_prio, want_prio.numpy())
     np.testing.assert_array_equal(got_pool, want_pool.numpy())
-    assert (want_prio != prio).sum(1).tolist() == [1, 1, 1, 0, 1, 0]   # the cases above do what they say
+    assert (want_prio != prio).sum(1).tolist() == [1, 1, 1, 1, 1, 0, 0, 0]   # the cases do what they say
+    assert want_prio[3, 1] == 0.7 and want_prio[1, K // 2] == 0.95
 
 
 @pytest.mark.parametrize("act", [FLOAT, FLOAT16])

@@ -78,14 +78,15 @@ def test_torch_backend_is_exact(tiny_export):
 def test_exact_ties_are_counted_apart_from_the_smallest_margin():
     """A score equal to the priority it meets (a repeated token's, often) is a tie, not a margin of 0."""
     from conftest import make_model
-    from memmamba_deploy.parity import CaseResult, _Decisions, _insert_margins
+    from memmamba_deploy.parity import _insert_margins
 
-    r = CaseResult(name="t", batch=1, prompt_len=1, steps=0)
-    d = _Decisions(r, rec=None, config=make_model().config, flip_radius=1e-3)
-    a = torch.tensor([[0.9], [0.8]])                                     # [L=2, B=1]
-    prio = torch.tensor([[[0.9, 0.95]], [[0.7, 0.75]]])                  # layer 0: a ties the least priority
-    d._insert_margins(_insert_margins(a, prio, d.tau1))
-    assert r.insert_ties == 1 and r.min_insert_margin == pytest.approx(0.05)
+    tau1 = make_model().config.insert_threshold
+    a = torch.tensor([[0.9], [0.8], [tau1], [0.9]])                      # [L=4, B=1]
+    prio = torch.tensor([[[0.9, 0.95]], [[0.7, 0.75]], [[-1.0, -1.0]], [[0.7, 0.7]]])
+    margins, tie = _insert_margins(a, prio, tau1)
+    assert tie[:, 0].tolist() == [True, False, False, False]             # only a == the least priority is a tie
+    assert margins[:, 0].tolist() == pytest.approx([0.0, 0.05, 0.0, 0.0])   # at τ1, and two equal least slots: 0
+    assert torch.where(tie, (a - tau1).abs(), margins)[0, 0] == pytest.approx(0.9 - tau1)
 
 
 # ---- wrong backends must fail ----------------------------------------------------------------------------------------

@@ -158,13 +158,16 @@ def test_the_plugin_library_is_loaded_once_a_process(tmp_path):
         trt_backend.load_plugins(trt, other, logger=None)
 
 
-def test_plugins_registered_by_someone_else_are_named(monkeypatch, tmp_path):
+def test_plugins_registered_by_someone_else_are_used(monkeypatch, tmp_path):
     registry = _Registry()
     registry.load_library("loaded by the application")
     lib = tmp_path / "libmemmamba_plugins.so"
     lib.write_bytes(b"stand-in")
+    trt = types.SimpleNamespace(get_plugin_registry=lambda: registry)
+    assert trt_backend.load_plugins(trt, lib, logger=None) is None and registry.loads == ["loaded by the application"]
+    registry.creators = {"SelectiveScanChunk"}                 # some, not all: another library's, refused by name
     with pytest.raises(ValueError, match="registered in this process already, not from .*libmemmamba_plugins.so"):
-        trt_backend.load_plugins(types.SimpleNamespace(get_plugin_registry=lambda: registry), lib, logger=None)
+        trt_backend.load_plugins(trt, lib, logger=None)
 
 
 # ---- the engine build's file handling, with a stand-in TensorRT that "builds" any graph into its name's bytes --------

@@ -112,7 +112,7 @@ std::vector<int32_t> Session::sample(SamplingParams const& params)
     std::vector<int32_t> out(batch());
     backend_->copyNextAsync(0);
     backend_->waitNext(0, out.data());
-    ++draws_;
+    draws_ += params.temperature > 0 ? 1 : 0;     // greedy takes no draw (as Python's sampler)
     return out;
 }
 
@@ -139,7 +139,8 @@ std::vector<std::vector<int32_t>> Session::generate(int maxNewTokens, SamplingPa
     int launched = -1;              // the last token whose feeding step was launched
     int returned = -1;              // the last token handed to the caller (pending_)
     auto settle = [&] {
-        draws_ += static_cast<uint32_t>(returned + 1);  // the tokens handed out; draws past them are not kept
+        if (params.temperature > 0)   // the tokens handed out, drawn (greedy takes no draw); later draws are not kept
+            draws_ += static_cast<uint32_t>(returned + 1);
         if (launched >= 0 && launched >= returned)
         {
             backend_->synchronize();

@@ -73,6 +73,8 @@ void loadPluginsOnce(nvinfer1::IPluginRegistry& registry, std::string const& pat
         throw Error("this process loaded the plugin library " + loaded + " already; TensorRT holds one per process, "
             "so " + path + " cannot be loaded beside it (open every TensorRT session with the same library)");
     }
+    if (registry.getCreator("SelectiveScanChunk", "1", "")) // the application registered the plugins itself
+        return;
     if (!registry.loadLibrary(path.c_str()))
         throw Error("TensorRT could not load the plugin library " + path + ": " + logger.last());
     loaded = key;
@@ -383,9 +385,11 @@ public:
     }
     void setStream(uint64_t seed, uint32_t step) override
     {
-        synchronize();          // the stream's earlier draws have read the old values
+        DeviceGuard onDevice(opt_.device);
         uint32_t rng[4] = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), step, 0};
-        MM_CUDA(cudaMemcpy(rng_.get(), rng, sizeof(rng), cudaMemcpyHostToDevice));
+        // on the session's stream, after its earlier draws; synchronized before rng leaves scope
+        MM_CUDA(cudaMemcpyAsync(rng_.get(), rng, sizeof(rng), cudaMemcpyHostToDevice, stream_));
+        MM_CUDA(cudaStreamSynchronize(stream_));
     }
     std::unique_ptr<Backend> fork() const override
     {

@@ -64,7 +64,8 @@ _LOADED: dict[Path, Any] = {}
 
 def load_plugins(trt, library: str | Path, logger) -> Any:
     """Load the plugin library into TensorRT's registry (once a process) and check that every memmamba op is
-    registered."""
+    registered. Where the process holds every memmamba plugin already (loaded by the application, or by a C++
+    session), those are used and None is returned."""
     from ..export.contract import CUSTOM_OPS, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
     library = Path(library)
@@ -78,6 +79,8 @@ def load_plugins(trt, library: str | Path, logger) -> Any:
             raise ValueError(f"this process loaded the plugin library {next(iter(_LOADED))} already; TensorRT holds "
                              f"one per process, so {library} cannot be loaded beside it (use the same library)")
         registered = [n for n in CUSTOM_OPS if registry.get_creator(n, PLUGIN_VERSION, PLUGIN_NAMESPACE) is not None]
+        if len(registered) == len(CUSTOM_OPS):         # the application (or a C++ session) registered them: use those
+            return None
         if registered:
             raise ValueError(f"the plugin(s) {registered} are registered in this process already, not from {library}: "
                              f"TensorRT cannot load a library whose plugins it holds (load only {library})")

@@ -221,15 +221,18 @@ def test_the_sampling_stream_steps_once_per_token_handed_out(build, checkpoints)
 
     def fresh(pieces=1):
         s = NativeSession(build, ckpt, dtype="fp32", batch=2)
+        s.reseed(77)                                                   # before the prompt: its draws do not count
         for piece in prompt.chunk(pieces, 1):
             s.prefill(piece)
-        s.reseed(77)
         return s
 
     whole = fresh().generate(12, temperature=1.0)
     split = fresh()
     assert torch.equal(torch.cat([split.generate(5, temperature=1.0), split.generate(7, temperature=1.0)], 1), whole)
     assert torch.equal(fresh(2).generate(12, temperature=1.0), whole)
+    greedy_first = fresh()
+    greedy_first.sample(0.0)                                           # a greedy token takes no step of the stream
+    assert torch.equal(greedy_first.generate(12, temperature=1.0), whole)
     stopped = fresh()
     first = stopped.generate(12, temperature=1.0, stop=whole[:, 3].tolist())      # both rows stop by token 3
     assert first.shape[1] <= 4 and torch.equal(first, whole[:, :first.shape[1]])

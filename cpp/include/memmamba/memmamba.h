@@ -155,8 +155,8 @@ public:
 
     void reset();                   //!< the empty state (State.zeros); no logits until the next token (the
                                     //!< sampling stream goes on: reseed restarts it)
-    //! Restart the sampling stream: (seed, step 0). The stream takes one step per token handed out by sample() or
-    //! generate() (all rows at once), and only then, so generate(8) draws what generate(4) twice does, and the same
+    //! Restart the sampling stream: (seed, step 0). The stream takes one step per sampled token handed out by
+    //! sample() or generate() (all rows at once; greedy tokens take none), and only then, so generate(8) draws what generate(4) twice does, and the same
     //! seed, prompt and calls give the same tokens. (Python's Session draws with torch's generator instead: the
     //! two runtimes agree on greedy tokens, not on sampled ones.)
     void reseed(uint64_t seed);

@@ -648,7 +648,7 @@ def scan_chunk_plan(B: int, T: int, Di: int, N: int) -> tuple[int, int]:
 
 
 def scan_workspace_bytes(B: int, T: int, Di: int, N: int) -> int:
-    """fp32 scratch that scan_chunk_plan's three passes need at most for any batch <= B and tokens <= T: chunk
+    """fp32 scratch enough for scan_chunk_plan's three passes at any batch <= B and tokens <= T (a bound): chunk
     states [b, n_chunks, Di, N] + Σδ [b, n_chunks, Di]. n_chunks is not monotone in T (rounding chunk_len up to
     whole tiles can leave a shorter T more chunks), so this bounds it by the count before that rounding, which
     grows with T; fewer rows can mean more chunks, so every batch up to B is taken. The TensorRT plugin sizes its
