@@ -39,6 +39,7 @@ from .models.checkpoint import DTYPES_BY_NAME
 CHECKPOINT, EXPORT = "checkpoint", "export"
 ALIASES = {"ort": "onnxruntime", "trt": "tensorrt", "pytorch": "torch"}
 DTYPES = {k: v for k, v in DTYPES_BY_NAME.items() if v != torch.float64}   # what the backends run
+STATE_FORMAT, STATE_FORMAT_VERSION = "memmamba-session-state", 1          # Session.save_state's files
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -344,6 +345,73 @@ class Session:
     def state(self) -> Any:
         """The backend's state after every consumed token (None before the first); treat it as read-only."""
         return self._state
+
+    def save_state(self, path) -> None:
+        """Write the stream so far to a safetensors file: the recurrent state (models.State layout, the model's
+        dtypes), the last logits and generate()'s pending token. load_state() on a session of the same model, on
+        any backend, goes on from there. The file records the model's config; it appears whole or not at all.
+        (The sampling stream is not saved: pass a seed to the next generate() for reproducible draws.)"""
+        from .models.checkpoint import _save_weights, atomic_file
+        from .parity import state_view
+
+        if self._state is None:
+            raise ValueError("nothing to save: this session has consumed no tokens")
+        with self._locked():
+            ref = state_view(self.backend, self._state)
+        tensors = {f"state.{k}": v.contiguous() for k, v in ref.tensors().items()}
+        tensors["logits"] = self._logits.float().cpu().contiguous()
+        if self._pending is not None:
+            tensors["pending"] = self._pending.long().cpu().contiguous()
+        meta = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION),
+                "config": json.dumps(self.config.to_dict(), sort_keys=True)}
+        with atomic_file(path) as tmp:
+            _save_weights(tensors, tmp, meta)
+
+    def load_state(self, path) -> None:
+        """Go on from a stream save_state() wrote (any backend, the same model): replaces this session's state,
+        logits and pending token. Refuses, naming the problem, a file of another format or version, of another
+        model, or whose tensors do not fit."""
+        from safetensors import SafetensorError, safe_open
+
+        from .models import MemMambaConfig, State
+        from .parity import state_like
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no session state file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable session state file ({e})") from None
+        if meta.get("format") != STATE_FORMAT or meta.get("format_version") != str(STATE_FORMAT_VERSION):
+            raise ValueError(f"{path} is not a session state file of format {STATE_FORMAT} v{STATE_FORMAT_VERSION} "
+                             f"(its metadata: format {meta.get('format')!r}, version {meta.get('format_version')!r})")
+        try:
+            saved = MemMambaConfig.from_dict(json.loads(meta.get("config", "")))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: its model config does not read ({e})") from None
+        differ = [f"{f.name} {getattr(saved, f.name)!r} (here {getattr(self.config, f.name)!r})"
+                  for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(self.config, f.name)]
+        if differ:
+            raise ValueError(f"{path} holds the state of another model: {'; '.join(differ[:4])}")
+        fields = {k: tensors.get(f"state.{k}") for k in State.FIELDS}
+        if fields["conv"] is None or fields["ssm"] is None:
+            raise ValueError(f"{path} lacks the state tensors (state.conv, state.ssm)")
+        ref = State(**fields)
+        batch = ref.batch_size
+        ref.check(self.config, batch)
+        logits, pending = tensors.get("logits"), tensors.get("pending")
+        if logits is None or tuple(logits.shape) != (batch, self.config.vocab_size):
+            raise ValueError(f"{path}: logits must be [{batch}, {self.config.vocab_size}], got "
+                             f"{None if logits is None else list(logits.shape)}")
+        if pending is not None and (tuple(pending.shape) != (batch,) or
+                                    not bool(((pending >= 0) & (pending < self.config.vocab_size)).all())):
+            raise ValueError(f"{path}: the pending token must be [{batch}] ids in the vocabulary")
+        with self._locked():
+            state = state_like(self.backend, ref, self.backend.new_state(batch))
+        self.reset()                            # a new epoch: iterators of the old stream stop
+        self._state, self._logits, self._pending, self._batch = state, logits.float(), pending, batch
 
     @property
     def logits(self) -> torch.Tensor | None:

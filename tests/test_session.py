@@ -2,7 +2,9 @@
 backend; fork() and threads keep states apart; bad paths, backends and inputs give one clear error."""
 import json
 import shutil
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +137,58 @@ def test_the_sampling_stream_goes_on_across_calls(checkpoint):
     s.reset()
     assert tokens(s.generate(PROMPT, 5, seed=11, **opts)) + tokens(s.generate(None, 11, seed=11, **opts)) != whole
     assert len(set(whole)) > 4                                  # really sampled
+
+
+def test_a_saved_stream_goes_on_in_another_session_and_backend(checkpoint, export_dir, tmp_path):
+    """save_state then load_state (the same backend, or ONNX Runtime) continues exactly as the original session."""
+    a = Session.open(checkpoint, device="cpu")
+    head = greedy(a, PROMPT, 10)                          # generate leaves its last token pending
+    a.save_state(tmp_path / "s.safetensors")
+    rest = greedy(a, None, 12)
+    for other in (Session.open(checkpoint, device="cpu"), Session.open(export_dir, backend="onnxruntime")):
+        other.load_state(tmp_path / "s.safetensors")
+        assert greedy(other, None, 12) == rest, other.backend.name
+    b = Session.open(checkpoint, device="cpu")
+    b.load_state(tmp_path / "s.safetensors")
+    b.prefill([5, 6])                                     # the pending token is fed first, as in the original
+    a2 = Session.open(checkpoint, device="cpu")
+    a2.prefill(PROMPT + head + [5, 6])
+    assert torch.allclose(b.logits, a2.logits, atol=1e-5) and len(head) == 10
+
+
+def test_session_state_files_are_checked(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    s = Session.open(checkpoint, device="cpu")
+    with pytest.raises(ValueError, match="consumed no tokens"):
+        s.save_state(tmp_path / "x.safetensors")
+    s.prefill(PROMPT)
+    good = tmp_path / "s.safetensors"
+    s.save_state(good)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]          # no temporaries left
+    with pytest.raises(FileNotFoundError, match="no session state file"):
+        s.load_state(tmp_path / "missing.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable session state file"):
+        s.load_state(tmp_path / "cut.safetensors")
+    save_file(load_file(good), str(tmp_path / "bare.safetensors"))                  # no metadata
+    with pytest.raises(ValueError, match="not a session state file of format"):
+        s.load_state(tmp_path / "bare.safetensors")
+    other = make_model(memory=False)
+    other.save_pretrained(tmp_path / "plain")
+    plain = Session.open(tmp_path / "plain", device="cpu")
+    with pytest.raises(ValueError, match="the state of another model: memory True"):
+        plain.load_state(good)
+    tensors = load_file(good)
+    from safetensors import safe_open
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+    tensors["state.ssm"] = tensors["state.ssm"][:, :, :-1].contiguous()
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="state.ssm has shape"):
+        s.load_state(tmp_path / "bad.safetensors")
+    s.load_state(good)                                     # the good file still loads after the refusals
+    assert s.batch_size == 1
 
 
 def test_torch_and_onnxruntime_sessions_give_identical_generations(model, export_dir):
@@ -387,6 +441,11 @@ def test_gpu_session_matches_cpu_reference(checkpoint, model, backend):
         got_b.append(int(y))
     assert got_a == greedy_by_hand(model, prompt + want + list(b" cat"), 24)[0]
     assert got_b == greedy_by_hand(model, prompt + want + list(b" dog"), 24)[0]
+    with tempfile.TemporaryDirectory() as tmp:                   # the GPU stream goes on in a CPU session
+        a.save_state(Path(tmp) / "s.safetensors")
+        cpu = Session.open(checkpoint, device="cpu")
+        cpu.load_state(Path(tmp) / "s.safetensors")
+        assert greedy(cpu, None, 16) == greedy(a, None, 16)
 
 
 def test_batch_is_the_sessions_only_once_a_call_succeeds(checkpoint):
