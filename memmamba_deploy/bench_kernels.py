@@ -191,7 +191,7 @@ def bench_decode(dtype, bw: float, memory: bool = True, reference: bool = True) 
     result = {}
     graphed = TritonBackend(model, cuda_graph=True)
     _, state = graphed.prefill(prompt, graphed.new_state(1))
-    ref_state = graphed.to_reference(state)
+    ref_state = graphed.state_to_reference(state)
     it = iter(range(1 << 30))
 
     def token():                                    # a different token every step

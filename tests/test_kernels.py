@@ -706,7 +706,7 @@ def test_triton_backend_decode_matches_reference_step(variant, batch, step_kerne
         logits, state = backend.step(ids[:, t], state)
         ref_logits, ref_state = model.step(ids[:, t], ref_state)
         assert rel_err(logits, ref_logits) <= TOL
-        for k, v in backend.to_reference(state).tensors().items():
+        for k, v in backend.state_to_reference(state).tensors().items():
             assert rel_err(v, ref_state.tensors()[k]) <= TOL, (t, k)
 
 
@@ -718,17 +718,17 @@ def test_triton_backend_keeps_every_returned_state_valid(rng):
     model = make_model(6, memory=False, n_layers=2)
     backend = TritonBackend(model, cuda_graph=False)
     s0 = backend.new_state(1)
-    s0_copy = backend.to_reference(s0)
+    s0_copy = backend.state_to_reference(s0)
     _, s1 = backend.step(torch.tensor([3]), s0)
     _, s2 = backend.step(torch.tensor([4]), s1)                     # ping-pong: s1 and s2 in the two buffers
-    s2_copy = backend.to_reference(s2)
+    s2_copy = backend.state_to_reference(s2)
     l3b, s3b = backend.step(torch.tensor([9]), s1)                  # a branch from s1 overwrites s2's buffer ...
     l3, _ = backend.step(torch.tensor([5]), s2)                     # ... yet s2 still holds what it held
-    ref, ref_s1 = model.step(torch.tensor([3]), backend.to_reference(s0))
+    ref, ref_s1 = model.step(torch.tensor([3]), backend.state_to_reference(s0))
     ref_s2 = model.step(torch.tensor([4]), ref_s1)[1]
-    for k, v in backend.to_reference(s2).tensors().items():
+    for k, v in backend.state_to_reference(s2).tensors().items():
         assert torch.equal(v, s2_copy.tensors()[k]) and rel_err(v, ref_s2.tensors()[k]) <= TOL, k
-    for k, v in backend.to_reference(s0).tensors().items():
+    for k, v in backend.state_to_reference(s0).tensors().items():
         assert torch.equal(v, s0_copy.tensors()[k]), k
     assert rel_err(l3b, model.step(torch.tensor([9]), ref_s1)[0]) <= TOL
     assert rel_err(l3, model.step(torch.tensor([5]), ref_s2)[0]) <= TOL
@@ -751,7 +751,7 @@ def test_triton_backend_derives_the_memory_weights_once(rng, monkeypatch):
     ref_logits, ref_state = triton_twin(model).prefill(ids, last_only=True)
     assert len(calls) == model.config.n_layers                         # the model's own prefill only
     assert torch.equal(logits, ref_logits[:, -1])
-    for k, v in backend.to_reference(state).tensors().items():
+    for k, v in backend.state_to_reference(state).tensors().items():
         assert torch.equal(v, ref_state.tensors()[k]), k
 
 

@@ -501,8 +501,15 @@ class TritonBackend:
     def state_nbytes(self, state) -> int:
         return self._as_state(state, state.batch_size).nbytes
 
-    def to_reference(self, state) -> State:
+    def state_to_reference(self, state) -> State:
+        """A copy as the reference State (parity, Session.save_state, another backend)."""
         return self._as_state(state, state.batch_size).clone()
+
+    def state_from_reference(self, state: State) -> TritonState:
+        """A reference State (any device, fp32 or the model dtype) as this backend's state, on its device."""
+        dtypes = State.dtypes(self.dtype)
+        s = State(**{k: v.to(self.device, dtypes[k]) for k, v in state.tensors().items()})
+        return TritonState(self._as_state(s, s.batch_size))
 
 
 @torch.no_grad()

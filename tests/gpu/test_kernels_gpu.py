@@ -432,7 +432,7 @@ def test_graphed_prefill_in_pieces_matches_the_reference(variant, g):
     margin = prefill_decision_margin(model, prompt, start)
     for _ in range(2):                                                   # the captured graphs, replayed twice
         logits, state = backend.prefill(prompt, start)
-        state = backend.to_reference(state).tensors()
+        state = backend.state_to_reference(state).tensors()
         errs = {k: rel_err(v, eager_state.tensors()[k]) for k, v in state.items()}
         err = rel_err(logits, eager_logits[:, -1])
         ref_errs = {k: rel_err(v, ref_state.tensors()[k]) for k, v in state.items()}
@@ -461,7 +461,7 @@ def test_graphed_prefill_half_precision_replays_the_eager_pieces(g):
     for n in (1024, 256, 128, 64, 16, 8, 4):
         eager_logits, eager_state = fast.prefill(prompt[:, pos:pos + n], eager_state, last_only=True)
         pos += n
-    errs = {k: rel_err(v, eager_state.tensors()[k]) for k, v in backend.to_reference(state).tensors().items()}
+    errs = {k: rel_err(v, eager_state.tensors()[k]) for k, v in backend.state_to_reference(state).tensors().items()}
     err = rel_err(logits, eager_logits[:, -1])
     record(test="graphed_prefill_fp16", err=err, **{f"err_{k}": v for k, v in errs.items()})
     assert err <= 1e-2 and max(errs.values()) <= 1e-2, (err, errs)
@@ -487,7 +487,7 @@ def test_graphed_prefill_in_two_streams_equals_the_halves_in_turn(dtype, g):
     for _ in range(2):                                                   # the captured graphs, replayed twice
         logits, state = backend.prefill(prompt, start)
         assert torch.equal(logits, eager_logits[:, -1])
-        for k, v in backend.to_reference(state).tensors().items():
+        for k, v in backend.state_to_reference(state).tensors().items():
             assert torch.equal(v, eager_state.tensors()[k]), k
     assert backend._prefill_streams is not None
     # against one prefill of the 1024 tokens: a split rounds otherwise (the scan's chunks, the GEMMs' shapes)
@@ -514,7 +514,7 @@ def test_prefill_with_pdl_equals_without(g, monkeypatch):
             monkeypatch.setattr(launch, "PDL", pdl)
             backend = TritonBackend(model, cuda_graph=True)
             logits, state = backend.prefill(ids, backend.new_state(2))
-            runs[pdl] = (triton_twin(model).prefill(ids), (logits, backend.to_reference(state)))
+            runs[pdl] = (triton_twin(model).prefill(ids), (logits, backend.state_to_reference(state)))
         for (off_logits, off_state), (on_logits, on_state) in zip(runs[False], runs[True]):
             assert torch.equal(on_logits, off_logits)
             for k, v in on_state.tensors().items():
@@ -537,7 +537,7 @@ def test_decode_1k_greedy_steps_cuda_graph_fp32(variant, step_kernel, g):
     token = ref_logits[:, -1].argmax(-1)
 
     def state_errs():
-        return {k: rel_err(v, ref_state.tensors()[k]) for k, v in backend.to_reference(state).tensors().items()}
+        return {k: rel_err(v, ref_state.tensors()[k]) for k, v in backend.state_to_reference(state).tensors().items()}
 
     worst, flips, ties, disagree, last_margin = 0.0, 0, 0, 0, float("inf")
     for _ in range(1000):
@@ -617,5 +617,5 @@ def test_cuda_graph_replay_equals_eager_launches(step_kernel, g):
         lg, sg = graphed.step(token, sg)
         le, se = eager.step(token, se)
         assert rel_err(lg, le) <= 1e-5
-    for k, v in graphed.to_reference(sg).tensors().items():
-        assert rel_err(v, eager.to_reference(se).tensors()[k]) <= 1e-5, k
+    for k, v in graphed.state_to_reference(sg).tensors().items():
+        assert rel_err(v, eager.state_to_reference(se).tensors()[k]) <= 1e-5, k
