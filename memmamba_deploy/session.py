@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import hashlib
 import importlib
 import inspect
 import itertools
@@ -298,8 +299,17 @@ def _lock_for(backend) -> threading.Lock | None:
             return threading.Lock()
 
 
+def _device_of(state) -> torch.device:
+    """The device a backend's state (a State, a TritonState, a dict of tensors or of arrays) lives on."""
+    inner = getattr(state, "state", state)
+    values = inner.tensors().values() if hasattr(inner, "tensors") else \
+        (inner.values() if isinstance(inner, dict) else [])
+    return next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
 class Session:
-    """One stream of tokens over a Backend. State is per session; fork() copies it.
+    """One stream of tokens over a Backend. State is per session; fork() copies it. A session is used by one
+    thread at a time; forks of it may run in other threads (they share the backend under a lock).
 
     Invariant: `_state` and `_logits` describe every token consumed so far; `_pending` is the last token that
     generate() yielded, which is consumed (fed to the model) only when the stream goes on, so a generation that
@@ -313,14 +323,17 @@ class Session:
         self.config = backend.config
         self._lock = lock if lock is not None else _lock_for(backend)
         self._generator: torch.Generator | None = None     # the sampling stream, once a seed has been given
-        self.reset()
+        self._weights: Artifact | None = None              # where the weights came from (Session.open), for
+        self.reset()                                       # save_state's fingerprint
 
     @classmethod
     def open(cls, path, backend: str | None = None, device: str | None = None, dtype=None, **options) -> "Session":
         """path: a checkpoint directory (torch, triton) or an export directory (onnxruntime, tensorrt; torch
         and triton also accept an export that carries its checkpoint). backend None: onnxruntime for an export,
         torch for a checkpoint. options go to the backend."""
-        return cls(open_backend(path, backend, device, dtype, **options))
+        session = cls(open_backend(path, backend, device, dtype, **options))
+        session._weights = inspect_path(path)
+        return session
 
     # ---- state ----------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -339,6 +352,7 @@ class Session:
         other._batch = self._batch
         if self._generator is not None:                   # the same draws, independently
             other._generator = torch.Generator().set_state(self._generator.get_state())
+        other._weights = self._weights
         return other
 
     @property
@@ -346,11 +360,34 @@ class Session:
         """The backend's state after every consumed token (None before the first); treat it as read-only."""
         return self._state
 
+    def _weights_sha256(self) -> str | None:
+        """A sha256 of the weights the session was opened from (their names, dtypes, shapes and bytes, in name
+        order: two files of the same tensors agree, as a checkpoint and its export's reference/ do), or None (a
+        session made from a backend object; weights not in one safetensors file). Computed once."""
+        if self._weights is None or self._weights.checkpoint is None:
+            return None
+        if not hasattr(self, "_weights_digest"):
+            from safetensors import safe_open
+
+            file = Path(self._weights.checkpoint) / "model.safetensors"
+            digest = None
+            if file.is_file():
+                h = hashlib.sha256()
+                with safe_open(str(file), framework="pt") as f:
+                    for name in sorted(f.keys()):
+                        t = f.get_tensor(name).contiguous()
+                        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+                        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                digest = h.hexdigest()
+            self._weights_digest = digest
+        return self._weights_digest
+
     def save_state(self, path) -> None:
         """Write the stream so far to a safetensors file: the recurrent state (models.State layout, the model's
-        dtypes), the last logits and generate()'s pending token. load_state() on a session of the same model, on
-        any backend, goes on from there. The file records the model's config; it appears whole or not at all.
-        (The sampling stream is not saved: pass a seed to the next generate() for reproducible draws.)"""
+        dtypes), the last logits, generate()'s pending token and the sampling stream (once a seed was given).
+        load_state() on a session of the same model, on any backend, goes on from there as this session would.
+        The file records the model's config and its weights' sha256; it appears whole or not at all.
+        Like every Session method, not to be called while another thread uses the session."""
         from .models.checkpoint import _save_weights, atomic_file
         from .parity import state_view
 
@@ -362,21 +399,35 @@ class Session:
         tensors["logits"] = self._logits.float().cpu().contiguous()
         if self._pending is not None:
             tensors["pending"] = self._pending.long().cpu().contiguous()
+        if self._generator is not None:
+            tensors["sampling_rng"] = self._generator.get_state()
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"this session's {bad} hold NaN or infinite values: not saved")
+        from . import __version__
+
         meta = {"format": STATE_FORMAT, "format_version": str(STATE_FORMAT_VERSION),
+                "producer": f"memmamba-deploy {__version__}",
                 "config": json.dumps(self.config.to_dict(), sort_keys=True)}
+        digest = self._weights_sha256()
+        if digest:
+            meta["weights_sha256"] = digest
         with atomic_file(path) as tmp:
             _save_weights(tensors, tmp, meta)
 
     def load_state(self, path) -> None:
         """Go on from a stream save_state() wrote (any backend, the same model): replaces this session's state,
-        logits and pending token. Refuses, naming the problem, a file of another format or version, of another
-        model, or whose tensors do not fit."""
+        logits, pending token, batch and (where the file has one) sampling stream; generate() iterators of the old
+        stream stop. Refuses, naming the problem, a file of another format or version, of another model (config,
+        or weights where both sides know their sha256), or whose tensors do not fit."""
         from safetensors import SafetensorError, safe_open
 
         from .models import MemMambaConfig, State
         from .parity import state_like
 
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory: give the session state file save_state() wrote")
         if not path.is_file():
             raise FileNotFoundError(f"no session state file at {path}")
         try:
@@ -384,34 +435,67 @@ class Session:
                 meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         except SafetensorError as e:
             raise ValueError(f"{path} is not a readable session state file ({e})") from None
-        if meta.get("format") != STATE_FORMAT or meta.get("format_version") != str(STATE_FORMAT_VERSION):
-            raise ValueError(f"{path} is not a session state file of format {STATE_FORMAT} v{STATE_FORMAT_VERSION} "
-                             f"(its metadata: format {meta.get('format')!r}, version {meta.get('format_version')!r})")
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path} is not a session state file (its metadata names format {meta.get('format')!r}, "
+                             f"not {STATE_FORMAT!r})")
+        if meta.get("format_version") != str(STATE_FORMAT_VERSION):
+            raise ValueError(f"{path} is a session state file of format version {meta.get('format_version')!r} "
+                             f"({meta.get('producer', 'unknown writer')}); this memmamba-deploy reads version "
+                             f"{STATE_FORMAT_VERSION}")
         try:
-            saved = MemMambaConfig.from_dict(json.loads(meta.get("config", "")))
+            raw = json.loads(meta.get("config", ""))
+            missing = sorted({f.name for f in dataclasses.fields(MemMambaConfig)} - set(raw))
+            if missing:
+                raise ValueError(f"it lacks {missing}")
+            saved = MemMambaConfig.from_dict(raw)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: its model config does not read ({e})") from None
         differ = [f"{f.name} {getattr(saved, f.name)!r} (here {getattr(self.config, f.name)!r})"
                   for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(self.config, f.name)]
         if differ:
             raise ValueError(f"{path} holds the state of another model: {'; '.join(differ[:4])}")
+        theirs, ours = meta.get("weights_sha256"), self._weights_sha256()
+        if theirs and ours and theirs != ours:
+            raise ValueError(f"{path} holds the state of a model with other weights (sha256 {theirs[:12]}..., "
+                             f"this session's {ours[:12]}...): the same config, another checkpoint")
         fields = {k: tensors.get(f"state.{k}") for k in State.FIELDS}
         if fields["conv"] is None or fields["ssm"] is None:
             raise ValueError(f"{path} lacks the state tensors (state.conv, state.ssm)")
         ref = State(**fields)
         batch = ref.batch_size
-        ref.check(self.config, batch)
-        logits, pending = tensors.get("logits"), tensors.get("pending")
-        if logits is None or tuple(logits.shape) != (batch, self.config.vocab_size):
-            raise ValueError(f"{path}: logits must be [{batch}, {self.config.vocab_size}], got "
-                             f"{None if logits is None else list(logits.shape)}")
-        if pending is not None and (tuple(pending.shape) != (batch,) or
-                                    not bool(((pending >= 0) & (pending < self.config.vocab_size)).all())):
-            raise ValueError(f"{path}: the pending token must be [{batch}] ids in the vocabulary")
+        try:
+            if ref.conv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise ValueError(f"state.conv has dtype {ref.conv.dtype} (float32, float16 or bfloat16)")
+            ref.check(self.config, batch)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        logits, pending, rng = tensors.get("logits"), tensors.get("pending"), tensors.get("sampling_rng")
+        if logits is None or tuple(logits.shape) != (batch, self.config.vocab_size) or not logits.is_floating_point():
+            raise ValueError(f"{path}: logits must be float [{batch}, {self.config.vocab_size}], got "
+                             f"{None if logits is None else f'{list(logits.shape)} {logits.dtype}'}")
+        bad = [k for k, v in {**ref.tensors(), "logits": logits}.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"{path}: {bad} hold NaN or infinite values")
+        if ref.prio is not None and not bool(((ref.prio >= 0) | (ref.prio == -1)).all()):
+            raise ValueError(f"{path}: state.prio holds values that are neither scores (>= 0) nor -1 (an empty slot)")
+        if pending is not None and (pending.dtype not in (torch.int32, torch.int64) or tuple(pending.shape) != (batch,)
+                                    or not bool(((pending >= 0) & (pending < self.config.vocab_size)).all())):
+            raise ValueError(f"{path}: the pending token must be [{batch}] integer ids in the vocabulary, got "
+                             f"{list(pending.shape)} {pending.dtype}")
+        generator = None
+        if rng is not None:
+            try:
+                generator = torch.Generator().set_state(rng)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"{path}: its sampling stream does not read ({e})") from None
         with self._locked():
             state = state_like(self.backend, ref, self.backend.new_state(batch))
         self.reset()                            # a new epoch: iterators of the old stream stop
-        self._state, self._logits, self._pending, self._batch = state, logits.float(), pending, batch
+        self._state, self._batch = state, batch
+        self._logits = logits.float().to(_device_of(state))    # where the backend's own logits would be
+        self._pending = None if pending is None else pending.long()
+        if generator is not None:
+            self._generator = generator
 
     @property
     def logits(self) -> torch.Tensor | None:
@@ -564,7 +648,8 @@ class Session:
     def _check_batch(self, batch: int) -> None:
         # the batch is the session's once a backend call has succeeded with it (prefill, step, _Follow.prefill)
         if self._batch is not None and batch != self._batch:
-            raise ValueError(f"this session decodes {self._batch} row(s); got {batch} (reset() to change the batch)")
+            raise ValueError(f"this session decodes {self._batch} row(s); got {batch} (reset() or load_state() to "
+                             f"change the batch)")
 
     def _flush(self) -> None:
         """Consume the token generate() yielded last, if the stream goes on."""
@@ -601,8 +686,9 @@ class _Follow:
 
     def check(self) -> None:
         if self.session._epoch != self.epoch:
-            raise RuntimeError("this generate() stream was overtaken by a later prefill/step/generate/reset on the "
-                               "same session; start a new generate() (or fork() first for parallel streams)")
+            raise RuntimeError("this generate() stream was overtaken by a later prefill/step/generate/reset/"
+                               "load_state on the same session; start a new generate() (or fork() first for parallel "
+                               "streams)")
 
     def new_state(self, batch):
         with self.session._locked():

@@ -172,23 +172,54 @@ def test_session_state_files_are_checked(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="not a readable session state file"):
         s.load_state(tmp_path / "cut.safetensors")
     save_file(load_file(good), str(tmp_path / "bare.safetensors"))                  # no metadata
-    with pytest.raises(ValueError, match="not a session state file of format"):
+    with pytest.raises(ValueError, match="not a session state file"):
         s.load_state(tmp_path / "bare.safetensors")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        s.load_state(tmp_path)
     other = make_model(memory=False)
     other.save_pretrained(tmp_path / "plain")
     plain = Session.open(tmp_path / "plain", device="cpu")
     with pytest.raises(ValueError, match="the state of another model: memory True"):
         plain.load_state(good)
-    tensors = load_file(good)
     from safetensors import safe_open
     with safe_open(str(good), framework="pt") as f:
         meta = f.metadata()
-    tensors["state.ssm"] = tensors["state.ssm"][:, :, :-1].contiguous()
-    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
-    with pytest.raises(ValueError, match="state.ssm has shape"):
-        s.load_state(tmp_path / "bad.safetensors")
+
+    def altered(change, **meta_change):
+        tensors = load_file(good)
+        change(tensors)
+        save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**meta, **meta_change})
+        return tmp_path / "bad.safetensors"
+
+    for change, message in [
+            (lambda t: t.update({"state.ssm": t["state.ssm"][:, :, :-1].contiguous()}), "bad.safetensors: state.ssm has shape"),
+            (lambda t: t["state.ssm"].view(-1)[0].fill_(float("nan")), r"\['ssm'\] hold NaN"),
+            (lambda t: t["state.prio"].view(-1)[0].fill_(-5.0), "neither scores"),
+            (lambda t: t.update({"state.conv": t["state.conv"].to(torch.int32),
+                                 "state.pool": t["state.pool"].to(torch.int32)}), "state.conv has dtype torch.int32"),
+            (lambda t: t.update({"pending": torch.tensor([3.5])}), "pending token must be .* integer ids")]:
+        with pytest.raises(ValueError, match=message):
+            s.load_state(altered(change))
+    with pytest.raises(ValueError, match="format version '2'"):
+        s.load_state(altered(lambda t: None, format_version="2"))
+    with pytest.raises(ValueError, match=r"config does not read \(it lacks"):
+        s.load_state(altered(lambda t: None, config="{}"))
+    make_model(seed=5).save_pretrained(tmp_path / "twin")                # the same config, other weights
+    with pytest.raises(ValueError, match="a model with other weights"):
+        Session.open(tmp_path / "twin", device="cpu").load_state(good)
     s.load_state(good)                                     # the good file still loads after the refusals
     assert s.batch_size == 1
+
+
+def test_a_saved_sampling_stream_goes_on_too(checkpoint, tmp_path):
+    opts = dict(temperature=1.0, top_k=50)
+    a = Session.open(checkpoint, device="cpu")
+    head = [int(t) for t in a.generate(PROMPT, 4, seed=3, **opts)]
+    a.save_state(tmp_path / "s.safetensors")
+    rest = [int(t) for t in a.generate(None, 12, **opts)]
+    b = Session.open(checkpoint, device="cpu")
+    b.load_state(tmp_path / "s.safetensors")
+    assert [int(t) for t in b.generate(None, 12, **opts)] == rest and len(set(head + rest)) > 4
 
 
 def test_torch_and_onnxruntime_sessions_give_identical_generations(model, export_dir):
