@@ -35,8 +35,8 @@ def emit(b: Builder, op_name: str, *inputs: str, **attrs) -> list[str]:
     typed = {k: (int(v) if want[k] == "int" else float(v)) for k, v in attrs.items()}
     name = b.fresh(op_name)
     outs = [f"{name}:{t.name}" for t in op.outputs]
-    b.nodes.append(helper.make_node(op_name, list(inputs), outs, name=name, domain=DOMAIN,
-                                    **typed, **{PLUGIN_VERSION_ATTR: op.version, PLUGIN_NAMESPACE_ATTR: PLUGIN_NAMESPACE}))
+    tensorrt = {PLUGIN_VERSION_ATTR: op.version, PLUGIN_NAMESPACE_ATTR: PLUGIN_NAMESPACE}
+    b.nodes.append(helper.make_node(op_name, list(inputs), outs, name=name, domain=DOMAIN, **typed, **tensorrt))
     return outs
 
 
@@ -45,7 +45,8 @@ def _function(name: str, b: Builder) -> onnx.FunctionProto:
     op = CUSTOM_OPS[name]
     return helper.make_function(DOMAIN, name, [t.name for t in op.inputs], [t.name for t in op.outputs], b.nodes,
                                 [helper.make_opsetid("", OPSET)],
-                                attributes=[a.name for a in op.attributes] + [PLUGIN_VERSION_ATTR, PLUGIN_NAMESPACE_ATTR])
+                                attributes=[a.name for a in op.attributes]
+                                + [PLUGIN_VERSION_ATTR, PLUGIN_NAMESPACE_ATTR])
 
 
 def _dt(b: Builder, dt: str, dt_bias: str) -> str:

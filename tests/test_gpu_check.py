@@ -29,8 +29,11 @@ def test_a_gpu_test_that_skips_inside_the_check_fails(tmp_path):
     test.write_text("import pytest\n\n@pytest.mark.gpu\ndef test_needs_a_gpu():\n    pytest.skip('needs a CUDA GPU')\n")
     conftest = os.path.join(os.path.dirname(__file__), "conftest.py")
     (tmp_path / "conftest.py").write_text(open(conftest).read())
-    run = lambda env: subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],  # noqa: E731
-                                     capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env})
+
+    def run(env):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],
+                              capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **env})
+
     inside, outside = run({gpu_check.GPU_CHECK_ENV: "1"}), run({gpu_check.GPU_CHECK_ENV: ""})
     assert inside.returncode == 1 and "skipped inside the GPU check" in inside.stdout, inside.stdout[-2000:]
     assert outside.returncode == 0 and "1 skipped" in outside.stdout, outside.stdout[-2000:]

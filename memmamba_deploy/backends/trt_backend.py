@@ -114,7 +114,8 @@ def plugin_only_graph(onnx_path: Path) -> tuple[bytes, int]:
 
     TensorRT's parser prefers a model-local function over a plugin before 10.7 (JetPack 6.1/6.2 ship 10.3), and from
     10.15 for nodes without a `plugin_namespace` attribute (exports before that attribute); with the bodies removed
-    every version takes the plugin, so one engine build behaves the same on all of them. (ONNX Runtime keeps using the exported file, bodies included.)"""
+    every version takes the plugin, so one engine build behaves the same on all of them. (ONNX Runtime keeps using
+    the exported file, bodies included.)"""
     import onnx
 
     from ..export.contract import DOMAIN
