@@ -1,7 +1,6 @@
 """`memdeploy eval passkey` and `memdeploy fidelity` (issue 8): does the deployed model remember like PyTorch?"""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -147,8 +146,7 @@ def fidelity(path: Path = typer.Argument(..., help="checkpoint, or an export dir
     ckpt = reference_checkpoint(path, reference)
     model = MemMambaLM.from_pretrained(ckpt, device=_device(device))
     be = open_backend(path, backend, device, kernels)
-    differ = [f"{f.name} {getattr(model.config, f.name)!r} vs {getattr(be.config, f.name)!r}"
-              for f in dataclasses.fields(model.config) if getattr(model.config, f.name) != getattr(be.config, f.name)]
+    differ = model.config.differences(be.config)
     if differ:
         raise ValueError(f"the reference {ckpt} is not the model at {path}: config differs ({'; '.join(differ[:4])}"
                          f"{' ...' if len(differ) > 4 else ''})")

@@ -443,17 +443,13 @@ class Session:
                              f"({meta.get('producer', 'unknown writer')}); this memmamba-deploy reads version "
                              f"{STATE_FORMAT_VERSION}")
         try:
-            raw = json.loads(meta.get("config", ""))
-            missing = sorted({f.name for f in dataclasses.fields(MemMambaConfig)} - set(raw))
-            if missing:
-                raise ValueError(f"it lacks {missing}")
-            saved = MemMambaConfig.from_dict(raw)
+            saved = MemMambaConfig.from_complete_dict(json.loads(meta.get("config", "")))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: its model config does not read ({e})") from None
-        differ = [f"{f.name} {getattr(saved, f.name)!r} (here {getattr(self.config, f.name)!r})"
-                  for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(self.config, f.name)]
+        differ = saved.differences(self.config)
         if differ:
-            raise ValueError(f"{path} holds the state of another model: {'; '.join(differ[:4])}")
+            raise ValueError(f"{path} holds the state of another model: {'; '.join(differ[:4])} (the file's vs "
+                             f"this session's)")
         theirs, ours = meta.get("weights_sha256"), self._weights_sha256()
         if theirs and ours and theirs != ours:
             raise ValueError(f"{path} holds the state of a model with other weights (sha256 {theirs[:12]}..., "

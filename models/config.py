@@ -96,6 +96,23 @@ class MemMambaConfig:
             raise ValueError(f"unknown architecture {arch!r}: this loader reads {ARCHITECTURE!r}")
         return cls(**d)
 
+    @classmethod
+    def from_complete_dict(cls, d: dict) -> "MemMambaConfig":
+        """from_dict for a stored config (a checkpoint's, a state file's), which must name every field: a default
+        would pass unseen (pool_size has no weights to disagree)."""
+        if isinstance(d, dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            missing, unknown = sorted(known - set(d)), sorted(set(d) - known)
+            if missing:
+                typo = f"; it has unknown key(s) {unknown} (a misspelling?)" if unknown else ""
+                raise ValueError(f"it lacks {missing} (a stored config names every field){typo}")
+        return cls.from_dict(d)
+
+    def differences(self, other: "MemMambaConfig") -> list[str]:
+        """'field mine vs other' for each field where the two configs differ."""
+        return [f"{f.name} {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}" for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
