@@ -49,11 +49,16 @@ struct ChunkPlan
     int32_t chunkLen, nChunks;
 };
 
+//! chunkPlan's chunk count before the chunk length is rounded to whole tiles (grows with t).
+int64_t chunksWanted(int64_t b, int64_t t, int64_t di)
+{
+    return std::min(cdiv(kTargetPrograms, std::max<int64_t>(b * cdiv(di, kScanBlockD), 1)), cdiv(t, kMinChunk));
+}
+
 //! scan.py scan_chunk_plan with BLOCK_D = kScanBlockD.
 ChunkPlan chunkPlan(int64_t b, int64_t t, int64_t di)
 {
-    int64_t const rows = b * cdiv(di, kScanBlockD);
-    int64_t n = std::max<int64_t>(1, std::min(cdiv(kTargetPrograms, std::max<int64_t>(rows, 1)), cdiv(t, kMinChunk)));
+    int64_t const n = std::max<int64_t>(1, chunksWanted(b, t, di));
     if (n == 1)
     {
         return {static_cast<int32_t>(std::max<int64_t>(t, 1)), 1};
@@ -137,10 +142,9 @@ size_t scanChunkWorkspace(ScanSizes s)
     // with T, the rounded one does not (a shorter T can need more chunks than the profile's longest), and
     // cdiv(t, roundup(cdiv(t, n))) <= n. Fewer rows can mean more chunks too: take the worst batch up to the maximum.
     size_t bytes = 0;
-    int64_t const tokens = std::max<int64_t>(s.tokens, 1), blocks = cdiv(s.dInner, kScanBlockD);
     for (int64_t b = 1; b <= std::max(s.batch, 1); ++b)
     {
-        int64_t const n = std::min(cdiv(kTargetPrograms, std::max<int64_t>(b * blocks, 1)), cdiv(tokens, kMinChunk));
+        int64_t const n = chunksWanted(b, std::max<int64_t>(s.tokens, 1), s.dInner);
         if (n > 1)
         {
             bytes = std::max(bytes, sizeof(float) * static_cast<size_t>(b * n * s.dInner * (s.dState + 1)));

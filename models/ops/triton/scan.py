@@ -636,11 +636,15 @@ def scan_blocks(N: int, Di: int) -> tuple[int, int, int]:
 AOT_SCAN_BLOCK_T, AOT_SCAN_BLOCK_D = 16, 16   # the AOT variants' tile (aot.SCAN_BLOCKS: N padded to 16)
 
 
+def _chunks_wanted(B: int, T: int, Di: int) -> int:
+    """scan_chunk_plan's chunk count before the chunk length is rounded to whole tiles (grows with T)."""
+    return min(triton.cdiv(TARGET_PROGRAMS, B * triton.cdiv(Di, AOT_SCAN_BLOCK_D)), triton.cdiv(T, MIN_CHUNK))
+
+
 def scan_chunk_plan(B: int, T: int, Di: int, N: int) -> tuple[int, int]:
     """(chunk_len, n_chunks) of the AOT builds' tile scan (the TensorRT plugin and the C++ runtime;
     opLaunch.cpp chunkPlan): one chunk when batch x channel blocks already give TARGET_PROGRAMS programs."""
-    rows = B * triton.cdiv(Di, AOT_SCAN_BLOCK_D)
-    n_chunks = max(1, min(triton.cdiv(TARGET_PROGRAMS, rows), triton.cdiv(T, MIN_CHUNK)))
+    n_chunks = max(1, _chunks_wanted(B, T, Di))
     if n_chunks == 1:
         return max(T, 1), 1
     chunk_len = triton.cdiv(triton.cdiv(T, n_chunks), AOT_SCAN_BLOCK_T) * AOT_SCAN_BLOCK_T
@@ -655,7 +659,7 @@ def scan_workspace_bytes(B: int, T: int, Di: int, N: int) -> int:
     workspace the same way (opLaunch.cpp scanChunkWorkspace)."""
     worst = 0
     for b in range(1, max(B, 1) + 1):
-        n = min(triton.cdiv(TARGET_PROGRAMS, b * triton.cdiv(Di, AOT_SCAN_BLOCK_D)), triton.cdiv(max(T, 1), MIN_CHUNK))
+        n = _chunks_wanted(b, max(T, 1), Di)
         if n > 1:
             worst = max(worst, 4 * b * n * Di * (N + 1))
     return worst
