@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import hashlib
 import importlib
 import inspect
@@ -299,6 +300,22 @@ def _lock_for(backend) -> threading.Lock | None:
             return threading.Lock()
 
 
+@functools.lru_cache(maxsize=8)
+def weights_fingerprint(file: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a safetensors file's tensors (names, dtypes, shapes and bytes, in name order): two files of the
+    same tensors agree, as a checkpoint and its export's reference/ do. Once a process per file version (size and
+    mtime are part of the key), whichever sessions and forks ask."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(file, framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _device_of(state) -> torch.device:
     """The device a backend's state (a State, a TritonState, a dict of tensors or of arrays) lives on."""
     inner = getattr(state, "state", state)
@@ -361,26 +378,15 @@ class Session:
         return self._state
 
     def _weights_sha256(self) -> str | None:
-        """A sha256 of the weights the session was opened from (their names, dtypes, shapes and bytes, in name
-        order: two files of the same tensors agree, as a checkpoint and its export's reference/ do), or None (a
-        session made from a backend object; weights not in one safetensors file). Computed once."""
+        """weights_fingerprint of the weights the session was opened from, or None (a session made from a backend
+        object; weights not in one safetensors file)."""
         if self._weights is None or self._weights.checkpoint is None:
             return None
-        if not hasattr(self, "_weights_digest"):
-            from safetensors import safe_open
-
-            file = Path(self._weights.checkpoint) / "model.safetensors"
-            digest = None
-            if file.is_file():
-                h = hashlib.sha256()
-                with safe_open(str(file), framework="pt") as f:
-                    for name in sorted(f.keys()):
-                        t = f.get_tensor(name).contiguous()
-                        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-                        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-                digest = h.hexdigest()
-            self._weights_digest = digest
-        return self._weights_digest
+        file = Path(self._weights.checkpoint) / "model.safetensors"
+        if not file.is_file():
+            return None
+        stat = file.stat()
+        return weights_fingerprint(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
 
     def save_state(self, path) -> None:
         """Write the stream so far to a safetensors file: the recurrent state (models.State layout, the model's
