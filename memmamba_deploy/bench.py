@@ -27,7 +27,7 @@ import torch
 from .kv_baseline import KVBaseline
 from .models.checkpoint import atomic_file, creatable_dir, write_json
 from .models.ops import check_kernels_on
-from .session import DTYPE_NAMES, default_backend, inspect_path, open_backend
+from .session import DTYPE_NAMES, backend_spec, inspect_path, open_backend
 
 FLATNESS_TARGET = 1.05
 REPO = Path(__file__).resolve().parent.parent
@@ -476,9 +476,7 @@ def bench_cli(path, backend, contexts, tokens, batch, dtype, device, out, baseli
     if out is not None:
         creatable_dir(out)                         # before the run: its results would be lost after it
     if prefill_with is not None:
-        from .session import ALIASES
-
-        name = default_backend(path) if backend is None else ALIASES.get(str(backend).lower(), str(backend).lower())
+        name = backend_spec(backend, path).name
         if name != "torch":
             raise ValueError(f"--prefill-kernels is for the torch backend only (it swaps the torch model's kernels); "
                              f"the {name} backend prefills as it was built")

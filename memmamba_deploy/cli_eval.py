@@ -31,11 +31,11 @@ def open_backend(path: Path, backend: str | None, device: str = "auto", kernels:
     runtime is one clear error). The torch backend runs the Triton kernels on CUDA when they import
     (kernels="auto")."""
     from .models.train import _triton_available
-    from .session import backend_spec, default_backend
+    from .session import backend_spec
     from .session import open_backend as open_named
 
-    backend = default_backend(path) if backend is None else backend
-    if backend_spec(backend).name != "torch":
+    backend = backend_spec(backend, path).name
+    if backend != "torch":
         return open_named(path, backend, device=None if device == "auto" else device)
     device = _device(device)
     if kernels == "auto":

@@ -251,23 +251,25 @@ BACKENDS: dict[str, BackendSpec] = {s.name: s for s in (
 )}
 
 
-def backend_spec(name: str) -> BackendSpec:
-    name = ALIASES.get(str(name).lower(), str(name).lower())
+def backend_spec(name: str | None, path=None) -> BackendSpec:
+    """The backend a name (or alias) stands for; None: default_backend(path)."""
+    name = default_backend(path) if name is None else ALIASES.get(str(name).lower(), str(name).lower())
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {list(BACKENDS)} (or {', '.join(ALIASES)})")
     return BACKENDS[name]
 
 
 def default_backend(path) -> str:
-    """The backend a path runs on when none is named: ONNX Runtime for an export directory (what was exported,
-    not the checkpoint copy it carries), PyTorch for a checkpoint."""
-    return "onnxruntime" if inspect_path(path).kind == EXPORT else "torch"
+    """The backend a path (or its inspect_path Artifact) runs on when none is named: ONNX Runtime for an export
+    directory (what was exported, not the checkpoint copy it carries), PyTorch for a checkpoint."""
+    art = path if isinstance(path, Artifact) else inspect_path(path)
+    return "onnxruntime" if art.kind == EXPORT else "torch"
 
 
 def open_backend(path, backend: str | None = None, device: str | None = None, dtype=None, **options):
     """Open `path` with the named backend (None: default_backend). Checks that the path holds what it runs."""
     art = inspect_path(path)
-    spec = backend_spec(backend if backend is not None else default_backend(path))
+    spec = backend_spec(backend, art)
     if spec.needs == EXPORT and art.kind != EXPORT:
         raise ValueError(f"backend {spec.name!r} runs an export directory; {art.path} is a checkpoint: run "
                          f"`memdeploy export {art.path} -o OUT` and pass OUT")
