@@ -396,7 +396,7 @@ class Session:
         load_state() on a session of the same model, on any backend, goes on from there as this session would.
         The file records the model's config and its weights' sha256; it appears whole or not at all.
         Like every Session method, not to be called while another thread uses the session."""
-        from .models.checkpoint import _save_weights, atomic_file
+        from .models.checkpoint import save_safetensors, atomic_file
         from .parity import state_view
 
         if self._state is None:
@@ -421,7 +421,7 @@ class Session:
         if digest:
             meta["weights_sha256"] = digest
         with atomic_file(path) as tmp:
-            _save_weights(tensors, tmp, meta)
+            save_safetensors(tensors, tmp, meta)
 
     def load_state(self, path) -> None:
         """Go on from a stream save_state() wrote (any backend, the same model): replaces this session's state,

@@ -209,7 +209,7 @@ def write_json(path, data) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _save_weights(tensors: dict, path: Path, meta: dict) -> None:
+def save_safetensors(tensors: dict, path: Path, meta: dict) -> None:
     """safetensors' save_file, with its write failures (a full disk, a quota) as the OSError they are: safetensors
     raises its own SafetensorError, which callers would not take for a file-system error."""
     from safetensors import SafetensorError
@@ -239,7 +239,7 @@ def save_pretrained(model, directory, force: bool = False) -> None:
     if not directory.exists():
         with atomic_directory(directory) as tmp:                 # a new folder appears whole
             (tmp / CONFIG_NAME).write_text(model.config.to_json())
-            _save_weights(tensors, tmp / WEIGHTS_NAME, meta)
+            save_safetensors(tensors, tmp / WEIGHTS_NAME, meta)
         return
     if not force and any(directory.iterdir()):
         raise FileExistsError(f"{directory} is not empty (use --force to overwrite)")
@@ -250,7 +250,7 @@ def save_pretrained(model, directory, force: bool = False) -> None:
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=directory)
             os.close(fd)
             temps.append(Path(tmp))
-        _save_weights(tensors, temps[0], meta)
+        save_safetensors(tensors, temps[0], meta)
         temps[1].write_text(model.config.to_json())
         for t in temps:
             usual_permissions(t)
