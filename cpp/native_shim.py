@@ -53,8 +53,9 @@ def _lib(build_dir) -> ctypes.CDLL:
         "mm_step": ([P, P], I), "mm_logits": ([P, P], I), "mm_sample": ([P, F, I, F, P], I),
         "mm_generate": ([P, I, F, I, F, P, I, P, P], I), "mm_bench_generate": ([P, I, P], I),
         "mm_reset": ([P], I), "mm_reseed": ([P, U64], I), "mm_fork": ([P], P),
-        "mm_state_bytes": ([P, ctypes.c_char_p], ctypes.c_longlong), "mm_read_state": ([P, ctypes.c_char_p, P], I),
-        "mm_write_state": ([P, ctypes.c_char_p, P], I),
+        "mm_state_bytes": ([P, ctypes.c_char_p], ctypes.c_longlong), "mm_read_state": ([P, ctypes.c_char_p, P, U64], I),
+        "mm_write_state": ([P, ctypes.c_char_p, P, U64], I), "mm_save_state": ([P, ctypes.c_char_p], I),
+        "mm_load_state": ([P, ctypes.c_char_p], I),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -140,11 +141,15 @@ class NativeSession:
         """One state tensor in models.State layout (conv/pool in the model dtype, ssm/prio fp32)."""
         dt = _DTYPES[self.dtype] if name in ("conv", "pool") else torch.float32
         out = torch.empty(tuple(shape), dtype=dt)
-        if self.lib.mm_state_bytes(self.h, name.encode()) != out.numel() * out.element_size():
-            raise NativeError(f"state {name}: size mismatch with {list(shape)} ({self.lib.mm_last_error().decode()})")
-        self._check(self.lib.mm_read_state(self.h, name.encode(), out.data_ptr()))
+        self._check(self.lib.mm_read_state(self.h, name.encode(), out.data_ptr(), out.numel() * out.element_size()))
         return out
 
     def set_state(self, name: str, value: torch.Tensor):
         v = value.contiguous().cpu()
-        self._check(self.lib.mm_write_state(self.h, name.encode(), v.data_ptr()))
+        self._check(self.lib.mm_write_state(self.h, name.encode(), v.data_ptr(), v.numel() * v.element_size()))
+
+    def save_state(self, path):
+        self._check(self.lib.mm_save_state(self.h, str(path).encode()))
+
+    def load_state(self, path):
+        self._check(self.lib.mm_load_state(self.h, str(path).encode()))

@@ -70,6 +70,8 @@ def _shim(build):
                                    ctypes.c_float, ctypes.c_ulonglong, ctypes.c_uint, ctypes.c_void_p]
     lib.mm_host_checkpoint_parameters.restype = ctypes.c_longlong
     lib.mm_host_checkpoint_parameters.argtypes = [ctypes.c_char_p]
+    lib.mm_host_weights_fingerprint.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    lib.mm_host_state_copy.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -106,6 +108,68 @@ def test_corrupt_checkpoint_is_an_error_not_a_crash(build, tmp_path):
     weights.write_bytes(data)
     assert lib.mm_host_checkpoint_parameters(str(ckpt).encode()) == json.loads((ckpt / "expected.json").read_text())[
         "parameters"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_weights_fingerprint_equals_pythons(build, tmp_path, dtype):
+    from memmamba_deploy.session import weights_fingerprint
+
+    lib = _shim(build)
+    file = _python_checkpoint(tmp_path / "ckpt", dtype=dtype) / "model.safetensors"
+    out = ctypes.create_string_buffer(65)
+    assert lib.mm_host_weights_fingerprint(str(file).encode(), out) == 0, lib.mm_host_last_error()
+    stat = file.stat()
+    want = weights_fingerprint(str(file), stat.st_size, stat.st_mtime_ns)
+    assert out.value.decode() == want      # the host build finds OpenSSL here; the fingerprint is then never empty
+
+
+@pytest.mark.parametrize("dtype,memory,batch", [(torch.float32, True, 2), (torch.float16, True, 1),
+                                                (torch.float32, False, 1)])
+def test_session_state_files_go_between_python_and_cpp(build, tmp_path, dtype, memory, batch):
+    """A stream Python's Session.save_state wrote reads in the C++ runtime's reader, and what the C++ writer writes
+    from it loads back in Python and goes on exactly as the original: the two runtimes share the format."""
+    from safetensors.torch import load_file
+
+    from memmamba_deploy.session import Session
+
+    lib = _shim(build)
+    ckpt = _python_checkpoint(tmp_path / "ckpt", dtype=dtype, memory=memory)
+    a = Session.open(ckpt, device="cpu")
+    prompt = torch.randint(0, 256, (batch, 17), generator=torch.Generator().manual_seed(2))
+    a.prefill(prompt)
+    list(a.generate(None, 5))                             # leaves its last tokens pending
+    a.save_state(tmp_path / "py.safetensors")
+    rest = torch.stack([torch.as_tensor(t) for t in a.generate(None, 9)])
+    rc = lib.mm_host_state_copy(str(tmp_path / "py.safetensors").encode(), str(tmp_path / "cpp.safetensors").encode(),
+                                str(ckpt).encode(), batch, int(dtype == torch.float16))
+    assert rc == 0, lib.mm_host_last_error()
+    py, cpp = load_file(tmp_path / "py.safetensors"), load_file(tmp_path / "cpp.safetensors")
+    assert set(cpp) == set(py) and "pending" in py
+    for k, v in py.items():
+        assert cpp[k].dtype == v.dtype and torch.equal(cpp[k], v), k
+    b = Session.open(ckpt, device="cpu")
+    b.load_state(tmp_path / "cpp.safetensors")
+    assert torch.equal(torch.stack([torch.as_tensor(t) for t in b.generate(None, 9)]), rest)
+
+
+def test_cpp_refuses_a_state_file_that_does_not_fit(build, tmp_path):
+    from memmamba_deploy.session import Session
+
+    lib = _shim(build)
+    ckpt = _python_checkpoint(tmp_path / "ckpt")
+    s = Session.open(ckpt, device="cpu")
+    s.prefill(torch.randint(0, 256, (1, 9)))
+    s.save_state(tmp_path / "s.safetensors")
+    twin = tmp_path / "twin"                                # the same config, other weights
+    make_model(seed=4).save_pretrained(twin)
+    plain = tmp_path / "plain"
+    make_model(seed=3, memory=False).save_pretrained(plain)
+    for directory, batch, message in [(twin, 1, b"a model with other weights"), (plain, 1, b"another model: memory"),
+                                      (ckpt, 2, b"a batch of 1 rows; this session has batch 2")]:
+        assert lib.mm_host_state_copy(str(tmp_path / "s.safetensors").encode(), None, str(directory).encode(),
+                                      batch, 0) == -1
+        assert message in lib.mm_host_last_error(), lib.mm_host_last_error()
+    assert lib.mm_host_state_copy(str(tmp_path / "s.safetensors").encode(), None, str(ckpt).encode(), 1, 0) == 0
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@
 #include "cuda_util.h"
 #include "half.h"
 #include "kernels.h"
+#include "state_file.h"
 
 namespace memmamba::detail
 {
@@ -63,6 +64,7 @@ struct Weights
     void *emb{nullptr}, *normF{nullptr};
     int64_t parameters{0};
     size_t bytes{0};
+    std::shared_ptr<LazyFingerprint> fingerprint;   // of model.safetensors, for session state files
 };
 
 class WeightPacker
@@ -146,6 +148,7 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
     w->dtype = dtype;
     w->device = device;
     w->parameters = ck.parameterCount();
+    w->fingerprint = std::make_shared<LazyFingerprint>(ck.directory() + "/model.safetensors");
     WeightPacker pk(ck, dtype);
     struct Slots
     {
@@ -568,18 +571,7 @@ public:
         return other;
     }
 
-    std::vector<StateTensorInfo> stateInfo() const override
-    {
-        int64_t L = c_.n_layers, B = opt_.batch;
-        std::vector<StateTensorInfo> out{{"conv", {L, B, c_.dInner(), c_.d_conv - 1}, w_->dtype},
-            {"ssm", {L, B, c_.dInner(), c_.d_state}, DType::kFloat32}};
-        if (c_.memory)
-        {
-            out.push_back({"pool", {L, B, c_.pool_size, c_.summary_dim}, w_->dtype});
-            out.push_back({"prio", {L, B, c_.pool_size}, DType::kFloat32});
-        }
-        return out;
-    }
+    std::vector<StateTensorInfo> stateInfo() const override { return stateLayout(c_, opt_.batch, w_->dtype); }
 
     void readState(std::string const& name, void* host) const override
     {
@@ -596,6 +588,22 @@ public:
         hasLogits_ = false;     // they were the old state's: the next token fed gives the restored state's
         canUndo_ = false;
     }
+
+    void writeLogits(float const* host) override
+    {
+        DeviceGuard onDevice(opt_.device);
+        size_t n = static_cast<size_t>(opt_.batch) * c_.vocab_size;
+        std::vector<uint16_t> half(actElem_ == 2 ? n : 0);   // the model dtype's logits buffer
+        for (size_t i = 0; i < half.size(); ++i)
+            half[i] = floatToHalf(host[i]);
+        void const* src = actElem_ == 2 ? static_cast<void const*>(half.data()) : static_cast<void const*>(host);
+        MM_CUDA(cudaMemcpyAsync(logits_[cur_].get(), src, n * actElem_, cudaMemcpyHostToDevice, stream_));
+        MM_CUDA(cudaStreamSynchronize(stream_));
+        hasLogits_ = true;
+        canUndo_ = false;
+    }
+
+    std::string weightsFingerprint() const override { return w_->fingerprint->get(); }
 
     void synchronize() const override
     {

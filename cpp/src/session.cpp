@@ -2,6 +2,8 @@
 #include <algorithm>
 
 #include "backend.h"
+#include "checkpoint.h"
+#include "state_file.h"
 
 namespace memmamba
 {
@@ -206,6 +208,78 @@ std::unique_ptr<Session> Session::fork() const
 
 std::vector<StateTensorInfo> Session::stateInfo() const { return backend_->stateInfo(); }
 void Session::readState(std::string const& name, void* host) const { backend_->readState(name, host); }
+
+namespace
+{
+void checkStateBuffer(std::vector<StateTensorInfo> const& layout, std::string const& name, void const* host,
+    size_t bytes)
+{
+    std::string names;
+    for (auto const& info : layout)
+    {
+        if (info.name == name)
+        {
+            if (!host)
+                throw Error("the host buffer for state tensor '" + name + "' is null");
+            if (bytes != info.bytes())
+                throw Error("state tensor '" + name + "' " + shapeString(info.shape) + " " + dtypeName(info.dtype)
+                    + " is " + std::to_string(info.bytes()) + " bytes; the host buffer is " + std::to_string(bytes));
+            return;
+        }
+        names += (names.empty() ? "" : ", ") + info.name;
+    }
+    throw Error("no state tensor '" + name + "': the state has " + names);
+}
+} // namespace
+
+void Session::readState(std::string const& name, void* host, size_t bytes) const
+{
+    checkStateBuffer(stateInfo(), name, host, bytes);
+    backend_->readState(name, host);
+}
+
+void Session::writeState(std::string const& name, void const* host, size_t bytes)
+{
+    checkStateBuffer(stateInfo(), name, host, bytes);
+    writeState(name, host);
+}
+
+void Session::saveState(std::string const& path) const
+{
+    if (!backend_->hasLogits())
+        throw Error("nothing to save: no token fed since the session was opened, reset or its state written "
+                    "(prefill() or step() first)");
+    std::vector<StateTensorInfo> layout = stateInfo();
+    SessionStateData data;
+    for (auto const& info : layout)
+    {
+        std::vector<uint8_t>& bytes = data.state[info.name];
+        bytes.resize(info.bytes());
+        backend_->readState(info.name, bytes.data());
+    }
+    data.logits.resize(static_cast<size_t>(batch()) * config().vocab_size);
+    backend_->logits(data.logits.data());
+    data.pending = pending_;
+    data.hasStream = true;
+    data.seed = seed_;
+    data.draws = draws_;
+    writeSessionState(path, config(), backend_->weightsFingerprint(), layout, data);
+}
+
+void Session::loadState(std::string const& path)
+{
+    std::vector<StateTensorInfo> layout = stateInfo();
+    SessionStateData data = readSessionState(path, config(), backend_->weightsFingerprint(), layout);
+    for (auto const& info : layout)
+        backend_->writeState(info.name, data.state.at(info.name).data());
+    backend_->writeLogits(data.logits.data());
+    pending_ = data.pending;
+    if (data.hasStream)
+    {
+        seed_ = data.seed;
+        draws_ = static_cast<uint32_t>(data.draws);
+    }
+}
 
 void Session::writeState(std::string const& name, void const* host)
 {

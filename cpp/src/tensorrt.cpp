@@ -22,6 +22,7 @@
 #include "cuda_util.h"
 #include "json.h"
 #include "kernels.h"
+#include "state_file.h"
 
 #define MM_STR2(x) #x
 #define MM_STR(x) MM_STR2(x)
@@ -153,6 +154,7 @@ struct Engines
     int maxBatch{1}, maxPrefill{1};
     std::vector<StateSpec> states;
     std::string dir;
+    std::shared_ptr<LazyFingerprint> fingerprint;   // of the export's reference weights, for session state files
     ~Engines()
     {
         decode.reset(); // engines before the runtime
@@ -212,6 +214,9 @@ std::shared_ptr<Engines> loadEngines(std::string const& dir, SessionOptions cons
         spec.initial = static_cast<float>(field(s, "initial", path + " state").asNumber("state initial"));
         e->states.push_back(spec);
     }
+    auto const* reference = m.find("reference");    // the exported weights (export/manifest.py), if kept
+    e->fingerprint = std::make_shared<LazyFingerprint>(reference && reference->isString()
+            ? dir + "/" + reference->asString("reference") + "/model.safetensors" : std::string());
     e->maxBatch = static_cast<int>(field(*trt, "max_batch", path).asInt("max_batch"));
     e->maxPrefill = static_cast<int>(field(*trt, "max_prefill", path).asInt("max_prefill"));
     if (options.batch > e->maxBatch)
@@ -426,6 +431,14 @@ public:
         hasLogits_ = false;     // they were the old state's: the next token fed gives the restored state's
         canUndo_ = false;
     }
+    void writeLogits(float const* host) override
+    {
+        synchronize();
+        MM_CUDA(cudaMemcpy(logits_[cur_].get(), host, logits_[cur_].bytes(), cudaMemcpyHostToDevice));
+        hasLogits_ = true;
+        canUndo_ = false;
+    }
+    std::string weightsFingerprint() const override { return e_->fingerprint->get(); }
     void synchronize() const override { MM_CUDA(cudaStreamSynchronize(stream_)); }
 
 private:

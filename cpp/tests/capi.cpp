@@ -126,6 +126,14 @@ long long mm_state_bytes(void* h, char const* name)
     return n;
 }
 
-int mm_read_state(void* h, char const* name, void* out) { return guard([&] { S(h)->readState(name, out); }); }
-int mm_write_state(void* h, char const* name, void const* in) { return guard([&] { S(h)->writeState(name, in); }); }
+int mm_read_state(void* h, char const* name, void* out, unsigned long long bytes)
+{
+    return guard([&] { S(h)->readState(name, out, bytes); });
+}
+int mm_write_state(void* h, char const* name, void const* in, unsigned long long bytes)
+{
+    return guard([&] { S(h)->writeState(name, in, bytes); });
+}
+int mm_save_state(void* h, char const* path) { return guard([&] { S(h)->saveState(path); }); }
+int mm_load_state(void* h, char const* path) { return guard([&] { S(h)->loadState(path); }); }
 }

@@ -23,6 +23,7 @@
 #include "memmamba/memmamba.h"
 #include "safetensors.h"
 #include "sampling.h"
+#include "state_file.h"
 
 using namespace memmamba;
 
@@ -436,6 +437,101 @@ TEST(checkpoint_written_by_python)
         for (size_t i = 0; i < w.size(); ++i)
             CHECK(got[i] == static_cast<float>(w[i].asNumber(name)));
     }
+}
+
+// ---- session state files -----------------------------------------------------------------------------------------
+TEST(session_state_file_round_trip_and_refusals)
+{
+    Config c;
+    c.vocab_size = 11;
+    c.n_layers = 2;
+    c.dt_rank = 4;
+    c.norm_eps = 1e-6;            // floats that must round-trip through the file's JSON
+    c.insert_threshold = 0.1;
+    c.read_threshold = 0.0;
+    c.validate();
+    Config back = Config::fromJson(configToJson(c));
+    CHECK(configDifferences(back, c).empty());
+    auto layout = stateLayout(c, 2, DType::kFloat16);
+    SessionStateData data;
+    uint16_t v = 0;
+    for (auto const& info : layout)
+    {
+        auto& bytes = data.state[info.name];
+        bytes.resize(info.bytes());
+        for (size_t i = 0; i < bytes.size(); i += info.dtype == DType::kFloat16 ? 2 : 4)
+        {
+            float x = info.name == "prio" ? (i % 8 ? 0.25f * (i % 5) : -1.f) : 0.001f * static_cast<float>(++v);
+            if (info.dtype == DType::kFloat16)
+            {
+                uint16_t h = floatToHalf(x);
+                std::memcpy(bytes.data() + i, &h, 2);
+            }
+            else
+                std::memcpy(bytes.data() + i, &x, 4);
+        }
+    }
+    for (int i = 0; i < 22; ++i)
+        data.logits.push_back(0.5f * static_cast<float>(i) - 3.f);
+    data.pending = {3, 10};
+    data.hasStream = true;
+    data.seed = ~uint64_t{0} - 5;   // a seed past int64: its bits go through the file
+    data.draws = 42;
+    std::string dir = tempDir(), path = dir + "/s.safetensors", sha = std::string(64, 'a');
+    writeSessionState(path, c, sha, layout, data);
+    SessionStateData got = readSessionState(path, c, sha, layout);
+    CHECK(got.state == data.state && got.logits == data.logits && got.pending == data.pending);
+    CHECK(got.hasStream && got.seed == data.seed && got.draws == 42);
+    CHECK(readSessionState(path, c, "", layout).logits == data.logits);   // weights unknown here: not checked
+    auto fp32 = stateLayout(c, 2, DType::kFloat32);      // conv and pool read into an fp32 session, converted
+    SessionStateData wide = readSessionState(path, c, sha, fp32);
+    float first;
+    std::memcpy(&first, wide.state.at("conv").data(), 4);
+    CHECK(first == halfToFloat(floatToHalf(0.001f)));
+
+    Config other = c;
+    other.d_state = 4;
+    CHECK_ERROR(readSessionState(path, other, sha, stateLayout(other, 2, DType::kFloat16)),
+        "another model: d_state 8 vs 4");
+    CHECK_ERROR(readSessionState(path, c, std::string(64, 'b'), layout), "other weights");
+    CHECK_ERROR(readSessionState(path, c, sha, stateLayout(c, 1, DType::kFloat16)), "batch of 2 rows; this session has batch 1");
+    CHECK_ERROR(readSessionState(dir, c, sha, layout), "is a directory");
+    CHECK_ERROR(readSessionState(dir + "/none", c, sha, layout), "no session state file");
+
+    auto mutate = [&](std::function<void(SessionStateData&)> const& f) {
+        SessionStateData d = data;
+        f(d);
+        return d;
+    };
+    SessionStateData nan = mutate([](SessionStateData& d) { d.logits[3] = std::nanf(""); });
+    CHECK_ERROR(writeSessionState(dir + "/nan.safetensors", c, sha, layout, nan), "hold NaN or infinite values");
+    SessionStateData prio = mutate([](SessionStateData& d) {
+        float bad = -0.5f;
+        std::memcpy(d.state["prio"].data(), &bad, 4);
+    });
+    writeSessionState(dir + "/prio.safetensors", c, sha, layout, prio);
+    CHECK_ERROR(readSessionState(dir + "/prio.safetensors", c, sha, layout), "neither scores (>= 0) nor -1");
+    writeSessionState(dir + "/tok.safetensors", c, sha, layout, mutate([](SessionStateData& d) { d.pending[1] = 11; }));
+    CHECK_ERROR(readSessionState(dir + "/tok.safetensors", c, sha, layout), "pending tokens must be [2] integer ids");
+
+    std::ifstream in(path, std::ios::binary);
+    std::string whole((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    writeFile(dir + "/cut.safetensors", whole.substr(0, whole.size() - 9));
+    CHECK_ERROR(readSessionState(dir + "/cut.safetensors", c, sha, layout), "truncated?");
+    writeFile(dir + "/ckpt.safetensors", safetensors({{"w", "F32", {1}, f32Bytes({1})}}));
+    CHECK_ERROR(readSessionState(dir + "/ckpt.safetensors", c, sha, layout), "is not a session state file");
+    CHECK_ERROR(writeSessionState(dir, c, sha, layout, data), "is a directory");
+    CHECK_ERROR(writeSessionState(dir + "/no/such/dir.safetensors", c, sha, layout, data), "cannot write");
+    // every write above went through a temp file: none is left behind, and the refused ones wrote nothing
+    std::string listing;
+    for (char const* name : {"nan.safetensors", "no"})
+        CHECK(access((dir + "/" + name).c_str(), F_OK) != 0);
+    FILE* ls = popen(("ls -a " + dir).c_str(), "r");
+    char buf[256];
+    while (std::fgets(buf, sizeof buf, ls))
+        listing += buf;
+    pclose(ls);
+    CHECK(listing.find(".tmp-") == std::string::npos);
 }
 
 // ---- sampling ------------------------------------------------------------------------------------------------------------

@@ -164,10 +164,26 @@ public:
     std::unique_ptr<Session> fork() const;
 
     std::vector<StateTensorInfo> stateInfo() const;
-    void readState(std::string const& name, void* host) const;  //!< copy one state tensor to the host
+    //! Copy one state tensor to the host; `bytes`, the buffer's size, must be its StateTensorInfo::bytes().
+    void readState(std::string const& name, void* host, size_t bytes) const;
     //! And back (same layout and dtype); drops generate()'s pending tokens and the logits (both belong to the old
     //! state): feed the next token (step or prefill) before logits(), sample() or generate().
+    void writeState(std::string const& name, void const* host, size_t bytes);
+    //! The same without the size check: `host` must hold stateInfo()'s bytes() for `name`.
+    void readState(std::string const& name, void* host) const;
     void writeState(std::string const& name, void const* host);
+
+    //! Write the stream so far to a session state file: a safetensors file in the format of Python's
+    //! Session.save_state (the recurrent state, the logits, generate()'s pending tokens, the sampling stream's seed
+    //! and draws, the model's config and, in builds with OpenSSL, its weights' sha256). It appears whole or not at
+    //! all. A stream saved by either runtime goes on in the other, e.g. a long prompt prefilled by the Python
+    //! Triton backend, then decoded here; each runtime keeps its own sampling stream (they draw with different
+    //! generators: greedy tokens agree, sampled ones do not). Needs logits (a token fed since open/reset/writeState).
+    void saveState(std::string const& path) const;
+    //! Go on from a state file of the same model (config; weights where both sides know their sha256) and batch:
+    //! replaces the state, the logits, the pending tokens and, from a file this runtime wrote, the sampling stream.
+    //! A file that does not fit is refused with an Error naming the problem, and the session stays as it was.
+    void loadState(std::string const& path);
 
     void synchronize() const; //!< wait for the session's stream
 
