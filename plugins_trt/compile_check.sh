@@ -15,7 +15,8 @@ mkdir -p "$OUT_DIR"
 version=$(grep -hE "define (TRT|NV_TENSORRT)_(MAJOR|MINOR|PATCH)(_ENTERPRISE)? [0-9]" "$TRT_INCLUDE/NvInferVersion.h" \
   | awk '{print $3}' | head -3 | paste -sd.)
 echo "TensorRT headers: $TRT_INCLUDE (version $version)"
-FLAGS=(-std=c++17 -O2 -shared -Xcompiler -fPIC,-fvisibility=hidden,-Wall -Xlinker --no-undefined
+# MEMMAMBA_AOT_TEST_HOOKS: this build is the tests', so the AOT runtime honours MEMMAMBA_AOT_DRYRUN
+FLAGS=(-std=c++17 -O2 -shared -DMEMMAMBA_AOT_TEST_HOOKS -Xcompiler -fPIC,-fvisibility=hidden,-Wall -Xlinker --no-undefined
        -isystem "$TRT_INCLUDE" -I "$CUDA_INCLUDE" -I "$HERE/aot_runtime/include" -I "$HERE/common" -I "$AOT_DIR")
 "$NVCC" "${FLAGS[@]}" -o "$OUT_DIR/libmemmamba_plugins.so" \
   "$HERE/pluginLibrary.cpp" "$HERE/common/memmambaPlugin.cpp" "$HERE/common/opLaunch.cpp" \

@@ -213,9 +213,7 @@ def test_every_plugin_kernel_is_compiled_for_every_sm(built):
 @pytest.mark.parametrize("headers", [TRT_HEADERS, TRT10_HEADERS], ids=["trt-11.1", "trt-10.3"])
 def test_plugin_library_compiles_against_trt_headers(tmp_path_factory, headers):
     lib, _ = _project_build(tmp_path_factory, headers)
-    exported = subprocess.run(["nm", "-D", "--defined-only", str(lib.plugins)], capture_output=True, text=True).stdout
-    assert sorted(line.split()[-1] for line in exported.splitlines() if not line.split()[-1].startswith("_")) == \
-        ["getCreators", "setLoggerFinder"]
+    assert _exported(lib.plugins) == ["getCreators", "setLoggerFinder"]
     listing = subprocess.run([str(lib.harness_cli), str(lib.plugins)], capture_output=True, text=True, check=True)
     field_type = {"int": FIELD_INT32, "float": FIELD_FLOAT32}
     want = []
@@ -225,12 +223,25 @@ def test_plugin_library_compiles_against_trt_headers(tmp_path_factory, headers):
     assert sorted(listing.stdout.splitlines()) == sorted(want)
 
 
+def _exported(library) -> list[str]:
+    """The dynamic symbols a library defines, less the linker's own (_init, _fini, __bss_start, ...) and the C++
+    standard library's template instances (namespace std: every C++ library exports those weakly)."""
+    import re
+
+    out = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True)
+    names = [line.split()[-1] for line in out.stdout.splitlines()]
+    in_std = re.compile(r"^_Z(T[VIS]|GV)?Z?N?[KVR]*S[tabsiod]")
+    return sorted(n for n in names if n.startswith("_Z") and not in_std.match(n) or not n.startswith("_"))
+
+
 def test_cmake_builds_the_library_and_the_harness(built, tmp_path):
     lib, _ = built
     cmake = build_plugins(tmp_path / "build", trt_include=TRT_HEADERS, aot_dir=lib.build_dir.parent / "aot",
                           jobs=2)
     listing = subprocess.run([str(cmake.harness_cli), str(cmake.plugins)], capture_output=True, text=True, check=True)
     assert len(listing.stdout.splitlines()) == 2 * len(CUSTOM_OPS)
+    assert _exported(cmake.plugins) == ["getCreators", "setLoggerFinder"]     # the AOT runtime's symbols hidden too
+    assert b"MEMMAMBA_AOT_DRYRUN" not in cmake.plugins.read_bytes()          # no test hooks in a library for use
 
 
 def test_cmake_names_the_missing_tensorrt_headers(tmp_path):

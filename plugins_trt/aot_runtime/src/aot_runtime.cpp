@@ -93,8 +93,12 @@ std::string errorName(CUresult code)
 
 char const* dryRunFile()
 {
+#ifdef MEMMAMBA_AOT_TEST_HOOKS   // test builds only (compile_check.sh): a library built for use never reads it
     char const* v = std::getenv("MEMMAMBA_AOT_DRYRUN");
     return v && v[0] ? v : nullptr;
+#else
+    return nullptr;
+#endif
 }
 
 CUresult recordLaunch(char const* path, KernelImage const& k, Grid grid, void** params)

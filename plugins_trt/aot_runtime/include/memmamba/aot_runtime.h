@@ -49,7 +49,8 @@ struct Grid
 //! Launch `kernel` on `stream` (in the CUDA context current on this thread). `params` holds one pointer per
 //! kernel parameter, in order. A grid with a zero dimension launches nothing and succeeds.
 //! Returns CUDA_SUCCESS or an error code; lastError() then says what went wrong, naming the kernel.
-//! Dry run: with MEMMAMBA_AOT_DRYRUN=FILE set, nothing is loaded or run; each launch appends one line to FILE,
+//! Dry run (builds defining MEMMAMBA_AOT_TEST_HOOKS only, as compile_check.sh's for the tests): with
+//! MEMMAMBA_AOT_DRYRUN=FILE set, nothing is loaded or run; each launch appends one line to FILE,
 //! "name gridX gridY gridZ" and every parameter's bytes in hex, so a launcher can be checked without a GPU
 //! (tests/test_plugins_aot.py replays the lines in Triton's interpreter).
 CUresult launch(KernelImage const& kernel, Grid grid, CUstream stream, void** params);
