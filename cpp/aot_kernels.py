@@ -3,6 +3,8 @@
 
     python cpp/aot_kernels.py --out DIR [--arch 80,86,87,89,90] [--preset tiny,130m] [--config CKPT/config.json ...]
 
+The bundled demo checkpoints' shapes (memmamba_deploy/assets) are always in the library.
+
 Kernels (all from models/ops/triton; the default "cublas" plan does every projection with cuBLASLt):
     decode_*      decode.py's kernels as models/ops/triton/aot.py decode_aot_kernels describes them: the
                   "_noproj" norms (residual + RMSNorm) and decode_note_pool(_cross) (§3-§5) in both plans; the
@@ -163,6 +165,11 @@ def build(configs, out: Path, archs, ptx: bool = True, jobs: int = 0) -> int:
     return len(done)
 
 
+def bundled_configs() -> list[str]:
+    """The demo checkpoints' config.json files (memmamba_deploy/assets): the README's examples run on them."""
+    return sorted(str(p) for p in (REPO / "memmamba_deploy" / "assets").glob("*/config.json"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -173,15 +180,15 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=0, help="compiler processes (default: one per CPU)")
     args = ap.parse_args(argv)
     from memmamba_deploy import aot
-    from memmamba_deploy.models import MemMambaConfig
 
     try:
+        aot.check_source_tree()          # this file's tree is first on sys.path: its models must be imported too
+        from memmamba_deploy.models import MemMambaConfig
+
         presets = [p for p in args.preset.split(",") if p and p != "none"]
         # a preset's plain-Mamba twin (memory off) is a shape of its own: compile both
         configs = [MemMambaConfig.preset(p, memory=m) for p in presets for m in (True, False)]
-        configs += [MemMambaConfig.load(p) for p in args.config]
-        if not configs:
-            raise ValueError("no model shapes: give --preset and/or --config")
+        configs += [MemMambaConfig.load(p) for p in args.config + bundled_configs()]
         archs = aot.parse_archs(args.arch)
         n = build(configs, Path(args.out), archs, ptx=not args.no_ptx, jobs=args.jobs)
     except (aot.AotError, ValueError, OSError) as e:

@@ -55,7 +55,7 @@ def _lib(build_dir) -> ctypes.CDLL:
         "mm_reset": ([P], I), "mm_reseed": ([P, U64], I), "mm_fork": ([P], P),
         "mm_state_bytes": ([P, ctypes.c_char_p], ctypes.c_longlong), "mm_read_state": ([P, ctypes.c_char_p, P, U64], I),
         "mm_write_state": ([P, ctypes.c_char_p, P, U64], I), "mm_save_state": ([P, ctypes.c_char_p], I),
-        "mm_load_state": ([P, ctypes.c_char_p], I),
+        "mm_load_state": ([P, ctypes.c_char_p], I), "mm_pending": ([P, P], I),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -147,6 +147,14 @@ class NativeSession:
     def set_state(self, name: str, value: torch.Tensor):
         v = value.contiguous().cpu()
         self._check(self.lib.mm_write_state(self.h, name.encode(), v.data_ptr(), v.numel() * v.element_size()))
+
+    def pending(self) -> torch.Tensor:
+        """generate()'s last tokens, not yet fed ([batch], or empty)."""
+        out = torch.full((self.batch,), -1, dtype=torch.int32)
+        n = self.lib.mm_pending(self.h, out.data_ptr())
+        if n < 0:
+            raise NativeError(self.lib.mm_last_error().decode())
+        return out[:n]
 
     def save_state(self, path):
         self._check(self.lib.mm_save_state(self.h, str(path).encode()))

@@ -435,8 +435,28 @@ def parse_archs(archs) -> tuple[int, ...]:
 
 
 # ---- the project's kernels -------------------------------------------------------------------------------------
+def check_source_tree() -> Path:
+    """The source tree whose kernels this process compiles, after checking that memmamba_deploy and its models
+    (where the kernels live) come from that one tree: with another checkout's editable install the package can
+    resolve here and its models there, and a library would be built from sources its build never looked at."""
+    import memmamba_deploy
+
+    try:
+        from . import models
+    except ImportError as e:
+        raise AotError(f"cannot import memmamba_deploy.models ({e}): install the project (pip install -e .)") from None
+    package = Path(memmamba_deploy.__file__).resolve().parent
+    found = Path(models.__file__).resolve().parent
+    if found not in (package / "models", package.parent / "models"):
+        raise AotError(f"memmamba_deploy is imported from {package} but its models (the kernels' source) from "
+                       f"{found}: an editable install of another checkout; install this one "
+                       f"(pip install -e {package.parent}) or build from {found.parent}")
+    return package.parent
+
+
 def project_kernels(only: Iterable[str] = ()) -> list[AotKernel]:
     """Every variant listed in models.ops.triton.AOT_KERNELS (or the ones named in `only`)."""
+    check_source_tree()
     try:
         from .models.ops import triton as kernels_pkg
     except ImportError as e:

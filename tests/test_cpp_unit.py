@@ -49,7 +49,7 @@ def test_ctest_runs_every_host_test(build, tmp_path):
     run = subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"], capture_output=True, text=True,
                          env={**os.environ, "MEMMAMBA_TEST_CHECKPOINT": str(ckpt)})
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    assert "100% tests passed" in run.stdout
+    assert "100% tests passed" in run.stdout and "Skipped" not in run.stdout and "Not Run" not in run.stdout
     listed = subprocess.run([str(build / "memmamba_unit_tests"), "--list"], capture_output=True, text=True).stdout.split()
     registered = re.findall(r"Test +#\d+: (\w+) ", run.stdout)
     assert len(listed) >= 12 and sorted(registered) == sorted(listed), "every C++ test must be registered with ctest"
@@ -172,6 +172,23 @@ def test_cpp_refuses_a_state_file_that_does_not_fit(build, tmp_path):
     assert lib.mm_host_state_copy(str(tmp_path / "s.safetensors").encode(), None, str(ckpt).encode(), 1, 0) == 0
 
 
+def test_kernels_compile_only_from_one_source_tree(tmp_path):
+    """A checkout whose memmamba_deploy imports first while another checkout's editable install supplies its models
+    (the kernels' source): the AOT builds refuse, naming both, instead of compiling the other tree's kernels."""
+    import sys
+
+    other = tmp_path / "checkout"
+    shutil.copytree(REPO / "memmamba_deploy", other / "memmamba_deploy", ignore=shutil.ignore_patterns("assets"))
+    shutil.copytree(REPO / "cpp", other / "cpp", ignore=shutil.ignore_patterns("build*"))
+    code = f"import sys; sys.path.insert(0, {str(other)!r}); from memmamba_deploy import aot; aot.project_kernels()"
+    for cmd in ([sys.executable, "-c", code],
+                [sys.executable, str(other / "cpp" / "aot_kernels.py"), "--out", str(tmp_path / "aot"), "--arch", "90"]):
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+        assert run.returncode != 0 and "an editable install of another checkout" in run.stderr, run.stderr[-2000:]
+        assert str(other / "memmamba_deploy") in run.stderr and str(REPO / "models") in run.stderr
+    assert not (tmp_path / "aot").exists()
+
+
 @pytest.mark.slow
 def test_runtime_kernel_library_compiles(tmp_path):
     """cpp/aot_kernels.py: every kernel variant libmemmamba launches (tiny preset) compiles ahead of time for sm_90
@@ -192,6 +209,7 @@ def test_runtime_kernel_library_compiles(tmp_path):
             assert f'{{"{op}", "{act}", ' in table, (op, act)
     # the tiny preset and its plain-Mamba twin: the memory kernels once, the shared ones once per shape key
     assert any(k.endswith("_nomem") for k in kernels) and any("_K8_" in k for k in kernels)
+    assert any("_d128_" in k for k in kernels)                      # the bundled demo checkpoints' shape, unasked
     assert table.count('\n    {"') == len(kernels)                     # one table row per compiled kernel
     assert all(sorted(k["cubins"]) == ["87", "90"] for k in kernels.values())
     # every Launch(...) in the runtime's sources passes exactly the arguments of one kernel, by name

@@ -255,6 +255,7 @@ public:
         : e_(std::move(engines))
         , opt_(std::move(options))
     {
+        opt_.dtype = e_->dtype;     // the engines decide; options() tells what runs
         DeviceGuard onDevice(opt_.device);
         // blocking w.r.t. the legacy stream: TensorRT's own setup work there is ordered before our first step
         MM_CUDA(cudaStreamCreate(&stream_));
@@ -339,20 +340,31 @@ public:
     bool hasLogits() const override { return hasLogits_; }
     void logits(float* out) const override
     {
+        DeviceGuard onDevice(opt_.device);
         MM_CUDA(cudaMemcpyAsync(out, logits_[cur_].get(), logits_[cur_].bytes(), cudaMemcpyDeviceToHost, stream_));
         MM_CUDA(cudaStreamSynchronize(stream_));
     }
 
     void setSampling(SamplingParams const& p) override
     {
+        DeviceGuard onDevice(opt_.device);
         float host[4] = {p.temperature, static_cast<float>(p.topK), p.topP, 0.f};
         MM_CUDA(cudaMemcpyAsync(params_.get(), host, sizeof(host), cudaMemcpyHostToDevice, stream_));
         MM_CUDA(cudaStreamSynchronize(stream_));
     }
-    void resample() override { sample(cur_); }
-    void stepNext() override { run(*decode_, tok_[cur_].get(), 1); }
+    void resample() override
+    {
+        DeviceGuard onDevice(opt_.device);
+        sample(cur_);
+    }
+    void stepNext() override
+    {
+        DeviceGuard onDevice(opt_.device);
+        run(*decode_, tok_[cur_].get(), 1);
+    }
     void copyNextAsync(int slot) override
     {
+        DeviceGuard onDevice(opt_.device);
         MM_CUDA(cudaMemcpyAsync(pinned_ + slot * opt_.batch, tok_[cur_].get(), opt_.batch * 8, cudaMemcpyDeviceToHost,
             stream_));
         MM_CUDA(cudaEventRecord(nextReady_[slot], stream_));
@@ -398,6 +410,7 @@ public:
     }
     std::unique_ptr<Backend> fork() const override
     {
+        DeviceGuard onDevice(opt_.device);
         synchronize();
         auto other = std::make_unique<TensorRTBackend>(e_, opt_);
         for (auto const& s : e_->states)
@@ -419,12 +432,14 @@ public:
     }
     void readState(std::string const& name, void* host) const override
     {
+        DeviceGuard onDevice(opt_.device);
         synchronize();
         auto const& s = spec(name);
         MM_CUDA(cudaMemcpy(host, state_[cur_].at(s.field).get(), bytes(s), cudaMemcpyDeviceToHost));
     }
     void writeState(std::string const& name, void const* host) override
     {
+        DeviceGuard onDevice(opt_.device);
         synchronize();
         auto const& s = spec(name);
         MM_CUDA(cudaMemcpy(state_[cur_].at(s.field).get(), host, bytes(s), cudaMemcpyHostToDevice));
@@ -433,13 +448,18 @@ public:
     }
     void writeLogits(float const* host) override
     {
+        DeviceGuard onDevice(opt_.device);
         synchronize();
         MM_CUDA(cudaMemcpy(logits_[cur_].get(), host, logits_[cur_].bytes(), cudaMemcpyHostToDevice));
         hasLogits_ = true;
         canUndo_ = false;
     }
     std::string weightsFingerprint() const override { return e_->fingerprint->get(); }
-    void synchronize() const override { MM_CUDA(cudaStreamSynchronize(stream_)); }
+    void synchronize() const override
+    {
+        DeviceGuard onDevice(opt_.device);
+        MM_CUDA(cudaStreamSynchronize(stream_));
+    }
 
 private:
     std::shared_ptr<Engines> e_;

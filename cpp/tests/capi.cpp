@@ -134,6 +134,17 @@ int mm_write_state(void* h, char const* name, void const* in, unsigned long long
 {
     return guard([&] { S(h)->writeState(name, in, bytes); });
 }
+//! generate()'s pending tokens into out[batch]; returns how many (0: none) or -1.
+int mm_pending(void* h, int* out)
+{
+    int n = -1;
+    guard([&] {
+        auto p = S(h)->pendingTokens();
+        std::memcpy(out, p.data(), p.size() * sizeof(int));
+        n = static_cast<int>(p.size());
+    });
+    return n;
+}
 int mm_save_state(void* h, char const* path) { return guard([&] { S(h)->saveState(path); }); }
 int mm_load_state(void* h, char const* path) { return guard([&] { S(h)->loadState(path); }); }
 }

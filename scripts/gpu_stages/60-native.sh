@@ -29,6 +29,16 @@ if ! { cmake -S cpp -B "$BUILD" -DPython3_EXECUTABLE="$(command -v python3)" -DM
 fi
 echo "@@ native: built in $(( $(date +%s) - t0 ))s for sm_$SM ($([ ${#TRT_FLAGS[@]} -gt 0 ] && echo 'with' || echo 'without') the TensorRT backend); libmemmamba.so links: $(ldd "$BUILD/libmemmamba.so" | awk '/cublas|cudart|nvinfer/ {print $1}' | paste -sd,)"
 
+# an application of the installed library: find_package(memmamba CONFIG), memmamba::memmamba (cpp/tests/consumer)
+inst=$(mktemp -d)
+if [ -n "$DEMO" ] && cmake --install "$BUILD" --prefix "$inst/prefix" > "$inst/log" 2>&1 \
+   && cmake -S cpp/tests/consumer -B "$inst/b" -DCMAKE_PREFIX_PATH="$inst/prefix" >> "$inst/log" 2>&1 \
+   && cmake --build "$inst/b" >> "$inst/log" 2>&1 && "$inst/b/consumer" "$DEMO" >> "$inst/log" 2>&1; then
+  echo "@@ native: the installed library in an application (find_package): $(tail -1 "$inst/log")"
+else
+  tail -20 "$inst/log"; echo "@@ native: FAIL the installed library in an application (find_package)"; consumer_failed=1
+fi
+
 ckpt=$(mktemp -d)/ckpt
 python3 -c "
 import sys; from pathlib import Path; sys.path.insert(0, '.')
@@ -72,4 +82,4 @@ else
 fi
 python3 cpp/bench_native.py --build "$BUILD" --out "$OUT" 2>&1 | tail -30
 rc_bench=${PIPESTATUS[0]}
-exit $(( rc != 0 || rc_bench != 0 ))
+exit $(( rc != 0 || rc_bench != 0 || ${consumer_failed:-0} != 0 ))

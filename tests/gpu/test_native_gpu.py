@@ -365,6 +365,7 @@ def test_session_state_files_go_between_python_and_cpp(build, checkpoints, tmp_p
     assert rel_err(cpp.logits(V), fork.logits.float().cpu()) <= TOL[dtype]
     got = cpp.generate(24)
     assert torch.equal(got, want), (got, want)
+    assert torch.equal(cpp.pending(), got[:, -1])
 
     back = NativeSession(build, ckpt, dtype=dtype, batch=2)            # and from C++ to Python
     back.load_state(tmp_path / "py.safetensors")

@@ -84,7 +84,8 @@ struct MEMMAMBA_API SamplingParams
 struct MEMMAMBA_API SessionOptions
 {
     std::string backend{"native"}; //!< "native" or "tensorrt"
-    DType dtype{DType::kFloat16};  //!< native: weights and activations (the SSM state is fp32 always)
+    DType dtype{DType::kFloat16};  //!< native: weights and activations (the SSM state is fp32 always);
+                                   //!< tensorrt: the engines' dtype, whatever is asked (options() reports it)
     int batch{1};
     int device{0};
     bool cudaGraph{true};          //!< native: capture the decode step in a CUDA graph
@@ -162,6 +163,9 @@ public:
     void reseed(uint64_t seed);
     //! Same weights, a copy of the state, logits, sampling stream and pending tokens.
     std::unique_ptr<Session> fork() const;
+
+    //! generate()'s last tokens [batch], not yet fed (empty: none); saveState keeps them, readState does not.
+    std::vector<int32_t> pendingTokens() const { return pending_; }
 
     std::vector<StateTensorInfo> stateInfo() const;
     //! Copy one state tensor to the host; `bytes`, the buffer's size, must be its StateTensorInfo::bytes().

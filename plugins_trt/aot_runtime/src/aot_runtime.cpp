@@ -189,8 +189,9 @@ Loaded loadFor(KernelImage const& k)
     if (!cubin && (!k.ptx || k.ptxSm > sm))
     {
         return err(CUDA_ERROR_NO_BINARY_FOR_GPU,
-            "no cubin for sm_" + std::to_string(sm) + " and no PTX it can JIT; rebuild the kernel library with "
-                "`memdeploy aot --arch ...," + std::to_string(sm) + "`");
+            "no cubin for sm_" + std::to_string(sm) + " and no PTX it can JIT; rebuild the kernel library with sm_"
+                + std::to_string(sm) + " in its archs (the TensorRT plugins: `memdeploy aot --arch ...,"
+                + std::to_string(sm) + "`; the C++ runtime: -DMEMMAMBA_CUDA_ARCHS or cpp/aot_kernels.py --arch)");
     }
     char jitLog[4096] = {0};
     CUjit_option opts[] = {CU_JIT_ERROR_LOG_BUFFER, CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES};
