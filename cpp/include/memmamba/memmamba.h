@@ -161,7 +161,10 @@ public:
     //! seed, prompt and calls give the same tokens. (Python's Session draws with torch's generator instead: the
     //! two runtimes agree on greedy tokens, not on sampled ones.)
     void reseed(uint64_t seed);
-    //! Same weights, a copy of the state, logits, sampling stream and pending tokens.
+    //! Same weights, a copy of the state, logits, sampling stream and pending tokens. A fork is a session of its
+    //! own: its buffers, stream, cuBLASLt handle and captured CUDA graphs are made anew (milliseconds, like open()
+    //! without loading weights), so fork a conversation, not every candidate token; to go back a step cheaply
+    //! keep a state with readState()/writeState() or saveState().
     std::unique_ptr<Session> fork() const;
 
     //! generate()'s last tokens [batch], not yet fed (empty: none); saveState keeps them, readState does not.
