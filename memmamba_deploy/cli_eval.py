@@ -213,4 +213,6 @@ def print_fidelity(report, title: str) -> None:
     console.print(decisions)
     console.print("[dim]* a backend exposes no hidden states: ECLMF is the PyTorch model's on the same inputs; the "
                   "decisions above are what could make the backend's memory differ. ECLMF n/a: needs more than G "
-                  "layers.[/]")
+                  "layers. ECLMF below 0 is not an error: the spec's r divides by the earlier layer's norm, and where "
+                  "the residual stream grows with depth the residual exceeds it; compare models of one shape, not "
+                  "with the paper's ~0.27.[/]")

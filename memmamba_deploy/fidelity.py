@@ -7,7 +7,11 @@ backend gives it (stepping token by token: fine for short sequences).
 ECLMF (cross-layer fidelity) l -> l+G: X = H_l, Y = H_{l+G} (padding masked, flattened to N×D), ridge decoder
 W = (XᵀX + λI)⁻¹XᵀY with λ = 1e-4, r = ‖Y − XW‖_F / (‖X‖_F + 1e-6), score 1 − r, averaged over l.
 H_l is the residual stream after layer l = 1..L (MemMambaLM.hidden_states()[1:]), so l runs over 1..L−G; the
-embedding output is left out (at ~0.02 scale its ‖X‖ would dominate r). A backend exposes no hidden states: its ECLMF is the reference model's on the same inputs, and what can
+embedding output is left out (at ~0.02 scale its ‖X‖ would dominate r). As in the spec, r divides by ‖X‖_F, the
+earlier layer's norm, not ‖Y‖_F: where the residual stream grows with depth, ‖Y − XW‖ exceeds ‖X‖ and the score
+falls below 0, far below for large G (the demo model: G=2 −4.6, G=5 −54). So it compares models of one shape (or
+a backend with its model), not with the paper's ~0.27. The samples are pooled into one regression (the spec's
+flatten to N×D); the average is over l. A backend exposes no hidden states: its ECLMF is the reference model's on the same inputs, and what can
 differ — the threshold decisions (§9) — is reported beside it: insertion decisions observed through the pool
 priorities in the backend's state, and the reference's smallest decision margins.
 """

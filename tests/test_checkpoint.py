@@ -410,15 +410,18 @@ def test_a_signal_mid_verb_is_one_line_and_the_usual_exit_code(tmp_path, signame
 
     script = (f"import sys, time, safetensors.torch as st\n"
               f"save = st.save_file\n"
-              f"st.save_file = lambda *a, **k: (time.sleep(30), save(*a, **k))\n"
+              f"st.save_file = lambda *a, **k: (time.sleep(600), save(*a, **k))\n"   # until the signal
               f"from memmamba_deploy.cli import app\n"
               f"sys.argv = ['memdeploy', 'init', {str(tmp_path / 'ck')!r}]\n"
               f"app()\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not list(tmp_path.glob(".ck.tmp-*")) and time.time() < deadline:    # inside the write
+    deadline = time.time() + 300                  # a loaded 2-core machine can take a minute to import torch
+    while not list(tmp_path.glob(".ck.tmp-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
-    proc.send_signal(getattr(signal, signame))
+    if not list(tmp_path.glob(".ck.tmp-*")):
+        proc.kill()
+        pytest.fail(f"memdeploy init never reached the write: {proc.communicate()}")
+    proc.send_signal(getattr(signal, signame))        # inside the write
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, (out, err)
     assert err.strip().startswith(word) and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -91,7 +91,7 @@ struct MEMMAMBA_API SessionOptions
     bool cudaGraph{true};          //!< native: capture the decode step in a CUDA graph
     //! native: "cublas" (projections with cuBLASLt, the model's other kernels between them: 9 launches per layer;
     //! bit-for-bit reproducible) or "fused" (models/ops/triton/decode.py's four launches per layer, projections
-    //! inside the Triton kernels, as the Python fast path: 0.60 vs 0.93 ms/token for 130m fp16 on an H100, but its
+    //! inside the Triton kernels, as the Python fast path: 0.55 vs 0.93 ms/token for 130m fp16 on an H100, but its
     //! partial sums meet in fp32 atomics, so two runs agree within rounding, not bit for bit); the same math
     std::string plan{"cublas"};
     uint64_t seed{0};              //!< the sampling stream's seed (see Session::reseed)
