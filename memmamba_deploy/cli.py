@@ -100,6 +100,8 @@ def selfcheck(checkpoint: Path = typer.Argument(..., help="checkpoint directory"
     with console.status("running step vs forward..."):
         rows, info = step_vs_forward(model, batch=batch, length=tokens, seed=seed, tol=tol)
     ok = print_checks(f"step ≡ forward: {checkpoint} ({info['tokens']} tokens x {info['batch']})", rows)
+    if "note" in info:
+        console.print(f"[yellow]note:[/] {info['note']}")
     if "pool_insertions_per_layer" in info:
         console.print(f"pool insertions per layer (pool size {model.config.pool_size}): "
                       f"{info['pool_insertions_per_layer']}")

@@ -14,3 +14,35 @@ def rel_err(actual, expected) -> float:
     scale = e.abs().max().item()
     diff = (a - e).abs().max().item()
     return diff / scale if scale > 0 else diff
+
+
+
+def _take_slots(state, index: torch.Tensor):
+    """`state` (a models.State) with pool slot k of each (layer, row) taken from slot index[..., k]."""
+    pool = torch.take_along_dim(state.pool, index.to(state.pool.device)[..., None], dim=-2)
+    prio = torch.take_along_dim(state.prio, index.to(state.prio.device), dim=-1)
+    return type(state)(conv=state.conv, ssm=state.ssm, pool=pool, prio=prio)
+
+
+def align_pool_slots(reference, got):
+    """`got` with its pool entries moved into the slots where `reference` keeps the nearest entries (summary and
+    priority), values untouched. Two pools holding the same entries in other slots then compare equal slot by slot:
+    slot order does not matter to the reads (§4/§5 attend over a set) nor, while priorities differ, to later
+    evictions (the least priority leaves, whatever its slot). A parallel prefill or half-precision rounding can put
+    near-equal priorities in another order. Greedy matching, nearest pair first; pools that differ stay different."""
+    if got.prio is None:
+        return got
+    rp, gp = reference.prio.float().to(got.prio.device), got.prio.float()
+    scale = reference.pool.float().abs().amax().clamp_min(1e-12).to(got.pool.device)
+    d = ((reference.pool.float().to(got.pool.device)[..., :, None, :] - got.pool.float()[..., None, :, :]).abs()
+         .amax(-1) / scale)
+    d = torch.maximum(d, (rp[..., :, None] - gp[..., None, :]).abs())            # [..., K ref, K got]
+    K = d.shape[-1]
+    index = torch.zeros(d.shape[:-1], dtype=torch.long, device=d.device)
+    for _ in range(K):
+        flat = d.flatten(-2).argmin(-1)                                         # the nearest pair left
+        i, j = flat // K, flat % K
+        index.scatter_(-1, i[..., None], j[..., None])
+        d.scatter_(-2, i[..., None, None].expand(*i.shape, 1, K), float("inf"))
+        d.scatter_(-1, j[..., None, None].expand(*j.shape, K, 1), float("inf"))
+    return _take_slots(got, index)

@@ -5,7 +5,7 @@ import dataclasses
 
 import torch
 
-from .metrics import rel_err
+from .metrics import align_pool_slots, rel_err
 from .models.ops.pool import pool_sweep_ref
 
 
@@ -62,9 +62,24 @@ def step_vs_forward(model, batch: int = 2, length: int | None = None, seed: int 
     resumed = torch.stack(resumed, 1)
     rows = [CheckRow("step vs forward: logits", rel_err(steps, full), tol),
             CheckRow("prefill(a)+step(b) vs forward(a+b): logits", rel_err(resumed, full[:, half:]), tol)]
-    for k, v in state.tensors().items():
-        rows.append(CheckRow(f"final state.{k}: step vs prefill", rel_err(v, full_state.tensors()[k]), tol))
+    # the pools compared as sets: the parallel sweep and the steps may put the same entries in other slots where
+    # half-precision rounding reorders near-equal priorities, which neither the reads nor later evictions see
+    parallel = full_state.tensors()
+    for k, v in align_pool_slots(full_state, state).tensors().items():
+        label = f"final state.{k}{' (entries matched across slots)' if k in ('pool', 'prio') else ''}: step vs prefill"
+        rows.append(CheckRow(label, rel_err(v, parallel[k]), tol))
     info = {"batch": batch, "tokens": length}
+    notes = []
+    if c.memory and model.dtype in (torch.float16, torch.bfloat16) and not all(r.ok for r in rows[-2:]):
+        notes.append("the pools hold different entries: in half precision a score within rounding of a threshold "
+                     "or of a pool priority can be decided one way by the steps and the other by the parallel "
+                     "form (a near-tie flip, spec §9), after which the pools differ whole; `memdeploy parity` on "
+                     "an export counts such flips apart from numeric error")
+    if model.dtype == torch.bfloat16 and not all(r.ok for r in rows) and tol == DEFAULT_TOL[torch.bfloat16]:
+        notes.append("bf16 keeps 8 bits of mantissa: one rounding step is 0.4-0.8% of a value, and the steps and the "
+                     "parallel form round in another order, so errors of 1-2e-2 are rounding (--tol 3e-2)")
+    if notes:
+        info["note"] = "; ".join(notes)
     if c.memory:
         info["pool_insertions_per_layer"] = pool_insertions(model, ids)
     return rows, info
