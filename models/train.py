@@ -116,6 +116,11 @@ class TrainConfig:
                                                                   f"CUDA device (use --device cpu)")
         config = self.model_config()
         need(config.vocab_size >= 256, f"vocab_size {config.vocab_size} < 256: the training data is bytes")
+        # a new model trained on bytes is a byte-level model: generate, eval and the Session treat vocabulary 256
+        # as text; a larger one would train ids it never sees and then be refused text prompts
+        need(self.init_from or config.vocab_size == 256, f"vocab_size {config.vocab_size}: the training data is "
+             f"bytes, so a new model's vocabulary is 256 (a byte-level model, which generate and eval read text "
+             f"with); a larger vocabulary only with --init-from a checkpoint that has one")
 
     def model_config(self) -> MemMambaConfig:
         if self.init_from:
