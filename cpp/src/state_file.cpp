@@ -186,49 +186,38 @@ void writeSafetensors(std::string const& path, std::map<std::string, HostTensor>
     }
 }
 
-std::string configToJson(Config const& c)
+namespace
 {
-    // sorted keys, as MemMambaConfig.to_json
-    return "{\"architecture\":" + jsonString(c.architecture) + ",\"cross_layer_every\":"
-        + std::to_string(c.cross_layer_every) + ",\"d_conv\":" + std::to_string(c.d_conv) + ",\"d_model\":"
-        + std::to_string(c.d_model) + ",\"d_state\":" + std::to_string(c.d_state) + ",\"dt_rank\":"
-        + std::to_string(c.dt_rank) + ",\"expand\":" + std::to_string(c.expand) + ",\"insert_threshold\":"
-        + jsonNumber(c.insert_threshold) + ",\"memory\":" + (c.memory ? "true" : "false") + ",\"memory_heads\":"
-        + std::to_string(c.memory_heads) + ",\"n_layers\":" + std::to_string(c.n_layers) + ",\"norm_eps\":"
-        + jsonNumber(c.norm_eps) + ",\"pool_size\":" + std::to_string(c.pool_size) + ",\"read_threshold\":"
-        + jsonNumber(c.read_threshold) + ",\"summary_dim\":" + std::to_string(c.summary_dim) + ",\"vocab_size\":"
-        + std::to_string(c.vocab_size) + "}";
+//! Every MemMambaConfig key with its value as a JSON literal, in key order (MemMambaConfig.to_json sorts them).
+std::vector<std::pair<char const*, std::string>> configFields(Config const& c)
+{
+    auto n = [](int64_t v) { return std::to_string(v); };
+    return {{"architecture", jsonString(c.architecture)}, {"cross_layer_every", n(c.cross_layer_every)},
+        {"d_conv", n(c.d_conv)}, {"d_model", n(c.d_model)}, {"d_state", n(c.d_state)}, {"dt_rank", n(c.dt_rank)},
+        {"expand", n(c.expand)}, {"insert_threshold", jsonNumber(c.insert_threshold)},
+        {"memory", c.memory ? "true" : "false"}, {"memory_heads", n(c.memory_heads)}, {"n_layers", n(c.n_layers)},
+        {"norm_eps", jsonNumber(c.norm_eps)}, {"pool_size", n(c.pool_size)},
+        {"read_threshold", jsonNumber(c.read_threshold)}, {"summary_dim", n(c.summary_dim)},
+        {"vocab_size", n(c.vocab_size)}};
+}
+} // namespace
+
+std::string configToJson(Config const& config)
+{
+    std::string out;
+    for (auto const& [key, value] : configFields(config))
+        out += (out.empty() ? "{" : ",") + jsonString(key) + ":" + value;
+    return out + "}";
 }
 
 std::vector<std::string> configDifferences(Config const& a, Config const& b)
 {
+    // shortest round-trip literals: two values print alike exactly when they are equal
     std::vector<std::string> out;
-    auto i = [&](char const* k, int64_t x, int64_t y) {
-        if (x != y)
-            out.push_back(std::string(k) + " " + std::to_string(x) + " vs " + std::to_string(y));
-    };
-    auto f = [&](char const* k, double x, double y) {
-        if (x != y)
-            out.push_back(std::string(k) + " " + jsonNumber(x) + " vs " + jsonNumber(y));
-    };
-    i("vocab_size", a.vocab_size, b.vocab_size);
-    i("d_model", a.d_model, b.d_model);
-    i("n_layers", a.n_layers, b.n_layers);
-    i("d_state", a.d_state, b.d_state);
-    i("expand", a.expand, b.expand);
-    i("d_conv", a.d_conv, b.d_conv);
-    i("dt_rank", a.dt_rank, b.dt_rank);
-    f("norm_eps", a.norm_eps, b.norm_eps);
-    if (a.memory != b.memory)
-        out.push_back(std::string("memory ") + (a.memory ? "true" : "false") + " vs " + (b.memory ? "true" : "false"));
-    i("pool_size", a.pool_size, b.pool_size);
-    i("summary_dim", a.summary_dim, b.summary_dim);
-    i("memory_heads", a.memory_heads, b.memory_heads);
-    i("cross_layer_every", a.cross_layer_every, b.cross_layer_every);
-    f("insert_threshold", a.insert_threshold, b.insert_threshold);
-    f("read_threshold", a.read_threshold, b.read_threshold);
-    if (a.architecture != b.architecture)
-        out.push_back("architecture " + a.architecture + " vs " + b.architecture);
+    auto fa = configFields(a), fb = configFields(b);
+    for (size_t i = 0; i < fa.size(); ++i)
+        if (fa[i].second != fb[i].second)
+            out.push_back(std::string(fa[i].first) + " " + fa[i].second + " vs " + fb[i].second);
     return out;
 }
 
