@@ -26,10 +26,12 @@ def _take_slots(state, index: torch.Tensor):
 
 def align_pool_slots(reference, got):
     """`got` with its pool entries moved into the slots where `reference` keeps the nearest entries (summary and
-    priority), values untouched. Two pools holding the same entries in other slots then compare equal slot by slot:
-    slot order does not matter to the reads (§4/§5 attend over a set) nor, while priorities differ, to later
-    evictions (the least priority leaves, whatever its slot). A parallel prefill or half-precision rounding can put
-    near-equal priorities in another order. Greedy matching, nearest pair first; pools that differ stay different."""
+    priority), values untouched: always a permutation of got's slots. Two pools holding the same entries in other
+    slots then compare equal slot by slot. Slot order does not matter to the reads (§4/§5 attend over a set), nor
+    to an eviction while priorities differ (the least priority leaves, whatever its slot); on an exact tie the rule
+    evicts the lowest slot, so entries with equal priorities and different summaries keep the reference's order
+    only if got had it. A parallel prefill or half-precision rounding can put near-equal priorities in another order.
+    Greedy matching, nearest pair first; pools that differ stay different."""
     if got.prio is None:
         return got
     rp, gp = reference.prio.float().to(got.prio.device), got.prio.float()
@@ -37,12 +39,14 @@ def align_pool_slots(reference, got):
     d = ((reference.pool.float().to(got.pool.device)[..., :, None, :] - got.pool.float()[..., None, :, :]).abs()
          .amax(-1) / scale)
     d = torch.maximum(d, (rp[..., :, None] - gp[..., None, :]).abs())            # [..., K ref, K got]
+    d = torch.nan_to_num(d, nan=1e30, posinf=1e30).clamp_max(1e30)             # non-finite entries: far, not free
     K = d.shape[-1]
     index = torch.zeros(d.shape[:-1], dtype=torch.long, device=d.device)
+    free = torch.ones(d.shape, dtype=torch.bool, device=d.device)              # pairs whose row and column are unused
     for _ in range(K):
-        flat = d.flatten(-2).argmin(-1)                                         # the nearest pair left
+        flat = torch.where(free, d, torch.inf).flatten(-2).argmin(-1)           # the nearest free pair
         i, j = flat // K, flat % K
         index.scatter_(-1, i[..., None], j[..., None])
-        d.scatter_(-2, i[..., None, None].expand(*i.shape, 1, K), float("inf"))
-        d.scatter_(-1, j[..., None, None].expand(*j.shape, K, 1), float("inf"))
+        free.scatter_(-2, i[..., None, None].expand(*i.shape, 1, K), False)
+        free.scatter_(-1, j[..., None, None].expand(*j.shape, K, 1), False)
     return _take_slots(got, index)

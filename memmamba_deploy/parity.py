@@ -307,7 +307,8 @@ def compare(reference: MemMambaLM, backend, prompt: torch.Tensor, steps: int, rt
         if c.memory and not r.prefill_slot_mismatches:
             # the same entries in other slots (a parallel prefill may order near-equal priorities otherwise): the
             # backend goes on with its own values in the reference's slots, so decode compares slot by slot
-            r.prefill_slots_permuted = int((aligned.prio != got.prio).any(-1).sum())
+            r.prefill_slots_permuted = int(((aligned.prio != got.prio).any(-1)
+                                            | (aligned.pool != got.pool).flatten(-2).any(-1)).sum())
             if r.prefill_slots_permuted:
                 state, got = state_like(backend, aligned, state), aligned
         r.prefill_state_rel = _state_errors(ref_cpu, got)

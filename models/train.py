@@ -117,10 +117,12 @@ class TrainConfig:
         config = self.model_config()
         need(config.vocab_size >= 256, f"vocab_size {config.vocab_size} < 256: the training data is bytes")
         # a new model trained on bytes is a byte-level model: generate, eval and the Session treat vocabulary 256
-        # as text; a larger one would train ids it never sees and then be refused text prompts
-        need(self.init_from or config.vocab_size == 256, f"vocab_size {config.vocab_size}: the training data is "
-             f"bytes, so a new model's vocabulary is 256 (a byte-level model, which generate and eval read text "
-             f"with); a larger vocabulary only with --init-from a checkpoint that has one")
+        # as text; a larger one would train ids it never sees and then be refused text prompts. (A run begun
+        # before this rule resumes as it was.)
+        resuming = (Path(self.out) / "last" / "trainer.pt").is_file()
+        need(self.init_from or resuming or config.vocab_size == 256, f"vocab_size {config.vocab_size}: the training "
+             f"data is bytes, so a new model's vocabulary is 256 (a byte-level model, which generate and eval read "
+             f"text with): drop --set vocab_size; a larger vocabulary only with --init-from a checkpoint that has one")
 
     def model_config(self) -> MemMambaConfig:
         if self.init_from:
@@ -135,7 +137,8 @@ class TrainConfig:
             return config
         if self.preset == "demo":
             return MemMambaConfig.from_dict({**DEMO_MODEL, **self.model, "memory": self.memory})
-        return MemMambaConfig.preset(self.preset, **{**self.model, "memory": self.memory})
+        # a preset's shape with the bytes' vocabulary (130m's is GPT-NeoX's 50280), unless --set says otherwise
+        return MemMambaConfig.preset(self.preset, **{"vocab_size": 256, **self.model, "memory": self.memory})
 
 
 def _triton_available() -> bool:
@@ -420,7 +423,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, quiet: bool = False) 
 # ---- command line ---------------------------------------------------------------------------------------------------
 OPTION_HELP = {
     "out": "run folder: DIR/model is the checkpoint, DIR/last the resumable state",
-    "preset": "model size: demo | tiny | 130m (spec §1); --set changes single fields",
+    "preset": "model size: demo | tiny | 130m (spec §1; vocabulary 256, the data being bytes); --set changes single "
+              "fields",
     "init_from": "start from this checkpoint (ours, or Hugging Face Mamba with --no-memory); its config is the model's",
     "seed": "seed of the initialisation and the data",
     "steps": "optimizer steps",

@@ -273,6 +273,10 @@ def test_pool_entries_are_matched_across_slots():
     other = State(conv=ref.conv, ssm=ref.ssm, pool=got.pool.clone(), prio=got.prio)
     other.pool[0, 1, 3] += 1.0                                  # one entry really differs: it stays different
     assert (align_pool_slots(ref, other).pool - ref.pool).abs().max() > 0.5
+    other.pool[1, 0, :2, 0] = float("inf")                      # non-finite entries are moved, never duplicated
+    moved = align_pool_slots(ref, other)
+    assert sorted(moved.prio.flatten().tolist()) == sorted(other.prio.flatten().tolist())
+    assert int(torch.isinf(moved.pool).sum()) == 2
 
 
 def test_selfcheck_of_a_half_precision_checkpoint_matches_pools_across_slots():

@@ -1,6 +1,7 @@
 // See state_file.h.
 #include "state_file.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -164,9 +165,16 @@ void writeSafetensors(std::string const& path, std::map<std::string, HostTensor>
 
     static std::atomic<unsigned> counter{0};
     std::string tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(counter++);
-    FILE* f = std::fopen(tmp.c_str(), "wb");
+    // a new file (O_EXCL): never through a link or over a file someone else left at that name
+    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    FILE* f = fd < 0 ? nullptr : ::fdopen(fd, "wb");
     if (!f)
-        throw Error("cannot write " + path + ": " + std::strerror(errno));
+    {
+        int err = errno;
+        if (fd >= 0)
+            ::close(fd);
+        throw Error("cannot write " + path + ": " + std::strerror(err));
+    }
     uint8_t len[8];
     for (int i = 0; i < 8; ++i)
         len[i] = static_cast<uint8_t>(static_cast<uint64_t>(header.size()) >> (8 * i));
@@ -406,7 +414,7 @@ SessionStateData readSessionState(std::string const& path, Config const& config,
         if (info.name == "pool" && t->dtype != convDtype)
             throw fail("state.pool has dtype " + t->dtype + " but state.conv " + convDtype + " (both are the model's)");
         std::vector<float> v = floats(*t);
-        if (!allFinite(v))
+        if (!allFinite(v) || !allFinite(decode(encode(v, info.dtype), info.dtype)))   // finite in this session's dtype
             bad.push_back(key);
         if (info.name == "prio" && !std::all_of(v.begin(), v.end(), [](float p) { return p >= 0.f || p == -1.f; }))
             throw fail("state.prio holds values that are neither scores (>= 0) nor -1 (an empty slot)");
@@ -427,7 +435,8 @@ SessionStateData readSessionState(std::string const& path, Config const& config,
         throw fail("logits must be float [" + std::to_string(B) + ", " + std::to_string(config.vocab_size) + "], got "
             + (logits ? shapeString(logits->shape) + " " + logits->dtype : std::string("none")));
     out.logits = floats(*logits);
-    if (!allFinite(out.logits))
+    // the logits land in the session's dtype (fp16 in an fp16 native session): values past its range are refused
+    if (!allFinite(out.logits) || !allFinite(decode(encode(out.logits, layout.front().dtype), layout.front().dtype)))
         bad.push_back("logits");
     if (!bad.empty())
         throw fail(join(bad, 4) + " hold NaN or infinite values");

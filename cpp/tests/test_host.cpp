@@ -521,6 +521,18 @@ TEST(session_state_file_round_trip_and_refusals)
     writeSessionState(dir + "/tok.safetensors", c, sha, layout, mutate([](SessionStateData& d) { d.pending[1] = 11; }));
     CHECK_ERROR(readSessionState(dir + "/tok.safetensors", c, sha, layout), "pending tokens must be [2] integer ids");
 
+    // finite in the file, past fp16's range: refused by an fp16 session (its buffers would hold infinity)
+    SessionStateData wideData = wide;
+    float huge = 1e5f;
+    std::memcpy(wideData.state["conv"].data(), &huge, 4);
+    writeSessionState(dir + "/huge.safetensors", c, sha, fp32, wideData);
+    CHECK(readSessionState(dir + "/huge.safetensors", c, sha, fp32).state.at("conv") == wideData.state.at("conv"));
+    CHECK_ERROR(readSessionState(dir + "/huge.safetensors", c, sha, layout), "state.conv hold NaN or infinite values");
+    wideData = wide;
+    wideData.logits[0] = 7e4f;
+    writeSessionState(dir + "/loud.safetensors", c, sha, fp32, wideData);
+    CHECK_ERROR(readSessionState(dir + "/loud.safetensors", c, sha, layout), "logits hold NaN or infinite values");
+
     std::ifstream in(path, std::ios::binary);
     std::string whole((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     writeFile(dir + "/cut.safetensors", whole.substr(0, whole.size() - 9));
