@@ -431,7 +431,7 @@ class Session:
         from safetensors import SafetensorError, safe_open
 
         from .models import MemMambaConfig, State
-        from .parity import state_like
+        from .parity import state_like, state_view
 
         path = Path(path)
         if path.is_dir():
@@ -494,6 +494,11 @@ class Session:
                 raise ValueError(f"{path}: its sampling stream does not read ({e})") from None
         with self._locked():
             state = state_like(self.backend, ref, self.backend.new_state(batch))
+            landed = state_view(self.backend, state)          # in this session's dtypes (fp16: range 65504)
+        bad = [k for k, v in landed.tensors().items() if not bool(torch.isfinite(v.float()).all())]
+        if bad:
+            raise ValueError(f"{path}: {bad} hold values past the range of this session's dtype (finite in the "
+                             f"file): a state saved by a session of a wider dtype")
         self.reset()                            # a new epoch: iterators of the old stream stop
         self._state, self._batch = state, batch
         self._logits = logits.float().to(_device_of(state))    # where the backend's own logits would be

@@ -220,3 +220,41 @@ def test_noise_note_flags_spread_timings_only():
     assert noise_note(run(1.2)) is None and noise_note(run(NOISY_P90)) is None
     note = noise_note(run(1.1), run(8.0))
     assert note and "p90 is 8.0x the median" in note and "1k" in note
+
+
+class Counting:
+    """A backend whose state is the number of tokens it has consumed: each step records the position it runs at."""
+
+    def __init__(self, config):
+        self.name, self.config, self.positions = "counting", config, []
+
+    def new_state(self, batch):
+        return {"n": 0}
+
+    def prefill(self, ids, state):
+        return torch.zeros(ids.shape[0], self.config.vocab_size), {"n": state["n"] + ids.shape[1]}
+
+    def step(self, token, state):
+        self.positions.append(state["n"])
+        return torch.zeros(token.shape[0], self.config.vocab_size), {"n": state["n"] + 1}
+
+    def copy_state(self, state):
+        return dict(state)
+
+    def state_nbytes(self, state):
+        return 8
+
+
+def test_each_context_is_decoded_from_its_own_state():
+    backend = Counting(make_model(0).config)
+    measure(backend, CONTEXTS, tokens=6, warmup=2, rounds=3, chunk=20, seed=1)
+    for ctx in CONTEXTS:                              # warm-up and timed steps go on from that context's state
+        assert sorted(p for p in backend.positions if ctx <= p < ctx + 8) == list(range(ctx, ctx + 8)), ctx
+    assert len(backend.positions) == len(CONTEXTS) * 8
+
+
+def test_flatness_verdict():
+    from memmamba_deploy.bench import FLATNESS_TARGET, flatness_verdict
+
+    assert flatness_verdict(1.0) == "ok" and flatness_verdict(FLATNESS_TARGET) == "ok"
+    assert flatness_verdict(FLATNESS_TARGET + 0.01) == "MISS" and flatness_verdict(None) == "n/a"

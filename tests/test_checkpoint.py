@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import make_model
 from memmamba_deploy.cli import app
-from memmamba_deploy.models import MemMambaLM
+from memmamba_deploy.models import MemMambaConfig, MemMambaLM
 from memmamba_deploy.models.checkpoint import CheckpointError, atomic_directory, save_pretrained
 
 
@@ -257,6 +257,17 @@ def test_cli_selfcheck_passes_and_reports_errors(tmp_path):
     assert "step vs forward: logits" in r.output and "FAIL" not in r.output
     r = runner.invoke(app, ["selfcheck", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "no checkpoint directory" in r.output
+
+
+def test_selfcheck_fails_a_step_that_does_not_reproduce_forward(tmp_path, monkeypatch):
+    """The check the demo gates on can fail: a step whose logits are 0.1% off fails both logits rows, exit 1."""
+    MemMambaLM(MemMambaConfig()).save_pretrained(tmp_path / "m")
+    step = MemMambaLM.step
+    monkeypatch.setattr(MemMambaLM, "step", lambda self, ids, state: (lambda lg, st: (lg * 1.001, st))(
+        *step(self, ids, state)))
+    r = CliRunner().invoke(app, ["selfcheck", str(tmp_path / "m"), "--tokens", "40"])
+    assert r.exit_code == 1, r.output
+    assert r.output.count("FAIL") >= 2 and "step vs forward: logits" in r.output
 
 
 @pytest.mark.parametrize("module", ["memmamba_deploy", "memmamba_deploy.cli"])

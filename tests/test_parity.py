@@ -288,3 +288,26 @@ def test_selfcheck_of_a_half_precision_checkpoint_matches_pools_across_slots():
     rows, info = step_vs_forward(MemMambaLM.from_pretrained(DEMO_ASSET).half(), seed=0)
     assert all(r.ok for r in rows), [(r.name, r.error) for r in rows]
     assert "note" not in info
+
+
+def test_rel_err_is_the_worst_element_over_the_largest_reference():
+    from memmamba_deploy.metrics import rel_err
+
+    want = torch.zeros(1000)
+    want[0] = 2.0
+    got = want.clone()
+    got[500] = 0.2                                          # one element off by 10% of the largest: not averaged away
+    assert rel_err(got, want) == pytest.approx(0.1)
+    assert rel_err(torch.full((4,), 3e-3), torch.zeros(4)) == pytest.approx(3e-3)   # a zero reference: absolute
+    assert rel_err(torch.zeros(0), torch.zeros(0)) == 0.0
+    with pytest.raises(ValueError, match="shape mismatch"):
+        rel_err(torch.zeros(2), torch.zeros(3))
+
+
+def test_pool_matching_uses_the_priorities_where_summaries_agree():
+    from memmamba_deploy.metrics import align_pool_slots
+
+    same = torch.ones(1, 1, 3, 4)                           # three entries with one summary, told apart by priority
+    ref = State(conv=torch.zeros(1, 1, 2, 1), ssm=torch.zeros(1, 1, 2, 1), pool=same, prio=torch.tensor([[[.9, .6, .7]]]))
+    got = State(conv=ref.conv, ssm=ref.ssm, pool=same.clone(), prio=torch.tensor([[[.7, .9, .6]]]))
+    assert torch.equal(align_pool_slots(ref, got).prio, ref.prio)

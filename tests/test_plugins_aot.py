@@ -178,7 +178,8 @@ def _project_build(tmp_path_factory, include=TRT_HEADERS):
         pytest.skip("nvcc is not installed: the compile check needs the CUDA toolkit")
     if not (include / "NvInferRuntime.h").is_file():
         pytest.skip(f"no TensorRT headers at {include} (fetched NVIDIA/TensorRT include/, git-ignored; CI has none): "
-                    f"the GPU stage 30-plugins builds the library instead")
+                    f"these build-phase, contract and launch-glue tests run where the headers are fetched "
+                    f"(plugins_trt/README.md); the GPU stage 30-plugins only builds the library and checks its numerics")
     return build_for_tests(str(tmp_path_factory.getbasetemp() / "plugins"), str(include))
 
 

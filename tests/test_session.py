@@ -197,7 +197,12 @@ def test_session_state_files_are_checked(checkpoint, tmp_path):
             (lambda t: t["state.prio"].view(-1)[0].fill_(-5.0), "neither scores"),
             (lambda t: t.update({"state.conv": t["state.conv"].to(torch.int32),
                                  "state.pool": t["state.pool"].to(torch.int32)}), "state.conv has dtype torch.int32"),
-            (lambda t: t.update({"pending": torch.tensor([3.5])}), "pending token must be .* integer ids")]:
+            (lambda t: t.update({"pending": torch.tensor([3.5])}), "pending token must be .* integer ids"),
+            (lambda t: t.update({"pending": torch.tensor([300])}), "pending token must be .* integer ids"),
+            (lambda t: t.update({"pending": torch.tensor([3, 4])}), "pending token must be .* integer ids"),
+            (lambda t: t.update({"logits": t["logits"][:, :-1].contiguous()}), "logits must be float"),
+            (lambda t: t.update({"logits": t["logits"].long()}), "logits must be float"),
+            (lambda t: t["logits"].view(-1)[0].fill_(float("inf")), r"\['logits'\] hold NaN")]:
         with pytest.raises(ValueError, match=message):
             s.load_state(altered(change))
     with pytest.raises(ValueError, match="format version '2'"):
@@ -209,6 +214,34 @@ def test_session_state_files_are_checked(checkpoint, tmp_path):
         Session.open(tmp_path / "twin", device="cpu").load_state(good)
     s.load_state(good)                                     # the good file still loads after the refusals
     assert s.batch_size == 1
+
+
+def test_a_state_past_fp16s_range_is_refused_by_an_fp16_session(checkpoint, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    s = Session.open(checkpoint, device="cpu")
+    s.prefill(PROMPT)
+    s.save_state(tmp_path / "s.safetensors")
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(tmp_path / "s.safetensors")
+    tensors["state.pool"].view(-1)[0] = 1e6                  # finite in fp32, infinite in fp16
+    save_file(tensors, str(tmp_path / "big.safetensors"), metadata=meta)
+    Session.open(checkpoint, device="cpu").load_state(tmp_path / "big.safetensors")     # fp32: fine
+    half = Session.open(checkpoint, device="cpu", dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"\['pool'\] hold values past the range of this session's dtype"):
+        half.load_state(tmp_path / "big.safetensors")
+    half.load_state(tmp_path / "s.safetensors")             # the real file loads
+
+
+def test_generate_with_a_prompt_feeds_the_pending_token_first(checkpoint):
+    """A second generate(prompt) goes on after the first one's last token, then the new prompt."""
+    a = Session.open(checkpoint, device="cpu")
+    first = greedy(a, PROMPT, 6)
+    second = greedy(a, [5, 6], 6)
+    b = Session.open(checkpoint, device="cpu")
+    assert greedy(b, PROMPT + first + [5, 6], 6) == second
 
 
 def test_a_saved_sampling_stream_goes_on_too(checkpoint, tmp_path):
