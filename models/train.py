@@ -137,8 +137,16 @@ class TrainConfig:
             return config
         if self.preset == "demo":
             return MemMambaConfig.from_dict({**DEMO_MODEL, **self.model, "memory": self.memory})
-        # a preset's shape with the bytes' vocabulary (130m's is GPT-NeoX's 50280), unless --set says otherwise
-        return MemMambaConfig.preset(self.preset, **{"vocab_size": 256, **self.model, "memory": self.memory})
+        # a preset's shape with the bytes' vocabulary (130m's is GPT-NeoX's 50280), unless --set says otherwise; a
+        # run begun before presets trained in it resumes with the vocabulary it has
+        vocab = 256
+        saved = Path(self.out) / "last" / "model" / "config.json"
+        if "vocab_size" not in self.model and saved.is_file():
+            try:
+                vocab = int(json.loads(saved.read_text())["vocab_size"])
+            except (ValueError, KeyError, TypeError):
+                pass                                    # a damaged run: resuming it reports that
+        return MemMambaConfig.preset(self.preset, **{"vocab_size": vocab, **self.model, "memory": self.memory})
 
 
 def _triton_available() -> bool:

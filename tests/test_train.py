@@ -252,6 +252,9 @@ def test_command_line_and_bad_settings(tmp_path):
         train(tiny_cfg(tmp_path / "x", model={"vocab_size": 259}), quiet=True)     # generate would refuse it text
     big = TrainConfig(out=str(tmp_path / "b"), preset="130m").model_config()      # 130m's shape, the bytes' vocabulary
     assert (big.vocab_size, big.d_model, big.n_layers) == (256, 768, 24)
+    (tmp_path / "b" / "last" / "model").mkdir(parents=True)                   # a run begun before: its vocabulary
+    (tmp_path / "b" / "last" / "model" / "config.json").write_text(json.dumps({"vocab_size": 50280}))
+    assert TrainConfig(out=str(tmp_path / "b"), preset="130m").model_config().vocab_size == 50280
     with pytest.raises(ValueError, match="unknown device 'foo'"):
         train(tiny_cfg(tmp_path / "x", device="foo"), quiet=True)
     if not torch.cuda.is_available():

@@ -48,6 +48,7 @@ public:
     virtual void writeState(std::string const& name, void const* host) = 0;
     //! Set the current logits [B, V] fp32 (a loaded state's); `next` is drawn again before any use.
     virtual void writeLogits(float const* host) = 0;
+    virtual DType logitsDtype() const = 0;                  //!< what the backend keeps logits in
     //! weights_fingerprint of the weights' safetensors file (computed once), or "" where unknown.
     virtual std::string weightsFingerprint() const = 0;
     virtual void synchronize() const = 0;

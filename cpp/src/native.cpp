@@ -604,6 +604,7 @@ public:
     }
 
     std::string weightsFingerprint() const override { return w_->fingerprint->get(); }
+    DType logitsDtype() const override { return w_->dtype; }   // the model dtype's buffer (writeLogits)
 
     void synchronize() const override
     {

@@ -269,7 +269,8 @@ void Session::saveState(std::string const& path) const
 void Session::loadState(std::string const& path)
 {
     std::vector<StateTensorInfo> layout = stateInfo();
-    SessionStateData data = readSessionState(path, config(), backend_->weightsFingerprint(), layout);
+    SessionStateData data =
+        readSessionState(path, config(), backend_->weightsFingerprint(), layout, backend_->logitsDtype());
     for (auto const& info : layout)
         backend_->writeState(info.name, data.state.at(info.name).data());
     backend_->writeLogits(data.logits.data());

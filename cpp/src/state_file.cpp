@@ -346,7 +346,7 @@ void writeSessionState(std::string const& path, Config const& config, std::strin
 }
 
 SessionStateData readSessionState(std::string const& path, Config const& config, std::string const& weightsSha256,
-    std::vector<StateTensorInfo> const& layout)
+    std::vector<StateTensorInfo> const& layout, DType logitsDtype)
 {
     struct stat st{};
     if (::stat(path.c_str(), &st) != 0)
@@ -435,8 +435,8 @@ SessionStateData readSessionState(std::string const& path, Config const& config,
         throw fail("logits must be float [" + std::to_string(B) + ", " + std::to_string(config.vocab_size) + "], got "
             + (logits ? shapeString(logits->shape) + " " + logits->dtype : std::string("none")));
     out.logits = floats(*logits);
-    // the logits land in the session's dtype (fp16 in an fp16 native session): values past its range are refused
-    if (!allFinite(out.logits) || !allFinite(decode(encode(out.logits, layout.front().dtype), layout.front().dtype)))
+    // the logits land in the session's logits dtype (fp16 in an fp16 native session): values past it are refused
+    if (!allFinite(out.logits) || !allFinite(decode(encode(out.logits, logitsDtype), logitsDtype)))
         bad.push_back("logits");
     if (!bad.empty())
         throw fail(join(bad, 4) + " hold NaN or infinite values");

@@ -86,7 +86,8 @@ void writeSessionState(std::string const& path, Config const& config, std::strin
 //! `weightsSha256` (empty: unknown). Refuses, naming the file and the problem: another format or version, another
 //! model (config; weights where both sides know their sha256), another batch, tensors of the wrong shape or dtype,
 //! NaN or infinite values, priorities that are neither scores nor -1, pending tokens outside the vocabulary.
+//! `logitsDtype`: the dtype the session keeps logits in (values past its range are refused too).
 SessionStateData readSessionState(std::string const& path, Config const& config, std::string const& weightsSha256,
-    std::vector<StateTensorInfo> const& layout);
+    std::vector<StateTensorInfo> const& layout, DType logitsDtype);
 
 } // namespace memmamba

@@ -455,6 +455,7 @@ public:
         canUndo_ = false;
     }
     std::string weightsFingerprint() const override { return e_->fingerprint->get(); }
+    DType logitsDtype() const override { return DType::kFloat32; }   // the engines' logits are fp32
     void synchronize() const override
     {
         DeviceGuard onDevice(opt_.device);

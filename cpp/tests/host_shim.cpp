@@ -58,7 +58,7 @@ int mm_host_state_copy(char const* in, char const* out, char const* directory, i
         memmamba::Checkpoint ck(directory);
         memmamba::LazyFingerprint fingerprint(std::string(directory) + "/model.safetensors");
         auto layout = memmamba::stateLayout(ck.config(), batch, fp16 ? memmamba::DType::kFloat16 : memmamba::DType::kFloat32);
-        auto data = memmamba::readSessionState(in, ck.config(), fingerprint.get(), layout);
+        auto data = memmamba::readSessionState(in, ck.config(), fingerprint.get(), layout, layout.front().dtype);
         if (out)
             memmamba::writeSessionState(out, ck.config(), fingerprint.get(), layout, data);
         return 0;

@@ -486,24 +486,24 @@ TEST(session_state_file_round_trip_and_refusals)
     data.draws = 42;
     std::string dir = tempDir(), path = dir + "/s.safetensors", sha = std::string(64, 'a');
     writeSessionState(path, c, sha, layout, data);
-    SessionStateData got = readSessionState(path, c, sha, layout);
+    SessionStateData got = readSessionState(path, c, sha, layout, DType::kFloat16);
     CHECK(got.state == data.state && got.logits == data.logits && got.pending == data.pending);
     CHECK(got.hasStream && got.seed == data.seed && got.draws == 42);
-    CHECK(readSessionState(path, c, "", layout).logits == data.logits);   // weights unknown here: not checked
+    CHECK(readSessionState(path, c, "", layout, DType::kFloat16).logits == data.logits);   // weights unknown here: not checked
     auto fp32 = stateLayout(c, 2, DType::kFloat32);      // conv and pool read into an fp32 session, converted
-    SessionStateData wide = readSessionState(path, c, sha, fp32);
+    SessionStateData wide = readSessionState(path, c, sha, fp32, DType::kFloat32);
     float first;
     std::memcpy(&first, wide.state.at("conv").data(), 4);
     CHECK(first == halfToFloat(floatToHalf(0.001f)));
 
     Config other = c;
     other.d_state = 4;
-    CHECK_ERROR(readSessionState(path, other, sha, stateLayout(other, 2, DType::kFloat16)),
+    CHECK_ERROR(readSessionState(path, other, sha, stateLayout(other, 2, DType::kFloat16), DType::kFloat16),
         "another model: d_state 8 vs 4");
-    CHECK_ERROR(readSessionState(path, c, std::string(64, 'b'), layout), "other weights");
-    CHECK_ERROR(readSessionState(path, c, sha, stateLayout(c, 1, DType::kFloat16)), "batch of 2 rows; this session has batch 1");
-    CHECK_ERROR(readSessionState(dir, c, sha, layout), "is a directory");
-    CHECK_ERROR(readSessionState(dir + "/none", c, sha, layout), "no session state file");
+    CHECK_ERROR(readSessionState(path, c, std::string(64, 'b'), layout, DType::kFloat16), "other weights");
+    CHECK_ERROR(readSessionState(path, c, sha, stateLayout(c, 1, DType::kFloat16), DType::kFloat16), "batch of 2 rows; this session has batch 1");
+    CHECK_ERROR(readSessionState(dir, c, sha, layout, DType::kFloat16), "is a directory");
+    CHECK_ERROR(readSessionState(dir + "/none", c, sha, layout, DType::kFloat16), "no session state file");
 
     auto mutate = [&](std::function<void(SessionStateData&)> const& f) {
         SessionStateData d = data;
@@ -517,28 +517,29 @@ TEST(session_state_file_round_trip_and_refusals)
         std::memcpy(d.state["prio"].data(), &bad, 4);
     });
     writeSessionState(dir + "/prio.safetensors", c, sha, layout, prio);
-    CHECK_ERROR(readSessionState(dir + "/prio.safetensors", c, sha, layout), "neither scores (>= 0) nor -1");
+    CHECK_ERROR(readSessionState(dir + "/prio.safetensors", c, sha, layout, DType::kFloat16), "neither scores (>= 0) nor -1");
     writeSessionState(dir + "/tok.safetensors", c, sha, layout, mutate([](SessionStateData& d) { d.pending[1] = 11; }));
-    CHECK_ERROR(readSessionState(dir + "/tok.safetensors", c, sha, layout), "pending tokens must be [2] integer ids");
+    CHECK_ERROR(readSessionState(dir + "/tok.safetensors", c, sha, layout, DType::kFloat16), "pending tokens must be [2] integer ids");
 
     // finite in the file, past fp16's range: refused by an fp16 session (its buffers would hold infinity)
     SessionStateData wideData = wide;
     float huge = 1e5f;
     std::memcpy(wideData.state["conv"].data(), &huge, 4);
     writeSessionState(dir + "/huge.safetensors", c, sha, fp32, wideData);
-    CHECK(readSessionState(dir + "/huge.safetensors", c, sha, fp32).state.at("conv") == wideData.state.at("conv"));
-    CHECK_ERROR(readSessionState(dir + "/huge.safetensors", c, sha, layout), "state.conv hold NaN or infinite values");
+    CHECK(readSessionState(dir + "/huge.safetensors", c, sha, fp32, DType::kFloat32).state.at("conv") == wideData.state.at("conv"));
+    CHECK_ERROR(readSessionState(dir + "/huge.safetensors", c, sha, layout, DType::kFloat16), "state.conv hold NaN or infinite values");
     wideData = wide;
     wideData.logits[0] = 7e4f;
     writeSessionState(dir + "/loud.safetensors", c, sha, fp32, wideData);
-    CHECK_ERROR(readSessionState(dir + "/loud.safetensors", c, sha, layout), "logits hold NaN or infinite values");
+    CHECK_ERROR(readSessionState(dir + "/loud.safetensors", c, sha, layout, DType::kFloat16), "logits hold NaN or infinite values");
+    CHECK(readSessionState(dir + "/loud.safetensors", c, sha, layout, DType::kFloat32).logits[0] == 7e4f);  // fp32 logits
 
     std::ifstream in(path, std::ios::binary);
     std::string whole((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     writeFile(dir + "/cut.safetensors", whole.substr(0, whole.size() - 9));
-    CHECK_ERROR(readSessionState(dir + "/cut.safetensors", c, sha, layout), "truncated?");
+    CHECK_ERROR(readSessionState(dir + "/cut.safetensors", c, sha, layout, DType::kFloat16), "truncated?");
     writeFile(dir + "/ckpt.safetensors", safetensors({{"w", "F32", {1}, f32Bytes({1})}}));
-    CHECK_ERROR(readSessionState(dir + "/ckpt.safetensors", c, sha, layout), "is not a session state file");
+    CHECK_ERROR(readSessionState(dir + "/ckpt.safetensors", c, sha, layout, DType::kFloat16), "is not a session state file");
     CHECK_ERROR(writeSessionState(dir, c, sha, layout, data), "is a directory");
     CHECK_ERROR(writeSessionState(dir + "/no/such/dir.safetensors", c, sha, layout, data), "cannot write");
     // every write above went through a temp file: none is left behind, and the refused ones wrote nothing
