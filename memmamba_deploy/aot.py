@@ -435,10 +435,10 @@ def parse_archs(archs) -> tuple[int, ...]:
 
 
 # ---- the project's kernels -------------------------------------------------------------------------------------
-def check_source_tree() -> Path:
-    """The source tree whose kernels this process compiles, after checking that memmamba_deploy and its models
-    (where the kernels live) come from that one tree: with another checkout's editable install the package can
-    resolve here and its models there, and a library would be built from sources its build never looked at."""
+def check_source_tree() -> None:
+    """Check that memmamba_deploy and its models (where the kernels live) come from one source tree: with another
+    checkout's editable install the package can resolve here and its models there, and a library would be built
+    from sources its build never looked at."""
     import memmamba_deploy
 
     try:
@@ -451,7 +451,6 @@ def check_source_tree() -> Path:
         raise AotError(f"memmamba_deploy is imported from {package} but its models (the kernels' source) from "
                        f"{found}: an editable install of another checkout; install this one "
                        f"(pip install -e {package.parent}) or build from {found.parent}")
-    return package.parent
 
 
 def project_kernels(only: Iterable[str] = ()) -> list[AotKernel]:

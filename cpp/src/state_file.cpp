@@ -413,12 +413,13 @@ SessionStateData readSessionState(std::string const& path, Config const& config,
             convDtype = t->dtype;
         if (info.name == "pool" && t->dtype != convDtype)
             throw fail("state.pool has dtype " + t->dtype + " but state.conv " + convDtype + " (both are the model's)");
-        std::vector<float> v = floats(*t);
-        if (!allFinite(v) || !allFinite(decode(encode(v, info.dtype), info.dtype)))   // finite in this session's dtype
+        std::vector<uint8_t> bytes = encode(floats(*t), info.dtype);   // in this session's dtype
+        std::vector<float> v = decode(bytes, info.dtype);               // as the session will hold them
+        if (!allFinite(v))                      // NaN or infinite in the file, or past the session dtype's range
             bad.push_back(key);
         if (info.name == "prio" && !std::all_of(v.begin(), v.end(), [](float p) { return p >= 0.f || p == -1.f; }))
             throw fail("state.prio holds values that are neither scores (>= 0) nor -1 (an empty slot)");
-        out.state[info.name] = encode(v, info.dtype);
+        out.state[info.name] = std::move(bytes);
     }
     for (TensorView const& t : file.tensors())
     {
@@ -436,7 +437,7 @@ SessionStateData readSessionState(std::string const& path, Config const& config,
             + (logits ? shapeString(logits->shape) + " " + logits->dtype : std::string("none")));
     out.logits = floats(*logits);
     // the logits land in the session's logits dtype (fp16 in an fp16 native session): values past it are refused
-    if (!allFinite(out.logits) || !allFinite(decode(encode(out.logits, logitsDtype), logitsDtype)))
+    if (!allFinite(decode(encode(out.logits, logitsDtype), logitsDtype)))
         bad.push_back("logits");
     if (!bad.empty())
         throw fail(join(bad, 4) + " hold NaN or infinite values");
