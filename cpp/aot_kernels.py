@@ -13,6 +13,11 @@ Kernels (all from models/ops/triton; the default "cublas" plan does every projec
     conv_step     cpp_support.conv_step_kernel                  (cublas plan)
     scan_step     scan.selective_state_step_kernel              (cublas plan)
     sample        cpp_support.sample_kernel                     (both)
+The parallel prefill (both plans; cpp/src/native.cpp ParallelPrefill):
+    prefill_conv  scan.causal_conv_kernel (d_conv 2-4)          prefill_note_scores  memory.note_scores_kernel
+    pool_after    pool.pool_after_kernel                        gained_add, cross_index  cpp_support
+    and the TensorRT plugins' kernels (models/ops/triton/aot.py aot_kernels: the chunked scan, the pool sweep, the
+    sparse pool attention) under the plugins' names, launched through plugins_trt/common/opLaunch.cpp.
 Block sizes are constexprs chosen by each kernel's own heuristic (decode_blocks, step_blocks, conv_blocks) for one
 model shape, so a variant serves the shapes its key names (e.g. decode_note_pool_fp16_d768_..._p4); the runtime
 refuses a model whose variants are missing and names them. The table also lists each kernel's runtime arguments
@@ -43,7 +48,8 @@ def shape_keys(c) -> dict[str, str]:
     decode_key += (f"_K{c.pool_size}_ds{c.summary_dim}_H{c.memory_heads}_p{c.cross_layer_every}" if c.memory
                    else "_nomem")
     return {"decode": decode_key, "conv_step": f"di{c.d_inner}_k{c.d_conv}", "scan_step": f"di{c.d_inner}_n{c.d_state}",
-            "sample": "any"}
+            "sample": "any", "pool_after": f"K{c.pool_size}_ds{c.summary_dim}", "gained_add": f"d{c.d_model}",
+            "cross_index": f"K{c.pool_size}"}
 
 
 FLOAT_ARGS = {"eps", "tau1", "tau2", "scale"}       # fp32 scalars; every other non-pointer argument is an i32
@@ -71,14 +77,20 @@ def signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
 def runtime_kernels(configs) -> list[tuple]:
     """(AotKernel, op, act, key) for every variant the runtime needs to run `configs`, without duplicates.
     decode.py's kernels come as models/ops/triton/aot.py describes them for one model shape (decode_aot_kernels:
-    the Python fast path's block sizes); op = their entry name (decode_norm_proj_noproj, decode_note_pool, ...)."""
+    the Python fast path's block sizes); op = their entry name (decode_norm_proj_noproj, decode_note_pool, ...).
+    The plugins' kernels (aot_kernels) come first, under their own names and with op None: opLaunch.cpp calls
+    their typed launchers, so they are not rows of the runtime's table."""
     import dataclasses
 
-    from memmamba_deploy import aot
-    from memmamba_deploy.models.ops.triton import cpp_support, scan
-    from memmamba_deploy.models.ops.triton.aot import decode_aot_kernels
+    import triton
 
-    out, seen = [], set()
+    from memmamba_deploy import aot
+    from memmamba_deploy.models.ops.triton import cpp_support, memory, pool, scan
+    from memmamba_deploy.models.ops.triton.aot import aot_kernels, decode_aot_kernels
+
+    out = [(k, None, None, None) for op, entry in aot_kernels().items() for k in aot.from_table_entry(op, entry)]
+    seen = {k.name for k, *_ in out}
+    np2 = triton.next_power_of_2
 
     def add(op, act, key, k):
         name = f"{op}_{act}_{key}"
@@ -107,12 +119,46 @@ def runtime_kernels(configs) -> list[tuple]:
             fn = cpp_support.sample_kernel
             ptrs = {"logits_ptr": t, "params_ptr": "*fp32", "rng_ptr": "*u32", "token_ptr": "*i64"}
             add("sample", act, keys["sample"], aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=8))
+            # the parallel prefill
+            if 2 <= c.d_conv <= 4:                  # causal_conv_kernel's widths (the runtime falls back otherwise)
+                cx = {"WIDTH": c.d_conv, "CHUNK": scan.CONV_CHUNK, "AHEAD": scan.CONV_AHEAD,
+                      "BLOCK_D": min(scan.CONV_BLOCK_D, max(32, np2(c.d_inner))), "HAS_BIAS": True, "USE_PDL": False}
+                fn = scan.causal_conv_kernel
+                ptrs = {n: t for n in ("x_ptr", "w_ptr", "b_ptr", "win_ptr", "out_ptr", "new_win_ptr")}
+                add("prefill_conv", act, keys["conv_step"],
+                    aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=1))
+            fn = cpp_support.gained_add_kernel
+            cx = {"BLOCK_D": np2(c.d_model)}
+            add("gained_add", act, keys["gained_add"],
+                aot.AotKernel("", fn, signature(fn, {"res_ptr": t, "o_ptr": t, "gain_ptr": "*fp32", "out_ptr": t}, cx),
+                              cx, num_warps=4))
+            if not c.memory:
+                continue
+            hd = c.d_model // 4
+            cx = {"BLOCK_M": memory.SCORE_ROWS, "BLOCK_H": max(16, np2(hd)), "BLOCK_K": np2(c.pool_size),
+                  "BLOCK_S": np2(c.summary_dim), "USE_PDL": False}
+            fn = memory.note_scores_kernel
+            ptrs = {"g_ptr": t, "w2_ptr": t, "trig_bias_ptr": t, "alpha_ptr": t, "a_ptr": "*fp32", "gain_ptr": "*fp32",
+                    "pool0_ptr": t}
+            add("prefill_note_scores", act, keys["decode"],
+                aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=4))
+            cx = {"BLOCK_K": np2(c.pool_size), "BLOCK_C": np2(c.summary_dim), "USE_PDL": False}
+            fn = pool.pool_after_kernel
+            add("pool_after", act, keys["pool_after"],
+                aot.AotKernel("", fn, signature(fn, {"bank_ptr": t, "last_ptr": "*i32", "out_ptr": t}, cx), cx,
+                              num_warps=4))
+            cx = {"BLOCK_K": np2(c.pool_size)}
+            fn = cpp_support.cross_index_kernel
+            add("cross_index", act, keys["cross_index"],
+                aot.AotKernel("", fn, signature(fn, {"index_ptr": "*i32", "out_ptr": "*i32"}, cx), cx, num_warps=1))
     return out
 
 
 def render_table(variants) -> str:
     rows = []
     for k, op, act, key in variants:
+        if op is None:                       # a plugin kernel: opLaunch.cpp calls its typed launcher
+            continue
         cx = ",".join(f"{n}={int(v)}" for n, v in k.constexprs.items())
         params = ",".join(f"{n}:{'ptr' if t.startswith('*') else t}" for n, t in k.signature.items() if t != "constexpr")
         rows.append(f'    {{"{op}", "{act}", "{key}", &{k.name}, "{cx}", "{params}"}},')

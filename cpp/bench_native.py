@@ -6,8 +6,10 @@ plans (cublas: projections in cuBLASLt; fused: decode.py's four kernels per laye
   - the HBM floor: parameter bytes / device-to-device copy bandwidth, both measured in this run;
   - the Python Triton backend (memmamba_deploy.backends.triton_backend, CUDA graph), same weights, same run;
   - itself without the CUDA graph (eager launches);
-and flatness: ms/token after 1k and after 64k tokens of context (prefill runs the decode graph token by token).
-Prints a rich table, `@@ ` summary lines, and appends JSON lines to $OUT/results.jsonl.
+and flatness: ms/token after 1k and after 64k tokens of context. Then prefill: tokens/s of one prefill call of
+2k and 16k tokens (the parallel form in chunks of 2048 tokens, the last token through the decode step), against
+the Python Triton backend's graphed prefill of the same prompt, same run.
+Prints rich tables, `@@ ` summary lines, and appends JSON lines to $OUT/results.jsonl.
 """
 from __future__ import annotations
 
@@ -56,6 +58,36 @@ def triton_decode_ms(ckpt: Path, dtype: torch.dtype, steps: int, context: int) -
     return statistics.median(times)
 
 
+def triton_prefill_s(ckpt: Path, dtype: torch.dtype, n: int, rounds: int = 5) -> float:
+    """Seconds of TritonBackend's prefill of n tokens from a fresh state (graphed; median after a warm-up)."""
+    from memmamba_deploy.backends.triton_backend import TritonBackend
+
+    backend = TritonBackend.open(ckpt, device="cuda", dtype=dtype, cuda_graph=True)
+    ids = torch.randint(0, backend.config.vocab_size, (1, n), device="cuda")
+    times = []
+    for _ in range(rounds + 1):
+        state = backend.new_state(1)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits, state = backend.prefill(ids, state)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def native_prefill_s(session: NativeSession, n: int, V: int, rounds: int = 5) -> float:
+    """Seconds of one prefill call of n tokens from a reset state (median after a warm-up; the call returns when
+    the GPU is done)."""
+    ids = torch.randint(0, V, (1, n), generator=torch.Generator().manual_seed(n))
+    times = []
+    for _ in range(rounds + 1):
+        session.reset()
+        t0 = time.perf_counter()
+        session.prefill(ids)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def native_decode_ms(session: NativeSession, steps: int) -> float:
     session.bench_generate(16)                                     # warm-up
     return statistics.median(session.bench_generate(steps) for _ in range(3))
@@ -96,7 +128,7 @@ def main(argv=None) -> int:
     from safetensors.torch import load_file
     n_params = sum(t.numel() for t in load_file(str(ckpt / "model.safetensors")).values())
     bw = copy_bandwidth()
-    rows, results = [], []
+    rows, results, prefill_rows = [], [], []
     device = torch.cuda.get_device_name()
 
     def add(what, dtype, ms, note=""):
@@ -109,7 +141,7 @@ def main(argv=None) -> int:
         s = NativeSession(args.build, ckpt, dtype=dtype, batch=1)
         prefill_tps = prefill_tokens(s, 1024, V)
         ms_1k = native_decode_ms(s, args.steps)
-        add("native cublas plan, CUDA graph, context 1k", dtype, ms_1k, f"prefill (token by token) {prefill_tps:,.0f} tok/s")
+        add("native cublas plan, CUDA graph, context 1k", dtype, ms_1k, f"prefill of 1k {prefill_tps:,.0f} tok/s")
         what = "native fused plan (decode.py kernels), CUDA graph, context 1k"
         try:
             fused = NativeSession(args.build, ckpt, dtype=dtype, batch=1, plan="fused")
@@ -129,6 +161,18 @@ def main(argv=None) -> int:
                 f"flatness {ms_64k / ms_1k:.3f} (64k / 1k)")
             results.append({"stage": "native-bench", "what": "flatness", "dtype": dtype, "ratio_64k_1k": ms_64k / ms_1k,
                             "device": device})
+        for n in (2048, 16384):
+            native_s = native_prefill_s(s, n, V)
+            try:
+                triton_s = triton_prefill_s(ckpt, torch.float16 if dtype == "fp16" else torch.float32, n)
+            except Exception as e:  # reported, not hidden
+                triton_s, why = float("nan"), f"failed: {type(e).__name__}: {e}"[:120]
+            else:
+                why = ""
+            prefill_rows.append((n, dtype, native_s, triton_s, why))
+            results.append({"stage": "native-bench", "what": "prefill", "dtype": dtype, "tokens": n,
+                            "native_tokens_per_s": n / native_s, "triton_tokens_per_s": n / triton_s,
+                            "device": device, "note": why})
         s.close()
         try:
             add("Python Triton backend, CUDA graph, context 1k", dtype,
@@ -142,6 +186,12 @@ def main(argv=None) -> int:
     for what, dtype, ms, floor, note in rows:
         table.add_row(what, dtype, f"{ms:.4f}", f"{floor:.4f}", f"{ms / floor:.2f}", note)
     Console(width=160).print(table)
+    ptable = Table(title="native prefill (one call, batch 1, fresh state) vs the Python Triton backend's graphed prefill")
+    for col in ("tokens", "dtype", "native s", "native tok/s", "Triton backend tok/s", "native / Triton", "note"):
+        ptable.add_column(col)
+    for n, dtype, ns, ts, why in prefill_rows:
+        ptable.add_row(str(n), dtype, f"{ns:.4f}", f"{n / ns:,.0f}", f"{n / ts:,.0f}", f"{ts / ns:.2f}", why)
+    Console(width=160).print(ptable)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with open(Path(args.out) / "results.jsonl", "a") as f:
         for r in results:
@@ -149,6 +199,9 @@ def main(argv=None) -> int:
     for what, dtype, ms, floor, note in rows:
         print(f"@@ native-bench: {what} {dtype}: {ms:.4f} ms/token = {ms / floor:.2f}x floor {floor:.4f}"
               + (f" ({note})" if note else ""))
+    for n, dtype, ns, ts, why in prefill_rows:
+        print(f"@@ native-bench: prefill {n} tokens {dtype}: native {n / ns:,.0f} tok/s, Triton backend "
+              f"{n / ts:,.0f} tok/s ({ts / ns:.2f}x)" + (f" ({why})" if why else ""))
     return 0
 
 

@@ -34,6 +34,35 @@ def test_conv_step_matches_reference(dtype, Di, KW):
     assert rel_err(out.float(), ref_out.float()) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gained_add_matches_reference(dtype):
+    g = torch.Generator().manual_seed(11)
+    B, T, d = 2, 5, 100                                            # d not a power of two
+    res, o = (torch.randn(B, T, d, generator=g).to(dtype) for _ in range(2))
+    gain = torch.randn(B, T, generator=g) * (torch.rand(B, T, generator=g) > 0.3)   # zeros: the trigger off
+    out = torch.full_like(o, float("nan"))                         # poisoned: an unwritten element fails
+    cs.gained_add(res, o, gain, out=out)
+    assert torch.equal(out, cs.gained_add_ref(res, o, gain))       # the same roundings, so the same bits
+    alpha = torch.tensor([0.37])                                   # one gain for every row (the §5 read's α)
+    assert torch.equal(cs.gained_add(res, o, alpha), cs.gained_add_ref(res, o, alpha.expand(B, T)))
+    inplace = res.clone()
+    cs.gained_add(inplace, o, gain, out=inplace)                   # out aliasing res, as the runtime's second read
+    assert torch.equal(inplace, cs.gained_add_ref(res, o, gain))
+
+
+@interpreted
+def test_cross_index_matches_reference():
+    g = torch.Generator().manual_seed(12)
+    B, T, K, M = 2, 5, 6, 11                                       # M = K + T entries a member's bank
+    indices = [torch.where(torch.rand(B, T + 1, K, generator=g) < 0.3, -1,
+                           torch.randint(0, M, (B, T + 1, K), generator=g)).to(torch.int32) for _ in range(3)]
+    got = cs.cross_index(indices, M)
+    ref = cs.cross_index_ref(indices, M)
+    assert got.shape == (B, T, 3 * K) and torch.equal(got, ref)
+    assert (got == -1).any() and (got >= 2 * M).any()              # both kinds of entry were exercised
+
+
 def test_philox_known_answers():
     # Random123's published philox4x32-10 test vectors
     assert cs.philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
@@ -104,8 +133,8 @@ def test_cpp_support_kernels_compile_ahead_of_time(tmp_path):
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "aot")], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     meta = json.loads((tmp_path / "aot" / "kernels.json").read_text())
-    names = {f"{n}_{a}" for n in cs.CPP_SUPPORT_AOT_KERNELS for a in ("fp32", "fp16")}
-    assert len(names) == 4
+    names = {f"{n}_{a}" for n, e in cs.CPP_SUPPORT_AOT_KERNELS.items() for a in e["signatures"]}
+    assert len(names) == 7
     assert set(meta["kernels"]) == names
     assert all(sorted(k["cubins"]) == ["87", "90"] for k in meta["kernels"].values())
 

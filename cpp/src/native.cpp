@@ -17,21 +17,30 @@
 // State is double-buffered: the step at parity p reads buffers p and writes buffers 1-p (conv window, SSM state,
 // pools, priorities, logits, next token), so (a) every cross read of a §5 group sees the pools from before the
 // token, (b) no captured kernel updates a buffer in place (deployment-notes), (c) a step can be undone.
-// Prefill feeds the prompt token by token through the same graph (a head-less variant for all but the last token).
+// Prefill runs a prompt's tokens but the last in the parallel form (spec §8; export/graphs.py's prefill graph spelled
+// in launches), chunks of up to kPrefillChunk tokens a row, each chunk from parity p into 1-p: per layer the same
+// norm kernel over B·T rows, the memory projections as one batched GEMM, memory.note_scores_kernel, the plugins'
+// pool sweep and sparse pool attention (plugins_trt/common/opLaunch.cpp) for the §4 read and the §5 read over the
+// group's joined banks (cpp_support.cross_index_kernel, gained_add_kernel), pool.pool_after_kernel; then in_proj,
+// scan.causal_conv_kernel, x_proj, dt_proj, the plugins' chunked scan and out_proj. The last token goes through the
+// decode step, which gives the logits and the next token. Shapes the compiled prefill kernels do not take fall back
+// to feeding every token through the decode graph (describe() says which and why).
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <map>
-#include <sstream>
+#include <tuple>
 
 #include "backend.h"
 #include "checkpoint.h"
 #include "cuda_util.h"
 #include "half.h"
 #include "kernels.h"
+#include "opLaunch.h"
 #include "state_file.h"
 
 namespace memmamba::detail
@@ -41,6 +50,7 @@ namespace
 
 constexpr size_t kAlign = 256;
 constexpr size_t kLtWorkspace = 8u << 20;
+constexpr int64_t kPrefillChunk = 2048; // tokens a row per parallel prefill chunk (buffers ~30 KB a token at 130m)
 
 size_t alignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -50,6 +60,7 @@ struct LayerWeights
     void *norm, *memW, *memBias, *wk, *wv, *alpha, *xwk, *xwv, *xalpha, *wScore;
     void *inW, *convW, *convB, *xW, *dtW, *dtBias, *A, *D, *outW;
     void *memBias32, *xWT, *outWT; // the fused plan: fp32 bias, x_proj / out_proj transposed ([Di, X], [Di, d])
+    void* xalpha32;                // the §5 read's α in fp32 (the parallel prefill's gained_add)
     void *dtBiasAct, *DAct;        // the fused plan: dt_bias and D in the model dtype (as decode_ssm_out reads them)
     int64_t memRows{0};
 };
@@ -153,7 +164,7 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
     struct Slots
     {
         size_t norm, memW, memBias, wk, wv, alpha, xwk, xwv, xalpha, wScore, inW, convW, convB, xW, dtW, dtBias, A, D,
-            outW, memBias32, xWT, outWT, dtBiasAct, DAct;
+            outW, memBias32, xWT, outWT, dtBiasAct, DAct, xalpha32;
         int64_t memRows;
     };
     std::vector<Slots> slots;
@@ -194,6 +205,7 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
             s.xwk = cross ? pk.tensor(p + "cross_attn.k_proj.weight") : s.wk;
             s.xwv = cross ? pk.tensor(p + "cross_attn.v_proj.weight") : s.wv;
             s.xalpha = cross ? pk.tensor(p + "cross_attn.alpha") : s.alpha;
+            s.xalpha32 = pk.add(pk.values(p + (cross ? "cross_attn.alpha" : "token_attn.alpha")), true);
         }
         s.inW = pk.tensor(p + "mixer.in_proj.weight");
         s.convW = pk.tensor(p + "mixer.conv1d.weight");
@@ -240,6 +252,7 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
             L.xwk = pk.at(s.xwk);
             L.xwv = pk.at(s.xwv);
             L.xalpha = pk.at(s.xalpha);
+            L.xalpha32 = pk.at(s.xalpha32);
             L.wScore = pk.at(s.wScore);
             L.memRows = s.memRows;
         }
@@ -265,15 +278,26 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
 }
 
 // ---- GEMMs ------------------------------------------------------------------------------------------------------------
+//! The largest alignment (bytes, <= 256) of a pointer whose rows are rowBytes apart.
+uint32_t ltAlignment(void const* p, int64_t rowBytes)
+{
+    uint32_t a = 256;
+    while (a > 1 && ((reinterpret_cast<uintptr_t>(p) % a) != 0 || (rowBytes % a) != 0))
+        a /= 2;
+    return a;
+}
+
 //! D[n, m] (row-major, row stride ldd) = X[n, k] (row stride ldx) · W[m, k]ᵀ (+ bias[m]): nn.Linear on n rows,
 //! planned once (descriptors + algorithm) and replayed each step. cuBLASLt is column-major: D' = op(W') · X' with
-//! W' = W viewed as [k x m], transposed.
+//! W' = W viewed as [k x m], transposed. batch > 1: that many products with the same W, X and D strideX / strideD
+//! elements apart (the prefill's batch rows in buffers laid out per row).
 class Linear
 {
 public:
     Linear() = default;
     Linear(cublasLtHandle_t lt, int64_t m, int64_t n, int64_t k, cudaDataType_t abType, cudaDataType_t dType,
-        void const* w, void const* x, int64_t ldx, void* d, int64_t ldd, void const* bias)
+        void const* w, void const* x, int64_t ldx, void* d, int64_t ldd, void const* bias, int batch = 1,
+        int64_t strideX = 0, int64_t strideD = 0)
         : w_(w)
         , x_(x)
         , d_(d)
@@ -292,12 +316,24 @@ public:
         MM_CUBLAS(cublasLtMatrixLayoutCreate(&a_, abType, k, m, k));
         MM_CUBLAS(cublasLtMatrixLayoutCreate(&b_, abType, k, n, ldx));
         MM_CUBLAS(cublasLtMatrixLayoutCreate(&c_, dType, m, n, ldd));
+        if (batch > 1)
+        {
+            int64_t const strides[3] = {0, strideX, strideD};
+            cublasLtMatrixLayout_t const layouts[3] = {a_, b_, c_};
+            for (int i = 0; i < 3; ++i)
+            {
+                MM_CUBLAS(cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch,
+                    sizeof(batch)));
+                MM_CUBLAS(cublasLtMatrixLayoutSetAttribute(layouts[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                    &strides[i], sizeof(strides[i])));
+            }
+        }
         cublasLtMatmulPreference_t pref{};
         MM_CUBLAS(cublasLtMatmulPreferenceCreate(&pref));
         size_t ws = kLtWorkspace;
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
         size_t abElem = abType == CUDA_R_16F ? 2 : 4, dElem = dType == CUDA_R_16F ? 2 : 4;
-        uint32_t alA = alignment(w, k * abElem), alB = alignment(x, ldx * abElem), alD = alignment(d, ldd * dElem);
+        uint32_t alA = ltAlignment(w, k * abElem), alB = ltAlignment(x, ldx * abElem), alD = ltAlignment(d, ldd * dElem);
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &alA, 4));
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &alB, 4));
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &alD, 4));
@@ -333,19 +369,17 @@ public:
     }
     void run(cublasLtHandle_t lt, void* workspace, cudaStream_t stream) const
     {
+        run(lt, workspace, stream, w_, x_, d_);
+    }
+    //! The same product on other operands of the same shapes and alignments (GemmPlans).
+    void run(cublasLtHandle_t lt, void* workspace, cudaStream_t stream, void const* w, void const* x, void* d) const
+    {
         float one = 1.f, zero = 0.f;
-        MM_CUBLAS(cublasLtMatmul(lt, desc_, &one, w_, a_, x_, b_, &zero, d_, c_, d_, c_, &algo_.algo, workspace,
+        MM_CUBLAS(cublasLtMatmul(lt, desc_, &one, w, a_, x, b_, &zero, d, c_, d, c_, &algo_.algo, workspace,
             kLtWorkspace, stream));
     }
 
 private:
-    static uint32_t alignment(void const* p, int64_t rowBytes)
-    {
-        uint32_t a = 256;
-        while (a > 1 && ((reinterpret_cast<uintptr_t>(p) % a) != 0 || (rowBytes % a) != 0))
-            a /= 2;
-        return a;
-    }
     cublasLtMatmulDesc_t desc_{};
     cublasLtMatrixLayout_t a_{}, b_{}, c_{};
     cublasLtMatmulHeuristicResult_t algo_{};
@@ -353,6 +387,36 @@ private:
     void const* x_{nullptr};
     void* d_{nullptr};
     void const* bias_{nullptr};
+};
+
+//! Products whose shapes change between calls (the prefill's chunk lengths): one Linear per shape and operand
+//! alignment, planned on first use and replayed with each call's pointers.
+class GemmPlans
+{
+public:
+    void run(cublasLtHandle_t lt, void* workspace, cudaStream_t stream, int64_t m, int64_t n, int64_t k,
+        cudaDataType_t abType, cudaDataType_t dType, void const* w, void const* x, int64_t ldx, void* d, int64_t ldd,
+        int batch = 1, int64_t strideX = 0, int64_t strideD = 0)
+    {
+        int64_t const ab = abType == CUDA_R_16F ? 2 : 4, de = dType == CUDA_R_16F ? 2 : 4;
+        Key key{m, n, k, abType, dType, ldx, ldd, batch, strideX, strideD, ltAlignment(w, k * ab),
+            ltAlignment(x, ldx * ab), ltAlignment(d, ldd * de)};
+        auto it = plans_.find(key);
+        if (it == plans_.end())
+        {
+            if (plans_.size() >= 512) // prompts of many lengths: plans are cheap to make again
+                plans_.clear();
+            it = plans_.emplace(key, Linear(lt, m, n, k, abType, dType, w, x, ldx, d, ldd, nullptr, batch, strideX,
+                                         strideD)).first;
+        }
+        it->second.run(lt, workspace, stream, w, x, d);
+    }
+    void clear() { plans_.clear(); }
+
+private:
+    using Key = std::tuple<int64_t, int64_t, int64_t, int, int, int64_t, int64_t, int, int64_t, int64_t, uint32_t,
+        uint32_t, uint32_t>;
+    std::map<Key, Linear> plans_;
 };
 
 // ---- the backend -------------------------------------------------------------------------------------------------------
@@ -392,6 +456,7 @@ public:
         actElem_ = w_->dtype == DType::kFloat16 ? 2 : 4;
         fused_ = opt_.plan == "fused";
         findKernels();
+        findPrefillKernels();
         MM_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
         allocate();
         MM_CUBLAS(cublasLtCreate(&lt_));
@@ -436,20 +501,43 @@ public:
 
     std::string describe() const override
     {
-        cudaDeviceProp prop{};
-        cudaGetDeviceProperties(&prop, opt_.device);
-        std::ostringstream s;
-        s << "native | " << prop.name << " (sm_" << prop.major << prop.minor << ") | " << act_ << " | batch "
-          << opt_.batch << " | " << w_->parameters / 1e6 << "M parameters (" << w_->bytes / 1e6 << " MB on device) | "
-          << (opt_.cudaGraph ? "CUDA graph" : "eager launches") << " | plan " << opt_.plan << " | kernels: "
-          << aot::binaryFor(*norm_.image, prop.major * 10 + prop.minor);
-        return s.str();
+        int major = 0, minor = 0;
+        MM_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, opt_.device));
+        MM_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, opt_.device));
+        // snprintf, not an ostream: number formatting through iostreams crashed inside a Python process that had
+        // imported torch 2.11+cu130 first (its C++ runtime's locale facets; H100, ctypes)
+        char sizes[96];
+        std::snprintf(sizes, sizeof(sizes), "%.6gM parameters (%.6g MB on device)", w_->parameters / 1e6,
+            w_->bytes / 1e6);
+        return "native | " + aot::deviceName(opt_.device) + " (sm_" + std::to_string(major) + std::to_string(minor)
+            + ") | " + act_ + " | batch " + std::to_string(opt_.batch) + " | " + sizes + " | "
+            + (opt_.cudaGraph ? "CUDA graph" : "eager launches") + " | plan " + opt_.plan + " | prefill "
+            + (prefillMode_.empty() ? std::string("parallel") : "token by token (" + prefillMode_ + ")")
+            + " | kernels: " + aot::binaryFor(*norm_.image, major * 10 + minor);
     }
 
     // ---- feeding tokens ----------------------------------------------------------------------------------------------
+    //! All tokens but the last in the parallel form (chunks of up to kPrefillChunk tokens a row), the last through
+    //! the decode step, which gives the logits and the next token as for any step. Shapes the compiled prefill
+    //! kernels do not take run token by token (prefillMode_ says why).
     void prefill(int32_t const* tokens, int T) override
     {
         DeviceGuard onDevice(opt_.device);
+        if (T > 1 && prefillMode_.empty())
+        {
+            int const B = opt_.batch;
+            std::vector<int32_t> last(B);
+            for (int b = 0; b < B; ++b)
+                last[b] = tokens[static_cast<size_t>(b) * T + T - 1];
+            parallelPrefill(tokens, T, T - 1);
+            step(last.data());
+            return;
+        }
+        prefillByStep(tokens, T);
+    }
+
+    void prefillByStep(int32_t const* tokens, int T)
+    {
         int const B = opt_.batch;
         std::vector<int64_t> byStep(static_cast<size_t>(T) * B); // [T, B]: one contiguous row per step
         for (int b = 0; b < B; ++b)
@@ -651,6 +739,15 @@ private:
     Linear head_[2];
     cudaGraphExec_t graphs_[2][2]{}; // [parity][with head]
 
+    // the parallel prefill (parallelPrefill): its kernels, why it is off ("" = on), buffers for pCap_ tokens a row
+    Kernel pConv_, pScores_, pAfter_, pGained_, pCross_;
+    std::string prefillMode_;
+    int64_t pCap_{0};
+    DeviceBuffer pIds_, pTok_, pH_, pU_, pUt_, pPart_, pXz_, pXc_, pDbc_, pDt_, pY_, pScanWs_;
+    DeviceBuffer pA_, pGain_, pO_, pKeys_, pVals_, pIdxX_;
+    std::vector<DeviceBuffer> pG_, pIdx_; // a §5 group's layers: stacked GEMM outputs (their banks) and sweep indices
+    GemmPlans plans_;
+
     void findKernels()
     {
         std::string key = "d" + std::to_string(c_.d_model) + "_di" + std::to_string(c_.dInner()) + "_n"
@@ -684,11 +781,326 @@ private:
         nD_ = cdiv(c_.dInner(), fSsmOut_.at("BLOCK_C"));
     }
 
+    //! The prefill's kernels for this shape, or prefillMode_ saying why the prefill runs token by token.
+    void findPrefillKernels()
+    {
+        std::string const di = "di" + std::to_string(c_.dInner()) + "_k" + std::to_string(c_.d_conv);
+        int64_t const dh = c_.memory ? c_.summary_dim / c_.memory_heads : 0;
+        if (c_.d_conv < 2 || c_.d_conv > 4)
+            prefillMode_ = "the prefill conv kernel takes d_conv 2 to 4";
+        else if (std::string e = plugin::scanLimits({opt_.batch, 1, static_cast<int32_t>(c_.dInner()),
+                     static_cast<int32_t>(c_.d_state)}); !e.empty())
+            prefillMode_ = e;
+        else if (c_.memory && (c_.pool_size * c_.cross_layer_every > 256 || dh > 16))
+            prefillMode_ = "the compiled pool attention takes at most 256 entries a read and 16 channels a head";
+        if (!prefillMode_.empty())
+            return;
+        try
+        {
+            pConv_ = findKernel("prefill_conv", act_, di);
+            pGained_ = findKernel("gained_add", act_, "d" + std::to_string(c_.d_model));
+            if (c_.memory)
+            {
+                std::string key = "d" + std::to_string(c_.d_model) + "_di" + std::to_string(c_.dInner()) + "_n"
+                    + std::to_string(c_.d_state) + "_r" + std::to_string(c_.dt_rank) + "_k" + std::to_string(c_.d_conv)
+                    + "_K" + std::to_string(c_.pool_size) + "_ds" + std::to_string(c_.summary_dim) + "_H"
+                    + std::to_string(c_.memory_heads) + "_p" + std::to_string(c_.cross_layer_every);
+                pScores_ = findKernel("prefill_note_scores", act_, key);
+                pAfter_ = findKernel("pool_after", act_,
+                    "K" + std::to_string(c_.pool_size) + "_ds" + std::to_string(c_.summary_dim));
+                pCross_ = findKernel("cross_index", act_, "K" + std::to_string(c_.pool_size));
+            }
+        }
+        catch (Error const& e)
+        {
+            prefillMode_ = std::string("the kernel library lacks its prefill kernels: ") + e.what();
+            return;
+        }
+        bool loaded = plugin::scanChunkPreload() && (!c_.memory || (plugin::poolSweepPreload()
+            && plugin::poolAttentionPreload()));
+        if (!loaded)
+            throw Error(aot::lastError());
+    }
+
+    void check(CUresult r) const
+    {
+        if (r != CUDA_SUCCESS)
+            throw Error("parallel prefill: " + aot::lastError());
+    }
+
+    //! Buffers for chunks of up to `cap` tokens a row (grown, never shrunk).
+    void allocatePrefill(int64_t cap)
+    {
+        if (cap <= pCap_)
+            return;
+        MM_CUDA(cudaStreamSynchronize(stream_)); // the old buffers may still be read
+        int64_t const B = opt_.batch, d = c_.d_model, di = c_.dInner(), X = xWidth(c_), n = B * cap;
+        size_t const a = actElem_;
+        pTok_ = DeviceBuffer(n * 8);
+        pH_ = DeviceBuffer(n * d * 4);
+        pPart_ = DeviceBuffer(n * d * 4);
+        pU_ = DeviceBuffer(n * d * a);
+        pUt_ = DeviceBuffer(n * d * a);
+        pXz_ = DeviceBuffer(n * 2 * di * a);
+        pXc_ = DeviceBuffer(n * di * a);
+        pDbc_ = DeviceBuffer(n * X * a);
+        pDt_ = DeviceBuffer(n * di * a);
+        pY_ = DeviceBuffer(n * di * a);
+        pScanWs_ = DeviceBuffer(std::max<size_t>(256, plugin::scanChunkWorkspace({static_cast<int32_t>(B),
+            static_cast<int32_t>(cap), static_cast<int32_t>(di), static_cast<int32_t>(c_.d_state)})));
+        if (c_.memory)
+        {
+            int64_t const K = c_.pool_size, ds = c_.summary_dim, P = c_.cross_layer_every, M = K + cap;
+            int64_t memRows = 0;
+            for (auto const& l : w_->layers)
+                memRows = std::max(memRows, l.memRows);
+            pG_.clear();
+            pIdx_.clear();
+            for (int64_t j = 0; j < P; ++j)
+            {
+                pG_.emplace_back(B * M * memRows * a);
+                pIdx_.emplace_back(B * (cap + 1) * K * 4);
+            }
+            pA_ = DeviceBuffer(n * 4);
+            pGain_ = DeviceBuffer(n * 4);
+            pO_ = DeviceBuffer(n * d * a);
+            pKeys_ = DeviceBuffer(B * P * M * ds * a);
+            pVals_ = DeviceBuffer(B * P * M * d * a);
+            pIdxX_ = DeviceBuffer(n * P * K * 4);
+        }
+        pCap_ = cap;
+    }
+
+    //! Feed the first Tp tokens of each row of tokens [B, T] in the parallel form (spec §8; MemMambaLM.prefill's
+    //! layers as export/graphs.py's prefill graph spells them), from state cur_, chunk by chunk; each chunk reads
+    //! the state at parity cur_ and writes it at 1 - cur_. No logits: the caller steps the last token.
+    void parallelPrefill(int32_t const* tokens, int T, int Tp)
+    {
+        int64_t const B = opt_.batch;
+        int64_t const chunk = std::min<int64_t>(kPrefillChunk, 65535 / B); // the norm kernel's grid: B·T rows in y
+        allocatePrefill(std::min<int64_t>(chunk, Tp));
+        std::vector<int64_t> ids(static_cast<size_t>(B) * Tp); // [B, Tp] int64, as the embedding kernel reads ids
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t t = 0; t < Tp; ++t)
+                ids[b * Tp + t] = tokens[b * T + t];
+        if (pIds_.bytes() < ids.size() * 8)
+            pIds_ = DeviceBuffer(ids.size() * 8);
+        MM_CUDA(cudaMemcpyAsync(pIds_.get(), ids.data(), ids.size() * 8, cudaMemcpyHostToDevice, stream_));
+        for (int64_t t0 = 0; t0 < Tp; t0 += chunk)
+        {
+            int64_t const n = std::min<int64_t>(chunk, Tp - t0);
+            MM_CUDA(cudaMemcpy2DAsync(pTok_.get(), n * 8, pIds_.as<int64_t>() + t0, Tp * 8, n * 8, B,
+                cudaMemcpyDeviceToDevice, stream_));
+            prefillChunk(cur_, static_cast<int>(n));
+            cur_ ^= 1;
+        }
+        canUndo_ = false;
+        hasLogits_ = false;
+        MM_CUDA(cudaStreamSynchronize(stream_)); // ids (pageable) must outlive the copy
+    }
+
+    //! One chunk of T tokens a row (pTok_ [B, T]) from the state at parity p into 1 - p.
+    void prefillChunk(int p, int T)
+    {
+        int const q = 1 - p;
+        int64_t const B = opt_.batch, d = c_.d_model, di = c_.dInner(), N = c_.d_state, R = c_.dt_rank;
+        int64_t const X = xWidth(c_), KW = c_.d_conv, n = B * T;
+        size_t const a = actElem_;
+        cudaDataType_t const t = w_->dtype == DType::kFloat16 ? CUDA_R_16F : CUDA_R_32F;
+        auto at = [](void* base, size_t bytes) { return static_cast<void*>(static_cast<unsigned char*>(base) + bytes); };
+        auto gemm = [&](int64_t m, int64_t rows, int64_t k, void const* w, void const* x, int64_t ldx, void* out,
+                        int64_t ldd, cudaDataType_t dType) {
+            plans_.run(lt_, workspace_.get(), stream_, m, rows, k, t, dType, w, x, ldx, out, ldd);
+        };
+        size_t const convLayer = B * di * (KW - 1) * a, ssmLayer = B * di * N * 4;
+        for (int64_t l = 0; l < c_.n_layers; ++l)
+        {
+            LayerWeights const& W = w_->layers[l];
+            // h += round(out_proj) (layer 0: h = embedding), u = RMSNorm(h): decode kernel A on B·T rows; its zo
+            // (zeroed sums the decode step's atomics need) is the part it has just read
+            Launch(l == 0 ? norm_ : normRes_)
+                .ptr("tok_ptr", pTok_.get())
+                .ptr("emb_ptr", w_->emb)
+                .ptr("h_prev_ptr", pH_.get())
+                .ptr("part_ptr", pPart_.get())
+                .ptr("h_ptr", pH_.get())
+                .ptr("u_ptr", pU_.get())
+                .ptr("norm_w_ptr", W.norm)
+                .ptr("w_ptr", W.norm)
+                .ptr("bias_ptr", pPart_.get())
+                .ptr("out_ptr", pU_.get())
+                .ptr("zx_ptr", pPart_.get())
+                .ptr("zo_ptr", pPart_.get())
+                .i32("d", d)
+                .i32("R", 0)
+                .i32("P", 1)
+                .i32("X", 0)
+                .f32("eps", c_.norm_eps)
+                .i32("stride_emb", d)
+                .run({1, static_cast<unsigned>(n), 1}, stream_);
+            void* mixerIn = pU_.get();
+            if (c_.memory)
+            {
+                prefillMemory(p, l, T);
+                mixerIn = pUt_.get();
+            }
+            // §6: in_proj, the causal conv over [window, x], x_proj, dt_proj, the chunked scan from the SSM state
+            gemm(2 * di, n, d, W.inW, mixerIn, d, pXz_.get(), 2 * di, t);
+            Launch(pConv_)
+                .ptr("x_ptr", pXz_.get())
+                .ptr("w_ptr", W.convW)
+                .ptr("b_ptr", W.convB)
+                .ptr("win_ptr", at(conv[p].get(), l * convLayer))
+                .ptr("out_ptr", pXc_.get())
+                .ptr("new_win_ptr", at(conv[q].get(), l * convLayer))
+                .i32("T", T)
+                .i32("Di", di)
+                .i32("stride_x_b", T * 2 * di)
+                .i32("stride_x_t", 2 * di)
+                .i32("stride_win_b", di * (KW - 1))
+                .i32("stride_out_b", T * di)
+                .i32("stride_out_t", di)
+                .i32("stride_new_win_b", di * (KW - 1))
+                .run({static_cast<unsigned>(B), cdiv(di, pConv_.at("BLOCK_D")), cdiv(T, pConv_.at("CHUNK"))}, stream_);
+            gemm(X, n, di, W.xW, pXc_.get(), di, pDbc_.get(), X, t);
+            gemm(di, n, R, W.dtW, pDbc_.get(), X, pDt_.get(), di, t);
+            plugin::ScanTensors st{};
+            st.x = pXc_.get();
+            st.dt = pDt_.get();
+            st.A = W.A;
+            st.B = at(pDbc_.get(), R * a);
+            st.C = at(pDbc_.get(), (R + N) * a);
+            st.D = W.D;
+            st.z = at(pXz_.get(), di * a);
+            st.dtBias = W.dtBias;
+            st.h0 = at(ssm[p].get(), l * ssmLayer);
+            st.y = pY_.get();
+            st.h = at(ssm[q].get(), l * ssmLayer);
+            st.workspace = pScanWs_.get();
+            st.rowB = st.rowC = static_cast<int32_t>(X);
+            st.rowZ = static_cast<int32_t>(2 * di);
+            check(plugin::scanChunkLaunch(st, {static_cast<int32_t>(B), T, static_cast<int32_t>(di),
+                static_cast<int32_t>(N)}, a == 2, true, stream_));
+            gemm(d, n, di, W.outW, pY_.get(), di, pPart_.get(), d, CUDA_R_32F); // fp32: the next norm rounds it
+        }
+    }
+
+    //! §3-§5 of layer l over the chunk: ũ (pUt_) from u (pU_), the pool and priorities at parity 1 - p.
+    void prefillMemory(int p, int64_t l, int T)
+    {
+        int const q = 1 - p;
+        int64_t const B = opt_.batch, d = c_.d_model, K = c_.pool_size, ds = c_.summary_dim, H = c_.memory_heads;
+        int64_t const hd = d / 4, P = c_.cross_layer_every, M = K + T, n = B * T;
+        size_t const a = actElem_;
+        cudaDataType_t const t = w_->dtype == DType::kFloat16 ? CUDA_R_16F : CUDA_R_32F;
+        auto at = [](void* base, size_t bytes) { return static_cast<void*>(static_cast<unsigned char*>(base) + bytes); };
+        LayerWeights const& W = w_->layers[l];
+        int64_t const rows = W.memRows; // g's columns: q_tok [0, ds), score hidden, summary, trigger, q_cross
+        int64_t const colSummary = ds + hd, colTrig = 2 * ds + hd;
+        void* g = pG_[l % P].get();      // [B, K + T, rows]: the pool's K rows (its summaries: the bank), then tokens'
+        void* idx = pIdx_[l % P].get();  // [B, T + 1, K] the sweep's index
+        void* poolIn = at(pool[p].get(), l * B * K * ds * a);
+        // the five projections that share u, without the trigger's bias (note_scores adds it, as the Python path)
+        plans_.run(lt_, workspace_.get(), stream_, rows, T, d, t, t, W.memW, pU_.get(), d, at(g, K * rows * a), rows,
+            static_cast<int>(B), T * d, M * rows);
+        Launch(pScores_)
+            .ptr("g_ptr", at(g, ds * a))
+            .ptr("w2_ptr", W.wScore)
+            .ptr("trig_bias_ptr", at(W.memBias, colTrig * a))
+            .ptr("alpha_ptr", W.alpha)
+            .ptr("a_ptr", pA_.get())
+            .ptr("gain_ptr", pGain_.get())
+            .ptr("pool0_ptr", poolIn)
+            .i32("M", n)
+            .i32("T", T)
+            .i32("K", K)
+            .i32("hd", hd)
+            .i32("ds", ds)
+            .i32("col_trig", hd + ds)
+            .i32("stride_g", rows)
+            .i32("stride_pool_b", K * ds)
+            .i32("stride_pool_k", ds)
+            .i32("stride_pool_s", 1)
+            .f32("tau2", static_cast<float>(c_.read_threshold))
+            .run({cdiv(n, pScores_.at("BLOCK_M")), 1, 1}, stream_);
+        check(plugin::poolSweepLaunch(pA_.get(), at(prio[p].get(), l * B * K * 4), idx,
+            at(prio[q].get(), l * B * K * 4), static_cast<int32_t>(B), T, static_cast<int32_t>(K),
+            static_cast<float>(c_.insert_threshold), stream_));
+        // §4: the token read over this layer's bank [pool0; summaries]
+        void* bank = at(g, colSummary * a);
+        plans_.run(lt_, workspace_.get(), stream_, ds, B * M, ds, t, t, W.wk, bank, rows, pKeys_.get(), ds);
+        plans_.run(lt_, workspace_.get(), stream_, d, B * M, ds, t, t, W.wv, bank, rows, pVals_.get(), d);
+        plugin::AttentionSizes as{static_cast<int32_t>(B), T, static_cast<int32_t>(M), static_cast<int32_t>(K),
+            static_cast<int32_t>(ds), static_cast<int32_t>(d), static_cast<int32_t>(H)};
+        as.qStrideT = static_cast<int32_t>(rows);
+        as.qStrideB = static_cast<int32_t>(M * rows);
+        as.indexStrideB = static_cast<int32_t>((T + 1) * K);
+        check(plugin::poolAttentionLaunch(at(g, K * rows * a), pKeys_.get(), pVals_.get(), idx, pO_.get(), as, a == 2,
+            stream_));
+        gainedAdd(pU_.get(), pGain_.get(), 1, n);
+        if (c_.isCrossLayer(l))
+        {
+            // §5: the group's banks joined ([B, P·M, ds] keys and [B, P·M, d] values), their indices shifted
+            for (int64_t j = 0; j < P; ++j)
+            {
+                int64_t const m = l - P + 1 + j, mRows = w_->layers[m].memRows;
+                void* mBank = at(pG_[m % P].get(), colSummary * a);
+                plans_.run(lt_, workspace_.get(), stream_, ds, M, ds, t, t, W.xwk, mBank, mRows,
+                    at(pKeys_.get(), j * M * ds * a), ds, static_cast<int>(B), M * mRows, P * M * ds);
+                plans_.run(lt_, workspace_.get(), stream_, d, M, ds, t, t, W.xwv, mBank, mRows,
+                    at(pVals_.get(), j * M * d * a), d, static_cast<int>(B), M * mRows, P * M * d);
+                Launch(pCross_)
+                    .ptr("index_ptr", pIdx_[m % P].get())
+                    .ptr("out_ptr", pIdxX_.get())
+                    .i32("T", T)
+                    .i32("K", K)
+                    .i32("width", P * K)
+                    .i32("col0", j * K)
+                    .i32("shift", j * M)
+                    .run({static_cast<unsigned>(n), 1, 1}, stream_);
+            }
+            plugin::AttentionSizes xs{static_cast<int32_t>(B), T, static_cast<int32_t>(P * M),
+                static_cast<int32_t>(P * K), static_cast<int32_t>(ds), static_cast<int32_t>(d), static_cast<int32_t>(H)};
+            xs.qStrideT = static_cast<int32_t>(rows);
+            xs.qStrideB = static_cast<int32_t>(M * rows);
+            check(plugin::poolAttentionLaunch(at(g, (K * rows + colTrig + 1) * a), pKeys_.get(), pVals_.get(),
+                pIdxX_.get(), pO_.get(), xs, a == 2, stream_));
+            gainedAdd(pUt_.get(), W.xalpha32, 0, n);
+        }
+        // the pool after the chunk: slot j holds bank row index[:, T, j] (an empty slot keeps pool0's row j)
+        Launch(pAfter_)
+            .ptr("bank_ptr", bank)
+            .ptr("last_ptr", at(idx, T * K * 4))
+            .ptr("out_ptr", at(pool[q].get(), l * B * K * ds * a))
+            .i32("K", K)
+            .i32("ds", ds)
+            .i32("stride_bank_b", M * rows)
+            .i32("stride_bank_m", rows)
+            .i32("stride_last_b", (T + 1) * K)
+            .i32("stride_last_k", 1)
+            .i32("stride_out_b", K * ds)
+            .i32("stride_out_k", ds)
+            .run({static_cast<unsigned>(B), 1, 1}, stream_);
+    }
+
+    //! ũ = res + round(o · gain) into pUt_ (gained_read): gain fp32 per row (stride 1) or one for all (stride 0).
+    void gainedAdd(void const* res, void const* gain, int strideGain, int64_t rows)
+    {
+        Launch(pGained_)
+            .ptr("res_ptr", res)
+            .ptr("o_ptr", pO_.get())
+            .ptr("gain_ptr", gain)
+            .ptr("out_ptr", pUt_.get())
+            .i32("d", c_.d_model)
+            .i32("stride_gain", strideGain)
+            .run({static_cast<unsigned>(rows), 1, 1}, stream_);
+    }
+
     std::vector<Kernel const*> usedKernels() const
     {
         std::vector<Kernel const*> out;
         for (Kernel const* k : {&norm_, &normRes_, &pool_, &poolCross_, &conv_, &scan_, &sample_, &fNormProjEmbed_,
-                 &fNormProj_, &fInConv_, &fSsmOut_})
+                 &fNormProj_, &fInConv_, &fSsmOut_, &pConv_, &pScores_, &pAfter_, &pGained_, &pCross_})
             if (k->image)
                 out.push_back(k);
         return out;

@@ -1,8 +1,12 @@
 // C entry points into libmemmamba for tests/gpu/test_native_gpu.py (ctypes). Used only by tests and the GPU stage.
 // Every function returns 0 / a handle on success and -1 / null on failure, with mm_last_error() saying why.
 #include <chrono>
+#include <csignal>
+#include <cstdlib>
 #include <cstring>
+#include <execinfo.h>
 #include <string>
+#include <unistd.h>
 
 #include "memmamba/memmamba.h"
 
@@ -28,6 +32,26 @@ int guard(F&& f)
 }
 
 Session* S(void* h) { return static_cast<Session*>(h); }
+
+// MEMMAMBA_CAPI_BACKTRACE=1: a crash inside the library prints its native stack (Python's faulthandler shows
+// only the Python frames above the ctypes call)
+void printBacktrace(int sig)
+{
+    void* frames[64];
+    int n = backtrace(frames, 64);
+    backtrace_symbols_fd(frames, n, STDERR_FILENO);
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+}
+struct BacktraceOnCrash
+{
+    BacktraceOnCrash()
+    {
+        char const* v = std::getenv("MEMMAMBA_CAPI_BACKTRACE");
+        if (v && v[0] == '1')
+            std::signal(SIGSEGV, printBacktrace);
+    }
+} const backtraceOnCrash;
 } // namespace
 
 extern "C"

@@ -178,13 +178,15 @@ CUresult scanChunkLaunch(ScanTensors const& t, ScanSizes s, bool half, bool dtSo
     auto const states = half ? kernels::launch_selective_scan_chunk_states_fp16
                              : kernels::launch_selective_scan_chunk_states_fp32;
     auto const out = half ? kernels::launch_selective_scan_chunk_out_fp16 : kernels::launch_selective_scan_chunk_out_fp32;
-    int32_t const sxb = T * Di, sbb = T * N; // contiguous [B,T,Di] and [B,T,N]
+    int32_t const sxb = T * Di;               // contiguous [B,T,Di]; B, C and z may be views (t.rowB, ...)
+    int32_t const rB = t.rowB ? t.rowB : N, rC = t.rowC ? t.rowC : N, rZ = t.rowZ ? t.rowZ : Di;
+    int32_t const sBb = T * rB, sCb = T * rC, sZb = T * rZ;
     ChunkPlan const p = chunkPlan(B, T, Di);
     unsigned const gd = u(cdiv(Di, kScanBlockD));
     if (p.nChunks == 1)
     {
         return fwd(stream, {u(B), gd, 1}, t.x, t.dt, t.A, t.B, t.C, t.D, t.z, t.dtBias, t.h0, t.y, t.h, t.A, T, Di, N,
-            T, sp, sxb, Di, sxb, Di, sbb, N, sbb, N, sxb, Di, sxb, Di, DiN, 0, DiN, 0);
+            T, sp, sxb, Di, sxb, Di, sBb, rB, sCb, rC, sZb, rZ, sxb, Di, DiN, 0, DiN, 0);
     }
     // Three passes through the workspace: chunk states [B, nc, Di, N], then Σδ per chunk [B, nc, Di] (fp32).
     if (!t.workspace)
@@ -196,7 +198,7 @@ CUresult scanChunkLaunch(ScanTensors const& t, ScanSizes s, bool half, bool dtSo
     int32_t const sStatesB = p.nChunks * DiN;
     unsigned const nc = u(p.nChunks);
     if (CUresult r = states(stream, {u(B), gd, nc}, t.x, t.dt, t.A, t.B, t.C, t.D, t.z, t.dtBias, t.A, t.A, statesBuf,
-            dtSum, T, Di, N, p.chunkLen, sp, sxb, Di, sxb, Di, sbb, N, sbb, N, sxb, Di, 0, 0, 0, 0, sStatesB, DiN);
+            dtSum, T, Di, N, p.chunkLen, sp, sxb, Di, sxb, Di, sBb, rB, sCb, rC, sZb, rZ, 0, 0, 0, 0, sStatesB, DiN);
         r != CUDA_SUCCESS)
     {
         return r;
@@ -208,7 +210,7 @@ CUresult scanChunkLaunch(ScanTensors const& t, ScanSizes s, bool half, bool dtSo
         return r;
     }
     return out(stream, {u(B), gd, nc}, t.x, t.dt, t.A, t.B, t.C, t.D, t.z, t.dtBias, statesBuf, t.y, t.A, t.A, T, Di,
-        N, p.chunkLen, sp, sxb, Di, sxb, Di, sbb, N, sbb, N, sxb, Di, sxb, Di, sStatesB, DiN, 0, 0);
+        N, p.chunkLen, sp, sxb, Di, sxb, Di, sBb, rB, sCb, rC, sZb, rZ, sxb, Di, sStatesB, DiN, 0, 0);
 }
 
 // ---- SelectiveScanStep ----------------------------------------------------------------------------------------------
@@ -274,8 +276,10 @@ CUresult poolAttentionLaunch(void const* q, void const* keys, void const* values
     int32_t const dh = ds / s.heads, dv = d / s.heads;
     int32_t const nv = static_cast<int32_t>(cdiv(dv, blockV));
     float const scale = static_cast<float>(std::pow(static_cast<double>(dh), -0.5)); // Python: dh ** -0.5
+    int32_t const qt = s.qStrideT ? s.qStrideT : ds, qb = s.qStrideB ? s.qStrideB : T * qt;
+    int32_t const ib = s.indexStrideB ? s.indexStrideB : T * S;
     return attend(stream, {u(s.batch), u(cdiv(T, blockQ)), u(s.heads)}, q, keys, values, index, o, T, S, dh, dv, nv,
-        scale, T * ds, ds, M * ds, ds, M * d, d, T * S, S, T * d, d);
+        scale, qb, qt, M * ds, ds, M * d, d, ib, S, T * d, d);
 }
 
 } // namespace memmamba::plugin

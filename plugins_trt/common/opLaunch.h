@@ -28,6 +28,9 @@ struct ScanTensors
     void* y;            // act like x
     void* h;            // f32 [B,Di,N]
     void* workspace;    // scanChunkWorkspace() bytes (chunk only)
+    // chunk only: token strides of B and C (e.g. views of x_proj's output) and of z (in_proj's second half), in
+    // elements; 0 = contiguous (N, N, Di). Batch strides are T times these.
+    int32_t rowB{0}, rowC{0}, rowZ{0};
 };
 
 struct ScanSizes
@@ -38,6 +41,9 @@ struct ScanSizes
 struct AttentionSizes
 {
     int32_t batch, tokens, entries, slots, dSummary, dModel, heads; // B, T, M, S, ds, d, H
+    // optional strides in elements, 0 = contiguous: q's token and batch strides (q a view of a wider GEMM output)
+    // and index's batch stride (index a view of the sweep's [B, T+1, S] rows)
+    int32_t qStrideT{0}, qStrideB{0}, indexStrideB{0};
 };
 
 //! "" when the compiled kernels take these sizes, else what is out of range (checked before any launch).

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from memmamba_deploy.metrics import rel_err
-from memmamba_deploy.models import MemMambaLM
+from memmamba_deploy.metrics import align_pool_slots, rel_err
+from memmamba_deploy.models import MemMambaLM, State
 from tests.conftest import make_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cpp"))
@@ -71,10 +71,13 @@ def reference(ckpt, dtype):
 
 
 def compare_state(native, state, dtype, what):
+    """The native state against the reference's, pools aligned slot by slot first (metrics.align_pool_slots: the
+    parallel prefill may keep the same entries in other slots where priorities tie)."""
+    ref = state.to("cpu")
+    got = align_pool_slots(ref, State(**{name: native.state(name, t.shape) for name, t in ref.tensors().items()}))
     errs = {}
-    for name, t in state.tensors().items():
-        got = native.state(name, t.shape)
-        errs[name] = rel_err(got.float(), t.float().cpu())
+    for name, t in ref.tensors().items():
+        errs[name] = rel_err(getattr(got, name).float(), t.float())
         assert errs[name] <= TOL[dtype], f"{what}: state.{name} rel err {errs[name]:.2e}"
     return errs
 
@@ -135,6 +138,37 @@ def test_prefill_and_1k_decode_match_reference(build, checkpoints, dtype, memory
     if dtype == "fp32":
         assert flips == 0, f"{flips} pool decision flip(s) in fp32"
     assert flips <= DECODE_STEPS // 100, f"{flips} pool decision flips in {DECODE_STEPS} steps"
+    native.close()
+
+
+@pytest.mark.parametrize("dtype,batch", [(dt, b) for dt in ("fp32", "fp16") for b in (1, 3)])
+@torch.no_grad()
+def test_long_prompts_prefill_in_parallel_chunks(build, checkpoints, dtype, batch):
+    """A prompt longer than the runtime's prefill chunk (2048 tokens a row), fed in two calls: the parallel prefill
+    (the chunked scan, the pool sweep, the sparse reads; spec §8), chunk after chunk and call after call, against
+    MemMambaLM.prefill of the whole prompt; then decoding goes on from that state as the reference does."""
+    ckpt, _ = checkpoints[True]
+    ref = reference(ckpt, dtype)
+    V = ref.config.vocab_size
+    native = NativeSession(build, ckpt, dtype=dtype, batch=batch)
+    assert "prefill parallel" in native.describe(), native.describe()
+    g = torch.Generator().manual_seed(7 + batch)
+    prompt = torch.randint(0, V, (batch, 2600), generator=g)
+    native.prefill(prompt[:, :2300])        # chunks of 2048 and 251 tokens, then the last through the decode step
+    native.prefill(prompt[:, 2300:])        # resumes from that state
+    ref_logits, state = ref.prefill(prompt.cuda(), last_only=True)
+    logits, ref_logits = native.logits(V), ref_logits[:, -1].float().cpu()
+    assert torch.isfinite(logits).all()
+    err = rel_err(logits, ref_logits)
+    assert err <= TOL[dtype], f"logits after a 2600-token prefill: rel err {err:.2e}"
+    errs = compare_state(native, state, dtype, "after a 2600-token prefill")
+    for i in range(16):                     # decoding from the parallel prefill's state
+        token = ref_logits.argmax(-1)
+        native.step(token.int())
+        ref_out, state = ref.step(token.cuda(), state)
+        logits, ref_logits = native.logits(V), ref_out.float().cpu()
+        assert rel_err(logits, ref_logits) <= TOL[dtype], f"decode step {i} after the long prefill"
+    record(test="long-prefill", dtype=dtype, batch=batch, tokens=2600, logits_err=err, state_err=errs)
     native.close()
 
 

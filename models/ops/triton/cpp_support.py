@@ -2,9 +2,13 @@
 
   conv_step  the Mamba causal-conv step on its own (window shift + depthwise conv + bias + SiLU), for the runtime's
              cuBLAS plan, where in_proj is a cuBLAS GEMM (decode.py fuses the conv step with in_proj instead);
-  sample     the token sampler (greedy / temperature / top-k / top-p) that keeps generation on the GPU.
+  sample     the token sampler (greedy / temperature / top-k / top-p) that keeps generation on the GPU;
+  gained_add, cross_index
+             the two pieces of the parallel prefill's memory path (spec §4-§5, §8) that the runtime does not find in
+             scan.py, pool.py or memory.py: a read's end (residual + gain · o, gained_read) and one group member's
+             share of the §5 index (cross_layer_bank).
 
-Each kernel's PyTorch reference sits beside it (causal_conv_step_ref, sample_ref); tests/test_cpp_support_kernels.py
+Each kernel's PyTorch reference sits beside it (causal_conv_step_ref, sample_ref, gained_add_ref, cross_index_ref); tests/test_cpp_support_kernels.py
 checks one against the other in the Triton interpreter and compiles them ahead of time. The C++ host sampler
 (cpp/src/sampling.cpp) implements sample_ref again, so the GPU sampler can be checked without Python.
 
@@ -25,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from memmamba_deploy.models.ops.pool import cross_layer_bank, gained_read
 from memmamba_deploy.models.ops.scan import causal_conv_step_ref  # noqa: F401 (the reference of conv_step)
 
 PHILOX_M0 = tl.constexpr(0xD2511F53)      # Random123 philox4x32 multipliers ...
@@ -84,6 +89,70 @@ def conv_step(x, weight, bias, window):
     conv_step_kernel[grid](x, weight.contiguous(), bias, window.contiguous(), win_out, out, Di, KW, x.stride(0),
                            **blocks)
     return out, win_out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The parallel prefill's memory-path glue
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def gained_add_kernel(res_ptr, o_ptr, gain_ptr, out_ptr, d, stride_gain, BLOCK_D: tl.constexpr):
+    """grid (rows,): out[r] = res[r] + round(o[r] · round(gain[r · stride_gain])) over rows of d, rounded to out's
+    dtype where gained_read's model-dtype tensors round (gain fp32; stride_gain 0: one gain for every row, e.g. the
+    §5 read's α). out may alias res (each program reads its row before writing it)."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < d
+    g = _round(tl.load(gain_ptr + r * stride_gain), out_ptr)
+    o = tl.load(o_ptr + r * d + offs, mask=mask, other=0.0).to(tl.float32)
+    res = tl.load(res_ptr + r * d + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r * d + offs, (res + _round(o * g, out_ptr)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gained_add_ref(res, o, gain):
+    """res + gain · o as the reference's read ends (gained_read): res, o [B,T,d]; gain [B,T] fp32."""
+    return gained_read(o, gain, res)
+
+
+def gained_add(res, o, gain, out=None):
+    """gained_add_ref with gained_add_kernel; gain [B,T] fp32, or a one-element tensor for every row."""
+    B, T, d = o.shape
+    out = torch.empty_like(o) if out is None else out
+    per_row = gain.numel() != 1
+    gained_add_kernel[(B * T,)](res.contiguous(), o.contiguous(), gain.float().contiguous(), out, d,
+                                1 if per_row else 0, BLOCK_D=triton.next_power_of_2(d))
+    return out
+
+
+@triton.jit
+def cross_index_kernel(index_ptr, out_ptr, T, K, width, col0, shift, BLOCK_K: tl.constexpr):
+    """grid (B·T,): one §5 group member's share of the cross-layer index. index [B, T+1, K] int32 is the member's
+    sweep index (row t: the entries token t reads; the last row is not read); out [B, T, width] int32 gets, in
+    columns [col0, col0 + K), index + shift where >= 0 and -1 elsewhere (cross_layer_bank with the member's bank
+    `shift` rows into the joined bank)."""
+    r = tl.program_id(0).to(tl.int64)
+    b = r // T
+    t = r % T
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    i = tl.load(index_ptr + (b * (T + 1) + t) * K + offs, mask=mask, other=-1)
+    tl.store(out_ptr + r * width + col0 + offs, tl.where(i >= 0, i + shift, -1), mask=mask)
+
+
+def cross_index_ref(indices, entries: int):
+    """cross_layer_bank's index: the members' sweep indices [B, T+1, K] (rows :T read) -> [B, T, len·K]."""
+    banks = [i.new_zeros(i.shape[0], entries, 1) for i in indices]          # cross_layer_bank joins them too
+    return cross_layer_bank([(b, i[:, :-1]) for b, i in zip(banks, indices)], entries)[1]
+
+
+def cross_index(indices, entries: int):
+    """cross_index_ref with one cross_index_kernel launch per member."""
+    B, T1, K = indices[0].shape
+    T = T1 - 1
+    out = torch.empty(B, T, len(indices) * K, dtype=torch.int32, device=indices[0].device)
+    for j, i in enumerate(indices):
+        cross_index_kernel[(B * T,)](i.contiguous(), out, T, K, out.shape[-1], j * K, j * entries,
+                                     BLOCK_K=triton.next_power_of_2(K))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,6 +368,16 @@ def sample_signature(act: str) -> dict[str, str]:
             "stride_row": "i32", "n_rows": "i32", "BLOCK": "constexpr"}
 
 
+def gained_add_signature(act: str) -> dict[str, str]:
+    return {"res_ptr": f"*{act}", "o_ptr": f"*{act}", "gain_ptr": "*fp32", "out_ptr": f"*{act}", "d": "i32",
+            "stride_gain": "i32", "BLOCK_D": "constexpr"}
+
+
+def cross_index_signature() -> dict[str, str]:
+    return {"index_ptr": "*i32", "out_ptr": "*i32", "T": "i32", "K": "i32", "width": "i32", "col0": "i32",
+            "shift": "i32", "BLOCK_K": "constexpr"}
+
+
 CPP_SUPPORT_AOT_KERNELS = {
     "sample": {
         "fn": sample_kernel,
@@ -307,6 +386,22 @@ CPP_SUPPORT_AOT_KERNELS = {
         "num_warps": 8,
         "grid": "(B, 1, 1); rng[3] (arrivals) must be 0 before the launch (it is again after it)",
         "doc": "greedy / temperature / top-k / top-p sampling with philox (cpp_support.sample_ref)",
+    },
+    "gained_add_d768": {           # the 130m preset's width; other shapes: cpp/aot_kernels.py
+        "fn": gained_add_kernel,
+        "signatures": {act: gained_add_signature(act) for act in ("fp32", "fp16")},
+        "constexprs": {"BLOCK_D": 1024},
+        "num_warps": 4,
+        "grid": "(B·T, 1, 1)",
+        "doc": "a read's end in the parallel prefill (gained_add_ref)",
+    },
+    "cross_index_k50": {
+        "fn": cross_index_kernel,
+        "signatures": {"any": cross_index_signature()},
+        "constexprs": {"BLOCK_K": 64},
+        "num_warps": 1,
+        "grid": "(B·T, 1, 1), once per §5 group member",
+        "doc": "a §5 group member's share of the cross-layer index (cross_index_ref)",
     },
     "conv_step_di1536_k4": {       # the 130m preset's shape; other shapes: cpp/aot_kernels.py
         "fn": conv_step_kernel,

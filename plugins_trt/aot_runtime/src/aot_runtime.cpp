@@ -31,6 +31,7 @@ struct Driver
     CUresult (*ctxGetCurrent)(CUcontext*){};
     CUresult (*ctxGetDevice)(CUdevice*){};
     CUresult (*deviceGetAttribute)(int*, CUdevice_attribute, CUdevice){};
+    CUresult (*deviceGetName)(char*, int, CUdevice){};
     CUresult (*moduleLoadDataEx)(CUmodule*, void const*, unsigned int, CUjit_option*, void**){};
     CUresult (*moduleGetFunction)(CUfunction*, CUmodule, char const*){};
     CUresult (*funcSetAttribute)(CUfunction, CUfunction_attribute, int){};
@@ -68,6 +69,7 @@ Driver const& driver()
         resolve(lib, "cuCtxGetCurrent", r.ctxGetCurrent, e);
         resolve(lib, "cuCtxGetDevice", r.ctxGetDevice, e);
         resolve(lib, "cuDeviceGetAttribute", r.deviceGetAttribute, e);
+        resolve(lib, "cuDeviceGetName", r.deviceGetName, e);
         resolve(lib, "cuModuleLoadDataEx", r.moduleLoadDataEx, e);
         resolve(lib, "cuModuleGetFunction", r.moduleGetFunction, e);
         resolve(lib, "cuFuncSetAttribute", r.funcSetAttribute, e);
@@ -300,6 +302,17 @@ std::string lastError()
 CUresult setError(CUresult code, std::string message)
 {
     return fail(code, std::move(message));
+}
+
+std::string deviceName(int ordinal)
+{
+    char name[256] = {};
+    Driver const& d = driver();
+    if (!d.loadError.empty() || d.deviceGetName(name, sizeof(name) - 1, ordinal) != CUDA_SUCCESS)
+    {
+        return "CUDA device " + std::to_string(ordinal);
+    }
+    return name;
 }
 
 std::string binaryFor(KernelImage const& kernel, int sm)

@@ -68,4 +68,7 @@ CUresult setError(CUresult code, std::string message);
 //! Honours MEMMAMBA_AOT_FORCE_PTX=1, which makes every load JIT the PTX (to test the forward-compatible path).
 std::string binaryFor(KernelImage const& kernel, int sm);
 
+//! The name of CUDA device `ordinal` (the driver's), or "CUDA device N" where the driver cannot say.
+std::string deviceName(int ordinal);
+
 } // namespace memmamba::aot
