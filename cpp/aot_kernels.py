@@ -13,11 +13,12 @@ Kernels (all from models/ops/triton; the default "cublas" plan does every projec
     conv_step     cpp_support.conv_step_kernel                  (cublas plan)
     scan_step     scan.selective_state_step_kernel              (cublas plan)
     sample        cpp_support.sample_kernel                     (both)
-The parallel prefill (both plans; cpp/src/native.cpp ParallelPrefill):
+The parallel prefill (both plans; cpp/src/native.cpp parallelPrefill):
     prefill_conv  scan.causal_conv_kernel (d_conv 2-4)          prefill_note_scores  memory.note_scores_kernel
+    prefill_scan_states, prefill_scan_prefix, prefill_scan_out  scan.scan_forward's three passes
     pool_after    pool.pool_after_kernel                        gained_add, cross_index  cpp_support
-    and the TensorRT plugins' kernels (models/ops/triton/aot.py aot_kernels: the chunked scan, the pool sweep, the
-    sparse pool attention) under the plugins' names, launched through plugins_trt/common/opLaunch.cpp.
+    and the TensorRT plugins' kernels (models/ops/triton/aot.py aot_kernels: the pool sweep and the sparse pool
+    attention; the chunked scan too) under the plugins' names, launched through plugins_trt/common/opLaunch.cpp.
 Block sizes are constexprs chosen by each kernel's own heuristic (decode_blocks, step_blocks, conv_blocks) for one
 model shape, so a variant serves the shapes its key names (e.g. decode_note_pool_fp16_d768_..._p4); the runtime
 refuses a model whose variants are missing and names them. The table also lists each kernel's runtime arguments
@@ -127,6 +128,29 @@ def runtime_kernels(configs) -> list[tuple]:
                 ptrs = {n: t for n in ("x_ptr", "w_ptr", "b_ptr", "win_ptr", "out_ptr", "new_win_ptr")}
                 add("prefill_conv", act, keys["conv_step"],
                     aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=1))
+            # the prompt's scan: scan.scan_forward's three passes (TritonBackend's prefill scan)
+            block_d, block_n, warps = scan.seq_blocks(c.d_state, c.d_inner)
+            seq = {"BLOCK_D": block_d, "BLOCK_N": block_n, "EVEN_N": c.d_state == block_n, "UNROLL": scan.SEQ_UNROLL,
+                   "STAGES": scan.SEQ_STAGES, "USE_PDL": False}
+            fn = scan.selective_scan_seq_kernel
+            f32 = "*fp32"
+            ptrs = {"x_ptr": t, "dt_ptr": t, "AT_ptr": f32, "B_ptr": t, "C_ptr": t, "D_ptr": f32, "z_ptr": t,
+                    "dt_bias_ptr": f32, "h_in_ptr": f32, "y_ptr": t, "h_out_ptr": f32, "dt_sum_ptr": f32,
+                    "delta_ptr": f32}
+            cx = dict(seq, HAS_Z=False, HAS_DT_BIAS=True, HAS_H_IN=False, WRITE_Y=False, WRITE_H=True,
+                      WRITE_DT_SUM=True, WRITE_DELTA=True, DELTA_IN=False)
+            add("prefill_scan_states", act, keys["scan_step"],
+                aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=warps))
+            cx = dict(seq, HAS_Z=True, HAS_DT_BIAS=False, HAS_H_IN=True, WRITE_Y=True, WRITE_H=False,
+                      WRITE_DT_SUM=False, WRITE_DELTA=False, DELTA_IN=True)
+            add("prefill_scan_out", act, keys["scan_step"],                   # δ (fp32, pass 1's) in as dt
+                aot.AotKernel("", fn, signature(fn, dict(ptrs, dt_ptr=f32), cx), cx, num_warps=warps))
+            cx = {"BLOCK_C": scan.PREFIX_BLOCK_C, "BLOCK_E": scan.PREFIX_BLOCK_E, "HAS_H0": True, "USE_PDL": False}
+            fn = scan.scan_chunk_prefix_kernel
+            add("prefill_scan_prefix", act, keys["scan_step"],
+                aot.AotKernel("", fn, signature(fn, {n: f32 for n in ("AT_ptr", "dt_sum_ptr", "h0_ptr", "states_ptr",
+                                                                      "starts_ptr", "h_out_ptr")}, cx), cx,
+                              num_warps=scan.PREFIX_NUM_WARPS))
             fn = cpp_support.gained_add_kernel
             cx = {"BLOCK_D": np2(c.d_model)}
             add("gained_add", act, keys["gained_add"],

@@ -203,7 +203,8 @@ def test_runtime_kernel_library_compiles(tmp_path):
     kernels = json.loads((tmp_path / "aot" / "kernels.json").read_text())["kernels"]
     ops = ("decode_norm_proj_embed_noproj", "decode_norm_proj_noproj", "decode_norm_proj_embed", "decode_norm_proj",
            "decode_note_pool", "decode_note_pool_cross", "decode_in_proj_conv", "decode_ssm_out", "conv_step",
-           "scan_step", "sample", "prefill_conv", "prefill_note_scores", "pool_after", "gained_add", "cross_index")
+           "scan_step", "sample", "prefill_conv", "prefill_note_scores", "pool_after", "gained_add", "cross_index",
+           "prefill_scan_states", "prefill_scan_prefix", "prefill_scan_out")
     for act in ("fp32", "fp16"):
         for op in ops:
             assert f'{{"{op}", "{act}", ' in table, (op, act)

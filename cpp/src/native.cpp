@@ -18,11 +18,11 @@
 // pools, priorities, logits, next token), so (a) every cross read of a §5 group sees the pools from before the
 // token, (b) no captured kernel updates a buffer in place (deployment-notes), (c) a step can be undone.
 // Prefill runs a prompt's tokens but the last in the parallel form (spec §8; export/graphs.py's prefill graph spelled
-// in launches), chunks of up to kPrefillChunk tokens a row, each chunk from parity p into 1-p: per layer the same
+// in launches), chunks of up to kPrefillRows / batch tokens, each chunk from parity p into 1-p: per layer the same
 // norm kernel over B·T rows, the memory projections as one batched GEMM, memory.note_scores_kernel, the plugins'
 // pool sweep and sparse pool attention (plugins_trt/common/opLaunch.cpp) for the §4 read and the §5 read over the
 // group's joined banks (cpp_support.cross_index_kernel, gained_add_kernel), pool.pool_after_kernel; then in_proj,
-// scan.causal_conv_kernel, x_proj, dt_proj, the plugins' chunked scan and out_proj. The last token goes through the
+// scan.causal_conv_kernel, x_proj, dt_proj, scan.scan_forward's three passes and out_proj. The last token goes through the
 // decode step, which gives the logits and the next token. Shapes the compiled prefill kernels do not take fall back
 // to feeding every token through the decode graph (describe() says which and why).
 #include <cublasLt.h>
@@ -50,7 +50,10 @@ namespace
 
 constexpr size_t kAlign = 256;
 constexpr size_t kLtWorkspace = 8u << 20;
-constexpr int64_t kPrefillChunk = 2048; // tokens a row per parallel prefill chunk (buffers ~30 KB a token at 130m)
+// rows (batch x tokens) per parallel prefill chunk: the scan's chunks grow with it (at 2048 a 16k prompt took 1.3x
+// as long), its buffers too (about 43 KB a row at 130m fp16: 350 MB)
+constexpr int64_t kPrefillRows = 8192;
+constexpr int64_t kScanProgramsPerSm = 8, kScanMinChunk = 16; // scan.SEQ_PROGRAMS_PER_SM, SEQ_MIN_CHUNK
 
 size_t alignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -61,6 +64,7 @@ struct LayerWeights
     void *inW, *convW, *convB, *xW, *dtW, *dtBias, *A, *D, *outW;
     void *memBias32, *xWT, *outWT; // the fused plan: fp32 bias, x_proj / out_proj transposed ([Di, X], [Di, d])
     void* xalpha32;                // the §5 read's α in fp32 (the parallel prefill's gained_add)
+    void* AT;                      // A transposed [N, Di] fp32 (the prefill scan's state tiles)
     void *dtBiasAct, *DAct;        // the fused plan: dt_bias and D in the model dtype (as decode_ssm_out reads them)
     int64_t memRows{0};
 };
@@ -164,7 +168,7 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
     struct Slots
     {
         size_t norm, memW, memBias, wk, wv, alpha, xwk, xwv, xalpha, wScore, inW, convW, convB, xW, dtW, dtBias, A, D,
-            outW, memBias32, xWT, outWT, dtBiasAct, DAct, xalpha32;
+            outW, memBias32, xWT, outWT, dtBiasAct, DAct, xalpha32, AT;
         int64_t memRows;
     };
     std::vector<Slots> slots;
@@ -220,6 +224,7 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
         std::vector<float> A = pk.values(p + "mixer.A_log");
         for (float& a : A)
             a = -std::exp(a); // A = -exp(A_log.float()) in fp32, as Mixer.step
+        s.AT = pk.add(transpose(A, c.dInner(), c.d_state), true);
         s.A = pk.add(std::move(A), true);
         s.D = pk.tensor(p + "mixer.D", true);
         s.outW = pk.tensor(p + "mixer.out_proj.weight");
@@ -263,6 +268,7 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
         L.dtW = pk.at(s.dtW);
         L.dtBias = pk.at(s.dtBias);
         L.A = pk.at(s.A);
+        L.AT = pk.at(s.AT);
         L.D = pk.at(s.D);
         L.outW = pk.at(s.outW);
         if (fused)
@@ -517,7 +523,7 @@ public:
     }
 
     // ---- feeding tokens ----------------------------------------------------------------------------------------------
-    //! All tokens but the last in the parallel form (chunks of up to kPrefillChunk tokens a row), the last through
+    //! All tokens but the last in the parallel form (chunks of up to kPrefillRows / batch tokens), the last through
     //! the decode step, which gives the logits and the next token as for any step. Shapes the compiled prefill
     //! kernels do not take run token by token (prefillMode_ says why).
     void prefill(int32_t const* tokens, int T) override
@@ -740,10 +746,11 @@ private:
     cudaGraphExec_t graphs_[2][2]{}; // [parity][with head]
 
     // the parallel prefill (parallelPrefill): its kernels, why it is off ("" = on), buffers for pCap_ tokens a row
-    Kernel pConv_, pScores_, pAfter_, pGained_, pCross_;
+    Kernel pConv_, pScores_, pAfter_, pGained_, pCross_, pScanStates_, pScanPrefix_, pScanOut_;
     std::string prefillMode_;
-    int64_t pCap_{0};
-    DeviceBuffer pIds_, pTok_, pH_, pU_, pUt_, pPart_, pXz_, pXc_, pDbc_, pDt_, pY_, pScanWs_;
+    int64_t pCap_{0}, scanPrograms_{0};
+    DeviceBuffer pIds_, pTok_, pH_, pU_, pUt_, pPart_, pXz_, pXc_, pDbc_, pDt_, pY_;
+    DeviceBuffer pStates_, pStarts_, pDtSum_, pDelta_; // scan_forward's chunk states, Σδ per chunk, δ
     DeviceBuffer pA_, pGain_, pO_, pKeys_, pVals_, pIdxX_;
     std::vector<DeviceBuffer> pG_, pIdx_; // a §5 group's layers: stacked GEMM outputs (their banks) and sweep indices
     GemmPlans plans_;
@@ -788,9 +795,6 @@ private:
         int64_t const dh = c_.memory ? c_.summary_dim / c_.memory_heads : 0;
         if (c_.d_conv < 2 || c_.d_conv > 4)
             prefillMode_ = "the prefill conv kernel takes d_conv 2 to 4";
-        else if (std::string e = plugin::scanLimits({opt_.batch, 1, static_cast<int32_t>(c_.dInner()),
-                     static_cast<int32_t>(c_.d_state)}); !e.empty())
-            prefillMode_ = e;
         else if (c_.memory && (c_.pool_size * c_.cross_layer_every > 256 || dh > 16))
             prefillMode_ = "the compiled pool attention takes at most 256 entries a read and 16 channels a head";
         if (!prefillMode_.empty())
@@ -798,6 +802,10 @@ private:
         try
         {
             pConv_ = findKernel("prefill_conv", act_, di);
+            std::string const dn = "di" + std::to_string(c_.dInner()) + "_n" + std::to_string(c_.d_state);
+            pScanStates_ = findKernel("prefill_scan_states", act_, dn);
+            pScanPrefix_ = findKernel("prefill_scan_prefix", act_, dn);
+            pScanOut_ = findKernel("prefill_scan_out", act_, dn);
             pGained_ = findKernel("gained_add", act_, "d" + std::to_string(c_.d_model));
             if (c_.memory)
             {
@@ -816,10 +824,24 @@ private:
             prefillMode_ = std::string("the kernel library lacks its prefill kernels: ") + e.what();
             return;
         }
-        bool loaded = plugin::scanChunkPreload() && (!c_.memory || (plugin::poolSweepPreload()
-            && plugin::poolAttentionPreload()));
-        if (!loaded)
+        if (c_.memory && !(plugin::poolSweepPreload() && plugin::poolAttentionPreload()))
             throw Error(aot::lastError());
+        int sms = 0;
+        MM_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, opt_.device));
+        scanPrograms_ = int64_t{sms} * kScanProgramsPerSm;
+    }
+
+    struct ScanPlan
+    {
+        int64_t chunkLen, chunks;
+    };
+    //! scan.seq_chunk_plan: as many chunks as batch x channel blocks x chunks fit in one wave, none under 16 tokens.
+    ScanPlan scanPlan(int64_t T) const
+    {
+        int64_t const rows = opt_.batch * cdiv(c_.dInner(), pScanStates_.at("BLOCK_D"));
+        int64_t const n = std::max<int64_t>(1, std::min<int64_t>(scanPrograms_ / rows, T / kScanMinChunk));
+        int64_t const len = n == 1 ? T : (T + n - 1) / n;
+        return {len, (T + len - 1) / len};
     }
 
     void check(CUresult r) const
@@ -846,8 +868,11 @@ private:
         pDbc_ = DeviceBuffer(n * X * a);
         pDt_ = DeviceBuffer(n * di * a);
         pY_ = DeviceBuffer(n * di * a);
-        pScanWs_ = DeviceBuffer(std::max<size_t>(256, plugin::scanChunkWorkspace({static_cast<int32_t>(B),
-            static_cast<int32_t>(cap), static_cast<int32_t>(di), static_cast<int32_t>(c_.d_state)})));
+        int64_t const chunks = scanPlan(cap).chunks, N = c_.d_state; // the plan's chunks grow with T
+        pStates_ = DeviceBuffer(B * chunks * N * di * 4);
+        pStarts_ = DeviceBuffer(B * chunks * N * di * 4);
+        pDtSum_ = DeviceBuffer(B * chunks * di * 4);
+        pDelta_ = DeviceBuffer(n * di * 4);
         if (c_.memory)
         {
             int64_t const K = c_.pool_size, ds = c_.summary_dim, P = c_.cross_layer_every, M = K + cap;
@@ -877,7 +902,7 @@ private:
     void parallelPrefill(int32_t const* tokens, int T, int Tp)
     {
         int64_t const B = opt_.batch;
-        int64_t const chunk = std::min<int64_t>(kPrefillChunk, 65535 / B); // the norm kernel's grid: B·T rows in y
+        int64_t const chunk = std::max<int64_t>(1, kPrefillRows / B);     // (the norm kernel's grid: <= 65535 rows)
         allocatePrefill(std::min<int64_t>(chunk, Tp));
         std::vector<int64_t> ids(static_cast<size_t>(B) * Tp); // [B, Tp] int64, as the embedding kernel reads ids
         for (int64_t b = 0; b < B; ++b)
@@ -964,25 +989,79 @@ private:
                 .run({static_cast<unsigned>(B), cdiv(di, pConv_.at("BLOCK_D")), cdiv(T, pConv_.at("CHUNK"))}, stream_);
             gemm(X, n, di, W.xW, pXc_.get(), di, pDbc_.get(), X, t);
             gemm(di, n, R, W.dtW, pDbc_.get(), X, pDt_.get(), di, t);
-            plugin::ScanTensors st{};
-            st.x = pXc_.get();
-            st.dt = pDt_.get();
-            st.A = W.A;
-            st.B = at(pDbc_.get(), R * a);
-            st.C = at(pDbc_.get(), (R + N) * a);
-            st.D = W.D;
-            st.z = at(pXz_.get(), di * a);
-            st.dtBias = W.dtBias;
-            st.h0 = at(ssm[p].get(), l * ssmLayer);
-            st.y = pY_.get();
-            st.h = at(ssm[q].get(), l * ssmLayer);
-            st.workspace = pScanWs_.get();
-            st.rowB = st.rowC = static_cast<int32_t>(X);
-            st.rowZ = static_cast<int32_t>(2 * di);
-            check(plugin::scanChunkLaunch(st, {static_cast<int32_t>(B), T, static_cast<int32_t>(di),
-                static_cast<int32_t>(N)}, a == 2, true, stream_));
+            scanForward(W, T, at(ssm[p].get(), l * ssmLayer), at(ssm[q].get(), l * ssmLayer));
             gemm(d, n, di, W.outW, pY_.get(), di, pPart_.get(), d, CUDA_R_32F); // fp32: the next norm rounds it
         }
+    }
+
+    //! scan.scan_forward's three passes over the chunk (TritonBackend's prefill scan): xc (pXc_), dt (pDt_), B and
+    //! C (views of pDbc_), z (in_proj's second half) from the SSM state h0 -> y (pY_) and the state h (both
+    //! [B, Di, N] fp32). Pass 1 runs each chunk from zero, keeping its final state, Σδ and δ; the prefix pass
+    //! chains the chunks from h0 (and writes h); pass 3 runs each chunk again from its start, writing y.
+    void scanForward(LayerWeights const& W, int T, void const* h0, void* h)
+    {
+        int64_t const B = opt_.batch, di = c_.dInner(), N = c_.d_state, R = c_.dt_rank, X = xWidth(c_);
+        size_t const a = actElem_;
+        ScanPlan const plan = scanPlan(T);
+        unsigned const grid[3] = {static_cast<unsigned>(B), cdiv(di, pScanStates_.at("BLOCK_D")),
+            static_cast<unsigned>(plan.chunks)};
+        int64_t const hs = plan.chunks * di * N; // a batch row's chunk states, [chunks, N, Di]
+        auto pass = [&](Kernel const& k, void const* dt, int64_t dtRow, void const* z, void const* hIn, void* y,
+                        void* hOut, void* dtSum, int softplus, void* delta) {
+            Launch(k)
+                .ptr("x_ptr", pXc_.get())
+                .ptr("dt_ptr", dt)
+                .ptr("AT_ptr", W.AT)
+                .ptr("B_ptr", static_cast<unsigned char*>(pDbc_.get()) + R * a)
+                .ptr("C_ptr", static_cast<unsigned char*>(pDbc_.get()) + (R + N) * a)
+                .ptr("D_ptr", W.D)
+                .ptr("z_ptr", z)
+                .ptr("dt_bias_ptr", W.dtBias)
+                .ptr("h_in_ptr", hIn)
+                .ptr("y_ptr", y)
+                .ptr("h_out_ptr", hOut)
+                .ptr("dt_sum_ptr", dtSum)
+                .i32("T", T)
+                .i32("Di", di)
+                .i32("N", N)
+                .i32("chunk_len", plan.chunkLen)
+                .i32("dt_softplus", softplus)
+                .i32("stride_x_b", T * di)
+                .i32("stride_x_t", di)
+                .i32("stride_dt_b", T * dtRow)
+                .i32("stride_dt_t", dtRow)
+                .i32("stride_B_b", T * X)
+                .i32("stride_B_t", X)
+                .i32("stride_C_b", T * X)
+                .i32("stride_C_t", X)
+                .i32("stride_z_b", T * 2 * di)
+                .i32("stride_z_t", 2 * di)
+                .i32("stride_y_b", T * di)
+                .i32("stride_y_t", di)
+                .i32("stride_hin_b", hs)
+                .i32("stride_hin_c", di * N)
+                .i32("stride_hout_b", hs)
+                .i32("stride_hout_c", di * N)
+                .ptr("delta_ptr", delta)
+                .run({grid[0], grid[1], grid[2]}, stream_);
+        };
+        void* xz = pXz_.get();
+        pass(pScanStates_, pDt_.get(), di, xz, W.AT, W.AT, pStates_.get(), pDtSum_.get(), 1, pDelta_.get());
+        Launch(pScanPrefix_)
+            .ptr("AT_ptr", W.AT)
+            .ptr("dt_sum_ptr", pDtSum_.get())
+            .ptr("h0_ptr", h0)
+            .ptr("states_ptr", pStates_.get())
+            .ptr("starts_ptr", pStarts_.get())
+            .ptr("h_out_ptr", h)
+            .i32("Di", di)
+            .i32("N", N)
+            .i32("n_chunks", plan.chunks)
+            .i32("stride_h0_b", di * N)
+            .i32("stride_hout_b", di * N)
+            .run({static_cast<unsigned>(B), cdiv(N * di, pScanPrefix_.at("BLOCK_E")), 1}, stream_);
+        pass(pScanOut_, pDelta_.get(), di, static_cast<unsigned char*>(xz) + di * a, pStarts_.get(), pY_.get(), W.AT,
+            W.AT, 0, W.AT);
     }
 
     //! §3-§5 of layer l over the chunk: ũ (pUt_) from u (pU_), the pool and priorities at parity 1 - p.
@@ -1100,7 +1179,8 @@ private:
     {
         std::vector<Kernel const*> out;
         for (Kernel const* k : {&norm_, &normRes_, &pool_, &poolCross_, &conv_, &scan_, &sample_, &fNormProjEmbed_,
-                 &fNormProj_, &fInConv_, &fSsmOut_, &pConv_, &pScores_, &pAfter_, &pGained_, &pCross_})
+                 &fNormProj_, &fInConv_, &fSsmOut_, &pConv_, &pScores_, &pAfter_, &pGained_, &pCross_, &pScanStates_,
+                 &pScanPrefix_, &pScanOut_})
             if (k->image)
                 out.push_back(k);
         return out;

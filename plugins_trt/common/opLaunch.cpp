@@ -178,15 +178,13 @@ CUresult scanChunkLaunch(ScanTensors const& t, ScanSizes s, bool half, bool dtSo
     auto const states = half ? kernels::launch_selective_scan_chunk_states_fp16
                              : kernels::launch_selective_scan_chunk_states_fp32;
     auto const out = half ? kernels::launch_selective_scan_chunk_out_fp16 : kernels::launch_selective_scan_chunk_out_fp32;
-    int32_t const sxb = T * Di;               // contiguous [B,T,Di]; B, C and z may be views (t.rowB, ...)
-    int32_t const rB = t.rowB ? t.rowB : N, rC = t.rowC ? t.rowC : N, rZ = t.rowZ ? t.rowZ : Di;
-    int32_t const sBb = T * rB, sCb = T * rC, sZb = T * rZ;
+    int32_t const sxb = T * Di, sbb = T * N; // contiguous [B,T,Di] and [B,T,N]
     ChunkPlan const p = chunkPlan(B, T, Di);
     unsigned const gd = u(cdiv(Di, kScanBlockD));
     if (p.nChunks == 1)
     {
         return fwd(stream, {u(B), gd, 1}, t.x, t.dt, t.A, t.B, t.C, t.D, t.z, t.dtBias, t.h0, t.y, t.h, t.A, T, Di, N,
-            T, sp, sxb, Di, sxb, Di, sBb, rB, sCb, rC, sZb, rZ, sxb, Di, DiN, 0, DiN, 0);
+            T, sp, sxb, Di, sxb, Di, sbb, N, sbb, N, sxb, Di, sxb, Di, DiN, 0, DiN, 0);
     }
     // Three passes through the workspace: chunk states [B, nc, Di, N], then Σδ per chunk [B, nc, Di] (fp32).
     if (!t.workspace)
@@ -198,7 +196,7 @@ CUresult scanChunkLaunch(ScanTensors const& t, ScanSizes s, bool half, bool dtSo
     int32_t const sStatesB = p.nChunks * DiN;
     unsigned const nc = u(p.nChunks);
     if (CUresult r = states(stream, {u(B), gd, nc}, t.x, t.dt, t.A, t.B, t.C, t.D, t.z, t.dtBias, t.A, t.A, statesBuf,
-            dtSum, T, Di, N, p.chunkLen, sp, sxb, Di, sxb, Di, sBb, rB, sCb, rC, sZb, rZ, 0, 0, 0, 0, sStatesB, DiN);
+            dtSum, T, Di, N, p.chunkLen, sp, sxb, Di, sxb, Di, sbb, N, sbb, N, sxb, Di, 0, 0, 0, 0, sStatesB, DiN);
         r != CUDA_SUCCESS)
     {
         return r;
@@ -210,7 +208,7 @@ CUresult scanChunkLaunch(ScanTensors const& t, ScanSizes s, bool half, bool dtSo
         return r;
     }
     return out(stream, {u(B), gd, nc}, t.x, t.dt, t.A, t.B, t.C, t.D, t.z, t.dtBias, statesBuf, t.y, t.A, t.A, T, Di,
-        N, p.chunkLen, sp, sxb, Di, sxb, Di, sBb, rB, sCb, rC, sZb, rZ, sxb, Di, sStatesB, DiN, 0, 0);
+        N, p.chunkLen, sp, sxb, Di, sxb, Di, sbb, N, sbb, N, sxb, Di, sxb, Di, sStatesB, DiN, 0, 0);
 }
 
 // ---- SelectiveScanStep ----------------------------------------------------------------------------------------------

@@ -28,9 +28,6 @@ struct ScanTensors
     void* y;            // act like x
     void* h;            // f32 [B,Di,N]
     void* workspace;    // scanChunkWorkspace() bytes (chunk only)
-    // chunk only: token strides of B and C (e.g. views of x_proj's output) and of z (in_proj's second half), in
-    // elements; 0 = contiguous (N, N, Di). Batch strides are T times these.
-    int32_t rowB{0}, rowC{0}, rowZ{0};
 };
 
 struct ScanSizes

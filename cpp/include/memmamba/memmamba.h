@@ -129,7 +129,8 @@ public:
     std::string describe() const; //!< backend, device, dtype, weights, graph
 
     //! Feed `tokens` [batch, T] (row-major, T >= 1) from the current state; afterwards logits() are those of
-    //! the last token. The native backend runs the decode step token by token (in its CUDA graph).
+    //! the last token. The native backend runs all tokens but the last in the parallel form (spec §8, chunks of
+    //! 8192 rows), the last through the decode step; the result equals feeding them one by one within rounding.
     //! After generate(), its last tokens are fed first (see generate).
     void prefill(int32_t const* tokens, int T);
     //! Feed one token per row, tokens [batch] (after generate()'s last tokens, if pending).
@@ -183,7 +184,7 @@ public:
     //! Write the stream so far to a session state file: a safetensors file in the format of Python's
     //! Session.save_state (the recurrent state, the logits, generate()'s pending tokens, the sampling stream's seed
     //! and draws, the model's config and, in builds with OpenSSL, its weights' sha256). It appears whole or not at
-    //! all. A stream saved by either runtime goes on in the other, e.g. a long prompt prefilled by the Python
+    //! all. A stream saved by either runtime goes on in the other, e.g. a prompt prefilled by the Python
     //! Triton backend, then decoded here; each runtime keeps its own sampling stream (they draw with different
     //! generators: greedy tokens agree, sampled ones do not). Needs logits (a token fed since open/reset/writeState).
     void saveState(std::string const& path) const;
