@@ -48,7 +48,7 @@ def _lib(build_dir) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(Path(build_dir) / "libmemmamba_capi.so"))
     P, I, F, U64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_ulonglong
     sig = {
-        "mm_last_error": ([], ctypes.c_char_p), "mm_open": ([ctypes.c_char_p] * 3 + [I, I, I, U64, ctypes.c_char_p, ctypes.c_char_p], P),
+        "mm_last_error": ([], ctypes.c_char_p), "mm_open": ([ctypes.c_char_p] * 3 + [I, I, I, U64, ctypes.c_char_p, ctypes.c_char_p, I], P),
         "mm_close": ([P], None), "mm_describe": ([P], ctypes.c_char_p), "mm_prefill": ([P, P, I], I),
         "mm_step": ([P, P], I), "mm_logits": ([P, P], I), "mm_sample": ([P, F, I, F, P], I),
         "mm_generate": ([P, I, F, I, F, P, I, P, P], I), "mm_bench_generate": ([P, I, P], I),
@@ -67,11 +67,11 @@ class NativeSession:
     """One memmamba::Session. Token ids are int32 on the host; results are CPU torch tensors."""
 
     def __init__(self, build_dir, path, dtype="fp16", batch=1, backend="native", device=0, cuda_graph=True, seed=0,
-                 plugins="", plan="cublas", _handle=None, _lib_obj=None):
+                 plugins="", plan="cublas", prefill_rows=8192, _handle=None, _lib_obj=None):
         self.lib = _lib_obj or _lib(build_dir)
         self.batch, self.dtype = batch, dtype
         self.h = _handle or self.lib.mm_open(str(path).encode(), backend.encode(), dtype.encode(), batch, device,
-                                             int(cuda_graph), seed, plugins.encode(), plan.encode())
+                                             int(cuda_graph), seed, plugins.encode(), plan.encode(), prefill_rows)
         if not self.h:
             raise NativeError(self.lib.mm_last_error().decode())
         self._vocab = None

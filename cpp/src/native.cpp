@@ -18,7 +18,7 @@
 // pools, priorities, logits, next token), so (a) every cross read of a §5 group sees the pools from before the
 // token, (b) no captured kernel updates a buffer in place (deployment-notes), (c) a step can be undone.
 // Prefill runs a prompt's tokens but the last in the parallel form (spec §8; export/graphs.py's prefill graph spelled
-// in launches), chunks of up to kPrefillRows / batch tokens, each chunk from parity p into 1-p: per layer the same
+// in launches), chunks of SessionOptions::prefillRows rows, each chunk from parity p into 1-p: per layer the same
 // norm kernel over B·T rows, the memory projections as one batched GEMM, memory.note_scores_kernel, the plugins'
 // pool sweep and sparse pool attention (plugins_trt/common/opLaunch.cpp) for the §4 read and the §5 read over the
 // group's joined banks (cpp_support.cross_index_kernel, gained_add_kernel), pool.pool_after_kernel; then in_proj,
@@ -50,9 +50,6 @@ namespace
 
 constexpr size_t kAlign = 256;
 constexpr size_t kLtWorkspace = 8u << 20;
-// rows (batch x tokens) per parallel prefill chunk: the scan's chunks grow with it (at 2048 a 16k prompt took 1.3x
-// as long), its buffers too (about 43 KB a row at 130m fp16: 350 MB)
-constexpr int64_t kPrefillRows = 8192;
 constexpr int64_t kScanProgramsPerSm = 8, kScanMinChunk = 16; // scan.SEQ_PROGRAMS_PER_SM, SEQ_MIN_CHUNK
 
 size_t alignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
@@ -523,7 +520,7 @@ public:
     }
 
     // ---- feeding tokens ----------------------------------------------------------------------------------------------
-    //! All tokens but the last in the parallel form (chunks of up to kPrefillRows / batch tokens), the last through
+    //! All tokens but the last in the parallel form (chunks of SessionOptions::prefillRows), the last through
     //! the decode step, which gives the logits and the next token as for any step. Shapes the compiled prefill
     //! kernels do not take run token by token (prefillMode_ says why).
     void prefill(int32_t const* tokens, int T) override
@@ -748,8 +745,8 @@ private:
     // the parallel prefill (parallelPrefill): its kernels, why it is off ("" = on), buffers for pCap_ tokens a row
     Kernel pConv_, pScores_, pAfter_, pGained_, pCross_, pScanStates_, pScanPrefix_, pScanOut_;
     std::string prefillMode_;
-    int64_t pCap_{0}, scanPrograms_{0};
-    DeviceBuffer pIds_, pTok_, pH_, pU_, pUt_, pPart_, pXz_, pXc_, pDbc_, pDt_, pY_;
+    int64_t pCap_{0}, pScanChunks_{0}, scanPrograms_{0};
+    DeviceBuffer pTok_, pH_, pU_, pUt_, pPart_, pXz_, pXc_, pDbc_, pDt_, pY_;
     DeviceBuffer pStates_, pStarts_, pDtSum_, pDelta_; // scan_forward's chunk states, Σδ per chunk, δ
     DeviceBuffer pA_, pGain_, pO_, pKeys_, pVals_, pIdxX_;
     std::vector<DeviceBuffer> pG_, pIdx_; // a §5 group's layers: stacked GEMM outputs (their banks) and sweep indices
@@ -793,7 +790,9 @@ private:
     {
         std::string const di = "di" + std::to_string(c_.dInner()) + "_k" + std::to_string(c_.d_conv);
         int64_t const dh = c_.memory ? c_.summary_dim / c_.memory_heads : 0;
-        if (c_.d_conv < 2 || c_.d_conv > 4)
+        if (opt_.prefillRows == 0)
+            prefillMode_ = "SessionOptions::prefillRows is 0";
+        else if (c_.d_conv < 2 || c_.d_conv > 4)
             prefillMode_ = "the prefill conv kernel takes d_conv 2 to 4";
         else if (c_.memory && (c_.pool_size * c_.cross_layer_every > 256 || dh > 16))
             prefillMode_ = "the compiled pool attention takes at most 256 entries a read and 16 channels a head";
@@ -831,15 +830,23 @@ private:
         scanPrograms_ = int64_t{sms} * kScanProgramsPerSm;
     }
 
+    //! scan.seq_chunk_plan's chunk count before rounding: as many chunks as batch x channel blocks x chunks fit in
+    //! one wave, none under 16 tokens. It grows with T and bounds the rounded count (cdiv(T, cdiv(T, n)) <= n),
+    //! which does not grow with T (an H100, 130m: 289 tokens in 17 chunks, 288 in 18).
+    int64_t scanChunksWanted(int64_t T) const
+    {
+        int64_t const rows = opt_.batch * cdiv(c_.dInner(), pScanStates_.at("BLOCK_D"));
+        return std::max<int64_t>(1, std::min<int64_t>(scanPrograms_ / rows, T / kScanMinChunk));
+    }
+
     struct ScanPlan
     {
         int64_t chunkLen, chunks;
     };
-    //! scan.seq_chunk_plan: as many chunks as batch x channel blocks x chunks fit in one wave, none under 16 tokens.
+    //! scan.seq_chunk_plan.
     ScanPlan scanPlan(int64_t T) const
     {
-        int64_t const rows = opt_.batch * cdiv(c_.dInner(), pScanStates_.at("BLOCK_D"));
-        int64_t const n = std::max<int64_t>(1, std::min<int64_t>(scanPrograms_ / rows, T / kScanMinChunk));
+        int64_t const n = scanChunksWanted(T);
         int64_t const len = n == 1 ? T : (T + n - 1) / n;
         return {len, (T + len - 1) / len};
     }
@@ -850,50 +857,51 @@ private:
             throw Error("parallel prefill: " + aot::lastError());
     }
 
-    //! Buffers for chunks of up to `cap` tokens a row (grown, never shrunk).
+    //! Buffers for chunks of up to `cap` tokens a row (grown, never shrunk; made whole before any replaces the old,
+    //! so an allocation that fails leaves the session as it was).
     void allocatePrefill(int64_t cap)
     {
         if (cap <= pCap_)
             return;
         MM_CUDA(cudaStreamSynchronize(stream_)); // the old buffers may still be read
-        int64_t const B = opt_.batch, d = c_.d_model, di = c_.dInner(), X = xWidth(c_), n = B * cap;
+        int64_t const B = opt_.batch, d = c_.d_model, di = c_.dInner(), X = xWidth(c_), n = B * cap, N = c_.d_state;
         size_t const a = actElem_;
-        pTok_ = DeviceBuffer(n * 8);
-        pH_ = DeviceBuffer(n * d * 4);
-        pPart_ = DeviceBuffer(n * d * 4);
-        pU_ = DeviceBuffer(n * d * a);
-        pUt_ = DeviceBuffer(n * d * a);
-        pXz_ = DeviceBuffer(n * 2 * di * a);
-        pXc_ = DeviceBuffer(n * di * a);
-        pDbc_ = DeviceBuffer(n * X * a);
-        pDt_ = DeviceBuffer(n * di * a);
-        pY_ = DeviceBuffer(n * di * a);
-        int64_t const chunks = scanPlan(cap).chunks, N = c_.d_state; // the plan's chunks grow with T
-        pStates_ = DeviceBuffer(B * chunks * N * di * 4);
-        pStarts_ = DeviceBuffer(B * chunks * N * di * 4);
-        pDtSum_ = DeviceBuffer(B * chunks * di * 4);
-        pDelta_ = DeviceBuffer(n * di * 4);
+        int64_t const chunks = scanChunksWanted(cap); // bounds the scan plan's chunks for every T <= cap
+        auto buffer = [](int64_t bytes) { return DeviceBuffer(static_cast<size_t>(bytes)); };
+        DeviceBuffer tok = buffer(n * 8), h = buffer(n * d * 4), part = buffer(n * d * 4), u = buffer(n * d * a),
+                     ut = buffer(n * d * a), xz = buffer(n * 2 * di * a), xc = buffer(n * di * a),
+                     dbc = buffer(n * X * a), dt = buffer(n * di * a), y = buffer(n * di * a),
+                     states = buffer(B * chunks * N * di * 4), starts = buffer(B * chunks * N * di * 4),
+                     dtSum = buffer(B * chunks * di * 4), delta = buffer(n * di * 4);
+        std::vector<DeviceBuffer> g, idx;
+        DeviceBuffer score, gain, o, keys, vals, idxX;
         if (c_.memory)
         {
             int64_t const K = c_.pool_size, ds = c_.summary_dim, P = c_.cross_layer_every, M = K + cap;
             int64_t memRows = 0;
             for (auto const& l : w_->layers)
                 memRows = std::max(memRows, l.memRows);
-            pG_.clear();
-            pIdx_.clear();
             for (int64_t j = 0; j < P; ++j)
             {
-                pG_.emplace_back(B * M * memRows * a);
-                pIdx_.emplace_back(B * (cap + 1) * K * 4);
+                g.push_back(buffer(B * M * memRows * a));
+                idx.push_back(buffer(B * (cap + 1) * K * 4));
             }
-            pA_ = DeviceBuffer(n * 4);
-            pGain_ = DeviceBuffer(n * 4);
-            pO_ = DeviceBuffer(n * d * a);
-            pKeys_ = DeviceBuffer(B * P * M * ds * a);
-            pVals_ = DeviceBuffer(B * P * M * d * a);
-            pIdxX_ = DeviceBuffer(n * P * K * 4);
+            score = buffer(n * 4);
+            gain = buffer(n * 4);
+            o = buffer(n * d * a);
+            keys = buffer(B * P * M * ds * a);
+            vals = buffer(B * P * M * d * a);
+            idxX = buffer(n * P * K * 4);
         }
+        pTok_ = std::move(tok), pH_ = std::move(h), pPart_ = std::move(part), pU_ = std::move(u), pUt_ = std::move(ut);
+        pXz_ = std::move(xz), pXc_ = std::move(xc), pDbc_ = std::move(dbc), pDt_ = std::move(dt), pY_ = std::move(y);
+        pStates_ = std::move(states), pStarts_ = std::move(starts), pDtSum_ = std::move(dtSum);
+        pDelta_ = std::move(delta);
+        pG_ = std::move(g), pIdx_ = std::move(idx);
+        pA_ = std::move(score), pGain_ = std::move(gain), pO_ = std::move(o), pKeys_ = std::move(keys);
+        pVals_ = std::move(vals), pIdxX_ = std::move(idxX);
         pCap_ = cap;
+        pScanChunks_ = chunks;
     }
 
     //! Feed the first Tp tokens of each row of tokens [B, T] in the parallel form (spec §8; MemMambaLM.prefill's
@@ -902,25 +910,23 @@ private:
     void parallelPrefill(int32_t const* tokens, int T, int Tp)
     {
         int64_t const B = opt_.batch;
-        int64_t const chunk = std::max<int64_t>(1, kPrefillRows / B);     // (the norm kernel's grid: <= 65535 rows)
+        // at least a token a row; the norm kernel's grid takes at most 65535 rows
+        int64_t const chunk = std::max<int64_t>(1, std::min<int64_t>(opt_.prefillRows, 65535) / B);
         allocatePrefill(std::min<int64_t>(chunk, Tp));
+        hasLogits_ = false; // from the first chunk on, the logits are no longer the state's (an error part way
+        canUndo_ = false;   // leaves none, as the token-by-token path did)
         std::vector<int64_t> ids(static_cast<size_t>(B) * Tp); // [B, Tp] int64, as the embedding kernel reads ids
         for (int64_t b = 0; b < B; ++b)
             for (int64_t t = 0; t < Tp; ++t)
                 ids[b * Tp + t] = tokens[b * T + t];
-        if (pIds_.bytes() < ids.size() * 8)
-            pIds_ = DeviceBuffer(ids.size() * 8);
-        MM_CUDA(cudaMemcpyAsync(pIds_.get(), ids.data(), ids.size() * 8, cudaMemcpyHostToDevice, stream_));
         for (int64_t t0 = 0; t0 < Tp; t0 += chunk)
         {
             int64_t const n = std::min<int64_t>(chunk, Tp - t0);
-            MM_CUDA(cudaMemcpy2DAsync(pTok_.get(), n * 8, pIds_.as<int64_t>() + t0, Tp * 8, n * 8, B,
-                cudaMemcpyDeviceToDevice, stream_));
+            MM_CUDA(cudaMemcpy2DAsync(pTok_.get(), n * 8, ids.data() + t0, Tp * 8, n * 8, B, cudaMemcpyHostToDevice,
+                stream_));
             prefillChunk(cur_, static_cast<int>(n));
             cur_ ^= 1;
         }
-        canUndo_ = false;
-        hasLogits_ = false;
         MM_CUDA(cudaStreamSynchronize(stream_)); // ids (pageable) must outlive the copy
     }
 
@@ -1003,6 +1009,9 @@ private:
         int64_t const B = opt_.batch, di = c_.dInner(), N = c_.d_state, R = c_.dt_rank, X = xWidth(c_);
         size_t const a = actElem_;
         ScanPlan const plan = scanPlan(T);
+        if (plan.chunks > pScanChunks_)
+            throw Error("internal: the prefill scan plans " + std::to_string(plan.chunks) + " chunks for "
+                + std::to_string(T) + " tokens, its buffers hold " + std::to_string(pScanChunks_));
         unsigned const grid[3] = {static_cast<unsigned>(B), cdiv(di, pScanStates_.at("BLOCK_D")),
             static_cast<unsigned>(plan.chunks)};
         int64_t const hs = plan.chunks * di * N; // a batch row's chunk states, [chunks, N, Di]

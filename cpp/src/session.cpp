@@ -20,6 +20,8 @@ std::unique_ptr<Session> Session::open(std::string const& path, SessionOptions c
 {
     if (options.batch < 1)
         throw Error("batch must be >= 1, got " + std::to_string(options.batch));
+    if (options.prefillRows < 0 || options.prefillRows > 65535)
+        throw Error("prefillRows must be 0 (token by token) to 65535, got " + std::to_string(options.prefillRows));
     if (options.plan != "cublas" && options.plan != "fused")
         throw Error("unknown plan '" + options.plan + "': choose cublas or fused");
     if (options.dtype != DType::kFloat16 && options.dtype != DType::kFloat32)

@@ -59,7 +59,7 @@ extern "C"
 char const* mm_last_error() { return tError.c_str(); }
 
 void* mm_open(char const* path, char const* backend, char const* dtype, int batch, int device, int cudaGraph,
-    unsigned long long seed, char const* pluginLibrary, char const* plan)
+    unsigned long long seed, char const* pluginLibrary, char const* plan, int prefillRows)
 {
     Session* out = nullptr;
     guard([&] {
@@ -75,6 +75,7 @@ void* mm_open(char const* path, char const* backend, char const* dtype, int batc
         o.seed = seed;
         o.pluginLibrary = pluginLibrary ? pluginLibrary : "";
         o.plan = plan ? plan : "cublas";
+        o.prefillRows = prefillRows;
         out = Session::open(path, o).release();
     });
     return out;

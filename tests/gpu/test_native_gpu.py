@@ -174,6 +174,54 @@ def test_long_prompts_prefill_in_parallel_chunks(build, checkpoints, dtype, batc
     native.close()
 
 
+CHUNKINGS = [(mem, plan, batch, rows) for mem in (True, False) for plan, batch, rows in
+             (("cublas", 1, 7), ("cublas", 2, 7), ("fused", 2, 64), ("cublas", 1, 0))]
+
+
+@pytest.mark.parametrize("memory,plan,batch,rows", CHUNKINGS)
+@torch.no_grad()
+def test_prefill_matches_reference_at_every_chunking(build, checkpoints, memory, plan, batch, rows):
+    """Prompts of 2 to 36 tokens with chunks of a few tokens (SessionOptions::prefillRows 7 or 64: chunk boundaries
+    everywhere, a prompt that fills its chunks exactly, prompts shorter than the conv window) and with the parallel
+    prefill off (rows 0: token by token), fp32, each from a fresh state and from the state the one before left."""
+    ckpt, _ = checkpoints[memory]
+    ref = reference(ckpt, "fp32")
+    V = ref.config.vocab_size
+    native = NativeSession(build, ckpt, dtype="fp32", batch=batch, plan=plan, prefill_rows=rows)
+    mode = "prefill token by token (SessionOptions::prefillRows is 0)" if rows == 0 else "prefill parallel"
+    assert mode in native.describe(), native.describe()
+    g = torch.Generator().manual_seed(40 + batch + rows)
+    state = None
+    for T in (2, 3, 4, 5, 15, 36):                  # batch 1, rows 7: Tp = 14 fills two chunks exactly
+        prompt = torch.randint(0, V, (batch, T), generator=g)
+        native.prefill(prompt)
+        ref_logits, state = ref.prefill(prompt.cuda(), state, last_only=True)
+        err = rel_err(native.logits(V), ref_logits[:, -1].float().cpu())
+        assert err <= TOL["fp32"], f"{T} tokens: logits rel err {err:.2e}"
+        compare_state(native, state, "fp32", f"after {T} more tokens")
+    native.close()
+
+
+@torch.no_grad()
+def test_a_shorter_prompt_after_a_longer_one(build, checkpoints):
+    """The prefill keeps its buffers between prompts; the scan's chunk count is not monotonic in the prompt's
+    length (289 tokens: 17 chunks of 17; 288: 18 of 16), so a shorter prompt must still fit what a longer one
+    allocated (it once wrote past them: wrong states, or an illegal address)."""
+    ckpt, _ = checkpoints[True]
+    ref = reference(ckpt, "fp32")
+    V = ref.config.vocab_size
+    native = NativeSession(build, ckpt, dtype="fp32")
+    g = torch.Generator().manual_seed(17)
+    for T in (290, 289, 8178, 8177, 1378, 1377):
+        prompt = torch.randint(0, V, (1, T), generator=g)
+        native.reset()
+        native.prefill(prompt)
+        ref_logits, state = ref.prefill(prompt.cuda(), last_only=True)
+        assert rel_err(native.logits(V), ref_logits[:, -1].float().cpu()) <= TOL["fp32"], T
+        compare_state(native, state, "fp32", f"a {T}-token prompt after a longer one")
+    native.close()
+
+
 def fed(build, ckpt, prompt, tokens, dtype="fp32"):
     """A session that prefilled `prompt` [B, T] and then stepped `tokens` [B, n] one at a time."""
     s = NativeSession(build, ckpt, dtype=dtype, batch=prompt.shape[0])

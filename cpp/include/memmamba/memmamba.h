@@ -96,6 +96,11 @@ struct MEMMAMBA_API SessionOptions
     std::string plan{"cublas"};
     uint64_t seed{0};              //!< the sampling stream's seed (see Session::reseed)
     std::string pluginLibrary;     //!< tensorrt: overrides the library recorded in manifest.json
+    //! native: rows (batch x tokens, at least one token a row) of one parallel prefill chunk, at most 65535. The
+    //! session allocates the chunk's buffers at its first prompt of two or more tokens and keeps them until it
+    //! closes (about 43 KB a row for 130m in fp16: 350 MB at the default; a fork has its own). 0: no parallel
+    //! prefill, prompts go token by token through the decode graph (no buffers, ~1,100 tokens/s on an H100).
+    int prefillRows{8192};
 };
 
 //! One tensor of the recurrent state, in MemMambaLM's State layout (models/memmamba.py).
@@ -130,7 +135,8 @@ public:
 
     //! Feed `tokens` [batch, T] (row-major, T >= 1) from the current state; afterwards logits() are those of
     //! the last token. The native backend runs all tokens but the last in the parallel form (spec §8, chunks of
-    //! 8192 rows), the last through the decode step; the result equals feeding them one by one within rounding.
+    //! SessionOptions::prefillRows), the last through the decode step; the result equals feeding them one by one
+    //! within rounding (the pools may hold the same entries in other slots where priorities tie exactly).
     //! After generate(), its last tokens are fed first (see generate).
     void prefill(int32_t const* tokens, int T);
     //! Feed one token per row, tokens [batch] (after generate()'s last tokens, if pending).
