@@ -68,6 +68,7 @@ class NativeSession:
 
     def __init__(self, build_dir, path, dtype="fp16", batch=1, backend="native", device=0, cuda_graph=True, seed=0,
                  plugins="", plan="cublas", prefill_rows=8192, _handle=None, _lib_obj=None):
+        # prefill_rows: SessionOptions::prefillRows (8192 there too)
         self.lib = _lib_obj or _lib(build_dir)
         self.batch, self.dtype = batch, dtype
         self.h = _handle or self.lib.mm_open(str(path).encode(), backend.encode(), dtype.encode(), batch, device,

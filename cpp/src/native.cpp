@@ -857,13 +857,19 @@ private:
             throw Error("parallel prefill: " + aot::lastError());
     }
 
-    //! Buffers for chunks of up to `cap` tokens a row (grown, never shrunk; made whole before any replaces the old,
-    //! so an allocation that fails leaves the session as it was).
+    //! Buffers for chunks of up to `cap` tokens a row (grown, never shrunk). The old ones go first, so the peak is
+    //! the new size; an allocation that fails leaves none (pCap_ 0: the next prefill allocates again).
     void allocatePrefill(int64_t cap)
     {
         if (cap <= pCap_)
             return;
         MM_CUDA(cudaStreamSynchronize(stream_)); // the old buffers may still be read
+        pCap_ = pScanChunks_ = 0;
+        for (DeviceBuffer* b : {&pTok_, &pH_, &pPart_, &pU_, &pUt_, &pXz_, &pXc_, &pDbc_, &pDt_, &pY_, &pStates_,
+                 &pStarts_, &pDtSum_, &pDelta_, &pA_, &pGain_, &pO_, &pKeys_, &pVals_, &pIdxX_})
+            *b = DeviceBuffer();
+        pG_.clear();
+        pIdx_.clear();
         int64_t const B = opt_.batch, d = c_.d_model, di = c_.dInner(), X = xWidth(c_), n = B * cap, N = c_.d_state;
         size_t const a = actElem_;
         int64_t const chunks = scanChunksWanted(cap); // bounds the scan plan's chunks for every T <= cap
@@ -910,20 +916,26 @@ private:
     void parallelPrefill(int32_t const* tokens, int T, int Tp)
     {
         int64_t const B = opt_.batch;
-        // at least a token a row; the norm kernel's grid takes at most 65535 rows
-        int64_t const chunk = std::max<int64_t>(1, std::min<int64_t>(opt_.prefillRows, 65535) / B);
-        allocatePrefill(std::min<int64_t>(chunk, Tp));
+        int64_t const chunk = std::max<int64_t>(1, opt_.prefillRows / B); // at least a token a row
+        // buffers for the next power of two tokens (at least 256) up to a chunk: a conversation's growing prompts
+        // reallocate a few times, not at every turn
+        int64_t cap = 256;
+        while (cap < Tp)
+            cap *= 2;
+        allocatePrefill(std::min(chunk, cap));
         hasLogits_ = false; // from the first chunk on, the logits are no longer the state's (an error part way
         canUndo_ = false;   // leaves none, as the token-by-token path did)
         std::vector<int64_t> ids(static_cast<size_t>(B) * Tp); // [B, Tp] int64, as the embedding kernel reads ids
         for (int64_t b = 0; b < B; ++b)
             for (int64_t t = 0; t < Tp; ++t)
                 ids[b * Tp + t] = tokens[b * T + t];
+        DeviceBuffer idsOnDevice(ids.size() * 8); // one upload; a pageable copy per chunk may wait for the GPU
+        MM_CUDA(cudaMemcpyAsync(idsOnDevice.get(), ids.data(), ids.size() * 8, cudaMemcpyHostToDevice, stream_));
         for (int64_t t0 = 0; t0 < Tp; t0 += chunk)
         {
             int64_t const n = std::min<int64_t>(chunk, Tp - t0);
-            MM_CUDA(cudaMemcpy2DAsync(pTok_.get(), n * 8, ids.data() + t0, Tp * 8, n * 8, B, cudaMemcpyHostToDevice,
-                stream_));
+            MM_CUDA(cudaMemcpy2DAsync(pTok_.get(), n * 8, idsOnDevice.as<int64_t>() + t0, Tp * 8, n * 8, B,
+                cudaMemcpyDeviceToDevice, stream_));
             prefillChunk(cur_, static_cast<int>(n));
             cur_ ^= 1;
         }

@@ -97,9 +97,10 @@ struct MEMMAMBA_API SessionOptions
     uint64_t seed{0};              //!< the sampling stream's seed (see Session::reseed)
     std::string pluginLibrary;     //!< tensorrt: overrides the library recorded in manifest.json
     //! native: rows (batch x tokens, at least one token a row) of one parallel prefill chunk, at most 65535. The
-    //! session allocates the chunk's buffers at its first prompt of two or more tokens and keeps them until it
-    //! closes (about 43 KB a row for 130m in fp16: 350 MB at the default; a fork has its own). 0: no parallel
-    //! prefill, prompts go token by token through the decode graph (no buffers, ~1,100 tokens/s on an H100).
+    //! session's prefill buffers fit its longest prompt so far (rounded up to a power of two tokens, at least 256),
+    //! at most a chunk, and stay until it closes: about 43 KB a row for 130m in fp16, 350 MB at the default (a
+    //! fork has its own). 0: no parallel prefill, prompts go token by token through the decode graph (no buffers,
+    //! ~1,100 tokens/s on an H100).
     int prefillRows{8192};
 };
 
