@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     for what, dtype, ms, floor, note in rows:
         table.add_row(what, dtype, f"{ms:.4f}", f"{floor:.4f}", f"{ms / floor:.2f}", note)
     Console(width=160).print(table)
-    ptable = Table(title="native prefill (one call, batch 1, fresh state) vs the Python Triton backend's graphed prefill")
+    ptable = Table(title="native prefill (one call, batch 1, fresh state) vs the Python Triton backend's graphed "
+                         "prefill")
     for col in ("tokens", "dtype", "native s", "native tok/s", "Triton backend tok/s", "native / Triton", "note"):
         ptable.add_column(col)
     for n, dtype, ns, ts, why in prefill_rows:

@@ -22,8 +22,8 @@
 // norm kernel over B·T rows, the memory projections as one batched GEMM, memory.note_scores_kernel, the plugins'
 // pool sweep and sparse pool attention (plugins_trt/common/opLaunch.cpp) for the §4 read and the §5 read over the
 // group's joined banks (cpp_support.cross_index_kernel, gained_add_kernel), pool.pool_after_kernel; then in_proj,
-// scan.causal_conv_kernel, x_proj, dt_proj, scan.scan_forward's three passes and out_proj. The last token goes through the
-// decode step, which gives the logits and the next token. Shapes the compiled prefill kernels do not take fall back
+// scan.causal_conv_kernel, x_proj, dt_proj, scan.scan_forward's three passes and out_proj. The last token goes
+// through the decode step, which gives the logits and the next token. Shapes the compiled prefill kernels do not take fall back
 // to feeding every token through the decode graph (describe() says which and why).
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
@@ -53,6 +53,9 @@ constexpr size_t kLtWorkspace = 8u << 20;
 constexpr int64_t kScanProgramsPerSm = 8, kScanMinChunk = 16; // scan.SEQ_PROGRAMS_PER_SM, SEQ_MIN_CHUNK
 
 size_t alignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+//! base + bytes
+void* at(void* base, size_t bytes) { return static_cast<unsigned char*>(base) + bytes; }
 
 // ---- weights (shared by forks) ----------------------------------------------------------------------------------------------
 struct LayerWeights
@@ -336,7 +339,8 @@ public:
         size_t ws = kLtWorkspace;
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
         size_t abElem = abType == CUDA_R_16F ? 2 : 4, dElem = dType == CUDA_R_16F ? 2 : 4;
-        uint32_t alA = ltAlignment(w, k * abElem), alB = ltAlignment(x, ldx * abElem), alD = ltAlignment(d, ldd * dElem);
+        uint32_t alA = ltAlignment(w, k * abElem), alB = ltAlignment(x, ldx * abElem);
+        uint32_t alD = ltAlignment(d, ldd * dElem);
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &alA, 4));
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &alB, 4));
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &alD, 4));
@@ -950,7 +954,6 @@ private:
         int64_t const X = xWidth(c_), KW = c_.d_conv, n = B * T;
         size_t const a = actElem_;
         cudaDataType_t const t = w_->dtype == DType::kFloat16 ? CUDA_R_16F : CUDA_R_32F;
-        auto at = [](void* base, size_t bytes) { return static_cast<void*>(static_cast<unsigned char*>(base) + bytes); };
         auto gemm = [&](int64_t m, int64_t rows, int64_t k, void const* w, void const* x, int64_t ldx, void* out,
                         int64_t ldd, cudaDataType_t dType) {
             plans_.run(lt_, workspace_.get(), stream_, m, rows, k, t, dType, w, x, ldx, out, ldd);
@@ -1093,7 +1096,6 @@ private:
         int64_t const hd = d / 4, P = c_.cross_layer_every, M = K + T, n = B * T;
         size_t const a = actElem_;
         cudaDataType_t const t = w_->dtype == DType::kFloat16 ? CUDA_R_16F : CUDA_R_32F;
-        auto at = [](void* base, size_t bytes) { return static_cast<void*>(static_cast<unsigned char*>(base) + bytes); };
         LayerWeights const& W = w_->layers[l];
         int64_t const rows = W.memRows; // g's columns: q_tok [0, ds), score hidden, summary, trigger, q_cross
         int64_t const colSummary = ds + hd, colTrig = 2 * ds + hd;
@@ -1160,7 +1162,8 @@ private:
                     .run({static_cast<unsigned>(n), 1, 1}, stream_);
             }
             plugin::AttentionSizes xs{static_cast<int32_t>(B), T, static_cast<int32_t>(P * M),
-                static_cast<int32_t>(P * K), static_cast<int32_t>(ds), static_cast<int32_t>(d), static_cast<int32_t>(H)};
+                static_cast<int32_t>(P * K), static_cast<int32_t>(ds), static_cast<int32_t>(d),
+                static_cast<int32_t>(H)};
             xs.qStrideT = static_cast<int32_t>(rows);
             xs.qStrideB = static_cast<int32_t>(M * rows);
             check(plugin::poolAttentionLaunch(at(g, (K * rows + colTrig + 1) * a), pKeys_.get(), pVals_.get(),

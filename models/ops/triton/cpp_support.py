@@ -8,8 +8,9 @@
              scan.py, pool.py or memory.py: a read's end (residual + gain · o, gained_read) and one group member's
              share of the §5 index (cross_layer_bank).
 
-Each kernel's PyTorch reference sits beside it (causal_conv_step_ref, sample_ref, gained_add_ref, cross_index_ref); tests/test_cpp_support_kernels.py
-checks one against the other in the Triton interpreter and compiles them ahead of time. The C++ host sampler
+Each kernel's PyTorch reference sits beside it (causal_conv_step_ref, sample_ref, gained_add_ref, cross_index_ref);
+tests/test_cpp_support_kernels.py checks one against the other in the Triton interpreter and compiles them ahead of
+time. The C++ host sampler
 (cpp/src/sampling.cpp) implements sample_ref again, so the GPU sampler can be checked without Python.
 
 Sampling (deterministic given seed and step counter):
