@@ -105,76 +105,60 @@ def runtime_kernels(configs) -> list[tuple]:
             for op, entry in decode_aot_kernels(c, act).items():
                 for k in aot.from_table_entry(op, entry):
                     add(op, act, keys["decode"], k)
-            t = f"*{act}"
-            cx = cpp_support.conv_blocks(c.d_inner, c.d_conv)
-            fn = cpp_support.conv_step_kernel
-            ptrs = {n: t for n in ("x_ptr", "w_ptr", "bias_ptr", "win_in_ptr", "win_out_ptr", "out_ptr")}
-            add("conv_step", act, keys["conv_step"], aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=4))
+            t, f32 = f"*{act}", "*fp32"
+
+            def kernel(op, key, fn, ptrs, cx, num_warps):
+                add(op, act, keys[key], aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=num_warps))
+
+            kernel("conv_step", "conv_step", cpp_support.conv_step_kernel,
+                   {n: t for n in ("x_ptr", "w_ptr", "bias_ptr", "win_in_ptr", "win_out_ptr", "out_ptr")},
+                   cpp_support.conv_blocks(c.d_inner, c.d_conv), 4)
             block_d, block_n = scan.step_blocks(c.d_state, c.d_inner)
-            cx = {"BLOCK_D": block_d, "BLOCK_N": block_n, "HAS_Z": True, "HAS_DT_BIAS": True}
-            fn = scan.selective_state_step_kernel
-            ptrs = {"x_ptr": t, "dt_ptr": t, "A_ptr": "*fp32", "B_ptr": t, "C_ptr": t, "D_ptr": "*fp32", "z_ptr": t,
-                    "dt_bias_ptr": "*fp32", "h_in_ptr": "*fp32", "y_ptr": t, "h_out_ptr": "*fp32"}
-            add("scan_step", act, keys["scan_step"], aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=4))
-            cx = {"BLOCK": cpp_support.SAMPLE_BLOCK}
-            fn = cpp_support.sample_kernel
-            ptrs = {"logits_ptr": t, "params_ptr": "*fp32", "rng_ptr": "*u32", "token_ptr": "*i64"}
-            add("sample", act, keys["sample"], aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=8))
+            kernel("scan_step", "scan_step", scan.selective_state_step_kernel,
+                   {"x_ptr": t, "dt_ptr": t, "A_ptr": f32, "B_ptr": t, "C_ptr": t, "D_ptr": f32, "z_ptr": t,
+                    "dt_bias_ptr": f32, "h_in_ptr": f32, "y_ptr": t, "h_out_ptr": f32},
+                   {"BLOCK_D": block_d, "BLOCK_N": block_n, "HAS_Z": True, "HAS_DT_BIAS": True}, 4)
+            kernel("sample", "sample", cpp_support.sample_kernel,
+                   {"logits_ptr": t, "params_ptr": f32, "rng_ptr": "*u32", "token_ptr": "*i64"},
+                   {"BLOCK": cpp_support.SAMPLE_BLOCK}, 8)
             # the parallel prefill
             if 2 <= c.d_conv <= 4:                  # causal_conv_kernel's widths (the runtime falls back otherwise)
-                cx = {"WIDTH": c.d_conv, "CHUNK": scan.CONV_CHUNK, "AHEAD": scan.CONV_AHEAD,
-                      "BLOCK_D": min(scan.CONV_BLOCK_D, max(32, np2(c.d_inner))), "HAS_BIAS": True, "USE_PDL": False}
-                fn = scan.causal_conv_kernel
-                ptrs = {n: t for n in ("x_ptr", "w_ptr", "b_ptr", "win_ptr", "out_ptr", "new_win_ptr")}
-                add("prefill_conv", act, keys["conv_step"],
-                    aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=1))
+                kernel("prefill_conv", "conv_step", scan.causal_conv_kernel,
+                       {n: t for n in ("x_ptr", "w_ptr", "b_ptr", "win_ptr", "out_ptr", "new_win_ptr")},
+                       {"WIDTH": c.d_conv, "CHUNK": scan.CONV_CHUNK, "AHEAD": scan.CONV_AHEAD,
+                        "BLOCK_D": scan.conv_block_d(c.d_inner), "HAS_BIAS": True, "USE_PDL": False}, 1)
             # the prompt's scan: scan.scan_forward's three passes (TritonBackend's prefill scan)
             block_d, block_n, warps = scan.seq_blocks(c.d_state, c.d_inner)
             seq = {"BLOCK_D": block_d, "BLOCK_N": block_n, "EVEN_N": c.d_state == block_n, "UNROLL": scan.SEQ_UNROLL,
                    "STAGES": scan.SEQ_STAGES, "USE_PDL": False}
-            fn = scan.selective_scan_seq_kernel
-            f32 = "*fp32"
             ptrs = {"x_ptr": t, "dt_ptr": t, "AT_ptr": f32, "B_ptr": t, "C_ptr": t, "D_ptr": f32, "z_ptr": t,
                     "dt_bias_ptr": f32, "h_in_ptr": f32, "y_ptr": t, "h_out_ptr": f32, "dt_sum_ptr": f32,
                     "delta_ptr": f32}
-            cx = dict(seq, HAS_Z=False, HAS_DT_BIAS=True, HAS_H_IN=False, WRITE_Y=False, WRITE_H=True,
-                      WRITE_DT_SUM=True, WRITE_DELTA=True, DELTA_IN=False)
-            add("prefill_scan_states", act, keys["scan_step"],
-                aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=warps))
-            cx = dict(seq, HAS_Z=True, HAS_DT_BIAS=False, HAS_H_IN=True, WRITE_Y=True, WRITE_H=False,
-                      WRITE_DT_SUM=False, WRITE_DELTA=False, DELTA_IN=True)
-            add("prefill_scan_out", act, keys["scan_step"],                   # δ (fp32, pass 1's) in as dt
-                aot.AotKernel("", fn, signature(fn, dict(ptrs, dt_ptr=f32), cx), cx, num_warps=warps))
-            cx = {"BLOCK_C": scan.PREFIX_BLOCK_C, "BLOCK_E": scan.PREFIX_BLOCK_E, "HAS_H0": True, "USE_PDL": False}
-            fn = scan.scan_chunk_prefix_kernel
-            add("prefill_scan_prefix", act, keys["scan_step"],
-                aot.AotKernel("", fn, signature(fn, {n: f32 for n in ("AT_ptr", "dt_sum_ptr", "h0_ptr", "states_ptr",
-                                                                      "starts_ptr", "h_out_ptr")}, cx), cx,
-                              num_warps=scan.PREFIX_NUM_WARPS))
-            fn = cpp_support.gained_add_kernel
-            cx = {"BLOCK_D": np2(c.d_model)}
-            add("gained_add", act, keys["gained_add"],
-                aot.AotKernel("", fn, signature(fn, {"res_ptr": t, "o_ptr": t, "gain_ptr": "*fp32", "out_ptr": t}, cx),
-                              cx, num_warps=4))
+            kernel("prefill_scan_states", "scan_step", scan.selective_scan_seq_kernel, ptrs,
+                   dict(seq, HAS_Z=False, HAS_DT_BIAS=True, HAS_H_IN=False, WRITE_Y=False, WRITE_H=True,
+                        WRITE_DT_SUM=True, WRITE_DELTA=True, DELTA_IN=False), warps)
+            kernel("prefill_scan_out", "scan_step", scan.selective_scan_seq_kernel,
+                   dict(ptrs, dt_ptr=f32),                                  # δ (fp32, pass 1's) in as dt
+                   dict(seq, HAS_Z=True, HAS_DT_BIAS=False, HAS_H_IN=True, WRITE_Y=True, WRITE_H=False,
+                        WRITE_DT_SUM=False, WRITE_DELTA=False, DELTA_IN=True), warps)
+            kernel("prefill_scan_prefix", "scan_step", scan.scan_chunk_prefix_kernel,
+                   {n: f32 for n in ("AT_ptr", "dt_sum_ptr", "h0_ptr", "states_ptr", "starts_ptr", "h_out_ptr")},
+                   {"BLOCK_C": scan.PREFIX_BLOCK_C, "BLOCK_E": scan.PREFIX_BLOCK_E, "HAS_H0": True, "USE_PDL": False},
+                   scan.PREFIX_NUM_WARPS)
+            kernel("gained_add", "gained_add", cpp_support.gained_add_kernel,
+                   {"res_ptr": t, "o_ptr": t, "gain_ptr": f32, "out_ptr": t}, {"BLOCK_D": np2(c.d_model)}, 4)
             if not c.memory:
                 continue
-            hd = c.d_model // 4
-            cx = {"BLOCK_M": memory.SCORE_ROWS, "BLOCK_H": max(16, np2(hd)), "BLOCK_K": np2(c.pool_size),
-                  "BLOCK_S": np2(c.summary_dim), "USE_PDL": False}
-            fn = memory.note_scores_kernel
-            ptrs = {"g_ptr": t, "w2_ptr": t, "trig_bias_ptr": t, "alpha_ptr": t, "a_ptr": "*fp32", "gain_ptr": "*fp32",
-                    "pool0_ptr": t}
-            add("prefill_note_scores", act, keys["decode"],
-                aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=4))
-            cx = {"BLOCK_K": np2(c.pool_size), "BLOCK_C": np2(c.summary_dim), "USE_PDL": False}
-            fn = pool.pool_after_kernel
-            add("pool_after", act, keys["pool_after"],
-                aot.AotKernel("", fn, signature(fn, {"bank_ptr": t, "last_ptr": "*i32", "out_ptr": t}, cx), cx,
-                              num_warps=4))
-            cx = {"BLOCK_K": np2(c.pool_size)}
-            fn = cpp_support.cross_index_kernel
-            add("cross_index", act, keys["cross_index"],
-                aot.AotKernel("", fn, signature(fn, {"index_ptr": "*i32", "out_ptr": "*i32"}, cx), cx, num_warps=1))
+            kernel("prefill_note_scores", "decode", memory.note_scores_kernel,
+                   {"g_ptr": t, "w2_ptr": t, "trig_bias_ptr": t, "alpha_ptr": t, "a_ptr": f32, "gain_ptr": f32,
+                    "pool0_ptr": t},
+                   {"BLOCK_M": memory.SCORE_ROWS, "BLOCK_H": max(16, np2(c.d_model // 4)),
+                    "BLOCK_K": np2(c.pool_size), "BLOCK_S": np2(c.summary_dim), "USE_PDL": False}, 4)
+            kernel("pool_after", "pool_after", pool.pool_after_kernel,
+                   {"bank_ptr": t, "last_ptr": "*i32", "out_ptr": t},
+                   {"BLOCK_K": np2(c.pool_size), "BLOCK_C": np2(c.summary_dim), "USE_PDL": False}, 4)
+            kernel("cross_index", "cross_index", cpp_support.cross_index_kernel,
+                   {"index_ptr": "*i32", "out_ptr": "*i32"}, {"BLOCK_K": np2(c.pool_size)}, 1)
     return out
 
 

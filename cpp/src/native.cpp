@@ -57,6 +57,8 @@ size_t alignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 //! base + bytes
 void* at(void* base, size_t bytes) { return static_cast<unsigned char*>(base) + bytes; }
 
+cudaDataType_t ltType(DType t) { return t == DType::kFloat16 ? CUDA_R_16F : CUDA_R_32F; }
+
 // ---- weights (shared by forks) ----------------------------------------------------------------------------------------------
 struct LayerWeights
 {
@@ -418,7 +420,6 @@ public:
         }
         it->second.run(lt, workspace, stream, w, x, d);
     }
-    void clear() { plans_.clear(); }
 
 private:
     using Key = std::tuple<int64_t, int64_t, int64_t, int, int, int64_t, int64_t, int, int64_t, int64_t, uint32_t,
@@ -756,13 +757,21 @@ private:
     std::vector<DeviceBuffer> pG_, pIdx_; // a §5 group's layers: stacked GEMM outputs (their banks) and sweep indices
     GemmPlans plans_;
 
-    void findKernels()
+    //! The variant keys of this model's shape (cpp/aot_kernels.py shape_keys builds the same strings).
+    std::string decodeKey() const
     {
         std::string key = "d" + std::to_string(c_.d_model) + "_di" + std::to_string(c_.dInner()) + "_n"
             + std::to_string(c_.d_state) + "_r" + std::to_string(c_.dt_rank) + "_k" + std::to_string(c_.d_conv);
-        key += c_.memory ? "_K" + std::to_string(c_.pool_size) + "_ds" + std::to_string(c_.summary_dim) + "_H"
-                + std::to_string(c_.memory_heads) + "_p" + std::to_string(c_.cross_layer_every)
-                         : std::string("_nomem");
+        return key + (c_.memory ? "_K" + std::to_string(c_.pool_size) + "_ds" + std::to_string(c_.summary_dim) + "_H"
+                                      + std::to_string(c_.memory_heads) + "_p" + std::to_string(c_.cross_layer_every)
+                                : std::string("_nomem"));
+    }
+    std::string convKey() const { return "di" + std::to_string(c_.dInner()) + "_k" + std::to_string(c_.d_conv); }
+    std::string scanKey() const { return "di" + std::to_string(c_.dInner()) + "_n" + std::to_string(c_.d_state); }
+
+    void findKernels()
+    {
+        std::string const key = decodeKey();
         norm_ = findKernel("decode_norm_proj_embed_noproj", act_, key);
         normRes_ = findKernel("decode_norm_proj_noproj", act_, key);
         sample_ = findKernel("sample", act_, "any");
@@ -774,8 +783,8 @@ private:
         }
         if (!fused_)
         {
-            conv_ = findKernel("conv_step", act_, "di" + std::to_string(c_.dInner()) + "_k" + std::to_string(c_.d_conv));
-            scan_ = findKernel("scan_step", act_, "di" + std::to_string(c_.dInner()) + "_n" + std::to_string(c_.d_state));
+            conv_ = findKernel("conv_step", act_, convKey());
+            scan_ = findKernel("scan_step", act_, scanKey());
             return;
         }
         fInConv_ = findKernel("decode_in_proj_conv", act_, key);
@@ -792,7 +801,6 @@ private:
     //! The prefill's kernels for this shape, or prefillMode_ saying why the prefill runs token by token.
     void findPrefillKernels()
     {
-        std::string const di = "di" + std::to_string(c_.dInner()) + "_k" + std::to_string(c_.d_conv);
         int64_t const dh = c_.memory ? c_.summary_dim / c_.memory_heads : 0;
         if (opt_.prefillRows == 0)
             prefillMode_ = "SessionOptions::prefillRows is 0";
@@ -804,19 +812,14 @@ private:
             return;
         try
         {
-            pConv_ = findKernel("prefill_conv", act_, di);
-            std::string const dn = "di" + std::to_string(c_.dInner()) + "_n" + std::to_string(c_.d_state);
-            pScanStates_ = findKernel("prefill_scan_states", act_, dn);
-            pScanPrefix_ = findKernel("prefill_scan_prefix", act_, dn);
-            pScanOut_ = findKernel("prefill_scan_out", act_, dn);
+            pConv_ = findKernel("prefill_conv", act_, convKey());
+            pScanStates_ = findKernel("prefill_scan_states", act_, scanKey());
+            pScanPrefix_ = findKernel("prefill_scan_prefix", act_, scanKey());
+            pScanOut_ = findKernel("prefill_scan_out", act_, scanKey());
             pGained_ = findKernel("gained_add", act_, "d" + std::to_string(c_.d_model));
             if (c_.memory)
             {
-                std::string key = "d" + std::to_string(c_.d_model) + "_di" + std::to_string(c_.dInner()) + "_n"
-                    + std::to_string(c_.d_state) + "_r" + std::to_string(c_.dt_rank) + "_k" + std::to_string(c_.d_conv)
-                    + "_K" + std::to_string(c_.pool_size) + "_ds" + std::to_string(c_.summary_dim) + "_H"
-                    + std::to_string(c_.memory_heads) + "_p" + std::to_string(c_.cross_layer_every);
-                pScores_ = findKernel("prefill_note_scores", act_, key);
+                pScores_ = findKernel("prefill_note_scores", act_, decodeKey());
                 pAfter_ = findKernel("pool_after", act_,
                     "K" + std::to_string(c_.pool_size) + "_ds" + std::to_string(c_.summary_dim));
                 pCross_ = findKernel("cross_index", act_, "K" + std::to_string(c_.pool_size));
@@ -878,13 +881,11 @@ private:
         size_t const a = actElem_;
         int64_t const chunks = scanChunksWanted(cap); // bounds the scan plan's chunks for every T <= cap
         auto buffer = [](int64_t bytes) { return DeviceBuffer(static_cast<size_t>(bytes)); };
-        DeviceBuffer tok = buffer(n * 8), h = buffer(n * d * 4), part = buffer(n * d * 4), u = buffer(n * d * a),
-                     ut = buffer(n * d * a), xz = buffer(n * 2 * di * a), xc = buffer(n * di * a),
-                     dbc = buffer(n * X * a), dt = buffer(n * di * a), y = buffer(n * di * a),
-                     states = buffer(B * chunks * N * di * 4), starts = buffer(B * chunks * N * di * 4),
-                     dtSum = buffer(B * chunks * di * 4), delta = buffer(n * di * 4);
-        std::vector<DeviceBuffer> g, idx;
-        DeviceBuffer score, gain, o, keys, vals, idxX;
+        pTok_ = buffer(n * 8), pH_ = buffer(n * d * 4), pPart_ = buffer(n * d * 4), pU_ = buffer(n * d * a);
+        pUt_ = buffer(n * d * a), pXz_ = buffer(n * 2 * di * a), pXc_ = buffer(n * di * a), pDbc_ = buffer(n * X * a);
+        pDt_ = buffer(n * di * a), pY_ = buffer(n * di * a), pDelta_ = buffer(n * di * 4);
+        pStates_ = buffer(B * chunks * N * di * 4), pStarts_ = buffer(B * chunks * N * di * 4);
+        pDtSum_ = buffer(B * chunks * di * 4);
         if (c_.memory)
         {
             int64_t const K = c_.pool_size, ds = c_.summary_dim, P = c_.cross_layer_every, M = K + cap;
@@ -893,23 +894,12 @@ private:
                 memRows = std::max(memRows, l.memRows);
             for (int64_t j = 0; j < P; ++j)
             {
-                g.push_back(buffer(B * M * memRows * a));
-                idx.push_back(buffer(B * (cap + 1) * K * 4));
+                pG_.push_back(buffer(B * M * memRows * a));
+                pIdx_.push_back(buffer(B * (cap + 1) * K * 4));
             }
-            score = buffer(n * 4);
-            gain = buffer(n * 4);
-            o = buffer(n * d * a);
-            keys = buffer(B * P * M * ds * a);
-            vals = buffer(B * P * M * d * a);
-            idxX = buffer(n * P * K * 4);
+            pA_ = buffer(n * 4), pGain_ = buffer(n * 4), pO_ = buffer(n * d * a);
+            pKeys_ = buffer(B * P * M * ds * a), pVals_ = buffer(B * P * M * d * a), pIdxX_ = buffer(n * P * K * 4);
         }
-        pTok_ = std::move(tok), pH_ = std::move(h), pPart_ = std::move(part), pU_ = std::move(u), pUt_ = std::move(ut);
-        pXz_ = std::move(xz), pXc_ = std::move(xc), pDbc_ = std::move(dbc), pDt_ = std::move(dt), pY_ = std::move(y);
-        pStates_ = std::move(states), pStarts_ = std::move(starts), pDtSum_ = std::move(dtSum);
-        pDelta_ = std::move(delta);
-        pG_ = std::move(g), pIdx_ = std::move(idx);
-        pA_ = std::move(score), pGain_ = std::move(gain), pO_ = std::move(o), pKeys_ = std::move(keys);
-        pVals_ = std::move(vals), pIdxX_ = std::move(idxX);
         pCap_ = cap;
         pScanChunks_ = chunks;
     }
@@ -943,7 +933,7 @@ private:
             prefillChunk(cur_, static_cast<int>(n));
             cur_ ^= 1;
         }
-        MM_CUDA(cudaStreamSynchronize(stream_)); // ids (pageable) must outlive the copy
+        MM_CUDA(cudaStreamSynchronize(stream_)); // ids (pageable) and idsOnDevice must outlive the copies
     }
 
     //! One chunk of T tokens a row (pTok_ [B, T]) from the state at parity p into 1 - p.
@@ -953,11 +943,7 @@ private:
         int64_t const B = opt_.batch, d = c_.d_model, di = c_.dInner(), N = c_.d_state, R = c_.dt_rank;
         int64_t const X = xWidth(c_), KW = c_.d_conv, n = B * T;
         size_t const a = actElem_;
-        cudaDataType_t const t = w_->dtype == DType::kFloat16 ? CUDA_R_16F : CUDA_R_32F;
-        auto gemm = [&](int64_t m, int64_t rows, int64_t k, void const* w, void const* x, int64_t ldx, void* out,
-                        int64_t ldd, cudaDataType_t dType) {
-            plans_.run(lt_, workspace_.get(), stream_, m, rows, k, t, dType, w, x, ldx, out, ldd);
-        };
+        cudaDataType_t const t = ltType(w_->dtype);
         size_t const convLayer = B * di * (KW - 1) * a, ssmLayer = B * di * N * 4;
         for (int64_t l = 0; l < c_.n_layers; ++l)
         {
@@ -1095,7 +1081,7 @@ private:
         int64_t const B = opt_.batch, d = c_.d_model, K = c_.pool_size, ds = c_.summary_dim, H = c_.memory_heads;
         int64_t const hd = d / 4, P = c_.cross_layer_every, M = K + T, n = B * T;
         size_t const a = actElem_;
-        cudaDataType_t const t = w_->dtype == DType::kFloat16 ? CUDA_R_16F : CUDA_R_32F;
+        cudaDataType_t const t = ltType(w_->dtype);
         LayerWeights const& W = w_->layers[l];
         int64_t const rows = W.memRows; // g's columns: q_tok [0, ds), score hidden, summary, trigger, q_cross
         int64_t const colSummary = ds + hd, colTrig = 2 * ds + hd;
@@ -1103,8 +1089,7 @@ private:
         void* idx = pIdx_[l % P].get();  // [B, T + 1, K] the sweep's index
         void* poolIn = at(pool[p].get(), l * B * K * ds * a);
         // the five projections that share u, without the trigger's bias (note_scores adds it, as the Python path)
-        plans_.run(lt_, workspace_.get(), stream_, rows, T, d, t, t, W.memW, pU_.get(), d, at(g, K * rows * a), rows,
-            static_cast<int>(B), T * d, M * rows);
+        gemm(rows, T, d, W.memW, pU_.get(), d, at(g, K * rows * a), rows, t, B, T * d, M * rows);
         Launch(pScores_)
             .ptr("g_ptr", at(g, ds * a))
             .ptr("w2_ptr", W.wScore)
@@ -1130,15 +1115,20 @@ private:
             static_cast<float>(c_.insert_threshold), stream_));
         // §4: the token read over this layer's bank [pool0; summaries]
         void* bank = at(g, colSummary * a);
-        plans_.run(lt_, workspace_.get(), stream_, ds, B * M, ds, t, t, W.wk, bank, rows, pKeys_.get(), ds);
-        plans_.run(lt_, workspace_.get(), stream_, d, B * M, ds, t, t, W.wv, bank, rows, pVals_.get(), d);
-        plugin::AttentionSizes as{static_cast<int32_t>(B), T, static_cast<int32_t>(M), static_cast<int32_t>(K),
-            static_cast<int32_t>(ds), static_cast<int32_t>(d), static_cast<int32_t>(H)};
-        as.qStrideT = static_cast<int32_t>(rows);
-        as.qStrideB = static_cast<int32_t>(M * rows);
-        as.indexStrideB = static_cast<int32_t>((T + 1) * K);
-        check(plugin::poolAttentionLaunch(at(g, K * rows * a), pKeys_.get(), pVals_.get(), idx, pO_.get(), as, a == 2,
-            stream_));
+        gemm(ds, B * M, ds, W.wk, bank, rows, pKeys_.get(), ds, t);
+        gemm(d, B * M, ds, W.wv, bank, rows, pVals_.get(), d, t);
+        // a read: queries (a column block of g's token rows) over pKeys_ / pVals_ [B, entries, ...] -> pO_
+        auto attend = [&](size_t qColumn, int64_t entries, int64_t slots, void const* index, int64_t indexStrideB) {
+            plugin::AttentionSizes as{static_cast<int32_t>(B), T, static_cast<int32_t>(entries),
+                static_cast<int32_t>(slots), static_cast<int32_t>(ds), static_cast<int32_t>(d),
+                static_cast<int32_t>(H)};
+            as.qStrideT = static_cast<int32_t>(rows);
+            as.qStrideB = static_cast<int32_t>(M * rows);
+            as.indexStrideB = static_cast<int32_t>(indexStrideB);
+            check(plugin::poolAttentionLaunch(at(g, (K * rows + qColumn) * a), pKeys_.get(), pVals_.get(), index,
+                pO_.get(), as, a == 2, stream_));
+        };
+        attend(0, M, K, idx, (T + 1) * K);
         gainedAdd(pU_.get(), pGain_.get(), 1, n);
         if (c_.isCrossLayer(l))
         {
@@ -1147,10 +1137,9 @@ private:
             {
                 int64_t const m = l - P + 1 + j, mRows = w_->layers[m].memRows;
                 void* mBank = at(pG_[m % P].get(), colSummary * a);
-                plans_.run(lt_, workspace_.get(), stream_, ds, M, ds, t, t, W.xwk, mBank, mRows,
-                    at(pKeys_.get(), j * M * ds * a), ds, static_cast<int>(B), M * mRows, P * M * ds);
-                plans_.run(lt_, workspace_.get(), stream_, d, M, ds, t, t, W.xwv, mBank, mRows,
-                    at(pVals_.get(), j * M * d * a), d, static_cast<int>(B), M * mRows, P * M * d);
+                gemm(ds, M, ds, W.xwk, mBank, mRows, at(pKeys_.get(), j * M * ds * a), ds, t, B, M * mRows,
+                    P * M * ds);
+                gemm(d, M, ds, W.xwv, mBank, mRows, at(pVals_.get(), j * M * d * a), d, t, B, M * mRows, P * M * d);
                 Launch(pCross_)
                     .ptr("index_ptr", pIdx_[m % P].get())
                     .ptr("out_ptr", pIdxX_.get())
@@ -1161,13 +1150,7 @@ private:
                     .i32("shift", j * M)
                     .run({static_cast<unsigned>(n), 1, 1}, stream_);
             }
-            plugin::AttentionSizes xs{static_cast<int32_t>(B), T, static_cast<int32_t>(P * M),
-                static_cast<int32_t>(P * K), static_cast<int32_t>(ds), static_cast<int32_t>(d),
-                static_cast<int32_t>(H)};
-            xs.qStrideT = static_cast<int32_t>(rows);
-            xs.qStrideB = static_cast<int32_t>(M * rows);
-            check(plugin::poolAttentionLaunch(at(g, (K * rows + colTrig + 1) * a), pKeys_.get(), pVals_.get(),
-                pIdxX_.get(), pO_.get(), xs, a == 2, stream_));
+            attend(colTrig + 1, P * M, P * K, pIdxX_.get(), T * P * K);
             gainedAdd(pUt_.get(), W.xalpha32, 0, n);
         }
         // the pool after the chunk: slot j holds bank row index[:, T, j] (an empty slot keeps pool0's row j)
@@ -1184,6 +1167,15 @@ private:
             .i32("stride_out_b", K * ds)
             .i32("stride_out_k", ds)
             .run({static_cast<unsigned>(B), 1, 1}, stream_);
+    }
+
+    //! One of the prefill's products (GemmPlans), in the model dtype unless dType says otherwise; batch > 1: that
+    //! many with x and d strideX / strideD elements apart.
+    void gemm(int64_t m, int64_t n, int64_t k, void const* w, void const* x, int64_t ldx, void* d, int64_t ldd,
+        cudaDataType_t dType, int64_t batch = 1, int64_t strideX = 0, int64_t strideD = 0)
+    {
+        plans_.run(lt_, workspace_.get(), stream_, m, n, k, ltType(w_->dtype), dType, w, x, ldx, d, ldd,
+            static_cast<int>(batch), strideX, strideD);
     }
 
     //! ũ = res + round(o · gain) into pUt_ (gained_read): gain fp32 per row (stride 1) or one for all (stride 0).
@@ -1290,7 +1282,7 @@ private:
     void planGemms()
     {
         int64_t B = opt_.batch, d = c_.d_model, di = c_.dInner(), X = xWidth(c_);
-        cudaDataType_t t = w_->dtype == DType::kFloat16 ? CUDA_R_16F : CUDA_R_32F;
+        cudaDataType_t t = ltType(w_->dtype);
         void* in = c_.memory ? ut_.get() : u_.get();
         for (auto const& L : w_->layers)
         {

@@ -930,6 +930,11 @@ def selective_state_step(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus
     return y, h_out
 
 
+def conv_block_d(Di: int) -> int:
+    """causal_conv_kernel's channels per program (its launchers: causal_conv, the C++ runtime's prefill)."""
+    return min(CONV_BLOCK_D, max(32, triton.next_power_of_2(Di)))
+
+
 def causal_conv(x, weight, bias, window):
     """Same signature and results as causal_conv_ref (inference: no autograd). x [B,T,Di], weight [Di,k],
     bias [Di] or None, window [B,Di,k-1]. Returns (out [B,T,Di] contiguous, new window [B,Di,k-1])."""
@@ -949,7 +954,7 @@ def causal_conv(x, weight, bias, window):
     if T == 0:
         return out, win.clone()
     new_win = torch.empty_like(win)
-    block_d = min(CONV_BLOCK_D, max(32, triton.next_power_of_2(Di)))
+    block_d = conv_block_d(Di)
     causal_conv_kernel[(Bsz, triton.cdiv(Di, block_d), triton.cdiv(T, CONV_CHUNK))](
         x, weight.contiguous(), win if bias is None else bias.contiguous(), win, out, new_win,
         T, Di, x.stride(0), x.stride(1), win.stride(0), out.stride(0), out.stride(1), new_win.stride(0),
