@@ -42,24 +42,40 @@ class AotKernel:
 
     name        C++ identifier of the variant (unique in the library), e.g. "selective_scan_chunk_fp16"
     fn          the @triton.jit function
-    signature   Triton type of every argument of `fn`, in order ("*fp16", "i32", "fp32", ... or "constexpr")
+    signature   Triton type of every argument of `fn`, in order ("*fp16", "i32", "fp32", ... or "constexpr"); a
+                tuple argument has a tuple of types, and is passed as one parameter per element, <name>_<j>
     constexprs  the value of every constexpr argument
     grid        how the caller sizes the grid, in words (copied into the generated header)
+    divisible   runtime arguments (by parameter name) compiled as multiples of 16 (pointers: 16-byte aligned),
+                as Triton's JIT specialises them, so that their loads vectorise; the launcher must pass such values
     """
 
     name: str
     fn: Any
-    signature: dict[str, str]
+    signature: dict[str, Any]
     constexprs: dict[str, Any]
     num_warps: int = 4
     num_stages: int = 3
     grid: str = ""
     doc: str = ""
+    divisible: tuple[str, ...] = ()
+
+    @property
+    def runtime_args(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(parameter name, Triton type, path) of each runtime argument in order, tuple arguments flattened
+        (path: (argument index,) or (argument index, element), as Triton's attrs name them)."""
+        out = []
+        for i, (n, t) in enumerate(self.signature.items()):
+            if isinstance(t, (tuple, list)):
+                out += [(f"{n}_{j}", tj, (i, j)) for j, tj in enumerate(t)]
+            elif t != "constexpr":
+                out.append((n, t, (i,)))
+        return out
 
     @property
     def params(self) -> list[tuple[str, str]]:
         """(name, C type) of each launch parameter in order, Triton's scratch pointers last."""
-        out = [(n, c_type(t)) for n, t in self.signature.items() if t != "constexpr"]
+        out = [(n, c_type(t)) for n, t, _ in self.runtime_args]
         return out + [(s, "const void*") for s in SCRATCH_PARAMS]
 
     def validate(self) -> None:
@@ -75,9 +91,14 @@ class AotKernel:
         if set(self.constexprs) != want:
             raise AotError(f"{self.name}: constexprs {sorted(self.constexprs)} must give exactly the constexpr "
                            f"arguments {sorted(want)}")
-        for n, t in self.signature.items():
-            if t != "constexpr":
-                c_type(t, where=f"{self.name}.{n}")
+        types = {}
+        for n, t, _ in self.runtime_args:
+            c_type(t, where=f"{self.name}.{n}")
+            types[n] = t
+        for n in self.divisible:
+            if n not in types or not (types[n].startswith("*") or types[n] in ("i32", "i64")):
+                raise AotError(f"{self.name}: divisible names {n!r}, which is no pointer or integer parameter of "
+                               f"{self.fn.__name__} ({sorted(types)})")
 
 
 def c_type(triton_type: str, where: str = "") -> str:
@@ -193,7 +214,8 @@ def compile_kernel(k: AotKernel, archs: Iterable[int], ptx: bool = True) -> Comp
     archs = sorted(set(archs))
     cubins, shared, entry, ptx_text = {}, 0, "", b""
     for sm in archs:
-        src = ASTSource(fn=k.fn, signature=dict(k.signature), constexprs=dict(k.constexprs))
+        attrs = {path: [["tt.divisibility", 16]] for n, _, path in k.runtime_args if n in k.divisible}
+        src = ASTSource(fn=k.fn, signature=dict(k.signature), constexprs=dict(k.constexprs), attrs=attrs)
         try:
             ck = triton.compile(src, target=GPUTarget("cuda", sm, 32),
                                 options={"num_warps": k.num_warps, "num_stages": k.num_stages})
@@ -254,8 +276,9 @@ def _doc_line(c: Compiled) -> str:
     k = c.kernel
     mod = getattr(getattr(k.fn, "fn", None), "__module__", "?")
     cx = ", ".join(f"{n}={v}" for n, v in k.constexprs.items()) or "none"
+    div = f"; multiples of 16: {', '.join(k.divisible)}" if k.divisible else ""
     return (f"// {k.name}: Triton kernel `{k.fn.__name__}` ({mod}), num_warps={k.num_warps}, "
-            f"num_stages={k.num_stages}, shared={c.shared} B; constexprs: {cx}")
+            f"num_stages={k.num_stages}, shared={c.shared} B; constexprs: {cx}{div}")
 
 
 def render_sources(compiled: list[Compiled]) -> tuple[str, str]:
@@ -319,6 +342,7 @@ def manifest(compiled: list[Compiled]) -> dict:
             "shared": c.shared,
             "params": [[n, t] for n, t in c.kernel.params],
             "signature": c.kernel.signature,
+            "divisible": list(c.kernel.divisible),
             "constexprs": {n: repr(v) for n, v in c.kernel.constexprs.items()},
             "grid": c.kernel.grid,
             "cubins": {str(sm): {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}

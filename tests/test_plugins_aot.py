@@ -93,6 +93,38 @@ def test_spec_validation_names_the_problem():
     assert aot.parse_archs("sm_90, 87,80") == (80, 87, 90)
 
 
+@triton.jit
+def _gather_rows_kernel(srcs, strides, out_ptr, n, stride_out, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    # out[j, :n] = srcs[j][row 1, :n] (rows strides[j] apart): a tuple of pointers and a tuple of strides
+    offs = tl.arange(0, BLOCK)
+    for j in tl.static_range(PARTS):
+        x = tl.load(srcs[j] + strides[j] + offs, mask=offs < n)
+        tl.store(out_ptr + j * stride_out + offs, x, mask=offs < n)
+
+
+def test_tuple_arguments_and_multiples_of_16():
+    """A tuple argument is one launch parameter per element (<name>_<j>, in order, checked against the cubin's
+    parameter table), and `divisible` compiles the named ones as multiples of 16, as Triton's JIT specialises
+    them: only then do the loads vectorise."""
+    sig = {"srcs": ("*fp16", "*fp16", "*fp16"), "strides": ("i32", "i32", "i32"), "out_ptr": "*fp16", "n": "i32",
+           "stride_out": "i32", "PARTS": "constexpr", "BLOCK": "constexpr"}
+    plain = aot.AotKernel("gather_rows", _gather_rows_kernel, sig, {"PARTS": 3, "BLOCK": 1024})
+    assert [n for n, _ in plain.params] == ["srcs_0", "srcs_1", "srcs_2", "strides_0", "strides_1", "strides_2",
+                                            "out_ptr", "n", "stride_out", *aot.SCRATCH_PARAMS]
+    hinted = aot.AotKernel("gather_rows", _gather_rows_kernel, sig, {"PARTS": 3, "BLOCK": 1024},
+                           divisible=("srcs_0", "srcs_1", "srcs_2", "strides_0", "strides_1", "strides_2", "out_ptr",
+                                      "n", "stride_out"))
+    loads = {}
+    for k in (plain, hinted):
+        c = aot.compile_kernel(k, (80,), ptx=True)           # check_cubin: 9 parameters + 2 scratch, sizes agree
+        assert aot.read_cubin(c.cubins[80]).param_sizes[c.entry] == (8, 8, 8, 4, 4, 4, 8, 4, 4, 8, 8)
+        loads[k.divisible != ()] = set(re.findall(rb"ld\.global[.\w]*", c.ptx))
+    assert not any(b".v" in op for op in loads[False]) and any(b".v" in op for op in loads[True]), loads
+    for bad in ("alpha", "srcs", "out"):                      # only integer or pointer parameters, by element
+        with pytest.raises(aot.AotError, match="divisible"):
+            aot.AotKernel("g", _gather_rows_kernel, sig, {"PARTS": 3, "BLOCK": 1024}, divisible=(bad,)).validate()
+
+
 def test_blackwell_cubins_parse():
     """sm_100 and later: ABI v8 cubins, OS/ABI 0x41, the SM in bits 8..15 of e_flags."""
     compiled = aot.compile_kernel(_toy("fp16"), (100, 120))
