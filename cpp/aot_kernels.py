@@ -49,22 +49,36 @@ def shape_keys(c) -> dict[str, str]:
     decode_key += (f"_K{c.pool_size}_ds{c.summary_dim}_H{c.memory_heads}_p{c.cross_layer_every}" if c.memory
                    else "_nomem")
     return {"decode": decode_key, "conv_step": f"di{c.d_inner}_k{c.d_conv}", "scan_step": f"di{c.d_inner}_n{c.d_state}",
+            "prefill_scan": f"di{c.d_inner}_n{c.d_state}_r{c.dt_rank}",
             "sample": "any", "pool_after": f"K{c.pool_size}_ds{c.summary_dim}", "gained_add": f"d{c.d_model}",
-            "cross_index": f"K{c.pool_size}"}
+            "cross_index": f"K{c.pool_size}", "sweep": f"K{c.pool_size}",
+            "pool_mix": f"K{c.pool_size}_ds{c.summary_dim}_H{c.memory_heads}"}
 
 
 FLOAT_ARGS = {"eps", "tau1", "tau2", "scale"}       # fp32 scalars; every other non-pointer argument is an i32
 
 
-def signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
+def multiples_of_16(values: dict[str, int]) -> list[str]:
+    """The arguments to compile as multiples of 16 (aot.AotKernel.divisible), as Triton's JIT specialises the
+    Python path's calls: of `values` (what cpp/src/native.cpp passes for one model shape: an integer, or a
+    pointer's byte offset from a 256-byte aligned buffer; a stride that is T times a width is given as the width)
+    those that are. The runtime checks every hinted value at launch (Launch::run), so a layout that changes on one
+    side only fails loudly."""
+    return [name for name, v in values.items() if v % 16 == 0]
+
+
+def signature(fn, pointers: dict[str, str], constexprs: dict, tuples: dict | None = None) -> dict:
     """Triton types of every argument of `fn`, in order: constexprs as given, `*_ptr` from `pointers` (an unknown
-    pointer is an error: its dtype cannot be guessed), FLOAT_ARGS fp32, the rest i32 (sizes, strides, switches)."""
+    pointer is an error: its dtype cannot be guessed), tuple arguments from `tuples` (a tuple of types each),
+    FLOAT_ARGS fp32, the rest i32 (sizes, strides, switches)."""
     from memmamba_deploy.aot import AotError
 
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name in (tuples or {}):
+            sig[name] = tuple(tuples[name])
         elif name.endswith("_ptr"):
             if name not in pointers:
                 raise AotError(f"{fn.__name__} takes pointer {name!r}, which cpp/aot_kernels.py does not know: "
@@ -106,9 +120,12 @@ def runtime_kernels(configs) -> list[tuple]:
                 for k in aot.from_table_entry(op, entry):
                     add(op, act, keys["decode"], k)
             t, f32 = f"*{act}", "*fp32"
+            size = 2 if act == "fp16" else 4            # bytes of an activation
 
-            def kernel(op, key, fn, ptrs, cx, num_warps):
-                add(op, act, keys[key], aot.AotKernel("", fn, signature(fn, ptrs, cx), cx, num_warps=num_warps))
+            def kernel(op, key, fn, ptrs, cx, num_warps, tuples=None, divisible=()):
+                # the shape `key` names must fix every divisible value: variants are shared by the configs it names
+                add(op, act, keys[key], aot.AotKernel("", fn, signature(fn, ptrs, cx, tuples), cx,
+                                                      num_warps=num_warps, divisible=tuple(divisible)))
 
             kernel("conv_step", "conv_step", cpp_support.conv_step_kernel,
                    {n: t for n in ("x_ptr", "w_ptr", "bias_ptr", "win_in_ptr", "win_out_ptr", "out_ptr")},
@@ -123,10 +140,16 @@ def runtime_kernels(configs) -> list[tuple]:
                    {"BLOCK": cpp_support.SAMPLE_BLOCK}, 8)
             # the parallel prefill
             if 2 <= c.d_conv <= 4:                  # causal_conv_kernel's widths (the runtime falls back otherwise)
+                win = c.d_inner * (c.d_conv - 1)
                 kernel("prefill_conv", "conv_step", scan.causal_conv_kernel,
                        {n: t for n in ("x_ptr", "w_ptr", "b_ptr", "win_ptr", "out_ptr", "new_win_ptr")},
                        {"WIDTH": c.d_conv, "CHUNK": scan.CONV_CHUNK, "AHEAD": scan.CONV_AHEAD,
-                        "BLOCK_D": scan.conv_block_d(c.d_inner), "HAS_BIAS": True, "USE_PDL": False}, 1)
+                        "BLOCK_D": scan.conv_block_d(c.d_inner), "HAS_BIAS": True, "USE_PDL": False}, 1,
+                       divisible=multiples_of_16({
+                           "x_ptr": 0, "w_ptr": 0, "b_ptr": 0, "win_ptr": win * size, "out_ptr": 0,
+                           "new_win_ptr": win * size, "Di": c.d_inner, "stride_x_b": 2 * c.d_inner,
+                           "stride_x_t": 2 * c.d_inner, "stride_win_b": win, "stride_out_b": c.d_inner,
+                           "stride_out_t": c.d_inner, "stride_new_win_b": win}))
             # the prompt's scan: scan.scan_forward's three passes (TritonBackend's prefill scan)
             block_d, block_n, warps = scan.seq_blocks(c.d_state, c.d_inner)
             seq = {"BLOCK_D": block_d, "BLOCK_N": block_n, "EVEN_N": c.d_state == block_n, "UNROLL": scan.SEQ_UNROLL,
@@ -134,17 +157,28 @@ def runtime_kernels(configs) -> list[tuple]:
             ptrs = {"x_ptr": t, "dt_ptr": t, "AT_ptr": f32, "B_ptr": t, "C_ptr": t, "D_ptr": f32, "z_ptr": t,
                     "dt_bias_ptr": f32, "h_in_ptr": f32, "y_ptr": t, "h_out_ptr": f32, "dt_sum_ptr": f32,
                     "delta_ptr": f32}
-            kernel("prefill_scan_states", "scan_step", scan.selective_scan_seq_kernel, ptrs,
+            di, N, R, X = c.d_inner, c.d_state, c.dt_rank, (c.dt_rank + 2 * c.d_state + 7) // 8 * 8   # X: xWidth
+            scan_values = {n: 0 for n in ptrs}                  # buffers and weights, but B, C and z: column blocks
+            scan_values.update({"B_ptr": R * size, "C_ptr": (R + N) * size, "z_ptr": di * size, "Di": di, "N": N})
+            scan_values.update({f"stride_{m}_{bt}": w for m, w in (("x", di), ("dt", di), ("B", X), ("C", X),
+                                                                 ("z", 2 * di), ("y", di)) for bt in "bt"})
+            scan_values.update({f"stride_{h}_{bc}": di * N for h in ("hin", "hout") for bc in "bc"})
+            kernel("prefill_scan_states", "prefill_scan", scan.selective_scan_seq_kernel, ptrs,
                    dict(seq, HAS_Z=False, HAS_DT_BIAS=True, HAS_H_IN=False, WRITE_Y=False, WRITE_H=True,
-                        WRITE_DT_SUM=True, WRITE_DELTA=True, DELTA_IN=False), warps)
-            kernel("prefill_scan_out", "scan_step", scan.selective_scan_seq_kernel,
+                        WRITE_DT_SUM=True, WRITE_DELTA=True, DELTA_IN=False), warps,
+                   divisible=multiples_of_16(scan_values))
+            kernel("prefill_scan_out", "prefill_scan", scan.selective_scan_seq_kernel,
                    dict(ptrs, dt_ptr=f32),                                  # δ (fp32, pass 1's) in as dt
                    dict(seq, HAS_Z=True, HAS_DT_BIAS=False, HAS_H_IN=True, WRITE_Y=True, WRITE_H=False,
-                        WRITE_DT_SUM=False, WRITE_DELTA=False, DELTA_IN=True), warps)
-            kernel("prefill_scan_prefix", "scan_step", scan.scan_chunk_prefix_kernel,
-                   {n: f32 for n in ("AT_ptr", "dt_sum_ptr", "h0_ptr", "states_ptr", "starts_ptr", "h_out_ptr")},
+                        WRITE_DT_SUM=False, WRITE_DELTA=False, DELTA_IN=True), warps,
+                   divisible=multiples_of_16(scan_values))
+            prefix_ptrs = ("AT_ptr", "dt_sum_ptr", "h0_ptr", "states_ptr", "starts_ptr", "h_out_ptr")
+            kernel("prefill_scan_prefix", "prefill_scan", scan.scan_chunk_prefix_kernel, {n: f32 for n in prefix_ptrs},
                    {"BLOCK_C": scan.PREFIX_BLOCK_C, "BLOCK_E": scan.PREFIX_BLOCK_E, "HAS_H0": True, "USE_PDL": False},
-                   scan.PREFIX_NUM_WARPS)
+                   scan.PREFIX_NUM_WARPS, divisible=multiples_of_16(
+                       {**{n: 0 for n in prefix_ptrs}, "h0_ptr": di * N * 4, "h_out_ptr": di * N * 4,  # a layer's
+                        "Di": di, "N": N, "stride_h0_b": di * N,
+                        "stride_hout_b": di * N}))
             kernel("gained_add", "gained_add", cpp_support.gained_add_kernel,
                    {"res_ptr": t, "o_ptr": t, "gain_ptr": f32, "out_ptr": t}, {"BLOCK_D": np2(c.d_model)}, 4)
             if not c.memory:
@@ -159,6 +193,47 @@ def runtime_kernels(configs) -> list[tuple]:
                    {"BLOCK_K": np2(c.pool_size), "BLOCK_C": np2(c.summary_dim), "USE_PDL": False}, 4)
             kernel("cross_index", "cross_index", cpp_support.cross_index_kernel,
                    {"index_ptr": "*i32", "out_ptr": "*i32"}, {"BLOCK_K": np2(c.pool_size)}, 1)
+            # the §3 sweep as pool.pool_sweep_ends launches it (five kernels; the entry ends pool_mix reads)
+            block_k = np2(c.pool_size)
+            seg = max(pool.SWEEP_SEG, block_k)
+            sweep = {"SEG": seg, "BLOCK_K": block_k, "USE_PDL": False}
+            i32s = ("seg_count_ptr", "ev_tok_ptr", "ecount_ptr", "ends_ptr", "hist_ptr", "index_ptr")
+            sweep_ptrs = {n: ("*i32" if n in i32s else f32) for n in (
+                "scores_ptr", "top_ptr", "prio0_ptr", "enter_ptr", "ev_a_ptr", "prio_ptr") + i32s}
+            kernel("sweep_top", "sweep", pool.sweep_segment_top_kernel, sweep_ptrs, sweep, 4)
+            kernel("sweep_enter", "sweep", pool.sweep_enter_kernel, sweep_ptrs,
+                   dict(sweep, BLOCK_T=pool.SWEEP_COUNT_T, BLOCK_S=pool.SWEEP_COUNT_S, GROUP=pool.SWEEP_COUNT_GROUP),
+                   pool.SWEEP_COUNT_WARPS)
+            # BLOCK_SEG covers the segments of the longest chunk (SessionOptions::prefillRows < 65536)
+            block_seg = np2(-(-65535 // seg))
+            kernel("sweep_compact", "sweep", pool.sweep_compact_kernel, sweep_ptrs,
+                   {"SEG": seg, "BLOCK_SEG": block_seg, "USE_PDL": False}, 4)
+            kernel("sweep_replay", "sweep", pool.sweep_replay_kernel, sweep_ptrs,
+                   {"BLOCK_SEG": block_seg, "BLOCK_K": block_k, "SLOT_BITS": block_k.bit_length() - 1,
+                    "BLOCK_R": pool.SWEEP_RANGE_R, "USE_PDL": False}, 1)
+            kernel("sweep_fill", "sweep", pool.sweep_fill_kernel, sweep_ptrs,
+                   {"BLOCK_T": pool.SWEEP_FILL_T, "BLOCK_K": block_k, "USE_PDL": False}, 4)
+            if act == "fp32":                       # pool_mix's dots are half-precision ones (fp32: the plugins')
+                continue
+            # §4 / §5 reads on the summaries (pool.pool_mix): one pool, and a cross-layer group's p pools. The
+            # runtime lays q, m and the banks' rows out in multiples of 16 elements (g's rows: memRows); the
+            # banks' first column (ds + d/4) is one where the shape makes it so
+            block_q, block_h, block_k, block_c, warps = pool.mix_blocks(c.pool_size, c.summary_dim, c.memory_heads)
+            for op, layers in (("prefill_pool_mix", 1), ("prefill_pool_mix_cross", c.cross_layer_every)):
+                many = ("banks", "indices", "ends", "strides_s_b", "strides_s_m", "strides_i_b", "strides_i_t",
+                        "strides_e_b")
+                tuples = {n: (t if n == "banks" else "*i32" if n in ("indices", "ends") else "i32",) * layers
+                          for n in many}
+                aligned = ["q_ptr", "m_ptr", "stride_q_b", "stride_q_t", "stride_m_b", "stride_m_t"]
+                aligned += [f"{n}_{j}" for n in ("strides_s_b", "strides_s_m") for j in range(layers)]
+                if (c.summary_dim + c.d_model // 4) % 8 == 0:
+                    aligned += [f"banks_{j}" for j in range(layers)]
+                if c.summary_dim % 16 == 0:         # the summaries' column mask, in whole vectors
+                    aligned.append("ds")
+                kernel(op, "pool_mix", pool.pool_mix_kernel,
+                       {"q_ptr": t, "gain_ptr": f32, "m_ptr": t},
+                       {"LAYERS": layers, "BLOCK_Q": block_q, "BLOCK_H": block_h, "BLOCK_K": block_k,
+                        "BLOCK_C": block_c, "USE_PDL": False}, warps, tuples, aligned)
     return out
 
 
@@ -168,7 +243,8 @@ def render_table(variants) -> str:
         if op is None:                       # a plugin kernel: opLaunch.cpp calls its typed launcher
             continue
         cx = ",".join(f"{n}={int(v)}" for n, v in k.constexprs.items())
-        params = ",".join(f"{n}:{'ptr' if t.startswith('*') else t}" for n, t in k.signature.items() if t != "constexpr")
+        params = ",".join(f"{n}:{'ptr' if t.startswith('*') else t}{'/16' if n in k.divisible else ''}"
+                          for n, t, _ in k.runtime_args)
         rows.append(f'    {{"{op}", "{act}", "{key}", &{k.name}, "{cx}", "{params}"}},')
     return ("// Generated by cpp/aot_kernels.py. Do not edit.\n#include \"kernels.h\"\n#include \"memmamba_kernels.h\"\n\n"
             "namespace memmamba::kernels\n{\n\nconst RuntimeVariant kRuntimeVariants[] = {\n" + "\n".join(rows) +

@@ -204,10 +204,13 @@ def test_runtime_kernel_library_compiles(tmp_path):
     ops = ("decode_norm_proj_embed_noproj", "decode_norm_proj_noproj", "decode_norm_proj_embed", "decode_norm_proj",
            "decode_note_pool", "decode_note_pool_cross", "decode_in_proj_conv", "decode_ssm_out", "conv_step",
            "scan_step", "sample", "prefill_conv", "prefill_note_scores", "pool_after", "gained_add", "cross_index",
-           "prefill_scan_states", "prefill_scan_prefix", "prefill_scan_out")
+           "prefill_scan_states", "prefill_scan_prefix", "prefill_scan_out", "sweep_top", "sweep_enter",
+           "sweep_compact", "sweep_replay", "sweep_fill")
+    half_only = ("prefill_pool_mix", "prefill_pool_mix_cross")            # pool_mix's dots are half-precision
     for act in ("fp32", "fp16"):
-        for op in ops:
+        for op in ops + (half_only if act == "fp16" else ()):
             assert f'{{"{op}", "{act}", ' in table, (op, act)
+    assert '{"prefill_pool_mix", "fp32"' not in table
     # the tiny preset and its plain-Mamba twin: the memory kernels once, the shared ones once per shape key
     assert any(k.endswith("_nomem") for k in kernels) and any("_K8_" in k for k in kernels)
     assert any("_d128_" in k for k in kernels)                      # the bundled demo checkpoints' shape, unasked
@@ -216,19 +219,26 @@ def test_runtime_kernel_library_compiles(tmp_path):
     plugin = {f"{n}_{s}" for n, e in aot_kernels().items() for s in e["signatures"]}
     assert plugin <= set(kernels) and table.count('\n    {"') == len(kernels) - len(plugin)
     assert all(sorted(k["cubins"]) == ["87", "90"] for k in kernels.values())
-    # every Launch(...) in the runtime's sources passes exactly the arguments of one kernel, by name
-    params = {op: set(n.split(":")[0] for n in p.split(",")) for op, p in
-              re.findall(r'\{"(\w+)", "fp32", "[^"]*", &\w+, "[^"]*", "([^"]*)"\}', table)}
-    assert set(params) == set(ops)
+    # every Launch in the runtime's sources passes exactly the arguments of one kernel, by name (a tuple argument's
+    # elements, <name>_<j>, as name + "_j")
+    tuple_args = {a for k in kernels.values() for a, t in k["signature"].items() if isinstance(t, list)}
+    assert tuple_args == {"banks", "indices", "ends", "strides_s_b", "strides_s_m", "strides_i_b", "strides_i_t",
+                          "strides_e_b"}
+    params = {}
+    for op, p in re.findall(r'\{"(\w+)", "fp(?:32|16)", "[^"]*", &\w+, "[^"]*", "([^"]*)"\}', table):
+        names = {n.split(":")[0] for n in p.split(",")}
+        params[op] = {re.sub(r"_\d+$", "", n) if re.sub(r"_\d+$", "", n) in tuple_args else n for n in names}
+    assert set(params) == set(ops + half_only)
+    assert "/16" in table                                  # pool_mix's arguments compiled as multiples of 16
     matched = set()
     for src in ("native.cpp", "tensorrt.cpp"):
         text = (CPP / "src" / src).read_text()
-        for block in re.findall(r"Launch\(\w+\)(.*?)\.run\(", text, re.S):
+        for block in re.findall(r"Launch(?:\(\w+\)| \w+\(\w+\);)(.*?)\.run\(", text, re.S):
             names = set(re.findall(r'\.(?:ptr|i32|f32)\("(\w+)"', block))
             hits = [op for op, p in params.items() if p == names]
             assert hits, f"{src}: a launch passes {sorted(names)}, which matches no kernel's arguments"
             matched.update(hits)
-    assert matched == set(ops), f"kernels never launched: {set(ops) - matched}"
+    assert matched == set(ops + half_only), f"kernels never launched: {set(ops + half_only) - matched}"
 
 
 def _include_dirs():

@@ -41,8 +41,10 @@ Kernel findKernel(std::string const& op, std::string const& act, std::string con
         }
         while (std::getline(ps, item, ','))
         {
-            auto colon = item.find(':');
-            k.params.emplace_back(item.substr(0, colon), item.substr(colon + 1));
+            auto colon = item.find(':'), slash = item.find('/');
+            bool const divisible = slash != std::string::npos;
+            k.params.push_back({item.substr(0, colon),
+                item.substr(colon + 1, divisible ? slash - colon - 1 : std::string::npos), divisible});
         }
         return k;
     }
@@ -51,28 +53,31 @@ Kernel findKernel(std::string const& op, std::string const& act, std::string con
         + "); rebuild it for this model: cmake -DMEMMAMBA_MODEL_CONFIGS=<checkpoint>/config.json (cpp/README.md)");
 }
 
-Launch& Launch::put(char const* name, char const* kind, void const* v, size_t n)
+Launch& Launch::put(std::string const& name, char const* kind, void const* v, size_t n, int64_t value)
 {
-    Value val{name, kind, {}};
+    Value val{name, kind, {}, value};
     std::memcpy(val.bytes, v, n);
     values_.push_back(std::move(val));
     return *this;
 }
 
-Launch& Launch::ptr(char const* name, void const* p) { return put(name, "ptr", &p, sizeof(p)); }
+Launch& Launch::ptr(std::string const& name, void const* p)
+{
+    return put(name, "ptr", &p, sizeof(p), static_cast<int64_t>(reinterpret_cast<uintptr_t>(p)));
+}
 
-Launch& Launch::i32(char const* name, int64_t v)
+Launch& Launch::i32(std::string const& name, int64_t v)
 {
     if (v < INT32_MIN || v > INT32_MAX)
-        throw Error(std::string("kernel argument ") + name + " = " + std::to_string(v) + " does not fit int32");
+        throw Error("kernel argument " + name + " = " + std::to_string(v) + " does not fit int32");
     int32_t x = static_cast<int32_t>(v);
-    return put(name, "i32", &x, 4);
+    return put(name, "i32", &x, 4, v);
 }
 
 Launch& Launch::f32(char const* name, double v)
 {
     float x = static_cast<float>(v);
-    return put(name, "fp32", &x, 4);
+    return put(name, "fp32", &x, 4, 0);
 }
 
 void Launch::run(aot::Grid grid, cudaStream_t stream)
@@ -80,7 +85,7 @@ void Launch::run(aot::Grid grid, cudaStream_t stream)
     std::string const kname = k_.image->name;
     std::vector<void*> params;
     std::vector<bool> used(values_.size(), false);
-    for (auto const& [name, kind] : k_.params)
+    for (auto const& [name, kind, divisible] : k_.params)
     {
         size_t i = 0;
         while (i < values_.size() && values_[i].name != name)
@@ -95,6 +100,10 @@ void Launch::run(aot::Grid grid, cudaStream_t stream)
         if (k_.image->paramSizes && k_.image->paramSizes[params.size()] != bytes)
             throw Error("kernel " + kname + " argument '" + name + "' is " + std::to_string(k_.image->paramSizes[params.size()])
                 + " bytes in the cubin, " + std::to_string(bytes) + " in its table entry: rebuild the kernel library");
+        if (divisible && values_[i].value % 16 != 0)
+            throw Error("kernel " + kname + " was compiled for argument '" + name + "' a multiple of 16"
+                + (kind == "ptr" ? " (a 16-byte aligned address)" : "") + ", the runtime passes "
+                + std::to_string(values_[i].value) + " (cpp/aot_kernels.py and cpp/src/native.cpp disagree)");
         used[i] = true;
         params.push_back(values_[i].bytes);
     }

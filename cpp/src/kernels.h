@@ -26,7 +26,8 @@ struct RuntimeVariant
     char const* key;        //!< model-shape key, e.g. "d768_K50_ds64_H4" (cpp/aot_kernels.py shape_keys)
     aot::KernelImage const* image;
     char const* constexprs; //!< "BLOCK_O=128,BLOCK_K=64,..."
-    char const* params;     //!< runtime arguments in order: "u_ptr:ptr,d:i32,eps:fp32,..."
+    char const* params;     //!< runtime arguments in order: "u_ptr:ptr,d:i32,eps:fp32,..."; "/16" after a kind:
+                            //!< compiled as a multiple of 16 (a pointer: 16-byte aligned), which Launch checks
 };
 extern const RuntimeVariant kRuntimeVariants[];
 extern const int kNumRuntimeVariants;
@@ -36,14 +37,20 @@ struct Kernel
 {
     aot::KernelImage const* image{nullptr};
     std::vector<std::pair<std::string, int>> constexprs;
-    std::vector<std::pair<std::string, std::string>> params; //!< (name, "ptr" | "i32" | "fp32")
+    struct Param
+    {
+        std::string name, kind; //!< kind: "ptr" | "i32" | "fp32"
+        bool divisible;         //!< compiled as a multiple of 16 (pointers: 16-byte aligned)
+    };
+    std::vector<Param> params;
     int at(std::string const& name) const;                    //!< a constexpr's value
 };
 
 //! The variant of `op` for `act` and shape `key`; an Error lists the compiled keys when there is none.
 Kernel findKernel(std::string const& op, std::string const& act, std::string const& key);
 
-//! One launch: arguments by name, then run(). Missing, unknown or wrongly typed arguments are errors.
+//! One launch: arguments by name, then run(). Missing, unknown or wrongly typed arguments are errors, and so is a
+//! value that is not the multiple of 16 its kernel was compiled for.
 class Launch
 {
 public:
@@ -51,8 +58,8 @@ public:
         : k_(kernel)
     {
     }
-    Launch& ptr(char const* name, void const* p);
-    Launch& i32(char const* name, int64_t v);
+    Launch& ptr(std::string const& name, void const* p);
+    Launch& i32(std::string const& name, int64_t v);
     Launch& f32(char const* name, double v);
     void run(aot::Grid grid, cudaStream_t stream);
 
@@ -61,8 +68,9 @@ private:
     {
         std::string name, kind;
         unsigned char bytes[8];
+        int64_t value; //!< a pointer's address or an integer's value (the divisibility check)
     };
-    Launch& put(char const* name, char const* kind, void const* v, size_t n);
+    Launch& put(std::string const& name, char const* kind, void const* v, size_t n, int64_t value);
     Kernel const& k_;
     std::vector<Value> values_;
 };

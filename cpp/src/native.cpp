@@ -68,6 +68,7 @@ struct LayerWeights
     void* xalpha32;                // the §5 read's α in fp32 (the parallel prefill's gained_add)
     void* AT;                      // A transposed [N, Di] fp32 (the prefill scan's state tiles)
     void *dtBiasAct, *DAct;        // the fused plan: dt_bias and D in the model dtype (as decode_ssm_out reads them)
+    void *kT{nullptr}, *xkT{nullptr}; // fp16 + memory: the reads' W_k per head, transposed ([H, ds, dh]; prefill)
     int64_t memRows{0};
 };
 
@@ -157,6 +158,19 @@ std::vector<float> transpose(std::vector<float> const& v, int64_t rows, int64_t 
     return t;
 }
 
+//! A read's W_k [ds, ds] (rows: head h's dh key channels) as [H, ds, dh]: head h's W_k,hᵀ, nn.Linear's layout of
+//! the map q_h -> q'_h = W_k,hᵀ q_h (so that q'_h · s = q_h · k_h(s))
+std::vector<float> headsTransposed(std::vector<float> const& wk, Config const& c)
+{
+    int64_t const ds = c.summary_dim, H = c.memory_heads, dh = ds / H;
+    std::vector<float> out(wk.size());
+    for (int64_t h = 0; h < H; ++h)
+        for (int64_t s = 0; s < ds; ++s)
+            for (int64_t ch = 0; ch < dh; ++ch)
+                out[(h * ds + s) * dh + ch] = wk[(h * dh + ch) * ds + s];
+    return out;
+}
+
 std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int device, bool fused)
 {
     Config const& c = ck.config();
@@ -170,7 +184,7 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
     struct Slots
     {
         size_t norm, memW, memBias, wk, wv, alpha, xwk, xwv, xalpha, wScore, inW, convW, convB, xW, dtW, dtBias, A, D,
-            outW, memBias32, xWT, outWT, dtBiasAct, DAct, xalpha32, AT;
+            outW, memBias32, xWT, outWT, dtBiasAct, DAct, xalpha32, AT, kT, xkT;
         int64_t memRows;
     };
     std::vector<Slots> slots;
@@ -194,9 +208,9 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
             append(p + "token_attn.trigger.weight");
             if (c.isCrossLayer(l))
                 append(p + "cross_attn.q_proj.weight");
-            // rows padded to a multiple of 8 (zeros): 16-byte aligned rows for cuBLASLt; the kernel reads mem with
-            // row stride R_mem = the padded width
-            s.memRows = (static_cast<int64_t>(mem.size()) / c.d_model + 7) / 8 * 8;
+            // rows padded to a multiple of 16 (zeros): 16-byte aligned rows for cuBLASLt, and the stride the
+            // prefill's pool_mix is compiled for (cpp/aot_kernels.py); the kernels read mem with row stride R_mem
+            s.memRows = (static_cast<int64_t>(mem.size()) / c.d_model + 15) / 16 * 16;
             mem.resize(static_cast<size_t>(s.memRows * c.d_model), 0.f);
             bias.assign(s.memRows, 0.f);
             bias[2 * c.summary_dim + c.d_model / 4] = pk.values(p + "token_attn.trigger.bias")[0];
@@ -212,6 +226,12 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
             s.xwv = cross ? pk.tensor(p + "cross_attn.v_proj.weight") : s.wv;
             s.xalpha = cross ? pk.tensor(p + "cross_attn.alpha") : s.alpha;
             s.xalpha32 = pk.add(pk.values(p + (cross ? "cross_attn.alpha" : "token_attn.alpha")), true);
+            if (dtype == DType::kFloat16) // the prefill's pool_mix reads: q'_h = W_k,hᵀ q_h per head
+            {
+                s.kT = pk.add(headsTransposed(pk.values(p + "token_attn.k_proj.weight"), c));
+                if (cross)
+                    s.xkT = pk.add(headsTransposed(pk.values(p + "cross_attn.k_proj.weight"), c));
+            }
         }
         s.inW = pk.tensor(p + "mixer.in_proj.weight");
         s.convW = pk.tensor(p + "mixer.conv1d.weight");
@@ -262,6 +282,11 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
             L.xalpha32 = pk.at(s.xalpha32);
             L.wScore = pk.at(s.wScore);
             L.memRows = s.memRows;
+            if (dtype == DType::kFloat16)
+            {
+                L.kT = pk.at(s.kT);
+                L.xkT = c.isCrossLayer(&s - slots.data()) ? pk.at(s.xkT) : nullptr;
+            }
         }
         L.inW = pk.at(s.inW);
         L.convW = pk.at(s.convW);
@@ -297,15 +322,16 @@ uint32_t ltAlignment(void const* p, int64_t rowBytes)
 
 //! D[n, m] (row-major, row stride ldd) = X[n, k] (row stride ldx) · W[m, k]ᵀ (+ bias[m]): nn.Linear on n rows,
 //! planned once (descriptors + algorithm) and replayed each step. cuBLASLt is column-major: D' = op(W') · X' with
-//! W' = W viewed as [k x m], transposed. batch > 1: that many products with the same W, X and D strideX / strideD
-//! elements apart (the prefill's batch rows in buffers laid out per row).
+//! W' = W viewed as [k x m], transposed. batch > 1: that many products with W, X and D strideW / strideX / strideD
+//! elements apart (the prefill's batch rows in buffers laid out per row, or its heads). accumulate: D = C + X · Wᵀ
+//! for a C of D's layout (run's c; alignC its alignment).
 class Linear
 {
 public:
     Linear() = default;
     Linear(cublasLtHandle_t lt, int64_t m, int64_t n, int64_t k, cudaDataType_t abType, cudaDataType_t dType,
         void const* w, void const* x, int64_t ldx, void* d, int64_t ldd, void const* bias, int batch = 1,
-        int64_t strideX = 0, int64_t strideD = 0)
+        int64_t strideX = 0, int64_t strideD = 0, int64_t strideW = 0, uint32_t alignC = 256)
         : w_(w)
         , x_(x)
         , d_(d)
@@ -326,7 +352,7 @@ public:
         MM_CUBLAS(cublasLtMatrixLayoutCreate(&c_, dType, m, n, ldd));
         if (batch > 1)
         {
-            int64_t const strides[3] = {0, strideX, strideD};
+            int64_t const strides[3] = {strideW, strideX, strideD};
             cublasLtMatrixLayout_t const layouts[3] = {a_, b_, c_};
             for (int i = 0; i < 3; ++i)
             {
@@ -342,7 +368,7 @@ public:
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
         size_t abElem = abType == CUDA_R_16F ? 2 : 4, dElem = dType == CUDA_R_16F ? 2 : 4;
         uint32_t alA = ltAlignment(w, k * abElem), alB = ltAlignment(x, ldx * abElem);
-        uint32_t alD = ltAlignment(d, ldd * dElem);
+        uint32_t alD = std::min(ltAlignment(d, ldd * dElem), alignC);
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &alA, 4));
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &alB, 4));
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &alD, 4));
@@ -381,10 +407,11 @@ public:
         run(lt, workspace, stream, w_, x_, d_);
     }
     //! The same product on other operands of the same shapes and alignments (GemmPlans).
-    void run(cublasLtHandle_t lt, void* workspace, cudaStream_t stream, void const* w, void const* x, void* d) const
+    void run(cublasLtHandle_t lt, void* workspace, cudaStream_t stream, void const* w, void const* x, void* d,
+        void const* c = nullptr) const
     {
-        float one = 1.f, zero = 0.f;
-        MM_CUBLAS(cublasLtMatmul(lt, desc_, &one, w, a_, x, b_, &zero, d, c_, d, c_, &algo_.algo, workspace,
+        float one = 1.f, beta = c ? 1.f : 0.f;
+        MM_CUBLAS(cublasLtMatmul(lt, desc_, &one, w, a_, x, b_, &beta, c ? c : d, c_, d, c_, &algo_.algo, workspace,
             kLtWorkspace, stream));
     }
 
@@ -398,6 +425,14 @@ private:
     void const* bias_{nullptr};
 };
 
+//! A product's shape beyond m, n, k: batch, operand strides (Linear), and a C to add (nullptr: none).
+struct GemmBatch
+{
+    int batch{1};
+    int64_t strideX{0}, strideD{0}, strideW{0};
+    void const* c{nullptr};
+};
+
 //! Products whose shapes change between calls (the prefill's chunk lengths): one Linear per shape and operand
 //! alignment, planned on first use and replayed with each call's pointers.
 class GemmPlans
@@ -405,25 +440,26 @@ class GemmPlans
 public:
     void run(cublasLtHandle_t lt, void* workspace, cudaStream_t stream, int64_t m, int64_t n, int64_t k,
         cudaDataType_t abType, cudaDataType_t dType, void const* w, void const* x, int64_t ldx, void* d, int64_t ldd,
-        int batch = 1, int64_t strideX = 0, int64_t strideD = 0)
+        GemmBatch const& g)
     {
         int64_t const ab = abType == CUDA_R_16F ? 2 : 4, de = dType == CUDA_R_16F ? 2 : 4;
-        Key key{m, n, k, abType, dType, ldx, ldd, batch, strideX, strideD, ltAlignment(w, k * ab),
-            ltAlignment(x, ldx * ab), ltAlignment(d, ldd * de)};
+        uint32_t const alignC = g.c ? ltAlignment(g.c, ldd * de) : 256;
+        Key key{m, n, k, abType, dType, ldx, ldd, g.batch, g.strideX, g.strideD, g.strideW, ltAlignment(w, k * ab),
+            ltAlignment(x, ldx * ab), ltAlignment(d, ldd * de), alignC};
         auto it = plans_.find(key);
         if (it == plans_.end())
         {
             if (plans_.size() >= 512) // prompts of many lengths: plans are cheap to make again
                 plans_.clear();
-            it = plans_.emplace(key, Linear(lt, m, n, k, abType, dType, w, x, ldx, d, ldd, nullptr, batch, strideX,
-                                         strideD)).first;
+            it = plans_.emplace(key, Linear(lt, m, n, k, abType, dType, w, x, ldx, d, ldd, nullptr, g.batch,
+                                         g.strideX, g.strideD, g.strideW, alignC)).first;
         }
-        it->second.run(lt, workspace, stream, w, x, d);
+        it->second.run(lt, workspace, stream, w, x, d, g.c);
     }
 
 private:
-    using Key = std::tuple<int64_t, int64_t, int64_t, int, int, int64_t, int64_t, int, int64_t, int64_t, uint32_t,
-        uint32_t, uint32_t>;
+    using Key = std::tuple<int64_t, int64_t, int64_t, int, int, int64_t, int64_t, int, int64_t, int64_t, int64_t,
+        uint32_t, uint32_t, uint32_t, uint32_t>;
     std::map<Key, Linear> plans_;
 };
 
@@ -749,12 +785,17 @@ private:
 
     // the parallel prefill (parallelPrefill): its kernels, why it is off ("" = on), buffers for pCap_ tokens a row
     Kernel pConv_, pScores_, pAfter_, pGained_, pCross_, pScanStates_, pScanPrefix_, pScanOut_;
+    Kernel pSweepTop_, pSweepEnter_, pSweepCompact_, pSweepReplay_, pSweepFill_, pMix_, pMixCross_;
     std::string prefillMode_;
     int64_t pCap_{0}, pScanChunks_{0}, scanPrograms_{0};
     DeviceBuffer pTok_, pH_, pU_, pUt_, pPart_, pXz_, pXc_, pDbc_, pDt_, pY_;
     DeviceBuffer pStates_, pStarts_, pDtSum_, pDelta_; // scan_forward's chunk states, Σδ per chunk, δ
-    DeviceBuffer pA_, pGain_, pO_, pKeys_, pVals_, pIdxX_;
-    std::vector<DeviceBuffer> pG_, pIdx_; // a §5 group's layers: stacked GEMM outputs (their banks) and sweep indices
+    DeviceBuffer pA_, pGain_;                          // §3/§4: note scores, read gains
+    DeviceBuffer pTop_, pSegCount_, pEnter_, pEvTok_, pEvA_, pEcount_, pHist_; // the sweep's working buffers
+    DeviceBuffer pQk_, pM_;                            // fp16: the reads' queries through W_k, pool_mix's mixtures
+    DeviceBuffer pO_, pKeys_, pVals_, pIdxX_;          // fp32: the plugins' attention (keys, values, joined index)
+    // a §5 group's layers: stacked GEMM outputs (their banks), sweep indices and entry ends
+    std::vector<DeviceBuffer> pG_, pIdx_, pEnds_;
     GemmPlans plans_;
 
     //! The variant keys of this model's shape (cpp/aot_kernels.py shape_keys builds the same strings).
@@ -806,23 +847,38 @@ private:
             prefillMode_ = "SessionOptions::prefillRows is 0";
         else if (c_.d_conv < 2 || c_.d_conv > 4)
             prefillMode_ = "the prefill conv kernel takes d_conv 2 to 4";
-        else if (c_.memory && (c_.pool_size * c_.cross_layer_every > 256 || dh > 16))
-            prefillMode_ = "the compiled pool attention takes at most 256 entries a read and 16 channels a head";
+        else if (c_.memory && actElem_ == 4 && (c_.pool_size * c_.cross_layer_every > 256 || dh > 16))
+            prefillMode_ = "the compiled pool attention (fp32) takes at most 256 entries a read and 16 channels a head";
         if (!prefillMode_.empty())
             return;
         try
         {
             pConv_ = findKernel("prefill_conv", act_, convKey());
-            pScanStates_ = findKernel("prefill_scan_states", act_, scanKey());
-            pScanPrefix_ = findKernel("prefill_scan_prefix", act_, scanKey());
-            pScanOut_ = findKernel("prefill_scan_out", act_, scanKey());
+            std::string const scan = scanKey() + "_r" + std::to_string(c_.dt_rank);
+            pScanStates_ = findKernel("prefill_scan_states", act_, scan);
+            pScanPrefix_ = findKernel("prefill_scan_prefix", act_, scan);
+            pScanOut_ = findKernel("prefill_scan_out", act_, scan);
             pGained_ = findKernel("gained_add", act_, "d" + std::to_string(c_.d_model));
             if (c_.memory)
             {
                 pScores_ = findKernel("prefill_note_scores", act_, decodeKey());
                 pAfter_ = findKernel("pool_after", act_,
                     "K" + std::to_string(c_.pool_size) + "_ds" + std::to_string(c_.summary_dim));
-                pCross_ = findKernel("cross_index", act_, "K" + std::to_string(c_.pool_size));
+                std::string const K = "K" + std::to_string(c_.pool_size);
+                pSweepTop_ = findKernel("sweep_top", act_, K);
+                pSweepEnter_ = findKernel("sweep_enter", act_, K);
+                pSweepCompact_ = findKernel("sweep_compact", act_, K);
+                pSweepReplay_ = findKernel("sweep_replay", act_, K);
+                pSweepFill_ = findKernel("sweep_fill", act_, K);
+                if (actElem_ == 2)
+                {
+                    std::string const key
+                        = K + "_ds" + std::to_string(c_.summary_dim) + "_H" + std::to_string(c_.memory_heads);
+                    pMix_ = findKernel("prefill_pool_mix", act_, key);
+                    pMixCross_ = findKernel("prefill_pool_mix_cross", act_, key);
+                }
+                else
+                    pCross_ = findKernel("cross_index", act_, K);
             }
         }
         catch (Error const& e)
@@ -830,7 +886,7 @@ private:
             prefillMode_ = std::string("the kernel library lacks its prefill kernels: ") + e.what();
             return;
         }
-        if (c_.memory && !(plugin::poolSweepPreload() && plugin::poolAttentionPreload()))
+        if (c_.memory && actElem_ == 4 && !plugin::poolAttentionPreload())
             throw Error(aot::lastError());
         int sms = 0;
         MM_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, opt_.device));
@@ -873,10 +929,12 @@ private:
         MM_CUDA(cudaStreamSynchronize(stream_)); // the old buffers may still be read
         pCap_ = pScanChunks_ = 0;
         for (DeviceBuffer* b : {&pTok_, &pH_, &pPart_, &pU_, &pUt_, &pXz_, &pXc_, &pDbc_, &pDt_, &pY_, &pStates_,
-                 &pStarts_, &pDtSum_, &pDelta_, &pA_, &pGain_, &pO_, &pKeys_, &pVals_, &pIdxX_})
+                 &pStarts_, &pDtSum_, &pDelta_, &pA_, &pGain_, &pTop_, &pSegCount_, &pEnter_, &pEvTok_, &pEvA_,
+                 &pEcount_, &pHist_, &pQk_, &pM_, &pO_, &pKeys_, &pVals_, &pIdxX_})
             *b = DeviceBuffer();
         pG_.clear();
         pIdx_.clear();
+        pEnds_.clear();
         int64_t const B = opt_.batch, d = c_.d_model, di = c_.dInner(), X = xWidth(c_), n = B * cap, N = c_.d_state;
         size_t const a = actElem_;
         int64_t const chunks = scanChunksWanted(cap); // bounds the scan plan's chunks for every T <= cap
@@ -896,9 +954,20 @@ private:
             {
                 pG_.push_back(buffer(B * M * memRows * a));
                 pIdx_.push_back(buffer(B * (cap + 1) * K * 4));
+                pEnds_.push_back(buffer(B * M * 4));
             }
-            pA_ = buffer(n * 4), pGain_ = buffer(n * 4), pO_ = buffer(n * d * a);
-            pKeys_ = buffer(B * P * M * ds * a), pVals_ = buffer(B * P * M * d * a), pIdxX_ = buffer(n * P * K * 4);
+            pA_ = buffer(n * 4), pGain_ = buffer(n * 4);
+            int64_t const segs = cdiv(cap, pSweepTop_.at("SEG"));
+            pTop_ = buffer(B * segs * pSweepTop_.at("BLOCK_K") * 4), pSegCount_ = buffer(B * segs * 4);
+            pEnter_ = buffer(n * 4), pEvTok_ = buffer(n * 4), pEvA_ = buffer(n * 4);
+            pEcount_ = buffer(B * (cap + 1) * 4), pHist_ = buffer(B * (cap + 1) * K * 4);
+            if (a == 2)
+                pQk_ = buffer(B * M * 2 * qkWidth() * a), pM_ = buffer(n * 2 * qkWidth() * a);
+            else
+            {
+                pO_ = buffer(n * d * a), pKeys_ = buffer(B * P * M * ds * a), pVals_ = buffer(B * P * M * d * a);
+                pIdxX_ = buffer(n * P * K * 4);
+            }
         }
         pCap_ = cap;
         pScanChunks_ = chunks;
@@ -1074,26 +1143,29 @@ private:
             W.AT, 0, W.AT);
     }
 
+    //! Columns a read's queries through W_k take in pQk_ and pM_ (H·ds, in whole 16-element vectors).
+    int64_t qkWidth() const { return (c_.memory_heads * c_.summary_dim + 15) / 16 * 16; }
+
     //! §3-§5 of layer l over the chunk: ũ (pUt_) from u (pU_), the pool and priorities at parity 1 - p.
     void prefillMemory(int p, int64_t l, int T)
     {
         int const q = 1 - p;
-        int64_t const B = opt_.batch, d = c_.d_model, K = c_.pool_size, ds = c_.summary_dim, H = c_.memory_heads;
+        int64_t const B = opt_.batch, d = c_.d_model, K = c_.pool_size, ds = c_.summary_dim;
         int64_t const hd = d / 4, P = c_.cross_layer_every, M = K + T, n = B * T;
         size_t const a = actElem_;
         cudaDataType_t const t = ltType(w_->dtype);
         LayerWeights const& W = w_->layers[l];
         int64_t const rows = W.memRows; // g's columns: q_tok [0, ds), score hidden, summary, trigger, q_cross
-        int64_t const colSummary = ds + hd, colTrig = 2 * ds + hd;
+        int64_t const colSummary = ds + hd;
         void* g = pG_[l % P].get();      // [B, K + T, rows]: the pool's K rows (its summaries: the bank), then tokens'
         void* idx = pIdx_[l % P].get();  // [B, T + 1, K] the sweep's index
         void* poolIn = at(pool[p].get(), l * B * K * ds * a);
         // the five projections that share u, without the trigger's bias (note_scores adds it, as the Python path)
-        gemm(rows, T, d, W.memW, pU_.get(), d, at(g, K * rows * a), rows, t, B, T * d, M * rows);
+        gemm(rows, T, d, W.memW, pU_.get(), d, at(g, K * rows * a), rows, t, {int(B), T * d, M * rows});
         Launch(pScores_)
             .ptr("g_ptr", at(g, ds * a))
             .ptr("w2_ptr", W.wScore)
-            .ptr("trig_bias_ptr", at(W.memBias, colTrig * a))
+            .ptr("trig_bias_ptr", at(W.memBias, (colSummary + ds) * a))
             .ptr("alpha_ptr", W.alpha)
             .ptr("a_ptr", pA_.get())
             .ptr("gain_ptr", pGain_.get())
@@ -1110,52 +1182,14 @@ private:
             .i32("stride_pool_s", 1)
             .f32("tau2", static_cast<float>(c_.read_threshold))
             .run({cdiv(n, pScores_.at("BLOCK_M")), 1, 1}, stream_);
-        check(plugin::poolSweepLaunch(pA_.get(), at(prio[p].get(), l * B * K * 4), idx,
-            at(prio[q].get(), l * B * K * 4), static_cast<int32_t>(B), T, static_cast<int32_t>(K),
-            static_cast<float>(c_.insert_threshold), stream_));
-        // §4: the token read over this layer's bank [pool0; summaries]
-        void* bank = at(g, colSummary * a);
-        gemm(ds, B * M, ds, W.wk, bank, rows, pKeys_.get(), ds, t);
-        gemm(d, B * M, ds, W.wv, bank, rows, pVals_.get(), d, t);
-        // a read: queries (a column block of g's token rows) over pKeys_ / pVals_ [B, entries, ...] -> pO_
-        auto attend = [&](size_t qColumn, int64_t entries, int64_t slots, void const* index, int64_t indexStrideB) {
-            plugin::AttentionSizes as{static_cast<int32_t>(B), T, static_cast<int32_t>(entries),
-                static_cast<int32_t>(slots), static_cast<int32_t>(ds), static_cast<int32_t>(d),
-                static_cast<int32_t>(H)};
-            as.qStrideT = static_cast<int32_t>(rows);
-            as.qStrideB = static_cast<int32_t>(M * rows);
-            as.indexStrideB = static_cast<int32_t>(indexStrideB);
-            check(plugin::poolAttentionLaunch(at(g, (K * rows + qColumn) * a), pKeys_.get(), pVals_.get(), index,
-                pO_.get(), as, a == 2, stream_));
-        };
-        attend(0, M, K, idx, (T + 1) * K);
-        gainedAdd(pU_.get(), pGain_.get(), 1, n);
-        if (c_.isCrossLayer(l))
-        {
-            // §5: the group's banks joined ([B, P·M, ds] keys and [B, P·M, d] values), their indices shifted
-            for (int64_t j = 0; j < P; ++j)
-            {
-                int64_t const m = l - P + 1 + j, mRows = w_->layers[m].memRows;
-                void* mBank = at(pG_[m % P].get(), colSummary * a);
-                gemm(ds, M, ds, W.xwk, mBank, mRows, at(pKeys_.get(), j * M * ds * a), ds, t, B, M * mRows,
-                    P * M * ds);
-                gemm(d, M, ds, W.xwv, mBank, mRows, at(pVals_.get(), j * M * d * a), d, t, B, M * mRows, P * M * d);
-                Launch(pCross_)
-                    .ptr("index_ptr", pIdx_[m % P].get())
-                    .ptr("out_ptr", pIdxX_.get())
-                    .i32("T", T)
-                    .i32("K", K)
-                    .i32("width", P * K)
-                    .i32("col0", j * K)
-                    .i32("shift", j * M)
-                    .run({static_cast<unsigned>(n), 1, 1}, stream_);
-            }
-            attend(colTrig + 1, P * M, P * K, pIdxX_.get(), T * P * K);
-            gainedAdd(pUt_.get(), W.xalpha32, 0, n);
-        }
+        sweep(T, at(prio[p].get(), l * B * K * 4), idx, pEnds_[l % P].get(), at(prio[q].get(), l * B * K * 4));
+        if (a == 2)
+            mixReads(l, T);
+        else
+            attendReads(l, T);
         // the pool after the chunk: slot j holds bank row index[:, T, j] (an empty slot keeps pool0's row j)
         Launch(pAfter_)
-            .ptr("bank_ptr", bank)
+            .ptr("bank_ptr", at(g, colSummary * a))
             .ptr("last_ptr", at(idx, T * K * 4))
             .ptr("out_ptr", at(pool[q].get(), l * B * K * ds * a))
             .i32("K", K)
@@ -1169,13 +1203,193 @@ private:
             .run({static_cast<unsigned>(B), 1, 1}, stream_);
     }
 
-    //! One of the prefill's products (GemmPlans), in the model dtype unless dType says otherwise; batch > 1: that
-    //! many with x and d strideX / strideD elements apart.
-    void gemm(int64_t m, int64_t n, int64_t k, void const* w, void const* x, int64_t ldx, void* d, int64_t ldd,
-        cudaDataType_t dType, int64_t batch = 1, int64_t strideX = 0, int64_t strideD = 0)
+    //! §3's sweep of the chunk's scores (pA_) from priorities prio0: index [B, T + 1, K], the entry ends [B, K + T]
+    //! and the priorities after it (pool.pool_sweep_ends: the segments' top lists, who enters, their list, the slot
+    //! replay, the index rows).
+    void sweep(int T, void const* prio0, void* index, void* ends, void* prioOut)
     {
-        plans_.run(lt_, workspace_.get(), stream_, m, n, k, ltType(w_->dtype), dType, w, x, ldx, d, ldd,
-            static_cast<int>(batch), strideX, strideD);
+        int64_t const B = opt_.batch, K = c_.pool_size, segs = cdiv(T, pSweepTop_.at("SEG"));
+        float const tau1 = static_cast<float>(c_.insert_threshold);
+        unsigned const b = static_cast<unsigned>(B);
+        if (segs > pSweepCompact_.at("BLOCK_SEG"))
+            throw Error("internal: the prefill sweep is compiled for " + std::to_string(pSweepCompact_.at("BLOCK_SEG"))
+                + " segments, a chunk of " + std::to_string(T) + " tokens has " + std::to_string(segs));
+        Launch(pSweepTop_)
+            .ptr("scores_ptr", pA_.get())
+            .ptr("top_ptr", pTop_.get())
+            .ptr("seg_count_ptr", pSegCount_.get())
+            .i32("T", T)
+            .f32("tau1", tau1)
+            .i32("stride_scores_b", T)
+            .run({b, static_cast<unsigned>(segs), 1}, stream_);
+        Launch(pSweepEnter_)
+            .ptr("scores_ptr", pA_.get())
+            .ptr("prio0_ptr", prio0)
+            .ptr("top_ptr", pTop_.get())
+            .ptr("enter_ptr", pEnter_.get())
+            .ptr("seg_count_ptr", pSegCount_.get())
+            .i32("T", T)
+            .i32("K", K)
+            .i32("n_seg", segs)
+            .f32("tau1", tau1)
+            .i32("stride_scores_b", T)
+            .run({b, cdiv(T, pSweepEnter_.at("BLOCK_T")), 1}, stream_);
+        Launch(pSweepCompact_)
+            .ptr("enter_ptr", pEnter_.get())
+            .ptr("seg_count_ptr", pSegCount_.get())
+            .ptr("ev_tok_ptr", pEvTok_.get())
+            .ptr("ev_a_ptr", pEvA_.get())
+            .ptr("ecount_ptr", pEcount_.get())
+            .ptr("ends_ptr", ends)
+            .i32("T", T)
+            .i32("K", K)
+            .i32("n_seg", segs)
+            .run({b, static_cast<unsigned>(segs), 1}, stream_);
+        Launch(pSweepReplay_)
+            .ptr("seg_count_ptr", pSegCount_.get())
+            .ptr("prio0_ptr", prio0)
+            .ptr("ev_tok_ptr", pEvTok_.get())
+            .ptr("ev_a_ptr", pEvA_.get())
+            .ptr("ecount_ptr", pEcount_.get())
+            .ptr("hist_ptr", pHist_.get())
+            .ptr("prio_ptr", prioOut)
+            .ptr("ends_ptr", ends)
+            .i32("T", T)
+            .i32("K", K)
+            .i32("n_seg", segs)
+            .run({b, 1, 1}, stream_);
+        Launch(pSweepFill_)
+            .ptr("ecount_ptr", pEcount_.get())
+            .ptr("hist_ptr", pHist_.get())
+            .ptr("index_ptr", index)
+            .ptr("ends_ptr", ends)
+            .i32("T", T)
+            .i32("K", K)
+            .run({b, cdiv(T + 1, pSweepFill_.at("BLOCK_T")), 1}, stream_);
+    }
+
+    //! fp16: layer l's reads as the Python prefill does them (memory.fused_memory_read): each read's queries through
+    //! W_k per head (q'_h = W_k,hᵀ q_h), pool.pool_mix on the summaries themselves (the §5 read over its group's
+    //! banks where they lie), then ũ = u + Σ_reads W_v m per head, added onto u by the GEMMs.
+    void mixReads(int64_t l, int T)
+    {
+        int64_t const B = opt_.batch, d = c_.d_model, K = c_.pool_size, ds = c_.summary_dim, H = c_.memory_heads;
+        int64_t const hd = d / 4, P = c_.cross_layer_every, M = K + T, n = B * T, dh = ds / H, dv = d / H;
+        int64_t const Hq = qkWidth(), Wq = 2 * Hq;
+        size_t const a = actElem_;
+        cudaDataType_t const t = ltType(w_->dtype);
+        LayerWeights const& W = w_->layers[l];
+        int const heads = static_cast<int>(H);
+        // q' for every row of g (its pool rows too: one row stride) into read r's columns of pQk_ [B·M, Wq]
+        auto project = [&](int r, int64_t qColumn, void const* kT) {
+            gemm(ds, B * M, dh, kT, at(pG_[l % P].get(), qColumn * a), W.memRows, at(pQk_.get(), r * Hq * a), Wq, t,
+                {heads, dh, ds, ds * dh});
+        };
+        auto mix = [&](Kernel const& k, int r, int64_t pools, void const* gain, int64_t gainStride) {
+            Launch L(k);
+            for (int64_t j = 0; j < pools; ++j) // the group's layers in order, this one last
+            {
+                int64_t const m = l - pools + 1 + j, mRows = w_->layers[m].memRows;
+                std::string const J = "_" + std::to_string(j);
+                L.ptr("banks" + J, at(pG_[m % P].get(), (ds + hd) * a))
+                    .ptr("indices" + J, pIdx_[m % P].get())
+                    .ptr("ends" + J, pEnds_[m % P].get())
+                    .i32("strides_s_b" + J, M * mRows)
+                    .i32("strides_s_m" + J, mRows)
+                    .i32("strides_i_b" + J, (T + 1) * K)
+                    .i32("strides_i_t" + J, K)
+                    .i32("strides_e_b" + J, M);
+            }
+            L.ptr("q_ptr", at(pQk_.get(), (K * Wq + r * Hq) * a))
+                .ptr("gain_ptr", gain)
+                .ptr("m_ptr", at(pM_.get(), r * Hq * a))
+                .i32("T", T)
+                .i32("K", K)
+                .i32("ds", ds)
+                .i32("H", H)
+                .f32("scale", 1.0 / std::sqrt(static_cast<double>(dh)))
+                .i32("stride_q_b", M * Wq)
+                .i32("stride_q_t", Wq)
+                .i32("stride_g_b", T * gainStride)
+                .i32("stride_g_t", gainStride)
+                .i32("stride_m_b", T * Wq)
+                .i32("stride_m_t", Wq)
+                .run({static_cast<unsigned>(B), cdiv(T, k.at("BLOCK_Q")), cdiv(H, k.at("BLOCK_H"))}, stream_);
+        };
+        // o_h = W_v,h m_h per head, added to C: u for the first read, ũ for the second
+        auto out = [&](int r, void const* wv, void const* c) {
+            gemm(dv, n, ds, wv, at(pM_.get(), r * Hq * a), Wq, pUt_.get(), d, t, {heads, ds, dv, dv * ds, c});
+        };
+        project(0, 0, W.kT);
+        mix(pMix_, 0, 1, pGain_.get(), 1);
+        out(0, W.wv, pU_.get());
+        if (c_.isCrossLayer(l))
+        {
+            project(1, 2 * ds + hd + 1, W.xkT);
+            mix(pMixCross_, 1, P, W.xalpha32, 0);
+            out(1, W.xwv, pUt_.get());
+        }
+    }
+
+    //! fp32 (pool_mix's dots are half-precision ones): layer l's reads through the plugins' sparse pool attention,
+    //! on keys and values projected from the banks.
+    void attendReads(int64_t l, int T)
+    {
+        int64_t const B = opt_.batch, d = c_.d_model, K = c_.pool_size, ds = c_.summary_dim, H = c_.memory_heads;
+        int64_t const hd = d / 4, P = c_.cross_layer_every, M = K + T, n = B * T;
+        size_t const a = actElem_;
+        cudaDataType_t const t = ltType(w_->dtype);
+        LayerWeights const& W = w_->layers[l];
+        int64_t const rows = W.memRows, colSummary = ds + hd, colTrig = 2 * ds + hd;
+        void* g = pG_[l % P].get();
+        void* idx = pIdx_[l % P].get();
+        // §4: the token read over this layer's bank [pool0; summaries]
+        void* bank = at(g, colSummary * a);
+        gemm(ds, B * M, ds, W.wk, bank, rows, pKeys_.get(), ds, t);
+        gemm(d, B * M, ds, W.wv, bank, rows, pVals_.get(), d, t);
+        // a read: queries (a column block of g's token rows) over pKeys_ / pVals_ [B, entries, ...] -> pO_
+        auto attend = [&](size_t qColumn, int64_t entries, int64_t slots, void const* index, int64_t indexStrideB) {
+            plugin::AttentionSizes as{static_cast<int32_t>(B), T, static_cast<int32_t>(entries),
+                static_cast<int32_t>(slots), static_cast<int32_t>(ds), static_cast<int32_t>(d),
+                static_cast<int32_t>(H)};
+            as.qStrideT = static_cast<int32_t>(rows);
+            as.qStrideB = static_cast<int32_t>(M * rows);
+            as.indexStrideB = static_cast<int32_t>(indexStrideB);
+            check(plugin::poolAttentionLaunch(at(g, (K * rows + qColumn) * a), pKeys_.get(), pVals_.get(), index,
+                pO_.get(), as, false, stream_));
+        };
+        attend(0, M, K, idx, (T + 1) * K);
+        gainedAdd(pU_.get(), pGain_.get(), 1, n);
+        if (!c_.isCrossLayer(l))
+            return;
+        // §5: the group's banks joined ([B, P·M, ds] keys and [B, P·M, d] values), their indices shifted
+        for (int64_t j = 0; j < P; ++j)
+        {
+            int64_t const m = l - P + 1 + j, mRows = w_->layers[m].memRows;
+            void* mBank = at(pG_[m % P].get(), colSummary * a);
+            gemm(ds, M, ds, W.xwk, mBank, mRows, at(pKeys_.get(), j * M * ds * a), ds, t,
+                {int(B), M * mRows, P * M * ds});
+            gemm(d, M, ds, W.xwv, mBank, mRows, at(pVals_.get(), j * M * d * a), d, t, {int(B), M * mRows, P * M * d});
+            Launch(pCross_)
+                .ptr("index_ptr", pIdx_[m % P].get())
+                .ptr("out_ptr", pIdxX_.get())
+                .i32("T", T)
+                .i32("K", K)
+                .i32("width", P * K)
+                .i32("col0", j * K)
+                .i32("shift", j * M)
+                .run({static_cast<unsigned>(n), 1, 1}, stream_);
+        }
+        attend(colTrig + 1, P * M, P * K, pIdxX_.get(), T * P * K);
+        gainedAdd(pUt_.get(), W.xalpha32, 0, n);
+    }
+
+    //! One of the prefill's products (GemmPlans), in the model dtype unless dType says otherwise; batched, strided
+    //! or added to a C as `g` says.
+    void gemm(int64_t m, int64_t n, int64_t k, void const* w, void const* x, int64_t ldx, void* d, int64_t ldd,
+        cudaDataType_t dType, GemmBatch const& g = {})
+    {
+        plans_.run(lt_, workspace_.get(), stream_, m, n, k, ltType(w_->dtype), dType, w, x, ldx, d, ldd, g);
     }
 
     //! ũ = res + round(o · gain) into pUt_ (gained_read): gain fp32 per row (stride 1) or one for all (stride 0).
@@ -1196,7 +1410,8 @@ private:
         std::vector<Kernel const*> out;
         for (Kernel const* k : {&norm_, &normRes_, &pool_, &poolCross_, &conv_, &scan_, &sample_, &fNormProjEmbed_,
                  &fNormProj_, &fInConv_, &fSsmOut_, &pConv_, &pScores_, &pAfter_, &pGained_, &pCross_, &pScanStates_,
-                 &pScanPrefix_, &pScanOut_})
+                 &pScanPrefix_, &pScanOut_, &pSweepTop_, &pSweepEnter_, &pSweepCompact_, &pSweepReplay_, &pSweepFill_,
+                 &pMix_, &pMixCross_})
             if (k->image)
                 out.push_back(k);
         return out;

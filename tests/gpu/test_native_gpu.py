@@ -70,14 +70,30 @@ def reference(ckpt, dtype):
     return MemMambaLM.from_pretrained(ckpt, device="cuda", dtype=TORCH_DTYPE[dtype])
 
 
-def compare_state(native, state, dtype, what):
+def compare_state(native, state, dtype, what, tie_flips: bool = False):
     """The native state against the reference's, pools aligned slot by slot first (metrics.align_pool_slots: the
-    parallel prefill may keep the same entries in other slots where priorities tie)."""
+    parallel prefill may keep the same entries in other slots where priorities tie).
+
+    tie_flips (fp16 only): a slot may hold another token's summary with the reference's very priority: two tokens
+    whose scores half precision rounds alike (2^-11 apart near 1), one entering where the other did (a decision
+    flip, spec §9; the Python Triton backend's prefill takes the same one). At most one slot in 32 may, and the
+    pool's error is taken over the others; every other tensor, and the priorities, as usual."""
     ref = state.to("cpu")
     got = align_pool_slots(ref, State(**{name: native.state(name, t.shape) for name, t in ref.tensors().items()}))
     errs = {}
+    keep = torch.ones(ref.pool.shape[:-1], dtype=torch.bool) if ref.pool is not None else None
+    if tie_flips and dtype == "fp16" and ref.pool is not None:
+        scale = ref.pool.float().abs().amax()
+        summary = (got.pool.float() - ref.pool.float()).abs().amax(-1) / scale
+        flipped = (summary > TOL[dtype]) & ((got.prio.float() - ref.prio.float()).abs() <= 1e-6)
+        assert int(flipped.sum()) <= max(1, keep.numel() // 32), f"{what}: {int(flipped.sum())} slots flipped"
+        keep = ~flipped
+        errs["tie_flips"] = int(flipped.sum())
     for name, t in ref.tensors().items():
-        errs[name] = rel_err(getattr(got, name).float(), t.float())
+        a, b = getattr(got, name).float(), t.float()
+        if name == "pool":
+            a, b = a[keep], b[keep]
+        errs[name] = rel_err(a, b)
         assert errs[name] <= TOL[dtype], f"{what}: state.{name} rel err {errs[name]:.2e}"
     return errs
 
@@ -163,7 +179,7 @@ def test_long_prompts_prefill_in_parallel_chunks(build, checkpoints, dtype, batc
     assert torch.isfinite(logits).all()
     err = rel_err(logits, ref_logits)
     assert err <= TOL[dtype], f"logits after a {prompt.shape[1]}-token prefill: rel err {err:.2e}"
-    errs = compare_state(native, state, dtype, f"after a {prompt.shape[1]}-token prefill")
+    errs = compare_state(native, state, dtype, f"after a {prompt.shape[1]}-token prefill", tie_flips=True)
     for i in range(16):                     # decoding from the parallel prefill's state
         token = ref_logits.argmax(-1)
         native.step(token.int())
