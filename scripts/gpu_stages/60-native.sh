@@ -70,7 +70,8 @@ for r in rows:
               f"pool decision flips {r['decision_flips']}")
     elif r["test"] == "long-prefill":
         print(f"@@ native: parallel prefill {r['dtype']} batch {r['batch']}, {r['tokens']} tokens in two calls: "
-              f"logits {r['logits_err']:.1e}, state {max(r['state_err'].values()):.1e}")
+              f"logits {r['logits_err']:.1e}, state {max(r['state_err'].values()):.1e}"
+              + (f", pool tie flips {r['tie_flips']}" if r.get("tie_flips") else ""))
     elif r["test"] == "memmamba_chat":
         print(f"@@ native: memmamba_chat ran: {r['stderr']}")
 print(f"@@ native: GPU tests {'passed' if sys.argv[1] == '0' else 'FAILED'}")
