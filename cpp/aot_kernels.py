@@ -89,6 +89,31 @@ def signature(fn, pointers: dict[str, str], constexprs: dict, tuples: dict | Non
     return sig
 
 
+def decode_values(c, size: int) -> dict[str, dict[str, int]]:
+    """multiples_of_16's values of decode.py's kernels as cpp/src/native.cpp launches them (enqueueNorm,
+    enqueueNotePool, enqueueFusedStep, and the prefill's norms), by kernel function name. size: bytes of an
+    activation. Pointers not named are buffers' or weights' starts; a per-layer pointer's value is its layer's
+    size (the layer index and batch multiply it), a value two launches pass differently is their gcd."""
+    import math
+
+    d, di, N, R, K, ds = c.d_model, c.d_inner, c.d_state, c.dt_rank, c.pool_size, c.summary_dim
+    xw = (R + 2 * N + 7) // 8 * 8                       # native.cpp xWidth: the sums' rows (xAcc)
+    norm = {"part_ptr": d * 4, "zx_ptr": xw * 4, "zo_ptr": d * 4, "d": d, "R": 0, "X": math.gcd(R + 2 * N, xw),
+            "stride_emb": d}                            # R: memRows (a multiple of 16) or 0; X: fused, cublas, 0
+    pool_layer, prio_layer = K * ds * size, K * 4
+    note = {"pool_ptr": pool_layer, "prio_ptr": prio_layer, "group_pool_ptr": pool_layer,
+            "group_prio_ptr": prio_layer, "pool_out_ptr": pool_layer, "prio_out_ptr": prio_layer, "d": d, "K": K,
+            "ds": ds, "dh": ds // c.memory_heads, "dv": d // c.memory_heads, "d4": d // 4, "R_mem": 0,
+            "stride_pool_l": K * ds, "stride_prio_l": K}
+    win = di * (c.d_conv - 1) * size
+    in_conv = {"win_in_ptr": win, "win_out_ptr": win, "xacc_ptr": xw * 4, "d": d, "Di": di, "KW": c.d_conv,
+               "X": R + 2 * N}
+    ssm_out = {"xacc_ptr": xw * 4, "h_in_ptr": di * N * 4, "h_out_ptr": di * N * 4, "oacc_ptr": d * 4, "d": d,
+               "Di": di, "N": N, "R": R, "X": R + 2 * N}
+    return {"decode_norm_proj_kernel": norm, "decode_note_pool_kernel": note, "decode_in_proj_conv_kernel": in_conv,
+            "decode_ssm_out_kernel": ssm_out}
+
+
 def runtime_kernels(configs) -> list[tuple]:
     """(AotKernel, op, act, key) for every variant the runtime needs to run `configs`, without duplicates.
     decode.py's kernels come as models/ops/triton/aot.py describes them for one model shape (decode_aot_kernels:
@@ -116,9 +141,12 @@ def runtime_kernels(configs) -> list[tuple]:
     for c in configs:
         keys = shape_keys(c)
         for act in ACTS:
+            values = decode_values(c, 2 if act == "fp16" else 4)
             for op, entry in decode_aot_kernels(c, act).items():
                 for k in aot.from_table_entry(op, entry):
-                    add(op, act, keys["decode"], k)
+                    given = values[k.fn.__name__]
+                    args = {n: given.get(n, 0) for n, t, _ in k.runtime_args if t.startswith("*") or n in given}
+                    add(op, act, keys["decode"], dataclasses.replace(k, divisible=tuple(multiples_of_16(args))))
             t, f32 = f"*{act}", "*fp32"
             size = 2 if act == "fp16" else 4            # bytes of an activation
 
