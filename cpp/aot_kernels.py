@@ -16,9 +16,15 @@ Kernels (all from models/ops/triton; the default "cublas" plan does every projec
 The parallel prefill (both plans; cpp/src/native.cpp parallelPrefill):
     prefill_conv  scan.causal_conv_kernel (d_conv 2-4)          prefill_note_scores  memory.note_scores_kernel
     prefill_scan_states, prefill_scan_prefix, prefill_scan_out  scan.scan_forward's three passes
-    pool_after    pool.pool_after_kernel                        gained_add, cross_index  cpp_support
-    and the TensorRT plugins' kernels (models/ops/triton/aot.py aot_kernels: the pool sweep and the sparse pool
-    attention; the chunked scan too) under the plugins' names, launched through plugins_trt/common/opLaunch.cpp.
+    sweep_top, sweep_enter, sweep_compact, sweep_replay, sweep_fill   pool.pool_sweep_ends's five kernels
+    prefill_pool_mix(_cross)  pool.pool_mix_kernel, one pool / a §5 group's (fp16: half-precision dots)
+    pool_after    pool.pool_after_kernel                        gained_add, cross_index  cpp_support (fp32 reads)
+    and the TensorRT plugins' kernels (models/ops/triton/aot.py aot_kernels: the sparse pool attention of the fp32
+    reads; the sweep and chunked scan too) under the plugins' names, launched through plugins_trt/common/opLaunch.cpp.
+Arguments the runtime passes as multiples of 16 for a model shape (row strides, widths, aligned pointers) are
+compiled as such (multiples_of_16, decode_values: Triton's JIT specialises the Python path's calls alike, and
+without it the loads do not vectorise: the prefill scan took 11.0 ms of a 16k prefill instead of 7.4); the table
+marks them ("/16") and the runtime checks each at launch.
 Block sizes are constexprs chosen by each kernel's own heuristic (decode_blocks, step_blocks, conv_blocks) for one
 model shape, so a variant serves the shapes its key names (e.g. decode_note_pool_fp16_d768_..._p4); the runtime
 refuses a model whose variants are missing and names them. The table also lists each kernel's runtime arguments
