@@ -58,7 +58,7 @@ def shape_keys(c) -> dict[str, str]:
             "prefill_scan": f"di{c.d_inner}_n{c.d_state}_r{c.dt_rank}",
             "sample": "any", "pool_after": f"K{c.pool_size}_ds{c.summary_dim}", "gained_add": f"d{c.d_model}",
             "cross_index": f"K{c.pool_size}", "sweep": f"K{c.pool_size}",
-            "pool_mix": f"K{c.pool_size}_ds{c.summary_dim}_H{c.memory_heads}"}
+            "pool_mix": f"d{c.d_model}_K{c.pool_size}_ds{c.summary_dim}_H{c.memory_heads}_p{c.cross_layer_every}"}
 
 
 FLOAT_ARGS = {"eps", "tau1", "tau2", "scale"}       # fp32 scalars; every other non-pointer argument is an i32
@@ -140,9 +140,14 @@ def runtime_kernels(configs) -> list[tuple]:
 
     def add(op, act, key, k):
         name = f"{op}_{act}_{key}"
-        if name not in seen:
-            seen.add(name)
-            out.append((dataclasses.replace(k, name=name), op, act, key))
+        if name in seen:                    # another config of the same key: it must need the very same variant
+            first = next(v for v, *_ in out if v.name == name)
+            if (first.constexprs, first.divisible) != (k.constexprs, k.divisible):
+                raise aot.AotError(f"{name}: two model shapes with the same key need different variants "
+                                   f"(constexprs or multiples of 16): the key must name what sets them")
+            return
+        seen.add(name)
+        out.append((dataclasses.replace(k, name=name), op, act, key))
 
     for c in configs:
         keys = shape_keys(c)

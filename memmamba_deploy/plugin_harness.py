@@ -284,7 +284,7 @@ def replay(records: list[str], tensors: list, workspace_bytes: int) -> list:
         name, gx, gy, gz, *params = line.split()
         k = variants[name]
         args = []
-        for (_, ptype), hexbytes in zip([(n, t) for n, t in k.signature.items() if t != "constexpr"], params):
+        for (_, ptype, _), hexbytes in zip(k.runtime_args, params):
             data = bytes.fromhex(hexbytes)
             if ptype.startswith("*"):
                 addr = int.from_bytes(data, "little")
@@ -296,7 +296,13 @@ def replay(records: list[str], tensors: list, workspace_bytes: int) -> list:
                 args.append(struct.unpack("<f", data)[0])
             else:
                 args.append(int.from_bytes(data, "little", signed=True))
-        k.fn[(int(gx), int(gy), int(gz))](*args, **k.constexprs, num_warps=k.num_warps)
+        call = []                                  # a tuple argument's elements, one parameter each, as a tuple
+        for (_, _, path), value in zip(k.runtime_args, args):
+            if len(path) == 2 and path[1] > 0:
+                call[-1] = (*call[-1], value)
+            else:
+                call.append((value,) if len(path) == 2 else value)
+        k.fn[(int(gx), int(gy), int(gz))](*call, **k.constexprs, num_warps=k.num_warps)
     return [r[:t.numel() * t.element_size()].view(t.dtype).reshape(t.shape) for r, t in zip(raw, tensors)]
 
 

@@ -189,6 +189,30 @@ def test_kernels_compile_only_from_one_source_tree(tmp_path):
     assert not (tmp_path / "aot").exists()
 
 
+def test_variant_keys_name_what_sets_each_variant():
+    """Configs that differ in one field each share the variants whose keys leave that field out: every such shared
+    variant must be the same one (constexprs and the arguments compiled as multiples of 16), or the runtime would
+    refuse a launch of the second config's values. cpp/aot_kernels.py raises where they are not; in either order."""
+    import sys
+
+    sys.path.insert(0, str(CPP))
+    import aot_kernels
+
+    from memmamba_deploy.models import MemMambaConfig
+
+    base = MemMambaConfig.preset("130m", memory=True)
+    changes = (dict(d_model=720), dict(dt_rank=40), dict(d_state=8), dict(pool_size=48), dict(summary_dim=32),
+               dict(memory_heads=2), dict(d_conv=3), dict(cross_layer_every=2), dict(expand=3), dict(n_layers=6))
+    configs = [base] + [MemMambaConfig.from_dict({**base.to_dict(), **c}) for c in changes]
+    configs += [MemMambaConfig.preset("tiny", memory=m) for m in (True, False)]
+    names = [[k.name for k, *_ in aot_kernels.runtime_kernels(order)] for order in (configs, configs[::-1])]
+    assert sorted(names[0]) == sorted(names[1])
+    # d_model 720 puts the bank's first column (ds + d/4 = 244) off a 16-byte boundary: its pool_mix is its own
+    by_name = {k.name: k for k, *_ in aot_kernels.runtime_kernels(configs)}
+    assert "banks_0" in by_name["prefill_pool_mix_fp16_d768_K50_ds64_H4_p4"].divisible
+    assert "banks_0" not in by_name["prefill_pool_mix_fp16_d720_K50_ds64_H4_p4"].divisible
+
+
 @pytest.mark.slow
 def test_runtime_kernel_library_compiles(tmp_path):
     """cpp/aot_kernels.py: every kernel variant libmemmamba launches (tiny preset) compiles ahead of time for sm_90

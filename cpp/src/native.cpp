@@ -311,11 +311,12 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
 }
 
 // ---- GEMMs ------------------------------------------------------------------------------------------------------------
-//! The largest alignment (bytes, <= 256) of a pointer whose rows are rowBytes apart.
-uint32_t ltAlignment(void const* p, int64_t rowBytes)
+//! The largest alignment (bytes, <= 256) of a pointer whose rows are rowBytes apart and, batched, whose matrices
+//! are batchBytes apart.
+uint32_t ltAlignment(void const* p, int64_t rowBytes, int64_t batchBytes = 0)
 {
     uint32_t a = 256;
-    while (a > 1 && ((reinterpret_cast<uintptr_t>(p) % a) != 0 || (rowBytes % a) != 0))
+    while (a > 1 && ((reinterpret_cast<uintptr_t>(p) % a) != 0 || (rowBytes % a) != 0 || (batchBytes % a) != 0))
         a /= 2;
     return a;
 }
@@ -367,8 +368,9 @@ public:
         size_t ws = kLtWorkspace;
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
         size_t abElem = abType == CUDA_R_16F ? 2 : 4, dElem = dType == CUDA_R_16F ? 2 : 4;
-        uint32_t alA = ltAlignment(w, k * abElem), alB = ltAlignment(x, ldx * abElem);
-        uint32_t alD = std::min(ltAlignment(d, ldd * dElem), alignC);
+        int64_t const sW = batch > 1 ? strideW : 0, sX = batch > 1 ? strideX : 0, sD = batch > 1 ? strideD : 0;
+        uint32_t alA = ltAlignment(w, k * abElem, sW * abElem), alB = ltAlignment(x, ldx * abElem, sX * abElem);
+        uint32_t alD = std::min(ltAlignment(d, ldd * dElem, sD * dElem), alignC);
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &alA, 4));
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &alB, 4));
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &alD, 4));
@@ -443,9 +445,10 @@ public:
         GemmBatch const& g)
     {
         int64_t const ab = abType == CUDA_R_16F ? 2 : 4, de = dType == CUDA_R_16F ? 2 : 4;
-        uint32_t const alignC = g.c ? ltAlignment(g.c, ldd * de) : 256;
-        Key key{m, n, k, abType, dType, ldx, ldd, g.batch, g.strideX, g.strideD, g.strideW, ltAlignment(w, k * ab),
-            ltAlignment(x, ldx * ab), ltAlignment(d, ldd * de), alignC};
+        uint32_t const alignC = g.c ? ltAlignment(g.c, ldd * de, g.strideD * de) : 256;
+        Key key{m, n, k, abType, dType, ldx, ldd, g.batch, g.strideX, g.strideD, g.strideW,
+            ltAlignment(w, k * ab, g.strideW * ab), ltAlignment(x, ldx * ab, g.strideX * ab),
+            ltAlignment(d, ldd * de, g.strideD * de), alignC};
         auto it = plans_.find(key);
         if (it == plans_.end())
         {
@@ -872,8 +875,9 @@ private:
                 pSweepFill_ = findKernel("sweep_fill", act_, K);
                 if (actElem_ == 2)
                 {
-                    std::string const key
-                        = K + "_ds" + std::to_string(c_.summary_dim) + "_H" + std::to_string(c_.memory_heads);
+                    std::string const key = "d" + std::to_string(c_.d_model) + "_" + K + "_ds"
+                        + std::to_string(c_.summary_dim) + "_H" + std::to_string(c_.memory_heads) + "_p"
+                        + std::to_string(c_.cross_layer_every);
                     pMix_ = findKernel("prefill_pool_mix", act_, key);
                     pMixCross_ = findKernel("prefill_pool_mix_cross", act_, key);
                 }
