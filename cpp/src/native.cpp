@@ -19,10 +19,11 @@
 // token, (b) no captured kernel updates a buffer in place (deployment-notes), (c) a step can be undone.
 // Prefill runs a prompt's tokens but the last in the parallel form (spec §8; export/graphs.py's prefill graph spelled
 // in launches), chunks of SessionOptions::prefillRows rows, each chunk from parity p into 1-p: per layer the same
-// norm kernel over B·T rows, the memory projections as one batched GEMM, memory.note_scores_kernel, the plugins'
-// pool sweep and sparse pool attention (plugins_trt/common/opLaunch.cpp) for the §4 read and the §5 read over the
-// group's joined banks (cpp_support.cross_index_kernel, gained_add_kernel), pool.pool_after_kernel; then in_proj,
-// scan.causal_conv_kernel, x_proj, dt_proj, scan.scan_forward's three passes and out_proj. The last token goes
+// norm kernel over B·T rows, the memory projections as one batched GEMM, memory.note_scores_kernel, the pool sweep
+// (pool.pool_sweep_ends' five kernels), the §4 and §5 reads (fp16: pool.pool_mix_kernel between per-head W_k and
+// W_v GEMMs, as memory.fused_memory_read; fp32: the plugins' sparse pool attention, plugins_trt/common/opLaunch.cpp,
+// over the group's joined banks with cpp_support.cross_index_kernel, gained_add_kernel), pool.pool_after_kernel;
+// then in_proj, scan.causal_conv_kernel, x_proj, dt_proj, scan.scan_forward's three passes and out_proj. The last token goes
 // through the decode step, which gives the logits and the next token. Shapes the compiled prefill kernels do not take fall back
 // to feeding every token through the decode graph (describe() says which and why).
 #include <cublasLt.h>
