@@ -95,6 +95,11 @@ def signature(fn, pointers: dict[str, str], constexprs: dict, tuples: dict | Non
     return sig
 
 
+def x_width(c) -> int:
+    """native.cpp xWidth: the rows of x_proj's output and sums (dt_r, B, C), R + 2N padded to a multiple of 8."""
+    return (c.dt_rank + 2 * c.d_state + 7) // 8 * 8
+
+
 def decode_values(c, size: int) -> dict[str, dict[str, int]]:
     """multiples_of_16's values of decode.py's kernels as cpp/src/native.cpp launches them (enqueueNorm,
     enqueueNotePool, enqueueFusedStep, and the prefill's norms), by kernel function name. size: bytes of an
@@ -103,7 +108,7 @@ def decode_values(c, size: int) -> dict[str, dict[str, int]]:
     import math
 
     d, di, N, R, K, ds = c.d_model, c.d_inner, c.d_state, c.dt_rank, c.pool_size, c.summary_dim
-    xw = (R + 2 * N + 7) // 8 * 8                       # native.cpp xWidth: the sums' rows (xAcc)
+    xw = x_width(c)                                     # the sums' rows (xAcc)
     norm = {"part_ptr": d * 4, "zx_ptr": xw * 4, "zo_ptr": d * 4, "d": d, "R": 0, "X": math.gcd(R + 2 * N, xw),
             "stride_emb": d}                            # R: memRows (a multiple of 16) or 0; X: fused, cublas, 0
     pool_layer, prio_layer = K * ds * size, K * 4
@@ -152,14 +157,14 @@ def runtime_kernels(configs) -> list[tuple]:
     for c in configs:
         keys = shape_keys(c)
         for act in ACTS:
-            values = decode_values(c, 2 if act == "fp16" else 4)
+            size = 2 if act == "fp16" else 4            # bytes of an activation
+            values = decode_values(c, size)
             for op, entry in decode_aot_kernels(c, act).items():
                 for k in aot.from_table_entry(op, entry):
                     given = values[k.fn.__name__]
                     args = {n: given.get(n, 0) for n, t, _ in k.runtime_args if t.startswith("*") or n in given}
                     add(op, act, keys["decode"], dataclasses.replace(k, divisible=tuple(multiples_of_16(args))))
             t, f32 = f"*{act}", "*fp32"
-            size = 2 if act == "fp16" else 4            # bytes of an activation
 
             def kernel(op, key, fn, ptrs, cx, num_warps, tuples=None, divisible=()):
                 # the shape `key` names must fix every divisible value: variants are shared by the configs it names
@@ -196,7 +201,7 @@ def runtime_kernels(configs) -> list[tuple]:
             ptrs = {"x_ptr": t, "dt_ptr": t, "AT_ptr": f32, "B_ptr": t, "C_ptr": t, "D_ptr": f32, "z_ptr": t,
                     "dt_bias_ptr": f32, "h_in_ptr": f32, "y_ptr": t, "h_out_ptr": f32, "dt_sum_ptr": f32,
                     "delta_ptr": f32}
-            di, N, R, X = c.d_inner, c.d_state, c.dt_rank, (c.dt_rank + 2 * c.d_state + 7) // 8 * 8   # X: xWidth
+            di, N, R, X = c.d_inner, c.d_state, c.dt_rank, x_width(c)
             scan_values = {n: 0 for n in ptrs}                  # buffers and weights, but B, C and z: column blocks
             scan_values.update({"B_ptr": R * size, "C_ptr": (R + N) * size, "z_ptr": di * size, "Di": di, "N": N})
             scan_values.update({f"stride_{m}_{bt}": w for m, w in (("x", di), ("dt", di), ("B", X), ("C", X),

@@ -30,6 +30,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -83,6 +84,7 @@ struct Weights
     void *emb{nullptr}, *normF{nullptr};
     int64_t parameters{0};
     size_t bytes{0};
+    int64_t memRows{0};                             // the widest layer's memory GEMM rows (buffers fit it)
     std::shared_ptr<LazyFingerprint> fingerprint;   // of model.safetensors, for session state files
 };
 
@@ -283,6 +285,7 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
             L.xalpha32 = pk.at(s.xalpha32);
             L.wScore = pk.at(s.wScore);
             L.memRows = s.memRows;
+            w->memRows = std::max(w->memRows, s.memRows);
             if (dtype == DType::kFloat16)
             {
                 L.kT = pk.at(s.kT);
@@ -314,7 +317,7 @@ std::shared_ptr<Weights> loadWeights(Checkpoint const& ck, DType dtype, int devi
 // ---- GEMMs ------------------------------------------------------------------------------------------------------------
 //! The largest alignment (bytes, <= 256) of a pointer whose rows are rowBytes apart and, batched, whose matrices
 //! are batchBytes apart.
-uint32_t ltAlignment(void const* p, int64_t rowBytes, int64_t batchBytes = 0)
+uint32_t ltAlignment(void const* p, int64_t rowBytes, int64_t batchBytes)
 {
     uint32_t a = 256;
     while (a > 1 && ((reinterpret_cast<uintptr_t>(p) % a) != 0 || (rowBytes % a) != 0 || (batchBytes % a) != 0))
@@ -322,18 +325,39 @@ uint32_t ltAlignment(void const* p, int64_t rowBytes, int64_t batchBytes = 0)
     return a;
 }
 
+//! A product's shape beyond m, n, k: batch, operand strides (Linear), and a C to add (nullptr: none).
+struct GemmBatch
+{
+    int batch{1};
+    int64_t strideX{0}, strideD{0}, strideW{0};
+    void const* c{nullptr};
+};
+
+//! The alignments (bytes) cuBLASLt may take of W, X and D (and C, which shares D's layout) for a product with
+//! these operands, elements of abElem / dElem bytes.
+std::array<uint32_t, 3> ltAlignments(void const* w, void const* x, void const* d, int64_t k, int64_t ldx,
+    int64_t ldd, size_t abElem, size_t dElem, GemmBatch const& g)
+{
+    bool const batched = g.batch > 1; // strides count only between a batch's matrices
+    int64_t const sW = batched ? g.strideW * abElem : 0, sX = batched ? g.strideX * abElem : 0;
+    int64_t const sD = batched ? g.strideD * dElem : 0;
+    uint32_t alD = ltAlignment(d, ldd * dElem, sD);
+    if (g.c)
+        alD = std::min(alD, ltAlignment(g.c, ldd * dElem, sD));
+    return {ltAlignment(w, k * abElem, sW), ltAlignment(x, ldx * abElem, sX), alD};
+}
+
 //! D[n, m] (row-major, row stride ldd) = X[n, k] (row stride ldx) · W[m, k]ᵀ (+ bias[m]): nn.Linear on n rows,
 //! planned once (descriptors + algorithm) and replayed each step. cuBLASLt is column-major: D' = op(W') · X' with
-//! W' = W viewed as [k x m], transposed. batch > 1: that many products with W, X and D strideW / strideX / strideD
-//! elements apart (the prefill's batch rows in buffers laid out per row, or its heads). accumulate: D = C + X · Wᵀ
-//! for a C of D's layout (run's c; alignC its alignment).
+//! W' = W viewed as [k x m], transposed. g.batch > 1: that many products with W, X and D strideW / strideX /
+//! strideD elements apart (the prefill's batch rows in buffers laid out per row, or its heads); g.c: D = C + X · Wᵀ
+//! for a C of D's layout (planned for g.c's alignment; run's c).
 class Linear
 {
 public:
     Linear() = default;
     Linear(cublasLtHandle_t lt, int64_t m, int64_t n, int64_t k, cudaDataType_t abType, cudaDataType_t dType,
-        void const* w, void const* x, int64_t ldx, void* d, int64_t ldd, void const* bias, int batch = 1,
-        int64_t strideX = 0, int64_t strideD = 0, int64_t strideW = 0, uint32_t alignC = 256)
+        void const* w, void const* x, int64_t ldx, void* d, int64_t ldd, void const* bias, GemmBatch const& g = {})
         : w_(w)
         , x_(x)
         , d_(d)
@@ -352,9 +376,10 @@ public:
         MM_CUBLAS(cublasLtMatrixLayoutCreate(&a_, abType, k, m, k));
         MM_CUBLAS(cublasLtMatrixLayoutCreate(&b_, abType, k, n, ldx));
         MM_CUBLAS(cublasLtMatrixLayoutCreate(&c_, dType, m, n, ldd));
-        if (batch > 1)
+        if (g.batch > 1)
         {
-            int64_t const strides[3] = {strideW, strideX, strideD};
+            int const batch = g.batch;
+            int64_t const strides[3] = {g.strideW, g.strideX, g.strideD};
             cublasLtMatrixLayout_t const layouts[3] = {a_, b_, c_};
             for (int i = 0; i < 3; ++i)
             {
@@ -369,9 +394,7 @@ public:
         size_t ws = kLtWorkspace;
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
         size_t abElem = abType == CUDA_R_16F ? 2 : 4, dElem = dType == CUDA_R_16F ? 2 : 4;
-        int64_t const sW = batch > 1 ? strideW : 0, sX = batch > 1 ? strideX : 0, sD = batch > 1 ? strideD : 0;
-        uint32_t alA = ltAlignment(w, k * abElem, sW * abElem), alB = ltAlignment(x, ldx * abElem, sX * abElem);
-        uint32_t alD = std::min(ltAlignment(d, ldd * dElem, sD * dElem), alignC);
+        auto [alA, alB, alD] = ltAlignments(w, x, d, k, ldx, ldd, abElem, dElem, g);
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &alA, 4));
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &alB, 4));
         MM_CUBLAS(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &alD, 4));
@@ -428,14 +451,6 @@ private:
     void const* bias_{nullptr};
 };
 
-//! A product's shape beyond m, n, k: batch, operand strides (Linear), and a C to add (nullptr: none).
-struct GemmBatch
-{
-    int batch{1};
-    int64_t strideX{0}, strideD{0}, strideW{0};
-    void const* c{nullptr};
-};
-
 //! Products whose shapes change between calls (the prefill's chunk lengths): one Linear per shape and operand
 //! alignment, planned on first use and replayed with each call's pointers.
 class GemmPlans
@@ -445,25 +460,22 @@ public:
         cudaDataType_t abType, cudaDataType_t dType, void const* w, void const* x, int64_t ldx, void* d, int64_t ldd,
         GemmBatch const& g)
     {
-        int64_t const ab = abType == CUDA_R_16F ? 2 : 4, de = dType == CUDA_R_16F ? 2 : 4;
-        uint32_t const alignC = g.c ? ltAlignment(g.c, ldd * de, g.strideD * de) : 256;
-        Key key{m, n, k, abType, dType, ldx, ldd, g.batch, g.strideX, g.strideD, g.strideW,
-            ltAlignment(w, k * ab, g.strideW * ab), ltAlignment(x, ldx * ab, g.strideX * ab),
-            ltAlignment(d, ldd * de, g.strideD * de), alignC};
+        size_t const ab = abType == CUDA_R_16F ? 2 : 4, de = dType == CUDA_R_16F ? 2 : 4;
+        auto const al = ltAlignments(w, x, d, k, ldx, ldd, ab, de, g);
+        Key key{m, n, k, abType, dType, ldx, ldd, g.batch, g.strideX, g.strideD, g.strideW, al[0], al[1], al[2]};
         auto it = plans_.find(key);
         if (it == plans_.end())
         {
             if (plans_.size() >= 512) // prompts of many lengths: plans are cheap to make again
                 plans_.clear();
-            it = plans_.emplace(key, Linear(lt, m, n, k, abType, dType, w, x, ldx, d, ldd, nullptr, g.batch,
-                                         g.strideX, g.strideD, g.strideW, alignC)).first;
+            it = plans_.emplace(key, Linear(lt, m, n, k, abType, dType, w, x, ldx, d, ldd, nullptr, g)).first;
         }
         it->second.run(lt, workspace, stream, w, x, d, g.c);
     }
 
 private:
     using Key = std::tuple<int64_t, int64_t, int64_t, int, int, int64_t, int64_t, int, int64_t, int64_t, int64_t,
-        uint32_t, uint32_t, uint32_t, uint32_t>;
+        uint32_t, uint32_t, uint32_t>;
     std::map<Key, Linear> plans_;
 };
 
@@ -952,12 +964,9 @@ private:
         if (c_.memory)
         {
             int64_t const K = c_.pool_size, ds = c_.summary_dim, P = c_.cross_layer_every, M = K + cap;
-            int64_t memRows = 0;
-            for (auto const& l : w_->layers)
-                memRows = std::max(memRows, l.memRows);
             for (int64_t j = 0; j < P; ++j)
             {
-                pG_.push_back(buffer(B * M * memRows * a));
+                pG_.push_back(buffer(B * M * w_->memRows * a));
                 pIdx_.push_back(buffer(B * (cap + 1) * K * 4));
                 pEnds_.push_back(buffer(B * M * 4));
             }
@@ -1447,9 +1456,6 @@ private:
     {
         int64_t B = opt_.batch, d = c_.d_model, di = c_.dInner(), L = c_.n_layers;
         int64_t X = xWidth(c_);
-        int64_t memRows = 0;
-        for (auto const& l : w_->layers)
-            memRows = std::max(memRows, l.memRows);
         for (int p = 0; p < 2; ++p)
         {
             for (auto const& i : stateInfo())
@@ -1461,7 +1467,7 @@ private:
         }
         u_ = DeviceBuffer(B * d * actElem_);
         ut_ = DeviceBuffer(B * d * actElem_);
-        mem_ = DeviceBuffer(std::max<int64_t>(1, B * memRows) * actElem_);
+        mem_ = DeviceBuffer(std::max<int64_t>(1, B * w_->memRows) * actElem_);
         xz_ = DeviceBuffer(B * 2 * di * actElem_);
         xc_ = DeviceBuffer(B * di * actElem_);
         dbc_ = DeviceBuffer(B * X * actElem_);
