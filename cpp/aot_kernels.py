@@ -15,6 +15,7 @@ Kernels (all from models/ops/triton; the default "cublas" plan does every projec
     sample        cpp_support.sample_kernel                     (both)
 The parallel prefill (both plans; cpp/src/native.cpp parallelPrefill):
     prefill_conv  scan.causal_conv_kernel (d_conv 2-4)          prefill_note_scores  memory.note_scores_kernel
+    prefill_residual_norm  norm.residual_norm_kernel (h += y, u = RMSNorm(h); layers 1..L-1)
     prefill_scan_states, prefill_scan_prefix, prefill_scan_out  scan.scan_forward's three passes
     sweep_top, sweep_enter, sweep_compact, sweep_replay, sweep_fill   pool.pool_sweep_ends's five kernels
     prefill_pool_mix(_cross)  pool.pool_mix_kernel, one pool / a §5 group's (fp16: half-precision dots)
@@ -57,6 +58,7 @@ def shape_keys(c) -> dict[str, str]:
     return {"decode": decode_key, "conv_step": f"di{c.d_inner}_k{c.d_conv}", "scan_step": f"di{c.d_inner}_n{c.d_state}",
             "prefill_scan": f"di{c.d_inner}_n{c.d_state}_r{c.dt_rank}",
             "sample": "any", "pool_after": f"K{c.pool_size}_ds{c.summary_dim}", "gained_add": f"d{c.d_model}",
+            "residual_norm": f"d{c.d_model}",
             "cross_index": f"K{c.pool_size}", "sweep": f"K{c.pool_size}",
             "pool_mix": f"d{c.d_model}_K{c.pool_size}_ds{c.summary_dim}_H{c.memory_heads}_p{c.cross_layer_every}"}
 
@@ -132,11 +134,12 @@ def runtime_kernels(configs) -> list[tuple]:
     The plugins' kernels (aot_kernels) come first, under their own names and with op None: opLaunch.cpp calls
     their typed launchers, so they are not rows of the runtime's table."""
     import dataclasses
+    import math
 
     import triton
 
     from memmamba_deploy import aot
-    from memmamba_deploy.models.ops.triton import cpp_support, memory, pool, scan
+    from memmamba_deploy.models.ops.triton import cpp_support, memory, norm, pool, scan
     from memmamba_deploy.models.ops.triton.aot import aot_kernels, decode_aot_kernels
 
     out = [(k, None, None, None) for op, entry in aot_kernels().items() for k in aot.from_table_entry(op, entry)]
@@ -202,8 +205,12 @@ def runtime_kernels(configs) -> list[tuple]:
                     "dt_bias_ptr": f32, "h_in_ptr": f32, "y_ptr": t, "h_out_ptr": f32, "dt_sum_ptr": f32,
                     "delta_ptr": f32}
             di, N, R, X = c.d_inner, c.d_state, c.dt_rank, x_width(c)
-            scan_values = {n: 0 for n in ptrs}                  # buffers and weights, but B, C and z: column blocks
-            scan_values.update({"B_ptr": R * size, "C_ptr": (R + N) * size, "z_ptr": di * size, "Di": di, "N": N})
+            # buffers and weights, but the token rows' (the last layer's pass 3 starts at a chunk: native.cpp
+            # scanPass), B, C and z column blocks, and the chunk states (that pass's first)
+            scan_values = {n: 0 for n in ptrs}
+            scan_values.update({"x_ptr": di * size, "dt_ptr": math.gcd(di * size, di * 4), "y_ptr": di * size,
+                                "B_ptr": math.gcd(R * size, X * size), "C_ptr": math.gcd((R + N) * size, X * size),
+                                "z_ptr": di * size, "h_in_ptr": di * N * 4, "Di": di, "N": N})
             scan_values.update({f"stride_{m}_{bt}": w for m, w in (("x", di), ("dt", di), ("B", X), ("C", X),
                                                                  ("z", 2 * di), ("y", di)) for bt in "bt"})
             scan_values.update({f"stride_{h}_{bc}": di * N for h in ("hin", "hout") for bc in "bc"})
@@ -223,6 +230,12 @@ def runtime_kernels(configs) -> list[tuple]:
                        {**{n: 0 for n in prefix_ptrs}, "h0_ptr": di * N * 4, "h_out_ptr": di * N * 4,  # a layer's
                         "Di": di, "N": N, "stride_h0_b": di * N,
                         "stride_hout_b": di * N}))
+            block_d = np2(c.d_model)
+            kernel("prefill_residual_norm", "residual_norm", norm.residual_norm_kernel,
+                   {"h_ptr": f32, "y_ptr": t, "w_ptr": t, "h_out_ptr": f32, "u_ptr": t},
+                   {"BLOCK_R": norm.norm_rows(block_d), "BLOCK_D": block_d, "HAS_Y": True, "USE_PDL": False}, 4,
+                   divisible=multiples_of_16({"h_ptr": 0, "y_ptr": 0, "w_ptr": 0, "h_out_ptr": 0, "u_ptr": 0,
+                                              "d": c.d_model}))
             kernel("gained_add", "gained_add", cpp_support.gained_add_kernel,
                    {"res_ptr": t, "o_ptr": t, "gain_ptr": f32, "out_ptr": t}, {"BLOCK_D": np2(c.d_model)}, 4)
             if not c.memory:

@@ -17,15 +17,18 @@
 // State is double-buffered: the step at parity p reads buffers p and writes buffers 1-p (conv window, SSM state,
 // pools, priorities, logits, next token), so (a) every cross read of a §5 group sees the pools from before the
 // token, (b) no captured kernel updates a buffer in place (deployment-notes), (c) a step can be undone.
-// Prefill runs a prompt's tokens but the last in the parallel form (spec §8; export/graphs.py's prefill graph spelled
-// in launches), chunks of SessionOptions::prefillRows rows, each chunk from parity p into 1-p: per layer the same
-// norm kernel over B·T rows, the memory projections as one batched GEMM, memory.note_scores_kernel, the pool sweep
-// (pool.pool_sweep_ends' five kernels), the §4 and §5 reads (fp16: pool.pool_mix_kernel between per-head W_k and
-// W_v GEMMs, as memory.fused_memory_read; fp32: the plugins' sparse pool attention, plugins_trt/common/opLaunch.cpp,
-// over the group's joined banks with cpp_support.cross_index_kernel, gained_add_kernel), pool.pool_after_kernel;
-// then in_proj, scan.causal_conv_kernel, x_proj, dt_proj, scan.scan_forward's three passes and out_proj. The last token goes
-// through the decode step, which gives the logits and the next token. Shapes the compiled prefill kernels do not take fall back
-// to feeding every token through the decode graph (describe() says which and why).
+// Prefill runs a prompt in the parallel form (spec §8; export/graphs.py's prefill graph spelled in launches), chunks
+// of SessionOptions::prefillRows rows, each chunk from parity p into 1-p: per layer norm.residual_norm_kernel over
+// B·T rows (layer 0: the decode norm kernel from the embedding), the memory projections as one batched GEMM,
+// memory.note_scores_kernel, the pool sweep (pool.pool_sweep_ends' five kernels), the §4 and §5 reads (fp16:
+// pool.pool_mix_kernel between per-head W_k and W_v GEMMs, as memory.fused_memory_read; fp32: the plugins' sparse
+// pool attention, plugins_trt/common/opLaunch.cpp, over the group's joined banks with cpp_support.cross_index_kernel,
+// gained_add_kernel), pool.pool_after_kernel; then in_proj, scan.causal_conv_kernel, x_proj, dt_proj,
+// scan.scan_forward's three passes and out_proj. Two chunks are in flight on two streams, the later a layer behind
+// (TritonBackend's prefill_in_halves). The last layer of the last chunk runs its gate, pass 3 and out_proj for the
+// last token only (MemMambaLM.prefill's last_only), and the decode step's final norm, LM head and sampler give the
+// logits and the next token. Shapes the compiled prefill kernels do not take fall back to feeding every token through
+// the decode graph (describe() says which and why).
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
@@ -522,6 +525,19 @@ public:
         MM_CUBLAS(cublasLtCreate(&lt_));
         for (auto& e : nextReady_)
             MM_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+        if (prefillMode_.empty())
+        {
+            sides_[0].stream = stream_;
+            MM_CUDA(cudaStreamCreateWithFlags(&sides_[1].stream, cudaStreamNonBlocking));
+            for (cudaEvent_t* e : {&prefillFork_, &prefillJoin_})
+                MM_CUDA(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+            for (PrefillSide& S : sides_)
+            {
+                S.layerDone.resize(c_.n_layers);
+                for (cudaEvent_t& e : S.layerDone)
+                    MM_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+            }
+        }
         planGemms();
         for (Kernel const* k : usedKernels())
             if (aot::preload(*k->image) != CUDA_SUCCESS) // module loads are not allowed inside graph capture
@@ -547,6 +563,19 @@ public:
         for (auto& e : nextReady_)
             if (e)
                 cudaEventDestroy(e), e = nullptr;
+        for (PrefillSide& S : sides_)
+        {
+            if (&S != &sides_[0] && S.stream)
+                cudaStreamSynchronize(S.stream), cudaStreamDestroy(S.stream);
+            S.stream = nullptr;
+            for (cudaEvent_t e : S.layerDone)
+                if (e)
+                    cudaEventDestroy(e);
+            S.layerDone.clear();
+        }
+        for (cudaEvent_t* e : {&prefillFork_, &prefillJoin_})
+            if (*e)
+                cudaEventDestroy(*e), *e = nullptr;
         gemms_.clear();
         if (lt_)
             cublasLtDestroy(lt_), lt_ = nullptr;
@@ -577,23 +606,16 @@ public:
     }
 
     // ---- feeding tokens ----------------------------------------------------------------------------------------------
-    //! All tokens but the last in the parallel form (chunks of SessionOptions::prefillRows), the last through
-    //! the decode step, which gives the logits and the next token as for any step. Shapes the compiled prefill
-    //! kernels do not take run token by token (prefillMode_ says why).
+    //! The tokens in the parallel form (chunks of SessionOptions::prefillRows), then the logits of the last token
+    //! and the next token, as a step gives them. Shapes the compiled prefill kernels do not take, and single
+    //! tokens, run token by token (prefillMode_ says why).
     void prefill(int32_t const* tokens, int T) override
     {
         DeviceGuard onDevice(opt_.device);
         if (T > 1 && prefillMode_.empty())
-        {
-            int const B = opt_.batch;
-            std::vector<int32_t> last(B);
-            for (int b = 0; b < B; ++b)
-                last[b] = tokens[static_cast<size_t>(b) * T + T - 1];
-            parallelPrefill(tokens, T, T - 1);
-            step(last.data());
-            return;
-        }
-        prefillByStep(tokens, T);
+            parallelPrefill(tokens, T);
+        else
+            prefillByStep(tokens, T);
     }
 
     void prefillByStep(int32_t const* tokens, int T)
@@ -789,6 +811,7 @@ private:
     DeviceBuffer acc_;
     int64_t* pinned_{nullptr};
     cudaEvent_t nextReady_[2]{};
+    cudaEvent_t prefillFork_{}, prefillJoin_{}; // parallelPrefill's second side: after stream_, stream_ after it
     struct LayerGemms
     {
         Linear mem, in, x, dt, out;
@@ -799,19 +822,30 @@ private:
     Linear head_[2];
     cudaGraphExec_t graphs_[2][2]{}; // [parity][with head]
 
-    // the parallel prefill (parallelPrefill): its kernels, why it is off ("" = on), buffers for pCap_ tokens a row
-    Kernel pConv_, pScores_, pAfter_, pGained_, pCross_, pScanStates_, pScanPrefix_, pScanOut_;
+    // the parallel prefill (parallelPrefill): its kernels, why it is off ("" = on), and two sides, each a chunk's
+    // buffers and a stream: consecutive chunks run on alternate sides, layer l of a chunk after the chunk before
+    // has left its state at layer l
+    Kernel pNorm_, pConv_, pScores_, pAfter_, pGained_, pCross_, pScanStates_, pScanPrefix_, pScanOut_;
     Kernel pSweepTop_, pSweepEnter_, pSweepCompact_, pSweepReplay_, pSweepFill_, pMix_, pMixCross_;
     std::string prefillMode_;
-    int64_t pCap_{0}, pScanChunks_{0}, scanPrograms_{0};
-    DeviceBuffer pTok_, pH_, pU_, pUt_, pPart_, pXz_, pXc_, pDbc_, pDt_, pY_;
-    DeviceBuffer pStates_, pStarts_, pDtSum_, pDelta_; // scan_forward's chunk states, Σδ per chunk, δ
-    DeviceBuffer pA_, pGain_;                          // §3/§4: note scores, read gains
-    DeviceBuffer pTop_, pSegCount_, pEnter_, pEvTok_, pEvA_, pEcount_, pHist_; // the sweep's working buffers
-    DeviceBuffer pQk_, pM_;                            // fp16: the reads' queries through W_k, pool_mix's mixtures
-    DeviceBuffer pO_, pKeys_, pVals_, pIdxX_;          // fp32: the plugins' attention (keys, values, joined index)
-    // a §5 group's layers: stacked GEMM outputs (their banks), sweep indices and entry ends
-    std::vector<DeviceBuffer> pG_, pIdx_, pEnds_;
+    int64_t scanPrograms_{0};
+    struct PrefillSide
+    {
+        cudaStream_t stream{};                    //!< side 0: the backend's stream; side 1: its own
+        std::vector<cudaEvent_t> layerDone;       //!< recorded after each layer of the chunk this side runs
+        int64_t cap{0}, scanChunks{0};            //!< tokens a row the buffers hold; scan chunks they hold
+        DeviceBuffer tok, h, u, ut, part, xz, xc, dbc, dt, y;
+        DeviceBuffer states, starts, dtSum, delta;            // scan_forward's chunk states, Σδ per chunk, δ
+        DeviceBuffer scores, gain;                            // §3/§4: note scores, read gains
+        DeviceBuffer top, segCount, enter, evTok, evA, ecount, hist; // the sweep's working buffers
+        DeviceBuffer qk, m;                                   // fp16: the reads' queries through W_k, pool_mix's mixtures
+        DeviceBuffer o, keys, vals, idxX;                     // fp32: the plugins' attention (keys, values, joined index)
+        // a §5 group's layers: stacked GEMM outputs (their banks), sweep indices and entry ends
+        std::vector<DeviceBuffer> g, idx, ends;
+        DeviceBuffer workspace;                   //!< side 1's cuBLASLt workspace (side 0 uses the backend's)
+    };
+    PrefillSide sides_[2];
+    int side_{0}; //!< the side the prefill's functions run on
     GemmPlans plans_;
 
     //! The variant keys of this model's shape (cpp/aot_kernels.py shape_keys builds the same strings).
@@ -869,6 +903,7 @@ private:
             return;
         try
         {
+            pNorm_ = findKernel("prefill_residual_norm", act_, "d" + std::to_string(c_.d_model));
             pConv_ = findKernel("prefill_conv", act_, convKey());
             std::string const scan = scanKey() + "_r" + std::to_string(c_.dt_rank);
             pScanStates_ = findKernel("prefill_scan_states", act_, scan);
@@ -937,232 +972,327 @@ private:
             throw Error("parallel prefill: " + aot::lastError());
     }
 
-    //! Buffers for chunks of up to `cap` tokens a row (grown, never shrunk). The old ones go first, so the peak is
-    //! the new size; an allocation that fails leaves none (pCap_ 0: the next prefill allocates again).
-    void allocatePrefill(int64_t cap)
+    //! Side `side`'s buffers for chunks of up to `cap` tokens a row (grown, never shrunk). The old ones go first,
+    //! so the peak is the new size; an allocation that fails leaves none (cap 0: the next prefill allocates again).
+    void allocatePrefill(int side, int64_t cap)
     {
-        if (cap <= pCap_)
+        PrefillSide& S = sides_[side];
+        if (cap <= S.cap)
             return;
-        MM_CUDA(cudaStreamSynchronize(stream_)); // the old buffers may still be read
-        pCap_ = pScanChunks_ = 0;
-        for (DeviceBuffer* b : {&pTok_, &pH_, &pPart_, &pU_, &pUt_, &pXz_, &pXc_, &pDbc_, &pDt_, &pY_, &pStates_,
-                 &pStarts_, &pDtSum_, &pDelta_, &pA_, &pGain_, &pTop_, &pSegCount_, &pEnter_, &pEvTok_, &pEvA_,
-                 &pEcount_, &pHist_, &pQk_, &pM_, &pO_, &pKeys_, &pVals_, &pIdxX_})
-            *b = DeviceBuffer();
-        pG_.clear();
-        pIdx_.clear();
-        pEnds_.clear();
+        MM_CUDA(cudaStreamSynchronize(S.stream)); // the old buffers may still be read
+        PrefillSide fresh;
+        fresh.stream = S.stream;
+        fresh.layerDone = std::move(S.layerDone);
+        S = std::move(fresh);
         int64_t const B = opt_.batch, d = c_.d_model, di = c_.dInner(), X = xWidth(c_), n = B * cap, N = c_.d_state;
         size_t const a = actElem_;
         int64_t const chunks = scanChunksWanted(cap); // bounds the scan plan's chunks for every T <= cap
         auto buffer = [](int64_t bytes) { return DeviceBuffer(static_cast<size_t>(bytes)); };
-        pTok_ = buffer(n * 8), pH_ = buffer(n * d * 4), pPart_ = buffer(n * d * 4), pU_ = buffer(n * d * a);
-        pUt_ = buffer(n * d * a), pXz_ = buffer(n * 2 * di * a), pXc_ = buffer(n * di * a), pDbc_ = buffer(n * X * a);
-        pDt_ = buffer(n * di * a), pY_ = buffer(n * di * a), pDelta_ = buffer(n * di * 4);
-        pStates_ = buffer(B * chunks * N * di * 4), pStarts_ = buffer(B * chunks * N * di * 4);
-        pDtSum_ = buffer(B * chunks * di * 4);
+        S.tok = buffer(n * 8), S.h = buffer(n * d * 4), S.part = buffer(n * d * a), S.u = buffer(n * d * a);
+        S.ut = buffer(n * d * a), S.xz = buffer(n * 2 * di * a), S.xc = buffer(n * di * a), S.dbc = buffer(n * X * a);
+        S.dt = buffer(n * di * a), S.y = buffer(n * di * a), S.delta = buffer(n * di * 4);
+        S.states = buffer(B * chunks * N * di * 4), S.starts = buffer(B * chunks * N * di * 4);
+        S.dtSum = buffer(B * chunks * di * 4);
+        if (side == 1)
+            S.workspace = buffer(kLtWorkspace);
         if (c_.memory)
         {
             int64_t const K = c_.pool_size, ds = c_.summary_dim, P = c_.cross_layer_every, M = K + cap;
             for (int64_t j = 0; j < P; ++j)
             {
-                pG_.push_back(buffer(B * M * w_->memRows * a));
-                pIdx_.push_back(buffer(B * (cap + 1) * K * 4));
-                pEnds_.push_back(buffer(B * M * 4));
+                S.g.push_back(buffer(B * M * w_->memRows * a));
+                S.idx.push_back(buffer(B * (cap + 1) * K * 4));
+                S.ends.push_back(buffer(B * M * 4));
             }
-            pA_ = buffer(n * 4), pGain_ = buffer(n * 4);
+            S.scores = buffer(n * 4), S.gain = buffer(n * 4);
             int64_t const segs = cdiv(cap, pSweepTop_.at("SEG"));
-            pTop_ = buffer(B * segs * pSweepTop_.at("BLOCK_K") * 4), pSegCount_ = buffer(B * segs * 4);
-            pEnter_ = buffer(n * 4), pEvTok_ = buffer(n * 4), pEvA_ = buffer(n * 4);
-            pEcount_ = buffer(B * (cap + 1) * 4), pHist_ = buffer(B * (cap + 1) * K * 4);
+            S.top = buffer(B * segs * pSweepTop_.at("BLOCK_K") * 4), S.segCount = buffer(B * segs * 4);
+            S.enter = buffer(n * 4), S.evTok = buffer(n * 4), S.evA = buffer(n * 4);
+            S.ecount = buffer(B * (cap + 1) * 4), S.hist = buffer(B * (cap + 1) * K * 4);
             if (a == 2)
-                pQk_ = buffer(B * M * 2 * qkWidth() * a), pM_ = buffer(n * 2 * qkWidth() * a);
+                S.qk = buffer(B * M * 2 * qkWidth() * a), S.m = buffer(n * 2 * qkWidth() * a);
             else
             {
-                pO_ = buffer(n * d * a), pKeys_ = buffer(B * P * M * ds * a), pVals_ = buffer(B * P * M * d * a);
-                pIdxX_ = buffer(n * P * K * 4);
+                S.o = buffer(n * d * a), S.keys = buffer(B * P * M * ds * a), S.vals = buffer(B * P * M * d * a);
+                S.idxX = buffer(n * P * K * 4);
             }
         }
-        pCap_ = cap;
-        pScanChunks_ = chunks;
+        S.cap = cap;
+        S.scanChunks = chunks;
     }
 
-    //! Feed the first Tp tokens of each row of tokens [B, T] in the parallel form (spec §8; MemMambaLM.prefill's
-    //! layers as export/graphs.py's prefill graph spells them), from state cur_, chunk by chunk; each chunk reads
-    //! the state at parity cur_ and writes it at 1 - cur_. No logits: the caller steps the last token.
-    void parallelPrefill(int32_t const* tokens, int T, int Tp)
+    //! Feed tokens [B, T] in the parallel form (spec §8; MemMambaLM.prefill's layers as export/graphs.py's
+    //! prefill graph spells them), from state cur_, in chunks of SessionOptions::prefillRows rows; chunk c reads the
+    //! state at parity cur_ ^ (c & 1) and writes the other. Two chunks are in flight, on the two sides' streams, the
+    //! later a layer behind: its layer l waits for the earlier chunk's layer l (where the state it reads is
+    //! written, and the state it writes is read), so one chunk's small kernels run beside the other's large ones
+    //! (TritonBackend's prefill_in_halves). Ends with the last token's logits and the next token (prefillLogits).
+    void parallelPrefill(int32_t const* tokens, int T)
     {
-        int64_t const B = opt_.batch;
+        int64_t const B = opt_.batch, L = c_.n_layers;
         int64_t const chunk = std::max<int64_t>(1, opt_.prefillRows / B); // at least a token a row
+        int64_t const chunks = (T + chunk - 1) / chunk;
         // buffers for the next power of two tokens (at least 256) up to a chunk: a conversation's growing prompts
-        // reallocate a few times, not at every turn
+        // reallocate a few times, not at every turn; the second side only for prompts longer than a chunk
         int64_t cap = 256;
-        while (cap < Tp)
+        while (cap < T)
             cap *= 2;
-        allocatePrefill(std::min(chunk, cap));
+        for (int side = 0; side < std::min<int64_t>(chunks, 2); ++side)
+            allocatePrefill(side, std::min(chunk, cap));
         hasLogits_ = false; // from the first chunk on, the logits are no longer the state's (an error part way
         canUndo_ = false;   // leaves none, as the token-by-token path did)
-        std::vector<int64_t> ids(static_cast<size_t>(B) * Tp); // [B, Tp] int64, as the embedding kernel reads ids
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t t = 0; t < Tp; ++t)
-                ids[b * Tp + t] = tokens[b * T + t];
+        std::vector<int64_t> ids(tokens, tokens + B * T); // int64, as the embedding kernel reads ids
         DeviceBuffer idsOnDevice(ids.size() * 8); // one upload; a pageable copy per chunk may wait for the GPU
         MM_CUDA(cudaMemcpyAsync(idsOnDevice.get(), ids.data(), ids.size() * 8, cudaMemcpyHostToDevice, stream_));
-        for (int64_t t0 = 0; t0 < Tp; t0 += chunk)
+        int const first = cur_;
+        if (chunks > 1)
         {
-            int64_t const n = std::min<int64_t>(chunk, Tp - t0);
-            MM_CUDA(cudaMemcpy2DAsync(pTok_.get(), n * 8, idsOnDevice.as<int64_t>() + t0, Tp * 8, n * 8, B,
-                cudaMemcpyDeviceToDevice, stream_));
-            prefillChunk(cur_, static_cast<int>(n));
-            cur_ ^= 1;
+            MM_CUDA(cudaEventRecord(prefillFork_, stream_));
+            MM_CUDA(cudaStreamWaitEvent(sides_[1].stream, prefillFork_));
         }
+        auto join = [&] {
+            side_ = 0;
+            if (chunks > 1) // stream_ goes on after both sides' work (also after an error: none may run on)
+            {
+                cudaEventRecord(prefillJoin_, sides_[1].stream);
+                cudaStreamWaitEvent(stream_, prefillJoin_);
+            }
+        };
+        try
+        {
+            for (int64_t c0 = 0; c0 < chunks; c0 += 2) // chunks c0 and c0 + 1 on sides 0 and 1, layer by layer
+            {
+                int const pair = static_cast<int>(std::min<int64_t>(2, chunks - c0));
+                for (int i = 0; i < pair; ++i)
+                {
+                    int64_t const t0 = (c0 + i) * chunk, n = std::min(chunk, T - t0);
+                    MM_CUDA(cudaMemcpy2DAsync(sides_[i].tok.get(), n * 8, idsOnDevice.as<int64_t>() + t0, T * 8, n * 8,
+                        B, cudaMemcpyDeviceToDevice, sides_[i].stream));
+                }
+                for (int64_t l = 0; l < L; ++l)
+                    for (int i = 0; i < pair; ++i)
+                    {
+                        int64_t const c = c0 + i, t0 = c * chunk, n = std::min(chunk, T - t0);
+                        PrefillSide& S = sides_[i];
+                        side_ = i;
+                        if (c > 0)
+                            MM_CUDA(cudaStreamWaitEvent(S.stream, sides_[1 - i].layerDone[l]));
+                        prefillLayer(first ^ static_cast<int>(c & 1), static_cast<int>(n), l, c == chunks - 1);
+                        if (chunks > 1)
+                            MM_CUDA(cudaEventRecord(S.layerDone[l], S.stream));
+                    }
+            }
+        }
+        catch (...)
+        {
+            join();
+            throw;
+        }
+        join();
+        cur_ = first ^ static_cast<int>(chunks & 1);
+        prefillLogits();
         MM_CUDA(cudaStreamSynchronize(stream_)); // ids (pageable) and idsOnDevice must outlive the copies
     }
 
-    //! One chunk of T tokens a row (pTok_ [B, T]) from the state at parity p into 1 - p.
-    void prefillChunk(int p, int T)
+    //! Layer l of a chunk of T tokens a row (the side's tok [B, T]) from the state at parity p into 1 - p. last: the
+    //! prompt's last chunk, whose last layer's output is wanted at the last token only (MemMambaLM.prefill's
+    //! last_only): in_proj's gate half, pass 3 of the scan and out_proj then run for the last scan chunk or row
+    //! alone (lastLayerTail).
+    void prefillLayer(int p, int T, int64_t l, bool last)
     {
+        PrefillSide& S = sides_[side_];
         int const q = 1 - p;
         int64_t const B = opt_.batch, d = c_.d_model, di = c_.dInner(), N = c_.d_state, R = c_.dt_rank;
         int64_t const X = xWidth(c_), KW = c_.d_conv, n = B * T;
         size_t const a = actElem_;
         cudaDataType_t const t = ltType(w_->dtype);
         size_t const convLayer = B * di * (KW - 1) * a, ssmLayer = B * di * N * 4;
-        for (int64_t l = 0; l < c_.n_layers; ++l)
-        {
-            LayerWeights const& W = w_->layers[l];
-            // h += round(out_proj) (layer 0: h = embedding), u = RMSNorm(h): decode kernel A on B·T rows; its zo
-            // (zeroed sums the decode step's atomics need) is the part it has just read
-            Launch(l == 0 ? norm_ : normRes_)
-                .ptr("tok_ptr", pTok_.get())
+        LayerWeights const& W = w_->layers[l];
+        bool const lastOnly = last && l == c_.n_layers - 1;
+        if (l == 0) // h = embedding, u = RMSNorm(h): decode kernel A on B·T rows; the sums it zeroes for the
+            Launch(norm_) // decode step's atomics ([B·T, d] fp32) land in xz, which in_proj writes next
+                .ptr("tok_ptr", S.tok.get())
                 .ptr("emb_ptr", w_->emb)
-                .ptr("h_prev_ptr", pH_.get())
-                .ptr("part_ptr", pPart_.get())
-                .ptr("h_ptr", pH_.get())
-                .ptr("u_ptr", pU_.get())
+                .ptr("h_prev_ptr", S.h.get())
+                .ptr("part_ptr", S.part.get())
+                .ptr("h_ptr", S.h.get())
+                .ptr("u_ptr", S.u.get())
                 .ptr("norm_w_ptr", W.norm)
                 .ptr("w_ptr", W.norm)
-                .ptr("bias_ptr", pPart_.get())
-                .ptr("out_ptr", pU_.get())
-                .ptr("zx_ptr", pPart_.get())
-                .ptr("zo_ptr", pPart_.get())
+                .ptr("bias_ptr", S.part.get())
+                .ptr("out_ptr", S.u.get())
+                .ptr("zx_ptr", S.xz.get())
+                .ptr("zo_ptr", S.xz.get())
                 .i32("d", d)
                 .i32("R", 0)
-                .i32("P", 1)
+                .i32("P", 0)
                 .i32("X", 0)
                 .f32("eps", c_.norm_eps)
                 .i32("stride_emb", d)
-                .run({1, static_cast<unsigned>(n), 1}, stream_);
-            void* mixerIn = pU_.get();
-            if (c_.memory)
-            {
-                prefillMemory(p, l, T);
-                mixerIn = pUt_.get();
-            }
-            // §6: in_proj, the causal conv over [window, x], x_proj, dt_proj, the chunked scan from the SSM state
-            gemm(2 * di, n, d, W.inW, mixerIn, d, pXz_.get(), 2 * di, t);
-            Launch(pConv_)
-                .ptr("x_ptr", pXz_.get())
-                .ptr("w_ptr", W.convW)
-                .ptr("b_ptr", W.convB)
-                .ptr("win_ptr", at(conv[p].get(), l * convLayer))
-                .ptr("out_ptr", pXc_.get())
-                .ptr("new_win_ptr", at(conv[q].get(), l * convLayer))
-                .i32("T", T)
-                .i32("Di", di)
-                .i32("stride_x_b", T * 2 * di)
-                .i32("stride_x_t", 2 * di)
-                .i32("stride_win_b", di * (KW - 1))
-                .i32("stride_out_b", T * di)
-                .i32("stride_out_t", di)
-                .i32("stride_new_win_b", di * (KW - 1))
-                .run({static_cast<unsigned>(B), cdiv(di, pConv_.at("BLOCK_D")), cdiv(T, pConv_.at("CHUNK"))}, stream_);
-            gemm(X, n, di, W.xW, pXc_.get(), di, pDbc_.get(), X, t);
-            gemm(di, n, R, W.dtW, pDbc_.get(), X, pDt_.get(), di, t);
-            scanForward(W, T, at(ssm[p].get(), l * ssmLayer), at(ssm[q].get(), l * ssmLayer));
-            gemm(d, n, di, W.outW, pY_.get(), di, pPart_.get(), d, CUDA_R_32F); // fp32: the next norm rounds it
+                .run({1, static_cast<unsigned>(n), 1}, S.stream);
+        else // h += out_proj's output (the model dtype), u = RMSNorm(h): norm.residual_norm_kernel, in place
+            Launch(pNorm_)
+                .ptr("h_ptr", S.h.get())
+                .ptr("y_ptr", S.part.get())
+                .ptr("w_ptr", W.norm)
+                .ptr("h_out_ptr", S.h.get())
+                .ptr("u_ptr", S.u.get())
+                .i32("rows", n)
+                .i32("d", d)
+                .f32("eps", c_.norm_eps)
+                .run({cdiv(n, pNorm_.at("BLOCK_R")), 1, 1}, S.stream);
+        void* mixerIn = S.u.get();
+        if (c_.memory)
+        {
+            prefillMemory(p, l, T);
+            mixerIn = S.ut.get();
         }
+        // §6: in_proj, the causal conv over [window, x], x_proj, dt_proj, the chunked scan from the SSM state
+        // (the last layer of the last chunk: in_proj's x half; lastLayerTail projects the gate it needs)
+        gemm(lastOnly ? di : 2 * di, n, d, W.inW, mixerIn, d, S.xz.get(), 2 * di, t);
+        Launch(pConv_)
+            .ptr("x_ptr", S.xz.get())
+            .ptr("w_ptr", W.convW)
+            .ptr("b_ptr", W.convB)
+            .ptr("win_ptr", at(conv[p].get(), l * convLayer))
+            .ptr("out_ptr", S.xc.get())
+            .ptr("new_win_ptr", at(conv[q].get(), l * convLayer))
+            .i32("T", T)
+            .i32("Di", di)
+            .i32("stride_x_b", T * 2 * di)
+            .i32("stride_x_t", 2 * di)
+            .i32("stride_win_b", di * (KW - 1))
+            .i32("stride_out_b", T * di)
+            .i32("stride_out_t", di)
+            .i32("stride_new_win_b", di * (KW - 1))
+            .run({static_cast<unsigned>(B), cdiv(di, pConv_.at("BLOCK_D")), cdiv(T, pConv_.at("CHUNK"))}, S.stream);
+        gemm(X, n, di, W.xW, S.xc.get(), di, S.dbc.get(), X, t);
+        gemm(di, n, R, W.dtW, S.dbc.get(), X, S.dt.get(), di, t);
+        scanForward(W, T, at(ssm[p].get(), l * ssmLayer), at(ssm[q].get(), l * ssmLayer), lastOnly);
+        if (lastOnly)
+            lastLayerTail(W, T, mixerIn);
+        else
+            gemm(d, n, di, W.outW, S.y.get(), di, S.part.get(), d, t);
     }
 
-    //! scan.scan_forward's three passes over the chunk (TritonBackend's prefill scan): xc (pXc_), dt (pDt_), B and
-    //! C (views of pDbc_), z (in_proj's second half) from the SSM state h0 -> y (pY_) and the state h (both
-    //! [B, Di, N] fp32). Pass 1 runs each chunk from zero, keeping its final state, Σδ and δ; the prefix pass
-    //! chains the chunks from h0 (and writes h); pass 3 runs each chunk again from its start, writing y.
-    void scanForward(LayerWeights const& W, int T, void const* h0, void* h)
+    //! The last layer of the prompt's last chunk, after its scan's passes 1 and 2: in_proj's gate half and pass 3
+    //! for the last scan chunk's rows alone (the same sums as over the whole chunk, so the last token's y is the
+    //! whole pass's), out_proj at the last token (fp32 [B, d] into out_, as the decode step leaves it), and h before
+    //! it into h_[(L + 1) % 2], where the decode step's final norm reads them (prefillLogits).
+    void lastLayerTail(LayerWeights const& W, int T, void* mixerIn)
     {
-        int64_t const B = opt_.batch, di = c_.dInner(), N = c_.d_state, R = c_.dt_rank, X = xWidth(c_);
+        PrefillSide& S = sides_[side_];
+        int64_t const B = opt_.batch, d = c_.d_model, di = c_.dInner();
         size_t const a = actElem_;
+        cudaDataType_t const t = ltType(w_->dtype);
         ScanPlan const plan = scanPlan(T);
-        if (plan.chunks > pScanChunks_)
+        int64_t const t0 = (plan.chunks - 1) * plan.chunkLen, rows = T - t0;
+        gemm(di, rows, d, at(W.inW, di * d * a), at(mixerIn, t0 * d * a), d,
+            at(S.xz.get(), (t0 * 2 * di + di) * a), 2 * di, t, {int(B), T * d, T * 2 * di});
+        scanPass(pScanOut_, W, T, plan, plan.chunks - 1);
+        gemm(d, B, di, W.outW, at(S.y.get(), (T - 1) * di * a), T * di, out_.get(), d, CUDA_R_32F);
+        MM_CUDA(cudaMemcpy2DAsync(h_[(c_.n_layers + 1) % 2].get(), d * 4, at(S.h.get(), (T - 1) * d * 4), T * d * 4,
+            d * 4, B, cudaMemcpyDeviceToDevice, S.stream));
+    }
+
+    //! The logits and next token of the prompt's last token (state cur_, just written): the decode step's final
+    //! norm over what lastLayerTail left, the LM head and the sampler.
+    void prefillLogits()
+    {
+        enqueueNorm(normRes_, c_.n_layers, w_->normF, cur_);
+        head_[cur_].run(lt_, workspace_.get(), stream_);
+        enqueueSample(cur_);
+        hasLogits_ = true;
+    }
+
+    //! scan.scan_forward's three passes over the chunk (TritonBackend's prefill scan): xc (S.xc), dt (S.dt), B and
+    //! C (views of S.dbc), z (in_proj's second half) from the SSM state h0 -> y (S.y) and the state h (both
+    //! [B, Di, N] fp32). Pass 1 runs each chunk from zero, keeping its final state, Σδ and δ; the prefix pass
+    //! chains the chunks from h0 (and writes h); pass 3 runs each chunk again from its start, writing y (lastOnly:
+    //! not here, lastLayerTail runs it for the last chunk).
+    void scanForward(LayerWeights const& W, int T, void const* h0, void* h, bool lastOnly)
+    {
+        PrefillSide& S = sides_[side_];
+        int64_t const B = opt_.batch, di = c_.dInner(), N = c_.d_state;
+        ScanPlan const plan = scanPlan(T);
+        if (plan.chunks > sides_[side_].scanChunks)
             throw Error("internal: the prefill scan plans " + std::to_string(plan.chunks) + " chunks for "
-                + std::to_string(T) + " tokens, its buffers hold " + std::to_string(pScanChunks_));
-        unsigned const grid[3] = {static_cast<unsigned>(B), cdiv(di, pScanStates_.at("BLOCK_D")),
-            static_cast<unsigned>(plan.chunks)};
-        int64_t const hs = plan.chunks * di * N; // a batch row's chunk states, [chunks, N, Di]
-        auto pass = [&](Kernel const& k, void const* dt, int64_t dtRow, void const* z, void const* hIn, void* y,
-                        void* hOut, void* dtSum, int softplus, void* delta) {
-            Launch(k)
-                .ptr("x_ptr", pXc_.get())
-                .ptr("dt_ptr", dt)
-                .ptr("AT_ptr", W.AT)
-                .ptr("B_ptr", static_cast<unsigned char*>(pDbc_.get()) + R * a)
-                .ptr("C_ptr", static_cast<unsigned char*>(pDbc_.get()) + (R + N) * a)
-                .ptr("D_ptr", W.D)
-                .ptr("z_ptr", z)
-                .ptr("dt_bias_ptr", W.dtBias)
-                .ptr("h_in_ptr", hIn)
-                .ptr("y_ptr", y)
-                .ptr("h_out_ptr", hOut)
-                .ptr("dt_sum_ptr", dtSum)
-                .i32("T", T)
-                .i32("Di", di)
-                .i32("N", N)
-                .i32("chunk_len", plan.chunkLen)
-                .i32("dt_softplus", softplus)
-                .i32("stride_x_b", T * di)
-                .i32("stride_x_t", di)
-                .i32("stride_dt_b", T * dtRow)
-                .i32("stride_dt_t", dtRow)
-                .i32("stride_B_b", T * X)
-                .i32("stride_B_t", X)
-                .i32("stride_C_b", T * X)
-                .i32("stride_C_t", X)
-                .i32("stride_z_b", T * 2 * di)
-                .i32("stride_z_t", 2 * di)
-                .i32("stride_y_b", T * di)
-                .i32("stride_y_t", di)
-                .i32("stride_hin_b", hs)
-                .i32("stride_hin_c", di * N)
-                .i32("stride_hout_b", hs)
-                .i32("stride_hout_c", di * N)
-                .ptr("delta_ptr", delta)
-                .run({grid[0], grid[1], grid[2]}, stream_);
-        };
-        void* xz = pXz_.get();
-        pass(pScanStates_, pDt_.get(), di, xz, W.AT, W.AT, pStates_.get(), pDtSum_.get(), 1, pDelta_.get());
+                + std::to_string(T) + " tokens, its buffers hold " + std::to_string(sides_[side_].scanChunks));
+        scanPass(pScanStates_, W, T, plan, 0);
         Launch(pScanPrefix_)
             .ptr("AT_ptr", W.AT)
-            .ptr("dt_sum_ptr", pDtSum_.get())
+            .ptr("dt_sum_ptr", S.dtSum.get())
             .ptr("h0_ptr", h0)
-            .ptr("states_ptr", pStates_.get())
-            .ptr("starts_ptr", pStarts_.get())
+            .ptr("states_ptr", S.states.get())
+            .ptr("starts_ptr", S.starts.get())
             .ptr("h_out_ptr", h)
             .i32("Di", di)
             .i32("N", N)
             .i32("n_chunks", plan.chunks)
             .i32("stride_h0_b", di * N)
             .i32("stride_hout_b", di * N)
-            .run({static_cast<unsigned>(B), cdiv(N * di, pScanPrefix_.at("BLOCK_E")), 1}, stream_);
-        pass(pScanOut_, pDelta_.get(), di, static_cast<unsigned char*>(xz) + di * a, pStarts_.get(), pY_.get(), W.AT,
-            W.AT, 0, W.AT);
+            .run({static_cast<unsigned>(B), cdiv(N * di, pScanPrefix_.at("BLOCK_E")), 1}, S.stream);
+        if (!lastOnly)
+            scanPass(pScanOut_, W, T, plan, 0);
+    }
+
+    //! Pass 1 (k = pScanStates_) or pass 3 (pScanOut_) of scanForward over the plan's scan chunks from `first` on
+    //! (every input and output from that chunk's first token).
+    void scanPass(Kernel const& k, LayerWeights const& W, int T, ScanPlan const& plan, int64_t first)
+    {
+        PrefillSide& S = sides_[side_];
+        int64_t const B = opt_.batch, di = c_.dInner(), N = c_.d_state, R = c_.dt_rank, X = xWidth(c_);
+        int64_t const t0 = first * plan.chunkLen, hs = plan.chunks * di * N; // a batch row's chunk states
+        size_t const a = actElem_;
+        bool const out = &k == &pScanOut_;
+        void* AT = W.AT; // stands in for the pointers a pass does not use
+        void* dbc = at(S.dbc.get(), t0 * X * a);
+        Launch(k)
+            .ptr("x_ptr", at(S.xc.get(), t0 * di * a))
+            .ptr("dt_ptr", out ? at(S.delta.get(), t0 * di * 4) : S.dt.get()) // pass 3: pass 1's δ (fp32)
+            .ptr("AT_ptr", W.AT)
+            .ptr("B_ptr", at(dbc, R * a))
+            .ptr("C_ptr", at(dbc, (R + N) * a))
+            .ptr("D_ptr", W.D)
+            .ptr("z_ptr", at(S.xz.get(), (t0 * 2 * di + di) * a))
+            .ptr("dt_bias_ptr", W.dtBias)
+            .ptr("h_in_ptr", out ? at(S.starts.get(), first * di * N * 4) : AT)
+            .ptr("y_ptr", out ? at(S.y.get(), t0 * di * a) : AT)
+            .ptr("h_out_ptr", out ? AT : S.states.get())
+            .ptr("dt_sum_ptr", out ? AT : S.dtSum.get())
+            .i32("T", T - t0)
+            .i32("Di", di)
+            .i32("N", N)
+            .i32("chunk_len", plan.chunkLen)
+            .i32("dt_softplus", out ? 0 : 1)
+            .i32("stride_x_b", T * di)
+            .i32("stride_x_t", di)
+            .i32("stride_dt_b", T * di)
+            .i32("stride_dt_t", di)
+            .i32("stride_B_b", T * X)
+            .i32("stride_B_t", X)
+            .i32("stride_C_b", T * X)
+            .i32("stride_C_t", X)
+            .i32("stride_z_b", T * 2 * di)
+            .i32("stride_z_t", 2 * di)
+            .i32("stride_y_b", T * di)
+            .i32("stride_y_t", di)
+            .i32("stride_hin_b", hs)
+            .i32("stride_hin_c", di * N)
+            .i32("stride_hout_b", hs)
+            .i32("stride_hout_c", di * N)
+            .ptr("delta_ptr", out ? AT : S.delta.get())
+            .run({static_cast<unsigned>(B), cdiv(di, k.at("BLOCK_D")), static_cast<unsigned>(plan.chunks - first)},
+                S.stream);
     }
 
     //! Columns a read's queries through W_k take in pQk_ and pM_ (H·ds, in whole 16-element vectors).
     int64_t qkWidth() const { return (c_.memory_heads * c_.summary_dim + 15) / 16 * 16; }
 
-    //! §3-§5 of layer l over the chunk: ũ (pUt_) from u (pU_), the pool and priorities at parity 1 - p.
+    //! §3-§5 of layer l over the chunk: ũ (S.ut) from u (S.u), the pool and priorities at parity 1 - p.
     void prefillMemory(int p, int64_t l, int T)
     {
+        PrefillSide& S = sides_[side_];
         int const q = 1 - p;
         int64_t const B = opt_.batch, d = c_.d_model, K = c_.pool_size, ds = c_.summary_dim;
         int64_t const hd = d / 4, P = c_.cross_layer_every, M = K + T, n = B * T;
@@ -1171,18 +1301,18 @@ private:
         LayerWeights const& W = w_->layers[l];
         int64_t const rows = W.memRows; // g's columns: q_tok [0, ds), score hidden, summary, trigger, q_cross
         int64_t const colSummary = ds + hd;
-        void* g = pG_[l % P].get();      // [B, K + T, rows]: the pool's K rows (its summaries: the bank), then tokens'
-        void* idx = pIdx_[l % P].get();  // [B, T + 1, K] the sweep's index
+        void* g = S.g[l % P].get();      // [B, K + T, rows]: the pool's K rows (its summaries: the bank), then tokens'
+        void* idx = S.idx[l % P].get();  // [B, T + 1, K] the sweep's index
         void* poolIn = at(pool[p].get(), l * B * K * ds * a);
         // the five projections that share u, without the trigger's bias (note_scores adds it, as the Python path)
-        gemm(rows, T, d, W.memW, pU_.get(), d, at(g, K * rows * a), rows, t, {int(B), T * d, M * rows});
+        gemm(rows, T, d, W.memW, S.u.get(), d, at(g, K * rows * a), rows, t, {int(B), T * d, M * rows});
         Launch(pScores_)
             .ptr("g_ptr", at(g, ds * a))
             .ptr("w2_ptr", W.wScore)
             .ptr("trig_bias_ptr", at(W.memBias, (colSummary + ds) * a))
             .ptr("alpha_ptr", W.alpha)
-            .ptr("a_ptr", pA_.get())
-            .ptr("gain_ptr", pGain_.get())
+            .ptr("a_ptr", S.scores.get())
+            .ptr("gain_ptr", S.gain.get())
             .ptr("pool0_ptr", poolIn)
             .i32("M", n)
             .i32("T", T)
@@ -1195,8 +1325,8 @@ private:
             .i32("stride_pool_k", ds)
             .i32("stride_pool_s", 1)
             .f32("tau2", static_cast<float>(c_.read_threshold))
-            .run({cdiv(n, pScores_.at("BLOCK_M")), 1, 1}, stream_);
-        sweep(T, at(prio[p].get(), l * B * K * 4), idx, pEnds_[l % P].get(), at(prio[q].get(), l * B * K * 4));
+            .run({cdiv(n, pScores_.at("BLOCK_M")), 1, 1}, S.stream);
+        sweep(T, at(prio[p].get(), l * B * K * 4), idx, S.ends[l % P].get(), at(prio[q].get(), l * B * K * 4));
         if (a == 2)
             mixReads(l, T);
         else
@@ -1214,14 +1344,15 @@ private:
             .i32("stride_last_k", 1)
             .i32("stride_out_b", K * ds)
             .i32("stride_out_k", ds)
-            .run({static_cast<unsigned>(B), 1, 1}, stream_);
+            .run({static_cast<unsigned>(B), 1, 1}, S.stream);
     }
 
-    //! §3's sweep of the chunk's scores (pA_) from priorities prio0: index [B, T + 1, K], the entry ends [B, K + T]
+    //! §3's sweep of the chunk's scores (S.scores) from priorities prio0: index [B, T + 1, K], the entry ends [B, K + T]
     //! and the priorities after it (pool.pool_sweep_ends: the segments' top lists, who enters, their list, the slot
     //! replay, the index rows).
     void sweep(int T, void const* prio0, void* index, void* ends, void* prioOut)
     {
+        PrefillSide& S = sides_[side_];
         int64_t const B = opt_.batch, K = c_.pool_size, segs = cdiv(T, pSweepTop_.at("SEG"));
         float const tau1 = static_cast<float>(c_.insert_threshold);
         unsigned const b = static_cast<unsigned>(B);
@@ -1229,57 +1360,57 @@ private:
             throw Error("internal: the prefill sweep is compiled for " + std::to_string(pSweepCompact_.at("BLOCK_SEG"))
                 + " segments, a chunk of " + std::to_string(T) + " tokens has " + std::to_string(segs));
         Launch(pSweepTop_)
-            .ptr("scores_ptr", pA_.get())
-            .ptr("top_ptr", pTop_.get())
-            .ptr("seg_count_ptr", pSegCount_.get())
+            .ptr("scores_ptr", S.scores.get())
+            .ptr("top_ptr", S.top.get())
+            .ptr("seg_count_ptr", S.segCount.get())
             .i32("T", T)
             .f32("tau1", tau1)
             .i32("stride_scores_b", T)
-            .run({b, static_cast<unsigned>(segs), 1}, stream_);
+            .run({b, static_cast<unsigned>(segs), 1}, S.stream);
         Launch(pSweepEnter_)
-            .ptr("scores_ptr", pA_.get())
+            .ptr("scores_ptr", S.scores.get())
             .ptr("prio0_ptr", prio0)
-            .ptr("top_ptr", pTop_.get())
-            .ptr("enter_ptr", pEnter_.get())
-            .ptr("seg_count_ptr", pSegCount_.get())
+            .ptr("top_ptr", S.top.get())
+            .ptr("enter_ptr", S.enter.get())
+            .ptr("seg_count_ptr", S.segCount.get())
             .i32("T", T)
             .i32("K", K)
             .i32("n_seg", segs)
             .f32("tau1", tau1)
             .i32("stride_scores_b", T)
-            .run({b, cdiv(T, pSweepEnter_.at("BLOCK_T")), 1}, stream_);
+            .run({b, cdiv(T, pSweepEnter_.at("BLOCK_T")), 1}, S.stream);
         Launch(pSweepCompact_)
-            .ptr("enter_ptr", pEnter_.get())
-            .ptr("seg_count_ptr", pSegCount_.get())
-            .ptr("ev_tok_ptr", pEvTok_.get())
-            .ptr("ev_a_ptr", pEvA_.get())
-            .ptr("ecount_ptr", pEcount_.get())
+            .ptr("enter_ptr", S.enter.get())
+            .ptr("seg_count_ptr", S.segCount.get())
+            .ptr("ev_tok_ptr", S.evTok.get())
+            .ptr("ev_a_ptr", S.evA.get())
+            .ptr("ecount_ptr", S.ecount.get())
             .ptr("ends_ptr", ends)
             .i32("T", T)
             .i32("K", K)
             .i32("n_seg", segs)
-            .run({b, static_cast<unsigned>(segs), 1}, stream_);
+            .run({b, static_cast<unsigned>(segs), 1}, S.stream);
         Launch(pSweepReplay_)
-            .ptr("seg_count_ptr", pSegCount_.get())
+            .ptr("seg_count_ptr", S.segCount.get())
             .ptr("prio0_ptr", prio0)
-            .ptr("ev_tok_ptr", pEvTok_.get())
-            .ptr("ev_a_ptr", pEvA_.get())
-            .ptr("ecount_ptr", pEcount_.get())
-            .ptr("hist_ptr", pHist_.get())
+            .ptr("ev_tok_ptr", S.evTok.get())
+            .ptr("ev_a_ptr", S.evA.get())
+            .ptr("ecount_ptr", S.ecount.get())
+            .ptr("hist_ptr", S.hist.get())
             .ptr("prio_ptr", prioOut)
             .ptr("ends_ptr", ends)
             .i32("T", T)
             .i32("K", K)
             .i32("n_seg", segs)
-            .run({b, 1, 1}, stream_);
+            .run({b, 1, 1}, S.stream);
         Launch(pSweepFill_)
-            .ptr("ecount_ptr", pEcount_.get())
-            .ptr("hist_ptr", pHist_.get())
+            .ptr("ecount_ptr", S.ecount.get())
+            .ptr("hist_ptr", S.hist.get())
             .ptr("index_ptr", index)
             .ptr("ends_ptr", ends)
             .i32("T", T)
             .i32("K", K)
-            .run({b, cdiv(T + 1, pSweepFill_.at("BLOCK_T")), 1}, stream_);
+            .run({b, cdiv(T + 1, pSweepFill_.at("BLOCK_T")), 1}, S.stream);
     }
 
     //! fp16: layer l's reads as the Python prefill does them (memory.fused_memory_read): each read's queries through
@@ -1287,6 +1418,7 @@ private:
     //! banks where they lie), then ũ = u + Σ_reads W_v m per head, added onto u by the GEMMs.
     void mixReads(int64_t l, int T)
     {
+        PrefillSide& S = sides_[side_];
         int64_t const B = opt_.batch, d = c_.d_model, K = c_.pool_size, ds = c_.summary_dim, H = c_.memory_heads;
         int64_t const hd = d / 4, P = c_.cross_layer_every, M = K + T, n = B * T, dh = ds / H, dv = d / H;
         int64_t const Hq = qkWidth(), Wq = 2 * Hq;
@@ -1296,7 +1428,7 @@ private:
         int const heads = static_cast<int>(H);
         // q' for every row of g (its pool rows too: one row stride) into read r's columns of pQk_ [B·M, Wq]
         auto project = [&](int r, int64_t qColumn, void const* kT) {
-            gemm(ds, B * M, dh, kT, at(pG_[l % P].get(), qColumn * a), W.memRows, at(pQk_.get(), r * Hq * a), Wq, t,
+            gemm(ds, B * M, dh, kT, at(S.g[l % P].get(), qColumn * a), W.memRows, at(S.qk.get(), r * Hq * a), Wq, t,
                 {heads, dh, ds, ds * dh});
         };
         auto mix = [&](Kernel const& k, int r, int64_t pools, void const* gain, int64_t gainStride) {
@@ -1305,18 +1437,18 @@ private:
             {
                 int64_t const m = l - pools + 1 + j, mRows = w_->layers[m].memRows;
                 std::string const J = "_" + std::to_string(j);
-                L.ptr("banks" + J, at(pG_[m % P].get(), (ds + hd) * a))
-                    .ptr("indices" + J, pIdx_[m % P].get())
-                    .ptr("ends" + J, pEnds_[m % P].get())
+                L.ptr("banks" + J, at(S.g[m % P].get(), (ds + hd) * a))
+                    .ptr("indices" + J, S.idx[m % P].get())
+                    .ptr("ends" + J, S.ends[m % P].get())
                     .i32("strides_s_b" + J, M * mRows)
                     .i32("strides_s_m" + J, mRows)
                     .i32("strides_i_b" + J, (T + 1) * K)
                     .i32("strides_i_t" + J, K)
                     .i32("strides_e_b" + J, M);
             }
-            L.ptr("q_ptr", at(pQk_.get(), (K * Wq + r * Hq) * a))
+            L.ptr("q_ptr", at(S.qk.get(), (K * Wq + r * Hq) * a))
                 .ptr("gain_ptr", gain)
-                .ptr("m_ptr", at(pM_.get(), r * Hq * a))
+                .ptr("m_ptr", at(S.m.get(), r * Hq * a))
                 .i32("T", T)
                 .i32("K", K)
                 .i32("ds", ds)
@@ -1328,20 +1460,20 @@ private:
                 .i32("stride_g_t", gainStride)
                 .i32("stride_m_b", T * Wq)
                 .i32("stride_m_t", Wq)
-                .run({static_cast<unsigned>(B), cdiv(T, k.at("BLOCK_Q")), cdiv(H, k.at("BLOCK_H"))}, stream_);
+                .run({static_cast<unsigned>(B), cdiv(T, k.at("BLOCK_Q")), cdiv(H, k.at("BLOCK_H"))}, S.stream);
         };
         // o_h = W_v,h m_h per head, added to C: u for the first read, ũ for the second
         auto out = [&](int r, void const* wv, void const* c) {
-            gemm(dv, n, ds, wv, at(pM_.get(), r * Hq * a), Wq, pUt_.get(), d, t, {heads, ds, dv, dv * ds, c});
+            gemm(dv, n, ds, wv, at(S.m.get(), r * Hq * a), Wq, S.ut.get(), d, t, {heads, ds, dv, dv * ds, c});
         };
         project(0, 0, W.kT);
-        mix(pMix_, 0, 1, pGain_.get(), 1);
-        out(0, W.wv, pU_.get());
+        mix(pMix_, 0, 1, S.gain.get(), 1);
+        out(0, W.wv, S.u.get());
         if (c_.isCrossLayer(l))
         {
             project(1, 2 * ds + hd + 1, W.xkT);
             mix(pMixCross_, 1, P, W.xalpha32, 0);
-            out(1, W.xwv, pUt_.get());
+            out(1, W.xwv, S.ut.get());
         }
     }
 
@@ -1349,18 +1481,19 @@ private:
     //! on keys and values projected from the banks.
     void attendReads(int64_t l, int T)
     {
+        PrefillSide& S = sides_[side_];
         int64_t const B = opt_.batch, d = c_.d_model, K = c_.pool_size, ds = c_.summary_dim, H = c_.memory_heads;
         int64_t const hd = d / 4, P = c_.cross_layer_every, M = K + T, n = B * T;
         size_t const a = actElem_;
         cudaDataType_t const t = ltType(w_->dtype);
         LayerWeights const& W = w_->layers[l];
         int64_t const rows = W.memRows, colSummary = ds + hd, colTrig = 2 * ds + hd;
-        void* g = pG_[l % P].get();
-        void* idx = pIdx_[l % P].get();
+        void* g = S.g[l % P].get();
+        void* idx = S.idx[l % P].get();
         // §4: the token read over this layer's bank [pool0; summaries]
         void* bank = at(g, colSummary * a);
-        gemm(ds, B * M, ds, W.wk, bank, rows, pKeys_.get(), ds, t);
-        gemm(d, B * M, ds, W.wv, bank, rows, pVals_.get(), d, t);
+        gemm(ds, B * M, ds, W.wk, bank, rows, S.keys.get(), ds, t);
+        gemm(d, B * M, ds, W.wv, bank, rows, S.vals.get(), d, t);
         // a read: queries (a column block of g's token rows) over pKeys_ / pVals_ [B, entries, ...] -> pO_
         auto attend = [&](size_t qColumn, int64_t entries, int64_t slots, void const* index, int64_t indexStrideB) {
             plugin::AttentionSizes as{static_cast<int32_t>(B), T, static_cast<int32_t>(entries),
@@ -1369,33 +1502,33 @@ private:
             as.qStrideT = static_cast<int32_t>(rows);
             as.qStrideB = static_cast<int32_t>(M * rows);
             as.indexStrideB = static_cast<int32_t>(indexStrideB);
-            check(plugin::poolAttentionLaunch(at(g, (K * rows + qColumn) * a), pKeys_.get(), pVals_.get(), index,
-                pO_.get(), as, false, stream_));
+            check(plugin::poolAttentionLaunch(at(g, (K * rows + qColumn) * a), S.keys.get(), S.vals.get(), index,
+                S.o.get(), as, false, S.stream));
         };
         attend(0, M, K, idx, (T + 1) * K);
-        gainedAdd(pU_.get(), pGain_.get(), 1, n);
+        gainedAdd(S.u.get(), S.gain.get(), 1, n);
         if (!c_.isCrossLayer(l))
             return;
         // §5: the group's banks joined ([B, P·M, ds] keys and [B, P·M, d] values), their indices shifted
         for (int64_t j = 0; j < P; ++j)
         {
             int64_t const m = l - P + 1 + j, mRows = w_->layers[m].memRows;
-            void* mBank = at(pG_[m % P].get(), colSummary * a);
-            gemm(ds, M, ds, W.xwk, mBank, mRows, at(pKeys_.get(), j * M * ds * a), ds, t,
+            void* mBank = at(S.g[m % P].get(), colSummary * a);
+            gemm(ds, M, ds, W.xwk, mBank, mRows, at(S.keys.get(), j * M * ds * a), ds, t,
                 {int(B), M * mRows, P * M * ds});
-            gemm(d, M, ds, W.xwv, mBank, mRows, at(pVals_.get(), j * M * d * a), d, t, {int(B), M * mRows, P * M * d});
+            gemm(d, M, ds, W.xwv, mBank, mRows, at(S.vals.get(), j * M * d * a), d, t, {int(B), M * mRows, P * M * d});
             Launch(pCross_)
-                .ptr("index_ptr", pIdx_[m % P].get())
-                .ptr("out_ptr", pIdxX_.get())
+                .ptr("index_ptr", S.idx[m % P].get())
+                .ptr("out_ptr", S.idxX.get())
                 .i32("T", T)
                 .i32("K", K)
                 .i32("width", P * K)
                 .i32("col0", j * K)
                 .i32("shift", j * M)
-                .run({static_cast<unsigned>(n), 1, 1}, stream_);
+                .run({static_cast<unsigned>(n), 1, 1}, S.stream);
         }
-        attend(colTrig + 1, P * M, P * K, pIdxX_.get(), T * P * K);
-        gainedAdd(pUt_.get(), W.xalpha32, 0, n);
+        attend(colTrig + 1, P * M, P * K, S.idxX.get(), T * P * K);
+        gainedAdd(S.ut.get(), W.xalpha32, 0, n);
     }
 
     //! One of the prefill's products (GemmPlans), in the model dtype unless dType says otherwise; batched, strided
@@ -1403,27 +1536,30 @@ private:
     void gemm(int64_t m, int64_t n, int64_t k, void const* w, void const* x, int64_t ldx, void* d, int64_t ldd,
         cudaDataType_t dType, GemmBatch const& g = {})
     {
-        plans_.run(lt_, workspace_.get(), stream_, m, n, k, ltType(w_->dtype), dType, w, x, ldx, d, ldd, g);
+        PrefillSide const& S = sides_[side_];
+        plans_.run(lt_, S.workspace.get() ? S.workspace.get() : workspace_.get(), S.stream, m, n, k, ltType(w_->dtype), dType,
+            w, x, ldx, d, ldd, g);
     }
 
     //! ũ = res + round(o · gain) into pUt_ (gained_read): gain fp32 per row (stride 1) or one for all (stride 0).
     void gainedAdd(void const* res, void const* gain, int strideGain, int64_t rows)
     {
+        PrefillSide& S = sides_[side_];
         Launch(pGained_)
             .ptr("res_ptr", res)
-            .ptr("o_ptr", pO_.get())
+            .ptr("o_ptr", S.o.get())
             .ptr("gain_ptr", gain)
-            .ptr("out_ptr", pUt_.get())
+            .ptr("out_ptr", S.ut.get())
             .i32("d", c_.d_model)
             .i32("stride_gain", strideGain)
-            .run({static_cast<unsigned>(rows), 1, 1}, stream_);
+            .run({static_cast<unsigned>(rows), 1, 1}, S.stream);
     }
 
     std::vector<Kernel const*> usedKernels() const
     {
         std::vector<Kernel const*> out;
         for (Kernel const* k : {&norm_, &normRes_, &pool_, &poolCross_, &conv_, &scan_, &sample_, &fNormProjEmbed_,
-                 &fNormProj_, &fInConv_, &fSsmOut_, &pConv_, &pScores_, &pAfter_, &pGained_, &pCross_, &pScanStates_,
+                 &fNormProj_, &fInConv_, &fSsmOut_, &pNorm_, &pConv_, &pScores_, &pAfter_, &pGained_, &pCross_, &pScanStates_,
                  &pScanPrefix_, &pScanOut_, &pSweepTop_, &pSweepEnter_, &pSweepCompact_, &pSweepReplay_, &pSweepFill_,
                  &pMix_, &pMixCross_})
             if (k->image)

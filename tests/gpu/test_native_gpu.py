@@ -186,7 +186,7 @@ def test_long_prompts_prefill_in_parallel_chunks(build, checkpoints, dtype, batc
     native = NativeSession(build, ckpt, dtype=dtype, batch=batch)
     assert "prefill parallel" in native.describe(), native.describe()
     g = torch.Generator().manual_seed(7 + batch)
-    first = 8192 // batch + 250             # a full chunk and 249 tokens, then the last through the decode step
+    first = 8192 // batch + 250             # a full chunk and 250 tokens: two chunks in flight
     prompt = torch.randint(0, V, (batch, first + 300), generator=g)
     native.prefill(prompt[:, :first])
     native.prefill(prompt[:, first:])       # resumes from that state

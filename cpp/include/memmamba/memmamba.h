@@ -98,9 +98,10 @@ struct MEMMAMBA_API SessionOptions
     std::string pluginLibrary;     //!< tensorrt: overrides the library recorded in manifest.json
     //! native: rows (batch x tokens, at least one token a row) of one parallel prefill chunk, at most 65535. The
     //! session's prefill buffers fit its longest prompt so far (rounded up to a power of two tokens, at least 256),
-    //! at most a chunk, and stay until it closes: about 43 KB a row for 130m in fp16, 350 MB at the default (a
-    //! fork has its own). 0: no parallel prefill, prompts go token by token through the decode graph (no buffers,
-    //! ~1,100 tokens/s on an H100).
+    //! at most a chunk, and stay until it closes: about 36 KB a row for 130m in fp16, 290 MB at the default (a
+    //! fork has its own). A prompt longer than a chunk runs two chunks at once, on two streams, with a second set
+    //! (580 MB at the default). 0: no parallel prefill, prompts go token by token through the decode graph (no
+    //! buffers, ~1,100 tokens/s on an H100).
     int prefillRows{8192};
 };
 
@@ -135,9 +136,9 @@ public:
     std::string describe() const; //!< backend, device, dtype, weights, graph
 
     //! Feed `tokens` [batch, T] (row-major, T >= 1) from the current state; afterwards logits() are those of
-    //! the last token. The native backend runs all tokens but the last in the parallel form (spec §8, chunks of
-    //! SessionOptions::prefillRows), the last through the decode step; the result equals feeding them one by one
-    //! within rounding (the pools may hold the same entries in other slots where priorities tie exactly).
+    //! the last token. The native backend runs them in the parallel form (spec §8, chunks of
+    //! SessionOptions::prefillRows); the result equals feeding them one by one within rounding (the pools may hold
+    //! the same entries in other slots where priorities tie exactly).
     //! After generate(), its last tokens are fed first (see generate).
     void prefill(int32_t const* tokens, int T);
     //! Feed one token per row, tokens [batch] (after generate()'s last tokens, if pending).

@@ -36,6 +36,11 @@ def residual_norm_kernel(
     tl.store(u_ptr + off, (w[None, :] * xn).to(u_ptr.dtype.element_ty), mask=mask)
 
 
+def norm_rows(block_d: int) -> int:
+    """Rows a program of residual_norm_kernel takes (BLOCK_R) for BLOCK_D columns (cpp/aot_kernels.py too)."""
+    return max(1, min(16, 4096 // block_d))
+
+
 def residual_norm(h, y, weight, eps: float):
     """Same signature and results as residual_norm_ref (inference: no autograd)."""
     d = h.shape[-1]
@@ -48,7 +53,7 @@ def residual_norm(h, y, weight, eps: float):
     u = torch.empty(h.shape, device=h.device, dtype=weight.dtype)
     if rows:
         block_d = triton.next_power_of_2(d)
-        block_r = max(1, min(16, 4096 // block_d))
+        block_r = norm_rows(block_d)
         residual_norm_kernel[(triton.cdiv(rows, block_r),)](
             h, h if y is None else y.contiguous(), weight.contiguous(), h_out, u, rows, d, eps,
             BLOCK_R=block_r, BLOCK_D=block_d, HAS_Y=y is not None, num_warps=4, **pdl_meta(h.device))
