@@ -25,7 +25,10 @@ The parallel prefill (both plans; cpp/src/native.cpp parallelPrefill):
 Arguments the runtime passes as multiples of 16 for a model shape (row strides, widths, aligned pointers) are
 compiled as such (multiples_of_16, decode_values: Triton's JIT specialises the Python path's calls alike, and
 without it the loads do not vectorise: the prefill scan took 11.0 ms of a 16k prefill instead of 7.4); the table
-marks them ("/16") and the runtime checks each at launch.
+marks them ("/16") and the runtime checks each at launch. Kernels that wait for their predecessor themselves
+(USE_PDL, models/ops/triton/launch.py: every decode and prefill kernel but the cublas plan's conv and scan steps, the
+sampler and the fp32 reads' helpers) are compiled with it for sm_90 and later, and launched there as programmatic
+dependents (aot.AotKernel.pdl), as the Python path launches them.
 Block sizes are constexprs chosen by each kernel's own heuristic (decode_blocks, step_blocks, conv_blocks) for one
 model shape, so a variant serves the shapes its key names (e.g. decode_note_pool_fp16_d768_..._p4); the runtime
 refuses a model whose variants are missing and names them. The table also lists each kernel's runtime arguments
@@ -166,13 +169,15 @@ def runtime_kernels(configs) -> list[tuple]:
                 for k in aot.from_table_entry(op, entry):
                     given = values[k.fn.__name__]
                     args = {n: given.get(n, 0) for n, t, _ in k.runtime_args if t.startswith("*") or n in given}
-                    add(op, act, keys["decode"], dataclasses.replace(k, divisible=tuple(multiples_of_16(args))))
+                    add(op, act, keys["decode"], dataclasses.replace(k, divisible=tuple(multiples_of_16(args)),
+                                                                     pdl="USE_PDL" in k.constexprs))
             t, f32 = f"*{act}", "*fp32"
 
             def kernel(op, key, fn, ptrs, cx, num_warps, tuples=None, divisible=()):
                 # the shape `key` names must fix every divisible value: variants are shared by the configs it names
                 add(op, act, keys[key], aot.AotKernel("", fn, signature(fn, ptrs, cx, tuples), cx,
-                                                      num_warps=num_warps, divisible=tuple(divisible)))
+                                                      num_warps=num_warps, divisible=tuple(divisible),
+                                                      pdl="USE_PDL" in cx))
 
             kernel("conv_step", "conv_step", cpp_support.conv_step_kernel,
                    {n: t for n in ("x_ptr", "w_ptr", "bias_ptr", "win_in_ptr", "win_out_ptr", "out_ptr")},
@@ -299,7 +304,7 @@ def render_table(variants) -> str:
     for k, op, act, key in variants:
         if op is None:                       # a plugin kernel: opLaunch.cpp calls its typed launcher
             continue
-        cx = ",".join(f"{n}={int(v)}" for n, v in k.constexprs.items())
+        cx = ",".join(f"{n}={int(v)}" for n, v in k.constexprs.items() if not (k.pdl and n == "USE_PDL"))
         params = ",".join(f"{n}:{'ptr' if t.startswith('*') else t}{'/16' if n in k.divisible else ''}"
                           for n, t, _ in k.runtime_args)
         rows.append(f'    {{"{op}", "{act}", "{key}", &{k.name}, "{cx}", "{params}"}},')

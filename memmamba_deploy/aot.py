@@ -29,6 +29,7 @@ C_TYPES = {"*": "const void*", "i1": "int32_t", "i8": "int8_t", "i16": "int16_t"
            "u64": "uint64_t", "fp32": "float", "f32": "float", "fp64": "double"}
 PARAM_BYTES = {"const void*": 8, "int8_t": 1, "int16_t": 2, "int32_t": 4, "int64_t": 8, "uint8_t": 1,
                "uint16_t": 2, "uint32_t": 4, "uint64_t": 8, "float": 4, "double": 8}
+PDL_SM = 90                  # programmatic dependent launch (griddepcontrol): sm_90 and later
 SCRATCH_PARAMS = ("global_scratch", "profile_scratch")   # Triton >= 3.5 appends these two pointers to every kernel
 
 
@@ -48,6 +49,9 @@ class AotKernel:
     grid        how the caller sizes the grid, in words (copied into the generated header)
     divisible   runtime arguments (by parameter name) compiled as multiples of 16 (pointers: 16-byte aligned),
                 as Triton's JIT specialises them, so that their loads vectorise; the launcher must pass such values
+    pdl         the kernel waits for its predecessor through constexpr USE_PDL (models/ops/triton/launch.py
+                _after_predecessor): its binaries for PDL_SM and later are compiled with USE_PDL (griddepcontrol)
+                and launched as programmatic dependents (aot_runtime), the others without it
     """
 
     name: str
@@ -59,6 +63,11 @@ class AotKernel:
     grid: str = ""
     doc: str = ""
     divisible: tuple[str, ...] = ()
+    pdl: bool = False
+
+    def pdl_on(self, sm: int) -> bool:
+        """Whether the binary for `sm` is compiled with USE_PDL."""
+        return self.pdl and sm >= PDL_SM
 
     @property
     def runtime_args(self) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -95,6 +104,8 @@ class AotKernel:
         for n, t, _ in self.runtime_args:
             c_type(t, where=f"{self.name}.{n}")
             types[n] = t
+        if self.pdl and "USE_PDL" not in self.constexprs:
+            raise AotError(f"{self.name}: pdl needs {self.fn.__name__} to take constexpr USE_PDL")
         for n in self.divisible:
             if n not in types or not (types[n].startswith("*") or types[n] in ("i32", "i64")):
                 raise AotError(f"{self.name}: divisible names {n!r}, which is no pointer or integer parameter of "
@@ -215,7 +226,8 @@ def compile_kernel(k: AotKernel, archs: Iterable[int], ptx: bool = True) -> Comp
     cubins, shared, entry, ptx_text = {}, 0, "", b""
     for sm in archs:
         attrs = {path: [["tt.divisibility", 16]] for n, _, path in k.runtime_args if n in k.divisible}
-        src = ASTSource(fn=k.fn, signature=dict(k.signature), constexprs=dict(k.constexprs), attrs=attrs)
+        constexprs = dict(k.constexprs, USE_PDL=k.pdl_on(sm)) if k.pdl else dict(k.constexprs)
+        src = ASTSource(fn=k.fn, signature=dict(k.signature), constexprs=constexprs, attrs=attrs)
         try:
             ck = triton.compile(src, target=GPUTarget("cuda", sm, 32),
                                 options={"num_warps": k.num_warps, "num_stages": k.num_stages})
@@ -277,6 +289,7 @@ def _doc_line(c: Compiled) -> str:
     mod = getattr(getattr(k.fn, "fn", None), "__module__", "?")
     cx = ", ".join(f"{n}={v}" for n, v in k.constexprs.items()) or "none"
     div = f"; multiples of 16: {', '.join(k.divisible)}" if k.divisible else ""
+    div += f"; USE_PDL from sm_{PDL_SM} on" if k.pdl else ""
     return (f"// {k.name}: Triton kernel `{k.fn.__name__}` ({mod}), num_warps={k.num_warps}, "
             f"num_stages={k.num_stages}, shared={c.shared} B; constexprs: {cx}{div}")
 
@@ -296,11 +309,12 @@ def render_sources(compiled: list[Compiled]) -> tuple[str, str]:
         for sm, data in sorted(c.cubins.items()):
             info = read_cubin(data)
             defs.append(f"static const unsigned char {k.name}_sm{sm}[] =\n{_bytes_literal(data)};\n")
-            cubin_rows.append(f"    {{{sm}, {str(info.arch_specific).lower()}, {k.name}_sm{sm}, "
-                              f"sizeof({k.name}_sm{sm}) - 1}},")
+            cubin_rows.append(f"    {{{sm}, {str(info.arch_specific).lower()}, {str(k.pdl_on(sm)).lower()}, "
+                              f"{k.name}_sm{sm}, sizeof({k.name}_sm{sm}) - 1}},")
         if c.ptx:
             defs.append(f"static const unsigned char {k.name}_ptx[] =\n{_bytes_literal(c.ptx)};\n")
-        ptx = f"{k.name}_ptx, sizeof({k.name}_ptx) - 1, {c.ptx_sm}" if c.ptx else "nullptr, 0, 0"
+        ptx = (f"{k.name}_ptx, sizeof({k.name}_ptx) - 1, {c.ptx_sm}, {str(k.pdl_on(c.ptx_sm)).lower()}" if c.ptx
+               else "nullptr, 0, 0, false")
         sizes = ", ".join(str(PARAM_BYTES[t]) for _, t in k.params)
         defs.append(f"static const aot::Cubin {k.name}_cubins[] = {{\n" + "\n".join(cubin_rows) + "\n};\n"
                     f"static const int {k.name}_param_sizes[] = {{{sizes}}};\n"
@@ -343,6 +357,7 @@ def manifest(compiled: list[Compiled]) -> dict:
             "params": [[n, t] for n, t in c.kernel.params],
             "signature": c.kernel.signature,
             "divisible": list(c.kernel.divisible),
+            "pdl_sms": [sm for sm in sorted(c.cubins) if c.kernel.pdl_on(sm)],
             "constexprs": {n: repr(v) for n, v in c.kernel.constexprs.items()},
             "grid": c.kernel.grid,
             "cubins": {str(sm): {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()}

@@ -125,6 +125,41 @@ def test_tuple_arguments_and_multiples_of_16():
             aot.AotKernel("g", _gather_rows_kernel, sig, {"PARTS": 3, "BLOCK": 1024}, divisible=(bad,)).validate()
 
 
+def test_pdl_kernels_wait_for_their_predecessor_from_sm_90_on(tmp_path, monkeypatch):
+    """`pdl`: the kernel's USE_PDL is compiled in (griddepcontrol) for sm_90 and later only, and the generated
+    table tells the launcher which binaries it may launch as programmatic dependents (aot_runtime)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from memmamba_deploy.models.ops.triton.norm import norm_rows, residual_norm_kernel
+
+    sig = {"h_ptr": "*fp32", "y_ptr": "*fp16", "w_ptr": "*fp16", "h_out_ptr": "*fp32", "u_ptr": "*fp16",
+           "rows": "i32", "d": "i32", "eps": "fp32", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr",
+           "HAS_Y": "constexpr", "USE_PDL": "constexpr"}
+    cx = {"BLOCK_R": norm_rows(64), "BLOCK_D": 64, "HAS_Y": True, "USE_PDL": False}
+    k = aot.AotKernel("residual_norm_pdl", residual_norm_kernel, sig, cx, pdl=True)
+    assert [k.pdl_on(sm) for sm in (80, 87, 90, 100)] == [False, False, True, True]
+    runtime = {n: t for n, t in sig.items() if t != "constexpr"}
+    for use_pdl in (False, True):                  # what the constexpr does (sm_90's PTX is not embedded: sm_90a)
+        ptx = triton.compile(triton.compiler.ASTSource(fn=residual_norm_kernel, signature=runtime,
+                                                       constexprs=dict(cx, USE_PDL=use_pdl)),
+                             target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        assert ("griddepcontrol.wait" in ptx) == use_pdl
+    seen, real = [], triton.compiler.ASTSource
+    monkeypatch.setattr(triton.compiler, "ASTSource", lambda **kw: seen.append(kw["constexprs"]["USE_PDL"]) or real(**kw))
+    c = aot.compile_kernel(k, (87, 90), ptx=True)
+    assert seen == [False, True] and c.ptx and b"griddepcontrol" not in c.ptx
+    monkeypatch.undo()
+    meta = aot.build_library([k], tmp_path / "lib", archs=(87, 90))
+    src = (tmp_path / "lib" / "memmamba_kernels.cpp").read_text()
+    assert "{87, false, false, residual_norm_pdl_sm87" in src and "{90, true, true, residual_norm_pdl_sm90" in src
+    assert "sizeof(residual_norm_pdl_ptx) - 1, 87, false}" in src          # the PTX (sm_87's) waits for nothing
+    assert meta["kernels"]["residual_norm_pdl"]["pdl_sms"] == [90]
+    toy = _toy("fp32")
+    with pytest.raises(aot.AotError, match="USE_PDL"):
+        aot.AotKernel("toy_pdl", toy.fn, toy.signature, toy.constexprs, pdl=True).validate()
+
+
 def test_blackwell_cubins_parse():
     """sm_100 and later: ABI v8 cubins, OS/ABI 0x41, the SM in bits 8..15 of e_flags."""
     compiled = aot.compile_kernel(_toy("fp16"), (100, 120))

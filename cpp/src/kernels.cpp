@@ -82,26 +82,28 @@ Launch& Launch::f32(char const* name, double v)
 
 void Launch::run(aot::Grid grid, cudaStream_t stream)
 {
-    std::string const kname = k_.image->name;
+    char const* kname = k_.image->name;
     std::vector<void*> params;
     std::vector<bool> used(values_.size(), false);
+    params.reserve(k_.params.size() + 2);
     for (auto const& [name, kind, divisible] : k_.params)
     {
-        size_t i = 0;
-        while (i < values_.size() && values_[i].name != name)
-            ++i;
+        size_t i = params.size(); // where the runtime passes arguments in the kernel's order
+        if (i >= values_.size() || values_[i].name != name)
+            for (i = 0; i < values_.size() && values_[i].name != name;)
+                ++i;
         if (i == values_.size())
-            throw Error("kernel " + kname + " takes argument '" + name + "', which the runtime does not pass: "
+            throw Error(std::string("kernel ") + kname + " takes argument '" + name + "', which the runtime does not pass: "
                 "the kernel's signature changed (update cpp/src/native.cpp)");
-        if (values_[i].kind != kind)
-            throw Error("kernel " + kname + " argument '" + name + "' is " + kind + ", the runtime passes "
+        if (kind != values_[i].kind)
+            throw Error(std::string("kernel ") + kname + " argument '" + name + "' is " + kind + ", the runtime passes "
                 + values_[i].kind);
         int bytes = kind == "ptr" ? 8 : 4;
         if (k_.image->paramSizes && k_.image->paramSizes[params.size()] != bytes)
-            throw Error("kernel " + kname + " argument '" + name + "' is " + std::to_string(k_.image->paramSizes[params.size()])
+            throw Error(std::string("kernel ") + kname + " argument '" + name + "' is " + std::to_string(k_.image->paramSizes[params.size()])
                 + " bytes in the cubin, " + std::to_string(bytes) + " in its table entry: rebuild the kernel library");
         if (divisible && values_[i].value % 16 != 0)
-            throw Error("kernel " + kname + " was compiled for argument '" + name + "' a multiple of 16"
+            throw Error(std::string("kernel ") + kname + " was compiled for argument '" + name + "' a multiple of 16"
                 + (kind == "ptr" ? " (a 16-byte aligned address)" : "") + ", the runtime passes "
                 + std::to_string(values_[i].value) + " (cpp/aot_kernels.py and cpp/src/native.cpp disagree)");
         used[i] = true;
@@ -109,13 +111,13 @@ void Launch::run(aot::Grid grid, cudaStream_t stream)
     }
     for (size_t i = 0; i < values_.size(); ++i)
         if (!used[i])
-            throw Error("the runtime passes '" + values_[i].name + "' to kernel " + kname
+            throw Error("the runtime passes '" + values_[i].name + "' to kernel " + std::string(kname)
                 + ", which takes no such argument: the kernel's signature changed (update cpp/src/native.cpp)");
     static void* scratch = nullptr; // Triton's two scratch pointers: these kernels need none
     params.push_back(&scratch);
     params.push_back(&scratch);
     if (static_cast<int>(params.size()) != k_.image->numParams)
-        throw Error("kernel " + kname + " has " + std::to_string(k_.image->numParams) + " parameters, its table entry "
+        throw Error(std::string("kernel ") + kname + " has " + std::to_string(k_.image->numParams) + " parameters, its table entry "
             + std::to_string(params.size()) + ": the kernel library and its table are out of step");
     if (aot::launch(*k_.image, grid, reinterpret_cast<CUstream>(stream), params.data()) != CUDA_SUCCESS)
         throw Error(aot::lastError());

@@ -57,6 +57,7 @@ public:
     explicit Launch(Kernel const& kernel)
         : k_(kernel)
     {
+        values_.reserve(kernel.params.size());
     }
     Launch& ptr(std::string const& name, void const* p);
     Launch& i32(std::string const& name, int64_t v);
@@ -66,7 +67,8 @@ public:
 private:
     struct Value
     {
-        std::string name, kind;
+        std::string name;
+        char const* kind; //!< "ptr" | "i32" | "fp32"
         unsigned char bytes[8];
         int64_t value; //!< a pointer's address or an integer's value (the divisibility check)
     };

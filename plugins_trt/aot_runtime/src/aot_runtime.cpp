@@ -37,6 +37,7 @@ struct Driver
     CUresult (*funcSetAttribute)(CUfunction, CUfunction_attribute, int){};
     CUresult (*launchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
         CUstream, void**, void**){};
+    CUresult (*launchKernelEx)(CUlaunchConfig const*, CUfunction, void**, void**){}; // CUDA 12+; else PDL is off
     std::string loadError;
 };
 
@@ -74,6 +75,7 @@ Driver const& driver()
         resolve(lib, "cuModuleGetFunction", r.moduleGetFunction, e);
         resolve(lib, "cuFuncSetAttribute", r.funcSetAttribute, e);
         resolve(lib, "cuLaunchKernel", r.launchKernel, e);
+        r.launchKernelEx = reinterpret_cast<decltype(r.launchKernelEx)>(dlsym(lib, "cuLaunchKernelEx"));
         if (e.empty() && r.init(0) != CUDA_SUCCESS)
         {
             e = "cuInit failed: no usable CUDA device";
@@ -133,6 +135,12 @@ bool forcePtx()
     return v && v[0] == '1';
 }
 
+bool noPdl()
+{
+    char const* v = std::getenv("MEMMAMBA_AOT_NO_PDL");
+    return v && v[0] == '1';
+}
+
 // The cubin to load on a device of SM `sm`: the exact SM, else the newest same-major cubin of a lower minor
 // (SASS is forward compatible within a major; arch-specific "a" cubins are not), else null (use the PTX).
 Cubin const* pickCubin(KernelImage const& k, int sm)
@@ -160,6 +168,7 @@ Cubin const* pickCubin(KernelImage const& k, int sm)
 struct Loaded
 {
     CUfunction fn{};
+    bool pdl{false}; //!< the loaded binary waits for its predecessor itself
     CUresult status{CUDA_SUCCESS};
     std::string error;
 };
@@ -209,6 +218,7 @@ Loaded loadFor(KernelImage const& k)
     {
         return err(r, std::string("entry ") + k.entry + " not in its module: " + errorName(r));
     }
+    out.pdl = (cubin ? cubin->pdl : k.ptxPdl) && d.launchKernelEx && !noPdl();
     if (k.sharedBytes > 48 * 1024)
     {
         int optin = 0;
@@ -228,7 +238,7 @@ Loaded loadFor(KernelImage const& k)
     return out;
 }
 
-CUresult function(KernelImage const& k, CUfunction& fn)
+CUresult function(KernelImage const& k, CUfunction& fn, bool* pdl = nullptr)
 {
     Driver const& d = driver();
     if (!d.loadError.empty())
@@ -253,6 +263,10 @@ CUresult function(KernelImage const& k, CUfunction& fn)
         return fail(it->second.status, it->second.error);
     }
     fn = it->second.fn;
+    if (pdl)
+    {
+        *pdl = it->second.pdl;
+    }
     return CUDA_SUCCESS;
 }
 
@@ -279,12 +293,31 @@ CUresult launch(KernelImage const& kernel, Grid grid, CUstream stream, void** pa
         return recordLaunch(path, kernel, grid, params);
     }
     CUfunction fn{};
-    if (CUresult r = function(kernel, fn); r != CUDA_SUCCESS)
+    bool pdl = false;
+    if (CUresult r = function(kernel, fn, &pdl); r != CUDA_SUCCESS)
     {
         return r;
     }
-    CUresult r = driver().launchKernel(fn, grid.x, grid.y, grid.z, 32 * kernel.numWarps, 1, 1,
-        static_cast<unsigned>(kernel.sharedBytes), stream, params, nullptr);
+    CUresult r;
+    if (pdl)
+    {
+        CUlaunchAttribute attr{};
+        attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        CUlaunchConfig config{};
+        config.gridDimX = grid.x, config.gridDimY = grid.y, config.gridDimZ = grid.z;
+        config.blockDimX = 32 * kernel.numWarps, config.blockDimY = 1, config.blockDimZ = 1;
+        config.sharedMemBytes = static_cast<unsigned>(kernel.sharedBytes);
+        config.hStream = stream;
+        config.attrs = &attr;
+        config.numAttrs = 1;
+        r = driver().launchKernelEx(&config, fn, params, nullptr);
+    }
+    else
+    {
+        r = driver().launchKernel(fn, grid.x, grid.y, grid.z, 32 * kernel.numWarps, 1, 1,
+            static_cast<unsigned>(kernel.sharedBytes), stream, params, nullptr);
+    }
     if (r != CUDA_SUCCESS)
     {
         return fail(r,
@@ -319,11 +352,11 @@ std::string binaryFor(KernelImage const& kernel, int sm)
 {
     if (Cubin const* c = pickCubin(kernel, sm))
     {
-        return "cubin sm_" + std::to_string(c->sm);
+        return "cubin sm_" + std::to_string(c->sm) + (c->pdl && !noPdl() ? ", PDL" : "");
     }
     if (kernel.ptx && kernel.ptxSm <= sm)
     {
-        return "ptx sm_" + std::to_string(kernel.ptxSm) + " (JIT)";
+        return "ptx sm_" + std::to_string(kernel.ptxSm) + " (JIT" + (kernel.ptxPdl && !noPdl() ? ", PDL)" : ")");
     }
     return "";
 }

@@ -16,11 +16,13 @@
 namespace memmamba::aot
 {
 
-//! One cubin of a kernel. `archSpecific` cubins (sm_90a) run only on exactly that SM.
+//! One cubin of a kernel. `archSpecific` cubins (sm_90a) run only on exactly that SM. `pdl`: compiled to wait for
+//! its predecessor itself (griddepcontrol, sm_90+), so it is launched as a programmatic dependent of it.
 struct Cubin
 {
     int sm;
     bool archSpecific;
+    bool pdl;
     unsigned char const* data;
     size_t size;
 };
@@ -39,6 +41,7 @@ struct KernelImage
     unsigned char const* ptx; //!< NUL-terminated PTX, or nullptr
     size_t ptxSize;
     int ptxSm;
+    bool ptxPdl;            //!< the PTX waits for its predecessor itself (as Cubin::pdl)
 };
 
 struct Grid
@@ -47,7 +50,10 @@ struct Grid
 };
 
 //! Launch `kernel` on `stream` (in the CUDA context current on this thread). `params` holds one pointer per
-//! kernel parameter, in order. A grid with a zero dimension launches nothing and succeeds.
+//! kernel parameter, in order. A grid with a zero dimension launches nothing and succeeds. A binary compiled with
+//! PDL (Cubin::pdl) is launched with programmatic stream serialization: it may be scheduled while the kernel
+//! before it on the stream still runs, and waits for that kernel's results itself (also inside CUDA graphs).
+//! MEMMAMBA_AOT_NO_PDL=1 launches every kernel plainly (to measure what PDL buys; the results are the same).
 //! Returns CUDA_SUCCESS or an error code; lastError() then says what went wrong, naming the kernel.
 //! Dry run (builds defining MEMMAMBA_AOT_TEST_HOOKS only, as compile_check.sh's for the tests): with
 //! MEMMAMBA_AOT_DRYRUN=FILE set, nothing is loaded or run; each launch appends one line to FILE,
@@ -64,7 +70,8 @@ std::string lastError();
 //! Record a failure of the caller's own (e.g. sizes a kernel cannot take) for lastError(); returns `code`.
 CUresult setError(CUresult code, std::string message);
 
-//! Which binary `kernel` would use on a device of this SM: "cubin sm_86", "ptx sm_80 (JIT)" or "" if none.
+//! Which binary `kernel` would use on a device of this SM: "cubin sm_86", "cubin sm_90, PDL", "ptx sm_80 (JIT)"
+//! or "" if none.
 //! Honours MEMMAMBA_AOT_FORCE_PTX=1, which makes every load JIT the PTX (to test the forward-compatible path).
 std::string binaryFor(KernelImage const& kernel, int sm);
 
