@@ -80,7 +80,7 @@ Launch& Launch::f32(char const* name, double v)
     return put(name, "fp32", &x, 4, 0);
 }
 
-void Launch::run(aot::Grid grid, cudaStream_t stream)
+void Launch::run(aot::Grid grid, cudaStream_t stream, bool pdl)
 {
     char const* kname = k_.image->name;
     std::vector<void*> params;
@@ -119,7 +119,7 @@ void Launch::run(aot::Grid grid, cudaStream_t stream)
     if (static_cast<int>(params.size()) != k_.image->numParams)
         throw Error(std::string("kernel ") + kname + " has " + std::to_string(k_.image->numParams) + " parameters, its table entry "
             + std::to_string(params.size()) + ": the kernel library and its table are out of step");
-    if (aot::launch(*k_.image, grid, reinterpret_cast<CUstream>(stream), params.data()) != CUDA_SUCCESS)
+    if (aot::launch(*k_.image, grid, reinterpret_cast<CUstream>(stream), params.data(), pdl) != CUDA_SUCCESS)
         throw Error(aot::lastError());
 }
 

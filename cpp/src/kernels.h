@@ -62,7 +62,8 @@ public:
     Launch& ptr(std::string const& name, void const* p);
     Launch& i32(std::string const& name, int64_t v);
     Launch& f32(char const* name, double v);
-    void run(aot::Grid grid, cudaStream_t stream);
+    //! pdl: launch a kernel compiled for it as a programmatic dependent (aot::launch); false: plainly
+    void run(aot::Grid grid, cudaStream_t stream, bool pdl = true);
 
 private:
     struct Value

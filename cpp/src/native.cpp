@@ -812,6 +812,11 @@ private:
     int64_t* pinned_{nullptr};
     cudaEvent_t nextReady_[2]{};
     cudaEvent_t prefillFork_{}, prefillJoin_{}; // parallelPrefill's second side: after stream_, stream_ after it
+    // the decode step's kernels launch as programmatic dependents (aot::launch) only into the fused plan's CUDA
+    // graphs: 0.52 -> 0.38 ms/token (130m fp16, H100). The cublas plan's graphs (PDL kernels between cuBLAS GEMMs)
+    // gained 9% only until a second session was opened in the process, then lost 2% (BENCHMARKS.md,
+    // twenty-eighth session), and eager steps gain nothing worth the surprise
+    bool stepPdl_{false};
     struct LayerGemms
     {
         Linear mem, in, x, dt, out;
@@ -1671,12 +1676,15 @@ private:
             {
                 cudaGraph_t g{};
                 MM_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+                stepPdl_ = fused_;
                 try
                 {
                     enqueueStep(p, head == 1);
+                    stepPdl_ = false;
                 }
                 catch (...)
                 {
+                    stepPdl_ = false;
                     cudaStreamEndCapture(stream_, &g);
                     if (g)
                         cudaGraphDestroy(g);
@@ -1711,7 +1719,7 @@ private:
             .i32("V", c_.vocab_size)
             .i32("stride_row", c_.vocab_size)
             .i32("n_rows", opt_.batch)
-            .run({static_cast<unsigned>(opt_.batch), 1, 1}, stream_);
+            .run({static_cast<unsigned>(opt_.batch), 1, 1}, stream_, stepPdl_);
     }
 
     void enqueueNorm(Kernel const& k, int64_t l, void* normW, int tokParity)
@@ -1737,7 +1745,7 @@ private:
             .i32("X", xWidth(c_))
             .f32("eps", c_.norm_eps)
             .i32("stride_emb", d)
-            .run({1, static_cast<unsigned>(B), 1}, stream_);
+            .run({1, static_cast<unsigned>(B), 1}, stream_, stepPdl_);
     }
 
     //! §3-§5 for layer l: reads the pools of parity p, writes ũ and this layer's pool/prio at parity 1-p.
@@ -1783,7 +1791,7 @@ private:
             .f32("tau1", static_cast<float>(c_.insert_threshold))
             .f32("tau2", static_cast<float>(c_.read_threshold))
             .f32("scale", 1.0 / std::sqrt(static_cast<double>(ds / H)))
-            .run({static_cast<unsigned>(H) * oblocks, static_cast<unsigned>(B), 1}, stream_);
+            .run({static_cast<unsigned>(H) * oblocks, static_cast<unsigned>(B), 1}, stream_, stepPdl_);
     }
 
     //! Layer l's x_proj and out_proj sums in acc_ (fp32 [B,X] and [B,d]).
@@ -1830,7 +1838,7 @@ private:
                 .i32("X", X)
                 .f32("eps", c_.norm_eps)
                 .i32("stride_emb", d)
-                .run({proj ? cdiv(rows, k.at("BLOCK_R")) : 1u, static_cast<unsigned>(B), 1}, stream_);
+                .run({proj ? cdiv(rows, k.at("BLOCK_R")) : 1u, static_cast<unsigned>(B), 1}, stream_, stepPdl_);
         };
         for (int64_t l = 0; l < c_.n_layers; ++l)
         {
@@ -1859,7 +1867,7 @@ private:
                 .i32("Di", di)
                 .i32("KW", KW)
                 .i32("X", X)
-                .run({static_cast<unsigned>(nC_), static_cast<unsigned>(B), 1}, stream_);
+                .run({static_cast<unsigned>(nC_), static_cast<unsigned>(B), 1}, stream_, stepPdl_);
             Launch(fSsmOut_)
                 .ptr("xc_ptr", xc_.get())
                 .ptr("z_ptr", z_.get())
@@ -1877,7 +1885,7 @@ private:
                 .i32("N", N)
                 .i32("R", R)
                 .i32("X", X)
-                .run({static_cast<unsigned>(nD_), static_cast<unsigned>(B), 1}, stream_);
+                .run({static_cast<unsigned>(nD_), static_cast<unsigned>(B), 1}, stream_, stepPdl_);
         }
         if (!withHead)
             return;
@@ -1919,7 +1927,7 @@ private:
                 .i32("Di", di)
                 .i32("KW", KW)
                 .i32("stride_x_b", 2 * di)
-                .run({cdiv(di, conv_.at("BLOCK_C")), static_cast<unsigned>(B), 1}, stream_);
+                .run({cdiv(di, conv_.at("BLOCK_C")), static_cast<unsigned>(B), 1}, stream_, stepPdl_);
             G.x.run(lt_, workspace_.get(), stream_);
             G.dt.run(lt_, workspace_.get(), stream_);
             auto* dbc = static_cast<unsigned char*>(dbc_.get());
@@ -1945,7 +1953,7 @@ private:
                 .i32("stride_z_b", 2 * di)
                 .i32("stride_y_b", di)
                 .i32("stride_h_b", di * N)
-                .run({static_cast<unsigned>(B), cdiv(di, scan_.at("BLOCK_D")), 1}, stream_);
+                .run({static_cast<unsigned>(B), cdiv(di, scan_.at("BLOCK_D")), 1}, stream_, stepPdl_);
             G.out.run(lt_, workspace_.get(), stream_);
         }
         if (!withHead)

@@ -282,7 +282,7 @@ CUresult preload(KernelImage const& kernel)
     return function(kernel, fn);
 }
 
-CUresult launch(KernelImage const& kernel, Grid grid, CUstream stream, void** params)
+CUresult launch(KernelImage const& kernel, Grid grid, CUstream stream, void** params, bool allowPdl)
 {
     if (grid.x == 0 || grid.y == 0 || grid.z == 0)
     {
@@ -298,6 +298,7 @@ CUresult launch(KernelImage const& kernel, Grid grid, CUstream stream, void** pa
     {
         return r;
     }
+    pdl = pdl && allowPdl;
     CUresult r;
     if (pdl)
     {

@@ -53,13 +53,13 @@ struct Grid
 //! kernel parameter, in order. A grid with a zero dimension launches nothing and succeeds. A binary compiled with
 //! PDL (Cubin::pdl) is launched with programmatic stream serialization: it may be scheduled while the kernel
 //! before it on the stream still runs, and waits for that kernel's results itself (also inside CUDA graphs).
-//! MEMMAMBA_AOT_NO_PDL=1 launches every kernel plainly (to measure what PDL buys; the results are the same).
+//! pdl false, or MEMMAMBA_AOT_NO_PDL=1 for every launch, launches it plainly (the results are the same).
 //! Returns CUDA_SUCCESS or an error code; lastError() then says what went wrong, naming the kernel.
 //! Dry run (builds defining MEMMAMBA_AOT_TEST_HOOKS only, as compile_check.sh's for the tests): with
 //! MEMMAMBA_AOT_DRYRUN=FILE set, nothing is loaded or run; each launch appends one line to FILE,
 //! "name gridX gridY gridZ" and every parameter's bytes in hex, so a launcher can be checked without a GPU
 //! (tests/test_plugins_aot.py replays the lines in Triton's interpreter).
-CUresult launch(KernelImage const& kernel, Grid grid, CUstream stream, void** params);
+CUresult launch(KernelImage const& kernel, Grid grid, CUstream stream, void** params, bool pdl = true);
 
 //! Load `kernel` for the current context now (e.g. before CUDA-graph capture, where loading is not allowed).
 CUresult preload(KernelImage const& kernel);
