@@ -815,7 +815,7 @@ private:
     // the decode step's kernels launch as programmatic dependents (aot::launch) only into the fused plan's CUDA
     // graphs: 0.52 -> 0.38 ms/token (130m fp16, H100). The cublas plan's graphs (PDL kernels between cuBLAS GEMMs)
     // gained 9% only until a second session was opened in the process, then lost 2% (BENCHMARKS.md,
-    // twenty-eighth session), and eager steps gain nothing worth the surprise
+    // twenty-eighth session); eager steps (warm-up, cudaGraph off) launch plainly as well
     bool stepPdl_{false};
     struct LayerGemms
     {
