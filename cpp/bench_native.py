@@ -7,8 +7,7 @@ plans (cublas: projections in cuBLASLt; fused: decode.py's four kernels per laye
   - the Python Triton backend (memmamba_deploy.backends.triton_backend, CUDA graph), same weights, same run;
   - itself without the CUDA graph (eager launches);
 and flatness: ms/token after 1k and after 64k tokens of context. Then prefill: tokens/s of one prefill call of
-2k and 16k tokens (the parallel form in chunks of SessionOptions::prefillRows, 8192, the last token through the
-decode step), against the Python Triton backend's graphed prefill of the same prompt, same run.
+2k and 16k tokens (the parallel form in chunks of SessionOptions::prefillRows, 8192, two in flight), against the Python Triton backend's graphed prefill of the same prompt, same run.
 Prints rich tables, `@@ ` summary lines, and appends JSON lines to $OUT/results.jsonl.
 """
 from __future__ import annotations

@@ -63,7 +63,7 @@ public:
     Launch& i32(std::string const& name, int64_t v);
     Launch& f32(char const* name, double v);
     //! pdl: launch a kernel compiled for it as a programmatic dependent (aot::launch); false: plainly
-    void run(aot::Grid grid, cudaStream_t stream, bool pdl = true);
+    void run(aot::Grid grid, cudaStream_t stream, bool pdl = false);
 
 private:
     struct Value

@@ -602,7 +602,18 @@ public:
             + ") | " + act_ + " | batch " + std::to_string(opt_.batch) + " | " + sizes + " | "
             + (opt_.cudaGraph ? "CUDA graph" : "eager launches") + " | plan " + opt_.plan + " | prefill "
             + (prefillMode_.empty() ? std::string("parallel") : "token by token (" + prefillMode_ + ")")
-            + " | kernels: " + aot::binaryFor(*norm_.image, major * 10 + minor);
+            + " | kernels: " + aot::binaryFor(*norm_.image, major * 10 + minor) + pdlNote();
+    }
+
+    //! Where kernels launch as programmatic dependents (PDL): the parallel prefill, the fused plan's decode graphs.
+    std::string pdlNote() const
+    {
+        std::vector<std::string> on;
+        if (prefillMode_.empty() && aot::launchesPdl(*pConv_.image))
+            on.push_back("prefill");
+        if (fused_ && opt_.cudaGraph && aot::launchesPdl(*fInConv_.image))
+            on.push_back("decode graph");
+        return on.empty() ? " | PDL off" : " | PDL: " + (on.size() == 2 ? on[0] + ", " + on[1] : on[0]);
     }
 
     // ---- feeding tokens ----------------------------------------------------------------------------------------------
@@ -851,6 +862,9 @@ private:
     };
     PrefillSide sides_[2];
     int side_{0}; //!< the side the prefill's functions run on
+    //! the prefill's kernels wait for their predecessor before they read or write anything (_after_predecessor,
+    //! models/ops/triton/launch.py), so they launch as programmatic dependents after any kernel
+    static constexpr bool kPrefillPdl = true;
     GemmPlans plans_;
 
     //! The variant keys of this model's shape (cpp/aot_kernels.py shape_keys builds the same strings).
@@ -985,10 +999,11 @@ private:
         if (cap <= S.cap)
             return;
         MM_CUDA(cudaStreamSynchronize(S.stream)); // the old buffers may still be read
-        PrefillSide fresh;
-        fresh.stream = S.stream;
-        fresh.layerDone = std::move(S.layerDone);
-        S = std::move(fresh);
+        cudaStream_t const stream = S.stream;
+        std::vector<cudaEvent_t> events = std::move(S.layerDone);
+        S = PrefillSide{}; // the old buffers, swapped into the temporary, are freed here
+        S.stream = stream;
+        S.layerDone = std::move(events);
         int64_t const B = opt_.batch, d = c_.d_model, di = c_.dInner(), X = xWidth(c_), n = B * cap, N = c_.d_state;
         size_t const a = actElem_;
         int64_t const chunks = scanChunksWanted(cap); // bounds the scan plan's chunks for every T <= cap
@@ -1047,8 +1062,11 @@ private:
         hasLogits_ = false; // from the first chunk on, the logits are no longer the state's (an error part way
         canUndo_ = false;   // leaves none, as the token-by-token path did)
         std::vector<int64_t> ids(tokens, tokens + B * T); // int64, as the embedding kernel reads ids
-        DeviceBuffer idsOnDevice(ids.size() * 8); // one upload; a pageable copy per chunk may wait for the GPU
-        MM_CUDA(cudaMemcpyAsync(idsOnDevice.get(), ids.data(), ids.size() * 8, cudaMemcpyHostToDevice, stream_));
+        // one upload (a pageable copy per chunk may wait for the GPU) into a buffer that only grows: a cudaFree per
+        // call would synchronise the whole device, other sessions' work included
+        if (prompt_.bytes() < ids.size() * 8)
+            prompt_ = DeviceBuffer(ids.size() * 8);
+        MM_CUDA(cudaMemcpyAsync(prompt_.get(), ids.data(), ids.size() * 8, cudaMemcpyHostToDevice, stream_));
         int const first = cur_;
         if (chunks > 1)
         {
@@ -1071,7 +1089,7 @@ private:
                 for (int i = 0; i < pair; ++i)
                 {
                     int64_t const t0 = (c0 + i) * chunk, n = std::min(chunk, T - t0);
-                    MM_CUDA(cudaMemcpy2DAsync(sides_[i].tok.get(), n * 8, idsOnDevice.as<int64_t>() + t0, T * 8, n * 8,
+                    MM_CUDA(cudaMemcpy2DAsync(sides_[i].tok.get(), n * 8, prompt_.as<int64_t>() + t0, T * 8, n * 8,
                         B, cudaMemcpyDeviceToDevice, sides_[i].stream));
                 }
                 for (int64_t l = 0; l < L; ++l)
@@ -1091,18 +1109,19 @@ private:
         catch (...)
         {
             join();
+            cudaStreamSynchronize(stream_); // nothing of this call may still run (or read prompt_) after it throws
             throw;
         }
         join();
         cur_ = first ^ static_cast<int>(chunks & 1);
         prefillLogits();
-        MM_CUDA(cudaStreamSynchronize(stream_)); // ids (pageable) and idsOnDevice must outlive the copies
+        MM_CUDA(cudaStreamSynchronize(stream_)); // ids (pageable) must outlive the upload, prompt_ the chunks' copies
     }
 
-    //! Layer l of a chunk of T tokens a row (the side's tok [B, T]) from the state at parity p into 1 - p. last: the
-    //! prompt's last chunk, whose last layer's output is wanted at the last token only (MemMambaLM.prefill's
-    //! last_only): in_proj's gate half, pass 3 of the scan and out_proj then run for the last scan chunk or row
-    //! alone (lastLayerTail).
+    //! Layer l of a chunk of T tokens a row (the side's tok [B, T]) from the state at parity p into 1 - p. The last
+    //! layer's output is wanted at the prompt's last token only (MemMambaLM.prefill's last_only; the next chunk
+    //! starts from the embedding): its in_proj gate half, pass 3 of the scan and out_proj run for the last scan
+    //! chunk or row of the last chunk (`last`) alone (lastLayerTail), and not at all in the other chunks.
     void prefillLayer(int p, int T, int64_t l, bool last)
     {
         PrefillSide& S = sides_[side_];
@@ -1113,7 +1132,7 @@ private:
         cudaDataType_t const t = ltType(w_->dtype);
         size_t const convLayer = B * di * (KW - 1) * a, ssmLayer = B * di * N * 4;
         LayerWeights const& W = w_->layers[l];
-        bool const lastOnly = last && l == c_.n_layers - 1;
+        bool const lastLayer = l == c_.n_layers - 1; // its y is wanted at the prompt's last token only
         if (l == 0) // h = embedding, u = RMSNorm(h): decode kernel A on B·T rows; the sums it zeroes for the
             Launch(norm_) // decode step's atomics ([B·T, d] fp32) land in xz, which in_proj writes next
                 .ptr("tok_ptr", S.tok.get())
@@ -1134,7 +1153,7 @@ private:
                 .i32("X", 0)
                 .f32("eps", c_.norm_eps)
                 .i32("stride_emb", d)
-                .run({1, static_cast<unsigned>(n), 1}, S.stream);
+                .run({1, static_cast<unsigned>(n), 1}, S.stream, kPrefillPdl);
         else // h += out_proj's output (the model dtype), u = RMSNorm(h): norm.residual_norm_kernel, in place
             Launch(pNorm_)
                 .ptr("h_ptr", S.h.get())
@@ -1145,7 +1164,7 @@ private:
                 .i32("rows", n)
                 .i32("d", d)
                 .f32("eps", c_.norm_eps)
-                .run({cdiv(n, pNorm_.at("BLOCK_R")), 1, 1}, S.stream);
+                .run({cdiv(n, pNorm_.at("BLOCK_R")), 1, 1}, S.stream, kPrefillPdl);
         void* mixerIn = S.u.get();
         if (c_.memory)
         {
@@ -1153,8 +1172,8 @@ private:
             mixerIn = S.ut.get();
         }
         // §6: in_proj, the causal conv over [window, x], x_proj, dt_proj, the chunked scan from the SSM state
-        // (the last layer of the last chunk: in_proj's x half; lastLayerTail projects the gate it needs)
-        gemm(lastOnly ? di : 2 * di, n, d, W.inW, mixerIn, d, S.xz.get(), 2 * di, t);
+        // (the last layer: in_proj's x half; lastLayerTail projects the gate the last chunk needs)
+        gemm(lastLayer ? di : 2 * di, n, d, W.inW, mixerIn, d, S.xz.get(), 2 * di, t);
         Launch(pConv_)
             .ptr("x_ptr", S.xz.get())
             .ptr("w_ptr", W.convW)
@@ -1170,13 +1189,13 @@ private:
             .i32("stride_out_b", T * di)
             .i32("stride_out_t", di)
             .i32("stride_new_win_b", di * (KW - 1))
-            .run({static_cast<unsigned>(B), cdiv(di, pConv_.at("BLOCK_D")), cdiv(T, pConv_.at("CHUNK"))}, S.stream);
+            .run({static_cast<unsigned>(B), cdiv(di, pConv_.at("BLOCK_D")), cdiv(T, pConv_.at("CHUNK"))}, S.stream, kPrefillPdl);
         gemm(X, n, di, W.xW, S.xc.get(), di, S.dbc.get(), X, t);
         gemm(di, n, R, W.dtW, S.dbc.get(), X, S.dt.get(), di, t);
-        scanForward(W, T, at(ssm[p].get(), l * ssmLayer), at(ssm[q].get(), l * ssmLayer), lastOnly);
-        if (lastOnly)
+        scanForward(W, T, at(ssm[p].get(), l * ssmLayer), at(ssm[q].get(), l * ssmLayer), lastLayer);
+        if (lastLayer && last)
             lastLayerTail(W, T, mixerIn);
-        else
+        else if (!lastLayer)
             gemm(d, n, di, W.outW, S.y.get(), di, S.part.get(), d, t);
     }
 
@@ -1213,9 +1232,9 @@ private:
     //! scan.scan_forward's three passes over the chunk (TritonBackend's prefill scan): xc (S.xc), dt (S.dt), B and
     //! C (views of S.dbc), z (in_proj's second half) from the SSM state h0 -> y (S.y) and the state h (both
     //! [B, Di, N] fp32). Pass 1 runs each chunk from zero, keeping its final state, Σδ and δ; the prefix pass
-    //! chains the chunks from h0 (and writes h); pass 3 runs each chunk again from its start, writing y (lastOnly:
-    //! not here, lastLayerTail runs it for the last chunk).
-    void scanForward(LayerWeights const& W, int T, void const* h0, void* h, bool lastOnly)
+    //! chains the chunks from h0 (and writes h); pass 3 runs each chunk again from its start, writing y (stateOnly:
+    //! not here; lastLayerTail runs it for the prompt's last scan chunk).
+    void scanForward(LayerWeights const& W, int T, void const* h0, void* h, bool stateOnly)
     {
         PrefillSide& S = sides_[side_];
         int64_t const B = opt_.batch, di = c_.dInner(), N = c_.d_state;
@@ -1236,8 +1255,8 @@ private:
             .i32("n_chunks", plan.chunks)
             .i32("stride_h0_b", di * N)
             .i32("stride_hout_b", di * N)
-            .run({static_cast<unsigned>(B), cdiv(N * di, pScanPrefix_.at("BLOCK_E")), 1}, S.stream);
-        if (!lastOnly)
+            .run({static_cast<unsigned>(B), cdiv(N * di, pScanPrefix_.at("BLOCK_E")), 1}, S.stream, kPrefillPdl);
+        if (!stateOnly)
             scanPass(pScanOut_, W, T, plan, 0);
     }
 
@@ -1287,11 +1306,10 @@ private:
             .i32("stride_hout_b", hs)
             .i32("stride_hout_c", di * N)
             .ptr("delta_ptr", out ? AT : S.delta.get())
-            .run({static_cast<unsigned>(B), cdiv(di, k.at("BLOCK_D")), static_cast<unsigned>(plan.chunks - first)},
-                S.stream);
+            .run({static_cast<unsigned>(B), cdiv(di, k.at("BLOCK_D")), static_cast<unsigned>(plan.chunks - first)}, S.stream, kPrefillPdl);
     }
 
-    //! Columns a read's queries through W_k take in pQk_ and pM_ (H·ds, in whole 16-element vectors).
+    //! Columns a read's queries through W_k take in a side's qk and m (H·ds, in whole 16-element vectors).
     int64_t qkWidth() const { return (c_.memory_heads * c_.summary_dim + 15) / 16 * 16; }
 
     //! §3-§5 of layer l over the chunk: ũ (S.ut) from u (S.u), the pool and priorities at parity 1 - p.
@@ -1330,7 +1348,7 @@ private:
             .i32("stride_pool_k", ds)
             .i32("stride_pool_s", 1)
             .f32("tau2", static_cast<float>(c_.read_threshold))
-            .run({cdiv(n, pScores_.at("BLOCK_M")), 1, 1}, S.stream);
+            .run({cdiv(n, pScores_.at("BLOCK_M")), 1, 1}, S.stream, kPrefillPdl);
         sweep(T, at(prio[p].get(), l * B * K * 4), idx, S.ends[l % P].get(), at(prio[q].get(), l * B * K * 4));
         if (a == 2)
             mixReads(l, T);
@@ -1349,7 +1367,7 @@ private:
             .i32("stride_last_k", 1)
             .i32("stride_out_b", K * ds)
             .i32("stride_out_k", ds)
-            .run({static_cast<unsigned>(B), 1, 1}, S.stream);
+            .run({static_cast<unsigned>(B), 1, 1}, S.stream, kPrefillPdl);
     }
 
     //! §3's sweep of the chunk's scores (S.scores) from priorities prio0: index [B, T + 1, K], the entry ends [B, K + T]
@@ -1371,7 +1389,7 @@ private:
             .i32("T", T)
             .f32("tau1", tau1)
             .i32("stride_scores_b", T)
-            .run({b, static_cast<unsigned>(segs), 1}, S.stream);
+            .run({b, static_cast<unsigned>(segs), 1}, S.stream, kPrefillPdl);
         Launch(pSweepEnter_)
             .ptr("scores_ptr", S.scores.get())
             .ptr("prio0_ptr", prio0)
@@ -1383,7 +1401,7 @@ private:
             .i32("n_seg", segs)
             .f32("tau1", tau1)
             .i32("stride_scores_b", T)
-            .run({b, cdiv(T, pSweepEnter_.at("BLOCK_T")), 1}, S.stream);
+            .run({b, cdiv(T, pSweepEnter_.at("BLOCK_T")), 1}, S.stream, kPrefillPdl);
         Launch(pSweepCompact_)
             .ptr("enter_ptr", S.enter.get())
             .ptr("seg_count_ptr", S.segCount.get())
@@ -1394,7 +1412,7 @@ private:
             .i32("T", T)
             .i32("K", K)
             .i32("n_seg", segs)
-            .run({b, static_cast<unsigned>(segs), 1}, S.stream);
+            .run({b, static_cast<unsigned>(segs), 1}, S.stream, kPrefillPdl);
         Launch(pSweepReplay_)
             .ptr("seg_count_ptr", S.segCount.get())
             .ptr("prio0_ptr", prio0)
@@ -1407,7 +1425,7 @@ private:
             .i32("T", T)
             .i32("K", K)
             .i32("n_seg", segs)
-            .run({b, 1, 1}, S.stream);
+            .run({b, 1, 1}, S.stream, kPrefillPdl);
         Launch(pSweepFill_)
             .ptr("ecount_ptr", S.ecount.get())
             .ptr("hist_ptr", S.hist.get())
@@ -1415,7 +1433,7 @@ private:
             .ptr("ends_ptr", ends)
             .i32("T", T)
             .i32("K", K)
-            .run({b, cdiv(T + 1, pSweepFill_.at("BLOCK_T")), 1}, S.stream);
+            .run({b, cdiv(T + 1, pSweepFill_.at("BLOCK_T")), 1}, S.stream, kPrefillPdl);
     }
 
     //! fp16: layer l's reads as the Python prefill does them (memory.fused_memory_read): each read's queries through
@@ -1431,7 +1449,7 @@ private:
         cudaDataType_t const t = ltType(w_->dtype);
         LayerWeights const& W = w_->layers[l];
         int const heads = static_cast<int>(H);
-        // q' for every row of g (its pool rows too: one row stride) into read r's columns of pQk_ [B·M, Wq]
+        // q' for every row of g (its pool rows too: one row stride) into read r's columns of qk [B·M, Wq]
         auto project = [&](int r, int64_t qColumn, void const* kT) {
             gemm(ds, B * M, dh, kT, at(S.g[l % P].get(), qColumn * a), W.memRows, at(S.qk.get(), r * Hq * a), Wq, t,
                 {heads, dh, ds, ds * dh});
@@ -1465,7 +1483,7 @@ private:
                 .i32("stride_g_t", gainStride)
                 .i32("stride_m_b", T * Wq)
                 .i32("stride_m_t", Wq)
-                .run({static_cast<unsigned>(B), cdiv(T, k.at("BLOCK_Q")), cdiv(H, k.at("BLOCK_H"))}, S.stream);
+                .run({static_cast<unsigned>(B), cdiv(T, k.at("BLOCK_Q")), cdiv(H, k.at("BLOCK_H"))}, S.stream, kPrefillPdl);
         };
         // o_h = W_v,h m_h per head, added to C: u for the first read, ũ for the second
         auto out = [&](int r, void const* wv, void const* c) {
@@ -1499,7 +1517,7 @@ private:
         void* bank = at(g, colSummary * a);
         gemm(ds, B * M, ds, W.wk, bank, rows, S.keys.get(), ds, t);
         gemm(d, B * M, ds, W.wv, bank, rows, S.vals.get(), d, t);
-        // a read: queries (a column block of g's token rows) over pKeys_ / pVals_ [B, entries, ...] -> pO_
+        // a read: queries (a column block of g's token rows) over keys / vals [B, entries, ...] -> o
         auto attend = [&](size_t qColumn, int64_t entries, int64_t slots, void const* index, int64_t indexStrideB) {
             plugin::AttentionSizes as{static_cast<int32_t>(B), T, static_cast<int32_t>(entries),
                 static_cast<int32_t>(slots), static_cast<int32_t>(ds), static_cast<int32_t>(d),
@@ -1530,7 +1548,7 @@ private:
                 .i32("width", P * K)
                 .i32("col0", j * K)
                 .i32("shift", j * M)
-                .run({static_cast<unsigned>(n), 1, 1}, S.stream);
+                .run({static_cast<unsigned>(n), 1, 1}, S.stream, kPrefillPdl);
         }
         attend(colTrig + 1, P * M, P * K, S.idxX.get(), T * P * K);
         gainedAdd(S.ut.get(), W.xalpha32, 0, n);
@@ -1546,7 +1564,7 @@ private:
             w, x, ldx, d, ldd, g);
     }
 
-    //! ũ = res + round(o · gain) into pUt_ (gained_read): gain fp32 per row (stride 1) or one for all (stride 0).
+    //! ũ = res + round(o · gain) into ut (gained_read): gain fp32 per row (stride 1) or one for all (stride 0).
     void gainedAdd(void const* res, void const* gain, int strideGain, int64_t rows)
     {
         PrefillSide& S = sides_[side_];
@@ -1557,7 +1575,7 @@ private:
             .ptr("out_ptr", S.ut.get())
             .i32("d", c_.d_model)
             .i32("stride_gain", strideGain)
-            .run({static_cast<unsigned>(rows), 1, 1}, S.stream);
+            .run({static_cast<unsigned>(rows), 1, 1}, S.stream, kPrefillPdl);
     }
 
     std::vector<Kernel const*> usedKernels() const

@@ -238,6 +238,71 @@ def test_prefill_matches_reference_at_every_chunking(build, checkpoints, memory,
     native.close()
 
 
+@pytest.mark.parametrize("plan", ["cublas", "fused"])
+@torch.no_grad()
+def test_fp16_prefill_in_many_chunks(build, checkpoints, plan):
+    """fp16 (the reads through pool_mix) with five chunks a call: both sides' buffers are reused by later pairs
+    (chunk c+2 on chunk c's side), and every chunk but the last runs its last layer for the state alone."""
+    ckpt, _ = checkpoints[True]
+    ref = reference(ckpt, "fp16")
+    V = ref.config.vocab_size
+    native = NativeSession(build, ckpt, dtype="fp16", batch=2, plan=plan, prefill_rows=128)   # 64 tokens a row
+    g = torch.Generator().manual_seed(11)
+    calls = [torch.randint(0, V, (2, T), generator=g) for T in (300, 129)]    # 5 chunks, then 3 (the last of 1)
+    state = None
+    for i, prompt in enumerate(calls):
+        native.prefill(prompt)
+        ref_logits, state = ref.prefill(prompt.cuda(), state, last_only=True)
+        err = rel_err(native.logits(V), ref_logits[:, -1].float().cpu())
+        assert err <= TOL["fp16"], f"call {i}: logits rel err {err:.2e}"
+        compare_state(native, state, "fp16", f"after call {i}",
+                      tie_flips=lambda i=i: python_prefill(ckpt, "fp16", calls[:i + 1]))
+    native.close()
+
+
+_PDL_OFF_RUN = """
+import sys, torch
+sys.path.insert(0, {cpp!r})
+from native_shim import NativeSession
+s = NativeSession({build!r}, {ckpt!r}, dtype="fp16", batch=2, plan="fused", prefill_rows=128)
+assert "PDL off" in s.describe(), s.describe()
+s.prefill(torch.load({prompt!r}))
+out = {{"logits": s.logits({V})}}
+for name, shape in {shapes!r}:
+    out[name] = s.state(name, shape)
+torch.save(out, {out!r})
+"""
+
+
+@torch.no_grad()
+def test_pdl_launches_change_no_result(build, checkpoints, tmp_path):
+    """The prefill's kernels launched as programmatic dependents give what plain launches give: five chunks in
+    this process and in one with MEMMAMBA_AOT_NO_PDL=1 agree bit for bit (a kernel that read its predecessor's
+    output before waiting for it would not). The fused plan's decode graphs (PDL too; their fp32 atomics are not
+    bit-reproducible) are checked against the reference over 1k steps above."""
+    ckpt, model = checkpoints[True]
+    V = model.config.vocab_size
+    native = NativeSession(build, ckpt, dtype="fp16", batch=2, plan="fused", prefill_rows=128)
+    if "PDL: prefill, decode graph" not in native.describe():
+        pytest.skip(f"no PDL on this GPU or driver: {native.describe()}")
+    prompt = torch.randint(0, V, (2, 300), generator=torch.Generator().manual_seed(12))
+    torch.save(prompt, tmp_path / "prompt.pt")
+    native.prefill(prompt)
+    got = {"logits": native.logits(V)}
+    shapes = [(name, list(t.shape)) for name, t in State.zeros(model.config, 2).tensors().items()]
+    for name, shape in shapes:
+        got[name] = native.state(name, shape)
+    native.close()
+    code = _PDL_OFF_RUN.format(cpp=str(Path(__file__).resolve().parents[2] / "cpp"), build=str(build), ckpt=str(ckpt),
+                               prompt=str(tmp_path / "prompt.pt"), V=V, shapes=shapes, out=str(tmp_path / "plain.pt"))
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MEMMAMBA_AOT_NO_PDL": "1"},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    plain = torch.load(tmp_path / "plain.pt")
+    for name, t in got.items():
+        assert torch.equal(t, plain[name]), f"{name} differs between PDL and plain launches"
+
+
 @torch.no_grad()
 def test_a_shorter_prompt_after_a_longer_one(build, checkpoints):
     """The prefill keeps its buffers between prompts; the scan's chunk count is not monotonic in the prompt's

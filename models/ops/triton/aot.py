@@ -122,7 +122,8 @@ def decode_aot_kernels(config, dtype: str = "fp16") -> dict:
     act = ACT[dtype]
 
     def cx(name, **extra):
-        # USE_PDL off: griddepcontrol needs sm_90, and these launches carry no PDL attribute
+        # USE_PDL off here; cpp/aot_kernels.py marks its variants of these kernels pdl (aot.AotKernel.pdl), which
+        # compiles it in for sm_90 and later
         return {k: v for k, v in blk[name].items() if k != "num_warps"} | dict(USE_PDL=False) | extra
 
     out = {}

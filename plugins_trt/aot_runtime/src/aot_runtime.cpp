@@ -282,6 +282,13 @@ CUresult preload(KernelImage const& kernel)
     return function(kernel, fn);
 }
 
+bool launchesPdl(KernelImage const& kernel)
+{
+    CUfunction fn{};
+    bool pdl = false;
+    return !dryRunFile() && function(kernel, fn, &pdl) == CUDA_SUCCESS && pdl;
+}
+
 CUresult launch(KernelImage const& kernel, Grid grid, CUstream stream, void** params, bool allowPdl)
 {
     if (grid.x == 0 || grid.y == 0 || grid.z == 0)
@@ -353,11 +360,11 @@ std::string binaryFor(KernelImage const& kernel, int sm)
 {
     if (Cubin const* c = pickCubin(kernel, sm))
     {
-        return "cubin sm_" + std::to_string(c->sm) + (c->pdl && !noPdl() ? ", PDL" : "");
+        return "cubin sm_" + std::to_string(c->sm);
     }
     if (kernel.ptx && kernel.ptxSm <= sm)
     {
-        return "ptx sm_" + std::to_string(kernel.ptxSm) + " (JIT" + (kernel.ptxPdl && !noPdl() ? ", PDL)" : ")");
+        return "ptx sm_" + std::to_string(kernel.ptxSm) + " (JIT)";
     }
     return "";
 }

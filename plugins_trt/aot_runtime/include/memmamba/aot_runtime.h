@@ -50,19 +50,24 @@ struct Grid
 };
 
 //! Launch `kernel` on `stream` (in the CUDA context current on this thread). `params` holds one pointer per
-//! kernel parameter, in order. A grid with a zero dimension launches nothing and succeeds. A binary compiled with
-//! PDL (Cubin::pdl) is launched with programmatic stream serialization: it may be scheduled while the kernel
-//! before it on the stream still runs, and waits for that kernel's results itself (also inside CUDA graphs).
-//! pdl false, or MEMMAMBA_AOT_NO_PDL=1 for every launch, launches it plainly (the results are the same).
+//! kernel parameter, in order. A grid with a zero dimension launches nothing and succeeds. pdl: a binary compiled
+//! with PDL (Cubin::pdl) is launched with programmatic stream serialization: it may be scheduled while the kernel
+//! before it on the stream still runs, and waits for that kernel's results itself (also inside CUDA graphs). Ask
+//! for it only where what the kernel reads before that wait is no predecessor's output (decode.py's rules);
+//! MEMMAMBA_AOT_NO_PDL=1 launches every kernel plainly (the results are the same).
 //! Returns CUDA_SUCCESS or an error code; lastError() then says what went wrong, naming the kernel.
 //! Dry run (builds defining MEMMAMBA_AOT_TEST_HOOKS only, as compile_check.sh's for the tests): with
 //! MEMMAMBA_AOT_DRYRUN=FILE set, nothing is loaded or run; each launch appends one line to FILE,
 //! "name gridX gridY gridZ" and every parameter's bytes in hex, so a launcher can be checked without a GPU
 //! (tests/test_plugins_aot.py replays the lines in Triton's interpreter).
-CUresult launch(KernelImage const& kernel, Grid grid, CUstream stream, void** params, bool pdl = true);
+CUresult launch(KernelImage const& kernel, Grid grid, CUstream stream, void** params, bool pdl = false);
 
 //! Load `kernel` for the current context now (e.g. before CUDA-graph capture, where loading is not allowed).
 CUresult preload(KernelImage const& kernel);
+
+//! Whether launches of `kernel` asking for PDL get it in the current context (a PDL binary loaded, the driver's
+//! cuLaunchKernelEx found, MEMMAMBA_AOT_NO_PDL unset); false where it cannot be loaded.
+bool launchesPdl(KernelImage const& kernel);
 
 //! The message of the last failure on this thread ("" when none).
 std::string lastError();
@@ -70,8 +75,7 @@ std::string lastError();
 //! Record a failure of the caller's own (e.g. sizes a kernel cannot take) for lastError(); returns `code`.
 CUresult setError(CUresult code, std::string message);
 
-//! Which binary `kernel` would use on a device of this SM: "cubin sm_86", "cubin sm_90, PDL", "ptx sm_80 (JIT)"
-//! or "" if none.
+//! Which binary `kernel` would use on a device of this SM: "cubin sm_86", "ptx sm_80 (JIT)" or "" if none.
 //! Honours MEMMAMBA_AOT_FORCE_PTX=1, which makes every load JIT the PTX (to test the forward-compatible path).
 std::string binaryFor(KernelImage const& kernel, int sm);
 
