@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -110,8 +111,6 @@ def decode_values(c, size: int) -> dict[str, dict[str, int]]:
     enqueueNotePool, enqueueFusedStep, and the prefill's norms), by kernel function name. size: bytes of an
     activation. Pointers not named are buffers' or weights' starts; a per-layer pointer's value is its layer's
     size (the layer index and batch multiply it), a value two launches pass differently is their gcd."""
-    import math
-
     d, di, N, R, K, ds = c.d_model, c.d_inner, c.d_state, c.dt_rank, c.pool_size, c.summary_dim
     xw = x_width(c)                                     # the sums' rows (xAcc)
     norm = {"part_ptr": d * 4, "zx_ptr": xw * 4, "zo_ptr": d * 4, "d": d, "R": 0, "X": math.gcd(R + 2 * N, xw),
@@ -137,7 +136,6 @@ def runtime_kernels(configs) -> list[tuple]:
     The plugins' kernels (aot_kernels) come first, under their own names and with op None: opLaunch.cpp calls
     their typed launchers, so they are not rows of the runtime's table."""
     import dataclasses
-    import math
 
     import triton
 
