@@ -41,15 +41,20 @@ FIELD_OF_NAME = {"conv_state": "conv", "ssm_state": "ssm", "pool": "pool", "pool
 
 
 # ---- reading any backend's state -------------------------------------------------------------------------------------
-def state_view(backend, state) -> State:
-    """A backend's state as a torch State on the CPU (float tensors as they are)."""
+def state_view(backend, state, device="cpu") -> State:
+    """A backend's state as a torch State on `device` (None: where the backend keeps it; float tensors as they
+    are). Treat it as read-only: it may share memory with the backend's state."""
     if hasattr(backend, "state_to_reference"):
-        return backend.state_to_reference(state).to("cpu")
-    if isinstance(state, State):
-        return state.to("cpu")
-    if isinstance(state, Mapping):
-        return State(**{FIELD_OF_NAME[k]: v.detach().cpu() if isinstance(v, torch.Tensor) else torch.from_numpy(
+        ref = backend.state_to_reference(state)
+    elif isinstance(state, State):
+        ref = state
+    elif isinstance(state, Mapping):
+        ref = State(**{FIELD_OF_NAME[k]: v.detach() if isinstance(v, torch.Tensor) else torch.from_numpy(
             np.asarray(v)) for k, v in state.items()})
+    else:
+        ref = None
+    if ref is not None:
+        return ref if device is None else ref.to(device)
     raise TypeError(f"cannot read the state of backend {backend.name!r} ({type(state).__name__}): give the backend a "
                     f"state_to_reference(state) method")
 

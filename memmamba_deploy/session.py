@@ -8,6 +8,8 @@
     for token in s.generate("Once upon a time", max_new_tokens=64):  # text: byte-level models (vocab 256) only
         print(text.decode(bytes([int(token)])), end="", flush=True)
     branch = s.fork()                                                # an independent copy of the state
+    batch = Session.stack([a, b])       # forks of one session (prefilled apart, any lengths) as one batch's rows
+    batch = batch.rows([1])             # the rows that go on (continuous batching; beams: rows([0, 0, 1]))
 
 Prompts are token ids ([T], [B, T], a list, or a tensor); a `str` is encoded as UTF-8 bytes, which is the
 tokenisation of byte-level models (vocab 256) and an error for any other vocabulary.
@@ -374,6 +376,76 @@ class Session:
         other._weights = self._weights
         return other
 
+    # ---- rows: prompts of different lengths, continuous batching, beams --------------------------------------------
+    @classmethod
+    def stack(cls, sessions: Sequence["Session"]) -> "Session":
+        """One session whose rows go on from the given sessions' rows, in order (copies: the sessions are left as
+        they are). Prompts of different lengths: prefill each in a fork of one session, stack the forks, and decode
+        them together; a row that finishes leaves with rows() and a new prompt joins with stack(). The sessions
+        must share one backend (forks of one session do) and have consumed tokens. Tokens generate() yielded last
+        stay pending, fed first when the stack goes on (where only some sessions have one, theirs are fed now, in
+        copies). The stack samples from torch's global generator until generate() is given a seed."""
+        if isinstance(sessions, Session) or not isinstance(sessions, Sequence) or not sessions or not all(
+                isinstance(s, Session) for s in sessions):
+            raise ValueError(f"Session.stack takes a non-empty list of Sessions, got {sessions!r}")
+        first = sessions[0]
+        for i, s in enumerate(sessions):
+            if s.backend is not first.backend:
+                raise ValueError(f"sessions[{i}] runs on another backend object than sessions[0]: stack forks of one "
+                                 f"session (Session.open once, then fork() a session per prompt)")
+            if s._state is None:
+                raise ValueError(f"sessions[{i}] has consumed no tokens: prefill its prompt before stacking it")
+        if len({s._pending is None for s in sessions}) > 1:   # some pending, some not: feed theirs (in copies)
+            sessions = [s if s._pending is None else s.fork() for s in sessions]
+            for s in sessions:
+                s._flush()
+        from .models import State
+        from .parity import state_like, state_view
+
+        batch = sum(s._batch for s in sessions)
+        with first._locked():
+            refs = [state_view(first.backend, s._state, device=None).tensors() for s in sessions]
+            joined = State(**{k: torch.cat([r[k] for r in refs], 1) for k in refs[0]})
+            state = state_like(first.backend, joined, first.backend.new_state(batch))
+        pending = None if sessions[0]._pending is None else torch.cat([s._pending for s in sessions])
+        return first._derived(state, torch.cat([s._logits for s in sessions]), pending, batch, generator=None)
+
+    def rows(self, indices) -> "Session":
+        """A session of these rows of this one, in the order given (a copy; a row may repeat): drop finished rows
+        (rows([0, 2])), take one on alone (rows([i])), or reorder beams (rows([0, 0, 1])). Its sampling stream is a
+        copy of this session's, as fork()'s."""
+        if self._state is None:
+            raise ValueError("this session has consumed no tokens: it has no rows yet")
+        try:
+            idx = torch.as_tensor(indices)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"rows() takes a list of row indices: {e}") from None
+        if idx.dim() == 0:
+            idx = idx[None]
+        if idx.dim() != 1 or idx.numel() == 0 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise ValueError(f"rows() takes a non-empty list of integer row indices, got {indices!r}")
+        idx = idx.long()
+        bad = idx[(idx < 0) | (idx >= self._batch)]
+        if bad.numel():
+            raise ValueError(f"row {int(bad[0])} is outside this session's rows 0..{self._batch - 1}")
+        from .models import State
+        from .parity import state_like, state_view
+
+        with self._locked():
+            ref = state_view(self.backend, self._state, device=None).tensors()
+            picked = State(**{k: v[:, idx.to(v.device)] for k, v in ref.items()})
+            state = state_like(self.backend, picked, self.backend.new_state(idx.numel()))
+        pending = None if self._pending is None else self._pending[idx.to(self._pending.device)]
+        generator = None if self._generator is None else torch.Generator().set_state(self._generator.get_state())
+        return self._derived(state, self._logits[idx.to(self._logits.device)], pending, idx.numel(), generator)
+
+    def _derived(self, state, logits, pending, batch: int, generator) -> "Session":
+        """A new session on this one's backend holding the given stream."""
+        other = Session(self.backend, self._lock)
+        other._state, other._logits, other._pending, other._batch = state, logits.clone(), pending, batch
+        other._generator, other._weights = generator, self._weights
+        return other
+
     @property
     def state(self) -> Any:
         """The backend's state after every consumed token (None before the first); treat it as read-only."""
@@ -630,7 +702,10 @@ class Session:
         try:
             ids = torch.as_tensor(ids)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"token ids must be integers ([T] or [batch, T]): {e}") from None
+            ragged = isinstance(ids, Sequence) and len({len(r) if isinstance(r, Sequence) else -1 for r in ids}) > 1
+            hint = (" (prompts of different lengths: prefill each in a fork() of one session, then Session.stack "
+                    "the forks)") if ragged else ""
+            raise ValueError(f"token ids must be integers ([T] or [batch, T]): {e}{hint}") from None
         if ids.dim() == 1:
             ids = ids[None]
         if ids.dim() != 2 or 0 in ids.shape:

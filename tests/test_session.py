@@ -327,6 +327,151 @@ def test_threads_decoding_at_once_match_single_thread_onnxruntime(model, export_
     assert _decode_in_threads(separate, PROMPTS) == alone
 
 
+# ---- rows: prompts of different lengths, continuous batching, beams ----------------------------------------------------
+class DictStateBackend:
+    """The torch backend with its state as named tensors and a batch limit, as TensorRT's: rows() and stack() must
+    work through parity's Mapping path and honour new_state's limit."""
+    name = "dict-state"
+
+    def __init__(self, inner, max_batch=4):
+        self.inner, self.config, self.max_batch = inner, inner.config, max_batch
+
+    def new_state(self, batch):
+        if batch > self.max_batch:
+            raise ValueError(f"batch {batch} is outside the engines' profile 1..{self.max_batch}")
+        return self._named(self.inner.new_state(batch))
+
+    @staticmethod
+    def _named(state):
+        return {"conv_state": state.conv, "ssm_state": state.ssm, "pool": state.pool, "pool_prio": state.prio}
+
+    def _ref(self, state):
+        from memmamba_deploy.models import State
+        return State(state["conv_state"], state["ssm_state"], state["pool"], state["pool_prio"])
+
+    def prefill(self, ids, state):
+        logits, new = self.inner.prefill(ids, self._ref(state))
+        return logits, self._named(new)
+
+    def step(self, ids, state):
+        logits, new = self.inner.step(ids, self._ref(state))
+        return logits, self._named(new)
+
+    def copy_state(self, state):
+        return {k: v.clone() for k, v in state.items()}
+
+    def state_nbytes(self, state):
+        return sum(v.nbytes for v in state.values())
+
+
+RAGGED = [list(b"Alpha and omega"), list(b"zz"), list(b"The quick brown fox jumps"), list(b"0123")]
+
+
+def _root(kind, checkpoint, export_dir):
+    if kind == "onnxruntime":
+        return Session.open(export_dir, backend="onnxruntime")
+    root = Session.open(checkpoint, device="cpu")
+    return Session(DictStateBackend(root.backend)) if kind == "dict-state" else root
+
+
+def _logits_of(session, prompt, n):
+    """(greedy tokens, logits [n, vocab]) of `prompt` alone in a fork of `session`."""
+    s = session.fork()
+    tokens, logits = [], []
+    for t in s.generate(prompt, max_new_tokens=n):
+        tokens.append(int(t))
+        logits.append(s.logits[0])
+    return tokens, torch.stack(logits)
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnxruntime", "dict-state"])
+def test_prompts_of_different_lengths_decode_together_once_stacked(model, checkpoint, export_dir, kind):
+    root = _root(kind, checkpoint, export_dir)
+    alone = [_logits_of(root, p, 20) for p in RAGGED]
+    assert len({tuple(t) for t, _ in alone}) == len(RAGGED), "distinct streams, or the rows prove nothing"
+    forks = [root.fork() for _ in RAGGED]
+    for f, p in zip(forks, RAGGED):
+        f.prefill(p)
+    before = [f.logits for f in forks]
+    batch = Session.stack(forks)
+    assert batch.batch_size == len(RAGGED) and batch.backend is root.backend
+    tokens, logits = [], []
+    for t in batch.generate(max_new_tokens=20):
+        tokens.append(t)
+        logits.append(batch.logits)
+    tokens, logits = torch.stack(tokens, 1), torch.stack(logits, 1)
+    for i, (want_tokens, want_logits) in enumerate(alone):
+        assert tokens[i].tolist() == want_tokens, i
+        assert rel_err(logits[i], want_logits) <= 1e-5, i
+    for f, b in zip(forks, before):                                  # the stacked sessions were left alone
+        assert torch.equal(f.logits, b)
+    assert [int(t) for t in forks[1].generate(max_new_tokens=20)] == alone[1][0]
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnxruntime", "dict-state"])
+def test_rows_drop_reorder_and_repeat_rows(model, checkpoint, export_dir, kind):
+    root = _root(kind, checkpoint, export_dir)
+    forks = [root.fork() for _ in RAGGED[:3]]
+    for f, p in zip(forks, RAGGED):
+        f.prefill(p)
+    batch = Session.stack(forks)
+    picked = batch.rows([2, 0, 0])
+    assert picked.batch_size == 3 and batch.batch_size == 3
+    got = torch.stack(list(picked.generate(max_new_tokens=12)), 1)
+    for row, i in zip(got, [2, 0, 0]):
+        assert row.tolist() == _logits_of(root, RAGGED[i], 12)[0]
+    assert batch.rows(1).batch_size == 1                             # an int takes one row
+    assert [int(t) for t in batch.rows([1]).generate(max_new_tokens=12)] == _logits_of(root, RAGGED[1], 12)[0]
+
+
+def test_continuous_batching_rows_leave_and_join_mid_generation(model, checkpoint):
+    """A finished row leaves with rows(), a new prompt joins with stack(): every stream is the one it would be
+    alone, with generate()'s pending tokens fed in the right order."""
+    root = Session.open(checkpoint, device="cpu")
+    a, b, c = (root.fork() for _ in range(3))
+    a.prefill(RAGGED[0])
+    b.prefill(RAGGED[1])
+    batch = Session.stack([a, b])
+    first = torch.stack(list(batch.generate(max_new_tokens=6)), 1)       # both rows end with a pending token
+    c.prefill(RAGGED[2])                                                 # no pending token: mixed, fed on stack
+    batch = Session.stack([batch.rows([1]), c])                          # row a finished; c joins
+    second = torch.stack(list(batch.generate(max_new_tokens=8)), 1)
+    assert first[0].tolist() == _logits_of(root, RAGGED[0], 6)[0]
+    assert first[1].tolist() + second[0].tolist() == _logits_of(root, RAGGED[1], 14)[0]
+    assert second[1].tolist() == _logits_of(root, RAGGED[2], 8)[0]
+    batch.prefill([list(b" and so"), list(b" but no")])              # a batched prompt goes on from both rows
+    assert batch.batch_size == 2
+
+
+def test_rows_and_stack_refuse_what_they_cannot_do(checkpoint, export_dir):
+    root = Session.open(checkpoint, device="cpu")
+    a = root.fork()
+    a.prefill(PROMPT)
+    with pytest.raises(ValueError, match="non-empty list of Sessions"):
+        Session.stack([])
+    with pytest.raises(ValueError, match="non-empty list of Sessions"):
+        Session.stack(a)
+    with pytest.raises(ValueError, match=r"sessions\[1\] has consumed no tokens"):
+        Session.stack([a, root.fork()])
+    other = Session.open(checkpoint, device="cpu")
+    other.prefill(PROMPT)
+    with pytest.raises(ValueError, match=r"sessions\[1\] runs on another backend object.*fork\(\)"):
+        Session.stack([a, other])
+    with pytest.raises(ValueError, match="consumed no tokens: it has no rows yet"):
+        root.fork().rows([0])
+    for bad, message in [([1], "row 1 is outside this session's rows 0..0"), ([-1], "row -1 is outside"),
+                         ([], "non-empty list of integer"), ([0.0], "non-empty list of integer"),
+                         ([[0]], "non-empty list of integer"), ("x", "list of row indices")]:
+        with pytest.raises(ValueError, match=message):
+            a.rows(bad)
+    limited = Session(DictStateBackend(root.backend, max_batch=2))
+    limited.prefill(PROMPT)
+    with pytest.raises(ValueError, match="outside the engines' profile 1..2"):
+        Session.stack([limited, limited, limited])
+    with pytest.raises(ValueError, match="different lengths.*Session.stack"):
+        a.prefill([[1, 2, 3], [4]])
+
+
 # ---- clear errors ----------------------------------------------------------------------------------------------------
 def test_an_export_runs_on_onnxruntime_and_a_checkpoint_on_torch_unless_told(checkpoint, export_dir):
     assert Session.open(export_dir).backend.name == "onnxruntime"      # what was exported, not its checkpoint copy
@@ -510,6 +655,38 @@ def test_gpu_session_matches_cpu_reference(checkpoint, model, backend):
         cpu = Session.open(checkpoint, device="cpu")
         cpu.load_state(Path(tmp) / "s.safetensors")
         assert greedy(cpu, None, 16) == greedy(a, None, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gpu_stacked_rows_match_their_streams_alone(checkpoint, model, backend):
+    """Prompts of different lengths prefilled apart, stacked, decoded as one batch (the Triton backend's batch-3
+    CUDA graph), a row dropped and a new one joined: each row's tokens are the reference's for its prompt alone,
+    logits within 1e-4."""
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (700, 33, 1500, 9)]
+    root = Session.open(checkpoint, backend=backend, device="cuda", dtype="fp32")
+    forks = [root.fork() for _ in prompts[:3]]
+    for f, p in zip(forks, prompts):
+        f.prefill(p)
+    batch = Session.stack(forks)
+    tokens, logits = [], []
+    for t in batch.generate(max_new_tokens=48):
+        tokens.append(t)
+        logits.append(batch.logits.float().cpu())
+    tokens, logits = torch.stack(tokens, 1), torch.stack(logits, 1)
+    for i, p in enumerate(prompts[:3]):
+        want, want_logits, _ = greedy_by_hand(model, p, 48)
+        assert tokens[i].tolist() == want, i
+        assert rel_err(logits[i], want_logits) <= 1e-4, i
+    late = root.fork()
+    late.prefill(prompts[3])
+    batch = Session.stack([batch.rows([2, 0]), late])
+    got = torch.stack(list(batch.generate(max_new_tokens=16)), 1)
+    for row, (i, before) in zip(got, [(2, tokens[2]), (0, tokens[0])]):
+        assert before.tolist() + row.tolist() == greedy_by_hand(model, prompts[i], 64)[0], i
+    assert got[2].tolist() == greedy_by_hand(model, prompts[3], 16)[0]
 
 
 def test_batch_is_the_sessions_only_once_a_call_succeeds(checkpoint):
