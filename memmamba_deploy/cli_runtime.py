@@ -5,7 +5,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -49,10 +49,11 @@ def bench(path: Path = typer.Argument(..., help=PATH_HELP),
 @app.command()
 @user_errors
 def generate(path: Path = typer.Argument(..., help=PATH_HELP),
-             prompt: Optional[str] = typer.Option(
+             prompt: Optional[List[str]] = typer.Option(
                  None, help="prompt text, encoded as UTF-8 bytes (byte-level models, vocab 256, only); - reads it "
-                            "from stdin"),
-             ids: Optional[str] = typer.Option(None, help="prompt as comma-separated token ids (any vocabulary)"),
+                            "from stdin. Repeat for several prompts: they decode as one batch"),
+             ids: Optional[List[str]] = typer.Option(None, help="prompt as comma-separated token ids (any "
+                                                                "vocabulary); repeat for several prompts"),
              backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
              device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when there is one)"),
              dtype: Optional[str] = typer.Option(None, help="fp32 | fp16 | bf16"),
@@ -63,19 +64,24 @@ def generate(path: Path = typer.Argument(..., help=PATH_HELP),
              top_p: float = typer.Option(0.9, help="keep the smallest set with this much probability"),
              seed: Optional[int] = typer.Option(0, min=0, help="sampling seed (same seed, same text)"),
              stop: Optional[str] = typer.Option(None, help="comma-separated token ids that end generation")):
-    """Stream generated tokens to stdout as they come (text for byte-level models, token ids otherwise)."""
+    """Stream generated tokens to stdout as they come (text for byte-level models, token ids otherwise). Several
+    prompts (of any lengths) decode together as one batch and each is printed whole once every row is done."""
     from .parity import parse_prompt
     from .session import Session
 
-    if (prompt is None) == (ids is None):
-        raise ValueError("give exactly one of --prompt TEXT or --ids 1,2,3")
-    if prompt == "-":
-        prompt = sys.stdin.read()
+    if bool(prompt) == bool(ids):
+        raise ValueError("give exactly one of --prompt TEXT or --ids 1,2,3 (either may repeat)")
+    if prompt and prompt.count("-") > 1:
+        raise ValueError("--prompt - (standard input) may be given once")
+    prompt = [sys.stdin.read() if p == "-" else p for p in prompt] if prompt else None
     session = Session.open(path, backend=backend, device=device, dtype=dtype)
     vocab = session.config.vocab_size
-    tokens = session.encode(prompt) if prompt is not None else parse_prompt(ids, vocab, what="--ids")
+    prompts = ([session.encode(p) for p in prompt] if prompt is not None
+               else [parse_prompt(i, vocab, what="--ids") for i in ids])
     stop_ids = parse_prompt(stop, vocab, what="--stop") if stop else []
-    stream = session.generate(tokens, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
+    if len(prompts) > 1:
+        return _generate_batch(session, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
+    stream = session.generate(prompts[0], max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
     text = session.text_stream() if session.byte_level else None
     stamps = [time.perf_counter()]
     for i, token in enumerate(stream):
@@ -96,6 +102,46 @@ def generate(path: Path = typer.Argument(..., help=PATH_HELP),
         f"state {session.state_nbytes:,} bytes[/]")
 
 
+
+
+def _generate_batch(root, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids) -> None:
+    """Several prompts as the rows of one batch: each prefilled alone in a fork (any lengths), then stacked and
+    decoded together; a row's text ends at its first stop token. Greedy rows are what each prompt gives alone."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .session import Session
+
+    start = time.perf_counter()
+    err = Console(stderr=True, soft_wrap=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task("prefill", total=len(prompts))
+        forks = []
+        for p in prompts:
+            forks.append(root.fork())
+            forks[-1].prefill(p)
+            bar.advance(task)
+        batch = Session.stack(forks)
+        prefilled = time.perf_counter()
+        bar.update(task, description="generate", completed=0, total=max_new_tokens)
+        rows = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for token in batch.generate(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, seed=seed, stop=stop_ids):
+            for i, t in enumerate(token.tolist()):
+                if not done[i]:
+                    rows[i].append(t)
+                    done[i] = t in stop_ids
+            bar.advance(task)
+    end = time.perf_counter()
+    for i, row in enumerate(rows):
+        body = root.decode(row) if root.byte_level else " ".join(map(str, row))
+        sys.stdout.write(f"{'' if i == 0 else chr(10)}--- prompt {i + 1} of {len(rows)} ---\n{body}\n")
+    sys.stdout.flush()
+    n = sum(len(r) for r in rows)
+    err.print(f"[dim]{len(rows)} prompts ({sum(len(p) for p in prompts):,} tokens) prefilled in "
+              f"{prefilled - start:.2f}s, then {n} tokens generated as one batch in {end - prefilled:.2f}s on "
+              f"{root.backend.name}; state {batch.state_nbytes:,} bytes[/]")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -569,6 +569,28 @@ def test_generate_cli_streams_the_session_text(checkpoint):
     assert res.exit_code == 0, res.output
 
 
+def test_generate_cli_decodes_several_prompts_as_one_batch(checkpoint):
+    texts = ["Alpha and omega", "zz", "The quick brown fox jumps"]
+    res = CliRunner().invoke(app, ["generate", str(checkpoint), *[a for t in texts for a in ("--prompt", t)],
+                                   "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    root = Session.open(checkpoint, device="cpu")
+    alone = [greedy(root.fork(), list(t.encode()), 12) for t in texts]
+    for i, want in enumerate(alone):
+        assert f"--- prompt {i + 1} of 3 ---\n{bytes(want).decode('utf-8', errors='replace')}\n" in res.stdout
+    assert "3 prompts (" in res.output and "generated as one batch" in res.output
+    rows = [greedy(root.fork(), ids, 10) for ids in ([1, 2, 3], [7])]
+    stop = rows[1][3]                                       # a row ends at its first stop token; the other goes on
+    res = CliRunner().invoke(app, ["generate", str(checkpoint), "--ids", "1,2,3", "--ids", "7",
+                                   "--max-new-tokens", "10", "--temperature", "0", "--device", "cpu",
+                                   "--stop", str(stop)])
+    assert res.exit_code == 0, res.output
+    cut = [r[:r.index(stop) + 1] if stop in r else r for r in rows]
+    assert len(cut[1]) < 10 and len(cut[0]) > len(cut[1])
+    for i, want in enumerate(cut):
+        assert f"--- prompt {i + 1} of 2 ---\n{bytes(want).decode('utf-8', errors='replace')}\n" in res.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "/nonexistent/ckpt", "--prompt", "hi"], "no such directory"),
     (["generate", "{ckpt}", "--prompt", "hi", "--backend", "nope"], "unknown backend"),
@@ -577,6 +599,8 @@ def test_generate_cli_streams_the_session_text(checkpoint):
     (["generate", "{ckpt}", "--ids", "1,300"], "outside the vocabulary"),
     (["generate", "{ckpt}", "--prompt", "hi", "--stop", "300"], "--stop holds token id(s) [300]"),
     (["generate", "{ckpt}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "{ckpt}", "--prompt", "hi", "--ids", "1"], "exactly one of --prompt"),
+    (["generate", "{ckpt}", "--prompt", "-", "--prompt", "-"], "may be given once"),
 ])
 def test_generate_cli_errors_are_one_line(checkpoint, args, message):
     res = CliRunner().invoke(app, [a.replace("{ckpt}", str(checkpoint)) for a in args])
