@@ -91,7 +91,7 @@ struct MEMMAMBA_API SessionOptions
     bool cudaGraph{true};          //!< native: capture the decode step in a CUDA graph
     //! native: "cublas" (projections with cuBLASLt, the model's other kernels between them: 9 launches per layer;
     //! bit-for-bit reproducible) or "fused" (models/ops/triton/decode.py's four launches per layer, projections
-    //! inside the Triton kernels, as the Python fast path: 0.55 vs 0.93 ms/token for 130m fp16 on an H100, but its
+    //! inside the Triton kernels, as the Python fast path: 0.38 vs 0.88 ms/token for 130m fp16 on an H100, but its
     //! partial sums meet in fp32 atomics, so two runs agree within rounding, not bit for bit); the same math
     std::string plan{"cublas"};
     uint64_t seed{0};              //!< the sampling stream's seed (see Session::reseed)
@@ -119,7 +119,8 @@ namespace detail
 class Backend;
 }
 
-//! A model instance with its own recurrent state, CUDA stream and buffers. Not thread-safe: one thread at a time
+//! A model instance with its own recurrent state, CUDA stream (and, for the parallel prefill, a second one that
+//! rejoins the first before prefill returns) and buffers. Not thread-safe: one thread at a time
 //! per session (fork() gives independent sessions that share the weights).
 class MEMMAMBA_API Session
 {
