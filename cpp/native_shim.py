@@ -52,7 +52,7 @@ def _lib(build_dir) -> ctypes.CDLL:
         "mm_close": ([P], None), "mm_describe": ([P], ctypes.c_char_p), "mm_prefill": ([P, P, I], I),
         "mm_step": ([P, P], I), "mm_logits": ([P, P], I), "mm_sample": ([P, F, I, F, P], I),
         "mm_generate": ([P, I, F, I, F, P, I, P, P], I), "mm_bench_generate": ([P, I, P], I),
-        "mm_reset": ([P], I), "mm_reseed": ([P, U64], I), "mm_fork": ([P], P),
+        "mm_reset": ([P], I), "mm_reseed": ([P, U64], I), "mm_fork": ([P], P), "mm_copy_row": ([P, P, I, I], I),
         "mm_state_bytes": ([P, ctypes.c_char_p], ctypes.c_longlong), "mm_read_state": ([P, ctypes.c_char_p, P, U64], I),
         "mm_write_state": ([P, ctypes.c_char_p, P, U64], I), "mm_save_state": ([P, ctypes.c_char_p], I),
         "mm_load_state": ([P, ctypes.c_char_p], I), "mm_pending": ([P, P], I),
@@ -137,6 +137,10 @@ class NativeSession:
         if not h:
             raise NativeError(self.lib.mm_last_error().decode())
         return NativeSession(None, None, self.dtype, self.batch, _handle=h, _lib_obj=self.lib)
+
+    def copy_row(self, source: "NativeSession", from_row: int, to_row: int):
+        """Session::copyRow: row to_row of this session goes on from row from_row of `source`."""
+        self._check(self.lib.mm_copy_row(self.h, source.h, from_row, to_row))
 
     def state(self, name: str, shape) -> torch.Tensor:
         """One state tensor in models.State layout (conv/pool in the model dtype, ssm/prio fp32)."""

@@ -44,6 +44,10 @@ public:
     virtual void setStream(uint64_t seed, uint32_t step) = 0;
     virtual std::unique_ptr<Backend> fork() const = 0;
     virtual std::vector<StateTensorInfo> stateInfo() const = 0;
+    //! Row `toRow` of the current state and logits becomes a copy of row `fromRow` of `from`'s (a backend of the
+    //! same kind, model and device; any batch), on the GPU; the other rows stay. `complete`: every row now holds
+    //! logits (a session that had none). `next` is drawn again before any use; the step can no longer be undone.
+    virtual void copyRow(Backend const& from, int fromRow, int toRow, bool complete) = 0;
     virtual void readState(std::string const& name, void* host) const = 0;
     virtual void writeState(std::string const& name, void const* host) = 0;
     //! Set the current logits [B, V] fp32 (a loaded state's); `next` is drawn again before any use.

@@ -53,6 +53,17 @@ private:
     bool changed_ = false;
 };
 
+//! Enqueue on `stream` a copy of row `srcRow` of a state tensor [L, srcBatch, ...] into row `dstRow` of one of the
+//! same shape but batch dstBatch (`bytes`: the destination tensor's size): L strided blocks in one copy.
+inline void copyStateRow(void* dst, int dstBatch, int dstRow, void const* src, int srcBatch, int srcRow,
+    StateTensorInfo const& info, cudaStream_t stream)
+{
+    size_t const L = static_cast<size_t>(info.shape.at(0));
+    size_t const row = info.bytes() / (L * dstBatch);
+    MM_CUDA(cudaMemcpy2DAsync(static_cast<char*>(dst) + dstRow * row, dstBatch * row,
+        static_cast<char const*>(src) + srcRow * row, srcBatch * row, row, L, cudaMemcpyDeviceToDevice, stream));
+}
+
 //! Throw a clear error unless CUDA sees a GPU numbered `device` (`who`: the backend that needs it).
 inline void requireDevice(int device, char const* who)
 {

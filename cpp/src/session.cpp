@@ -191,6 +191,7 @@ void Session::reset()
 {
     backend_->reset();
     pending_.clear();
+    rowsCopied_.clear();
 }
 
 void Session::reseed(uint64_t seed)
@@ -206,6 +207,33 @@ std::unique_ptr<Session> Session::fork() const
     other->seed_ = seed_;
     other->draws_ = draws_;
     return other;
+}
+
+void Session::copyRow(Session& from, int fromRow, int toRow)
+{
+    if (fromRow < 0 || fromRow >= from.batch())
+        throw Error("copyRow: source row " + std::to_string(fromRow) + " is outside its session's rows 0.."
+            + std::to_string(from.batch() - 1));
+    if (toRow < 0 || toRow >= batch())
+        throw Error("copyRow: row " + std::to_string(toRow) + " is outside this session's rows 0.."
+            + std::to_string(batch() - 1));
+    std::vector<std::string> differ = configDifferences(from.config(), config());
+    if (!differ.empty())
+        throw Error("copyRow: the source session runs another model (" + differ.front() + ")");
+    from.feedPending();
+    if (!from.backend_->hasLogits())
+        throw Error("copyRow: the source session holds no logits: prefill its prompt first");
+    feedPending();
+    bool complete = backend_->hasLogits();
+    if (!complete)
+    {
+        rowsCopied_.resize(batch(), 0);
+        rowsCopied_[toRow] = 1;
+        complete = std::count(rowsCopied_.begin(), rowsCopied_.end(), 1) == batch();
+    }
+    backend_->copyRow(*from.backend_, fromRow, toRow, complete);
+    if (complete)
+        rowsCopied_.clear();
 }
 
 std::vector<StateTensorInfo> Session::stateInfo() const { return backend_->stateInfo(); }
@@ -288,6 +316,7 @@ void Session::writeState(std::string const& name, void const* host)
 {
     backend_->writeState(name, host);
     pending_.clear();
+    rowsCopied_.clear();
 }
 void Session::synchronize() const { backend_->synchronize(); }
 

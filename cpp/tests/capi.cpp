@@ -138,6 +138,11 @@ void* mm_fork(void* h)
     return out;
 }
 
+int mm_copy_row(void* h, void* from, int fromRow, int toRow)
+{
+    return guard([&] { S(h)->copyRow(*S(from), fromRow, toRow); });
+}
+
 long long mm_state_bytes(void* h, char const* name)
 {
     long long n = -1;

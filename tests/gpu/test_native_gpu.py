@@ -406,6 +406,67 @@ def test_the_session_feeds_generates_last_token_when_the_stream_goes_on(build, c
     assert torch.equal(f.logits(V), fresh(prompt).logits(V))         # reset forgot the pending token
 
 
+@pytest.mark.parametrize("plan,dtype", [("cublas", "fp32"), ("fused", "fp32"), ("cublas", "fp16")])
+@torch.no_grad()
+def test_copy_row_decodes_prompts_of_different_lengths_together(build, checkpoints, plan, dtype):
+    """Session::copyRow (continuous batching): batch-1 sessions prefill prompts of different lengths, their rows
+    go into a fresh batch-3 session, which decodes them together: each row's greedy tokens and logits are its
+    own session's (within the dtype's tolerance; tokens may differ only past a near tie, so the logits are compared
+    along the row's own tokens). Then a row leaves and a new prompt joins mid-stream, from a pending token."""
+    ckpt, model = checkpoints[True]
+    V = model.config.vocab_size
+    gen = torch.Generator().manual_seed(17)
+    prompts = [torch.randint(0, V, (1, n), generator=gen) for n in (37, 5, 300, 12)]
+    alone = []
+    for p in prompts:
+        s = NativeSession(build, ckpt, dtype=dtype, plan=plan)
+        s.prefill(p)
+        alone.append(s)
+    batch = NativeSession(build, ckpt, dtype=dtype, plan=plan, batch=3)
+    with pytest.raises(NativeError, match="no logits yet"):
+        batch.logits(V)
+    for row in range(3):
+        batch.copy_row(alone[row], 0, row)
+        if row < 2:                                                    # logits only once every row holds some
+            with pytest.raises(NativeError, match="no logits yet"):
+                batch.logits(V)
+    first = batch.logits(V)
+    for row in range(3):                                               # copied, not recomputed
+        assert torch.equal(first[row], alone[row].logits(V)[0]), row
+    tokens = batch.generate(24)
+    for row in range(3):                                               # each row alone, fed the batch's tokens
+        own = alone[row].fork()
+        for t in tokens[row, :-1].tolist():
+            own.step(torch.tensor([t]))
+        assert rel_err(batch.logits(V)[row], own.logits(V)[0]) <= TOL[dtype], row
+        if dtype == "fp32":                                            # greedy: the same text (fp16: near ties)
+            assert torch.equal(tokens[row], alone[row].fork().generate(24)[0]), row
+    # row 1 finishes; prompt 3 joins there (the batch's pending tokens are fed first)
+    batch.copy_row(alone[3], 0, 1)
+    more = batch.generate(8)
+    assert int(more[1, 0]) == int(alone[3].logits(V)[0].argmax())
+    if dtype == "fp32":
+        assert torch.equal(more[1], alone[3].fork().generate(8)[0])
+        for row in (0, 2):                                             # the others went on undisturbed
+            assert torch.equal(torch.cat([tokens[row], more[row]]), alone[row].fork().generate(32)[0]), row
+    # errors
+    with pytest.raises(NativeError, match="row 3 is outside this session's rows 0..2"):
+        batch.copy_row(alone[0], 0, 3)
+    with pytest.raises(NativeError, match="source row 1 is outside"):
+        batch.copy_row(alone[0], 1, 0)
+    with pytest.raises(NativeError, match="holds no logits"):
+        batch.copy_row(NativeSession(build, ckpt, dtype=dtype, plan=plan), 0, 0)
+    with pytest.raises(NativeError, match="another model"):
+        batch.copy_row(NativeSession(build, checkpoints[False][0], dtype=dtype, plan=plan), 0, 0)
+    other = NativeSession(build, ckpt, dtype="fp16" if dtype == "fp32" else "fp32", plan=plan)
+    other.prefill(prompts[1])
+    with pytest.raises(NativeError, match="copyRow: the source session runs on GPU 0 in"):
+        batch.copy_row(other, 0, 0)
+    batch.copy_row(batch, 2, 0)                                        # a row of its own: a duplicate
+    dup = batch.logits(V)
+    assert torch.equal(dup[0], dup[2])
+
+
 @torch.no_grad()
 def test_the_sampling_stream_steps_once_per_token_handed_out(build, checkpoints):
     # same seed, prompt and calls, same tokens: whatever the session ran besides draws (the prompt in one or two

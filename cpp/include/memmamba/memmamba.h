@@ -177,6 +177,15 @@ public:
     //! keep a state with readState()/writeState() or saveState().
     std::unique_ptr<Session> fork() const;
 
+    //! Continuous batching: row `toRow` of this session goes on from row `fromRow` of `from`, a session of the same
+    //! model (config and weights: a fork, or one opened from the same files), backend, dtype and GPU with any batch (e.g. a batch-1 session that has just prefilled a new prompt,
+    //! whose length the other rows need not share). The row's recurrent state and logits are copied on the GPU;
+    //! the other rows stay as they are. generate()'s pending tokens of both sessions are fed first. `from` must hold
+    //! logits (a token fed); this session may be fresh, and holds logits once every row has been copied into or a
+    //! token fed. Decoding the rows together then gives each row what its own session would (the same kernels
+    //! at another batch: within rounding). The sampling stream is this session's. `from` may be this session.
+    void copyRow(Session& from, int fromRow, int toRow);
+
     //! generate()'s last tokens [batch], not yet fed (empty: none); saveState keeps them, readState does not.
     std::vector<int32_t> pendingTokens() const { return pending_; }
 
@@ -209,6 +218,7 @@ private:
     void feedPending();             //!< consume generate()'s last tokens, if any
     std::unique_ptr<detail::Backend> backend_;
     std::vector<int32_t> pending_;  //!< generate()'s last tokens [batch], not yet fed (empty: none)
+    std::vector<char> rowsCopied_;  //!< while no token has been fed: the rows copyRow has filled
     uint64_t seed_{0};              //!< the sampling stream: seed, and the tokens drawn from it so far
     uint32_t draws_{0};
 };
