@@ -1,6 +1,6 @@
 """The transformer that `memdeploy bench` measures MemMamba against: same vocabulary, width and depth, with a KV cache.
 
-A GPT-style decoder (pre-RMSNorm, rotary positions, PyTorch SDPA attention with head dim 64, a 4x GELU MLP, tied
+A GPT-style decoder (pre-RMSNorm, rotary positions, PyTorch SDPA attention with heads about 64 wide (`heads_for`), a 4x GELU MLP, tied
 head) with random weights: decode speed does not depend on what the weights learned. Its per-token cost grows with
 the context because every step attends over the whole cache; that growth is what the benchmark shows beside
 MemMamba's fixed-size state.
@@ -53,14 +53,23 @@ class Block(nn.Module):
         self.down = nn.Linear(4 * d, d, bias=False)
 
 
+def heads_for(d_model: int) -> int:
+    """The number of heads that splits d_model exactly into heads nearest HEAD_DIM wide (a model's width need not
+    be a multiple of 64: 768 -> 12 heads of 64, 200 -> 4 of 50, 130 -> 2 of 65)."""
+    return min((h for h in range(1, d_model + 1) if d_model % h == 0), key=lambda h: (abs(d_model / h - HEAD_DIM), h))
+
+
 def rotate(x, pos, base: float = 10000.0):
-    """Rotary position embedding; x [B, H, T, hd], pos [T] absolute positions."""
+    """Rotary position embedding; x [B, H, T, hd], pos [T] absolute positions. An odd head width leaves its last
+    channel unrotated."""
     hd = x.shape[-1]
-    inv = base ** (-torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
+    even = hd - hd % 2
+    inv = base ** (-torch.arange(0, even, 2, device=x.device, dtype=torch.float32) / hd)
     ang = pos.float()[:, None] * inv[None]                              # [T, hd/2]
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+    x1, x2 = x[..., 0:even:2], x[..., 1:even:2]
+    rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+    return rotated if even == hd else torch.cat([rotated, x[..., even:]], -1)
 
 
 @dataclasses.dataclass
@@ -85,9 +94,7 @@ class KVCache:
 class KVTransformer(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, n_layers: int):
         super().__init__()
-        self.heads = max(1, d_model // HEAD_DIM)
-        if d_model % self.heads:
-            raise ValueError(f"d_model {d_model} does not split into heads of {HEAD_DIM}")
+        self.heads = heads_for(d_model)
         self.embeddings = nn.Embedding(vocab_size, d_model)
         self.layers = nn.ModuleList(Block(d_model, self.heads) for _ in range(n_layers))
         self.norm_f = RMSNorm(d_model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from pathlib import Path
 
 ARCHITECTURE = "memmamba"
@@ -34,8 +35,15 @@ class MemMambaConfig:
     architecture: str = ARCHITECTURE
 
     def __post_init__(self):
-        if self.dt_rank == 0:
-            object.__setattr__(self, "dt_rank", math.ceil(self.d_model / 16))
+        for f in dataclasses.fields(self):         # numpy scalars (sizes read from arrays) as Python numbers
+            v = getattr(self, f.name)
+            if f.type == "int" and isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
+                object.__setattr__(self, f.name, int(v))
+            elif f.type == "float" and isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
+                object.__setattr__(self, f.name, float(v))
+        d = self.d_model
+        if self.dt_rank == 0 and isinstance(d, int) and not isinstance(d, bool) and d >= 1:
+            object.__setattr__(self, "dt_rank", math.ceil(d / 16))
         self.validate()
 
     # Derived sizes -------------------------------------------------------

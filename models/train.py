@@ -99,6 +99,8 @@ class TrainConfig:
         need(self.preset == "demo" or self.preset in PRESETS,
              f"unknown preset {self.preset!r}; choose demo or one of {sorted(PRESETS)}")
         need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        need("memory" not in self.model, "--set memory: the memory path is --no-memory's (the plain-Mamba twin); "
+                                         "drop --set memory")
         need(0 <= self.text_fraction < 1, f"text_fraction must lie in [0, 1), got {self.text_fraction}")
         need(0 <= self.swap_fraction <= 1, f"swap_fraction must lie in [0, 1], got {self.swap_fraction}")
         need(self.memory or self.swap_fraction == 0, "swap_fraction > 0 needs the memory path (the twin has no "

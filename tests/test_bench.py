@@ -36,10 +36,17 @@ def test_parse_contexts():
             parse_contexts(bad)
 
 
+def test_kv_baseline_heads_split_any_width():
+    from memmamba_deploy.kv_baseline import heads_for
+    assert [heads_for(d) for d in (768, 1024, 128, 200, 130, 45, 3, 1)] == [12, 16, 2, 4, 2, 1, 1, 1]
+
+
+@pytest.mark.parametrize("d_model", [128, 130, 45, 3])
 @torch.no_grad()
-def test_kv_baseline_cache_reproduces_full_recompute():
-    """Chunked prefill + steps through the cache give the logits of a fresh full prefill at every position."""
-    kv = KVBaseline(256, 128, 3, capacity=8)                 # capacity 8: the cache must grow on the way
+def test_kv_baseline_cache_reproduces_full_recompute(d_model):
+    """Chunked prefill + steps through the cache give the logits of a fresh full prefill at every position, for
+    widths that are no multiple of 64 (odd head widths included)."""
+    kv = KVBaseline(256, d_model, 3, capacity=8)             # capacity 8: the cache must grow on the way
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
     state, got = kv.new_state(2), []
     for a, b in [(0, 7), (7, 20)]:
@@ -51,7 +58,7 @@ def test_kv_baseline_cache_reproduces_full_recompute():
     want = [kv.prefill(ids[:, :t + 1], kv.new_state(2))[0] for t in range(19, 40)]
     assert rel_err(torch.stack(got), torch.stack(want)) <= 1e-5
     assert state.length == 40
-    assert kv.state_nbytes(state) == 2 * 3 * 2 * 40 * 128 * 4        # K and V, layers, batch, tokens, width, fp32
+    assert kv.state_nbytes(state) == 2 * 3 * 2 * 40 * d_model * 4    # K and V, layers, batch, tokens, width, fp32
     copy = kv.copy_state(state, headroom=4)
     assert copy.capacity == 44 and torch.equal(copy.k[:, :, :, :40], state.k[:, :, :, :40])
 

@@ -47,6 +47,18 @@ def test_bad_config_errors_name_the_problem(bad, words):
     assert words in str(e.value)
 
 
+def test_a_bad_width_is_named_before_dt_rank_derives_from_it_and_numpy_numbers_are_taken():
+    import numpy as np
+
+    for bad in ("8", None, 2.0):                          # dt_rank 0 derives from d_model: not before it is checked
+        with pytest.raises(ValueError, match="d_model must be a positive integer"):
+            MemMambaConfig(d_model=bad)
+    c = MemMambaConfig(d_model=np.int64(64), n_layers=np.int32(2), insert_threshold=np.float32(0.25))
+    assert (c.d_model, c.dt_rank, c.n_layers, c.insert_threshold) == (64, 4, 2, 0.25)
+    assert type(c.d_model) is int and type(c.insert_threshold) is float
+    json.dumps(c.to_dict())                               # a config.json of Python numbers
+
+
 def test_bad_json_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="not valid JSON"):
         MemMambaConfig.from_json("{nope")

@@ -343,6 +343,16 @@ def test_fine_tuning_starts_from_the_checkpoint(tmp_path):
               quiet=True)
 
 
+@pytest.mark.parametrize("bad, message", [(["--set", "memory=false"], "drop --set memory"),
+                                          (["--set", "d_model=abc"], "d_model must be a positive integer, got 'abc'")])
+def test_set_values_the_model_cannot_take_are_one_line_errors(tmp_path, capsys, bad, message):
+    from memmamba_deploy.models.train import main
+
+    assert main(["--out", str(tmp_path / "x"), "--preset", "tiny", "--steps", "1", *bad]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_a_run_saved_before_a_setting_existed_resumes(tmp_path):
     out = tmp_path / "old"
     train(tiny_cfg(out, steps=2, save_every=1), stop_after=1, quiet=True)
