@@ -365,16 +365,10 @@ class Session:
 
     def fork(self) -> "Session":
         """An independent session with a copy of this one's state (branches, beams, several streams)."""
-        other = Session(self.backend, self._lock)
         with self._locked():
-            other._state = None if self._state is None else self.backend.copy_state(self._state)
-        other._logits = None if self._logits is None else self._logits.clone()
-        other._pending = None if self._pending is None else self._pending.clone()
-        other._batch = self._batch
-        if self._generator is not None:                   # the same draws, independently
-            other._generator = torch.Generator().set_state(self._generator.get_state())
-        other._weights = self._weights
-        return other
+            state = None if self._state is None else self.backend.copy_state(self._state)
+        pending = None if self._pending is None else self._pending.clone()
+        return self._derived(state, self._logits, pending, self._batch, self._generator_copy())
 
     # ---- rows: prompts of different lengths, continuous batching, beams --------------------------------------------
     @classmethod
@@ -436,15 +430,20 @@ class Session:
             picked = State(**{k: v[:, idx.to(v.device)] for k, v in ref.items()})
             state = state_like(self.backend, picked, self.backend.new_state(idx.numel()))
         pending = None if self._pending is None else self._pending[idx.to(self._pending.device)]
-        generator = None if self._generator is None else torch.Generator().set_state(self._generator.get_state())
-        return self._derived(state, self._logits[idx.to(self._logits.device)], pending, idx.numel(), generator)
+        return self._derived(state, self._logits[idx.to(self._logits.device)], pending, idx.numel(),
+                             self._generator_copy())
 
-    def _derived(self, state, logits, pending, batch: int, generator) -> "Session":
-        """A new session on this one's backend holding the given stream."""
+    def _derived(self, state, logits, pending, batch: int | None, generator) -> "Session":
+        """A new session on this one's backend and weights holding the given stream (logits copied)."""
         other = Session(self.backend, self._lock)
-        other._state, other._logits, other._pending, other._batch = state, logits.clone(), pending, batch
+        other._state, other._pending, other._batch = state, pending, batch
+        other._logits = None if logits is None else logits.clone()
         other._generator, other._weights = generator, self._weights
         return other
+
+    def _generator_copy(self) -> torch.Generator | None:
+        """The sampling stream, to draw the same tokens independently (None: torch's global generator)."""
+        return None if self._generator is None else torch.Generator().set_state(self._generator.get_state())
 
     @property
     def state(self) -> Any:
