@@ -136,7 +136,8 @@ def _generate_batch(root, prompts, max_new_tokens, temperature, top_k, top_p, se
     end = time.perf_counter()
     for i, row in enumerate(rows):
         body = root.decode(row) if root.byte_level else " ".join(map(str, row))
-        sys.stdout.write(f"{'' if i == 0 else chr(10)}--- prompt {i + 1} of {len(rows)} ---\n{body}\n")
+        gap = "\n" if i else ""
+        sys.stdout.write(f"{gap}--- prompt {i + 1} of {len(rows)} ---\n{body}\n")
     sys.stdout.flush()
     n = sum(len(r) for r in rows)
     err.print(f"[dim]{len(rows)} prompts ({sum(len(p) for p in prompts):,} tokens) prefilled in "
