@@ -64,3 +64,42 @@ def tiny():
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+class DictStateBackend:
+    """The torch backend with its state as a dict keyed by the export's state names and a batch limit, as the
+    TensorRT backend's: what parity and Session's rows must handle through their Mapping paths."""
+
+    NAMES = {"conv": "conv_state", "ssm": "ssm_state", "pool": "pool", "prio": "pool_prio"}
+
+    def __init__(self, model, max_batch: int | None = None):
+        from memmamba_deploy.backends.torch_backend import TorchBackend
+
+        self.inner, self.config, self.name, self.max_batch = TorchBackend(model), model.config, "dict", max_batch
+
+    def _to(self, state):
+        return {self.NAMES[k]: v for k, v in state.tensors().items()}
+
+    def _from(self, d):
+        from memmamba_deploy.models import State
+
+        return State(**{k: d[n] for k, n in self.NAMES.items() if n in d})
+
+    def new_state(self, batch):
+        if self.max_batch is not None and batch > self.max_batch:
+            raise ValueError(f"batch {batch} is outside the engines' profile 1..{self.max_batch}")
+        return self._to(self.inner.new_state(batch))
+
+    def prefill(self, ids, state):
+        logits, s = self.inner.prefill(ids, self._from(state))
+        return logits, self._to(s)
+
+    def step(self, tokens, state):
+        logits, s = self.inner.step(tokens, self._from(state))
+        return logits, self._to(s)
+
+    def copy_state(self, state):
+        return {k: v.clone() for k, v in state.items()}
+
+    def state_nbytes(self, state):
+        return sum(v.numel() * v.element_size() for v in state.values())

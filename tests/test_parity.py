@@ -13,6 +13,7 @@ from memmamba_deploy.cli import app
 from memmamba_deploy.models import MemMambaLM, State
 from memmamba_deploy.parity import compare, parse_prompt, run_parity, state_like, state_view
 from test_export import one_thread, tiny_export  # noqa: F401  (fixtures)
+from conftest import DictStateBackend
 
 
 def _reference(out) -> MemMambaLM:
@@ -199,38 +200,6 @@ def test_a_prefill_pool_in_another_slot_order_passes(tiny_export):
     other.prefill = lambda ids, s: (lambda lg, st: (lg, dataclasses.replace(st, pool=st.pool.flip(-2))))(
         *other.inner.prefill(ids, s))
     assert compare(ref, other, prompt, steps=4, rtol=1e-4, flip_radius=1e-3).prefill_slot_mismatches > 0
-
-
-class DictStateBackend:
-    """A backend whose state is a dict keyed by the export's state names (as the TensorRT backend's)."""
-
-    NAMES = {"conv": "conv_state", "ssm": "ssm_state", "pool": "pool", "prio": "pool_prio"}
-
-    def __init__(self, model):
-        self.inner, self.config, self.name = TorchBackend(model), model.config, "dict"
-
-    def _to(self, state: State):
-        return {self.NAMES[k]: v for k, v in state.tensors().items()}
-
-    def _from(self, d):
-        return State(**{k: d[n] for k, n in self.NAMES.items() if n in d})
-
-    def new_state(self, batch):
-        return self._to(self.inner.new_state(batch))
-
-    def prefill(self, ids, state):
-        logits, s = self.inner.prefill(ids, self._from(state))
-        return logits, self._to(s)
-
-    def step(self, tokens, state):
-        logits, s = self.inner.step(tokens, self._from(state))
-        return logits, self._to(s)
-
-    def copy_state(self, state):
-        return {k: v.clone() for k, v in state.items()}
-
-    def state_nbytes(self, state):
-        return sum(v.numel() * v.element_size() for v in state.values())
 
 
 def test_backends_with_mapping_states_plug_in(tiny_export):

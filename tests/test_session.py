@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_model
+from conftest import DictStateBackend, make_model
 from memmamba_deploy.cli import app
 from memmamba_deploy.metrics import rel_err
 from memmamba_deploy.models.checkpoint import save_pretrained
@@ -328,42 +328,6 @@ def test_threads_decoding_at_once_match_single_thread_onnxruntime(model, export_
 
 
 # ---- rows: prompts of different lengths, continuous batching, beams ----------------------------------------------------
-class DictStateBackend:
-    """The torch backend with its state as named tensors and a batch limit, as TensorRT's: rows() and stack() must
-    work through parity's Mapping path and honour new_state's limit."""
-    name = "dict-state"
-
-    def __init__(self, inner, max_batch=4):
-        self.inner, self.config, self.max_batch = inner, inner.config, max_batch
-
-    def new_state(self, batch):
-        if batch > self.max_batch:
-            raise ValueError(f"batch {batch} is outside the engines' profile 1..{self.max_batch}")
-        return self._named(self.inner.new_state(batch))
-
-    @staticmethod
-    def _named(state):
-        return {"conv_state": state.conv, "ssm_state": state.ssm, "pool": state.pool, "pool_prio": state.prio}
-
-    def _ref(self, state):
-        from memmamba_deploy.models import State
-        return State(state["conv_state"], state["ssm_state"], state["pool"], state["pool_prio"])
-
-    def prefill(self, ids, state):
-        logits, new = self.inner.prefill(ids, self._ref(state))
-        return logits, self._named(new)
-
-    def step(self, ids, state):
-        logits, new = self.inner.step(ids, self._ref(state))
-        return logits, self._named(new)
-
-    def copy_state(self, state):
-        return {k: v.clone() for k, v in state.items()}
-
-    def state_nbytes(self, state):
-        return sum(v.nbytes for v in state.values())
-
-
 RAGGED = [list(b"Alpha and omega"), list(b"zz"), list(b"The quick brown fox jumps"), list(b"0123")]
 
 
@@ -371,7 +335,7 @@ def _root(kind, checkpoint, export_dir):
     if kind == "onnxruntime":
         return Session.open(export_dir, backend="onnxruntime")
     root = Session.open(checkpoint, device="cpu")
-    return Session(DictStateBackend(root.backend)) if kind == "dict-state" else root
+    return Session(DictStateBackend(root.backend.model, max_batch=4)) if kind == "dict-state" else root
 
 
 def _logits_of(session, prompt, n):
@@ -464,7 +428,7 @@ def test_rows_and_stack_refuse_what_they_cannot_do(checkpoint, export_dir):
                          ([[0]], "non-empty list of integer"), ("x", "list of row indices")]:
         with pytest.raises(ValueError, match=message):
             a.rows(bad)
-    limited = Session(DictStateBackend(root.backend, max_batch=2))
+    limited = Session(DictStateBackend(root.backend.model, max_batch=2))
     limited.prefill(PROMPT)
     with pytest.raises(ValueError, match="outside the engines' profile 1..2"):
         Session.stack([limited, limited, limited])
