@@ -58,6 +58,16 @@ public:
     virtual void synchronize() const = 0;
 };
 
+//! copyRow's source as the backend type `B` (Session::copyRow has checked the kind, GPU and dtype).
+template <class B>
+B const& rowSource(Backend const& from)
+{
+    auto const* source = dynamic_cast<B const*>(&from);
+    if (!source)
+        throw Error("copyRow: the source session runs another backend (native and tensorrt do not mix)");
+    return *source;
+}
+
 std::unique_ptr<Backend> openNative(std::string const& checkpoint, SessionOptions const& options);
 std::unique_ptr<Backend> openTensorRT(std::string const& exportDir, SessionOptions const& options);
 

@@ -756,21 +756,15 @@ public:
 
     void copyRow(Backend const& fromBase, int fromRow, int toRow, bool complete) override
     {
-        auto const* from = dynamic_cast<NativeBackend const*>(&fromBase);
-        if (!from)
-            throw Error("copyRow: the source session runs another backend (native and tensorrt do not mix)");
-        if (from->opt_.device != opt_.device || from->w_->dtype != w_->dtype)
-            throw Error("copyRow: the source session runs on GPU " + std::to_string(from->opt_.device) + " in "
-                + dtypeName(from->w_->dtype) + ", this one on GPU " + std::to_string(opt_.device) + " in "
-                + dtypeName(w_->dtype));
+        auto const& from = rowSource<NativeBackend>(fromBase);
         DeviceGuard onDevice(opt_.device);
-        MM_CUDA(cudaStreamSynchronize(from->stream_));      // its last step has left its state
+        MM_CUDA(cudaStreamSynchronize(from.stream_));       // its last step has left its state
         for (auto const& i : stateInfo())
-            copyStateRow(state(i.name, cur_), opt_.batch, toRow, from->state(i.name, from->cur_), from->opt_.batch,
+            copyStateRow(state(i.name, cur_), opt_.batch, toRow, from.state(i.name, from.cur_), from.opt_.batch,
                 fromRow, i, stream_);
         size_t const row = static_cast<size_t>(c_.vocab_size) * actElem_;
         MM_CUDA(cudaMemcpyAsync(static_cast<char*>(logits_[cur_].get()) + toRow * row,
-            static_cast<char const*>(from->logits_[from->cur_].get()) + fromRow * row, row,
+            static_cast<char const*>(from.logits_[from.cur_].get()) + fromRow * row, row,
             cudaMemcpyDeviceToDevice, stream_));
         MM_CUDA(cudaStreamSynchronize(stream_));            // the source may go on (or away) at once
         hasLogits_ = hasLogits_ || complete;

@@ -220,6 +220,11 @@ void Session::copyRow(Session& from, int fromRow, int toRow)
     std::vector<std::string> differ = configDifferences(from.config(), config());
     if (!differ.empty())
         throw Error("copyRow: the source session runs another model (" + differ.front() + ")");
+    SessionOptions const &theirs = from.options(), &ours = options();
+    if (theirs.backend != ours.backend || theirs.device != ours.device || theirs.dtype != ours.dtype)
+        throw Error("copyRow: the source session runs " + theirs.backend + " on GPU " + std::to_string(theirs.device)
+            + " in " + dtypeName(theirs.dtype) + ", this one " + ours.backend + " on GPU "
+            + std::to_string(ours.device) + " in " + dtypeName(ours.dtype));
     from.feedPending();
     if (!from.backend_->hasLogits())
         throw Error("copyRow: the source session holds no logits: prefill its prompt first");

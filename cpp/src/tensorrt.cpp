@@ -432,25 +432,19 @@ public:
     }
     void copyRow(Backend const& fromBase, int fromRow, int toRow, bool complete) override
     {
-        auto const* from = dynamic_cast<TensorRTBackend const*>(&fromBase);
-        if (!from)
-            throw Error("copyRow: the source session runs another backend (native and tensorrt do not mix)");
-        if (from->opt_.device != opt_.device || from->e_->dtype != e_->dtype)
-            throw Error("copyRow: the source session runs on GPU " + std::to_string(from->opt_.device) + " in "
-                + dtypeName(from->e_->dtype) + ", this one on GPU " + std::to_string(opt_.device) + " in "
-                + dtypeName(e_->dtype));
+        auto const& from = rowSource<TensorRTBackend>(fromBase);
         DeviceGuard onDevice(opt_.device);
-        from->synchronize();
+        from.synchronize();
         for (auto const& info : stateInfo())
             if (spec(info.name).shape.size() < 2 || spec(info.name).shape[1] != -1)
                 throw Error("copyRow: the export's state '" + info.name + "' does not keep its batch as dimension "
                     "1 ([L, batch, ...], as memdeploy exports do)");
         for (auto const& info : stateInfo())
             copyStateRow(state_[cur_].at(info.name).get(), opt_.batch, toRow,
-                from->state_[from->cur_].at(info.name).get(), from->opt_.batch, fromRow, info, stream_);
+                from.state_[from.cur_].at(info.name).get(), from.opt_.batch, fromRow, info, stream_);
         size_t const row = static_cast<size_t>(e_->config.vocab_size) * 4;     // fp32 logits
         MM_CUDA(cudaMemcpyAsync(static_cast<char*>(logits_[cur_].get()) + toRow * row,
-            static_cast<char const*>(from->logits_[from->cur_].get()) + fromRow * row, row,
+            static_cast<char const*>(from.logits_[from.cur_].get()) + fromRow * row, row,
             cudaMemcpyDeviceToDevice, stream_));
         MM_CUDA(cudaStreamSynchronize(stream_));
         hasLogits_ = hasLogits_ || complete;

@@ -460,7 +460,7 @@ def test_copy_row_decodes_prompts_of_different_lengths_together(build, checkpoin
         batch.copy_row(NativeSession(build, checkpoints[False][0], dtype=dtype, plan=plan), 0, 0)
     other = NativeSession(build, ckpt, dtype="fp16" if dtype == "fp32" else "fp32", plan=plan)
     other.prefill(prompts[1])
-    with pytest.raises(NativeError, match="copyRow: the source session runs on GPU 0 in"):
+    with pytest.raises(NativeError, match="copyRow: the source session runs native on GPU 0 in fp(16|32), this one"):
         batch.copy_row(other, 0, 0)
     batch.copy_row(batch, 2, 0)                                        # a row of its own: a duplicate
     dup = batch.logits(V)
