@@ -677,6 +677,27 @@ def test_gpu_stacked_rows_match_their_streams_alone(checkpoint, model, backend):
     assert got[2].tolist() == greedy_by_hand(model, prompts[3], 16)[0]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_keeps_decode_graphs_for_a_few_batch_sizes_and_states_survive_the_rest(checkpoint, model):
+    """Rows leaving one by one take the batch through ten sizes: the backend keeps BATCH_SIZES_KEPT of them, and a
+    state it held for a dropped size still decodes as the reference does."""
+    prompts = [list(b"row %d: " % i) * (i + 1) for i in range(10)]
+    root = Session.open(checkpoint, backend="triton", device="cuda", dtype="fp32")
+    forks = [root.fork() for _ in prompts]
+    for f, p in zip(forks, prompts):
+        f.prefill(p)
+    batch = Session.stack(forks)
+    kept = batch.rows([0])                                           # batch 1, stepped once: its buffers filled
+    kept.step(0)
+    for n in range(10, 1, -1):                                       # sizes 10, 9, ..., 2
+        batch = batch.rows(list(range(n)))
+        batch.step(torch.zeros(n, dtype=torch.long))
+    assert len(root.backend._buffers) == root.backend.BATCH_SIZES_KEPT
+    assert 1 not in root.backend._buffers                            # kept's state moved out before they went
+    assert greedy(kept, None, 8) == greedy_by_hand(model, prompts[0] + [0], 8)[0]
+
+
 def test_batch_is_the_sessions_only_once_a_call_succeeds(checkpoint):
     s = Session.open(checkpoint, device="cpu")
     with pytest.raises(ValueError, match="batch, T >= 1"):

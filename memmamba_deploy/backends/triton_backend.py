@@ -96,6 +96,10 @@ class TritonBackend:
     # (prefill_in_halves): the 130m on an H100, 16k tokens 18.04 -> 17.61 ms, 32k 33.75 -> 33.33, 64k 65.42 ->
     # 64.13; 8k gains nothing (BENCHMARKS.md, sixteenth session)
     SPLIT_TOKENS = 16384
+    # decode buffers and graphs are kept for this many batch sizes, the least recently used dropped first: a server
+    # whose batch changes as rows leave and join (Session.rows, Session.stack) keeps what it reuses, not a set of
+    # buffers (two states of the batch's size) and graphs for every size it ever ran
+    BATCH_SIZES_KEPT = 8
 
     def __init__(self, model: MemMambaLM, cuda_graph: bool = True, pdl: bool | None = None,
                  step_kernel: str = "layered"):
@@ -152,7 +156,7 @@ class TritonBackend:
             self.stacked = self._stack(model)
         self.norm_f = model.norm_f.weight.detach()
         self.embedding = model.embeddings.weight.detach()
-        self._buffers: dict[int, _Buffers] = {}
+        self._buffers: dict[int, _Buffers] = {}      # by batch size, least recently used first
         self._prefill_io: dict[int, types.SimpleNamespace] = {}
         self._prefill_graphs: dict[tuple[int, int], types.SimpleNamespace] = {}
         self._prefill_pool = None
@@ -232,8 +236,14 @@ class TritonBackend:
 
     # ---- buffers and graphs -----------------------------------------------------------------------------------
     def _get_buffers(self, batch: int) -> _Buffers:
-        if batch in self._buffers:
-            return self._buffers[batch]
+        bufs = self._buffers.pop(batch, None)
+        if bufs is not None:
+            self._buffers[batch] = bufs                  # the most recently used last
+            return bufs
+        while len(self._buffers) >= self.BATCH_SIZES_KEPT:
+            dropped = self._buffers.pop(next(iter(self._buffers)))
+            for i in (0, 1):                             # states a caller holds there move to memory of their own
+                self._evict(dropped, i)
         c, dev, dt = self.config, self.device, self.dtype
         f32 = dict(device=dev, dtype=torch.float32)
         r_mem = max([w.w_mem.shape[0] for w in self.layers] if c.memory and self.step_kernel == "layered" else [1])
