@@ -65,7 +65,8 @@ def generate(path: Path = typer.Argument(..., help=PATH_HELP),
              seed: Optional[int] = typer.Option(0, min=0, help="sampling seed (same seed, same text)"),
              stop: Optional[str] = typer.Option(None, help="comma-separated token ids that end generation")):
     """Stream generated tokens to stdout as they come (text for byte-level models, token ids otherwise). Several
-    prompts (of any lengths) decode together as one batch and each is printed whole once every row is done."""
+    prompts (of any lengths) decode together as one batch and each is printed whole once every row is done (sampled
+    rows draw from one stream for the batch: the same seed gives the same texts for the same prompts together)."""
     from .parity import parse_prompt
     from .session import Session
 
@@ -74,10 +75,14 @@ def generate(path: Path = typer.Argument(..., help=PATH_HELP),
     if prompt and prompt.count("-") > 1:
         raise ValueError("--prompt - (standard input) may be given once")
     prompt = [sys.stdin.read() if p == "-" else p for p in prompt] if prompt else None
+    many = len(prompt or ids) > 1
+    if prompt is not None and not all(prompt):
+        at = prompt.index("")
+        raise ValueError(f"--prompt {at + 1} of {len(prompt)} is empty" if many else "--prompt is empty")
     session = Session.open(path, backend=backend, device=device, dtype=dtype)
     vocab = session.config.vocab_size
     prompts = ([session.encode(p) for p in prompt] if prompt is not None
-               else [parse_prompt(i, vocab, what="--ids") for i in ids])
+               else [parse_prompt(v, vocab, what=f"--ids {i + 1}" if many else "--ids") for i, v in enumerate(ids)])
     stop_ids = parse_prompt(stop, vocab, what="--stop") if stop else []
     if len(prompts) > 1:
         return _generate_batch(session, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)

@@ -378,10 +378,11 @@ class Session:
         them together; a row that finishes leaves with rows() and a new prompt joins with stack(). The sessions
         must share one backend (forks of one session do) and have consumed tokens. Tokens generate() yielded last
         stay pending, fed first when the stack goes on (where only some sessions have one, theirs are fed now, in
-        copies). The stack samples from torch's global generator until generate() is given a seed."""
+        copies). The stack's sampling stream is a copy of the first session's (a batch going on keeps its draws)."""
         if isinstance(sessions, Session) or not isinstance(sessions, Sequence) or not sessions or not all(
                 isinstance(s, Session) for s in sessions):
-            raise ValueError(f"Session.stack takes a non-empty list of Sessions, got {sessions!r}")
+            raise ValueError(f"Session.stack takes a non-empty list of Sessions, got "
+                             f"{type(sessions).__name__}{f' of {len(sessions)}' if isinstance(sessions, Sequence) else ''}")
         first = sessions[0]
         for i, s in enumerate(sessions):
             if s.backend is not first.backend:
@@ -402,7 +403,8 @@ class Session:
             joined = State(**{k: torch.cat([r[k] for r in refs], 1) for k in refs[0]})
             state = state_like(first.backend, joined, first.backend.new_state(batch))
         pending = None if sessions[0]._pending is None else torch.cat([s._pending for s in sessions])
-        return first._derived(state, torch.cat([s._logits for s in sessions]), pending, batch, generator=None)
+        return first._derived(state, torch.cat([s._logits for s in sessions]), pending, batch,
+                              sessions[0]._generator_copy())
 
     def rows(self, indices) -> "Session":
         """A session of these rows of this one, in the order given (a copy; a row may repeat): drop finished rows
@@ -416,7 +418,8 @@ class Session:
             raise ValueError(f"rows() takes a list of row indices: {e}") from None
         if idx.dim() == 0:
             idx = idx[None]
-        if idx.dim() != 1 or idx.numel() == 0 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        if idx.dim() != 1 or idx.numel() == 0 or idx.dtype.is_floating_point or idx.is_complex() or \
+                idx.dtype == torch.bool:
             raise ValueError(f"rows() takes a non-empty list of integer row indices, got {indices!r}")
         idx = idx.long()
         bad = idx[(idx < 0) | (idx >= self._batch)]

@@ -407,6 +407,17 @@ def test_continuous_batching_rows_leave_and_join_mid_generation(model, checkpoin
     assert batch.batch_size == 2
 
 
+def test_a_stack_draws_from_a_copy_of_its_first_sessions_sampling_stream(checkpoint):
+    root = Session.open(checkpoint, device="cpu")
+    a, b = root.fork(), root.fork()
+    list(a.generate(RAGGED[0], 3, temperature=1.0, seed=5))           # a's stream, three draws in
+    b.prefill(RAGGED[1])
+    draws = [torch.stack(list(Session.stack([a, b]).generate(max_new_tokens=6, temperature=1.0))) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])                               # the same copy each time, not torch's
+    alone = list(a.fork().generate(max_new_tokens=6, temperature=1.0))   # global generator; a itself untouched
+    assert [int(t) for t in alone] == [int(t) for t in list(a.fork().generate(max_new_tokens=6, temperature=1.0))]
+
+
 def test_rows_and_stack_refuse_what_they_cannot_do(checkpoint, export_dir):
     root = Session.open(checkpoint, device="cpu")
     a = root.fork()
@@ -425,7 +436,8 @@ def test_rows_and_stack_refuse_what_they_cannot_do(checkpoint, export_dir):
         root.fork().rows([0])
     for bad, message in [([1], "row 1 is outside this session's rows 0..0"), ([-1], "row -1 is outside"),
                          ([], "non-empty list of integer"), ([0.0], "non-empty list of integer"),
-                         ([[0]], "non-empty list of integer"), ("x", "list of row indices")]:
+                         ([[0]], "non-empty list of integer"), ([1j], "non-empty list of integer"),
+                         ("x", "list of row indices")]:
         with pytest.raises(ValueError, match=message):
             a.rows(bad)
     limited = Session(DictStateBackend(root.backend.model, max_batch=2))
@@ -565,6 +577,8 @@ def test_generate_cli_decodes_several_prompts_as_one_batch(checkpoint):
     (["generate", "{ckpt}", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["generate", "{ckpt}", "--prompt", "hi", "--ids", "1"], "exactly one of --prompt"),
     (["generate", "{ckpt}", "--prompt", "-", "--prompt", "-"], "may be given once"),
+    (["generate", "{ckpt}", "--prompt", "a", "--prompt", ""], "--prompt 2 of 2 is empty"),
+    (["generate", "{ckpt}", "--ids", "1", "--ids", "1,300"], "--ids 2 holds token id(s) [300]"),
 ])
 def test_generate_cli_errors_are_one_line(checkpoint, args, message):
     res = CliRunner().invoke(app, [a.replace("{ckpt}", str(checkpoint)) for a in args])
