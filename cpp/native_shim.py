@@ -53,6 +53,7 @@ def _lib(build_dir) -> ctypes.CDLL:
         "mm_step": ([P, P], I), "mm_logits": ([P, P], I), "mm_sample": ([P, F, I, F, P], I),
         "mm_generate": ([P, I, F, I, F, P, I, P, P], I), "mm_bench_generate": ([P, I, P], I),
         "mm_reset": ([P], I), "mm_reseed": ([P, U64], I), "mm_fork": ([P], P), "mm_copy_row": ([P, P, I, I], I),
+        "mm_sibling": ([P, I], P),
         "mm_state_bytes": ([P, ctypes.c_char_p], ctypes.c_longlong), "mm_read_state": ([P, ctypes.c_char_p, P, U64], I),
         "mm_write_state": ([P, ctypes.c_char_p, P, U64], I), "mm_save_state": ([P, ctypes.c_char_p], I),
         "mm_load_state": ([P, ctypes.c_char_p], I), "mm_pending": ([P, P], I),
@@ -137,6 +138,13 @@ class NativeSession:
         if not h:
             raise NativeError(self.lib.mm_last_error().decode())
         return NativeSession(None, None, self.dtype, self.batch, _handle=h, _lib_obj=self.lib)
+
+    def sibling(self, batch: int) -> "NativeSession":
+        """Session::sibling: a session of `batch` rows on this one's weights, in the empty state."""
+        h = self.lib.mm_sibling(self.h, batch)
+        if not h:
+            raise NativeError(self.lib.mm_last_error().decode())
+        return NativeSession(None, None, self.dtype, batch, _handle=h, _lib_obj=self.lib)
 
     def copy_row(self, source: "NativeSession", from_row: int, to_row: int):
         """Session::copyRow: row to_row of this session goes on from row from_row of `source`."""

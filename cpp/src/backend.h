@@ -43,6 +43,10 @@ public:
     //! Where the next draw reads the sampling stream: (seed, step); each draw launch then advances the step by one.
     virtual void setStream(uint64_t seed, uint32_t step) = 0;
     virtual std::unique_ptr<Backend> fork() const = 0;
+    //! A backend on the same weights (engines) and options but `batch` rows, in the empty state.
+    virtual std::unique_ptr<Backend> sibling(int batch) const = 0;
+    //! Whether `other` runs on the very same weights in memory (a fork or sibling of this backend's, or of its source).
+    virtual bool sharesWeights(Backend const& other) const = 0;
     virtual std::vector<StateTensorInfo> stateInfo() const = 0;
     //! Row `toRow` of the current state and logits becomes a copy of row `fromRow` of `from`'s (a backend of the
     //! same kind, model and device; any batch), on the GPU; the other rows stay. `complete`: every row now holds

@@ -731,6 +731,20 @@ public:
         MM_CUDA(cudaStreamSynchronize(stream_));
     }
 
+    std::unique_ptr<Backend> sibling(int batch) const override
+    {
+        SessionOptions options = opt_;
+        options.batch = batch;
+        DeviceGuard onDevice(opt_.device);
+        return std::make_unique<NativeBackend>(w_, options);
+    }
+
+    bool sharesWeights(Backend const& other) const override
+    {
+        auto const* o = dynamic_cast<NativeBackend const*>(&other);
+        return o && o->w_ == w_;
+    }
+
     std::unique_ptr<Backend> fork() const override
     {
         DeviceGuard onDevice(opt_.device);

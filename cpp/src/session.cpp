@@ -67,6 +67,7 @@ void Session::prefill(int32_t const* tokens, int T)
         throw Error("prefill needs T >= 1 tokens per row, got " + std::to_string(T));
     int const B = batch();
     checkTokens(tokens, static_cast<size_t>(T) * B, config().vocab_size);
+    rowsCopied_.clear();            // a token fed gives every row logits: copyRow's marks are done with
     if (pending_.empty())
     {
         backend_->prefill(tokens, T);
@@ -86,6 +87,7 @@ void Session::prefill(int32_t const* tokens, int T)
 void Session::step(int32_t const* tokens)
 {
     checkTokens(tokens, static_cast<size_t>(batch()), config().vocab_size);
+    rowsCopied_.clear();
     feedPending();
     backend_->step(tokens);
 }
@@ -204,6 +206,7 @@ std::unique_ptr<Session> Session::fork() const
 {
     std::unique_ptr<Session> other(new Session(backend_->fork()));
     other->pending_ = pending_;
+    other->rowsCopied_ = rowsCopied_;
     other->seed_ = seed_;
     other->draws_ = draws_;
     return other;
@@ -225,20 +228,32 @@ void Session::copyRow(Session& from, int fromRow, int toRow)
         throw Error("copyRow: the source session runs " + theirs.backend + " on GPU " + std::to_string(theirs.device)
             + " in " + dtypeName(theirs.dtype) + ", this one " + ours.backend + " on GPU "
             + std::to_string(ours.device) + " in " + dtypeName(ours.dtype));
+    if (!backend_->sharesWeights(*from.backend_)
+        && backend_->weightsFingerprint() != from.backend_->weightsFingerprint())
+        throw Error("copyRow: the source session runs other weights (the same config, another sha256)");
     from.feedPending();
     if (!from.backend_->hasLogits())
         throw Error("copyRow: the source session holds no logits: prefill its prompt first");
     feedPending();
+    if (&from == this && fromRow == toRow)
+        return;
+    std::vector<char> copied = rowsCopied_;     // marked once the copy has succeeded
     bool complete = backend_->hasLogits();
     if (!complete)
     {
-        rowsCopied_.resize(batch(), 0);
-        rowsCopied_[toRow] = 1;
-        complete = std::count(rowsCopied_.begin(), rowsCopied_.end(), 1) == batch();
+        copied.resize(batch(), 0);
+        copied[toRow] = 1;
+        complete = std::count(copied.begin(), copied.end(), 1) == batch();
     }
     backend_->copyRow(*from.backend_, fromRow, toRow, complete);
-    if (complete)
-        rowsCopied_.clear();
+    rowsCopied_ = complete ? std::vector<char>() : copied;
+}
+
+std::unique_ptr<Session> Session::sibling(int batch) const
+{
+    if (batch < 1)
+        throw Error("batch must be >= 1, got " + std::to_string(batch));
+    return std::unique_ptr<Session>(new Session(backend_->sibling(batch)));
 }
 
 std::vector<StateTensorInfo> Session::stateInfo() const { return backend_->stateInfo(); }

@@ -408,6 +408,21 @@ public:
         MM_CUDA(cudaMemcpyAsync(rng_.get(), rng, sizeof(rng), cudaMemcpyHostToDevice, stream_));
         MM_CUDA(cudaStreamSynchronize(stream_));
     }
+    std::unique_ptr<Backend> sibling(int batch) const override
+    {
+        if (batch > e_->maxBatch)
+            throw Error("batch " + std::to_string(batch) + " is outside the engines' profile 1.."
+                + std::to_string(e_->maxBatch) + " (memdeploy build --max-batch)");
+        SessionOptions options = opt_;
+        options.batch = batch;
+        DeviceGuard onDevice(opt_.device);
+        return std::make_unique<TensorRTBackend>(e_, options);
+    }
+    bool sharesWeights(Backend const& other) const override
+    {
+        auto const* o = dynamic_cast<TensorRTBackend const*>(&other);
+        return o && o->e_ == e_;
+    }
     std::unique_ptr<Backend> fork() const override
     {
         DeviceGuard onDevice(opt_.device);

@@ -138,6 +138,13 @@ void* mm_fork(void* h)
     return out;
 }
 
+void* mm_sibling(void* h, int batch)
+{
+    Session* out = nullptr;
+    guard([&] { out = S(h)->sibling(batch).release(); });
+    return out;
+}
+
 int mm_copy_row(void* h, void* from, int fromRow, int toRow)
 {
     return guard([&] { S(h)->copyRow(*S(from), fromRow, toRow); });

@@ -408,7 +408,7 @@ def test_the_session_feeds_generates_last_token_when_the_stream_goes_on(build, c
 
 @pytest.mark.parametrize("plan,dtype", [("cublas", "fp32"), ("fused", "fp32"), ("cublas", "fp16")])
 @torch.no_grad()
-def test_copy_row_decodes_prompts_of_different_lengths_together(build, checkpoints, plan, dtype):
+def test_copy_row_decodes_prompts_of_different_lengths_together(build, checkpoints, plan, dtype, tmp_path):
     """Session::copyRow (continuous batching): batch-1 sessions prefill prompts of different lengths, their rows
     go into a fresh batch-3 session, which decodes them together: each row's greedy tokens and logits are its
     own session's (within the dtype's tolerance; tokens may differ only past a near tie, so the logits are compared
@@ -417,12 +417,11 @@ def test_copy_row_decodes_prompts_of_different_lengths_together(build, checkpoin
     V = model.config.vocab_size
     gen = torch.Generator().manual_seed(17)
     prompts = [torch.randint(0, V, (1, n), generator=gen) for n in (37, 5, 300, 12)]
-    alone = []
-    for p in prompts:
-        s = NativeSession(build, ckpt, dtype=dtype, plan=plan)
+    first = NativeSession(build, ckpt, dtype=dtype, plan=plan)
+    alone = [first] + [first.sibling(1) for _ in prompts[1:]]         # one set of weights
+    for s, p in zip(alone, prompts):
         s.prefill(p)
-        alone.append(s)
-    batch = NativeSession(build, ckpt, dtype=dtype, plan=plan, batch=3)
+    batch = NativeSession(build, ckpt, dtype=dtype, plan=plan, batch=3)  # opened apart: the same weights by sha256
     with pytest.raises(NativeError, match="no logits yet"):
         batch.logits(V)
     for row in range(3):
@@ -462,9 +461,34 @@ def test_copy_row_decodes_prompts_of_different_lengths_together(build, checkpoin
     other.prefill(prompts[1])
     with pytest.raises(NativeError, match="copyRow: the source session runs native on GPU 0 in fp(16|32), this one"):
         batch.copy_row(other, 0, 0)
+    import safetensors
+    twin = tmp_path / "twin"                                           # the same config, other weights
+    make_model(seed=99, memory=True).save_pretrained(twin)
+    stranger = NativeSession(build, twin, dtype=dtype, plan=plan)
+    stranger.prefill(prompts[1])
+    batch.save_state(tmp_path / "s.safetensors")
+    with safetensors.safe_open(str(tmp_path / "s.safetensors"), "pt") as fh:
+        hashed = "weights_sha256" in (fh.metadata() or {})             # builds without OpenSSL cannot tell
+    if hashed:
+        with pytest.raises(NativeError, match="runs other weights"):
+            batch.copy_row(stranger, 0, 0)
     batch.copy_row(batch, 2, 0)                                        # a row of its own: a duplicate
     dup = batch.logits(V)
     assert torch.equal(dup[0], dup[2])
+    batch.copy_row(batch, 1, 1)                                        # onto itself: nothing to do
+    assert torch.equal(batch.logits(V), dup)
+    # a row of a batch-2 source (the row stride), into a partly filled session that is forked on the way
+    pair = first.sibling(2)
+    pair.prefill(torch.randint(0, V, (2, 40), generator=gen))
+    fresh = first.sibling(2)
+    fresh.copy_row(pair, 1, 0)
+    half = fresh.fork()                                                # carries which rows are filled
+    half.copy_row(pair, 0, 1)
+    assert torch.equal(half.logits(V), pair.logits(V).flip(0))
+    shape = (4, 2, 128, 8)
+    assert torch.equal(half.state("ssm", shape), pair.state("ssm", shape).flip(1))
+    with pytest.raises(NativeError, match="no logits yet"):
+        fresh.logits(V)
 
 
 @torch.no_grad()

@@ -176,14 +176,21 @@ public:
     //! without loading weights), so fork a conversation, not every candidate token; to go back a step cheaply
     //! keep a state with readState()/writeState() or saveState().
     std::unique_ptr<Session> fork() const;
+    //! A new session on this one's weights and options but with `batch` rows, in the empty state (nothing loaded
+    //! again; its buffers and graphs are its own, as a fork's): e.g. the batch-1 session that prefills new prompts
+    //! for a batch session's copyRow. Its sampling stream starts from options().seed.
+    std::unique_ptr<Session> sibling(int batch) const;
 
     //! Continuous batching: row `toRow` of this session goes on from row `fromRow` of `from`, a session of the same
-    //! model (config and weights: a fork, or one opened from the same files), backend, dtype and GPU with any batch (e.g. a batch-1 session that has just prefilled a new prompt,
-    //! whose length the other rows need not share). The row's recurrent state and logits are copied on the GPU;
-    //! the other rows stay as they are. generate()'s pending tokens of both sessions are fed first. `from` must hold
-    //! logits (a token fed); this session may be fresh, and holds logits once every row has been copied into or a
-    //! token fed. Decoding the rows together then gives each row what its own session would (the same kernels
-    //! at another batch: within rounding). The sampling stream is this session's. `from` may be this session.
+    //! model, backend, dtype and GPU with any batch (e.g. a sibling(1) that has just prefilled a new prompt, whose
+    //! length the other rows need not share). The weights must be the same: shared (forks, siblings) or, for
+    //! sessions opened apart, equal by their sha256 (hashed once a session, in builds with OpenSSL). The row's
+    //! recurrent state and logits are copied on the GPU; the other rows stay as they are. generate()'s pending
+    //! tokens of both sessions are fed first. `from` must hold logits (a token fed); this session may be fresh,
+    //! and holds logits once every row has been copied into or a token fed. Decoding the rows together then gives
+    //! each row what its own session would (the same kernels at another batch: within rounding). The sampling
+    //! stream is this session's. `from` may be this session. The call uses both sessions: neither may be in use by
+    //! another thread meanwhile.
     void copyRow(Session& from, int fromRow, int toRow);
 
     //! generate()'s last tokens [batch], not yet fed (empty: none); saveState keeps them, readState does not.
