@@ -429,9 +429,9 @@ def test_copy_row_decodes_prompts_of_different_lengths_together(build, checkpoin
         if row < 2:                                                    # logits only once every row holds some
             with pytest.raises(NativeError, match="no logits yet"):
                 batch.logits(V)
-    first = batch.logits(V)
+    copied = batch.logits(V)
     for row in range(3):                                               # copied, not recomputed
-        assert torch.equal(first[row], alone[row].logits(V)[0]), row
+        assert torch.equal(copied[row], alone[row].logits(V)[0]), row
     tokens = batch.generate(24)
     for row in range(3):                                               # each row alone, fed the batch's tokens
         own = alone[row].fork()
