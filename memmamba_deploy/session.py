@@ -395,13 +395,12 @@ class Session:
             for s in sessions:
                 s._flush()
         from .models import State
-        from .parity import state_like, state_view
+        from .parity import state_view
 
         batch = sum(s._batch for s in sessions)
         with first._locked():
             refs = [state_view(first.backend, s._state, device=None).tensors() for s in sessions]
-            joined = State(**{k: torch.cat([r[k] for r in refs], 1) for k in refs[0]})
-            state = state_like(first.backend, joined, first.backend.new_state(batch))
+            state = first._backend_state(State(**{k: torch.cat([r[k] for r in refs], 1) for k in refs[0]}))
         pending = None if sessions[0]._pending is None else torch.cat([s._pending for s in sessions])
         return first._derived(state, torch.cat([s._logits for s in sessions]), pending, batch,
                               sessions[0]._generator_copy())
@@ -426,15 +425,22 @@ class Session:
         if bad.numel():
             raise ValueError(f"row {int(bad[0])} is outside this session's rows 0..{self._batch - 1}")
         from .models import State
-        from .parity import state_like, state_view
+        from .parity import state_view
 
         with self._locked():
             ref = state_view(self.backend, self._state, device=None).tensors()
-            picked = State(**{k: v[:, idx.to(v.device)] for k, v in ref.items()})
-            state = state_like(self.backend, picked, self.backend.new_state(idx.numel()))
+            state = self._backend_state(State(**{k: v[:, idx.to(v.device)] for k, v in ref.items()}))
         pending = None if self._pending is None else self._pending[idx.to(self._pending.device)]
         return self._derived(state, self._logits[idx.to(self._logits.device)], pending, idx.numel(),
                              self._generator_copy())
+
+    def _backend_state(self, ref):
+        """A reference State as the backend's own (under the lock). A backend without state_from_reference gets
+        its new_state as the template, which also checks the batch against its limits (TensorRT's profile)."""
+        from .parity import state_like
+
+        template = None if hasattr(self.backend, "state_from_reference") else self.backend.new_state(ref.batch_size)
+        return state_like(self.backend, ref, template)
 
     def _derived(self, state, logits, pending, batch: int | None, generator) -> "Session":
         """A new session on this one's backend and weights holding the given stream (logits copied)."""
