@@ -54,7 +54,8 @@ private:
 };
 
 //! Enqueue on `stream` a copy of row `srcRow` of a state tensor [L, srcBatch, ...] into row `dstRow` of one of the
-//! same shape but batch dstBatch (`bytes`: the destination tensor's size): L strided blocks in one copy.
+//! same shape but batch dstBatch (`info`: the destination's): L strided blocks in one copy. Two rows of one tensor
+//! are disjoint, so src and dst may be one tensor where srcRow != dstRow.
 inline void copyStateRow(void* dst, int dstBatch, int dstRow, void const* src, int srcBatch, int srcRow,
     StateTensorInfo const& info, cudaStream_t stream)
 {
