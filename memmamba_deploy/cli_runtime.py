@@ -116,6 +116,10 @@ def _generate_batch(root, prompts, max_new_tokens, temperature, top_k, top_p, se
 
     from .session import Session
 
+    limit = getattr(root.backend, "max_batch", None)             # TensorRT engines' profile: before any prefill
+    if limit is not None and len(prompts) > limit:
+        raise ValueError(f"{len(prompts)} prompts, but the engines take batches of up to {limit} (memdeploy build "
+                         f"--max-batch)")
     start = time.perf_counter()
     err = Console(stderr=True, soft_wrap=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

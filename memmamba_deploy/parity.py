@@ -42,8 +42,9 @@ FIELD_OF_NAME = {"conv_state": "conv", "ssm_state": "ssm", "pool": "pool", "pool
 
 # ---- reading any backend's state -------------------------------------------------------------------------------------
 def state_view(backend, state, device="cpu") -> State:
-    """A backend's state as a torch State on `device` (None: where the backend keeps it; float tensors as they
-    are). Treat it as read-only: it may share memory with the backend's state."""
+    """A backend's state as a torch State on `device` (None: wherever the backend's reference view puts it, e.g.
+    the CPU for onnxruntime; float tensors as they are). Treat it as read-only: it may share memory with the
+    backend's state."""
     if hasattr(backend, "state_to_reference"):
         ref = backend.state_to_reference(state)
     elif isinstance(state, State):

@@ -573,7 +573,7 @@ class Session:
             except (RuntimeError, TypeError) as e:
                 raise ValueError(f"{path}: its sampling stream does not read ({e})") from None
         with self._locked():
-            state = state_like(self.backend, ref, self.backend.new_state(batch))
+            state = self._backend_state(ref)
             landed = state_view(self.backend, state)          # in this session's dtypes (fp16: range 65504)
         bad = [k for k, v in landed.tensors().items() if not bool(torch.isfinite(v.float()).all())]
         if bad:

@@ -37,10 +37,13 @@ class MemMambaConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):         # numpy scalars (sizes read from arrays) as Python numbers
             v = getattr(self, f.name)
-            if f.type == "int" and isinstance(v, numbers.Integral) and not isinstance(v, (bool, int)):
+            numpy_bool = type(v).__module__ == "numpy" and getattr(getattr(v, "dtype", None), "kind", "") == "b"
+            if f.type == "int" and isinstance(v, numbers.Integral) and type(v) not in (bool, int):
                 object.__setattr__(self, f.name, int(v))
-            elif f.type == "float" and isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)):
+            elif f.type == "float" and isinstance(v, numbers.Real) and type(v) not in (bool, int, float):
                 object.__setattr__(self, f.name, float(v))
+            elif f.type == "bool" and numpy_bool:
+                object.__setattr__(self, f.name, bool(v))
         d = self.d_model
         if self.dt_rank == 0 and isinstance(d, int) and not isinstance(d, bool) and d >= 1:
             object.__setattr__(self, "dt_rank", math.ceil(d / 16))

@@ -53,9 +53,10 @@ def test_a_bad_width_is_named_before_dt_rank_derives_from_it_and_numpy_numbers_a
     for bad in ("8", None, 2.0):                          # dt_rank 0 derives from d_model: not before it is checked
         with pytest.raises(ValueError, match="d_model must be a positive integer"):
             MemMambaConfig(d_model=bad)
-    c = MemMambaConfig(d_model=np.int64(64), n_layers=np.int32(2), insert_threshold=np.float32(0.25))
+    c = MemMambaConfig(d_model=np.int64(64), n_layers=np.int32(2), insert_threshold=np.float32(0.25),
+                       norm_eps=np.float64(1e-5), memory=np.bool_(True))
     assert (c.d_model, c.dt_rank, c.n_layers, c.insert_threshold) == (64, 4, 2, 0.25)
-    assert type(c.d_model) is int and type(c.insert_threshold) is float
+    assert [type(v) for v in (c.d_model, c.insert_threshold, c.norm_eps, c.memory)] == [int, float, float, bool]
     json.dumps(c.to_dict())                               # a config.json of Python numbers
 
 

@@ -54,15 +54,23 @@ private:
 };
 
 //! Enqueue on `stream` a copy of row `srcRow` of a state tensor [L, srcBatch, ...] into row `dstRow` of one of the
-//! same shape but batch dstBatch (`info`: the destination's): L strided blocks in one copy. Two rows of one tensor
-//! are disjoint, so src and dst may be one tensor where srcRow != dstRow.
+//! same shape but batch dstBatch (`info`: the destination's): L strided blocks in one 2D copy, or, within one tensor
+//! (whose 2D areas interleave, which cudaMemcpy2D does not allow), one copy a layer.
 inline void copyStateRow(void* dst, int dstBatch, int dstRow, void const* src, int srcBatch, int srcRow,
     StateTensorInfo const& info, cudaStream_t stream)
 {
     size_t const L = static_cast<size_t>(info.shape.at(0));
     size_t const row = info.bytes() / (L * dstBatch);
-    MM_CUDA(cudaMemcpy2DAsync(static_cast<char*>(dst) + dstRow * row, dstBatch * row,
-        static_cast<char const*>(src) + srcRow * row, srcBatch * row, row, L, cudaMemcpyDeviceToDevice, stream));
+    auto* to = static_cast<char*>(dst) + dstRow * row;
+    auto const* from = static_cast<char const*>(src) + srcRow * row;
+    if (dst != src)
+    {
+        MM_CUDA(cudaMemcpy2DAsync(to, dstBatch * row, from, srcBatch * row, row, L, cudaMemcpyDeviceToDevice, stream));
+        return;
+    }
+    for (size_t l = 0; l < L; ++l)
+        MM_CUDA(cudaMemcpyAsync(to + l * dstBatch * row, from + l * srcBatch * row, row, cudaMemcpyDeviceToDevice,
+            stream));
 }
 
 //! Throw a clear error unless CUDA sees a GPU numbered `device` (`who`: the backend that needs it).

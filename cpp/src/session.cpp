@@ -228,9 +228,16 @@ void Session::copyRow(Session& from, int fromRow, int toRow)
         throw Error("copyRow: the source session runs " + theirs.backend + " on GPU " + std::to_string(theirs.device)
             + " in " + dtypeName(theirs.dtype) + ", this one " + ours.backend + " on GPU "
             + std::to_string(ours.device) + " in " + dtypeName(ours.dtype));
-    if (!backend_->sharesWeights(*from.backend_)
-        && backend_->weightsFingerprint() != from.backend_->weightsFingerprint())
-        throw Error("copyRow: the source session runs other weights (the same config, another sha256)");
+    if (!backend_->sharesWeights(*from.backend_))
+    {
+        std::string const ours = backend_->weightsFingerprint(), theirs = from.backend_->weightsFingerprint();
+        if (ours.empty() || theirs.empty())
+            throw Error("copyRow: the two sessions load their weights apart and this build cannot hash them (no "
+                        "OpenSSL, or an export without its reference weights): make one a sibling() or fork() of the "
+                        "other");
+        if (ours != theirs)
+            throw Error("copyRow: the source session runs other weights (the same config, another sha256)");
+    }
     from.feedPending();
     if (!from.backend_->hasLogits())
         throw Error("copyRow: the source session holds no logits: prefill its prompt first");

@@ -98,7 +98,8 @@ class TritonBackend:
     SPLIT_TOKENS = 16384
     # decode buffers and graphs are kept for this many batch sizes, the least recently used dropped first: a server
     # whose batch changes as rows leave and join (Session.rows, Session.stack) keeps what it reuses, not a set of
-    # buffers (two states of the batch's size) and graphs for every size it ever ran
+    # buffers (two states of the batch's size) and graphs for every size it ever ran. (Prefill graphs are kept per
+    # batch size and length until release_prefill_graphs.)
     BATCH_SIZES_KEPT = 8
 
     def __init__(self, model: MemMambaLM, cuda_graph: bool = True, pdl: bool | None = None,
@@ -240,10 +241,8 @@ class TritonBackend:
         if bufs is not None:
             self._buffers[batch] = bufs                  # the most recently used last
             return bufs
-        while len(self._buffers) >= self.BATCH_SIZES_KEPT:
-            dropped = self._buffers.pop(next(iter(self._buffers)))
-            for i in (0, 1):                             # states a caller holds there move to memory of their own
-                self._evict(dropped, i)
+        while len(self._buffers) >= self.BATCH_SIZES_KEPT:   # a TritonState holding one of the dropped set's
+            self._buffers.pop(next(iter(self._buffers)))     # states keeps that State alive on its own
         c, dev, dt = self.config, self.device, self.dtype
         f32 = dict(device=dev, dtype=torch.float32)
         r_mem = max([w.w_mem.shape[0] for w in self.layers] if c.memory and self.step_kernel == "layered" else [1])

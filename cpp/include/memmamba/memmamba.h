@@ -184,7 +184,8 @@ public:
     //! Continuous batching: row `toRow` of this session goes on from row `fromRow` of `from`, a session of the same
     //! model, backend, dtype and GPU with any batch (e.g. a sibling(1) that has just prefilled a new prompt, whose
     //! length the other rows need not share). The weights must be the same: shared (forks, siblings) or, for
-    //! sessions opened apart, equal by their sha256 (hashed once a session, in builds with OpenSSL). The row's
+    //! sessions opened apart, equal by their sha256 (hashed once a session; builds without OpenSSL, and exports
+    //! without their reference weights, need siblings or forks). The row's
     //! recurrent state and logits are copied on the GPU; the other rows stay as they are. generate()'s pending
     //! tokens of both sessions are fed first. `from` must hold logits (a token fed); this session may be fresh,
     //! and holds logits once every row has been copied into or a token fed. Decoding the rows together then gives
