@@ -45,8 +45,8 @@ public:
     virtual std::unique_ptr<Backend> fork() const = 0;
     //! A backend on the same weights (engines) and options but `batch` rows, in the empty state.
     virtual std::unique_ptr<Backend> sibling(int batch) const = 0;
-    //! Whether `other` runs on the very same weights in memory (a fork or sibling of this backend's, or of its source).
-    virtual bool sharesWeights(Backend const& other) const = 0;
+    //! The weights (engines) in memory this backend runs on: equal for forks and siblings of one backend.
+    virtual void const* weightsIdentity() const = 0;
     virtual std::vector<StateTensorInfo> stateInfo() const = 0;
     //! Row `toRow` of the current state and logits becomes a copy of row `fromRow` of `from`'s (a backend of the
     //! same kind, model and device; any batch), on the GPU; the other rows stay. `complete`: every row now holds

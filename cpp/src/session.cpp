@@ -228,7 +228,7 @@ void Session::copyRow(Session& from, int fromRow, int toRow)
         throw Error("copyRow: the source session runs " + theirs.backend + " on GPU " + std::to_string(theirs.device)
             + " in " + dtypeName(theirs.dtype) + ", this one " + ours.backend + " on GPU "
             + std::to_string(ours.device) + " in " + dtypeName(ours.dtype));
-    if (!backend_->sharesWeights(*from.backend_))
+    if (backend_->weightsIdentity() != from.backend_->weightsIdentity())
     {
         std::string const ours = backend_->weightsFingerprint(), theirs = from.backend_->weightsFingerprint();
         if (ours.empty() || theirs.empty())

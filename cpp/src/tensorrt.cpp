@@ -418,11 +418,7 @@ public:
         DeviceGuard onDevice(opt_.device);
         return std::make_unique<TensorRTBackend>(e_, options);
     }
-    bool sharesWeights(Backend const& other) const override
-    {
-        auto const* o = dynamic_cast<TensorRTBackend const*>(&other);
-        return o && o->e_ == e_;
-    }
+    void const* weightsIdentity() const override { return e_.get(); }
     std::unique_ptr<Backend> fork() const override
     {
         DeviceGuard onDevice(opt_.device);
