@@ -1,9 +1,9 @@
 """The transformer that `memdeploy bench` measures MemMamba against: same vocabulary, width and depth, with a KV cache.
 
-A GPT-style decoder (pre-RMSNorm, rotary positions, PyTorch SDPA attention with heads about 64 wide (`heads_for`), a 4x GELU MLP, tied
-head) with random weights: decode speed does not depend on what the weights learned. Its per-token cost grows with
-the context because every step attends over the whole cache; that growth is what the benchmark shows beside
-MemMamba's fixed-size state.
+A GPT-style decoder (pre-RMSNorm, rotary positions, PyTorch SDPA attention with heads about 64 wide (`heads_for`),
+a 4x GELU MLP, tied head) with random weights: decode speed does not depend on what the weights learned. Its
+per-token cost grows with the context because every step attends over the whole cache; that growth is what the
+benchmark shows beside MemMamba's fixed-size state.
 
 On a GPU the decode step runs as MemMamba's Triton backend does, captured in a CUDA graph (one graph per cache
 buffer; what gpt-fast does with a static cache): the graphed step attends over the cache's whole capacity with a

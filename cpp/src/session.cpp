@@ -230,12 +230,12 @@ void Session::copyRow(Session& from, int fromRow, int toRow)
             + std::to_string(ours.device) + " in " + dtypeName(ours.dtype));
     if (backend_->weightsIdentity() != from.backend_->weightsIdentity())
     {
-        std::string const ours = backend_->weightsFingerprint(), theirs = from.backend_->weightsFingerprint();
-        if (ours.empty() || theirs.empty())
+        std::string const ourSha = backend_->weightsFingerprint(), theirSha = from.backend_->weightsFingerprint();
+        if (ourSha.empty() || theirSha.empty())
             throw Error("copyRow: the two sessions load their weights apart and this build cannot hash them (no "
                         "OpenSSL, or an export without its reference weights): make one a sibling() or fork() of the "
                         "other");
-        if (ours != theirs)
+        if (ourSha != theirSha)
             throw Error("copyRow: the source session runs other weights (the same config, another sha256)");
     }
     from.feedPending();
