@@ -109,14 +109,13 @@ def generate(path: Path = typer.Argument(..., help=PATH_HELP),
 
 
 
-def _generate_batch(root, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids) -> None:
-    """Several prompts as the rows of one batch: each prefilled alone in a fork (any lengths), then stacked and
-    decoded together; a row's text ends at its first stop token. Greedy rows are what each prompt gives alone."""
+def _generate_batch(session, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids) -> None:
+    """Several prompts as the rows of one batch: prefilled together, each row to its own length (Session.prefill
+    of rows), then decoded together; a row's text ends at its first stop token. Greedy rows are what each prompt
+    gives alone."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .session import Session
-
-    limit = getattr(root.backend, "max_batch", None)             # TensorRT engines' profile: before any prefill
+    limit = getattr(session.backend, "max_batch", None)             # TensorRT engines' profile: before any prefill
     if limit is not None and len(prompts) > limit:
         raise ValueError(f"{len(prompts)} prompts, but the engines take batches of up to {limit} (memdeploy build "
                          f"--max-batch)")
@@ -124,18 +123,13 @@ def _generate_batch(root, prompts, max_new_tokens, temperature, top_k, top_p, se
     err = Console(stderr=True, soft_wrap=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as bar:
-        task = bar.add_task("prefill", total=len(prompts))
-        forks = []
-        for p in prompts:
-            forks.append(root.fork())
-            forks[-1].prefill(p)
-            bar.advance(task)
-        batch = Session.stack(forks)
+        task = bar.add_task(f"prefill of {len(prompts)} prompts", total=None)
+        session.prefill(prompts)
         prefilled = time.perf_counter()
         bar.update(task, description="generate", completed=0, total=max_new_tokens)
         rows = [[] for _ in prompts]
         done = [False] * len(prompts)
-        for token in batch.generate(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        for token in session.generate(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                     top_p=top_p, seed=seed, stop=stop_ids):
             for i, t in enumerate(token.tolist()):
                 if not done[i]:
@@ -144,14 +138,14 @@ def _generate_batch(root, prompts, max_new_tokens, temperature, top_k, top_p, se
             bar.advance(task)
     end = time.perf_counter()
     for i, row in enumerate(rows):
-        body = root.decode(row) if root.byte_level else " ".join(map(str, row))
+        body = session.decode(row) if session.byte_level else " ".join(map(str, row))
         gap = "\n" if i else ""
         sys.stdout.write(f"{gap}--- prompt {i + 1} of {len(rows)} ---\n{body}\n")
     sys.stdout.flush()
     n = sum(len(r) for r in rows)
     err.print(f"[dim]{len(rows)} prompts ({sum(len(p) for p in prompts):,} tokens) prefilled in "
               f"{prefilled - start:.2f}s, then {n} tokens generated as one batch in {end - prefilled:.2f}s on "
-              f"{root.backend.name}; state {batch.state_nbytes:,} bytes[/]")
+              f"{session.backend.name}; state {session.state_nbytes:,} bytes[/]")
 
 
 # --------------------------------------------------------------------------------------------------------------

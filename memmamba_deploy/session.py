@@ -35,6 +35,7 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from . import sampling
@@ -605,17 +606,46 @@ class Session:
     # ---- tokens in --------------------------------------------------------------------------------------------
     def prefill(self, ids) -> torch.Tensor:
         """Consume `ids` ([T] or [B, T] token ids, or text for byte-level models); returns the logits [B, vocab]
-        of the last token (a copy). Resumes from the current state (multi-turn)."""
-        ids = self._as_ids(ids)
+        of the last token (a copy). Resumes from the current state (multi-turn). Rows of different lengths (a
+        list of id lists, 1-D tensors or texts) each go on from their own last token: one call where the backend
+        takes rows of their own lengths (torch, triton), a row at a time elsewhere; each row's logits and state
+        are its prompt's alone."""
+        ids, lengths = self._as_prompts(ids)
         self._check_batch(ids.shape[0])
+        return self._consume(ids, lengths)
+
+    def _consume(self, ids, lengths) -> torch.Tensor:
+        """prefill's work, on checked ids [B, T] and lengths [B] (or None)."""
         if self._pending is not None:
             ids = torch.cat([self._pending[:, None], ids], 1)
+            lengths = None if lengths is None else lengths + 1
         self._epoch = next(self._ids)
         with self._locked():
             state = self._state if self._state is not None else self.backend.new_state(ids.shape[0])
-            self._logits, self._state = self.backend.prefill(ids, state)
+            self._logits, self._state = self._prefill_rows(ids, lengths, state)
         self._pending, self._batch = None, ids.shape[0]
         return self._logits.clone()
+
+    def _prefill_rows(self, ids, lengths, state):
+        """backend.prefill of rows with lengths [B] (None: every row is T long), under the lock. A backend without
+        ragged_prefill prefills each row alone, its state cut out of the batch's and the rows put back together
+        (as rows() and stack() do)."""
+        if lengths is None:
+            return self.backend.prefill(ids, state)
+        if getattr(self.backend, "ragged_prefill", False):
+            return self.backend.prefill(ids, state, lengths=lengths)
+        from .models import State
+        from .parity import state_view
+
+        ref = state_view(self.backend, state, device=None).tensors()
+        logits, refs = [], []
+        for b, n in enumerate(lengths.tolist()):
+            row = self._backend_state(State(**{k: v[:, b:b + 1] for k, v in ref.items()}))
+            row_logits, row = self.backend.prefill(ids[b:b + 1, :n], row)
+            logits.append(row_logits)
+            refs.append(state_view(self.backend, row, device=None).tensors())
+        state = self._backend_state(State(**{k: torch.cat([r[k] for r in refs], 1) for k in refs[0]}))
+        return torch.cat(logits), state
 
     def step(self, token) -> torch.Tensor:
         """Consume one token per row (an int, [B] or [B, 1]); returns the logits [B, vocab] (a copy)."""
@@ -638,11 +668,16 @@ class Session:
         torch's global generator, until a seed is given), so generate(8) draws what generate(4) twice does. Each
         token yielded takes one draw of the stream, and only those; fork() copies the stream. (The C++ Session
         draws from its own stream: the runtimes agree on greedy tokens, not on sampled ones.)
-        Arguments are checked here, before the first token is asked for; each yielded token is a copy."""
+        Arguments are checked here, before the first token is asked for; each yielded token is a copy. A prompt of
+        rows of different lengths (prefill's) is prefilled here too, and each row generates from its own end."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         stop = sampling.check_settings(temperature, top_k, top_p, seed, stop)
-        ids = None if prompt is None else self._as_ids(prompt)
+        ids, lengths = (None, None) if prompt is None else self._as_prompts(prompt)
+        if lengths is not None:                # rows of their own lengths: prefilled now, generated from there
+            self._check_batch(ids.shape[0])
+            self._consume(ids, lengths)
+            ids = None
         if ids is None:
             self._flush()
             if self._logits is None:
@@ -704,16 +739,40 @@ class Session:
     def _locked(self):
         return self._lock if self._lock is not None else _NoLock
 
+    def _as_prompts(self, ids) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts as (ids [B, T], lengths [B] or None where every row is T long): _as_ids's forms, or a list of
+        rows (id lists, 1-D tensors, texts) of different lengths, padded with 0 after each row's end."""
+        def is_row(r):
+            return isinstance(r, (str, Sequence)) or (isinstance(r, (torch.Tensor, np.ndarray)) and r.ndim >= 1)
+
+        if isinstance(ids, str) or not isinstance(ids, Sequence) or not ids or not all(is_row(r) for r in ids):
+            return self._as_ids(ids), None
+        rows = []
+        for i, r in enumerate(ids):
+            if len(r) == 0:
+                raise ValueError(f"prompts[{i}] is empty")
+            try:
+                rows.append(self._as_ids(r))
+            except ValueError as e:
+                raise ValueError(f"prompts[{i}]: {e}") from None
+            if rows[-1].shape[0] != 1:
+                raise ValueError(f"prompts[{i}] must be one row ([T] token ids or a text), got shape "
+                                 f"{list(rows[-1].shape)}")
+        lengths = torch.tensor([r.shape[1] for r in rows])
+        if (lengths == lengths[0]).all():
+            return torch.cat(rows), None
+        out = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+        for b, r in enumerate(rows):
+            out[b, :r.shape[1]] = r[0]
+        return out, lengths
+
     def _as_ids(self, ids) -> torch.Tensor:
         if isinstance(ids, str):
             ids = self.encode(ids)
         try:
             ids = torch.as_tensor(ids)
         except (TypeError, ValueError, RuntimeError) as e:
-            ragged = isinstance(ids, Sequence) and len({len(r) if isinstance(r, Sequence) else -1 for r in ids}) > 1
-            hint = (" (prompts of different lengths: prefill each in a fork() of one session, then Session.stack "
-                    "the forks)") if ragged else ""
-            raise ValueError(f"token ids must be integers ([T] or [batch, T]): {e}{hint}") from None
+            raise ValueError(f"token ids must be integers ([T] or [batch, T]): {e}") from None
         if ids.dim() == 1:
             ids = ids[None]
         if ids.dim() != 2 or 0 in ids.shape:

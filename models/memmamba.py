@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -119,6 +120,30 @@ class State:
                 raise ValueError(f"state.{k} is on {v.device}, the model on {device}: move it (state.to(device))")
 
 
+class Ragged(NamedTuple):
+    """Rows of different lengths in one prefill: row b's tokens are ids[b, :lengths[b]], the rest padding.
+    Padding changes no state: its δ is 0 (softplus(-inf): the scan's identity), its note score 0 (never above
+    τ1 ≥ 0, so it enters no pool), and the conv window is read at the row's end. Every later token of a row is
+    padding, so nothing causal reads it."""
+
+    lengths: torch.Tensor         # [B] int64
+    pad: torch.Tensor             # [B, T] bool, True at padding
+
+    @classmethod
+    def of(cls, lengths: torch.Tensor, T: int) -> "Ragged":
+        return cls(lengths, torch.arange(T, device=lengths.device)[None, :] >= lengths[:, None])
+
+
+def conv_window_at(window: torch.Tensor, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The conv window after lengths[b] inputs of x [B,T,Di] (window [B,Di,k-1] before them): the last k-1 of
+    window ++ x[b, :lengths[b]], oldest first, as causal_conv returns it after all T."""
+    k1, Di = window.shape[2], x.shape[2]
+    pos = lengths[:, None] + torch.arange(-k1, 0, device=x.device)                   # [B, k-1], in x's time
+    from_x = x.gather(1, pos.clamp(min=0)[:, :, None].expand(-1, -1, Di)).transpose(1, 2)
+    from_window = window.gather(2, (pos + k1).clamp(max=k1 - 1)[:, None, :].expand(-1, Di, -1))
+    return torch.where((pos >= 0)[:, None, :], from_x, from_window.to(x.dtype))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------------------------
@@ -172,19 +197,26 @@ class Mixer(nn.Module):
         dt_r, B, C = torch.split(self.x_proj(xc), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.linear(dt_r, self.dt_proj.weight), B, C
 
-    def forward(self, u, window, h, ops, A=None, last_only=False):
+    def forward(self, u, window, h, ops, A=None, last_only=False, ragged: Ragged | None = None):
         """u [B,T,d] -> (y [B,T,d], window, h). A: decay_rates(self.A_log), which the model's prefill derives for
         every layer at once. last_only: y of the last token only, [B,1,d] (the last layer of a prefill that wants
         the last logits only): the gate's half of in_proj is then projected at that token alone (in_proj's
-        weight is used directly there, so hooks on the in_proj module do not apply)."""
+        weight is used directly there, so hooks on the in_proj module do not apply). ragged: rows of their own
+        lengths (Ragged); the window and h are then each row's after its own last token."""
         A = decay_rates(self.A_log) if A is None else A
+        if last_only and ragged is not None:
+            raise ValueError("Mixer.forward: last_only reads the last column, ragged rows end elsewhere")
         if last_only:                         # z gates y only: a 16k prompt's last layer saves a 38 GFLOP half
             x_w, z_w = self.in_proj.weight.chunk(2, dim=0)
             x, z = F.linear(u, x_w), F.linear(u[:, -1:], z_w)
         else:
             x, z = self.in_proj(u).chunk(2, dim=-1)
+        window0 = window
         xc, window = ops.causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, window)
         dt, B, C = self._proj(xc)
+        if ragged is not None:
+            window = conv_window_at(window0, x, ragged.lengths)
+            dt = dt.masked_fill(ragged.pad[..., None], float("-inf"))    # δ = softplus(-inf) = 0: h passes through
         y, h = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, h, last_only=last_only)
         return self.out_proj(y), window, h
 
@@ -271,18 +303,20 @@ class Layer(nn.Module):
             self.token_attn = PoolAttention(c, trigger=True)
             self.cross_attn = PoolAttention(c, trigger=False) if c.is_cross_layer(index) else None
 
-    def memory_read(self, u, pool0, prio0, group, ops, u_is_scratch=False):
+    def memory_read(self, u, pool0, prio0, group, ops, u_is_scratch=False, pad=None):
         """§3–§5 in parallel form (§8). Returns ũ = u + r_tok + r_cross [B,T,d] (the mixer's input), the pool
         after the last token (summaries [B,K,ds], priorities [B,K]) and this layer's entries for §5: its bank
         [B,K+T,ds] (pool0's summaries, then each token's) and the sweep's index rows [B,T,K]. group: the entries
         of this §5 group's earlier layers. A kernel set may do it all at once (ops.fused_memory_read, None where
         it does not apply); the lines below are what it must equal. u_is_scratch: the caller has no further use
-        for u, so a kernel set may overwrite it (with ũ)."""
-        fused = ops.fused_memory_read(self, u, pool0, prio0, group, u_is_scratch)
+        for u, so a kernel set may overwrite it (with ũ). pad [B,T] bool: tokens that enter no pool (Ragged)."""
+        fused = ops.fused_memory_read(self, u, pool0, prio0, group, u_is_scratch, pad=pad)
         if fused is not None:
             return fused
         T = u.shape[1]
         a, s = self.note(u)
+        if pad is not None:
+            a = a.masked_fill(pad, 0.0)                                     # 0 is never above τ1 (in [0, 1))
         index, prio = ops.pool_sweep(a, prio0, self.insert_threshold)       # [B,T+1,K], [B,K]
         bank = torch.cat([pool0.to(s.dtype), s], dim=1)                     # initial slots, then tokens
         ut = self.token_attn(u, bank, index[:, :T], ops, residual=u)
@@ -291,18 +325,20 @@ class Layer(nn.Module):
             ut = self.cross_attn(u, banks, indices, ops, residual=ut)
         return ut, pool_after_ref(bank, index[:, T]), prio, (bank, index[:, :T])
 
-    def forward(self, h, y, state: tuple, group, ops, A=None, last_only=False):
+    def forward(self, h, y, state: tuple, group, ops, A=None, last_only=False, ragged: Ragged | None = None):
         """One layer of the parallel form (§8): h += y (y None: nothing to add), u = RMSNorm(h), ũ = the memory
         path, y = Mixer(ũ). state: this layer's (conv, ssm, pool, prio) before the tokens (pool and prio None
         without memory); group: the §5 entries of this group's earlier layers. Returns (h, y, the state after the
-        tokens, the group the next layer reads). last_only: the mixer's y at the last token only."""
+        tokens, the group the next layer reads). last_only: the mixer's y at the last token only. ragged: rows of
+        their own lengths (the state after each row's last token)."""
         conv, ssm, pool, prio = state
         # h += y; u = RMSNorm(h): one fused op on the weight (self.norm itself is called by step() only)
         h, u = ops.residual_norm(h, y, self.norm.weight, self.norm.eps)
         if pool is not None:
-            u, pool, prio, entries = self.memory_read(u, pool, prio, group, ops, u_is_scratch=True)
+            u, pool, prio, entries = self.memory_read(u, pool, prio, group, ops, u_is_scratch=True,
+                                                      pad=None if ragged is None else ragged.pad)
             group = [] if self.cross_attn is not None else group + [entries]
-        y, conv, ssm = self.mixer(u, conv, ssm, ops, A, last_only=last_only)
+        y, conv, ssm = self.mixer(u, conv, ssm, ops, A, last_only=last_only, ragged=ragged)
         return h, y, (conv, ssm, pool, prio), group
 
 
@@ -349,14 +385,15 @@ class MemMambaLM(nn.Module):
         return F.linear(self.norm_f(h), self.embeddings.weight).float()
 
     # ---- parallel form (§8) --------------------------------------------------------------------------------
-    def _run(self, input_ids, state: State | None, want_hidden: bool, last_only: bool = False):
+    def _run(self, input_ids, state: State | None, want_hidden: bool, last_only: bool = False, lengths=None):
         c, ops = self.config, self.ops
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, T], got shape {list(input_ids.shape)}")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids holds no tokens (T = 0)")
         self._check_ids(input_ids, "input_ids")
-        Bsz = input_ids.shape[0]
+        Bsz, T = input_ids.shape
+        ragged = None if lengths is None else Ragged.of(self.check_lengths(lengths, Bsz, T), T)
         if state is None:
             state = self.new_state(Bsz)
         self._check_state(state, Bsz)
@@ -365,20 +402,44 @@ class MemMambaLM(nn.Module):
         group: list[tuple[torch.Tensor, torch.Tensor]] = []           # (bank, index) of this §5 group's layers
         y = None                                                      # the previous layer's mixer output
         A = self.decay_rates()
-        last_token = last_only and not want_hidden                   # the last layer's output read at one token
+        # the last layer's output read at one token (ragged rows end at columns of their own)
+        last_token = last_only and not want_hidden and ragged is None
         after = []
         for l, layer in enumerate(self.layers):
             h, y, layer_state, group = layer(h, y, state.layer(l), group, ops, A[l],
-                                             last_only=last_token and l == c.n_layers - 1)
+                                             last_only=last_token and l == c.n_layers - 1, ragged=ragged)
             after.append(layer_state)
             if want_hidden and l > 0:
                 hidden.append(h)
         if last_token:                                               # the logits read the last token's only
             h, y = h[:, -1:], y[:, -1:]
+        if ragged is not None and last_only:                         # each row's last token
+            end = (ragged.lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, h.shape[-1])
+            h, y = h.gather(1, end), y.gather(1, end)
         h = h + y
         if want_hidden:
             hidden.append(h)
-        return self._logits(h[:, -1:] if last_only else h), self._as_state(State.stack(after)), hidden
+        logits = self._logits(h[:, -1:] if last_only else h)
+        if ragged is not None:                                       # no token there: 0, not a padding's logits
+            logits = logits.masked_fill((ragged.lengths == 0)[:, None, None] if last_only else ragged.pad[..., None],
+                                        0.0)
+        return logits, self._as_state(State.stack(after)), hidden
+
+    def check_lengths(self, lengths, batch: int, T: int) -> torch.Tensor:
+        """lengths as int64 on the model's device once it is [batch] integers in [0, T] (read on the host, outside
+        a CUDA graph capture: inside one the caller checks them)."""
+        try:
+            n = torch.as_tensor(lengths, device=self.device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"lengths must be {batch} integers: {e}") from None
+        if n.dtype.is_floating_point or n.is_complex() or n.dtype == torch.bool or n.shape != (batch,):
+            raise ValueError(f"lengths must be {batch} integers (one a row), got {n.dtype} of shape {list(n.shape)}")
+        n = n.long()
+        if not (n.is_cuda and torch.cuda.is_current_stream_capturing()):
+            lo, hi = (int(v) for v in n.aminmax())
+            if lo < 0 or hi > T:
+                raise ValueError(f"lengths must lie in [0, {T}] (the columns of input_ids), got {lo if lo < 0 else hi}")
+        return n
 
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
         """Token ids: integers on the model's device, inside the vocabulary (an id outside it would index past the
@@ -408,11 +469,15 @@ class MemMambaLM(nn.Module):
         return self._run(input_ids, state, False)[0]
 
     def prefill(self, input_ids: torch.Tensor, state: State | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, State]:
+                last_only: bool = False, lengths=None) -> tuple[torch.Tensor, State]:
         """forward that also returns the state after the last token (resumes from `state` if given).
         last_only: logits of the last token only ([B,1,vocab]), which is what generation needs: the LM head
-        over every token of a long prompt costs more than some layers (a 16k prompt: 3.3 GB of fp32 logits)."""
-        logits, new_state, _ = self._run(input_ids, state, False, last_only)
+        over every token of a long prompt costs more than some layers (a 16k prompt: 3.3 GB of fp32 logits).
+        lengths [B] (ints in [0, T]): prompts of different lengths in one call, row b's tokens being
+        input_ids[b, :lengths[b]] and the rest padding (any ids). Each row's state and logits are then those of its
+        own tokens prefilled alone (last_only: at its last token); logits at padding are 0, and a row of length
+        0 keeps its state."""
+        logits, new_state, _ = self._run(input_ids, state, False, last_only, lengths)
         return logits, new_state
 
     def hidden_states(self, input_ids: torch.Tensor, state: State | None = None) -> list[torch.Tensor]:

@@ -770,6 +770,34 @@ def test_triton_prefill_of_the_last_logits_equals_the_full_prefill(rng):
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16-fused-memory-path"])
+@torch.no_grad()
+def test_triton_prefill_of_rows_of_different_lengths_is_each_row_alone(dtype, rng):
+    # the Triton kernels (scan: δ = softplus(-inf) = 0 at padding; fp16: the fused memory path masking the padding's
+    # scores) and TritonBackend.prefill(lengths=): each row is the torch reference's for its tokens alone
+    from memmamba_deploy.backends.triton_backend import TritonBackend
+
+    model = make_model(3).to(dtype)
+    ids = torch.randint(0, 256, (3, 24), generator=rng)
+    _, start = model.prefill(torch.randint(0, 256, (3, 9), generator=rng))
+    lengths = torch.tensor([24, 11, 0])
+    backend = TritonBackend(model, cuda_graph=False)
+    logits, state = backend.prefill(ids, start, lengths=lengths)
+    state = backend.state_to_reference(state)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for b, n in enumerate(lengths.tolist()):
+        alone = State(**{k: v[:, b:b + 1] for k, v in start.tensors().items()})
+        if n:
+            want, alone = model.prefill(ids[b:b + 1, :n], alone, last_only=True)
+            assert rel_err(logits[b:b + 1], want[:, -1]) <= tol, b
+        else:
+            assert not logits[b].any()
+        for k, v in state.tensors().items():
+            assert rel_err(v[:, b:b + 1].float(), alone.tensors()[k].float()) <= tol, (b, k)
+    assert torch.equal(state.ssm[:, 2], start.ssm[:, 2]) and torch.equal(state.pool[:, 2], start.pool[:, 2])
+
+
+@interpreted
 def test_triton_backend_generates_like_the_torch_backend(rng):
     from memmamba_deploy.backends import TorchBackend
     from memmamba_deploy.backends.triton_backend import TritonBackend

@@ -106,6 +106,55 @@ def test_prefill_in_halves_is_the_halves_one_after_the_other(variant):
         prefill_in_halves(model, ids[:1], start)                                 # a state of another batch
 
 
+def row_of(state, b):
+    return State(**{k: v[:, b:b + 1].clone() for k, v in state.tensors().items()})
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["tiny", "K4-p4", "L3-trailing", "no-memory"])
+@torch.no_grad()
+def test_prefill_of_rows_of_different_lengths_is_each_row_alone(variant):
+    """prefill(..., lengths): row b's state and logits are those of ids[b, :lengths[b]] prefilled alone, from any
+    state; what the padding holds changes nothing; a row of length 0 keeps its state exactly; and prefill_in_halves
+    (the Triton backend's long pieces) splits the lengths between its halves."""
+    from memmamba_deploy.backends.triton_backend import prefill_in_halves
+
+    model = make_model(5, **variant)
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 256, (5, 72), generator=gen)
+    lengths = torch.tensor([72, 40, 1, 0, 37])               # whole, in each half of prefill_in_halves, none
+    _, start = model.prefill(torch.randint(0, 256, (5, 30), generator=gen))
+    last, state = model.prefill(ids, start, last_only=True, lengths=lengths)
+    full, state_full = model.prefill(ids, start, lengths=lengths.tolist())
+    other = torch.where(torch.arange(72) >= lengths[:, None], torch.randint(0, 256, (5, 72), generator=gen), ids)
+    last_other, state_other = model.prefill(other, start, last_only=True, lengths=lengths)
+    assert torch.equal(last, last_other)
+    halves, state_halves = prefill_in_halves(model, ids, start, lengths=lengths)
+    assert rel_err(halves, last) <= 1e-5
+    for b, n in enumerate(lengths.tolist()):
+        alone_state = row_of(start, b)
+        if n:
+            alone_full, alone_state = model.prefill(ids[b:b + 1, :n], alone_state)
+            assert rel_err(last[b:b + 1], alone_full[:, -1:]) <= 1e-5, b
+            assert rel_err(full[b:b + 1, :n], alone_full) <= 1e-5, b
+        else:
+            assert not last[b].any()                           # no token, no logits
+        assert not full[b, n:].any()                           # logits at padding are 0
+        for k, v in state.tensors().items():
+            assert rel_err(v[:, b:b + 1], alone_state.tensors()[k]) <= 1e-5, (b, k)
+            assert torch.equal(v, state_full.tensors()[k]) and torch.equal(v, state_other.tensors()[k]), k
+            assert rel_err(state_halves.tensors()[k], v) <= 1e-5, k
+            if n == 0:
+                assert torch.equal(v[:, b], start.tensors()[k][:, b]), k
+    if model.config.memory:                  # padding would have entered the pools: its scores are masked, not low
+        _, unmasked = model.prefill(ids, start)
+        assert not torch.equal(unmasked.prio[:, 1], state.prio[:, 1])
+    for bad, message in [([72, 40, 1], r"lengths must be 5 integers \(one a row\)"),
+                         ([72.0, 40, 1, 0, 37], "5 integers"), ([73, 40, 1, 0, 37], r"\[0, 72\].*73"),
+                         ([72, 40, -1, 0, 37], r"\[0, 72\].*-1"), ("x", "lengths must be 5 integers")]:
+        with pytest.raises(ValueError, match=message):
+            model.prefill(ids, start, lengths=bad)
+
+
 @torch.no_grad()
 def test_step_does_not_modify_its_input_state(tiny):
     state = tiny.new_state(2)

@@ -449,8 +449,79 @@ def test_rows_and_stack_refuse_what_they_cannot_do(checkpoint, export_dir):
     limited.prefill(PROMPT)
     with pytest.raises(ValueError, match="outside the engines' profile 1..2"):
         Session.stack([limited, limited, limited])
-    with pytest.raises(ValueError, match="different lengths.*Session.stack"):
-        a.prefill([[1, 2, 3], [4]])
+
+
+class CountingBackend:
+    """A backend's prefill calls, counted (whether rows of different lengths went in one call)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def prefill(self, ids, state, **kw):
+        self.calls.append((tuple(ids.shape), kw.get("lengths")))
+        return self.inner.prefill(ids, state, **kw)
+
+
+@pytest.mark.parametrize("kind", ["torch", "dict-state"])
+def test_prompts_of_different_lengths_prefill_as_rows_of_their_own(checkpoint, model, kind):
+    """Session.prefill of rows of different lengths: in one backend call where the backend takes lengths (torch),
+    a row at a time where it does not (a TensorRT-like Mapping state); each row's logits, greedy tokens and state
+    are its prompt's alone, also going on from a state with generate()'s pending tokens; generate() takes such a
+    prompt too, and `memdeploy generate` with several prompts prefills them in one call."""
+    from memmamba_deploy.cli_runtime import _generate_batch
+    from memmamba_deploy.parity import state_view
+
+    torch_backend = Session.open(checkpoint, device="cpu").backend
+    inner = torch_backend if kind == "torch" else DictStateBackend(model)
+    backend = CountingBackend(inner)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (41, 5, 1, 23)]
+    s = Session(backend)
+    logits = s.prefill(prompts)
+    one_call = kind == "torch"
+    assert [c[0] for c in backend.calls] == ([(4, 41)] if one_call else [(1, n) for n in (41, 5, 1, 23)])
+    if one_call:
+        assert backend.calls[0][1].tolist() == [41, 5, 1, 23]
+    state = state_view(backend, s.state)
+    tokens = torch.stack(list(s.generate(max_new_tokens=12)), 1)
+    for i, p in enumerate(prompts):
+        want, want_logits, want_state = greedy_by_hand(model, p, 12)
+        assert rel_err(logits[i:i + 1], want_logits[:1]) <= 1e-5, i
+        assert tokens[i].tolist() == want, i
+        _, alone = model.prefill(torch.tensor([p]))
+        for k, v in alone.tensors().items():
+            assert rel_err(state.tensors()[k][:, i:i + 1], v) <= 1e-5, (i, k)
+    # going on with more rows of different lengths: generate()'s last tokens (pending) go first, each row's own
+    more = [[7, 8, 9], [10], [11, 12, 13, 14, 15, 16], [17, 18]]
+    backend.calls.clear()
+    again = s.prefill(more)
+    assert [c[0] for c in backend.calls] == ([(4, 7)] if one_call else [(1, 4), (1, 2), (1, 7), (1, 3)])
+    for i, p in enumerate(prompts):
+        alone, _ = model.prefill(torch.tensor([p + tokens[i].tolist() + more[i]]), last_only=True)
+        assert rel_err(again[i:i + 1], alone[:, -1]) <= 1e-5, i
+    # generate() with such a prompt: prefilled at the call, each row generating from its own end
+    t = torch.stack(list(Session(backend).generate(prompts, max_new_tokens=12)), 1)
+    assert torch.equal(t, tokens)
+    # texts of different lengths (byte-level) and equal-length rows as before
+    texts = ["a cat", "the dog barked"]
+    got = Session(backend).prefill(texts)
+    for i, text in enumerate(texts):
+        assert rel_err(got[i:i + 1], Session(torch_backend).prefill(text)) <= 1e-5
+    assert Session(backend).prefill([[1, 2], [3, 4]]).shape == (2, 256)
+    for bad, message in [([[1, 2], []], r"prompts\[1\] is empty"), ([[1, 2], [300]], r"prompts\[1\]: .*\[0, 256\)"),
+                         ([[1, 2], [[1, 2], [3, 4]]], r"prompts\[1\] must be one row"),
+                         ([[1, 2], [0.5]], r"prompts\[1\]: .*integers")]:
+        with pytest.raises(ValueError, match=message):
+            Session(backend).prefill(bad)
+    with pytest.raises(ValueError, match="decodes 4 row"):
+        s.prefill([[1], [2, 3]])
+    # the CLI's batch: one prefill call on a backend that takes lengths
+    backend.calls.clear()
+    _generate_batch(Session(backend), [torch.tensor(p) for p in prompts], 4, 0.0, 0, 1.0, None, [])
+    assert len(backend.calls) == (1 if one_call else 4)
 
 
 # ---- clear errors ----------------------------------------------------------------------------------------------------
@@ -694,6 +765,39 @@ def test_gpu_stacked_rows_match_their_streams_alone(checkpoint, model, backend):
     for row, (i, before) in zip(got, [(2, tokens[2]), (0, tokens[0])]):
         assert before.tolist() + row.tolist() == greedy_by_hand(model, prompts[i], 64)[0], i
     assert got[2].tolist() == greedy_by_hand(model, prompts[3], 16)[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_gpu_triton_prefills_prompts_of_different_lengths_in_one_call(checkpoint, model, dtype):
+    """The Triton backend's CUDA-graph prefill of rows of their own lengths: a 4096-token piece run as two halves
+    on two streams (rows ending in either half, one going on into the next piece), then a 4-token piece. fp32: each
+    row's greedy tokens are the reference's for its prompt alone, logits within 1e-4; fp16 (the fused memory path):
+    the logits and state within 1e-2 of the row prefilled alone on the same backend, the same first token."""
+    from memmamba_deploy.parity import state_view
+
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (4100, 2000, 3000, 1)]
+    s = Session.open(checkpoint, backend="triton", device="cuda", dtype=dtype)
+    assert 4 * 4096 >= s.backend.SPLIT_TOKENS                       # the first piece runs as two halves
+    logits = s.prefill(prompts).float().cpu()
+    assert {k[:2] for k in s.backend._prefill_graphs} == {(4, 4096), (4, 4)}
+    if dtype == "fp32":
+        tokens = torch.stack(list(s.generate(max_new_tokens=16)), 1)
+        for i, p in enumerate(prompts):
+            want, want_logits, _ = greedy_by_hand(model, p, 16)
+            assert rel_err(logits[i:i + 1], want_logits[:1]) <= 1e-4, i
+            assert tokens[i].tolist() == want, i
+        return
+    state = state_view(s.backend, s.state)
+    for i, p in enumerate(prompts):
+        alone = s.fork()
+        alone.reset()
+        want = alone.prefill(p).float().cpu()
+        assert rel_err(logits[i:i + 1], want) <= 1e-2 and logits[i].argmax() == want[0].argmax(), i
+        for k, v in state_view(s.backend, alone.state).tensors().items():
+            assert rel_err(state.tensors()[k][:, i:i + 1].float(), v.float()) <= 1e-2, (i, k)
 
 
 @pytest.mark.gpu

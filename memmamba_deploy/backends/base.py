@@ -24,7 +24,9 @@ class Backend(Protocol):
     def new_state(self, batch: int) -> Any: ...
 
     def prefill(self, input_ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
-        """input_ids [B,T], T >= 1 -> (logits of the last token [B,vocab], state after it)."""
+        """input_ids [B,T], T >= 1 -> (logits of the last token [B,vocab], state after it). A backend whose
+        `ragged_prefill` is True also takes lengths=[B] (rows of their own lengths, the rest padding:
+        MemMambaLM.prefill's); Session prefills the rows one at a time on the others."""
 
     def step(self, token_ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         """token_ids [B] -> (logits [B,vocab], state after the token)."""

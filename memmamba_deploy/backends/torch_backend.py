@@ -9,6 +9,7 @@ from .base import check_batch, check_ids
 
 class TorchBackend:
     name = "torch"
+    ragged_prefill = True              # prefill(..., lengths=): rows of their own lengths in one call
 
     def __init__(self, model: MemMambaLM):
         self.model = model.eval()
@@ -22,9 +23,9 @@ class TorchBackend:
         return self.model.new_state(check_batch(batch))
 
     @torch.no_grad()
-    def prefill(self, input_ids, state):
+    def prefill(self, input_ids, state, lengths=None):
         ids = check_ids(input_ids, self.config.vocab_size, "input_ids", 2).to(self.model.device)
-        logits, state = self.model.prefill(ids, state, last_only=True)
+        logits, state = self.model.prefill(ids, state, last_only=True, lengths=lengths)
         return logits[:, -1], state
 
     @torch.no_grad()

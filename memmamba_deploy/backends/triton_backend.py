@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import MemMambaConfig, MemMambaLM, State
-from ..models.memmamba import decay_rates
+from ..models.memmamba import Ragged, decay_rates
 from ..models.ops.pool import fp32
 
 
@@ -87,6 +87,7 @@ class TritonBackend:
     memory weights): build a new one after changing them."""
 
     name = "triton"
+    ragged_prefill = True              # prefill(..., lengths=): rows of their own lengths in one call
     STEP_KERNELS = ("layered", "persistent", "phased")
     # the most tokens (batch x length) one captured prefill graph runs (cuda_graph=True): a prefill's fixed cost
     # (~3 ms on the 130m, an H100) is paid once a piece, so one 64k piece runs 9% faster than four of 16k, for
@@ -159,7 +160,7 @@ class TritonBackend:
         self.embedding = model.embeddings.weight.detach()
         self._buffers: dict[int, _Buffers] = {}      # by batch size, least recently used first
         self._prefill_io: dict[int, types.SimpleNamespace] = {}
-        self._prefill_graphs: dict[tuple[int, int], types.SimpleNamespace] = {}
+        self._prefill_graphs: dict[tuple[int, int, bool], types.SimpleNamespace] = {}   # (B, n, ragged)
         self._prefill_pool = None
         self._prefill_streams = None
 
@@ -402,37 +403,46 @@ class TritonBackend:
         return s
 
     @torch.no_grad()
-    def prefill(self, input_ids, state):
+    def prefill(self, input_ids, state, lengths=None):
+        """lengths [B]: rows of their own lengths, the rest padding (MemMambaLM.prefill's)."""
         ids = torch.as_tensor(input_ids).to(self.device).long()
         if ids.dim() != 2 or 0 in ids.shape:
             raise ValueError(f"input_ids must be [batch, T] with batch >= 1 and T >= 1, got shape {list(ids.shape)}")
         s = self._as_state(state, ids.shape[0])
+        if lengths is not None:
+            lengths = self.model.check_lengths(lengths, *ids.shape)
         if not self.cuda_graph:
-            logits, new = self.model.prefill(ids, s, last_only=True)
+            logits, new = self.model.prefill(ids, s, last_only=True, lengths=lengths)
             return logits[:, -1], TritonState(new)
-        return self._graphed_prefill(ids, s)
+        return self._graphed_prefill(ids, s, lengths)
 
     # ---- prefill in CUDA graphs -------------------------------------------------------------------------------
-    def _graphed_prefill(self, ids: torch.Tensor, state: State):
+    def _graphed_prefill(self, ids: torch.Tensor, state: State, lengths: torch.Tensor | None = None):
         """The prompt in pieces of power-of-two lengths (batch x length at most PREFILL_TOKENS), each one captured
         CUDA graph of model.prefill resuming from the previous piece's state: eager prefill costs ~40 ms of Python
         and launch time for the 130m whatever the length, more than the GPU's work up to ~16k tokens. A
         length's graph is captured on first use (at most log2(longest piece) + 1 of them per batch size, in one
         shared memory pool, kept until release_prefill_graphs); the pieces' state and logits live in buffers
-        outside it."""
+        outside it. With lengths (rows of their own lengths) the pieces run graphs of their own, each told how
+        many of its columns a row has left; a row's logits are taken in the piece where it ends."""
         B, T = ids.shape
+        ragged = lengths is not None
         io = self._prefill_io.get(B)
         if io is None:
             io = self._prefill_io[B] = types.SimpleNamespace(
                 state=State.zeros(self.config, B, self.device, self.dtype),
                 logits=torch.empty(B, self.config.vocab_size, device=self.device, dtype=torch.float32))
         io.state.copy_(state)
+        if ragged:
+            io.logits.zero_()                          # a row of length 0 has no last token (MemMambaLM.prefill)
         longest = 1 << (max(1, self.PREFILL_TOKENS // B).bit_length() - 1)
         pos = 0
         while pos < T:
             n = min(longest, 1 << ((T - pos).bit_length() - 1))
-            graph = self._prefill_graphs.get((B, n)) or self._capture_prefill(io, B, n)
+            graph = self._prefill_graphs.get((B, n, ragged)) or self._capture_prefill(io, B, n, ragged)
             graph.ids.copy_(ids[:, pos:pos + n])
+            if ragged:                                 # n + 1: more than this piece holds (the row goes on)
+                graph.left.copy_((lengths - pos).clamp(0, n + 1))
             graph.graph.replay()
             pos += n
         return io.logits.clone(), TritonState(io.state.clone())
@@ -444,19 +454,24 @@ class TritonBackend:
         self._prefill_io.clear()
         self._prefill_pool = None
 
-    def _capture_prefill(self, io, B: int, n: int):
+    def _capture_prefill(self, io, B: int, n: int, ragged: bool = False):
         ids = torch.zeros(B, n, dtype=torch.long, device=self.device)
+        left = torch.zeros(B, dtype=torch.long, device=self.device) if ragged else None   # columns a row has left
 
         split = B * n >= self.SPLIT_TOKENS and n >= 2
         if split and self._prefill_streams is None:
             self._prefill_streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
 
         def run():
+            lengths = None if left is None else left.clamp(max=n)
             if split:
-                logits, new = prefill_in_halves(self.model, ids, io.state, self._prefill_streams)
+                logits, new = prefill_in_halves(self.model, ids, io.state, self._prefill_streams, lengths)
             else:
-                logits, new = self.model.prefill(ids, io.state, last_only=True)
-            io.logits.copy_(logits[:, -1])
+                logits, new = self.model.prefill(ids, io.state, last_only=True, lengths=lengths)
+            if left is None:
+                io.logits.copy_(logits[:, -1])
+            else:                                      # rows that end in this piece; the others keep theirs
+                io.logits.copy_(torch.where(((left >= 1) & (left <= n))[:, None], logits[:, -1], io.logits))
             io.state.copy_(new)                        # in place, after every read of io.state
 
         saved = io.state.clone()
@@ -464,7 +479,7 @@ class TritonBackend:
             self._prefill_pool = torch.cuda.graph_pool_handle()
         graph = warm_and_capture(run, self._prefill_pool)
         io.state.copy_(saved)                          # the warm-up ran on the caller's state: put it back
-        entry = self._prefill_graphs[(B, n)] = types.SimpleNamespace(ids=ids, graph=graph)
+        entry = self._prefill_graphs[(B, n, ragged)] = types.SimpleNamespace(ids=ids, left=left, graph=graph)
         return entry
 
     @torch.no_grad()
@@ -522,7 +537,7 @@ class TritonBackend:
 
 
 @torch.no_grad()
-def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, streams=None):
+def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, streams=None, lengths=None):
     """model.prefill(ids, state, last_only=True) as its two halves, the second a layer behind the first on a
     stream of its own: layer l of the second half starts once the first half's layer l has left its state. The
     halves' latency-bound kernels (the pool sweep's one-warp replay, the small reads and launches) then overlap
@@ -531,13 +546,17 @@ def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, stream
     streams, or None to run in the same order on the current stream (the CPU); they are this function's own:
     memory it frees returns to their allocator pools, so any later work on them must first wait on the current
     stream, as this function does. Returns (logits [B,1,vocab] fp32, the State after the last token); `state` is
-    not modified."""
+    not modified. lengths [B]: rows of their own lengths (MemMambaLM.prefill's; each half gets its share)."""
     c, ops = model.config, model.ops
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(f"prefill_in_halves needs input_ids [batch, T] with T >= 2, got shape {list(ids.shape)}")
     state.check(c, ids.shape[0], model.dtype)
     half = ids.shape[1] // 2
     pieces = (ids[:, :half], ids[:, half:])
+    ragged = [None, None]
+    if lengths is not None:                            # the halves' own lengths; the last layer's y is then read
+        lengths = model.check_lengths(lengths, *ids.shape)      # at each row's end, in whichever half it lies
+        ragged = [Ragged.of(lengths.clamp(max=half), half), Ragged.of((lengths - half).clamp(min=0), ids.shape[1] - half)]
     A = model.decay_rates()                            # before the fork: both streams read it
     if streams is not None:
         for s in streams:
@@ -554,14 +573,14 @@ def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, stream
         with on(i):
             h[i] = model.embeddings(pieces[i]).float()
     for l, layer in enumerate(model.layers):
-        last = l == c.n_layers - 1                     # the last layer's y: the first half needs none of it (only
-                                                       # its state), the second half its last token's
+        # the last layer's y: the first half needs none of it (only its state), the second half its last token's
+        last = l == c.n_layers - 1 and lengths is None
         for i in (0, 1):
             with on(i):
                 if i == 1 and streams is not None:
                     streams[1].wait_event(ready[l])
                 h[i], y[i], layer_states[l], group[i] = layer(h[i], y[i], layer_states[l], group[i], ops, A[l],
-                                                              last_only=last)
+                                                              last_only=last, ragged=ragged[i])
                 if i == 0:
                     held.append(layer_states[l])
                     if streams is not None:
@@ -570,7 +589,12 @@ def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, stream
     if streams is not None:
         for s in streams:
             torch.cuda.current_stream(ids.device).wait_stream(s)
-    return model._logits(h[1][:, -1:] + y[1][:, -1:]), State.stack(layer_states)
+    if lengths is None:
+        return model._logits(h[1][:, -1:] + y[1][:, -1:]), State.stack(layer_states)
+    ends = [(r.lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, c.d_model) for r in ragged]
+    last = [h[i].gather(1, ends[i]) + y[i].gather(1, ends[i]) for i in (0, 1)]
+    logits = model._logits(torch.where((ragged[1].lengths > 0)[:, None, None], last[1], last[0]))
+    return logits.masked_fill((lengths == 0)[:, None, None], 0.0), State.stack(layer_states)
 
 
 def warm_and_capture(run, pool=None) -> torch.cuda.CUDAGraph:

@@ -4,7 +4,8 @@
     causal_conv, causal_conv_step, selective_scan, selective_state_step       (scan.py, spec §6)
     pool_sweep, pool_insert, pool_attention, pool_read                        (pool.py, spec §3-§5, §8)
     fused_memory_read      a whole layer's §3-§5 prefill at once (ũ = u + r_tok + r_cross, the pool after it), or
-                           None where the set has no such path (the reference: Layer.memory_read composes the ops)
+                           None where the set has no such path (the reference: Layer.memory_read composes the ops);
+                           pad [B,T] marks tokens that must enter no pool (rows of different lengths)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from . import norm, pool, scan
 KERNEL_SETS = ("torch", "triton")
 
 
-def no_fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False):
+def no_fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, pad=None):
     """The reference composes the memory path from the ops (Layer.memory_read); nothing is fused."""
     return None
 

@@ -130,10 +130,10 @@ def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
     return _dots(u).pool.pool_read(u, bank, index, w_q, w_k, w_v, heads, gain, residual)
 
 
-def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False):
+def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, pad=None):
     """fp16/bf16 inference: the fused path (memory.py); otherwise None, and Layer.memory_read composes the ops
     above."""
-    return _dots(u).memory.fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch)
+    return _dots(u).memory.fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch, pad=pad)
 
 
 TRITON_OPS = types.SimpleNamespace(

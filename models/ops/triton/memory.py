@@ -187,10 +187,11 @@ def layer_weights(layer, dtype):
                          dtype)
 
 
-def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, derived=None):
+def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, pad=None, derived=None):
     """Layer.memory_read for fp16/bf16 inference: (ũ, pool, prio, (bank, index rows)). None for fp32 (an
     fp32 dot has no exact tensor-core form, pool_read's reasoning) and under autograd (the reference has the
-    gradients, including the straight-through factors). u_is_scratch: u may be overwritten (with ũ).
+    gradients, including the straight-through factors). u_is_scratch: u may be overwritten (with ũ). pad [B,T]
+    bool: tokens whose score is taken as 0, so that they enter no pool (Layer.memory_read's).
     derived: {layer: layer_weights(layer, dtype)} taken once by an owner that snapshots the weights
     (TritonBackend, whose decode kernels pack theirs too); without it they are derived on every call."""
     note, tok, cross = layer.note, layer.token_attn, layer.cross_attn
@@ -226,6 +227,8 @@ def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, derived
             BLOCK_K=triton.next_power_of_2(K), BLOCK_S=triton.next_power_of_2(ds), num_warps=4, **pdl_meta(dev))
     else:
         bank.copy_(pool0)
+    if pad is not None:
+        a.masked_fill_(pad, 0.0)
     index, prio, ends = pool_sweep_ends(a, prio0, layer.insert_threshold)
     entries = SweepEntries(bank, index[:, :T], ends)               # what each token reads, and §5's share
     sources = [([entries], gain)]                                   # per read: its pools (read in place), gain
