@@ -797,6 +797,18 @@ def test_triton_prefill_of_rows_of_different_lengths_is_each_row_alone(dtype, rn
     assert torch.equal(state.ssm[:, 2], start.ssm[:, 2]) and torch.equal(state.pool[:, 2], start.pool[:, 2])
 
 
+@pytest.mark.parametrize("batch, T, cost, want", [
+    (1, 1500, 2048, [2048]), (1, 1024, 2048, [1024]), (1, 3, 2048, [4]), (1, 17000, 2048, [16384, 1024]),
+    (1, 70000, 2048, [65536, 4096, 512]), (64, 2017, 2048, [1024, 1024]), (1, 1500, 0, [1024, 256, 128, 64, 16, 8, 4]),
+    (4, 4100, 2048, [4096, 4])])
+def test_graphed_prefill_plan_pads_where_a_piece_costs_more(batch, T, cost, want):
+    from memmamba_deploy.backends.triton_backend import TritonBackend
+
+    backend = types.SimpleNamespace(PREFILL_TOKENS=65536, PIECE_COST_TOKENS=cost)
+    plan = TritonBackend.prefill_plan(backend, batch, T)
+    assert plan == want and sum(plan) >= T and all(batch * n <= 65536 for n in plan)
+
+
 @interpreted
 def test_triton_backend_generates_like_the_torch_backend(rng):
     from memmamba_deploy.backends import TorchBackend

@@ -97,6 +97,10 @@ class TritonBackend:
     # (prefill_in_halves): the 130m on an H100, 16k tokens 18.04 -> 17.61 ms, 32k 33.75 -> 33.33, 64k 65.42 ->
     # 64.13; 8k gains nothing (BENCHMARKS.md, sixteenth session)
     SPLIT_TOKENS = 16384
+    # a captured prefill piece's fixed cost, in tokens (batch x length) of work: ~2 ms for the 130m on an H100, what
+    # ~2000 tokens take at 1 us each; prefill_plan pads a prompt rather than run a piece more (BENCHMARKS.md, thirtieth
+    # session). 0: never pad
+    PIECE_COST_TOKENS = 2048
     # decode buffers and graphs are kept for this many batch sizes, the least recently used dropped first: a server
     # whose batch changes as rows leave and join (Session.rows, Session.stack) keeps what it reuses, not a set of
     # buffers (two states of the batch's size) and graphs for every size it ever ran. (Prefill graphs are kept per
@@ -418,27 +422,32 @@ class TritonBackend:
 
     # ---- prefill in CUDA graphs -------------------------------------------------------------------------------
     def _graphed_prefill(self, ids: torch.Tensor, state: State, lengths: torch.Tensor | None = None):
-        """The prompt in pieces of power-of-two lengths (batch x length at most PREFILL_TOKENS), each one captured
-        CUDA graph of model.prefill resuming from the previous piece's state: eager prefill costs ~40 ms of Python
+        """The prompt in pieces of power-of-two lengths (prefill_plan: batch x length at most PREFILL_TOKENS, the
+        prompt padded where fewer pieces cost less), each one captured CUDA graph of model.prefill resuming from
+        the previous piece's state: eager prefill costs ~40 ms of Python
         and launch time for the 130m whatever the length, more than the GPU's work up to ~16k tokens. A
         length's graph is captured on first use (at most log2(longest piece) + 1 of them per batch size, in one
         shared memory pool, kept until release_prefill_graphs); the pieces' state and logits live in buffers
         outside it. With lengths (rows of their own lengths) the pieces run graphs of their own, each told how
         many of its columns a row has left; a row's logits are taken in the piece where it ends."""
         B, T = ids.shape
-        ragged = lengths is not None
+        plan = self.prefill_plan(B, T)
+        if sum(plan) > T:                              # padded to fewer pieces: every row ends at T or before
+            ids = torch.cat([ids, ids.new_zeros(B, sum(plan) - T)], 1)
+            lengths = torch.full((B,), T, device=self.device) if lengths is None else lengths
+        shortest = T if lengths is None else int(lengths.min())
         io = self._prefill_io.get(B)
         if io is None:
             io = self._prefill_io[B] = types.SimpleNamespace(
                 state=State.zeros(self.config, B, self.device, self.dtype),
                 logits=torch.empty(B, self.config.vocab_size, device=self.device, dtype=torch.float32))
         io.state.copy_(state)
-        if ragged:
+        if shortest == 0:
             io.logits.zero_()                          # a row of length 0 has no last token (MemMambaLM.prefill)
-        longest = 1 << (max(1, self.PREFILL_TOKENS // B).bit_length() - 1)
         pos = 0
-        while pos < T:
-            n = min(longest, 1 << ((T - pos).bit_length() - 1))
+        for n in plan:
+            # a piece every row fills runs the plain graph; one where some row ends (or is padding) the ragged
+            ragged = pos + n > shortest
             graph = self._prefill_graphs.get((B, n, ragged)) or self._capture_prefill(io, B, n, ragged)
             graph.ids.copy_(ids[:, pos:pos + n])
             if ragged:                                 # n + 1: more than this piece holds (the row goes on)
@@ -446,6 +455,20 @@ class TritonBackend:
             graph.graph.replay()
             pos += n
         return io.logits.clone(), TritonState(io.state.clone())
+
+    def prefill_plan(self, batch: int, T: int) -> list[int]:
+        """The graphed prefill's pieces for T tokens a row: powers of two of at most PREFILL_TOKENS // batch
+        tokens, summing to T or, padded, a little more where that saves pieces: each piece costs a fixed
+        PIECE_COST_TOKENS tokens' work, so T is rounded up to the multiple of 2^j that costs least (a 1500-token
+        prompt: 1024 + 256 + 128 + 64 + 16 + 8 + 4 exactly, one piece of 2048 padded)."""
+        longest = 1 << (max(1, self.PREFILL_TOKENS // batch).bit_length() - 1)
+
+        def pieces(S):
+            return [longest] * (S // longest) + [1 << i for i in reversed(range(longest.bit_length()))
+                                                 if (S % longest) >> i & 1]
+
+        sizes = [-(-T >> j) << j for j in range(longest.bit_length())]         # T, then rounded up to 2, 4, ...
+        return pieces(min(sizes, key=lambda S: (len(pieces(S)) * self.PIECE_COST_TOKENS + batch * S, S)))
 
     def release_prefill_graphs(self) -> None:
         """Drop the captured prefill graphs and their memory pool (about a PREFILL_TOKENS-token prefill's

@@ -419,6 +419,7 @@ def test_graphed_prefill_in_pieces_matches_the_reference(variant, g):
     model = gpu_model(torch.float32, **variant)
     backend = TritonBackend(model, cuda_graph=True)
     backend.PREFILL_TOKENS = 2048                                       # pieces of 1024 at batch 2
+    backend.PIECE_COST_TOKENS = 0                                       # exactly these pieces, none padded
     prompt = torch.randint(0, 256, (2, 3000), generator=g).to(DEV)
     start = model.prefill(prompt[:, :100])[1]                          # resuming from a non-trivial state
     ref_logits, ref_state = model.prefill(prompt, start)
@@ -447,6 +448,36 @@ def test_graphed_prefill_in_pieces_matches_the_reference(variant, g):
     assert not backend._prefill_graphs and backend._prefill_pool is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@torch.no_grad()
+def test_graphed_prefill_padded_to_fewer_pieces_equals_the_eager_pieces(dtype, g):
+    # prefill_plan pads 1500 tokens (exactly: 7 pieces) to 1024 + 512, the last piece a ragged graph whose rows end
+    # 36 columns early: the result is those pieces run eagerly, and the reference's within rounding
+    from memmamba_deploy.backends.triton_backend import TritonBackend
+
+    model = gpu_model(dtype, **SMALL)
+    backend = TritonBackend(model, cuda_graph=True)
+    backend.PREFILL_TOKENS = 2048                                       # pieces of 1024 at batch 2
+    assert backend.prefill_plan(2, 1500) == [1024, 512]
+    prompt = torch.randint(0, 256, (2, 1500), generator=g).to(DEV)
+    start = model.prefill(prompt[:, :100])[1]
+    fast = triton_twin(model)
+    _, eager_state = fast.prefill(prompt[:, :1024], start, last_only=True)
+    padded = torch.cat([prompt[:, 1024:], prompt.new_zeros(2, 36)], 1)
+    eager_logits, eager_state = fast.prefill(padded, eager_state, last_only=True, lengths=[476, 476])
+    ref_logits, ref_state = model.prefill(prompt, start, last_only=True)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for _ in range(2):
+        logits, state = backend.prefill(prompt, start)
+        state = backend.state_to_reference(state).tensors()
+        assert rel_err(logits, eager_logits[:, -1]) <= tol
+        assert all(rel_err(v, eager_state.tensors()[k]) <= tol for k, v in state.items())
+        record(test="graphed_prefill_padded", dtype=str(dtype), ref_err=rel_err(logits, ref_logits[:, -1]),
+               **{f"ref_err_{k}": rel_err(v.float(), ref_state.tensors()[k].float()) for k, v in state.items()})
+        assert rel_err(logits, ref_logits[:, -1]) <= 10 * tol
+    assert set(backend._prefill_graphs) == {(2, 1024, False), (2, 512, True)}
+
+
 @torch.no_grad()
 def test_graphed_prefill_half_precision_replays_the_eager_pieces(g):
     # fp16 through pool_mix_kernel: the graphs must run what the same pieces run eagerly (same kernels, same order)
@@ -455,6 +486,7 @@ def test_graphed_prefill_half_precision_replays_the_eager_pieces(g):
     model = gpu_model(torch.float16, **SMALL)
     backend = TritonBackend(model, cuda_graph=True)
     backend.PREFILL_TOKENS = 2048                                       # pieces of 1024 at batch 2
+    backend.PIECE_COST_TOKENS = 0                                       # exactly these pieces, none padded
     prompt = torch.randint(0, 256, (2, 1500), generator=g).to(DEV)     # 1024 + 256 + 128 + 64 + 16 + 8 + 4
     logits, state = backend.prefill(prompt, backend.new_state(2))
     fast, eager_state, pos = triton_twin(model), model.new_state(2), 0
@@ -478,6 +510,7 @@ def test_graphed_prefill_in_two_streams_equals_the_halves_in_turn(dtype, g):
     model = gpu_model(dtype, **SMALL)
     backend = TritonBackend(model, cuda_graph=True)
     backend.SPLIT_TOKENS = 2048                                         # 2 x 1024 tokens: halves of 512
+    backend.PIECE_COST_TOKENS = 0                                       # exactly these pieces, none padded
     prompt = torch.randint(0, 256, (2, 1100), generator=g).to(DEV)     # 1024 (split) + 64 + 8 + 4
     start = model.prefill(prompt[:, :100])[1]
     fast = triton_twin(model)
