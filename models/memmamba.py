@@ -128,20 +128,23 @@ class Ragged(NamedTuple):
 
     lengths: torch.Tensor         # [B] int64
     pad: torch.Tensor             # [B, T] bool, True at padding
+    x_at: torch.Tensor            # [B, k-1]: where the conv window after each row's last token lies in its x,
+    window_at: torch.Tensor       # [B, k-1]  in the window before the tokens (the row's first k-2 tokens or fewer),
+    in_x: torch.Tensor            # [B, 1, k-1] and which of the two (conv_window_at; found once, read every layer)
 
     @classmethod
-    def of(cls, lengths: torch.Tensor, T: int) -> "Ragged":
-        return cls(lengths, torch.arange(T, device=lengths.device)[None, :] >= lengths[:, None])
+    def of(cls, lengths: torch.Tensor, T: int, window: int) -> "Ragged":
+        pos = lengths[:, None] + torch.arange(-window, 0, device=lengths.device)      # [B, k-1], in x's time
+        return cls(lengths, torch.arange(T, device=lengths.device)[None, :] >= lengths[:, None], pos.clamp(min=0),
+                   (pos + window).clamp(max=window - 1), (pos >= 0)[:, None, :])
 
 
-def conv_window_at(window: torch.Tensor, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The conv window after lengths[b] inputs of x [B,T,Di] (window [B,Di,k-1] before them): the last k-1 of
-    window ++ x[b, :lengths[b]], oldest first, as causal_conv returns it after all T."""
-    k1, Di = window.shape[2], x.shape[2]
-    pos = lengths[:, None] + torch.arange(-k1, 0, device=x.device)                   # [B, k-1], in x's time
-    from_x = x.gather(1, pos.clamp(min=0)[:, :, None].expand(-1, -1, Di)).transpose(1, 2)
-    from_window = window.gather(2, (pos + k1).clamp(max=k1 - 1)[:, None, :].expand(-1, Di, -1))
-    return torch.where((pos >= 0)[:, None, :], from_x, from_window.to(x.dtype))
+def conv_window_at(window: torch.Tensor, x: torch.Tensor, ragged: Ragged) -> torch.Tensor:
+    """The conv window after each row's lengths[b] inputs of x [B,T,Di] (window [B,Di,k-1] before them): the last
+    k-1 of window ++ x[b, :lengths[b]], oldest first, as causal_conv returns it after all T."""
+    Di, k1 = x.shape[2], window.shape[2]
+    from_x = x.gather(1, ragged.x_at[:, :, None].expand(-1, -1, Di)).transpose(1, 2)
+    return torch.where(ragged.in_x, from_x, window.gather(2, ragged.window_at[:, None, :].expand(-1, Di, k1)))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,7 +218,7 @@ class Mixer(nn.Module):
         xc, window = ops.causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, window)
         dt, B, C = self._proj(xc)
         if ragged is not None:
-            window = conv_window_at(window0, x, ragged.lengths)
+            window = conv_window_at(window0, x, ragged)
             dt = dt.masked_fill(ragged.pad[..., None], float("-inf"))    # δ = softplus(-inf) = 0: h passes through
         y, h = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, h, last_only=last_only)
         return self.out_proj(y), window, h
@@ -393,7 +396,7 @@ class MemMambaLM(nn.Module):
             raise ValueError("input_ids holds no tokens (T = 0)")
         self._check_ids(input_ids, "input_ids")
         Bsz, T = input_ids.shape
-        ragged = None if lengths is None else Ragged.of(self.check_lengths(lengths, Bsz, T), T)
+        ragged = None if lengths is None else Ragged.of(self.check_lengths(lengths, Bsz, T), T, c.d_conv - 1)
         if state is None:
             state = self.new_state(Bsz)
         self._check_state(state, Bsz)

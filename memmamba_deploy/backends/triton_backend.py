@@ -579,7 +579,8 @@ def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, stream
     ragged = [None, None]
     if lengths is not None:                            # the halves' own lengths; the last layer's y is then read
         lengths = model.check_lengths(lengths, *ids.shape)      # at each row's end, in whichever half it lies
-        ragged = [Ragged.of(lengths.clamp(max=half), half), Ragged.of((lengths - half).clamp(min=0), ids.shape[1] - half)]
+        ragged = [Ragged.of(lengths.clamp(max=half), half, c.d_conv - 1),
+                  Ragged.of((lengths - half).clamp(min=0), ids.shape[1] - half, c.d_conv - 1)]
     A = model.decay_rates()                            # before the fork: both streams read it
     if streams is not None:
         for s in streams:
