@@ -375,8 +375,8 @@ class Session:
     @classmethod
     def stack(cls, sessions: Sequence["Session"]) -> "Session":
         """One session whose rows go on from the given sessions' rows, in order (copies: the sessions are left as
-        they are). Prompts of different lengths: prefill each in a fork of one session, stack the forks, and decode
-        them together; a row that finishes leaves with rows() and a new prompt joins with stack(). The sessions
+        they are). Prompts of different lengths start together with prefill(prompts); a row that finishes leaves
+        with rows() and a new prompt, prefilled in a fork of one session, joins with stack(). The sessions
         must share one backend (forks of one session do) and have consumed tokens. Tokens generate() yielded last
         stay pending, fed first when the stack goes on (where only some sessions have one, theirs are fed now, in
         copies). The stack's sampling stream is a copy of the first session's (a batch going on keeps its draws)."""

@@ -462,13 +462,11 @@ class TritonBackend:
         PIECE_COST_TOKENS tokens' work, so T is rounded up to the multiple of 2^j that costs least (a 1500-token
         prompt: 1024 + 256 + 128 + 64 + 16 + 8 + 4 exactly, one piece of 2048 padded)."""
         longest = 1 << (max(1, self.PREFILL_TOKENS // batch).bit_length() - 1)
-
-        def pieces(S):
-            return [longest] * (S // longest) + [1 << i for i in reversed(range(longest.bit_length()))
-                                                 if (S % longest) >> i & 1]
-
         sizes = [-(-T >> j) << j for j in range(longest.bit_length())]         # T, then rounded up to 2, 4, ...
-        return pieces(min(sizes, key=lambda S: (len(pieces(S)) * self.PIECE_COST_TOKENS + batch * S, S)))
+        S = min(sizes, key=lambda S: ((S // longest + (S % longest).bit_count()) * self.PIECE_COST_TOKENS
+                                      + batch * S, S))
+        return [longest] * (S // longest) + [1 << i for i in reversed(range(longest.bit_length()))
+                                             if (S % longest) >> i & 1]
 
     def release_prefill_graphs(self) -> None:
         """Drop the captured prefill graphs and their memory pool (about a PREFILL_TOKENS-token prefill's
