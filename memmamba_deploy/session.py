@@ -395,13 +395,9 @@ class Session:
             sessions = [s if s._pending is None else s.fork() for s in sessions]
             for s in sessions:
                 s._flush()
-        from .models import State
-        from .parity import state_view
-
         batch = sum(s._batch for s in sessions)
         with first._locked():
-            refs = [state_view(first.backend, s._state, device=None).tensors() for s in sessions]
-            state = first._backend_state(State(**{k: torch.cat([r[k] for r in refs], 1) for k in refs[0]}))
+            state = first._stacked_state([s._state for s in sessions])
         pending = None if sessions[0]._pending is None else torch.cat([s._pending for s in sessions])
         return first._derived(state, torch.cat([s._logits for s in sessions]), pending, batch,
                               sessions[0]._generator_copy())
@@ -434,6 +430,14 @@ class Session:
         pending = None if self._pending is None else self._pending[idx.to(self._pending.device)]
         return self._derived(state, self._logits[idx.to(self._logits.device)], pending, idx.numel(),
                              self._generator_copy())
+
+    def _stacked_state(self, states):
+        """The backend's states, of some rows each, one after another as one backend state (under the lock)."""
+        from .models import State
+        from .parity import state_view
+
+        refs = [state_view(self.backend, s, device=None).tensors() for s in states]
+        return self._backend_state(State(**{k: torch.cat([r[k] for r in refs], 1) for k in refs[0]}))
 
     def _backend_state(self, ref):
         """A reference State as the backend's own (under the lock). A backend without state_from_reference gets
@@ -612,10 +616,6 @@ class Session:
         are its prompt's alone."""
         ids, lengths = self._as_prompts(ids)
         self._check_batch(ids.shape[0])
-        return self._consume(ids, lengths)
-
-    def _consume(self, ids, lengths) -> torch.Tensor:
-        """prefill's work, on checked ids [B, T] and lengths [B] (or None)."""
         if self._pending is not None:
             ids = torch.cat([self._pending[:, None], ids], 1)
             lengths = None if lengths is None else lengths + 1
@@ -638,14 +638,13 @@ class Session:
         from .parity import state_view
 
         ref = state_view(self.backend, state, device=None).tensors()
-        logits, refs = [], []
+        logits, rows = [], []
         for b, n in enumerate(lengths.tolist()):
             row = self._backend_state(State(**{k: v[:, b:b + 1] for k, v in ref.items()}))
             row_logits, row = self.backend.prefill(ids[b:b + 1, :n], row)
             logits.append(row_logits)
-            refs.append(state_view(self.backend, row, device=None).tensors())
-        state = self._backend_state(State(**{k: torch.cat([r[k] for r in refs], 1) for k in refs[0]}))
-        return torch.cat(logits), state
+            rows.append(row)
+        return torch.cat(logits), self._stacked_state(rows)
 
     def step(self, token) -> torch.Tensor:
         """Consume one token per row (an int, [B] or [B, 1]); returns the logits [B, vocab] (a copy)."""
@@ -669,15 +668,11 @@ class Session:
         token yielded takes one draw of the stream, and only those; fork() copies the stream. (The C++ Session
         draws from its own stream: the runtimes agree on greedy tokens, not on sampled ones.)
         Arguments are checked here, before the first token is asked for; each yielded token is a copy. A prompt of
-        rows of different lengths (prefill's) is prefilled here too, and each row generates from its own end."""
+        rows of different lengths (prefill's) has each row generate from its own end."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         stop = sampling.check_settings(temperature, top_k, top_p, seed, stop)
         ids, lengths = (None, None) if prompt is None else self._as_prompts(prompt)
-        if lengths is not None:                # rows of their own lengths: prefilled now, generated from there
-            self._check_batch(ids.shape[0])
-            self._consume(ids, lengths)
-            ids = None
         if ids is None:
             self._flush()
             if self._logits is None:
@@ -687,7 +682,8 @@ class Session:
             self._check_batch(ids.shape[0])
             if self._pending is not None:
                 ids = torch.cat([self._pending[:, None], ids], 1)
-            follow = _Follow(self, resume=False)
+                lengths = None if lengths is None else lengths + 1
+            follow = _Follow(self, resume=False, lengths=lengths)
         with self._locked():
             state = self._state if self._state is not None else self.backend.new_state(ids.shape[0])
         if seed is not None:
@@ -745,7 +741,17 @@ class Session:
         def is_row(r):
             return isinstance(r, (str, Sequence)) or (isinstance(r, (torch.Tensor, np.ndarray)) and r.ndim >= 1)
 
-        if isinstance(ids, str) or not isinstance(ids, Sequence) or not ids or not all(is_row(r) for r in ids):
+        if isinstance(ids, np.ndarray) and ids.dtype == object:      # numpy's way to hold rows of other lengths
+            ids = list(ids)
+        if isinstance(ids, str) or not isinstance(ids, Sequence) or not ids:
+            return self._as_ids(ids), None
+        rowlike = [is_row(r) for r in ids]
+        if not all(rowlike):
+            if any(rowlike):
+                raise ValueError(f"prompts[{rowlike.index(not rowlike[0])}] is "
+                                 f"{'a row' if not rowlike[0] else 'not a row'} where prompts[0] is "
+                                 f"{'a row' if rowlike[0] else 'a token id'}: give one prompt's token ids, or a list "
+                                 f"of prompts")
             return self._as_ids(ids), None
         rows = []
         for i, r in enumerate(ids):
@@ -828,10 +834,11 @@ _NoLock = _NoLockType()
 class _Follow:
     """The backend as sampling.generate sees it from a Session: every call goes through the session's lock and
     leaves the session holding the newest logits and state. With resume=True the first prefill hands back what
-    the session already holds (its tokens were consumed earlier), so generation continues without recomputing."""
+    the session already holds (its tokens were consumed earlier), so generation continues without recomputing.
+    lengths: the prompt's rows' own lengths (Session._prefill_rows), or None."""
 
-    def __init__(self, session: Session, resume: bool):
-        self.session, self.resume = session, resume
+    def __init__(self, session: Session, resume: bool, lengths=None):
+        self.session, self.resume, self.lengths = session, resume, lengths
         self.name, self.config = getattr(session.backend, "name", "?"), session.config
         session._epoch = self.epoch = next(Session._ids)
 
@@ -852,7 +859,7 @@ class _Follow:
             self.resume = False
             return s._logits, s._state
         with s._locked():
-            s._logits, s._state = s.backend.prefill(ids, state)
+            s._logits, s._state = s._prefill_rows(ids, self.lengths, state)
         s._pending, s._batch = None, ids.shape[0]
         return s._logits, s._state
 

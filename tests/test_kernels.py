@@ -795,6 +795,8 @@ def test_triton_prefill_of_rows_of_different_lengths_is_each_row_alone(dtype, rn
         for k, v in state.tensors().items():
             assert rel_err(v[:, b:b + 1].float(), alone.tensors()[k].float()) <= tol, (b, k)
     assert torch.equal(state.ssm[:, 2], start.ssm[:, 2]) and torch.equal(state.pool[:, 2], start.pool[:, 2])
+    with pytest.raises(ValueError, match=r"token id 256, outside the vocabulary"):      # checked on the host: a
+        backend.prefill(torch.tensor([[1, 256], [1, 2], [3, 4]]), start, lengths=[1, 2, 2])  # graph would not
 
 
 @pytest.mark.parametrize("batch, T, cost, want", [

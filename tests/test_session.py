@@ -6,6 +6,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -502,18 +503,29 @@ def test_prompts_of_different_lengths_prefill_as_rows_of_their_own(checkpoint, m
     for i, p in enumerate(prompts):
         alone, _ = model.prefill(torch.tensor([p + tokens[i].tolist() + more[i]]), last_only=True)
         assert rel_err(again[i:i + 1], alone[:, -1]) <= 1e-5, i
-    # generate() with such a prompt: prefilled at the call, each row generating from its own end
-    t = torch.stack(list(Session(backend).generate(prompts, max_new_tokens=12)), 1)
+    # generate() with such a prompt: each row generating from its own end; nothing consumed until it is iterated
+    lazy = Session(backend)
+    stream = lazy.generate(prompts, max_new_tokens=12)
+    assert lazy.state is None
+    t = torch.stack(list(stream), 1)
     assert torch.equal(t, tokens)
+    t = torch.stack(list(s.fork().generate([[1], [2, 3], [4], [5, 6, 7]], max_new_tokens=3)), 1)   # after pending
+    for i, p in enumerate(prompts):
+        row = p + tokens[i].tolist() + more[i] + [[1], [2, 3], [4], [5, 6, 7]][i]
+        assert t[i].tolist() == greedy_by_hand(model, row, 3)[0], i
     # texts of different lengths (byte-level) and equal-length rows as before
     texts = ["a cat", "the dog barked"]
     got = Session(backend).prefill(texts)
     for i, text in enumerate(texts):
         assert rel_err(got[i:i + 1], Session(torch_backend).prefill(text)) <= 1e-5
     assert Session(backend).prefill([[1, 2], [3, 4]]).shape == (2, 256)
+    rows = np.array([np.array(prompts[0]), np.array(prompts[1])], dtype=object)      # numpy's ragged rows
+    assert rel_err(Session(backend).prefill(rows), logits[:2]) <= 1e-5
     for bad, message in [([[1, 2], []], r"prompts\[1\] is empty"), ([[1, 2], [300]], r"prompts\[1\]: .*\[0, 256\)"),
                          ([[1, 2], [[1, 2], [3, 4]]], r"prompts\[1\] must be one row"),
-                         ([[1, 2], [0.5]], r"prompts\[1\]: .*integers")]:
+                         ([[1, 2], [0.5]], r"prompts\[1\]: .*integers"),
+                         ([[1, 2], 3], r"prompts\[1\] is not a row where prompts\[0\] is a row"),
+                         ([3, [1, 2]], r"prompts\[1\] is a row where prompts\[0\] is a token id")]:
         with pytest.raises(ValueError, match=message):
             Session(backend).prefill(bad)
     with pytest.raises(ValueError, match="decodes 4 row"):
@@ -819,6 +831,17 @@ def test_triton_keeps_decode_graphs_for_a_few_batch_sizes_and_states_survive_the
     assert len(root.backend._buffers) == root.backend.BATCH_SIZES_KEPT
     assert 1 not in root.backend._buffers                            # kept's state outlives its buffer set
     assert greedy(kept, None, 8) == greedy_by_hand(model, prompts[0] + [0], 8)[0]
+    # prefill buffers and graphs likewise: waves of 1, 2, 3 prompts with 2 sizes kept drop batch 1's, which then
+    # captures again and prefills as the reference
+    backend = Session.open(checkpoint, backend="triton", device="cuda", dtype="fp32").backend
+    backend.BATCH_SIZES_KEPT = 2
+    for n in (1, 2, 3):
+        Session(backend).prefill(prompts[:n])
+    assert list(backend._prefill_io) == [2, 3] and {k[0] for k in backend._prefill_graphs} == {2, 3}
+    again = Session(backend)
+    again.prefill(prompts[0])
+    assert greedy(again, None, 8) == greedy_by_hand(model, prompts[0], 8)[0]
+    assert list(backend._prefill_io) == [3, 1]
 
 
 def test_batch_is_the_sessions_only_once_a_call_succeeds(checkpoint):

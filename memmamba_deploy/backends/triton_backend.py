@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..models import MemMambaConfig, MemMambaLM, State
 from ..models.memmamba import Ragged, decay_rates
 from ..models.ops.pool import fp32
+from .base import check_ids
 
 
 class TritonState:
@@ -101,10 +102,10 @@ class TritonBackend:
     # ~2000 tokens take at 1 us each; prefill_plan pads a prompt rather than run a piece more (BENCHMARKS.md, thirtieth
     # session). 0: never pad
     PIECE_COST_TOKENS = 2048
-    # decode buffers and graphs are kept for this many batch sizes, the least recently used dropped first: a server
-    # whose batch changes as rows leave and join (Session.rows, Session.stack) keeps what it reuses, not a set of
-    # buffers (two states of the batch's size) and graphs for every size it ever ran. (Prefill graphs are kept per
-    # batch size and length until release_prefill_graphs.)
+    # decode buffers and graphs, and prefill buffers and graphs, are each kept for this many batch sizes, the least
+    # recently used dropped first: a server whose batch changes as rows leave and join (Session.rows, Session.stack)
+    # or as waves of prompts come (Session.prefill of rows) keeps what it reuses, not buffers (states of the batch's
+    # size) and graphs for every size it ever ran
     BATCH_SIZES_KEPT = 8
 
     def __init__(self, model: MemMambaLM, cuda_graph: bool = True, pdl: bool | None = None,
@@ -409,9 +410,8 @@ class TritonBackend:
     @torch.no_grad()
     def prefill(self, input_ids, state, lengths=None):
         """lengths [B]: rows of their own lengths, the rest padding (MemMambaLM.prefill's)."""
-        ids = torch.as_tensor(input_ids).to(self.device).long()
-        if ids.dim() != 2 or 0 in ids.shape:
-            raise ValueError(f"input_ids must be [batch, T] with batch >= 1 and T >= 1, got shape {list(ids.shape)}")
+        # checked on the host: a captured graph reads them unchecked (an id past the vocabulary: a device-side assert)
+        ids = check_ids(input_ids, self.config.vocab_size, "input_ids", 2).to(self.device)
         s = self._as_state(state, ids.shape[0])
         if lengths is not None:
             lengths = self.model.check_lengths(lengths, *ids.shape)
@@ -426,9 +426,9 @@ class TritonBackend:
         prompt padded where fewer pieces cost less), each one captured CUDA graph of model.prefill resuming from
         the previous piece's state: eager prefill costs ~40 ms of Python
         and launch time for the 130m whatever the length, more than the GPU's work up to ~16k tokens. A
-        length's graph is captured on first use (at most log2(longest piece) + 1 of them per batch size, in one
-        shared memory pool, kept until release_prefill_graphs); the pieces' state and logits live in buffers
-        outside it. With lengths (rows of their own lengths) the pieces run graphs of their own, each told how
+        length's graph is captured on first use (at most log2(longest piece) + 1 of them per batch size, twice
+        where rows end inside pieces, in one shared memory pool, kept for BATCH_SIZES_KEPT batch sizes or until
+        release_prefill_graphs); the pieces' state and logits live in buffers outside it. With lengths (rows of their own lengths) the pieces run graphs of their own, each told how
         many of its columns a row has left; a row's logits are taken in the piece where it ends."""
         B, T = ids.shape
         plan = self.prefill_plan(B, T)
@@ -436,9 +436,14 @@ class TritonBackend:
             ids = torch.cat([ids, ids.new_zeros(B, sum(plan) - T)], 1)
             lengths = torch.full((B,), T, device=self.device) if lengths is None else lengths
         shortest = T if lengths is None else int(lengths.min())
-        io = self._prefill_io.get(B)
-        if io is None:
-            io = self._prefill_io[B] = types.SimpleNamespace(
+        io = self._prefill_io.pop(B, None)
+        if io is not None:
+            self._prefill_io[B] = io                     # the most recently used last
+        else:
+            while len(self._prefill_io) >= self.BATCH_SIZES_KEPT:   # with its graphs
+                dropped = self._prefill_io.pop(next(iter(self._prefill_io)))
+                self._prefill_graphs = {k: g for k, g in self._prefill_graphs.items() if k[0] != dropped.batch}
+            io = self._prefill_io[B] = types.SimpleNamespace(batch=B,
                 state=State.zeros(self.config, B, self.device, self.dtype),
                 logits=torch.empty(B, self.config.vocab_size, device=self.device, dtype=torch.float32))
         io.state.copy_(state)
