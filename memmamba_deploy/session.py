@@ -616,9 +616,7 @@ class Session:
         are its prompt's alone."""
         ids, lengths = self._as_prompts(ids)
         self._check_batch(ids.shape[0])
-        if self._pending is not None:
-            ids = torch.cat([self._pending[:, None], ids], 1)
-            lengths = None if lengths is None else lengths + 1
+        ids, lengths = self._after_pending(ids, lengths)
         self._epoch = next(self._ids)
         with self._locked():
             state = self._state if self._state is not None else self.backend.new_state(ids.shape[0])
@@ -680,9 +678,7 @@ class Session:
             ids, follow = torch.zeros(self._batch, 1, dtype=torch.long), _Follow(self, resume=True)
         else:
             self._check_batch(ids.shape[0])
-            if self._pending is not None:
-                ids = torch.cat([self._pending[:, None], ids], 1)
-                lengths = None if lengths is None else lengths + 1
+            ids, lengths = self._after_pending(ids, lengths)
             follow = _Follow(self, resume=False, lengths=lengths)
         with self._locked():
             state = self._state if self._state is not None else self.backend.new_state(ids.shape[0])
@@ -771,6 +767,12 @@ class Session:
         for b, r in enumerate(rows):
             out[b, :r.shape[1]] = r[0]
         return out, lengths
+
+    def _after_pending(self, ids, lengths):
+        """ids [B, T] (and lengths) with the token generate() yielded last, if pending, first in each row."""
+        if self._pending is None:
+            return ids, lengths
+        return torch.cat([self._pending[:, None], ids], 1), None if lengths is None else lengths + 1
 
     def _as_ids(self, ids) -> torch.Tensor:
         if isinstance(ids, str):

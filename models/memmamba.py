@@ -138,6 +138,11 @@ class Ragged(NamedTuple):
         return cls(lengths, torch.arange(T, device=lengths.device)[None, :] >= lengths[:, None], pos.clamp(min=0),
                    (pos + window).clamp(max=window - 1), (pos >= 0)[:, None, :])
 
+    def at_ends(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B,T,D] at each row's last token, [B,1,D] (a row of length 0: its first column)."""
+        end = (self.lengths - 1).clamp(min=0)
+        return x.gather(1, end[:, None, None].expand(-1, 1, x.shape[-1]))
+
 
 def conv_window_at(window: torch.Tensor, x: torch.Tensor, ragged: Ragged) -> torch.Tensor:
     """The conv window after each row's lengths[b] inputs of x [B,T,Di] (window [B,Di,k-1] before them): the last
@@ -417,8 +422,7 @@ class MemMambaLM(nn.Module):
         if last_token:                                               # the logits read the last token's only
             h, y = h[:, -1:], y[:, -1:]
         if ragged is not None and last_only:                         # each row's last token
-            end = (ragged.lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, h.shape[-1])
-            h, y = h.gather(1, end), y.gather(1, end)
+            h, y = ragged.at_ends(h), ragged.at_ends(y)
         h = h + y
         if want_hidden:
             hidden.append(h)

@@ -424,12 +424,13 @@ class TritonBackend:
     def _graphed_prefill(self, ids: torch.Tensor, state: State, lengths: torch.Tensor | None = None):
         """The prompt in pieces of power-of-two lengths (prefill_plan: batch x length at most PREFILL_TOKENS, the
         prompt padded where fewer pieces cost less), each one captured CUDA graph of model.prefill resuming from
-        the previous piece's state: eager prefill costs ~40 ms of Python
-        and launch time for the 130m whatever the length, more than the GPU's work up to ~16k tokens. A
-        length's graph is captured on first use (at most log2(longest piece) + 1 of them per batch size, twice
-        where rows end inside pieces, in one shared memory pool, kept for BATCH_SIZES_KEPT batch sizes or until
-        release_prefill_graphs); the pieces' state and logits live in buffers outside it. With lengths (rows of their own lengths) the pieces run graphs of their own, each told how
-        many of its columns a row has left; a row's logits are taken in the piece where it ends."""
+        the previous piece's state: eager prefill costs ~40 ms of Python and launch time for the 130m whatever the
+        length, more than the GPU's work up to ~16k tokens. A length's graph is captured on first use (at most
+        log2(longest piece) + 1 of them per batch size, twice where rows end inside pieces, in one shared memory
+        pool, kept for BATCH_SIZES_KEPT batch sizes or until release_prefill_graphs); the pieces' state and logits
+        live in buffers outside it. With lengths (rows of their own lengths, or padding) a piece where some row
+        ends runs a graph of its own, told how many of its columns each row has left; a row's logits are taken in
+        the piece where it ends."""
         B, T = ids.shape
         plan = self.prefill_plan(B, T)
         if sum(plan) > T:                              # padded to fewer pieces: every row ends at T or before
@@ -440,10 +441,11 @@ class TritonBackend:
         if io is not None:
             self._prefill_io[B] = io                     # the most recently used last
         else:
-            while len(self._prefill_io) >= self.BATCH_SIZES_KEPT:   # with its graphs
-                dropped = self._prefill_io.pop(next(iter(self._prefill_io)))
-                self._prefill_graphs = {k: g for k, g in self._prefill_graphs.items() if k[0] != dropped.batch}
-            io = self._prefill_io[B] = types.SimpleNamespace(batch=B,
+            while len(self._prefill_io) >= self.BATCH_SIZES_KEPT:   # the least recently used, with its graphs
+                dropped = next(iter(self._prefill_io))
+                del self._prefill_io[dropped]
+                self._prefill_graphs = {k: g for k, g in self._prefill_graphs.items() if k[0] != dropped}
+            io = self._prefill_io[B] = types.SimpleNamespace(
                 state=State.zeros(self.config, B, self.device, self.dtype),
                 logits=torch.empty(B, self.config.vocab_size, device=self.device, dtype=torch.float32))
         io.state.copy_(state)
@@ -618,8 +620,7 @@ def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, stream
             torch.cuda.current_stream(ids.device).wait_stream(s)
     if lengths is None:
         return model._logits(h[1][:, -1:] + y[1][:, -1:]), State.stack(layer_states)
-    ends = [(r.lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, c.d_model) for r in ragged]
-    last = [h[i].gather(1, ends[i]) + y[i].gather(1, ends[i]) for i in (0, 1)]
+    last = [ragged[i].at_ends(h[i]) + ragged[i].at_ends(y[i]) for i in (0, 1)]
     logits = model._logits(torch.where((ragged[1].lengths > 0)[:, None, None], last[1], last[0]))
     return logits.masked_fill((lengths == 0)[:, None, None], 0.0), State.stack(layer_states)
 
