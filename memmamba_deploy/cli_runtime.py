@@ -112,7 +112,7 @@ def generate(path: Path = typer.Argument(..., help=PATH_HELP),
 def _generate_batch(session, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids) -> None:
     """Several prompts as the rows of one batch: prefilled together, each row to its own length (Session.prefill
     of rows), then decoded together; a row's text ends at its first stop token. Greedy rows are what each prompt
-    gives alone."""
+    gives alone, within rounding (the batch's kernels may round otherwise: fp16 rows can part at near ties)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     limit = getattr(session.backend, "max_batch", None)             # TensorRT engines' profile: before any prefill

@@ -8,11 +8,13 @@
     for token in s.generate("Once upon a time", max_new_tokens=64):  # text: byte-level models (vocab 256) only
         print(text.decode(bytes([int(token)])), end="", flush=True)
     branch = s.fork()                                                # an independent copy of the state
-    batch = Session.stack([a, b])       # forks of one session (prefilled apart, any lengths) as one batch's rows
+    branch.prefill([ids_a, ids_b, "text"])    # prompts of any lengths as one batch's rows, each its own stream
+    batch = Session.stack([branch, c])  # rows of sessions of one backend (c: a fork prefilled apart) as one batch
     batch = batch.rows([1])             # the rows that go on (continuous batching; beams: rows([0, 0, 1]))
 
-Prompts are token ids ([T], [B, T], a list, or a tensor); a `str` is encoded as UTF-8 bytes, which is the
-tokenisation of byte-level models (vocab 256) and an error for any other vocabulary.
+Prompts are token ids ([T], [B, T], a list, or a tensor), or a list of prompts of different lengths (one row each);
+a `str` is encoded as UTF-8 bytes, which is the tokenisation of byte-level models (vocab 256) and an error for any
+other vocabulary.
 
 Backends are opened by name through BACKENDS, each imported only when asked for, so a missing runtime (no
 onnxruntime, no TensorRT, no CUDA) is one clear error naming what to install, not an import failure at start-up.
@@ -421,22 +423,31 @@ class Session:
         bad = idx[(idx < 0) | (idx >= self._batch)]
         if bad.numel():
             raise ValueError(f"row {int(bad[0])} is outside this session's rows 0..{self._batch - 1}")
-        from .models import State
-        from .parity import state_view
-
         with self._locked():
-            ref = state_view(self.backend, self._state, device=None).tensors()
-            state = self._backend_state(State(**{k: v[:, idx.to(v.device)] for k, v in ref.items()}))
+            state = self._row_state(self._reference(self._state), idx)
         pending = None if self._pending is None else self._pending[idx.to(self._pending.device)]
         return self._derived(state, self._logits[idx.to(self._logits.device)], pending, idx.numel(),
                              self._generator_copy())
 
+    def _reference(self, state) -> dict:
+        """A backend state's tensors in the reference layout, where the backend holds them (under the lock)."""
+        from .parity import state_view
+
+        return state_view(self.backend, state, device=None).tensors()
+
+    def _row_state(self, ref, rows):
+        """These rows (an index tensor or a slice) of a state's _reference tensors, as a backend state of their
+        own (under the lock)."""
+        from .models import State
+
+        return self._backend_state(State(**{k: v[:, rows.to(v.device) if torch.is_tensor(rows) else rows]
+                                           for k, v in ref.items()}))
+
     def _stacked_state(self, states):
         """The backend's states, of some rows each, one after another as one backend state (under the lock)."""
         from .models import State
-        from .parity import state_view
 
-        refs = [state_view(self.backend, s, device=None).tensors() for s in states]
+        refs = [self._reference(s) for s in states]
         return self._backend_state(State(**{k: torch.cat([r[k] for r in refs], 1) for k in refs[0]}))
 
     def _backend_state(self, ref):
@@ -632,14 +643,9 @@ class Session:
             return self.backend.prefill(ids, state)
         if getattr(self.backend, "ragged_prefill", False):
             return self.backend.prefill(ids, state, lengths=lengths)
-        from .models import State
-        from .parity import state_view
-
-        ref = state_view(self.backend, state, device=None).tensors()
-        logits, rows = [], []
+        ref, logits, rows = self._reference(state), [], []
         for b, n in enumerate(lengths.tolist()):
-            row = self._backend_state(State(**{k: v[:, b:b + 1] for k, v in ref.items()}))
-            row_logits, row = self.backend.prefill(ids[b:b + 1, :n], row)
+            row_logits, row = self.backend.prefill(ids[b:b + 1, :n], self._row_state(ref, slice(b, b + 1)))
             logits.append(row_logits)
             rows.append(row)
         return torch.cat(logits), self._stacked_state(rows)
@@ -738,7 +744,7 @@ class Session:
             return isinstance(r, (str, Sequence)) or (isinstance(r, (torch.Tensor, np.ndarray)) and r.ndim >= 1)
 
         if isinstance(ids, np.ndarray) and ids.dtype == object:      # numpy's way to hold rows of other lengths
-            ids = list(ids)
+            ids = [list(r) if isinstance(r, np.ndarray) else r for r in ids]
         if isinstance(ids, str) or not isinstance(ids, Sequence) or not ids:
             return self._as_ids(ids), None
         rowlike = [is_row(r) for r in ids]

@@ -482,7 +482,7 @@ class MemMambaLM(nn.Module):
         over every token of a long prompt costs more than some layers (a 16k prompt: 3.3 GB of fp32 logits).
         lengths [B] (ints in [0, T]): prompts of different lengths in one call, row b's tokens being
         input_ids[b, :lengths[b]] and the rest padding (any ids in the vocabulary: they change nothing, and 0
-        will do). Each row's state and logits are then those of its
+        will do). Each row's state and logits are then, within rounding, those of its
         own tokens prefilled alone (last_only: at its last token); logits at padding are 0, and a row of length
         0 keeps its state."""
         logits, new_state, _ = self._run(input_ids, state, False, last_only, lengths)

@@ -521,6 +521,8 @@ def test_prompts_of_different_lengths_prefill_as_rows_of_their_own(checkpoint, m
     assert Session(backend).prefill([[1, 2], [3, 4]]).shape == (2, 256)
     rows = np.array([np.array(prompts[0]), np.array(prompts[1])], dtype=object)      # numpy's ragged rows
     assert rel_err(Session(backend).prefill(rows), logits[:2]) <= 1e-5
+    square = np.array([np.array([1, 2]), np.array([3, 4])], dtype=object)           # rows of one length: 2-D
+    assert torch.equal(Session(backend).prefill(square), Session(backend).prefill([[1, 2], [3, 4]]))
     for bad, message in [([[1, 2], []], r"prompts\[1\] is empty"), ([[1, 2], [300]], r"prompts\[1\]: .*\[0, 256\)"),
                          ([[1, 2], [[1, 2], [3, 4]]], r"prompts\[1\] must be one row"),
                          ([[1, 2], [0.5]], r"prompts\[1\]: .*integers"),

@@ -91,7 +91,7 @@ class TritonBackend:
     ragged_prefill = True              # prefill(..., lengths=): rows of their own lengths in one call
     STEP_KERNELS = ("layered", "persistent", "phased")
     # the most tokens (batch x length) one captured prefill graph runs (cuda_graph=True): a prefill's fixed cost
-    # (~3 ms on the 130m, an H100) is paid once a piece, so one 64k piece runs 9% faster than four of 16k, for
+    # (~2 ms on the 130m, an H100; PIECE_COST_TOKENS) is paid once a piece, so one 64k piece runs 9% faster than four of 16k, for
     # ~2 GiB of graph memory at batch 1 (the 130m; 0.4 GiB at 16k) and the same at any batch (BENCHMARKS.md)
     PREFILL_TOKENS = 65536
     # a captured piece of at least this many tokens (batch x length) runs as two halves on two streams
@@ -242,13 +242,23 @@ class TritonBackend:
         return w
 
     # ---- buffers and graphs -----------------------------------------------------------------------------------
+    def _recent(self, table: dict, batch: int):
+        """table[batch] made the most recently used (dicts keep insertion order), or None where absent, after
+        dropping the least recently used until there is room for it: returns (value, dropped batch sizes)."""
+        value = table.pop(batch, None)
+        dropped = []
+        if value is None:
+            while table and len(table) >= max(1, self.BATCH_SIZES_KEPT):
+                dropped.append(next(iter(table)))
+                del table[dropped[-1]]
+        else:
+            table[batch] = value
+        return value, dropped
+
     def _get_buffers(self, batch: int) -> _Buffers:
-        bufs = self._buffers.pop(batch, None)
-        if bufs is not None:
-            self._buffers[batch] = bufs                  # the most recently used last
+        bufs, _ = self._recent(self._buffers, batch)   # a TritonState holding one of a dropped set's states keeps
+        if bufs is not None:                           # that State alive on its own
             return bufs
-        while len(self._buffers) >= self.BATCH_SIZES_KEPT:   # a TritonState holding one of the dropped set's
-            self._buffers.pop(next(iter(self._buffers)))     # states keeps that State alive on its own
         c, dev, dt = self.config, self.device, self.dtype
         f32 = dict(device=dev, dtype=torch.float32)
         r_mem = max([w.w_mem.shape[0] for w in self.layers] if c.memory and self.step_kernel == "layered" else [1])
@@ -431,20 +441,19 @@ class TritonBackend:
         live in buffers outside it. With lengths (rows of their own lengths, or padding) a piece where some row
         ends runs a graph of its own, told how many of its columns each row has left; a row's logits are taken in
         the piece where it ends."""
+        shortest = ids.shape[1]
+        if lengths is not None:                        # columns past every row's end: not run at all
+            shortest, longest = (int(v) for v in lengths.aminmax())
+            ids = ids[:, :max(1, longest)]
         B, T = ids.shape
         plan = self.prefill_plan(B, T)
         if sum(plan) > T:                              # padded to fewer pieces: every row ends at T or before
             ids = torch.cat([ids, ids.new_zeros(B, sum(plan) - T)], 1)
             lengths = torch.full((B,), T, device=self.device) if lengths is None else lengths
-        shortest = T if lengths is None else int(lengths.min())
-        io = self._prefill_io.pop(B, None)
-        if io is not None:
-            self._prefill_io[B] = io                     # the most recently used last
-        else:
-            while len(self._prefill_io) >= self.BATCH_SIZES_KEPT:   # the least recently used, with its graphs
-                dropped = next(iter(self._prefill_io))
-                del self._prefill_io[dropped]
-                self._prefill_graphs = {k: g for k, g in self._prefill_graphs.items() if k[0] != dropped}
+        io, dropped = self._recent(self._prefill_io, B)
+        if dropped:                                    # with their graphs
+            self._prefill_graphs = {k: g for k, g in self._prefill_graphs.items() if k[0] not in dropped}
+        if io is None:
             io = self._prefill_io[B] = types.SimpleNamespace(
                 state=State.zeros(self.config, B, self.device, self.dtype),
                 logits=torch.empty(B, self.config.vocab_size, device=self.device, dtype=torch.float32))

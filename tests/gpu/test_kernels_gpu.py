@@ -477,6 +477,38 @@ def test_graphed_prefill_padded_to_fewer_pieces_equals_the_eager_pieces(dtype, g
         assert rel_err(logits, ref_logits[:, -1]) <= 10 * tol
     assert set(backend._prefill_graphs) == {(2, 1024, False), (2, 512, True)}
 
+    def eager_pieces(ids, lengths):
+        # the graphed pieces run eagerly: a piece every row fills plain, else with each row's columns left in it;
+        # a row's logits from the piece where it ends (0 for a row of length 0)
+        T = max(1, int(lengths.max()))
+        plan = backend.prefill_plan(2, T)
+        ids = torch.cat([ids[:, :T], ids.new_zeros(2, sum(plan) - T)], 1)
+        out, st, pos = torch.zeros(2, 256, device=DEV), start, 0
+        for n in plan:
+            left = lengths - pos
+            ragged = pos + n > int(lengths.min())
+            lg, st = fast.prefill(ids[:, pos:pos + n], st, last_only=True,
+                                  lengths=left.clamp(0, n) if ragged else None)
+            out = torch.where(((left >= 1) & (left <= n))[:, None], lg[:, -1], out)
+            pos += n
+        return out, st
+
+    # rows of their own lengths: one ending where the plain piece ends (its logits kept through the ragged piece),
+    # one of length 0 (its state kept, logits 0), and ids running past every row (those columns not run at all)
+    longer = torch.cat([prompt, prompt[:, :100]], 1)
+    for lengths in ([1024, 1500], [0, 1500], [700, 900]):
+        lengths = torch.tensor(lengths, device=DEV)
+        logits, state = backend.prefill(longer, start, lengths=lengths)
+        want_logits, want_state = eager_pieces(longer, lengths)
+        assert rel_err(logits, want_logits) <= tol, lengths
+        for k, v in backend.state_to_reference(state).tensors().items():
+            assert rel_err(v.float(), want_state.tensors()[k].float()) <= tol, (lengths, k)
+        if lengths[0] == 0:
+            assert not logits[0].any()
+            for k, v in backend.state_to_reference(state).tensors().items():
+                assert torch.equal(v[:, 0], start.tensors()[k][:, 0]), k
+    assert (2, 1024, True) in backend._prefill_graphs                    # [700, 900]: one padded ragged piece
+
 
 @torch.no_grad()
 def test_graphed_prefill_half_precision_replays_the_eager_pieces(g):
