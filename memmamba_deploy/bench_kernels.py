@@ -12,7 +12,9 @@ In one run, on one GPU:
                    and as TritonBackend.prefill's CUDA graphs (the summary line's figures); the reference at
                    2k only (its scan is a Python loop over tokens). Each graphed length then runs for ~2 s under
                    a PowerSampler: the SM clock and board power it sustains (an H100 prefills 16k tokens at
-                   its 700 W cap, below the clock a kernel alone gets)
+                   its 700 W cap, below the clock a kernel alone gets). Then prompts whose length is no power
+                   of two (1,500 and 2,047 tokens), graphed as shipped (TritonBackend.prefill_plan: padded to
+                   fewer pieces) and as their exact power-of-two pieces (PIECE_COST_TOKENS = 0)
   kernels          each kernel on 130m shapes against its own bytes floor, replayed as a CUDA graph (graph_ms: L2
                    flushed before every repeat)
 
@@ -231,7 +233,7 @@ def bench_decode(dtype, bw: float, memory: bool = True, reference: bool = True) 
 
 # ---- prefill -------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def bench_prefill(lengths=(2048, 16384, 65536), reference_at=2048) -> dict:
+def bench_prefill(lengths=(2048, 16384, 65536), reference_at=2048, uneven=(1500, 2047)) -> dict:
     from .backends.triton_backend import TritonBackend
 
     model = make_130m(torch.float16)
@@ -250,6 +252,19 @@ def bench_prefill(lengths=(2048, 16384, 65536), reference_at=2048) -> dict:
         out[T] = T / (ms * 1e-3)
         row("prefill", f"130m fp16 prefill {T // 1024}k tokens: triton, CUDA graphs (TritonBackend)", ms, None,
             tokens=T, tokens_per_s=out[T], **sustained_power(lambda: graphed.prefill(ids, state)))
+    for T in uneven:                                               # time to first token at any prompt length
+        ids = torch.randint(0, 50280, (1, T), generator=g).to(DEV)
+        ms = {}
+        for plan, cost in (("padded", graphed.PIECE_COST_TOKENS), ("exact", 0)):
+            graphed.PIECE_COST_TOKENS = cost
+            state = graphed.new_state(1)
+            graphed.prefill(ids, state)                            # captures this plan's graphs
+            ms[plan] = time_ms(lambda: graphed.prefill(ids, state), reps=5, warmup=1)
+            pieces = "+".join(map(str, graphed.prefill_plan(1, T)))
+            row("prefill", f"130m fp16 prefill {T} tokens: CUDA graphs, {plan} pieces ({pieces})", ms[plan], None,
+                tokens_per_s=T / ms[plan] * 1e3)
+        del graphed.PIECE_COST_TOKENS                              # the class's setting again
+        out.setdefault("uneven", {})[T] = ms
     if reference_at:
         ids = torch.randint(0, 50280, (1, reference_at), generator=g).to(DEV)
         model.prefill(ids[:, :64], last_only=True)
@@ -388,9 +403,13 @@ def report(out_dir: Path, decode: list[dict], prefill: dict, bw: float) -> None:
               + f"); floor {d['floor']:.3f} ms, "
               f"{d['graph_replay'] / d['floor']:.1f}x")
     if prefill:
-        parts = [f"{k // 1024}k {v / 1e6:.2f}M" for k, v in prefill.items() if k != "reference"]
+        parts = [f"{k // 1024}k {v / 1e6:.2f}M" for k, v in prefill.items() if isinstance(k, int)]
         ref = f"; reference at 2k {prefill['reference'] / 1e3:.1f}k" if "reference" in prefill else ""
         print(f"@@ kernel-bench: prefill 130m fp16 tokens/s (CUDA graphs) {', '.join(parts)}{ref}")
+        if "uneven" in prefill:
+            print("@@ kernel-bench: prefill 130m fp16 at lengths that are no power of two (CUDA graphs, padded to "
+                  "fewer pieces / the exact pieces): " + ", ".join(
+                      f"{T} tokens {ms['padded']:.2f} / {ms['exact']:.2f} ms" for T, ms in prefill["uneven"].items()))
         sustained = [f"{r['tokens'] // 1024}k {power_note(r)}" for r in ROWS
                      if r["group"] == "prefill" and "power_w" in r]
         if sustained:
