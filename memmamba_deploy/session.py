@@ -42,6 +42,7 @@ import torch
 
 from . import sampling
 from .models.checkpoint import DTYPES_BY_NAME
+from .models.memmamba import is_integer
 
 CHECKPOINT, EXPORT = "checkpoint", "export"
 ALIASES = {"ort": "onnxruntime", "trt": "tensorrt", "pytorch": "torch"}
@@ -416,8 +417,7 @@ class Session:
             raise ValueError(f"rows() takes a list of row indices: {e}") from None
         if idx.dim() == 0:
             idx = idx[None]
-        if idx.dim() != 1 or idx.numel() == 0 or idx.dtype.is_floating_point or idx.is_complex() or \
-                idx.dtype == torch.bool:
+        if idx.dim() != 1 or idx.numel() == 0 or not is_integer(idx):
             raise ValueError(f"rows() takes a non-empty list of integer row indices, got {indices!r}")
         idx = idx.long()
         bad = idx[(idx < 0) | (idx >= self._batch)]
@@ -791,7 +791,7 @@ class Session:
             ids = ids[None]
         if ids.dim() != 2 or 0 in ids.shape:
             raise ValueError(f"token ids must be [T] or [batch, T] with batch, T >= 1, got shape {list(ids.shape)}")
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+        if not is_integer(ids):
             raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
         ids = ids.long()                                      # first: torch has no min/max for uint16 / uint32
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):

@@ -152,6 +152,11 @@ def conv_window_at(window: torch.Tensor, x: torch.Tensor, ragged: Ragged) -> tor
     return torch.where(ragged.in_x, from_x, window.gather(2, ragged.window_at[:, None, :].expand(-1, Di, k1)))
 
 
+def is_integer(t: torch.Tensor) -> bool:
+    """Whether a tensor holds integers (token ids, lengths, row indices): not float, complex or bool."""
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------------------------
@@ -432,27 +437,28 @@ class MemMambaLM(nn.Module):
                                         0.0)
         return logits, self._as_state(State.stack(after)), hidden
 
-    def check_lengths(self, lengths, batch: int, T: int) -> torch.Tensor:
-        """lengths as int64 on the model's device once it is [batch] integers in [0, T] (read on the host, outside
-        a CUDA graph capture: inside one the caller checks them)."""
+    def check_lengths(self, lengths, batch: int, T: int, device=None) -> torch.Tensor:
+        """lengths as int64 on `device` (None: the model's) once it is [batch] integers in [0, T], read where they
+        are given (host lengths cost no GPU sync; inside a CUDA graph capture, where GPU ones cannot be read, the
+        caller checks them)."""
         try:
-            n = torch.as_tensor(lengths, device=self.device)
+            n = torch.as_tensor(lengths)
         except (TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"lengths must be {batch} integers: {e}") from None
-        if n.dtype.is_floating_point or n.is_complex() or n.dtype == torch.bool or n.shape != (batch,):
+        if not is_integer(n) or n.shape != (batch,):
             raise ValueError(f"lengths must be {batch} integers (one a row), got {n.dtype} of shape {list(n.shape)}")
         n = n.long()
         if not (n.is_cuda and torch.cuda.is_current_stream_capturing()):
             lo, hi = (int(v) for v in n.aminmax())
             if lo < 0 or hi > T:
                 raise ValueError(f"lengths must lie in [0, {T}] (the columns of input_ids), got {lo if lo < 0 else hi}")
-        return n
+        return n.to(self.device if device is None else device)
 
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
         """Token ids: integers on the model's device, inside the vocabulary (an id outside it would index past the
         embedding: an IndexError on a CPU, a device-side assert that ends the process on a GPU). The range check
         reads the ids (a sync on a GPU); inside a CUDA graph capture, where it cannot, the caller checks them."""
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        if not is_integer(ids):
             raise ValueError(f"{name} must be integers, got {ids.dtype}")
         if ids.device != self.device:
             raise ValueError(f"{name} is on {ids.device}, the model on {self.device}")

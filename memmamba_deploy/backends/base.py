@@ -7,6 +7,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..models import MemMambaConfig
+from ..models.memmamba import is_integer
 
 
 @runtime_checkable
@@ -43,7 +44,7 @@ def check_ids(ids, vocab_size: int, what: str, dims: int) -> torch.Tensor:
         ids = torch.as_tensor(ids)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{what} must be integer token ids: {e}") from None
-    if ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool:
+    if not is_integer(ids):
         raise ValueError(f"{what} must be integer token ids, got dtype {ids.dtype}")
     if dims == 1 and ids.dim() == 2 and ids.shape[1] == 1:
         ids = ids[:, 0]

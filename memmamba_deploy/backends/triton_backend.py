@@ -423,8 +423,8 @@ class TritonBackend:
         # checked on the host: a captured graph reads them unchecked (an id past the vocabulary: a device-side assert)
         ids = check_ids(input_ids, self.config.vocab_size, "input_ids", 2).to(self.device)
         s = self._as_state(state, ids.shape[0])
-        if lengths is not None:
-            lengths = self.model.check_lengths(lengths, *ids.shape)
+        if lengths is not None:                        # on the host: the graphed prefill plans its pieces by them
+            lengths = self.model.check_lengths(lengths, *ids.shape, device="cpu")
         if not self.cuda_graph:
             logits, new = self.model.prefill(ids, s, last_only=True, lengths=lengths)
             return logits[:, -1], TritonState(new)
@@ -438,7 +438,7 @@ class TritonBackend:
         length, more than the GPU's work up to ~16k tokens. A length's graph is captured on first use (at most
         log2(longest piece) + 1 of them per batch size, twice where rows end inside pieces, in one shared memory
         pool, kept for BATCH_SIZES_KEPT batch sizes or until release_prefill_graphs); the pieces' state and logits
-        live in buffers outside it. With lengths (rows of their own lengths, or padding) a piece where some row
+        live in buffers outside it. With lengths ([B] on the host: rows of their own lengths) a piece where some row
         ends runs a graph of its own, told how many of its columns each row has left; a row's logits are taken in
         the piece where it ends."""
         shortest = ids.shape[1]
@@ -449,7 +449,7 @@ class TritonBackend:
         plan = self.prefill_plan(B, T)
         if sum(plan) > T:                              # padded to fewer pieces: every row ends at T or before
             ids = torch.cat([ids, ids.new_zeros(B, sum(plan) - T)], 1)
-            lengths = torch.full((B,), T, device=self.device) if lengths is None else lengths
+            lengths = torch.full((B,), T) if lengths is None else lengths
         io, dropped = self._recent(self._prefill_io, B)
         if dropped:                                    # with their graphs
             self._prefill_graphs = {k: g for k, g in self._prefill_graphs.items() if k[0] not in dropped}
