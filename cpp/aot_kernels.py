@@ -192,9 +192,11 @@ def runtime_kernels(configs) -> list[tuple]:
             if 2 <= c.d_conv <= 4:                  # causal_conv_kernel's widths (the runtime falls back otherwise)
                 win = c.d_inner * (c.d_conv - 1)
                 kernel("prefill_conv", "conv_step", scan.causal_conv_kernel,
-                       {n: t for n in ("x_ptr", "w_ptr", "b_ptr", "win_ptr", "out_ptr", "new_win_ptr")},
+                       {**{n: t for n in ("x_ptr", "w_ptr", "b_ptr", "win_ptr", "out_ptr", "new_win_ptr")},
+                        "lengths_ptr": "*i64"},
                        {"WIDTH": c.d_conv, "CHUNK": scan.CONV_CHUNK, "AHEAD": scan.CONV_AHEAD,
-                        "BLOCK_D": scan.conv_block_d(c.d_inner), "HAS_BIAS": True, "USE_PDL": False}, 1,
+                        "BLOCK_D": scan.conv_block_d(c.d_inner), "HAS_BIAS": True, "HAS_LENGTHS": False,
+                        "USE_PDL": False}, 1,
                        divisible=multiples_of_16({
                            "x_ptr": 0, "w_ptr": 0, "b_ptr": 0, "win_ptr": win * size, "out_ptr": 0,
                            "new_win_ptr": win * size, "Di": c.d_inner, "stride_x_b": 2 * c.d_inner,
@@ -203,10 +205,10 @@ def runtime_kernels(configs) -> list[tuple]:
             # the prompt's scan: scan.scan_forward's three passes (TritonBackend's prefill scan)
             block_d, block_n, warps = scan.seq_blocks(c.d_state, c.d_inner)
             seq = {"BLOCK_D": block_d, "BLOCK_N": block_n, "EVEN_N": c.d_state == block_n, "UNROLL": scan.SEQ_UNROLL,
-                   "STAGES": scan.SEQ_STAGES, "USE_PDL": False}
+                   "STAGES": scan.SEQ_STAGES, "HAS_LENGTHS": False, "USE_PDL": False}
             ptrs = {"x_ptr": t, "dt_ptr": t, "AT_ptr": f32, "B_ptr": t, "C_ptr": t, "D_ptr": f32, "z_ptr": t,
                     "dt_bias_ptr": f32, "h_in_ptr": f32, "y_ptr": t, "h_out_ptr": f32, "dt_sum_ptr": f32,
-                    "delta_ptr": f32}
+                    "delta_ptr": f32, "lengths_ptr": "*i64"}
             di, N, R, X = c.d_inner, c.d_state, c.dt_rank, x_width(c)
             # buffers and weights, but the token rows' (the last layer's pass 3 starts at a chunk: native.cpp
             # scanPass), B, C and z column blocks, and the chunk states (that pass's first)
@@ -245,9 +247,10 @@ def runtime_kernels(configs) -> list[tuple]:
                 continue
             kernel("prefill_note_scores", "decode", memory.note_scores_kernel,
                    {"g_ptr": t, "w2_ptr": t, "trig_bias_ptr": t, "alpha_ptr": t, "a_ptr": f32, "gain_ptr": f32,
-                    "pool0_ptr": t},
+                    "pool0_ptr": t, "lengths_ptr": "*i64"},
                    {"BLOCK_M": memory.SCORE_ROWS, "BLOCK_H": max(16, np2(c.d_model // 4)),
-                    "BLOCK_K": np2(c.pool_size), "BLOCK_S": np2(c.summary_dim), "USE_PDL": False}, 4)
+                    "BLOCK_K": np2(c.pool_size), "BLOCK_S": np2(c.summary_dim), "HAS_LENGTHS": False,
+                    "USE_PDL": False}, 4)
             kernel("pool_after", "pool_after", pool.pool_after_kernel,
                    {"bank_ptr": t, "last_ptr": "*i32", "out_ptr": t},
                    {"BLOCK_K": np2(c.pool_size), "BLOCK_C": np2(c.summary_dim), "USE_PDL": False}, 4)

@@ -19,6 +19,7 @@ from .config import MemMambaConfig
 from .ops import load_ops
 from .ops.norm import rms_norm_ref
 from .ops.pool import cross_layer_bank, fp32, pool_after_ref
+from .ops.scan import padding
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -122,34 +123,22 @@ class State:
 
 class Ragged(NamedTuple):
     """Rows of different lengths in one prefill: row b's tokens are ids[b, :lengths[b]], the rest padding.
-    Padding changes no state: its δ is 0 (softplus(-inf): the scan's identity), its note score 0 (never above
-    τ1 ≥ 0, so it enters no pool), and the conv window is read at the row's end. Every later token of a row is
-    padding, so nothing causal reads it."""
+    Padding changes no state: the kernel sets take the lengths (ops.causal_conv: each row's window after its own
+    last input; ops.selective_scan: padding's δ is 0, softplus(-inf), the scan's identity; ops.fused_memory_read /
+    Layer.memory_read: padding's note score is 0, never above τ1 ≥ 0, so it enters no pool). Every later token of
+    a row is padding, so nothing causal reads it."""
 
     lengths: torch.Tensor         # [B] int64
     pad: torch.Tensor             # [B, T] bool, True at padding
-    x_at: torch.Tensor            # [B, k-1]: where the conv window after each row's last token lies in its x,
-    window_at: torch.Tensor       # [B, k-1]  in the window before the tokens (the row's first k-2 tokens or fewer),
-    in_x: torch.Tensor            # [B, 1, k-1] and which of the two (conv_window_at; found once, read every layer)
 
     @classmethod
-    def of(cls, lengths: torch.Tensor, T: int, window: int) -> "Ragged":
-        pos = lengths[:, None] + torch.arange(-window, 0, device=lengths.device)      # [B, k-1], in x's time
-        return cls(lengths, torch.arange(T, device=lengths.device)[None, :] >= lengths[:, None], pos.clamp(min=0),
-                   (pos + window).clamp(max=window - 1), (pos >= 0)[:, None, :])
+    def of(cls, lengths: torch.Tensor, T: int) -> "Ragged":
+        return cls(lengths, padding(lengths, T))
 
     def at_ends(self, x: torch.Tensor) -> torch.Tensor:
         """x [B,T,D] at each row's last token, [B,1,D] (a row of length 0: its first column)."""
         end = (self.lengths - 1).clamp(min=0)
         return x.gather(1, end[:, None, None].expand(-1, 1, x.shape[-1]))
-
-
-def conv_window_at(window: torch.Tensor, x: torch.Tensor, ragged: Ragged) -> torch.Tensor:
-    """The conv window after each row's lengths[b] inputs of x [B,T,Di] (window [B,Di,k-1] before them): the last
-    k-1 of window ++ x[b, :lengths[b]], oldest first, as causal_conv returns it after all T."""
-    Di, k1 = x.shape[2], window.shape[2]
-    from_x = x.gather(1, ragged.x_at[:, :, None].expand(-1, -1, Di)).transpose(1, 2)
-    return torch.where(ragged.in_x, from_x, window.gather(2, ragged.window_at[:, None, :].expand(-1, Di, k1)))
 
 
 def is_integer(t: torch.Tensor) -> bool:
@@ -215,22 +204,19 @@ class Mixer(nn.Module):
         every layer at once. last_only: y of the last token only, [B,1,d] (the last layer of a prefill that wants
         the last logits only): the gate's half of in_proj is then projected at that token alone (in_proj's
         weight is used directly there, so hooks on the in_proj module do not apply). ragged: rows of their own
-        lengths (Ragged); the window and h are then each row's after its own last token."""
+        lengths (Ragged); the window and h are then each row's after its own last token, and last_only's token
+        is each row's last."""
         A = decay_rates(self.A_log) if A is None else A
-        if last_only and ragged is not None:
-            raise ValueError("Mixer.forward: last_only reads the last column, ragged rows end elsewhere")
+        lengths = None if ragged is None else ragged.lengths
         if last_only:                         # z gates y only: a 16k prompt's last layer saves a 38 GFLOP half
             x_w, z_w = self.in_proj.weight.chunk(2, dim=0)
-            x, z = F.linear(u, x_w), F.linear(u[:, -1:], z_w)
+            x, z = F.linear(u, x_w), F.linear(u[:, -1:] if ragged is None else ragged.at_ends(u), z_w)
         else:
             x, z = self.in_proj(u).chunk(2, dim=-1)
-        window0 = window
-        xc, window = ops.causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, window)
+        xc, window = ops.causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, window, lengths=lengths)
         dt, B, C = self._proj(xc)
-        if ragged is not None:
-            window = conv_window_at(window0, x, ragged)
-            dt = dt.masked_fill(ragged.pad[..., None], float("-inf"))    # δ = softplus(-inf) = 0: h passes through
-        y, h = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, h, last_only=last_only)
+        y, h = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, h, last_only=last_only,
+                                  lengths=lengths)
         return self.out_proj(y), window, h
 
     def step(self, u, window, h, ops):
@@ -316,20 +302,21 @@ class Layer(nn.Module):
             self.token_attn = PoolAttention(c, trigger=True)
             self.cross_attn = PoolAttention(c, trigger=False) if c.is_cross_layer(index) else None
 
-    def memory_read(self, u, pool0, prio0, group, ops, u_is_scratch=False, pad=None):
+    def memory_read(self, u, pool0, prio0, group, ops, u_is_scratch=False, lengths=None):
         """§3–§5 in parallel form (§8). Returns ũ = u + r_tok + r_cross [B,T,d] (the mixer's input), the pool
         after the last token (summaries [B,K,ds], priorities [B,K]) and this layer's entries for §5: its bank
         [B,K+T,ds] (pool0's summaries, then each token's) and the sweep's index rows [B,T,K]. group: the entries
         of this §5 group's earlier layers. A kernel set may do it all at once (ops.fused_memory_read, None where
         it does not apply); the lines below are what it must equal. u_is_scratch: the caller has no further use
-        for u, so a kernel set may overwrite it (with ũ). pad [B,T] bool: tokens that enter no pool (Ragged)."""
-        fused = ops.fused_memory_read(self, u, pool0, prio0, group, u_is_scratch, pad=pad)
+        for u, so a kernel set may overwrite it (with ũ). lengths [B]: row b's tokens past lengths[b] are padding,
+        which enters no pool (Ragged)."""
+        fused = ops.fused_memory_read(self, u, pool0, prio0, group, u_is_scratch, lengths=lengths)
         if fused is not None:
             return fused
         T = u.shape[1]
         a, s = self.note(u)
-        if pad is not None:
-            a = a.masked_fill(pad, 0.0)                                     # 0 is never above τ1 (in [0, 1))
+        if lengths is not None:
+            a = a.masked_fill(padding(lengths, T), 0.0)                     # 0 is never above τ1 (in [0, 1))
         index, prio = ops.pool_sweep(a, prio0, self.insert_threshold)       # [B,T+1,K], [B,K]
         bank = torch.cat([pool0.to(s.dtype), s], dim=1)                     # initial slots, then tokens
         ut = self.token_attn(u, bank, index[:, :T], ops, residual=u)
@@ -349,7 +336,7 @@ class Layer(nn.Module):
         h, u = ops.residual_norm(h, y, self.norm.weight, self.norm.eps)
         if pool is not None:
             u, pool, prio, entries = self.memory_read(u, pool, prio, group, ops, u_is_scratch=True,
-                                                      pad=None if ragged is None else ragged.pad)
+                                                      lengths=None if ragged is None else ragged.lengths)
             group = [] if self.cross_attn is not None else group + [entries]
         y, conv, ssm = self.mixer(u, conv, ssm, ops, A, last_only=last_only, ragged=ragged)
         return h, y, (conv, ssm, pool, prio), group
@@ -406,7 +393,7 @@ class MemMambaLM(nn.Module):
             raise ValueError("input_ids holds no tokens (T = 0)")
         self._check_ids(input_ids, "input_ids")
         Bsz, T = input_ids.shape
-        ragged = None if lengths is None else Ragged.of(self.check_lengths(lengths, Bsz, T), T, c.d_conv - 1)
+        ragged = None if lengths is None else Ragged.of(self.check_lengths(lengths, Bsz, T), T)
         if state is None:
             state = self.new_state(Bsz)
         self._check_state(state, Bsz)
@@ -415,8 +402,8 @@ class MemMambaLM(nn.Module):
         group: list[tuple[torch.Tensor, torch.Tensor]] = []           # (bank, index) of this §5 group's layers
         y = None                                                      # the previous layer's mixer output
         A = self.decay_rates()
-        # the last layer's output read at one token (ragged rows end at columns of their own)
-        last_token = last_only and not want_hidden and ragged is None
+        # the last layer's output read at one token (each row's last, where rows have lengths of their own)
+        last_token = last_only and not want_hidden
         after = []
         for l, layer in enumerate(self.layers):
             h, y, layer_state, group = layer(h, y, state.layer(l), group, ops, A[l],
@@ -425,8 +412,8 @@ class MemMambaLM(nn.Module):
             if want_hidden and l > 0:
                 hidden.append(h)
         if last_token:                                               # the logits read the last token's only
-            h, y = h[:, -1:], y[:, -1:]
-        if ragged is not None and last_only:                         # each row's last token
+            h = h[:, -1:] if ragged is None else ragged.at_ends(h)   # (each row's own; y is the mixer's there)
+        elif last_only and ragged is not None:
             h, y = ragged.at_ends(h), ragged.at_ends(y)
         h = h + y
         if want_hidden:

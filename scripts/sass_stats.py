@@ -46,7 +46,7 @@ def compile_pass(which: str, dtype: str = "fp16", arch: int = 90, maxnreg: int |
     fn = scan.selective_scan_seq_kernel
     block_d, block_n, num_warps = scan.seq_blocks(N, DI)
     const = dict(BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=N == block_n, UNROLL=scan.SEQ_UNROLL,
-                 STAGES=scan.SEQ_STAGES, USE_PDL=arch >= 90, **PASSES[which])
+                 STAGES=scan.SEQ_STAGES, HAS_LENGTHS=False, USE_PDL=arch >= 90, **PASSES[which])
     const.update(overrides or {})
     act = {"fp16": "*fp16", "fp32": "*fp32"}[dtype]
     acts = {"x_ptr", "B_ptr", "C_ptr", "z_ptr", "y_ptr"} | ({"dt_ptr"} if which == "pass1" else set())

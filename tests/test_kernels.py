@@ -142,6 +142,35 @@ def test_residual_norm(with_y, dtype, rng):
 
 
 @interpreted
+@pytest.mark.parametrize("chunk_len", [4096, 16, None], ids=["one-pass", "three-pass", "planned"])
+def test_selective_scan_of_rows_of_different_lengths(chunk_len, rng):
+    # lengths: each row's y and state are those of its own tokens alone (padding's δ = 0, in the chunk-state pass,
+    # whose δ the y pass reads); last_only reads each row's last token, gated by that token's z
+    a = scan_inputs(rng, 4, 37, 24, 6)
+    lengths = torch.tensor([37, 20, 0, 1])                  # whole, ending mid-chunk (chunks of 16), none, one token
+    y_ref, h_ref = selective_scan_ref(**a, lengths=lengths)
+    for b, n in enumerate(lengths.tolist()):                # the reference's lengths: each row alone
+        row = {k: a[k][b:b + 1, :n] for k in ("x", "dt", "B", "C", "z")}
+        alone_y, alone_h = selective_scan_ref(**row, A=a["A"], D=a["D"], dt_bias=a["dt_bias"], h0=a["h0"][b:b + 1])
+        assert rel_err(y_ref[b:b + 1, :n], alone_y) <= 1e-6 and rel_err(h_ref[b:b + 1], alone_h) <= 1e-6, b
+    assert torch.equal(h_ref[2], a["h0"][2])
+    with poisoned():
+        y, h = kt.scan.scan_forward(**a, chunk_len=chunk_len, lengths=lengths)
+    assert rel_err(y, y_ref) <= TOL and rel_err(h, h_ref) <= TOL
+    assert rel_err(h[1], selective_scan_ref(**a)[1][1]) > 1e-2    # the padding would have moved the state
+    ends = (lengths - 1).clamp(min=0)
+    z_ends = a["z"].gather(1, ends[:, None, None].expand(-1, 1, 24))
+    y_last_ref, _ = selective_scan_ref(**dict(a, z=z_ends), last_only=True, lengths=lengths)
+    assert rel_err(y_last_ref, y_ref.gather(1, ends[:, None, None].expand(-1, 1, 24))) <= 1e-6
+    with poisoned():
+        y_last, h_last = kt.TRITON_OPS.selective_scan(**dict(a, z=z_ends), last_only=True, lengths=lengths)
+    assert y_last.shape == (4, 1, 24) and rel_err(y_last, y_last_ref) <= TOL and rel_err(h_last, h_ref) <= TOL
+    for bad in (lengths[:3], lengths.float(), [37, 20, 0, 1]):
+        with pytest.raises(ValueError, match="lengths must be a \\[4\\] integer tensor"):
+            kt.scan.scan_forward(**a, lengths=bad)
+
+
+@interpreted
 @pytest.mark.parametrize("T", [150, 37, 2], ids=["chunks", "long", "shorter-than-window"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("k", [4, 3, 2, 5, 1], ids=["width4", "width3", "width2", "width5-reference",
@@ -159,6 +188,28 @@ def test_causal_conv(T, bias, k, rng):
         out, win = kt.TRITON_OPS.causal_conv(x, w, b, window)
     assert rel_err(out, out_ref) <= TOL and torch.equal(win, win_ref)
     assert torch.equal(torch.signbit(win), torch.signbit(win_ref))
+
+
+@interpreted
+@pytest.mark.parametrize("k", [4, 2, 5], ids=["width4", "width2", "width5-reference"])
+def test_causal_conv_of_rows_of_different_lengths(k, rng):
+    # lengths: each row's window is the one after its own inputs (from the old window where it has fewer than k-1)
+    Bsz, T, Di = 5, 37, 40
+    x, w, b = torch.randn(Bsz, T, Di, generator=rng), torch.randn(Di, k, generator=rng), torch.randn(Di, generator=rng)
+    window = torch.randn(Bsz, Di, k - 1, generator=rng)
+    lengths = torch.tensor([37, 20, 0, 1, 2])
+    out_ref, win_ref = causal_conv_ref(x, w, b, window, lengths)
+    assert torch.equal(out_ref, causal_conv_ref(x, w, b, window)[0])
+    for r, n in enumerate(lengths.tolist()):
+        if n >= k:                                          # conv1d needs an input as long as its kernel
+            assert torch.equal(win_ref[r:r + 1], causal_conv_ref(x[r:r + 1, :n], w, b, window[r:r + 1])[1]), r
+        else:
+            want = torch.cat([window[r], x[r, :n].t()], 1)[:, n:]
+            assert torch.equal(win_ref[r], want), r
+    with poisoned():
+        out, win = kt.TRITON_OPS.causal_conv(x, w, b, window, lengths=lengths)
+    assert rel_err(out, out_ref) <= TOL and torch.equal(win, win_ref)
+    assert not torch.equal(win, causal_conv_ref(x, w, b, window)[1])
 
 
 @interpreted
@@ -622,6 +673,14 @@ def test_fused_memory_path_equals_its_composition(layer_index, rng):
     assert not torch.equal(pool, pool0)
     read = layer.token_attn(u, bank_ref, index_ref, TORCH_OPS).abs().amax(-1)
     assert (read > 0).any() and (read == 0).any()                               # the trigger fired both ways
+    # rows of different lengths: the padding's scores are 0 in the kernel, as the composed ops mask them
+    lengths = torch.tensor([150, 60])
+    with poisoned():
+        ut_l, pool_l, prio_l, (_, index_l) = layer.memory_read(u, pool0, prio0, group, kt.TRITON_OPS, lengths=lengths)
+    ut_lr, pool_lr, prio_lr, (_, index_lr) = layer.memory_read(u, pool0, prio0, group, composed, lengths=lengths)
+    assert torch.equal(index_l, index_lr) and rel_err(prio_l, prio_lr) <= 1e-6 and rel_err(pool_l, pool_lr) <= 1e-2
+    assert rel_err(ut_l.float() - u.float(), ut_lr.float() - u.float()) <= 5e-3
+    assert torch.equal(prio_l[0], prio[0]) and not torch.equal(prio_l[1], prio[1])   # row 1's padding would enter
     # one batch row (a prompt's prefill): the stacked GEMM writes into the bank's rows without a batch stride
     rows1 = (u[:1], pool0[:1], prio0[:1], [(b[:1], i[:1]) for b, i in group])
     with poisoned():

@@ -1208,6 +1208,7 @@ private:
             .ptr("win_ptr", at(conv[p].get(), l * convLayer))
             .ptr("out_ptr", S.xc.get())
             .ptr("new_win_ptr", at(conv[q].get(), l * convLayer))
+            .ptr("lengths_ptr", nullptr) // every row runs the whole chunk (compiled without HAS_LENGTHS)
             .i32("T", T)
             .i32("Di", di)
             .i32("stride_x_b", T * 2 * di)
@@ -1333,6 +1334,7 @@ private:
             .i32("stride_hout_b", hs)
             .i32("stride_hout_c", di * N)
             .ptr("delta_ptr", out ? AT : S.delta.get())
+            .ptr("lengths_ptr", nullptr)
             .run({static_cast<unsigned>(B), cdiv(di, k.at("BLOCK_D")), static_cast<unsigned>(plan.chunks - first)}, S.stream, kPrefillPdl);
     }
 
@@ -1364,6 +1366,7 @@ private:
             .ptr("a_ptr", S.scores.get())
             .ptr("gain_ptr", S.gain.get())
             .ptr("pool0_ptr", poolIn)
+            .ptr("lengths_ptr", nullptr)
             .i32("M", n)
             .i32("T", T)
             .i32("K", K)

@@ -593,8 +593,8 @@ def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, stream
     ragged = [None, None]
     if lengths is not None:                            # the halves' own lengths; the last layer's y is then read
         lengths = model.check_lengths(lengths, *ids.shape)      # at each row's end, in whichever half it lies
-        ragged = [Ragged.of(lengths.clamp(max=half), half, c.d_conv - 1),
-                  Ragged.of((lengths - half).clamp(min=0), ids.shape[1] - half, c.d_conv - 1)]
+        ragged = [Ragged.of(lengths.clamp(max=half), half),
+                  Ragged.of((lengths - half).clamp(min=0), ids.shape[1] - half)]
     A = model.decay_rates()                            # before the fork: both streams read it
     if streams is not None:
         for s in streams:
@@ -611,8 +611,9 @@ def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, stream
         with on(i):
             h[i] = model.embeddings(pieces[i]).float()
     for l, layer in enumerate(model.layers):
-        # the last layer's y: the first half needs none of it (only its state), the second half its last token's
-        last = l == c.n_layers - 1 and lengths is None
+        # the last layer's y at the last token (each row's, with lengths): the first half needs none of it (only
+        # its state) but where rows end in it, the second half its last token's
+        last = l == c.n_layers - 1
         for i in (0, 1):
             with on(i):
                 if i == 1 and streams is not None:
@@ -629,7 +630,7 @@ def prefill_in_halves(model: MemMambaLM, ids: torch.Tensor, state: State, stream
             torch.cuda.current_stream(ids.device).wait_stream(s)
     if lengths is None:
         return model._logits(h[1][:, -1:] + y[1][:, -1:]), State.stack(layer_states)
-    last = [ragged[i].at_ends(h[i]) + ragged[i].at_ends(y[i]) for i in (0, 1)]
+    last = [ragged[i].at_ends(h[i]) + y[i] for i in (0, 1)]
     logits = model._logits(torch.where((ragged[1].lengths > 0)[:, None, None], last[1], last[0]))
     return logits.masked_fill((lengths == 0)[:, None, None], 0.0), State.stack(layer_states)
 

@@ -5,7 +5,8 @@
     pool_sweep, pool_insert, pool_attention, pool_read                        (pool.py, spec §3-§5, §8)
     fused_memory_read      a whole layer's §3-§5 prefill at once (ũ = u + r_tok + r_cross, the pool after it), or
                            None where the set has no such path (the reference: Layer.memory_read composes the ops);
-                           pad [B,T] marks tokens that must enter no pool (rows of different lengths)
+                           lengths [B]: row b's tokens past lengths[b] are padding, which enters no pool
+    causal_conv, selective_scan and fused_memory_read take `lengths` (rows of different lengths in one batch)
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from . import norm, pool, scan
 KERNEL_SETS = ("torch", "triton")
 
 
-def no_fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, pad=None):
+def no_fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, lengths=None):
     """The reference composes the memory path from the ops (Layer.memory_read); nothing is fused."""
     return None
 

@@ -10,13 +10,23 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_conv_ref(x, weight, bias, window):
+def padding(lengths, T: int):
+    """[B, T] bool, True at the tokens past each row's length (rows of different lengths in one batch)."""
+    return torch.arange(T, device=lengths.device)[None, :] >= lengths[:, None]
+
+
+def causal_conv_ref(x, weight, bias, window, lengths=None):
     """Depthwise causal conv over time, then SiLU. x [B,T,Di], weight [Di,k], bias [Di] or None,
-    window [B,Di,k-1] (the inputs before x). Returns (out [B,T,Di], new window [B,Di,k-1])."""
+    window [B,Di,k-1] (the inputs before x). Returns (out [B,T,Di], new window [B,Di,k-1]).
+    lengths [B] (int, 0..T): row b's inputs are x[b, :lengths[b]], the rest padding: its new window is the one
+    after its own last input (out at padding is computed as any other column, and no real column reads it)."""
     k = weight.shape[1]
     xt = torch.cat([window.to(x.dtype), x.transpose(1, 2)], dim=2)  # [B, Di, k-1+T]
     out = F.conv1d(xt, weight.unsqueeze(1), bias, groups=weight.shape[0])
-    return F.silu(out).transpose(1, 2), xt[:, :, xt.shape[2] - (k - 1):]
+    if lengths is None:
+        return F.silu(out).transpose(1, 2), xt[:, :, xt.shape[2] - (k - 1):]
+    at = lengths.to(x.device)[:, None] + torch.arange(k - 1, device=x.device)   # xt's columns after each row's end
+    return F.silu(out).transpose(1, 2), xt.gather(2, at[:, None, :].expand(-1, xt.shape[1], -1))
 
 
 def causal_conv_step_ref(x, weight, bias, window):
@@ -45,17 +55,31 @@ def selective_state_step_ref(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_soft
     return y.to(x.dtype), h
 
 
-def selective_scan_ref(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False):
+def selective_scan_ref(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False,
+                       lengths=None):
     """The selective scan over T tokens, run as the step recurrence (§8: the parallel form must equal it).
     Returns (y [B,T,Di], final state [B,Di,N] fp32); last_only: y of the last token only, [B,1,Di] (what a
     prompt's last layer gives when only the last logits are wanted: a kernel set may skip every other y), and z
-    may then be the last token's alone, [B,1,Di] (the gate is read there only)."""
+    may then be the last token's alone, [B,1,Di] (the gate is read there only).
+    lengths [B] (int, 0..T): row b's tokens are [0, lengths[b]), the rest padding, whose δ is 0 (softplus(-inf):
+    the recurrence's identity), so h is each row's state after its own last token; last_only then reads y (and z
+    [B,1,Di]) at each row's last token (column 0 for a row of length 0)."""
     Bsz, T, Di = x.shape
+    if lengths is not None:
+        if not dt_softplus:
+            raise ValueError("selective_scan: lengths needs dt_softplus (padding's δ is softplus(-inf) = 0)")
+        dt = dt.masked_fill(padding(lengths.to(x.device), T)[..., None], float("-inf"))
+    ends = None if lengths is None or not last_only else (lengths.to(x.device) - 1).clamp(min=0)
     h = torch.zeros(Bsz, Di, A.shape[1], device=x.device, dtype=torch.float32) if h0 is None else h0.float()
     ys = []
     for t in range(T):
-        zt = None if z is None or (last_only and t < T - 1) else z[:, -1 if last_only else t]
+        if z is None or (last_only and ends is None and t < T - 1):
+            zt = None
+        else:                                  # last_only with lengths: every column gated as the row's last
+            zt = z[:, -1] if last_only else z[:, t]
         y, h = selective_state_step_ref(h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, zt, dt_bias, dt_softplus)
         ys.append(y)
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(Bsz, 0, Di)
+    if ends is not None and T:
+        return y.gather(1, ends[:, None, None].expand(-1, 1, Di)), h
     return (y[:, -1:] if last_only else y), h

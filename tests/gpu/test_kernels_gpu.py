@@ -78,6 +78,33 @@ def test_scan_forward(dtype, chunk_len, g):
     assert ey <= TOL[dtype] and eh <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids_dtype.get)
+@pytest.mark.parametrize("chunk_len", [4096, 256, None], ids=["one-pass", "three-pass", "planned"])
+def test_scan_forward_and_conv_of_rows_of_different_lengths(dtype, chunk_len, g):
+    # lengths (a batch of prompts): padding's δ is 0 in the passes that compute it, the conv window is each row's
+    # after its own inputs, last_only reads each row's last token; against the references given the same lengths
+    a = to_dev(scan_inputs(g, 4, 1000, 256, 16), dtype)
+    lengths = torch.tensor([1000, 517, 0, 1], device=DEV)
+    y_ref, h_ref = selective_scan_ref(**a, lengths=lengths)
+    with poisoned():
+        y, h = kt.scan.scan_forward(**a, chunk_len=chunk_len, lengths=lengths)
+    ends = (lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, 256)
+    with poisoned():
+        y_last, h_last = kt.scan.scan_forward(**dict(a, z=a["z"].gather(1, ends)), chunk_len=chunk_len,
+                                              last_only=True, lengths=lengths)
+    x, w = a["x"], torch.randn(256, 4, generator=g).to(DEV, dtype)
+    window = torch.randn(4, 256, 3, generator=g).to(DEV, dtype)
+    out_ref, win_ref = causal_conv_ref(x, w, None, window, lengths)
+    with poisoned():
+        out, win = kt.TRITON_OPS.causal_conv(x, w, None, window, lengths=lengths)
+    torch.cuda.synchronize()
+    errs = dict(err_y=rel_err(y, y_ref), err_h=rel_err(h, h_ref), err_y_last=rel_err(y_last, y_ref.gather(1, ends)),
+                err_h_last=rel_err(h_last, h_ref), err_conv=rel_err(out, out_ref))
+    record(kernel="selective_scan+conv lengths", dtype=ids_dtype[dtype], chunk_len=chunk_len, **errs)
+    assert all(e <= TOL[dtype] for e in errs.values()), errs
+    assert torch.equal(win, win_ref) and torch.equal(h[2], a["h0"][2])
+
+
 def test_softplus_with_lg2_approx():
     # lg2.approx's absolute error (~1.7e-7 in log1p) is at most ~1e-5 relative where the series does not take over
     assert softplus_rel_err("cuda") <= 2e-5

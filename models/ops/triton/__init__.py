@@ -76,12 +76,12 @@ def residual_norm(h, y, weight, eps: float):
     return kernels_for(h.device).norm.residual_norm(h, y, weight, eps)
 
 
-def causal_conv(x, weight, bias, window):
+def causal_conv(x, weight, bias, window, lengths=None):
     """The kernel for inference; with gradients, the reference (cuDNN's conv is differentiable, ours is not)."""
     if needs_grad(x, weight, bias, window):
         from ..scan import causal_conv_ref
-        return causal_conv_ref(x, weight, bias, window)
-    return kernels_for(x.device).scan.causal_conv(x, weight, bias, window)
+        return causal_conv_ref(x, weight, bias, window, lengths)
+    return kernels_for(x.device).scan.causal_conv(x, weight, bias, window, lengths)
 
 
 def causal_conv_step(x, weight, bias, window):
@@ -90,8 +90,9 @@ def causal_conv_step(x, weight, bias, window):
     return causal_conv_step_ref(x, weight, bias, window)
 
 
-def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False):
-    return kernels_for(x.device).scan.selective_scan(x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus, last_only)
+def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False, lengths=None):
+    return kernels_for(x.device).scan.selective_scan(x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus, last_only,
+                                                     lengths)
 
 
 def selective_state_step(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=True):
@@ -130,10 +131,10 @@ def pool_read(u, bank, index, w_q, w_k, w_v, heads: int, gain, residual=None):
     return _dots(u).pool.pool_read(u, bank, index, w_q, w_k, w_v, heads, gain, residual)
 
 
-def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, pad=None):
+def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, lengths=None):
     """fp16/bf16 inference: the fused path (memory.py); otherwise None, and Layer.memory_read composes the ops
     above."""
-    return _dots(u).memory.fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch, pad=pad)
+    return _dots(u).memory.fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch, lengths=lengths)
 
 
 TRITON_OPS = types.SimpleNamespace(

@@ -46,15 +46,17 @@ class SweepEntries(tuple):
 
 
 @triton.jit
-def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr, pool0_ptr, M, T, K, hd, ds, col_trig,
-                       stride_g, stride_pool_b, stride_pool_k, stride_pool_s, tau2, BLOCK_M: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
+def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr, pool0_ptr, lengths_ptr, M, T, K, hd,
+                       ds, col_trig, stride_g, stride_pool_b, stride_pool_k, stride_pool_s, tau2, BLOCK_M: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+                       USE_PDL: tl.constexpr):
     """grid (cdiv(M, BLOCK_M),) over the M = B·T token rows of the stacked GEMM's output g (half), which has
     K + T rows a batch row (the bank's layout: K pool rows, then the tokens'; row stride stride_g):
     a = sigmoid(w2ᵀ ReLU(g[:, :hd])) (§3) and gain = α·[sigmoid(g[:, col_trig] + β) > τ2] (§4), both fp32.
     score_out's and the trigger's outputs are rounded to g's dtype first, as their half-precision Linear layers
     return them. Program 0 also writes pool0 [B, K, ds] (any strides) into the first K rows' summary columns
-    [hd, hd + ds), which makes those columns the layer's bank."""
+    [hd, hd + ds), which makes those columns the layer's bank. HAS_LENGTHS: lengths [B] (int64), a = 0 at the
+    tokens past each batch row's length (padding: 0 is never above τ1, so it enters no pool)."""
     _after_predecessor(USE_PDL)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_r = m < M
@@ -69,6 +71,8 @@ def note_scores_kernel(g_ptr, w2_ptr, trig_bias_ptr, alpha_ptr, a_ptr, gain_ptr,
     trig = tl.load(g_ptr + rows * stride_g + col_trig, mask=mask_r, other=0.0).to(tl.float32)
     trig = (trig + tl.load(trig_bias_ptr).to(tl.float32)).to(g_ptr.dtype.element_ty).to(tl.float32)
     gain = tl.where(tl.sigmoid(trig) > tau2, tl.load(alpha_ptr).to(tl.float32), 0.0)
+    if HAS_LENGTHS:
+        a = tl.where(m % T < tl.load(lengths_ptr + m // T, mask=mask_r, other=0), a, 0.0)
     tl.store(a_ptr + m, a, mask=mask_r)
     tl.store(gain_ptr + m, gain, mask=mask_r)
     if tl.program_id(0) == 0:
@@ -187,11 +191,12 @@ def layer_weights(layer, dtype):
                          dtype)
 
 
-def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, pad=None, derived=None):
+def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, lengths=None, derived=None):
     """Layer.memory_read for fp16/bf16 inference: (ũ, pool, prio, (bank, index rows)). None for fp32 (an
     fp32 dot has no exact tensor-core form, pool_read's reasoning) and under autograd (the reference has the
-    gradients, including the straight-through factors). u_is_scratch: u may be overwritten (with ũ). pad [B,T]
-    bool: tokens whose score is taken as 0, so that they enter no pool (Layer.memory_read's).
+    gradients, including the straight-through factors). u_is_scratch: u may be overwritten (with ũ). lengths
+    [B] (int64, on u's device): the tokens past each row's length score 0, so that they enter no pool
+    (Layer.memory_read's).
     derived: {layer: layer_weights(layer, dtype)} taken once by an owner that snapshots the weights
     (TritonBackend, whose decode kernels pack theirs too); without it they are derived on every call."""
     note, tok, cross = layer.note, layer.token_attn, layer.cross_attn
@@ -222,13 +227,12 @@ def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, pad=Non
     if T:
         note_scores_kernel[(triton.cdiv(Bsz * T, SCORE_ROWS),)](
             g_rows, note.score_out.weight.detach(), tok.trigger.bias.detach(), tok.alpha.detach(), a, gain, pool0,
-            Bsz * T, T, K, hd, ds, col_trig, g_rows.stride(1), pool0.stride(0), pool0.stride(1), pool0.stride(2),
-            fp32(tok.read_threshold), BLOCK_M=SCORE_ROWS, BLOCK_H=max(16, triton.next_power_of_2(hd)),
-            BLOCK_K=triton.next_power_of_2(K), BLOCK_S=triton.next_power_of_2(ds), num_warps=4, **pdl_meta(dev))
+            a if lengths is None else lengths, Bsz * T, T, K, hd, ds, col_trig, g_rows.stride(1), pool0.stride(0),
+            pool0.stride(1), pool0.stride(2), fp32(tok.read_threshold), BLOCK_M=SCORE_ROWS,
+            BLOCK_H=max(16, triton.next_power_of_2(hd)), BLOCK_K=triton.next_power_of_2(K),
+            BLOCK_S=triton.next_power_of_2(ds), HAS_LENGTHS=lengths is not None, num_warps=4, **pdl_meta(dev))
     else:
         bank.copy_(pool0)
-    if pad is not None:
-        a.masked_fill_(pad, 0.0)
     index, prio, ends = pool_sweep_ends(a, prio0, layer.insert_threshold)
     entries = SweepEntries(bank, index[:, :T], ends)               # what each token reads, and §5's share
     sources = [([entries], gain)]                                   # per read: its pools (read in place), gain

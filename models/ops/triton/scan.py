@@ -229,17 +229,21 @@ def _seq_loads(xp, dtp, Bp, Cp, zp, t, stride_x_t, stride_dt_t, stride_B_t, stri
 
 
 @triton.jit
-def _seq_token(t, t_end, x, dt, Bv, Cv, z, h, A2, Dv, bias, mask_d, dt_softplus, y_row, delta_row, offs_d, dt_sum,
-               WRITE_Y: tl.constexpr, HAS_Z: tl.constexpr, WRITE_DT_SUM: tl.constexpr, WRITE_DELTA: tl.constexpr,
-               DELTA_IN: tl.constexpr):
-    # one token of the recurrence; past the chunk's end δ = 0 makes it the identity and y is not stored
+def _seq_token(t, t_end, t_live, x, dt, Bv, Cv, z, h, A2, Dv, bias, mask_d, dt_softplus, y_row, delta_row, offs_d,
+               dt_sum, WRITE_Y: tl.constexpr, HAS_Z: tl.constexpr, WRITE_DT_SUM: tl.constexpr,
+               WRITE_DELTA: tl.constexpr, DELTA_IN: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    # one token of the recurrence; past the chunk's end δ = 0 makes it the identity and y is not stored; past the
+    # row's own end (t_live: rows of different lengths) δ = 0 too, and y is stored as any other column's
     valid = mask_d & (t < t_end)
+    live = valid
+    if HAS_LENGTHS:                    # a constexpr: the plain loop keeps its one compare
+        live = mask_d & (t < t_live)
     x = x.to(tl.float32)
     if DELTA_IN:                       # dt is δ itself, as the chunk-state pass stored it (a constexpr: the
                                        # runtime dt_softplus switch would keep a bias add and a branch per token)
-        delta = tl.where(valid, dt.to(tl.float32), 0.0)
+        delta = tl.where(live, dt.to(tl.float32), 0.0)
     else:
-        delta = _delta(dt.to(tl.float32), bias, valid, dt_softplus)
+        delta = _delta(dt.to(tl.float32), bias, live, dt_softplus)
     h = tl.exp2(delta[None, :] * A2) * h + Bv[:, None] * (delta * x)[None, :]
     if WRITE_Y:
         y = tl.sum(h * Cv[:, None], axis=0) + Dv * x
@@ -259,10 +263,11 @@ def selective_scan_seq_kernel(
     T, Di, N, chunk_len, dt_softplus,
     stride_x_b, stride_x_t, stride_dt_b, stride_dt_t, stride_B_b, stride_B_t, stride_C_b, stride_C_t,
     stride_z_b, stride_z_t, stride_y_b, stride_y_t, stride_hin_b, stride_hin_c, stride_hout_b, stride_hout_c,
-    delta_ptr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+    delta_ptr, lengths_ptr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_H_IN: tl.constexpr,
     WRITE_Y: tl.constexpr, WRITE_H: tl.constexpr, WRITE_DT_SUM: tl.constexpr, UNROLL: tl.constexpr,
-    STAGES: tl.constexpr, WRITE_DELTA: tl.constexpr, DELTA_IN: tl.constexpr, USE_PDL: tl.constexpr,
+    STAGES: tl.constexpr, WRITE_DELTA: tl.constexpr, DELTA_IN: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """The prefill scan (scan_forward): as selective_scan_fwd_kernel, but each thread owns a few channels and all
     their states and walks the chunk one token at a time. A token costs N exp2 and no cross-thread traffic: the
@@ -273,7 +278,8 @@ def selective_scan_seq_kernel(
     grid (B, cdiv(Di, BLOCK_D), n_chunks), BLOCK_D = 32 x num_warps x channels per thread. The state tiles
     are [N, Di] (channels contiguous) so that Triton lays threads along channels: AT is A transposed (loaded as
     [Di, N], A spills registers in the loop), and h_in / h_out (per (b, c)) are [N, Di] fp32, strides as
-    selective_scan_fwd_kernel's."""
+    selective_scan_fwd_kernel's. HAS_LENGTHS: lengths [B] (int64), the tokens past each row's length are padding,
+    whose δ is 0 (stored as such with WRITE_DELTA); DELTA_IN reads the δ so stored and needs no lengths."""
     _after_predecessor(USE_PDL)
     pid_b = tl.program_id(0).to(tl.int64)              # batch offsets can pass 2^31 elements at long T
     pid_d = tl.program_id(1)
@@ -289,6 +295,9 @@ def selective_scan_seq_kernel(
     t_begin = pid_c * chunk_len
     t_end = tl.minimum(t_begin + chunk_len, T)
     last = t_end - 1                                           # loads past the chunk read its last token again
+    t_live = t_end
+    if HAS_LENGTHS:
+        t_live = tl.minimum(t_end, tl.load(lengths_ptr + pid_b).to(tl.int32))
     xp = x_ptr + pid_b * stride_x_b + offs_d
     dtp = dt_ptr + pid_b * stride_dt_b + offs_d
     Bp = B_ptr + pid_b * stride_B_b
@@ -301,9 +310,9 @@ def selective_scan_seq_kernel(
         for j in tl.static_range(UNROLL):
             loads = _seq_loads(xp, dtp, Bp, Cp, zp, tl.minimum(t + j, last), *st, offs_n, N, mask_d, EVEN_N, WRITE_Y,
                                HAS_Z)
-            h, dt_sum = _seq_token(t + j, t_end, *loads, h, A2, Dv, bias, mask_d, dt_softplus,
+            h, dt_sum = _seq_token(t + j, t_end, t_live, *loads, h, A2, Dv, bias, mask_d, dt_softplus,
                                    yp + (t + j) * stride_y_t, deltap + (t + j) * Di, offs_d, dt_sum, WRITE_Y, HAS_Z,
-                                   WRITE_DT_SUM, WRITE_DELTA, DELTA_IN)
+                                   WRITE_DT_SUM, WRITE_DELTA, DELTA_IN, HAS_LENGTHS)
     if WRITE_H:
         tl.store(h_out_ptr + pid_b * stride_hout_b + pid_c * stride_hout_c + nd_off, h, mask=mask_nd)
     if WRITE_DT_SUM:
@@ -564,10 +573,10 @@ def _conv_input(x_ptr, win_ptr, pid_b, offs_d, mask_d, p, T, stride_x_b, stride_
 
 @triton.jit
 def causal_conv_kernel(
-    x_ptr, w_ptr, b_ptr, win_ptr, out_ptr, new_win_ptr,
+    x_ptr, w_ptr, b_ptr, win_ptr, out_ptr, new_win_ptr, lengths_ptr,
     T, Di, stride_x_b, stride_x_t, stride_win_b, stride_out_b, stride_out_t, stride_new_win_b,
     WIDTH: tl.constexpr, CHUNK: tl.constexpr, AHEAD: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """grid (B, cdiv(Di, BLOCK_D), cdiv(T, CHUNK)), one warp, WIDTH 2..4. out[t] = SiLU(b + Σ_k w[:, k]
     x[t - WIDTH + 1 + k]) in fp32, where x before token 0 comes from win [B, Di, WIDTH-1] (oldest first).
@@ -575,7 +584,8 @@ def causal_conv_kernel(
     (a [tokens, channels] tile per tap read it WIDTH times: 85 vs 37 us at 16k on the H200); AHEAD tokens' loads
     at a time. x [B, T, Di] may be a strided view (in_proj's first half); unit stride along channels everywhere,
     w [Di, WIDTH] contiguous. The last chunk's programs also write the window after the last token, new_win
-    [B, Di, WIDTH-1] (the last WIDTH-1 inputs, oldest first; the old window's where T < WIDTH-1)."""
+    [B, Di, WIDTH-1] (the last WIDTH-1 inputs, oldest first; the old window's where T < WIDTH-1); HAS_LENGTHS:
+    each row's after its own lengths[b] inputs (lengths [B] int64, 0..T)."""
     _after_predecessor(USE_PDL)
     pid_b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -615,8 +625,11 @@ def causal_conv_kernel(
                      _silu(acc).to(out_ptr.dtype.element_ty), mask=mask_d & (tb + j < T))
             x_3, x_2, x_1 = x_2, x_1, x_0
     if tl.program_id(2) == tl.num_programs(2) - 1:
+        end = T
+        if HAS_LENGTHS:
+            end = tl.load(lengths_ptr + pid_b).to(tl.int32)
         for j in tl.static_range(WIDTH - 1):
-            v = _conv_input(x_ptr, win_ptr, pid_b, offs_d, mask_d, T - (WIDTH - 1) + j, T, stride_x_b, stride_x_t,
+            v = _conv_input(x_ptr, win_ptr, pid_b, offs_d, mask_d, end - (WIDTH - 1) + j, T, stride_x_b, stride_x_t,
                             stride_win_b, WIDTH)
             tl.store(new_win_ptr + pid_b * stride_new_win_b + offs_d * (WIDTH - 1) + j,
                      v.to(new_win_ptr.dtype.element_ty), mask=mask_d)
@@ -691,6 +704,19 @@ def _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token: bool, last_on
                              f"A {list(A.shape)})")
         if got[k].device != x.device:
             raise ValueError(f"{k} is on {got[k].device}, x on {x.device}")
+
+
+def _check_lengths(lengths, batch: int, device) -> torch.Tensor:
+    """Rows' lengths for a kernel: [batch] integers on `device`, as int64. Their values (0..T) are the caller's
+    to check (MemMambaLM.check_lengths): reading them here would sync the GPU, or fail inside a CUDA graph."""
+    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != batch or \
+            lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+        raise ValueError(f"lengths must be a [{batch}] integer tensor (one length a row), got "
+                         f"{list(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}"
+                         f"{'' if not isinstance(lengths, torch.Tensor) else ' ' + str(lengths.dtype)}")
+    if lengths.device != torch.device(device):
+        raise ValueError(f"lengths is on {lengths.device}, x on {device}")
+    return lengths.to(torch.int64).contiguous()
 
 
 def _forward_launch(kernel, x, dt, A, B, C, D, z, dt_bias, h_in, y, h_out, dt_sum, chunk_len, n_chunks,
@@ -768,18 +794,25 @@ def seq_chunk_plan(B: int, T: int, Di: int, N: int, programs: int = TARGET_PROGR
 
 
 def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, chunk_len=None,
-                 last_only=False):
+                 last_only=False, lengths=None):
     """The kernel path of selective_scan_ref (no autograd): (y [B,T,Di] in x.dtype, h [B,Di,N] fp32).
     One pass when batch x channel blocks fill the GPU, else three (each chunk from zero -> its final state, and δ
     kept; chain the chunks; each chunk again from its true start -> y). chunk_len=None picks the plan
     (seq_chunk_plan); tests pass one to force the three-pass path. last_only: y [B,1,Di] of the last token, from
-    the final state (y_T = C_T·h_T + D x_T, gated), with no pass that writes y (a prompt's last layer)."""
+    the final state (y_T = C_T·h_T + D x_T, gated), with no pass that writes y (a prompt's last layer).
+    lengths [B] (int, 0..T): rows of their own lengths, as selective_scan_ref's: the passes that compute δ make it
+    0 past each row's end (the pass that writes y reads the δ they kept), and last_only reads each row's last
+    token."""
     # the state tiles are [N, Di]: A transposed (no copy where A is a transposed view, as the model's prefill
     # passes every layer's: a [N, Di] copy a layer is a launch, 56 µs of a 16k prefill)
     _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token=False, last_only=last_only)
     x, dt, AT, B, C, D, z, dt_bias, h0 = _prepare(x, dt, A.float().t(), B, C, D, z, dt_bias, h0)
     Bsz, T, Di = x.shape
     N = AT.shape[0]
+    if lengths is not None:
+        lengths = _check_lengths(lengths, Bsz, x.device)
+        if not dt_softplus:
+            raise ValueError("scan_forward: lengths needs dt_softplus (padding's δ is softplus(-inf) = 0)")
     if T == 0 or Bsz == 0:
         y = x.new_empty(Bsz, 1 if last_only and T else T, Di)
         return y, (torch.zeros(Bsz, Di, N, device=x.device) if h0 is None else h0.clone())
@@ -790,7 +823,8 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
     block_d, block_n, num_warps = seq_blocks(N, Di)
     pdl = pdl_meta(x.device)
     meta = dict(BLOCK_D=block_d, BLOCK_N=block_n, EVEN_N=N == block_n, UNROLL=SEQ_UNROLL, STAGES=SEQ_STAGES,
-                num_warps=num_warps, delta_ptr=AT, WRITE_DELTA=False, DELTA_IN=False, **pdl)   # δ: passes 1, 3
+                num_warps=num_warps, delta_ptr=AT, WRITE_DELTA=False, DELTA_IN=False,   # δ: passes 1, 3
+                lengths_ptr=AT if lengths is None else lengths, HAS_LENGTHS=lengths is not None, **pdl)
     y = None if last_only else torch.empty_like(x)
     f32 = dict(device=x.device, dtype=torch.float32)
     if n_chunks == 1:                                  # h0 and h transposed too
@@ -799,7 +833,7 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
         _forward_launch(selective_scan_seq_kernel, x, dt, AT, B, C, D, None if last_only else z, dt_bias, h0_nd, y,
                         h_nd, None, T, 1, dt_softplus, **meta)
         h = h_nd[:, 0].transpose(1, 2).contiguous()
-        return (_last_y(x, C, D, z, h) if last_only else y), h
+        return (_last_y(x, C, D, z, h, lengths) if last_only else y), h
     states = torch.empty(Bsz, n_chunks, N, Di, **f32)
     dt_sum = torch.empty(Bsz, n_chunks, Di, **f32)
     h = torch.empty(Bsz, Di, N, **f32)
@@ -813,15 +847,21 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
         AT, dt_sum, AT if h0 is None else h0, states, starts, h, Di, N, n_chunks, Di * N, Di * N,
         BLOCK_C=PREFIX_BLOCK_C, BLOCK_E=PREFIX_BLOCK_E, HAS_H0=h0 is not None, num_warps=PREFIX_NUM_WARPS, **pdl)
     if last_only:
-        return _last_y(x, C, D, z, h), h
+        return _last_y(x, C, D, z, h, lengths), h
     _forward_launch(selective_scan_seq_kernel, x, delta, AT, B, C, D, z, None, starts, y, None, None, chunk_len,
-                    n_chunks, False, **dict(meta, DELTA_IN=True))
+                    n_chunks, False, **dict(meta, DELTA_IN=True, lengths_ptr=AT, HAS_LENGTHS=False))
     return y, h
 
 
-def _last_y(x, C, D, z, h):
-    """y [B,1,Di] of the last token from the state after it, h [B,Di,N] fp32: (C_T·h_T + D x_T)·SiLU(z_T)."""
-    y = (h * C[:, -1, None, :].float()).sum(-1) + D.float() * x[:, -1].float()
+def _last_y(x, C, D, z, h, lengths=None):
+    """y [B,1,Di] of the last token from the state after it, h [B,Di,N] fp32: (C_T·h_T + D x_T)·SiLU(z_T).
+    lengths: each row's last token (column 0 for a row of length 0), whose gate z [B,1,Di] is then."""
+    if lengths is None:
+        xe, Ce = x[:, -1], C[:, -1]
+    else:
+        end = (lengths - 1).clamp(min=0)[:, None, None]
+        xe, Ce = x.gather(1, end.expand(-1, 1, x.shape[2]))[:, 0], C.gather(1, end.expand(-1, 1, C.shape[2]))[:, 0]
+    y = (h * Ce[:, None, :].float()).sum(-1) + D.float() * xe.float()
     if z is not None:
         y = y * torch.nn.functional.silu(z[:, -1].float())
     return y.to(x.dtype)[:, None]
@@ -898,17 +938,21 @@ class SelectiveScanFn(torch.autograd.Function):
         return (*grads[:2], dA, *grads[3:], None)
 
 
-def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False):
+def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False,
+                   lengths=None):
     """Same signature and results as selective_scan_ref; differentiable when any input requires grad."""
     _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token=False, last_only=last_only)
     tensors = (x, dt, A, B, C, D, z, dt_bias, h0)
     if needs_grad(*tensors):
+        if lengths is not None:                     # training takes whole rows; the reference has the rest
+            from ..scan import selective_scan_ref
+            return selective_scan_ref(*tensors, dt_softplus, last_only, lengths)
         if last_only and z is not None:             # gated at the last token only (z may be that token's alone)
             y, h = SelectiveScanFn.apply(x, dt, A, B, C, D, None, dt_bias, h0, dt_softplus)
             return (y[:, -1:].float() * torch.nn.functional.silu(z[:, -1:].float())).to(x.dtype), h
         y, h = SelectiveScanFn.apply(*tensors, dt_softplus)
         return (y[:, -1:] if last_only else y), h
-    return scan_forward(*tensors, dt_softplus, last_only=last_only)
+    return scan_forward(*tensors, dt_softplus, last_only=last_only, lengths=lengths)
 
 
 def selective_state_step(h, x, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=True):
@@ -935,9 +979,10 @@ def conv_block_d(Di: int) -> int:
     return min(CONV_BLOCK_D, max(32, triton.next_power_of_2(Di)))
 
 
-def causal_conv(x, weight, bias, window):
+def causal_conv(x, weight, bias, window, lengths=None):
     """Same signature and results as causal_conv_ref (inference: no autograd). x [B,T,Di], weight [Di,k],
-    bias [Di] or None, window [B,Di,k-1]. Returns (out [B,T,Di] contiguous, new window [B,Di,k-1])."""
+    bias [Di] or None, window [B,Di,k-1], lengths [B] (int, 0..T) or None. Returns (out [B,T,Di] contiguous,
+    new window [B,Di,k-1])."""
     Bsz, T, Di = x.shape
     k = weight.shape[1]
     if tuple(weight.shape) != (Di, k) or tuple(window.shape) != (Bsz, Di, k - 1) or \
@@ -945,9 +990,11 @@ def causal_conv(x, weight, bias, window):
         raise ValueError(f"causal_conv wants x [B,T,Di], weight [Di,k], bias [Di], window [B,Di,k-1]; got "
                          f"{list(x.shape)}, {list(weight.shape)}, {None if bias is None else list(bias.shape)}, "
                          f"{list(window.shape)}")
+    if lengths is not None:
+        lengths = _check_lengths(lengths, Bsz, x.device)
     if not 2 <= k <= 4:                     # the kernel keeps 1 to 3 past inputs (mamba_ssm's conv: widths 2-4)
         from ..scan import causal_conv_ref
-        return causal_conv_ref(x, weight, bias, window)
+        return causal_conv_ref(x, weight, bias, window, lengths)
     x = _last_dim_contiguous(x)
     win = window.to(x.dtype).contiguous()
     out = torch.empty(Bsz, T, Di, device=x.device, dtype=x.dtype)
@@ -957,9 +1004,9 @@ def causal_conv(x, weight, bias, window):
     block_d = conv_block_d(Di)
     causal_conv_kernel[(Bsz, triton.cdiv(Di, block_d), triton.cdiv(T, CONV_CHUNK))](
         x, weight.contiguous(), win if bias is None else bias.contiguous(), win, out, new_win,
-        T, Di, x.stride(0), x.stride(1), win.stride(0), out.stride(0), out.stride(1), new_win.stride(0),
-        WIDTH=k, CHUNK=CONV_CHUNK, AHEAD=CONV_AHEAD, BLOCK_D=block_d, HAS_BIAS=bias is not None, num_warps=1,
-        **pdl_meta(x.device))
+        win if lengths is None else lengths, T, Di, x.stride(0), x.stride(1), win.stride(0), out.stride(0),
+        out.stride(1), new_win.stride(0), WIDTH=k, CHUNK=CONV_CHUNK, AHEAD=CONV_AHEAD, BLOCK_D=block_d,
+        HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, num_warps=1, **pdl_meta(x.device))
     return out, new_win
 
 
