@@ -17,6 +17,8 @@ The parallel prefill (both plans; cpp/src/native.cpp parallelPrefill):
     prefill_conv  scan.causal_conv_kernel (d_conv 2-4)          prefill_note_scores  memory.note_scores_kernel
     prefill_residual_norm  norm.residual_norm_kernel (h += y, u = RMSNorm(h); layers 1..L-1)
     prefill_scan_states, prefill_scan_prefix, prefill_scan_out  scan.scan_forward's three passes
+    prefill_conv_lengths, prefill_scan_states_lengths, prefill_note_scores_lengths  the same with HAS_LENGTHS (rows
+                  of different lengths: Session::prefill with lengths)
     sweep_top, sweep_enter, sweep_compact, sweep_replay, sweep_fill   pool.pool_sweep_ends's five kernels
     prefill_pool_mix(_cross)  pool.pool_mix_kernel, one pool / a §5 group's (fp16: half-precision dots)
     pool_after    pool.pool_after_kernel                        gained_add, cross_index  cpp_support (fp32 reads)
@@ -191,17 +193,18 @@ def runtime_kernels(configs) -> list[tuple]:
             # the parallel prefill
             if 2 <= c.d_conv <= 4:                  # causal_conv_kernel's widths (the runtime falls back otherwise)
                 win = c.d_inner * (c.d_conv - 1)
-                kernel("prefill_conv", "conv_step", scan.causal_conv_kernel,
-                       {**{n: t for n in ("x_ptr", "w_ptr", "b_ptr", "win_ptr", "out_ptr", "new_win_ptr")},
-                        "lengths_ptr": "*i64"},
-                       {"WIDTH": c.d_conv, "CHUNK": scan.CONV_CHUNK, "AHEAD": scan.CONV_AHEAD,
-                        "BLOCK_D": scan.conv_block_d(c.d_inner), "HAS_BIAS": True, "HAS_LENGTHS": False,
-                        "USE_PDL": False}, 1,
-                       divisible=multiples_of_16({
-                           "x_ptr": 0, "w_ptr": 0, "b_ptr": 0, "win_ptr": win * size, "out_ptr": 0,
-                           "new_win_ptr": win * size, "Di": c.d_inner, "stride_x_b": 2 * c.d_inner,
-                           "stride_x_t": 2 * c.d_inner, "stride_win_b": win, "stride_out_b": c.d_inner,
-                           "stride_out_t": c.d_inner, "stride_new_win_b": win}))
+                for lengths in (False, True):     # "_lengths": rows of their own lengths (the window at each end)
+                    kernel("prefill_conv" + "_lengths" * lengths, "conv_step", scan.causal_conv_kernel,
+                           {**{n: t for n in ("x_ptr", "w_ptr", "b_ptr", "win_ptr", "out_ptr", "new_win_ptr")},
+                            "lengths_ptr": "*i64"},
+                           {"WIDTH": c.d_conv, "CHUNK": scan.CONV_CHUNK, "AHEAD": scan.CONV_AHEAD,
+                            "BLOCK_D": scan.conv_block_d(c.d_inner), "HAS_BIAS": True, "HAS_LENGTHS": lengths,
+                            "USE_PDL": False}, 1,
+                           divisible=multiples_of_16({
+                               "x_ptr": 0, "w_ptr": 0, "b_ptr": 0, "win_ptr": win * size, "out_ptr": 0,
+                               "new_win_ptr": win * size, "Di": c.d_inner, "stride_x_b": 2 * c.d_inner,
+                               "stride_x_t": 2 * c.d_inner, "stride_win_b": win, "stride_out_b": c.d_inner,
+                               "stride_out_t": c.d_inner, "stride_new_win_b": win}))
             # the prompt's scan: scan.scan_forward's three passes (TritonBackend's prefill scan)
             block_d, block_n, warps = scan.seq_blocks(c.d_state, c.d_inner)
             seq = {"BLOCK_D": block_d, "BLOCK_N": block_n, "EVEN_N": c.d_state == block_n, "UNROLL": scan.SEQ_UNROLL,
@@ -219,10 +222,11 @@ def runtime_kernels(configs) -> list[tuple]:
             scan_values.update({f"stride_{m}_{bt}": w for m, w in (("x", di), ("dt", di), ("B", X), ("C", X),
                                                                  ("z", 2 * di), ("y", di)) for bt in "bt"})
             scan_values.update({f"stride_{h}_{bc}": di * N for h in ("hin", "hout") for bc in "bc"})
-            kernel("prefill_scan_states", "prefill_scan", scan.selective_scan_seq_kernel, ptrs,
-                   dict(seq, HAS_Z=False, HAS_DT_BIAS=True, HAS_H_IN=False, WRITE_Y=False, WRITE_H=True,
-                        WRITE_DT_SUM=True, WRITE_DELTA=True, DELTA_IN=False), warps,
-                   divisible=multiples_of_16(scan_values))
+            for lengths in (False, True):         # "_lengths": δ 0 past each row's end (pass 3 reads pass 1's δ)
+                kernel("prefill_scan_states" + "_lengths" * lengths, "prefill_scan", scan.selective_scan_seq_kernel,
+                       ptrs, dict(seq, HAS_Z=False, HAS_DT_BIAS=True, HAS_H_IN=False, WRITE_Y=False, WRITE_H=True,
+                                  WRITE_DT_SUM=True, WRITE_DELTA=True, DELTA_IN=False, HAS_LENGTHS=lengths), warps,
+                       divisible=multiples_of_16(scan_values))
             kernel("prefill_scan_out", "prefill_scan", scan.selective_scan_seq_kernel,
                    dict(ptrs, dt_ptr=f32),                                  # δ (fp32, pass 1's) in as dt
                    dict(seq, HAS_Z=True, HAS_DT_BIAS=False, HAS_H_IN=True, WRITE_Y=True, WRITE_H=False,
@@ -245,12 +249,13 @@ def runtime_kernels(configs) -> list[tuple]:
                    {"res_ptr": t, "o_ptr": t, "gain_ptr": f32, "out_ptr": t}, {"BLOCK_D": np2(c.d_model)}, 4)
             if not c.memory:
                 continue
-            kernel("prefill_note_scores", "decode", memory.note_scores_kernel,
-                   {"g_ptr": t, "w2_ptr": t, "trig_bias_ptr": t, "alpha_ptr": t, "a_ptr": f32, "gain_ptr": f32,
-                    "pool0_ptr": t, "lengths_ptr": "*i64"},
-                   {"BLOCK_M": memory.SCORE_ROWS, "BLOCK_H": max(16, np2(c.d_model // 4)),
-                    "BLOCK_K": np2(c.pool_size), "BLOCK_S": np2(c.summary_dim), "HAS_LENGTHS": False,
-                    "USE_PDL": False}, 4)
+            for lengths in (False, True):         # "_lengths": padding scores 0 (it enters no pool)
+                kernel("prefill_note_scores" + "_lengths" * lengths, "decode", memory.note_scores_kernel,
+                       {"g_ptr": t, "w2_ptr": t, "trig_bias_ptr": t, "alpha_ptr": t, "a_ptr": f32, "gain_ptr": f32,
+                        "pool0_ptr": t, "lengths_ptr": "*i64"},
+                       {"BLOCK_M": memory.SCORE_ROWS, "BLOCK_H": max(16, np2(c.d_model // 4)),
+                        "BLOCK_K": np2(c.pool_size), "BLOCK_S": np2(c.summary_dim), "HAS_LENGTHS": lengths,
+                        "USE_PDL": False}, 4)
             kernel("pool_after", "pool_after", pool.pool_after_kernel,
                    {"bank_ptr": t, "last_ptr": "*i32", "out_ptr": t},
                    {"BLOCK_K": np2(c.pool_size), "BLOCK_C": np2(c.summary_dim), "USE_PDL": False}, 4)

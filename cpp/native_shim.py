@@ -49,7 +49,7 @@ def _lib(build_dir) -> ctypes.CDLL:
     P, I, F, U64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_ulonglong
     sig = {
         "mm_last_error": ([], ctypes.c_char_p), "mm_open": ([ctypes.c_char_p] * 3 + [I, I, I, U64, ctypes.c_char_p, ctypes.c_char_p, I], P),
-        "mm_close": ([P], None), "mm_describe": ([P], ctypes.c_char_p), "mm_prefill": ([P, P, I], I),
+        "mm_close": ([P], None), "mm_describe": ([P], ctypes.c_char_p), "mm_prefill": ([P, P, I], I), "mm_prefill_rows": ([P, P, I, P], I),
         "mm_step": ([P, P], I), "mm_logits": ([P, P], I), "mm_sample": ([P, F, I, F, P], I),
         "mm_generate": ([P, I, F, I, F, P, I, P, P], I), "mm_bench_generate": ([P, I, P], I),
         "mm_reset": ([P], I), "mm_reseed": ([P, U64], I), "mm_fork": ([P], P), "mm_copy_row": ([P, P, I, I], I),
@@ -96,9 +96,14 @@ class NativeSession:
     def describe(self) -> str:
         return self.lib.mm_describe(self.h).decode()
 
-    def prefill(self, ids):
+    def prefill(self, ids, lengths=None):
+        """ids [B, T]; lengths [B] (Session::prefill's rows of their own lengths) or None."""
         ids = torch.as_tensor(ids, dtype=torch.int32).reshape(self.batch, -1).contiguous()
-        self._check(self.lib.mm_prefill(self.h, ids.data_ptr(), ids.shape[1]))
+        if lengths is None:
+            self._check(self.lib.mm_prefill(self.h, ids.data_ptr(), ids.shape[1]))
+            return
+        lengths = torch.as_tensor(lengths, dtype=torch.int32).reshape(self.batch).contiguous()
+        self._check(self.lib.mm_prefill_rows(self.h, ids.data_ptr(), ids.shape[1], lengths.data_ptr()))
 
     def step(self, tokens):
         t = torch.as_tensor(tokens, dtype=torch.int32).reshape(self.batch).contiguous()

@@ -229,7 +229,8 @@ def test_runtime_kernel_library_compiles(tmp_path):
            "decode_note_pool", "decode_note_pool_cross", "decode_in_proj_conv", "decode_ssm_out", "conv_step",
            "scan_step", "sample", "prefill_conv", "prefill_note_scores", "pool_after", "gained_add", "cross_index",
            "prefill_scan_states", "prefill_scan_prefix", "prefill_scan_out", "sweep_top", "sweep_enter",
-           "sweep_compact", "sweep_replay", "sweep_fill", "prefill_residual_norm")
+           "sweep_compact", "sweep_replay", "sweep_fill", "prefill_residual_norm",
+           "prefill_conv_lengths", "prefill_note_scores_lengths", "prefill_scan_states_lengths")
     half_only = ("prefill_pool_mix", "prefill_pool_mix_cross")            # pool_mix's dots are half-precision
     for act in ("fp32", "fp16"):
         for op in ops + (half_only if act == "fp16" else ()):

@@ -22,7 +22,8 @@ public:
     virtual SessionOptions const& options() const = 0;
     virtual std::string describe() const = 0;
 
-    virtual void prefill(int32_t const* tokens, int T) = 0; //!< tokens [B, T]
+    //! tokens [B, T]; lengths [B] (1..T) or null: rows of their own lengths (Session::prefill's)
+    virtual void prefill(int32_t const* tokens, int T, int32_t const* lengths) = 0;
     virtual void step(int32_t const* tokens) = 0;           //!< tokens [B]
     virtual bool hasLogits() const = 0;
     virtual void logits(float* out) const = 0;              //!< [B, V] fp32

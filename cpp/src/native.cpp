@@ -620,11 +620,14 @@ public:
     //! The tokens in the parallel form (chunks of SessionOptions::prefillRows), then the logits of the last token
     //! and the next token, as a step gives them. Shapes the compiled prefill kernels do not take, and single
     //! tokens, run token by token (prefillMode_ says why).
-    void prefill(int32_t const* tokens, int T) override
+    void prefill(int32_t const* tokens, int T, int32_t const* lengths) override
     {
         DeviceGuard onDevice(opt_.device);
+        if (lengths && !prefillMode_.empty())
+            throw Error("rows of different lengths need the parallel prefill, and this session prefills token by "
+                        "token (" + prefillMode_ + "): prefill each prompt in a sibling(1) and copyRow it");
         if (T > 1 && prefillMode_.empty())
-            parallelPrefill(tokens, T);
+            parallelPrefill(tokens, T, lengths);
         else
             prefillByStep(tokens, T);
     }
@@ -869,6 +872,7 @@ private:
     // buffers and a stream: consecutive chunks run on alternate sides, layer l of a chunk after the chunk before
     // has left its state at layer l
     Kernel pNorm_, pConv_, pScores_, pAfter_, pGained_, pCross_, pScanStates_, pScanPrefix_, pScanOut_;
+    Kernel pConvL_, pScoresL_, pScanStatesL_; // the same with HAS_LENGTHS: rows of their own lengths
     Kernel pSweepTop_, pSweepEnter_, pSweepCompact_, pSweepReplay_, pSweepFill_, pMix_, pMixCross_;
     std::string prefillMode_;
     int64_t scanPrograms_{0};
@@ -886,6 +890,12 @@ private:
         // a §5 group's layers: stacked GEMM outputs (their banks), sweep indices and entry ends
         std::vector<DeviceBuffer> g, idx, ends;
         DeviceBuffer workspace;                   //!< side 1's cuBLASLt workspace (side 0 uses the backend's)
+        // rows of their own lengths (parallelPrefill with lengths): the chunk this side runs is `ragged` where a
+        // row ends before its last token; lens [B] int64 its tokens a row (0..T), rowEnds the (row, token) of
+        // the rows whose last token lies in it, whose logits it gives
+        bool ragged{false};
+        DeviceBuffer lens;
+        std::vector<std::pair<int64_t, int64_t>> rowEnds;
     };
     PrefillSide sides_[2];
     int side_{0}; //!< the side the prefill's functions run on
@@ -951,14 +961,17 @@ private:
         {
             pNorm_ = findKernel("prefill_residual_norm", act_, "d" + std::to_string(c_.d_model));
             pConv_ = findKernel("prefill_conv", act_, convKey());
+            pConvL_ = findKernel("prefill_conv_lengths", act_, convKey());
             std::string const scan = scanKey() + "_r" + std::to_string(c_.dt_rank);
             pScanStates_ = findKernel("prefill_scan_states", act_, scan);
+            pScanStatesL_ = findKernel("prefill_scan_states_lengths", act_, scan);
             pScanPrefix_ = findKernel("prefill_scan_prefix", act_, scan);
             pScanOut_ = findKernel("prefill_scan_out", act_, scan);
             pGained_ = findKernel("gained_add", act_, "d" + std::to_string(c_.d_model));
             if (c_.memory)
             {
                 pScores_ = findKernel("prefill_note_scores", act_, decodeKey());
+                pScoresL_ = findKernel("prefill_note_scores_lengths", act_, decodeKey());
                 pAfter_ = findKernel("pool_after", act_,
                     "K" + std::to_string(c_.pool_size) + "_ds" + std::to_string(c_.summary_dim));
                 std::string const K = "K" + std::to_string(c_.pool_size);
@@ -1036,6 +1049,7 @@ private:
         int64_t const chunks = scanChunksWanted(cap); // bounds the scan plan's chunks for every T <= cap
         auto buffer = [](int64_t bytes) { return DeviceBuffer(static_cast<size_t>(bytes)); };
         S.tok = buffer(n * 8), S.h = buffer(n * d * 4), S.part = buffer(n * d * a), S.u = buffer(n * d * a);
+        S.lens = buffer(B * 8);
         S.ut = buffer(n * d * a), S.xz = buffer(n * 2 * di * a), S.xc = buffer(n * di * a), S.dbc = buffer(n * X * a);
         S.dt = buffer(n * di * a), S.y = buffer(n * di * a), S.delta = buffer(n * di * 4);
         S.states = buffer(B * chunks * N * di * 4), S.starts = buffer(B * chunks * N * di * 4);
@@ -1074,7 +1088,9 @@ private:
     //! later a layer behind: its layer l waits for the earlier chunk's layer l (where the state it reads is
     //! written, and the state it writes is read), so one chunk's small kernels run beside the other's large ones
     //! (TritonBackend's prefill_in_halves). Ends with the last token's logits and the next token (prefillLogits).
-    void parallelPrefill(int32_t const* tokens, int T)
+    //! lengths [B] (or null): rows of their own lengths; a chunk where some row has fewer than its tokens runs the
+    //! kernels told each row's share (padding changes no state), and the chunks where rows end give their logits.
+    void parallelPrefill(int32_t const* tokens, int T, int32_t const* lengths)
     {
         int64_t const B = opt_.batch, L = c_.n_layers;
         int64_t const chunk = std::max<int64_t>(1, opt_.prefillRows / B); // at least a token a row
@@ -1094,6 +1110,11 @@ private:
         if (prompt_.bytes() < ids.size() * 8)
             prompt_ = DeviceBuffer(ids.size() * 8);
         MM_CUDA(cudaMemcpyAsync(prompt_.get(), ids.data(), ids.size() * 8, cudaMemcpyHostToDevice, stream_));
+        // each chunk's tokens a row (its share of the row's length), uploaded on the chunk's side before its layers
+        std::vector<int64_t> lens(lengths ? static_cast<size_t>(chunks * B) : 0);
+        for (int64_t c = 0; lengths && c < chunks; ++c)
+            for (int64_t b = 0; b < B; ++b)
+                lens[c * B + b] = std::clamp<int64_t>(lengths[b] - c * chunk, 0, std::min(chunk, T - c * chunk));
         int const first = cur_;
         if (chunks > 1)
         {
@@ -1115,9 +1136,21 @@ private:
                 int const pair = static_cast<int>(std::min<int64_t>(2, chunks - c0));
                 for (int i = 0; i < pair; ++i)
                 {
-                    int64_t const t0 = (c0 + i) * chunk, n = std::min(chunk, T - t0);
-                    MM_CUDA(cudaMemcpy2DAsync(sides_[i].tok.get(), n * 8, prompt_.as<int64_t>() + t0, T * 8, n * 8,
-                        B, cudaMemcpyDeviceToDevice, sides_[i].stream));
+                    int64_t const c = c0 + i, t0 = c * chunk, n = std::min(chunk, T - t0);
+                    PrefillSide& S = sides_[i];
+                    MM_CUDA(cudaMemcpy2DAsync(S.tok.get(), n * 8, prompt_.as<int64_t>() + t0, T * 8, n * 8, B,
+                        cudaMemcpyDeviceToDevice, S.stream));
+                    S.ragged = false;
+                    S.rowEnds.clear();
+                    for (int64_t b = 0; lengths && b < B; ++b)
+                    {
+                        S.ragged |= lens[c * B + b] < n;
+                        if (lengths[b] > t0 && lengths[b] <= t0 + n)
+                            S.rowEnds.emplace_back(b, lengths[b] - t0 - 1);
+                    }
+                    if (S.ragged)
+                        MM_CUDA(cudaMemcpyAsync(S.lens.get(), lens.data() + c * B, B * 8, cudaMemcpyHostToDevice,
+                            S.stream));
                 }
                 for (int64_t l = 0; l < L; ++l)
                     for (int i = 0; i < pair; ++i)
@@ -1127,7 +1160,8 @@ private:
                         side_ = i;
                         if (c > 0)
                             MM_CUDA(cudaStreamWaitEvent(S.stream, sides_[1 - i].layerDone[l]));
-                        prefillLayer(first ^ static_cast<int>(c & 1), static_cast<int>(n), l, c == chunks - 1);
+                        prefillLayer(first ^ static_cast<int>(c & 1), static_cast<int>(n), l,
+                            c == chunks - 1 && !lengths);
                         if (chunks > 1)
                             MM_CUDA(cudaEventRecord(S.layerDone[l], S.stream));
                     }
@@ -1142,8 +1176,8 @@ private:
         join();
         cur_ = first ^ static_cast<int>(chunks & 1);
         prefillLogits();
-        MM_CUDA(cudaStreamSynchronize(stream_)); // ids (pageable) must outlive the upload, prompt_ the chunks' copies
-    }
+        MM_CUDA(cudaStreamSynchronize(stream_)); // ids and lens (pageable) must outlive their uploads, prompt_
+    }                                            // the chunks' copies
 
     //! Layer l of a chunk of T tokens a row (the side's tok [B, T]) from the state at parity p into 1 - p. The last
     //! layer's output is wanted at the prompt's last token only (MemMambaLM.prefill's last_only; the next chunk
@@ -1160,6 +1194,7 @@ private:
         size_t const convLayer = B * di * (KW - 1) * a, ssmLayer = B * di * N * 4;
         LayerWeights const& W = w_->layers[l];
         bool const lastLayer = l == c_.n_layers - 1; // its y is wanted at the prompt's last token only
+        bool const rowTails = lastLayer && !S.rowEnds.empty(); // rows of their own lengths end here: every y
         if (l == 0) // h = embedding, u = RMSNorm(h): decode kernel A on B·T rows; the sums it zeroes for the
             Launch(norm_) // decode step's atomics ([B·T, d] fp32) land in xz, which in_proj writes next
                 .ptr("tok_ptr", S.tok.get())
@@ -1200,15 +1235,16 @@ private:
         }
         // §6: in_proj, the causal conv over [window, x], x_proj, dt_proj, the chunked scan from the SSM state
         // (the last layer: in_proj's x half; lastLayerTail projects the gate the last chunk needs)
-        gemm(lastLayer ? di : 2 * di, n, d, W.inW, mixerIn, d, S.xz.get(), 2 * di, t);
-        Launch(pConv_)
+        gemm(lastLayer && !rowTails ? di : 2 * di, n, d, W.inW, mixerIn, d, S.xz.get(), 2 * di, t);
+        Kernel const& convKernel = S.ragged ? pConvL_ : pConv_;
+        Launch(convKernel)
             .ptr("x_ptr", S.xz.get())
             .ptr("w_ptr", W.convW)
             .ptr("b_ptr", W.convB)
             .ptr("win_ptr", at(conv[p].get(), l * convLayer))
             .ptr("out_ptr", S.xc.get())
             .ptr("new_win_ptr", at(conv[q].get(), l * convLayer))
-            .ptr("lengths_ptr", nullptr) // every row runs the whole chunk (compiled without HAS_LENGTHS)
+            .ptr("lengths_ptr", S.ragged ? S.lens.get() : nullptr) // each row's window after its own tokens
             .i32("T", T)
             .i32("Di", di)
             .i32("stride_x_b", T * 2 * di)
@@ -1217,14 +1253,34 @@ private:
             .i32("stride_out_b", T * di)
             .i32("stride_out_t", di)
             .i32("stride_new_win_b", di * (KW - 1))
-            .run({static_cast<unsigned>(B), cdiv(di, pConv_.at("BLOCK_D")), cdiv(T, pConv_.at("CHUNK"))}, S.stream, kPrefillPdl);
+            .run({static_cast<unsigned>(B), cdiv(di, pConv_.at("BLOCK_D")), cdiv(T, pConv_.at("CHUNK"))}, S.stream,
+                kPrefillPdl);
         gemm(X, n, di, W.xW, S.xc.get(), di, S.dbc.get(), X, t);
         gemm(di, n, R, W.dtW, S.dbc.get(), X, S.dt.get(), di, t);
-        scanForward(W, T, at(ssm[p].get(), l * ssmLayer), at(ssm[q].get(), l * ssmLayer), lastLayer);
-        if (lastLayer && last)
+        scanForward(W, T, at(ssm[p].get(), l * ssmLayer), at(ssm[q].get(), l * ssmLayer), lastLayer && !rowTails);
+        if (rowTails)
+            lastLayerRows(W, T);
+        else if (lastLayer && last)
             lastLayerTail(W, T, mixerIn);
         else if (!lastLayer)
             gemm(d, n, di, W.outW, S.y.get(), di, S.part.get(), d, t);
+    }
+
+    //! The last layer of a chunk where rows of their own lengths end (after its scan wrote every y): for each such
+    //! row, out_proj at its last token (fp32 into out_'s row) and h before it into h_[(L + 1) % 2]'s row, as
+    //! lastLayerTail leaves them for the prompt's last token.
+    void lastLayerRows(LayerWeights const& W, int T)
+    {
+        PrefillSide& S = sides_[side_];
+        int64_t const d = c_.d_model, di = c_.dInner();
+        size_t const a = actElem_;
+        for (auto const& [b, e] : S.rowEnds)
+        {
+            int64_t const row = b * T + e;
+            gemm(d, 1, di, W.outW, at(S.y.get(), row * di * a), di, at(out_.get(), b * d * 4), d, CUDA_R_32F);
+            MM_CUDA(cudaMemcpyAsync(at(h_[(c_.n_layers + 1) % 2].get(), b * d * 4), at(S.h.get(), row * d * 4), d * 4,
+                cudaMemcpyDeviceToDevice, S.stream));
+        }
     }
 
     //! The last layer of the prompt's last chunk, after its scan's passes 1 and 2: in_proj's gate half and pass 3
@@ -1270,7 +1326,7 @@ private:
         if (plan.chunks > sides_[side_].scanChunks)
             throw Error("internal: the prefill scan plans " + std::to_string(plan.chunks) + " chunks for "
                 + std::to_string(T) + " tokens, its buffers hold " + std::to_string(sides_[side_].scanChunks));
-        scanPass(pScanStates_, W, T, plan, 0);
+        scanPass(S.ragged ? pScanStatesL_ : pScanStates_, W, T, plan, 0);
         Launch(pScanPrefix_)
             .ptr("AT_ptr", W.AT)
             .ptr("dt_sum_ptr", S.dtSum.get())
@@ -1296,7 +1352,7 @@ private:
         int64_t const B = opt_.batch, di = c_.dInner(), N = c_.d_state, R = c_.dt_rank, X = xWidth(c_);
         int64_t const t0 = first * plan.chunkLen, hs = plan.chunks * di * N; // a batch row's chunk states
         size_t const a = actElem_;
-        bool const out = &k == &pScanOut_;
+        bool const out = &k == &pScanOut_;     // pass 3 (else pass 1, pScanStates_ or pScanStatesL_)
         void* AT = W.AT; // stands in for the pointers a pass does not use
         void* dbc = at(S.dbc.get(), t0 * X * a);
         Launch(k)
@@ -1334,7 +1390,7 @@ private:
             .i32("stride_hout_b", hs)
             .i32("stride_hout_c", di * N)
             .ptr("delta_ptr", out ? AT : S.delta.get())
-            .ptr("lengths_ptr", nullptr)
+            .ptr("lengths_ptr", &k == &pScanStatesL_ ? S.lens.get() : nullptr) // pass 3 reads pass 1's δ
             .run({static_cast<unsigned>(B), cdiv(di, k.at("BLOCK_D")), static_cast<unsigned>(plan.chunks - first)}, S.stream, kPrefillPdl);
     }
 
@@ -1358,7 +1414,8 @@ private:
         void* poolIn = at(pool[p].get(), l * B * K * ds * a);
         // the five projections that share u, without the trigger's bias (note_scores adds it, as the Python path)
         gemm(rows, T, d, W.memW, S.u.get(), d, at(g, K * rows * a), rows, t, {int(B), T * d, M * rows});
-        Launch(pScores_)
+        Kernel const& scoresKernel = S.ragged ? pScoresL_ : pScores_;
+        Launch(scoresKernel)
             .ptr("g_ptr", at(g, ds * a))
             .ptr("w2_ptr", W.wScore)
             .ptr("trig_bias_ptr", at(W.memBias, (colSummary + ds) * a))
@@ -1366,7 +1423,7 @@ private:
             .ptr("a_ptr", S.scores.get())
             .ptr("gain_ptr", S.gain.get())
             .ptr("pool0_ptr", poolIn)
-            .ptr("lengths_ptr", nullptr)
+            .ptr("lengths_ptr", S.ragged ? S.lens.get() : nullptr) // padding scores 0: it enters no pool
             .i32("M", n)
             .i32("T", T)
             .i32("K", K)

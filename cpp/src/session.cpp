@@ -61,16 +61,28 @@ void Session::feedPending()
     backend_->step(tokens.data());
 }
 
-void Session::prefill(int32_t const* tokens, int T)
+void Session::prefill(int32_t const* tokens, int T) { prefill(tokens, T, nullptr); }
+
+void Session::prefill(int32_t const* tokens, int T, int32_t const* lengths)
 {
     if (T < 1)
         throw Error("prefill needs T >= 1 tokens per row, got " + std::to_string(T));
     int const B = batch();
     checkTokens(tokens, static_cast<size_t>(T) * B, config().vocab_size);
+    std::vector<int32_t> lens;      // rows of their own lengths; none where every row has T
+    if (lengths)
+    {
+        for (int b = 0; b < B; ++b)
+            if (lengths[b] < 1 || lengths[b] > T)
+                throw Error("prefill: lengths[" + std::to_string(b) + "] is " + std::to_string(lengths[b])
+                            + ", outside 1.." + std::to_string(T) + " (a row's tokens, at most T)");
+        if (std::any_of(lengths, lengths + B, [T](int32_t n) { return n != T; }))
+            lens.assign(lengths, lengths + B);
+    }
     rowsCopied_.clear();            // a token fed gives every row logits: copyRow's marks are done with
     if (pending_.empty())
     {
-        backend_->prefill(tokens, T);
+        backend_->prefill(tokens, T, lens.empty() ? nullptr : lens.data());
         return;
     }
     std::vector<int32_t> ids(static_cast<size_t>(B) * (T + 1));      // each row: its pending token, then its T
@@ -80,7 +92,9 @@ void Session::prefill(int32_t const* tokens, int T)
         std::copy(tokens + static_cast<size_t>(b) * T, tokens + static_cast<size_t>(b + 1) * T,
             ids.begin() + static_cast<size_t>(b) * (T + 1) + 1);
     }
-    backend_->prefill(ids.data(), T + 1);
+    for (int32_t& n : lens)
+        ++n;
+    backend_->prefill(ids.data(), T + 1, lens.empty() ? nullptr : lens.data());
     pending_.clear();
 }
 

@@ -309,8 +309,11 @@ public:
             + " | TensorRT " MM_STR(NV_TENSORRT_MAJOR) ".x headers";
     }
 
-    void prefill(int32_t const* tokens, int T) override
+    void prefill(int32_t const* tokens, int T, int32_t const* lengths) override
     {
+        if (lengths)
+            throw Error("the tensorrt backend prefills rows of one length (its prefill engine takes no lengths): "
+                        "prefill each prompt in a sibling(1) session and copyRow it into the batch");
         DeviceGuard onDevice(opt_.device);
         int const B = opt_.batch;
         for (int start = 0; start < T; start += e_->maxPrefill) // resumable prefill, in chunks of the profile's max

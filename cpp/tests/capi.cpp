@@ -90,6 +90,10 @@ char const* mm_describe(void* h)
 }
 
 int mm_prefill(void* h, int const* tokens, int T) { return guard([&] { S(h)->prefill(tokens, T); }); }
+int mm_prefill_rows(void* h, int const* tokens, int T, int const* lengths)
+{
+    return guard([&] { S(h)->prefill(tokens, T, lengths); });
+}
 int mm_step(void* h, int const* tokens) { return guard([&] { S(h)->step(tokens); }); }
 int mm_logits(void* h, float* out) { return guard([&] { S(h)->logits(out); }); }
 

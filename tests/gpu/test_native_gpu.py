@@ -238,6 +238,64 @@ def test_prefill_matches_reference_at_every_chunking(build, checkpoints, memory,
     native.close()
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("rows", [8192, 4 * 64], ids=["one-chunk", "chunks-of-64"])
+@torch.no_grad()
+def test_prefill_of_rows_of_different_lengths(build, checkpoints, dtype, rows):
+    """Session::prefill(tokens, T, lengths): one call prefills rows of their own lengths, as the reference's
+    MemMambaLM.prefill(..., lengths) does (each row its own tokens alone: tests/test_model.py), in one chunk and in
+    chunks of 64 tokens a row on both sides (rows ending in the first chunk, mid-chunk, at a chunk's end and in the
+    last chunk); logits and state after it, after greedy steps together, and after a second such prefill that
+    first feeds generate()'s pending tokens. Lengths outside 1..T are refused, and so is a session that prefills
+    token by token."""
+    ckpt, _ = checkpoints[True]
+    ref = reference(ckpt, dtype)
+    V = ref.config.vocab_size
+    native = NativeSession(build, ckpt, dtype=dtype, batch=4, prefill_rows=rows)
+    g = torch.Generator().manual_seed(29 + rows)
+    first = torch.randint(0, V, (4, 9), generator=g)
+    native.prefill(first)
+    _, state = ref.prefill(first.cuda(), last_only=True)
+
+    def python_rows(calls):                            # the Python Triton backend's prefill of the same rows (fp16
+        from memmamba_deploy.backends.triton_backend import TritonBackend      # decision flips: compare_state)
+        backend = TritonBackend.open(ckpt, device="cuda", dtype=TORCH_DTYPE[dtype])
+        st = backend.new_state(4)
+        for ids, lengths in calls:
+            _, st = backend.prefill(ids.cuda(), st, lengths=lengths)
+        return backend.state_to_reference(st)
+
+    ids, lengths = torch.randint(0, V, (4, 200), generator=g), torch.tensor([200, 128, 97, 1])
+    native.prefill(ids, lengths)
+    ref_logits, state = ref.prefill(ids.cuda(), state, last_only=True, lengths=lengths.cuda())
+    err = rel_err(native.logits(V), ref_logits[:, -1].float().cpu())
+    assert err <= TOL[dtype], f"logits rel err {err:.2e}"
+    calls = [(first, None), (ids, lengths)]
+    errs = compare_state(native, state, dtype, "after rows of different lengths", lambda: python_rows(calls))
+    tokens = native.generate(4)                        # together; the last token pending
+    for t in tokens[:, :-1].t():
+        ref_logits, state = ref.step(t.cuda(), state)
+    more, more_len = torch.randint(0, V, (4, 50), generator=g), torch.tensor([3, 50, 1, 17])
+    native.prefill(more, more_len)                     # each row: its pending token, then its own tokens
+    ref_logits, state = ref.prefill(torch.cat([tokens[:, -1:], more], 1).cuda(), state, last_only=True,
+                                    lengths=(more_len + 1).cuda())
+    err2 = rel_err(native.logits(V), ref_logits[:, -1].float().cpu())
+    assert err2 <= TOL[dtype], f"after the second prefill: logits rel err {err2:.2e}"
+    compare_state(native, state, dtype, "after a second prefill of rows",
+                  lambda: python_rows(calls + [(tokens[:, :-1], None),
+                                               (torch.cat([tokens[:, -1:], more], 1), more_len + 1)]))
+    record(test="rows-of-different-lengths", dtype=dtype, rows=rows, logits_err=err, second_logits_err=err2,
+           state_err=errs)
+    for bad in ([200, 0, 1, 1], [201, 1, 1, 1]):
+        with pytest.raises(NativeError, match="outside 1..200"):
+            native.prefill(ids, bad)
+    native.close()
+    by_step = NativeSession(build, ckpt, dtype=dtype, batch=4, prefill_rows=0)
+    with pytest.raises(NativeError, match="rows of different lengths need the parallel prefill"):
+        by_step.prefill(ids, lengths)
+    by_step.close()
+
+
 @pytest.mark.parametrize("plan", ["cublas", "fused"])
 @torch.no_grad()
 def test_fp16_prefill_in_many_chunks(build, checkpoints, plan):
