@@ -19,7 +19,7 @@ from .config import MemMambaConfig
 from .ops import load_ops
 from .ops.norm import rms_norm_ref
 from .ops.pool import cross_layer_bank, fp32, pool_after_ref
-from .ops.scan import padding
+from .ops.scan import at_row_ends, padding
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -137,8 +137,25 @@ class Ragged(NamedTuple):
 
     def at_ends(self, x: torch.Tensor) -> torch.Tensor:
         """x [B,T,D] at each row's last token, [B,1,D] (a row of length 0: its first column)."""
-        end = (self.lengths - 1).clamp(min=0)
-        return x.gather(1, end[:, None, None].expand(-1, 1, x.shape[-1]))
+        return at_row_ends(x, self.lengths)
+
+
+def check_lengths(lengths, batch: int, T: int) -> torch.Tensor:
+    """Rows' lengths (MemMambaLM.prefill's) as int64, where they are, once they are [batch] integers in [0, T],
+    read where they are given (host lengths cost no GPU sync; inside a CUDA graph capture, where GPU ones cannot be
+    read, the caller checks them)."""
+    try:
+        n = torch.as_tensor(lengths)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"lengths must be {batch} integers: {e}") from None
+    if not is_integer(n) or n.shape != (batch,):
+        raise ValueError(f"lengths must be {batch} integers (one a row), got {n.dtype} of shape {list(n.shape)}")
+    n = n.long()
+    if not (n.is_cuda and torch.cuda.is_current_stream_capturing()):
+        lo, hi = (int(v) for v in n.aminmax())
+        if lo < 0 or hi > T:
+            raise ValueError(f"lengths must lie in [0, {T}] (the columns of input_ids), got {lo if lo < 0 else hi}")
+    return n
 
 
 def is_integer(t: torch.Tensor) -> bool:
@@ -207,16 +224,15 @@ class Mixer(nn.Module):
         lengths (Ragged); the window and h are then each row's after its own last token, and last_only's token
         is each row's last."""
         A = decay_rates(self.A_log) if A is None else A
-        lengths = None if ragged is None else ragged.lengths
+        rows = {} if ragged is None else {"lengths": ragged.lengths}    # (kernel sets without lengths run the rest)
         if last_only:                         # z gates y only: a 16k prompt's last layer saves a 38 GFLOP half
             x_w, z_w = self.in_proj.weight.chunk(2, dim=0)
             x, z = F.linear(u, x_w), F.linear(u[:, -1:] if ragged is None else ragged.at_ends(u), z_w)
         else:
             x, z = self.in_proj(u).chunk(2, dim=-1)
-        xc, window = ops.causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, window, lengths=lengths)
+        xc, window = ops.causal_conv(x, self.conv1d.weight[:, 0], self.conv1d.bias, window, **rows)
         dt, B, C = self._proj(xc)
-        y, h = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, h, last_only=last_only,
-                                  lengths=lengths)
+        y, h = ops.selective_scan(xc, dt, A, B, C, self.D, z, self.dt_proj.bias, h, last_only=last_only, **rows)
         return self.out_proj(y), window, h
 
     def step(self, u, window, h, ops):
@@ -310,7 +326,8 @@ class Layer(nn.Module):
         it does not apply); the lines below are what it must equal. u_is_scratch: the caller has no further use
         for u, so a kernel set may overwrite it (with ũ). lengths [B]: row b's tokens past lengths[b] are padding,
         which enters no pool (Ragged)."""
-        fused = ops.fused_memory_read(self, u, pool0, prio0, group, u_is_scratch, lengths=lengths)
+        fused = ops.fused_memory_read(self, u, pool0, prio0, group, u_is_scratch,
+                                      **({} if lengths is None else {"lengths": lengths}))
         if fused is not None:
             return fused
         T = u.shape[1]
@@ -425,21 +442,8 @@ class MemMambaLM(nn.Module):
         return logits, self._as_state(State.stack(after)), hidden
 
     def check_lengths(self, lengths, batch: int, T: int, device=None) -> torch.Tensor:
-        """lengths as int64 on `device` (None: the model's) once it is [batch] integers in [0, T], read where they
-        are given (host lengths cost no GPU sync; inside a CUDA graph capture, where GPU ones cannot be read, the
-        caller checks them)."""
-        try:
-            n = torch.as_tensor(lengths)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"lengths must be {batch} integers: {e}") from None
-        if not is_integer(n) or n.shape != (batch,):
-            raise ValueError(f"lengths must be {batch} integers (one a row), got {n.dtype} of shape {list(n.shape)}")
-        n = n.long()
-        if not (n.is_cuda and torch.cuda.is_current_stream_capturing()):
-            lo, hi = (int(v) for v in n.aminmax())
-            if lo < 0 or hi > T:
-                raise ValueError(f"lengths must lie in [0, {T}] (the columns of input_ids), got {lo if lo < 0 else hi}")
-        return n.to(self.device if device is None else device)
+        """check_lengths(lengths, batch, T) on `device` (None: the model's)."""
+        return check_lengths(lengths, batch, T).to(self.device if device is None else device)
 
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
         """Token ids: integers on the model's device, inside the vocabulary (an id outside it would index past the

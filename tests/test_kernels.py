@@ -32,7 +32,7 @@ from memmamba_deploy.models.ops import triton as kt
 from memmamba_deploy.models.ops.norm import residual_norm_ref
 from memmamba_deploy.models.ops.pool import (cross_layer_bank, pool_after_ref, pool_attention_ref, pool_read_ref,
                                               pool_sweep_ref)
-from memmamba_deploy.models.ops.scan import causal_conv_ref, selective_scan_ref, selective_state_step_ref
+from memmamba_deploy.models.ops.scan import causal_conv_ref, padding, selective_scan_ref, selective_state_step_ref
 from memmamba_deploy.models.ops.triton.scan import _softplus
 
 TOL = 1e-4
@@ -146,8 +146,8 @@ def test_residual_norm(with_y, dtype, rng):
 def test_selective_scan_of_rows_of_different_lengths(chunk_len, rng):
     # lengths: each row's y and state are those of its own tokens alone (padding's δ = 0, in the chunk-state pass,
     # whose δ the y pass reads); last_only reads each row's last token, gated by that token's z
-    a = scan_inputs(rng, 4, 37, 24, 6)
-    lengths = torch.tensor([37, 20, 0, 1])                  # whole, ending mid-chunk (chunks of 16), none, one token
+    a = scan_inputs(rng, 5, 37, 24, 6)
+    lengths = torch.tensor([37, 20, 0, 1, 16])      # whole, mid-chunk (chunks of 16), none, one token, a chunk's end
     y_ref, h_ref = selective_scan_ref(**a, lengths=lengths)
     for b, n in enumerate(lengths.tolist()):                # the reference's lengths: each row alone
         row = {k: a[k][b:b + 1, :n] for k in ("x", "dt", "B", "C", "z")}
@@ -164,9 +164,25 @@ def test_selective_scan_of_rows_of_different_lengths(chunk_len, rng):
     assert rel_err(y_last_ref, y_ref.gather(1, ends[:, None, None].expand(-1, 1, 24))) <= 1e-6
     with poisoned():
         y_last, h_last = kt.TRITON_OPS.selective_scan(**dict(a, z=z_ends), last_only=True, lengths=lengths)
-    assert y_last.shape == (4, 1, 24) and rel_err(y_last, y_last_ref) <= TOL and rel_err(h_last, h_ref) <= TOL
-    for bad in (lengths[:3], lengths.float(), [37, 20, 0, 1]):
-        with pytest.raises(ValueError, match="lengths must be a \\[4\\] integer tensor"):
+    assert y_last.shape == (5, 1, 24) and rel_err(y_last, y_last_ref) <= TOL and rel_err(h_last, h_ref) <= TOL
+    # a whole-length gate is read at the row ends too; int32 and strided lengths are taken as they are
+    for z, n in ((a["z"], lengths), (z_ends, torch.stack([lengths.int(), lengths.int()], 1)[:, 0])):
+        with poisoned():
+            y_z, _ = kt.TRITON_OPS.selective_scan(**dict(a, z=z), last_only=True, lengths=n)
+        assert rel_err(y_z, y_last_ref) <= TOL
+        assert rel_err(selective_scan_ref(**dict(a, z=z), last_only=True, lengths=n)[0], y_last_ref) <= 1e-6
+    # under autograd: the Triton scan (padding's dt -inf), the reference's values and finite gradients
+    x = a["x"].clone().requires_grad_()
+    y_g, h_g = kt.TRITON_OPS.selective_scan(**dict(a, x=x), lengths=lengths)
+    assert rel_err(y_g.detach(), y_ref) <= TOL and rel_err(h_g.detach(), h_ref) <= TOL
+    y_gl, _ = kt.TRITON_OPS.selective_scan(**dict(a, x=x, z=z_ends), last_only=True, lengths=lengths)
+    assert rel_err(y_gl.detach(), y_last_ref) <= TOL
+    (h_g.sum() + y_gl.sum()).backward()                  # the state and each row's last y: padding has no say
+    pad = padding(lengths, 37) & (lengths > 0)[:, None]         # (a row of length 0 reads its y at column 0)
+    assert torch.isfinite(x.grad).all() and not x.grad.masked_select(pad[..., None]).any()
+    assert x.grad[0].abs().sum() > 0
+    for bad in (lengths[:3], lengths.float(), [37, 20, 0, 1, 16]):
+        with pytest.raises(ValueError, match="lengths must be a \\[5\\] integer tensor"):
             kt.scan.scan_forward(**a, lengths=bad)
 
 
@@ -681,6 +697,9 @@ def test_fused_memory_path_equals_its_composition(layer_index, rng):
     assert torch.equal(index_l, index_lr) and rel_err(prio_l, prio_lr) <= 1e-6 and rel_err(pool_l, pool_lr) <= 1e-2
     assert rel_err(ut_l.float() - u.float(), ut_lr.float() - u.float()) <= 5e-3
     assert torch.equal(prio_l[0], prio[0]) and not torch.equal(prio_l[1], prio[1])   # row 1's padding would enter
+    odd = torch.stack([torch.tensor([0, 150], dtype=torch.int32)] * 2, 1)[:, 0]          # int32, strided, a row of 0
+    _, pool_0, prio_0, _ = layer.memory_read(u, pool0, prio0, group, kt.TRITON_OPS, lengths=odd)
+    assert torch.equal(prio_0[0], prio0[0]) and torch.equal(pool_0[0], pool0[0]) and torch.equal(prio_0[1], prio[1])
     # one batch row (a prompt's prefill): the stacked GEMM writes into the bank's rows without a batch stride
     rows1 = (u[:1], pool0[:1], prio0[:1], [(b[:1], i[:1]) for b, i in group])
     with poisoned():

@@ -1,4 +1,6 @@
 """The reference model's invariants (spec §8): step ≡ forward, resumable prefill, pool semantics."""
+import types
+
 import pytest
 import torch
 
@@ -153,6 +155,28 @@ def test_prefill_of_rows_of_different_lengths_is_each_row_alone(variant):
                          ([72, 40, -1, 0, 37], r"\[0, 72\].*-1"), ("x", "lengths must be 5 integers")]:
         with pytest.raises(ValueError, match=message):
             model.prefill(ids, start, lengths=bad)
+
+
+@torch.no_grad()
+def test_kernel_sets_without_lengths_prefill_whole_rows():
+    """A kernel set written before lengths (a plugin harness's, a user's) still runs every prefill of whole rows:
+    the model passes lengths to the ops only for rows of their own lengths."""
+    from memmamba_deploy.models.ops import TORCH_OPS
+    from memmamba_deploy.models.ops.scan import causal_conv_ref, selective_scan_ref
+
+    def scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=True, last_only=False):
+        return selective_scan_ref(x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus, last_only)
+
+    def memory(layer, u, pool0, prio0, group, u_is_scratch=False):
+        return None
+
+    model = make_model(5)
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(2))
+    want, want_state = model.prefill(ids, last_only=True)
+    model.ops = types.SimpleNamespace(**{**vars(TORCH_OPS), "selective_scan": scan, "fused_memory_read": memory,
+                                         "causal_conv": lambda x, w, b, window: causal_conv_ref(x, w, b, window)})
+    got, got_state = model.prefill(ids, last_only=True)
+    assert torch.equal(got, want) and all(torch.equal(v, want_state.tensors()[k]) for k, v in got_state.tensors().items())
 
 
 @torch.no_grad()

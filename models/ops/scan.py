@@ -15,6 +15,15 @@ def padding(lengths, T: int):
     return torch.arange(T, device=lengths.device)[None, :] >= lengths[:, None]
 
 
+def at_row_ends(t, lengths):
+    """t [B,T,...] at each row's last token, lengths[b] - 1 (column 0 for a row of length 0): [B,1,...]. A t of
+    one column ([B,1,...]) is taken as already there."""
+    if t.shape[1] == 1:
+        return t
+    end = (lengths.to(t.device) - 1).clamp(min=0).view(-1, 1, *([1] * (t.dim() - 2)))
+    return t.gather(1, end.expand(-1, 1, *t.shape[2:]))
+
+
 def causal_conv_ref(x, weight, bias, window, lengths=None):
     """Depthwise causal conv over time, then SiLU. x [B,T,Di], weight [Di,k], bias [Di] or None,
     window [B,Di,k-1] (the inputs before x). Returns (out [B,T,Di], new window [B,Di,k-1]).
@@ -63,23 +72,25 @@ def selective_scan_ref(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_soft
     may then be the last token's alone, [B,1,Di] (the gate is read there only).
     lengths [B] (int, 0..T): row b's tokens are [0, lengths[b]), the rest padding, whose δ is 0 (softplus(-inf):
     the recurrence's identity), so h is each row's state after its own last token; last_only then reads y (and z
-    [B,1,Di]) at each row's last token (column 0 for a row of length 0)."""
+    [B,1,Di], or [B,T,Di] read there) at each row's last token (column 0 for a row of length 0)."""
     Bsz, T, Di = x.shape
     if lengths is not None:
         if not dt_softplus:
             raise ValueError("selective_scan: lengths needs dt_softplus (padding's δ is softplus(-inf) = 0)")
         dt = dt.masked_fill(padding(lengths.to(x.device), T)[..., None], float("-inf"))
-    ends = None if lengths is None or not last_only else (lengths.to(x.device) - 1).clamp(min=0)
+    ends = lengths is not None and last_only                # y read at each row's own last token
+    if ends and z is not None:
+        z = at_row_ends(z, lengths)
     h = torch.zeros(Bsz, Di, A.shape[1], device=x.device, dtype=torch.float32) if h0 is None else h0.float()
     ys = []
     for t in range(T):
-        if z is None or (last_only and ends is None and t < T - 1):
+        if z is None or (last_only and not ends and t < T - 1):
             zt = None
         else:                                  # last_only with lengths: every column gated as the row's last
             zt = z[:, -1] if last_only else z[:, t]
         y, h = selective_state_step_ref(h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, zt, dt_bias, dt_softplus)
         ys.append(y)
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(Bsz, 0, Di)
-    if ends is not None and T:
-        return y.gather(1, ends[:, None, None].expand(-1, 1, Di)), h
+    if ends and T:
+        return at_row_ends(y, lengths), h
     return (y[:, -1:] if last_only else y), h

@@ -28,6 +28,7 @@ from memmamba_deploy.models.ops.pool import fp32
 
 from .launch import _after_predecessor, pdl_meta
 from .pool import pool_after, pool_mix, pool_sweep_ends
+from .scan import _check_lengths
 
 SCORE_ROWS = 64          # note_scores_kernel: rows per program
 
@@ -211,6 +212,8 @@ def fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, lengths
         raise ValueError(f"fused_memory_read: derived weights are {w_stack.dtype}, u is {dtype}")
 
     K = layer.pool_size
+    if lengths is not None:
+        lengths = _check_lengths(lengths, Bsz, dev)
     if pool0.shape != (Bsz, K, ds) or prio0.shape != (Bsz, K):
         raise ValueError(f"fused_memory_read wants pool0 [B, K, ds] = {[Bsz, K, ds]} and prio0 [B, K]; got "
                          f"{list(pool0.shape)} and {list(prio0.shape)}")

@@ -37,6 +37,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from memmamba_deploy.models.ops import needs_grad
+from memmamba_deploy.models.ops.scan import at_row_ends, padding
 from memmamba_deploy.models.ops.scan import selective_scan_ref, selective_state_step_ref  # noqa: F401 (references)
 
 from .launch import _after_predecessor, pdl_meta
@@ -855,15 +856,15 @@ def scan_forward(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus=T
 
 def _last_y(x, C, D, z, h, lengths=None):
     """y [B,1,Di] of the last token from the state after it, h [B,Di,N] fp32: (C_T·h_T + D x_T)·SiLU(z_T).
-    lengths: each row's last token (column 0 for a row of length 0), whose gate z [B,1,Di] is then."""
+    lengths: of each row's last token instead (column 0 for a row of length 0); z is then [B,1,Di] at those tokens
+    or [B,T,Di] (at_row_ends)."""
     if lengths is None:
-        xe, Ce = x[:, -1], C[:, -1]
+        xe, Ce, ze = x[:, -1], C[:, -1], None if z is None else z[:, -1]
     else:
-        end = (lengths - 1).clamp(min=0)[:, None, None]
-        xe, Ce = x.gather(1, end.expand(-1, 1, x.shape[2]))[:, 0], C.gather(1, end.expand(-1, 1, C.shape[2]))[:, 0]
+        xe, Ce, ze = (None if t is None else at_row_ends(t, lengths)[:, 0] for t in (x, C, z))
     y = (h * Ce[:, None, :].float()).sum(-1) + D.float() * xe.float()
-    if z is not None:
-        y = y * torch.nn.functional.silu(z[:, -1].float())
+    if ze is not None:
+        y = y * torch.nn.functional.silu(ze.float())
     return y.to(x.dtype)[:, None]
 
 
@@ -944,9 +945,17 @@ def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus
     _check_scan_args(x, dt, A, B, C, D, z, dt_bias, h0, one_token=False, last_only=last_only)
     tensors = (x, dt, A, B, C, D, z, dt_bias, h0)
     if needs_grad(*tensors):
-        if lengths is not None:                     # training takes whole rows; the reference has the rest
-            from ..scan import selective_scan_ref
-            return selective_scan_ref(*tensors, dt_softplus, last_only, lengths)
+        if lengths is not None:                     # padding's δ = softplus(-inf) = 0, through the Triton autograd
+            lengths = _check_lengths(lengths, x.shape[0], x.device)
+            if not dt_softplus:
+                raise ValueError("selective_scan: lengths needs dt_softplus (padding's δ is softplus(-inf) = 0)")
+            dt = dt.masked_fill(padding(lengths, x.shape[1])[..., None], float("-inf"))
+            if not last_only:
+                return SelectiveScanFn.apply(x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus)
+            y, h = SelectiveScanFn.apply(x, dt, A, B, C, D, None, dt_bias, h0, dt_softplus)
+            y = at_row_ends(y, lengths).float()
+            return ((y if z is None else y * torch.nn.functional.silu(at_row_ends(z, lengths).float())).to(x.dtype),
+                    h)
         if last_only and z is not None:             # gated at the last token only (z may be that token's alone)
             y, h = SelectiveScanFn.apply(x, dt, A, B, C, D, None, dt_bias, h0, dt_softplus)
             return (y[:, -1:].float() * torch.nn.functional.silu(z[:, -1:].float())).to(x.dtype), h
