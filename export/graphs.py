@@ -1,7 +1,9 @@
 """The two recurrent graphs, written node by node from a MemMambaLM's weights (spec §2–§8).
 
 decode_step: input_ids [batch, 1] + state -> logits [batch, vocab] (fp32) + new state   (MemMambaLM.step)
-prefill:     input_ids [batch, T] + state -> logits of the last token + new state         (MemMambaLM.prefill)
+prefill:     input_ids [batch, T] + lengths [batch] + state -> logits of each row's last token + new state
+             (MemMambaLM.prefill(..., lengths): row b's tokens are input_ids[b, :lengths[b]], the rest padding,
+             which changes no state; lengths T everywhere is the plain prefill)
 
 State tensors are stacked over layers so the graph I/O does not grow with depth (State in models/memmamba.py):
 conv_state [L,B,Di,k-1] (act dtype), ssm_state [L,B,Di,N] (fp32), pool [L,B,K,ds] (act dtype), pool_prio [L,B,K]
@@ -151,10 +153,13 @@ class GraphWriter:
         return new_pool, new_prio
 
     # ---- §6 mixer ----------------------------------------------------------------------------------------------------
-    def _mixer_tail(self, b: Builder, xc: str, z: str, h0: str, l: int, step: bool) -> tuple[str, str]:
+    def _mixer_tail(self, b: Builder, xc: str, z: str, h0: str, l: int, step: bool,
+                    pad: str | None = None) -> tuple[str, str]:
         c, p = self.config, f"layers.{l}.mixer"
         dt_r, B, C = b.split(self._linear(b, xc, p + ".x_proj"), [c.dt_rank, c.d_state, c.d_state], -1)
         dt = self._linear(b, dt_r, p + ".dt_proj")                                               # bias: in the scan
+        if pad is not None:                     # padding: δ = softplus(-inf) = 0, the scan's identity
+            dt = b.where(b.unsqueeze(pad, -1), b.const(float("-inf"), self.act), dt)
         A = self._w(b, p + ".A_log", lambda t: -torch.exp(t), fp32_weight=True, suffix=".A")
         D = self._w(b, p + ".D", fp32_weight=True)
         dt_bias = self._w(b, p + ".dt_proj.bias", fp32_weight=True)
@@ -172,15 +177,16 @@ class GraphWriter:
         y, h = self._mixer_tail(b, xc, z, h0, l, step=True)
         return y, b.slice(xt, 1, c.d_conv, 2), h
 
-    def _mixer_chunk(self, b: Builder, u: str, window: str, h0: str, l: int):
-        """T tokens: u [B,T,d] -> (y [B,T,d], window, h); the causal conv is one grouped Conv over [window, x]."""
+    def _mixer_chunk(self, b: Builder, u: str, window: str, h0: str, l: int, pad: str, window_at: str):
+        """T tokens: u [B,T,d] -> (y [B,T,d], window, h); the causal conv is one grouped Conv over [window, x].
+        pad [B,T]: padding (δ 0); window_at [B,Di,k-1]: the columns of [window, x] after each row's last token."""
         c, p = self.config, f"layers.{l}.mixer"
         x, z = b.split(self._linear(b, u, p + ".in_proj"), [c.d_inner, c.d_inner], -1)
         xt = b.op("Concat", window, b.op("Transpose", x, perm=[0, 2, 1]), axis=2)              # [B, Di, k-1+T]
         conv = b.op("Conv", xt, self._w(b, p + ".conv1d.weight"), self._w(b, p + ".conv1d.bias"), group=c.d_inner)
         xc = b.op("Transpose", b.silu(conv), perm=[0, 2, 1])                                    # [B, T, Di]
-        y, h = self._mixer_tail(b, xc, z, h0, l, step=False)
-        return y, b.slice(xt, -(c.d_conv - 1), INT64_MAX, 2), h
+        y, h = self._mixer_tail(b, xc, z, h0, l, step=False, pad=pad)
+        return y, b.op("GatherElements", xt, window_at, axis=2), h
 
     # ---- graphs ------------------------------------------------------------------------------------------------------
     def _begin(self) -> Builder:
@@ -192,14 +198,20 @@ class GraphWriter:
         L = self.config.n_layers
         return {s.name: [b.squeeze(t, 0) for t in b.split(s.name, [1] * L, 0)] for s in self.state}
 
-    def _finish(self, b: Builder, name: str, h_last: str, new: dict[str, list[str]], tokens) -> onnx.ModelProto:
+    def _finish(self, b: Builder, name: str, h_last: str, new: dict[str, list[str]], tokens,
+                no_tokens: str | None = None) -> onnx.ModelProto:
         c = self.config
         normed = self._rmsnorm(b, h_last, "norm_f.weight")
         logits = b.op("Gemm", normed, self._w(b, "embeddings.weight"), transB=1)                # tied LM head
-        b.op("Cast", logits, to=FLOAT, outputs=["logits"])
+        if no_tokens is None:
+            b.op("Cast", logits, to=FLOAT, outputs=["logits"])
+        else:                                   # a row of length 0: no last token, logits 0 (MemMambaLM.prefill)
+            b.op("Where", b.unsqueeze(no_tokens, 1), b.const(0.0, FLOAT), b.cast(logits, FLOAT), outputs=["logits"])
         for s in self.state:
             b.op("Concat", *[b.unsqueeze(t, 0) for t in new[s.name]], axis=0, outputs=[s.output])
         inputs = [value_info("input_ids", INT64, [BATCH, tokens])]
+        if no_tokens is not None:
+            inputs.append(value_info("lengths", INT64, [BATCH]))
         inputs += [value_info(s.name, s.dtype, s.shape) for s in self.state]
         outputs = [value_info("logits", FLOAT, [BATCH, c.vocab_size])]
         outputs += [value_info(s.output, s.dtype, s.shape) for s in self.state]
@@ -248,10 +260,19 @@ class GraphWriter:
         return self._finish(b, "decode_step", h, new, 1)
 
     def prefill(self, on_layer: Callable[[], None] = lambda: None) -> onnx.ModelProto:
-        """MemMambaLM.prefill as a graph (§8 parallel form), resuming from the state inputs."""
+        """MemMambaLM.prefill(..., lengths) as a graph (§8 parallel form), resuming from the state inputs: row b's
+        tokens are input_ids[b, :lengths[b]] (0..T), the rest padding, which changes no state (δ 0, note score 0,
+        each layer's conv window at the row's end); the logits are each row's last token's."""
         c, b = self.config, self._begin()
         h = self._embed(b)                                                                      # [B, T, d] fp32
         st = self._layer_states(b)
+        T = b.dim("input_ids", 1)
+        positions = b.op("Range", b.const(0, INT64), b.squeeze(T, 0), b.const(1, INT64))
+        pad = b.op("GreaterOrEqual", b.unsqueeze(positions, 0), b.unsqueeze("lengths", 1))      # [B, T]
+        # [window, x]'s columns after each row's last token, lengths[b] + j (j < k-1), for every channel
+        at = b.op("Add", b.unsqueeze("lengths", 1, 2), b.const(np.arange(c.d_conv - 1).reshape(1, 1, -1), INT64))
+        window_at = b.op("Expand", at, b.op("Concat", b.dim("input_ids", 0), b.i64(c.d_inner, c.d_conv - 1),
+                                             axis=0))
         new = {s.name: [] for s in self.state}
         K = c.pool_size
         if c.memory:
@@ -264,6 +285,7 @@ class GraphWriter:
                 ut = u
                 if c.memory:
                     a, s = self._note(b, u, l)
+                    a = b.where(pad, b.const(0.0, FLOAT), a)                       # padding never enters a pool
                     index, prio = emit(b, "NotePoolSweep", a, st["pool_prio"][l],
                                        insert_threshold=fp32(c.insert_threshold))             # [B, T+1, K], [B, K]
                     bank = b.op("Concat", st["pool"][l], s, axis=1)                             # initial slots, tokens
@@ -282,9 +304,14 @@ class GraphWriter:
                     last = b.where(b.op("GreaterOrEqual", last, b.const(0, INT32)), last, b.unsqueeze(slots, 0))
                     new["pool"].append(b.op("GatherND", bank, b.unsqueeze(b.cast(last, INT64), -1), batch_dims=1))
                     new["pool_prio"].append(prio)
-                y, window, hs = self._mixer_chunk(b, ut, st["conv_state"][l], st["ssm_state"][l], l)
+                y, window, hs = self._mixer_chunk(b, ut, st["conv_state"][l], st["ssm_state"][l], l, pad, window_at)
                 new["conv_state"].append(window)
                 new["ssm_state"].append(hs)
                 h = b.op("Add", h, self._to_fp32(b, y))
             on_layer()
-        return self._finish(b, "prefill", b.squeeze(b.slice(h, -1, INT64_MAX, 1), 1), new, TOKENS)
+        end = b.op("Max", b.op("Sub", "lengths", b.const(1, INT64)), b.const(0, INT64))           # each row's last
+        last = b.op("Expand", b.unsqueeze(end, 1, 2), b.op("Concat", b.dim("input_ids", 0), b.i64(1, c.d_model),
+                                                          axis=0))
+        h_last = b.squeeze(b.op("GatherElements", h, last, axis=1), 1)
+        return self._finish(b, "prefill", h_last, new, TOKENS,
+                            no_tokens=b.op("Equal", "lengths", b.const(0, INT64)))

@@ -1,7 +1,7 @@
 """OUT/manifest.json: what an export directory holds, read back with every file's sha256 verified.
 
 {
-  "format": "memmamba-deploy-export", "format_version": 1,
+  "format": "memmamba-deploy-export", "format_version": 2,   # 2: prefill takes lengths [batch] (1 is still read)
   "config": {...MemMambaConfig...}, "flavor": "portable" | "plugins", "dtype": "fp32" | "fp16", "opset": 17,
   "source_checkpoint": "/abs/path/of/CKPT",
   "reference": "reference",                      # config.json + model.safetensors of the exported weights
@@ -20,7 +20,8 @@ import json
 from pathlib import Path
 
 FORMAT = "memmamba-deploy-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2            # 2: the prefill graph takes lengths [batch] (rows of their own lengths)
+READS_VERSIONS = (1, 2)       # version 1 exports still run: their prefill takes whole rows (backends ask the graph)
 MANIFEST_NAME = "manifest.json"
 REFERENCE_DIR = "reference"
 
@@ -58,9 +59,9 @@ def read_manifest(out, verify: bool = True, only: tuple[str, ...] | None = None)
         raise ManifestError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ManifestError(f"{path} is not a memdeploy export manifest (format != {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READS_VERSIONS:
         raise ManifestError(f"{path} has format_version {manifest.get('format_version')!r}; this memdeploy reads "
-                            f"{FORMAT_VERSION}: export again")
+                            f"{', '.join(map(str, READS_VERSIONS))}: export again with this memdeploy")
     for key in ("config", "flavor", "dtype", "graphs", "state", "files"):
         if key not in manifest:
             raise ManifestError(f"{path} lacks {key!r}")

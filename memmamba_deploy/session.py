@@ -623,8 +623,9 @@ class Session:
         """Consume `ids` ([T] or [B, T] token ids, or text for byte-level models); returns the logits [B, vocab]
         of the last token (a copy). Resumes from the current state (multi-turn). Rows of different lengths (a
         list of id lists, 1-D tensors or texts) each go on from their own last token: one call where the backend
-        takes rows of their own lengths (torch, triton), a row at a time elsewhere; each row's logits and state
-        are its prompt's alone."""
+        takes rows of their own lengths (torch, triton, onnxruntime: `ragged_prefill`), a row at a time elsewhere
+        (tensorrt, exports made before the prefill graph took lengths); each row's logits and state are its
+        prompt's alone."""
         ids, lengths = self._as_prompts(ids)
         self._check_batch(ids.shape[0])
         ids, lengths = self._after_pending(ids, lengths)

@@ -263,7 +263,7 @@ def test_emit_refuses_calls_outside_the_contract():
 def test_manifest_describes_the_export(tiny_export):
     out = tiny_export(memory=True, flavor="plugins")
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format"] == "memmamba-deploy-export" and m["format_version"] == 1
+    assert m["format"] == "memmamba-deploy-export" and m["format_version"] == 2
     assert m["flavor"] == "plugins" and m["dtype"] == "fp32" and m["opset"] >= 17
     assert m["config"] == make_model().config.to_dict()
     assert {s["name"]: s["initial"] for s in m["state"]} == {"conv_state": 0.0, "ssm_state": 0.0, "pool": 0.0,
@@ -274,7 +274,8 @@ def test_manifest_describes_the_export(tiny_export):
     assert [o["name"] for o in step["outputs"]] == ["logits", "new_conv_state", "new_ssm_state", "new_pool",
                                                    "new_pool_prio"]
     assert step["inputs"][1]["shape"] == [4, "batch", 128, 3]
-    assert m["graphs"]["prefill"]["inputs"][0] == {"name": "input_ids", "shape": ["batch", "T"], "dtype": "int64"}
+    assert m["graphs"]["prefill"]["inputs"][:2] == [{"name": "input_ids", "shape": ["batch", "T"], "dtype": "int64"},
+                                                    {"name": "lengths", "shape": ["batch"], "dtype": "int64"}]
     assert {p["op"] for p in m["plugins"]} == set(CUSTOM_OPS)
     assert all(p["domain"] == DOMAIN and p["version"] == "1" for p in m["plugins"])
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}

@@ -64,6 +64,45 @@ def test_resumed_prefill_equals_one_prefill(tiny_export):
         assert rel_err(torch.from_numpy(s2.numpy()[k]).float(), torch.from_numpy(v).float()) <= 1e-5
 
 
+@pytest.mark.parametrize("memory, flavor, dtype", [(True, "portable", "fp32"), (True, "plugins", "fp32"),
+                                                   (False, "portable", "fp32"), (True, "portable", "fp16")])
+def test_prefill_of_rows_of_different_lengths_in_one_call(tiny_export, memory, flavor, dtype):
+    """The prefill graph's lengths input: rows of their own lengths in one call, as MemMambaLM.prefill(...,
+    lengths) (each row its tokens alone: tests/test_model.py) from a state of earlier tokens: each row's logits
+    and state; a row of length 0 keeps its state and has logits 0; what the padding holds changes nothing."""
+    out = tiny_export(memory=memory, flavor=flavor, dtype=dtype)
+    backend, ref = OrtBackend.open(out, threads=1), _reference(out)
+    assert backend.ragged_prefill
+    tol = 1e-4 if dtype == "fp32" else 1e-2
+    g = torch.Generator().manual_seed(9)
+    first = torch.randint(0, 256, (4, 7), generator=g)
+    _, start = backend.prefill(first, backend.new_state(4))
+    _, ref_start = ref.prefill(first)
+    ids, lengths = torch.randint(0, 256, (4, 40), generator=g), torch.tensor([40, 23, 0, 1])
+    logits, state = backend.prefill(ids, start, lengths=lengths)
+    want, want_state = ref.prefill(ids, ref_start, last_only=True, lengths=lengths)
+    assert rel_err(logits, want[:, -1]) <= tol and not logits[2].any()
+    got = backend.state_to_reference(state)
+    for k, v in want_state.tensors().items():
+        assert rel_err(got.tensors()[k].float(), v.float()) <= tol, k
+    before = backend.state_to_reference(start)
+    for k, v in got.tensors().items():                          # row 2: no tokens, its state as it was
+        assert torch.equal(v[:, 2], before.tensors()[k][:, 2]), k
+    other = torch.where(torch.arange(40) >= lengths[:, None], torch.randint(0, 256, (4, 40), generator=g), ids)
+    logits_other, state_other = backend.prefill(other, start, lengths=lengths)
+    assert torch.equal(logits_other, logits)
+    assert all(np.array_equal(v, state_other.numpy()[k]) for k, v in state.numpy().items())
+    whole, _ = backend.prefill(ids, start)                      # without lengths: every row whole
+    assert rel_err(whole, backend.prefill(ids, start, lengths=[40] * 4)[0]) == 0
+    assert rel_err(whole[1], logits[1]) > 1e-2                  # the padding would have mattered
+    for bad, message in [([40, 23, 0], "4 integers"), ([41, 0, 0, 0], r"\[0, 40\]")]:
+        with pytest.raises(ValueError, match=message):
+            backend.prefill(ids, start, lengths=bad)
+    backend.ragged_prefill = False                              # what an export of format 1 (no lengths input) says
+    with pytest.raises(ValueError, match="predates prefill's lengths input: export it again"):
+        backend.prefill(ids, start, lengths=lengths)
+
+
 def test_states_are_never_overwritten(tiny_export):
     """Buffers are recycled (ping-pong), but a state somebody still holds is never written: stepping twice from
     a kept state gives the same logits, and the kept state's values do not change."""

@@ -466,23 +466,25 @@ class CountingBackend:
         return self.inner.prefill(ids, state, **kw)
 
 
-@pytest.mark.parametrize("kind", ["torch", "dict-state"])
-def test_prompts_of_different_lengths_prefill_as_rows_of_their_own(checkpoint, model, kind):
-    """Session.prefill of rows of different lengths: in one backend call where the backend takes lengths (torch),
-    a row at a time where it does not (a TensorRT-like Mapping state); each row's logits, greedy tokens and state
+@pytest.mark.parametrize("kind", ["torch", "onnxruntime", "dict-state"])
+def test_prompts_of_different_lengths_prefill_as_rows_of_their_own(checkpoint, model, export_dir, kind):
+    """Session.prefill of rows of different lengths: in one backend call where the backend takes lengths (torch,
+    onnxruntime), a row at a time where it does not (a TensorRT-like Mapping state); each row's logits, greedy tokens and state
     are its prompt's alone, also going on from a state with generate()'s pending tokens; generate() takes such a
     prompt too, and `memdeploy generate` with several prompts prefills them in one call."""
     from memmamba_deploy.cli_runtime import _generate_batch
     from memmamba_deploy.parity import state_view
 
     torch_backend = Session.open(checkpoint, device="cpu").backend
-    inner = torch_backend if kind == "torch" else DictStateBackend(model)
+    inner = {"torch": torch_backend, "onnxruntime": Session.open(export_dir).backend}.get(kind) or \
+        DictStateBackend(model)
     backend = CountingBackend(inner)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (41, 5, 1, 23)]
     s = Session(backend)
     logits = s.prefill(prompts)
-    one_call = kind == "torch"
+    one_call = kind != "dict-state"
+    tol = 1e-4 if kind == "onnxruntime" else 1e-5
     assert [c[0] for c in backend.calls] == ([(4, 41)] if one_call else [(1, n) for n in (41, 5, 1, 23)])
     if one_call:
         assert backend.calls[0][1].tolist() == [41, 5, 1, 23]
@@ -490,11 +492,11 @@ def test_prompts_of_different_lengths_prefill_as_rows_of_their_own(checkpoint, m
     tokens = torch.stack(list(s.generate(max_new_tokens=12)), 1)
     for i, p in enumerate(prompts):
         want, want_logits, want_state = greedy_by_hand(model, p, 12)
-        assert rel_err(logits[i:i + 1], want_logits[:1]) <= 1e-5, i
+        assert rel_err(logits[i:i + 1], want_logits[:1]) <= tol, i
         assert tokens[i].tolist() == want, i
         _, alone = model.prefill(torch.tensor([p]))
         for k, v in alone.tensors().items():
-            assert rel_err(state.tensors()[k][:, i:i + 1], v) <= 1e-5, (i, k)
+            assert rel_err(state.tensors()[k][:, i:i + 1], v) <= tol, (i, k)
     # going on with more rows of different lengths: generate()'s last tokens (pending) go first, each row's own
     more = [[7, 8, 9], [10], [11, 12, 13, 14, 15, 16], [17, 18]]
     backend.calls.clear()
@@ -502,7 +504,7 @@ def test_prompts_of_different_lengths_prefill_as_rows_of_their_own(checkpoint, m
     assert [c[0] for c in backend.calls] == ([(4, 7)] if one_call else [(1, 4), (1, 2), (1, 7), (1, 3)])
     for i, p in enumerate(prompts):
         alone, _ = model.prefill(torch.tensor([p + tokens[i].tolist() + more[i]]), last_only=True)
-        assert rel_err(again[i:i + 1], alone[:, -1]) <= 1e-5, i
+        assert rel_err(again[i:i + 1], alone[:, -1]) <= tol, i
     # generate() with such a prompt: each row generating from its own end; nothing consumed until it is iterated
     lazy = Session(backend)
     stream = lazy.generate(prompts, max_new_tokens=12)
@@ -517,10 +519,10 @@ def test_prompts_of_different_lengths_prefill_as_rows_of_their_own(checkpoint, m
     texts = ["a cat", "the dog barked"]
     got = Session(backend).prefill(texts)
     for i, text in enumerate(texts):
-        assert rel_err(got[i:i + 1], Session(torch_backend).prefill(text)) <= 1e-5
+        assert rel_err(got[i:i + 1], Session(torch_backend).prefill(text)) <= tol
     assert Session(backend).prefill([[1, 2], [3, 4]]).shape == (2, 256)
     rows = np.array([np.array(prompts[0]), np.array(prompts[1])], dtype=object)      # numpy's ragged rows
-    assert rel_err(Session(backend).prefill(rows), logits[:2]) <= 1e-5
+    assert rel_err(Session(backend).prefill(rows), logits[:2]) <= tol
     square = np.array([np.array([1, 2]), np.array([3, 4])], dtype=object)           # rows of one length: 2-D
     assert torch.equal(Session(backend).prefill(square), Session(backend).prefill([[1, 2], [3, 4]]))
     for bad, message in [([[1, 2], []], r"prompts\[1\] is empty"), ([[1, 2], [300]], r"prompts\[1\]: .*\[0, 256\)"),

@@ -11,6 +11,7 @@
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -503,6 +504,8 @@ private:
     TrtPtr<nvinfer1::IExecutionContext> decode_, prefill_;
     std::map<std::string, DeviceBuffer> state_[2];
     DeviceBuffer logits_[2], tok_[2], ids_, rng_, params_;
+    DeviceBuffer lens_;                  //!< the prefill engine's lengths input [B] (T for every row), if it has one
+    std::vector<int64_t> lensHost_;      //!< its source (outlives the copy: prefill waits for each chunk)
     int64_t* pinned_{nullptr};
     cudaEvent_t nextReady_[2]{};
     int cur_{0};
@@ -555,6 +558,18 @@ private:
             throw Error("TensorRT rejected input_ids of shape [" + std::to_string(opt_.batch) + ", " + std::to_string(T)
                 + "]: " + e_->logger.last());
         bind(ctx, "input_ids", ids);
+        // prefill engines of exports since the graph took lengths [B]: every row has all T tokens
+        if (ctx.getEngine().getTensorIOMode("lengths") == nvinfer1::TensorIOMode::kINPUT)
+        {
+            if (lensHost_.size() != static_cast<size_t>(opt_.batch))
+                lensHost_.resize(opt_.batch), lens_ = DeviceBuffer(opt_.batch * 8);
+            std::fill(lensHost_.begin(), lensHost_.end(), T);
+            MM_CUDA(cudaMemcpyAsync(lens_.get(), lensHost_.data(), opt_.batch * 8, cudaMemcpyHostToDevice, stream_));
+            if (!ctx.setInputShape("lengths", dims({opt_.batch})))
+                throw Error("TensorRT rejected lengths of shape [" + std::to_string(opt_.batch) + "]: "
+                    + e_->logger.last());
+            bind(ctx, "lengths", lens_.get());
+        }
         for (auto const& s : e_->states)
         {
             if (!ctx.setInputShape(s.input.c_str(), dims(shape(s))))

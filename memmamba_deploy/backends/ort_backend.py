@@ -17,6 +17,7 @@ import torch
 
 from ..export.manifest import read_manifest
 from ..models import MemMambaConfig, State
+from ..models.memmamba import check_lengths
 from .base import check_batch, check_ids
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
@@ -79,6 +80,8 @@ class OrtBackend:
             except Exception as e:   # onnxruntime raises its own Fail/InvalidGraph types
                 raise ValueError(f"ONNX Runtime cannot load {path}: {e}") from None
             self._check_io(g)
+        # exports since prefill took lengths: rows of their own lengths in one call (Session.prefill of prompts)
+        self.ragged_prefill = "lengths" in {i.name for i in self.sessions["prefill"].get_inputs()}
         used = self.sessions["decode_step"].get_providers()
         self.device = "cuda" if used[0] == "CUDAExecutionProvider" else "cpu"
         self.providers = used
@@ -200,7 +203,7 @@ class OrtBackend:
         ids = ids.detach() if isinstance(ids, torch.Tensor) else ids
         return np.ascontiguousarray(check_ids(ids, self.config.vocab_size, what, dims).cpu().numpy())
 
-    def _run(self, graph: str, ids: np.ndarray, state) -> tuple[torch.Tensor, OrtState]:
+    def _run(self, graph: str, ids: np.ndarray, state, lengths: np.ndarray | None = None):
         import onnxruntime as ort
 
         batch = ids.shape[0]
@@ -208,6 +211,8 @@ class OrtBackend:
         sess = self.sessions[graph]
         binding = sess.io_binding()
         binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids, self.device, 0))
+        if lengths is not None:
+            binding.bind_ortvalue_input("lengths", ort.OrtValue.ortvalue_from_numpy(lengths, self.device, 0))
         binding.bind_output("logits", "cpu")      # first (get_outputs()[0]); small, and wanted on the host
         out = self._buffers(batch)
         for s in self.state_specs:
@@ -221,9 +226,19 @@ class OrtBackend:
         logits = torch.from_numpy(np.array(binding.get_outputs()[0].numpy(), dtype=np.float32, copy=True))
         return logits, self._adopt(out, batch)
 
-    def prefill(self, input_ids, state) -> tuple[torch.Tensor, OrtState]:
-        """input_ids [B,T], T >= 1 -> (logits of the last token [B,vocab] fp32, state after it)."""
-        return self._run("prefill", self._ids(input_ids, "input_ids", 2), state)
+    def prefill(self, input_ids, state, lengths=None) -> tuple[torch.Tensor, OrtState]:
+        """input_ids [B,T], T >= 1 -> (logits of the last token [B,vocab] fp32, state after it). lengths [B]: rows
+        of their own lengths, the rest padding (MemMambaLM.prefill's; exports whose prefill graph takes them,
+        ragged_prefill)."""
+        ids = self._ids(input_ids, "input_ids", 2)
+        if lengths is not None and not self.ragged_prefill:
+            raise ValueError(f"the export in {self.out} predates prefill's lengths input: export it again to prefill "
+                             f"rows of their own lengths in one call, or prefill the rows one at a time")
+        if self.ragged_prefill:
+            n = np.full(ids.shape[0], ids.shape[1], np.int64) if lengths is None else \
+                np.ascontiguousarray(check_lengths(lengths, *ids.shape).cpu().numpy())
+            return self._run("prefill", ids, state, n)
+        return self._run("prefill", ids, state)
 
     def step(self, token_ids, state) -> tuple[torch.Tensor, OrtState]:
         """token_ids [B] (or [B,1]) -> (logits [B,vocab] fp32, state after the token)."""

@@ -377,6 +377,9 @@ class TensorRTBackend:
         self._check_state(state, ids.shape[0])
         logits = None
         for start in range(0, ids.shape[1], self.max_prefill):  # resumable prefill: chunks of the profile's max
-            logits, state = self._split(self._run("prefill", {"input_ids": ids[:, start:start + self.max_prefill],
-                                                               **state}))
+            chunk = ids[:, start:start + self.max_prefill]
+            feeds = {"input_ids": chunk, **state}
+            if "lengths" in self._io["prefill"]:           # (exports since the prefill graph took lengths) whole rows
+                feeds["lengths"] = torch.full((ids.shape[0],), chunk.shape[1], dtype=torch.int64)
+            logits, state = self._split(self._run("prefill", feeds))
         return logits.reshape(ids.shape[0], -1), state
