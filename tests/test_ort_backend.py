@@ -98,9 +98,59 @@ def test_prefill_of_rows_of_different_lengths_in_one_call(tiny_export, memory, f
     for bad, message in [([40, 23, 0], "4 integers"), ([41, 0, 0, 0], r"\[0, 40\]")]:
         with pytest.raises(ValueError, match=message):
             backend.prefill(ids, start, lengths=bad)
-    backend.ragged_prefill = False                              # what an export of format 1 (no lengths input) says
+
+
+def format_1_export(src, out):
+    """A copy of export `src` as format version 1 wrote it: its prefill graph without the lengths input (here
+    computed inside the graph as T for every row, which is what such a graph did)."""
+    import json
+    import shutil
+
+    import onnx
+    from onnx import helper
+
+    from memmamba_deploy.export.manifest import file_hashes
+
+    shutil.copytree(src, out)
+    model = onnx.load(str(out / "prefill.onnx"))
+    g = model.graph
+    g.input.remove(next(i for i in g.input if i.name == "lengths"))
+    consts = [helper.make_node("Constant", [], [n], value=helper.make_tensor(n, onnx.TensorProto.INT64, [1], [v]))
+              for n, v in (("v1_zero", 0), ("v1_one", 1), ("v1_two", 2))]
+    nodes = consts + [helper.make_node("Shape", ["input_ids"], ["v1_shape"]),
+                      helper.make_node("Slice", ["v1_shape", "v1_one", "v1_two"], ["v1_T"]),
+                      helper.make_node("Slice", ["v1_shape", "v1_zero", "v1_one"], ["v1_B"]),
+                      helper.make_node("Expand", ["v1_T", "v1_B"], ["lengths"])]
+    for n in reversed(nodes):
+        g.node.insert(0, n)
+    onnx.save(model, str(out / "prefill.onnx"))
+    m = json.loads((out / "manifest.json").read_text())
+    m["format_version"] = 1
+    m["graphs"]["prefill"]["inputs"] = [i for i in m["graphs"]["prefill"]["inputs"] if i["name"] != "lengths"]
+    m["files"] = file_hashes(out)
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def test_exports_of_format_1_still_run(tiny_export, tmp_path):
+    """An export made before the prefill graph took lengths: loads, prefills whole rows (lengths of T for every
+    row are accepted), refuses rows of their own lengths by name, and a Session prefills them a row at a time."""
+    from memmamba_deploy.session import Session
+
+    out = tiny_export(memory=True)
+    old, new = OrtBackend.open(format_1_export(out, tmp_path / "v1"), threads=1), OrtBackend.open(out, threads=1)
+    assert not old.ragged_prefill and new.ragged_prefill
+    ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(4))
+    want, want_state = new.prefill(ids, new.new_state(3))
+    for lengths in (None, [20, 20, 20]):
+        got, got_state = old.prefill(ids, old.new_state(3), lengths=lengths)
+        assert torch.equal(got, want)
+        assert all(np.array_equal(v, want_state.numpy()[k]) for k, v in got_state.numpy().items())
     with pytest.raises(ValueError, match="predates prefill's lengths input: export it again"):
-        backend.prefill(ids, start, lengths=lengths)
+        old.prefill(ids, old.new_state(3), lengths=[20, 5, 1])
+    prompts = [ids[0, :20].tolist(), ids[1, :5].tolist(), ids[2, :1].tolist()]
+    a, b = Session(old).prefill(prompts), Session(new).prefill(prompts)
+    assert rel_err(a, b) <= 1e-5
 
 
 def test_states_are_never_overwritten(tiny_export):

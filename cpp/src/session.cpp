@@ -69,32 +69,38 @@ void Session::prefill(int32_t const* tokens, int T, int32_t const* lengths)
         throw Error("prefill needs T >= 1 tokens per row, got " + std::to_string(T));
     int const B = batch();
     checkTokens(tokens, static_cast<size_t>(T) * B, config().vocab_size);
-    std::vector<int32_t> lens;      // rows of their own lengths; none where every row has T
+    int longest = T;                // columns past every row's end are not fed
+    std::vector<int32_t> lens;      // rows of their own lengths; none where every row has `longest`
     if (lengths)
     {
         for (int b = 0; b < B; ++b)
             if (lengths[b] < 1 || lengths[b] > T)
                 throw Error("prefill: lengths[" + std::to_string(b) + "] is " + std::to_string(lengths[b])
                             + ", outside 1.." + std::to_string(T) + " (a row's tokens, at most T)");
-        if (std::any_of(lengths, lengths + B, [T](int32_t n) { return n != T; }))
+        longest = *std::max_element(lengths, lengths + B);
+        if (std::any_of(lengths, lengths + B, [longest](int32_t n) { return n != longest; }))
             lens.assign(lengths, lengths + B);
     }
-    rowsCopied_.clear();            // a token fed gives every row logits: copyRow's marks are done with
-    if (pending_.empty())
+    int const lead = pending_.empty() ? 0 : 1; // generate()'s last tokens go first, each row's own
+    int const W = lead + longest;
+    std::vector<int32_t> ids;
+    int32_t const* feed = tokens;
+    if (lead || longest < T)
     {
-        backend_->prefill(tokens, T, lens.empty() ? nullptr : lens.data());
-        return;
-    }
-    std::vector<int32_t> ids(static_cast<size_t>(B) * (T + 1));      // each row: its pending token, then its T
-    for (int b = 0; b < B; ++b)
-    {
-        ids[static_cast<size_t>(b) * (T + 1)] = pending_[b];
-        std::copy(tokens + static_cast<size_t>(b) * T, tokens + static_cast<size_t>(b + 1) * T,
-            ids.begin() + static_cast<size_t>(b) * (T + 1) + 1);
+        ids.resize(static_cast<size_t>(B) * W);
+        for (int b = 0; b < B; ++b)
+        {
+            if (lead)
+                ids[static_cast<size_t>(b) * W] = pending_[b];
+            std::copy(tokens + static_cast<size_t>(b) * T, tokens + static_cast<size_t>(b) * T + longest,
+                ids.begin() + static_cast<size_t>(b) * W + lead);
+        }
+        feed = ids.data();
     }
     for (int32_t& n : lens)
-        ++n;
-    backend_->prefill(ids.data(), T + 1, lens.empty() ? nullptr : lens.data());
+        n += lead;
+    backend_->prefill(feed, W, lens.empty() ? nullptr : lens.data()); // a refusal changes nothing
+    rowsCopied_.clear();            // a token fed gives every row logits: copyRow's marks are done with
     pending_.clear();
 }
 

@@ -185,6 +185,9 @@ std::shared_ptr<Engines> loadEngines(std::string const& dir, SessionOptions cons
     };
     if (need("format").asString("format") != "memmamba-deploy-export")
         throw Error(path + " is not a memdeploy export manifest");
+    int64_t const version = need("format_version").asInt("format_version"); // export/manifest.py READS_VERSIONS
+    if (version != 1 && version != 2)
+        throw Error(path + " has format_version " + std::to_string(version) + "; this runtime reads 1 and 2");
     auto const* trt = m.find("tensorrt");
     if (!trt)
         throw Error(dir + " has no TensorRT engines yet: run `memdeploy build " + dir + " --plugins LIB`");
@@ -264,6 +267,9 @@ public:
         prefill_.reset(e_->prefill->createExecutionContext());
         if (!decode_ || !prefill_)
             throw Error("TensorRT could not create execution contexts: " + e_->logger.last());
+        prefillLengths_ = e_->prefill->getTensorIOMode("lengths") == nvinfer1::TensorIOMode::kINPUT;
+        if (prefillLengths_ && e_->prefill->getTensorDataType("lengths") != nvinfer1::DataType::kINT64)
+            throw Error("the prefill engine's lengths input is not int64: build the engines again (memdeploy build)");
         int64_t B = opt_.batch, V = e_->config.vocab_size;
         for (int p = 0; p < 2; ++p)
         {
@@ -313,8 +319,9 @@ public:
     void prefill(int32_t const* tokens, int T, int32_t const* lengths) override
     {
         if (lengths)
-            throw Error("the tensorrt backend prefills rows of one length (its prefill engine takes no lengths): "
-                        "prefill each prompt in a sibling(1) session and copyRow it into the batch");
+            throw Error("the tensorrt backend prefills rows of one length (it would have to keep each row's logits "
+                        "from the chunk of max_prefill tokens where the row ends): prefill each prompt in a "
+                        "sibling(1) session and copyRow it into the batch");
         DeviceGuard onDevice(opt_.device);
         int const B = opt_.batch;
         for (int start = 0; start < T; start += e_->maxPrefill) // resumable prefill, in chunks of the profile's max
@@ -506,6 +513,7 @@ private:
     DeviceBuffer logits_[2], tok_[2], ids_, rng_, params_;
     DeviceBuffer lens_;                  //!< the prefill engine's lengths input [B] (T for every row), if it has one
     std::vector<int64_t> lensHost_;      //!< its source (outlives the copy: prefill waits for each chunk)
+    bool prefillLengths_{false};         //!< the prefill engine has that input (exports of format version 2)
     int64_t* pinned_{nullptr};
     cudaEvent_t nextReady_[2]{};
     int cur_{0};
@@ -559,7 +567,7 @@ private:
                 + "]: " + e_->logger.last());
         bind(ctx, "input_ids", ids);
         // prefill engines of exports since the graph took lengths [B]: every row has all T tokens
-        if (ctx.getEngine().getTensorIOMode("lengths") == nvinfer1::TensorIOMode::kINPUT)
+        if (&ctx == prefill_.get() && prefillLengths_)
         {
             if (lensHost_.size() != static_cast<size_t>(opt_.batch))
                 lensHost_.resize(opt_.batch), lens_ = DeviceBuffer(opt_.batch * 8);

@@ -231,13 +231,13 @@ class OrtBackend:
         of their own lengths, the rest padding (MemMambaLM.prefill's; exports whose prefill graph takes them,
         ragged_prefill)."""
         ids = self._ids(input_ids, "input_ids", 2)
-        if lengths is not None and not self.ragged_prefill:
+        n = np.full(ids.shape[0], ids.shape[1], np.int64) if lengths is None else \
+            np.ascontiguousarray(check_lengths(lengths, *ids.shape).cpu().numpy())
+        if self.ragged_prefill:
+            return self._run("prefill", ids, state, n)
+        if (n != ids.shape[1]).any():
             raise ValueError(f"the export in {self.out} predates prefill's lengths input: export it again to prefill "
                              f"rows of their own lengths in one call, or prefill the rows one at a time")
-        if self.ragged_prefill:
-            n = np.full(ids.shape[0], ids.shape[1], np.int64) if lengths is None else \
-                np.ascontiguousarray(check_lengths(lengths, *ids.shape).cpu().numpy())
-            return self._run("prefill", ids, state, n)
         return self._run("prefill", ids, state)
 
     def step(self, token_ids, state) -> tuple[torch.Tensor, OrtState]:
