@@ -284,6 +284,13 @@ def test_prefill_of_rows_of_different_lengths(build, checkpoints, dtype, rows):
     compare_state(native, state, dtype, "after a second prefill of rows",
                   lambda: python_rows(calls + [(tokens[:, :-1], None),
                                                (torch.cat([tokens[:, -1:], more], 1), more_len + 1)]))
+    # columns past every row's end (the session feeds the first 31 only; lengths equal there: a plain prefill)
+    tail = torch.randint(0, V, (4, 60), generator=g)
+    for tail_len in (torch.tensor([31, 12, 31, 5]), torch.tensor([31, 31, 31, 31])):
+        native.prefill(tail, tail_len)
+        ref_logits, state = ref.prefill(tail.cuda(), state, last_only=True, lengths=tail_len.cuda())
+        err3 = rel_err(native.logits(V), ref_logits[:, -1].float().cpu())
+        assert err3 <= TOL[dtype], f"rows shorter than T ({tail_len.tolist()}): logits rel err {err3:.2e}"
     record(test="rows-of-different-lengths", dtype=dtype, rows=rows, logits_err=err, second_logits_err=err2,
            state_err=errs)
     for bad in ([200, 0, 1, 1], [201, 1, 1, 1]):
