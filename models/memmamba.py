@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import MemMambaConfig
-from .ops import load_ops
+from .ops import is_integer, load_ops
 from .ops.norm import rms_norm_ref
 from .ops.pool import cross_layer_bank, fp32, pool_after_ref
 from .ops.scan import at_row_ends, padding
@@ -156,11 +156,6 @@ def check_lengths(lengths, batch: int, T: int) -> torch.Tensor:
         if lo < 0 or hi > T:
             raise ValueError(f"lengths must lie in [0, {T}] (the columns of input_ids), got {lo if lo < 0 else hi}")
     return n
-
-
-def is_integer(t: torch.Tensor) -> bool:
-    """Whether a tensor holds integers (token ids, lengths, row indices): not float, complex or bool."""
-    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,11 @@ from . import norm, pool, scan
 KERNEL_SETS = ("torch", "triton")
 
 
+def is_integer(t: torch.Tensor) -> bool:
+    """Whether a tensor holds integers (token ids, lengths, row indices): not float, complex or bool."""
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
 def no_fused_memory_read(layer, u, pool0, prio0, group, u_is_scratch=False, lengths=None):
     """The reference composes the memory path from the ops (Layer.memory_read); nothing is fused."""
     return None

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from memmamba_deploy.models.ops import needs_grad
+from memmamba_deploy.models.ops import is_integer, needs_grad
 from memmamba_deploy.models.ops.scan import at_row_ends, padding
 from memmamba_deploy.models.ops.scan import selective_scan_ref, selective_state_step_ref  # noqa: F401 (references)
 
@@ -711,7 +711,7 @@ def _check_lengths(lengths, batch: int, device) -> torch.Tensor:
     """Rows' lengths for a kernel: [batch] integers on `device`, as int64. Their values (0..T) are the caller's
     to check (MemMambaLM.check_lengths): reading them here would sync the GPU, or fail inside a CUDA graph."""
     if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != batch or \
-            lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            not is_integer(lengths):
         raise ValueError(f"lengths must be a [{batch}] integer tensor (one length a row), got "
                          f"{list(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}"
                          f"{'' if not isinstance(lengths, torch.Tensor) else ' ' + str(lengths.dtype)}")
