@@ -27,7 +27,8 @@ class Backend(Protocol):
     def prefill(self, input_ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         """input_ids [B,T], T >= 1 -> (logits of the last token [B,vocab], state after it). A backend whose
         `ragged_prefill` is True also takes lengths=[B] (rows of their own lengths, the rest padding:
-        MemMambaLM.prefill's); Session prefills the rows one at a time on the others."""
+        MemMambaLM.prefill's; the logits are then each row's last token's, 0 for a row of length 0); Session
+        prefills the rows one at a time on the others."""
 
     def step(self, token_ids: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         """token_ids [B] -> (logits [B,vocab], state after the token)."""

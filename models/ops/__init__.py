@@ -6,7 +6,8 @@
     fused_memory_read      a whole layer's §3-§5 prefill at once (ũ = u + r_tok + r_cross, the pool after it), or
                            None where the set has no such path (the reference: Layer.memory_read composes the ops);
                            lengths [B]: row b's tokens past lengths[b] are padding, which enters no pool
-    causal_conv, selective_scan and fused_memory_read take `lengths` (rows of different lengths in one batch)
+    causal_conv, selective_scan and fused_memory_read take `lengths` (rows of different lengths in one batch); the
+    model passes it only for such rows, so a kernel set without it still runs every prefill of whole rows
 """
 from __future__ import annotations
 

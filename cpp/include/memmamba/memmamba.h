@@ -143,9 +143,11 @@ public:
     //! After generate(), its last tokens are fed first (see generate).
     void prefill(int32_t const* tokens, int T);
     //! Rows of their own lengths in one call (prompts of different lengths as one batch): row b feeds
-    //! tokens[b*T, b*T + lengths[b]), 1 <= lengths[b] <= T; the rest of its T ids is padding, which is not fed
-    //! (any ids in the vocabulary). Afterwards each row's logits are those after its own last token, and each
-    //! row's state is what prefilling its tokens alone gives (within rounding). The native backend runs it in the
+    //! tokens[b*T, b*T + lengths[b]), 1 <= lengths[b] <= T; the rest of its T ids is padding (any ids in the
+    //! vocabulary), which changes no state (columns past every row's end are not run at all). As with the other
+    //! overload, generate()'s pending tokens are fed first, each row's own. Afterwards each row's logits are those
+    //! after its own last token, and each row's state is what prefilling its tokens alone gives (within
+    //! rounding). The native backend runs it in the
     //! parallel form; the tensorrt backend, and a native session whose prefill runs token by token, take rows of
     //! one length only (prefill each prompt in a sibling(1) and copyRow it instead).
     void prefill(int32_t const* tokens, int T, int32_t const* lengths);
