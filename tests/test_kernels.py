@@ -877,6 +877,31 @@ def test_triton_prefill_of_rows_of_different_lengths_is_each_row_alone(dtype, rn
         backend.prefill(torch.tensor([[1, 256], [1, 2], [3, 4]]), start, lengths=[1, 2, 2])  # graph would not
 
 
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16-fused-memory-path"])
+@torch.no_grad()
+def test_triton_prefill_in_halves_of_rows_of_different_lengths(dtype, rng):
+    # the Triton backend's long pieces (prefill_in_halves) through the Triton kernels with lengths: rows ending in
+    # the first half, exactly at the half, one past it, in the second half and not at all; against the torch
+    # kernels' halves and the whole prefill
+    from memmamba_deploy.backends.triton_backend import prefill_in_halves
+
+    model = make_model(3).to(dtype)
+    ids = torch.randint(0, 256, (6, 22), generator=rng)
+    lengths = torch.tensor([22, 5, 11, 12, 17, 0])
+    _, start = model.prefill(torch.randint(0, 256, (6, 7), generator=rng))
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    want, want_state = prefill_in_halves(model, ids, start, lengths=lengths)
+    whole, whole_state = model.prefill(ids, start, last_only=True, lengths=lengths)
+    assert rel_err(want, whole) <= tol
+    got, got_state = prefill_in_halves(triton_twin(model), ids, start, lengths=lengths)
+    assert rel_err(got, want) <= tol and not got[5].any()
+    for k, v in got_state.tensors().items():
+        assert rel_err(v.float(), want_state.tensors()[k].float()) <= tol, k
+        assert rel_err(v.float(), whole_state.tensors()[k].float()) <= tol, k
+        assert torch.equal(v[:, 5], start.tensors()[k][:, 5]), k
+
+
 @pytest.mark.parametrize("batch, T, cost, want", [
     (1, 1500, 2048, [2048]), (1, 1024, 2048, [1024]), (1, 3, 2048, [4]), (1, 17000, 2048, [16384, 1024]),
     (1, 70000, 2048, [65536, 4096, 512]), (64, 2017, 2048, [1024, 1024]), (1, 1500, 0, [1024, 256, 128, 64, 16, 8, 4]),
