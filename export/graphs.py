@@ -266,13 +266,12 @@ class GraphWriter:
         c, b = self.config, self._begin()
         h = self._embed(b)                                                                      # [B, T, d] fp32
         st = self._layer_states(b)
-        T = b.dim("input_ids", 1)
+        batch, T = b.dim("input_ids", 0), b.dim("input_ids", 1)
         positions = b.op("Range", b.const(0, INT64), b.squeeze(T, 0), b.const(1, INT64))
         pad = b.op("GreaterOrEqual", b.unsqueeze(positions, 0), b.unsqueeze("lengths", 1))      # [B, T]
         # [window, x]'s columns after each row's last token, lengths[b] + j (j < k-1), for every channel
         at = b.op("Add", b.unsqueeze("lengths", 1, 2), b.const(np.arange(c.d_conv - 1).reshape(1, 1, -1), INT64))
-        window_at = b.op("Expand", at, b.op("Concat", b.dim("input_ids", 0), b.i64(c.d_inner, c.d_conv - 1),
-                                             axis=0))
+        window_at = b.op("Expand", at, b.op("Concat", batch, b.i64(c.d_inner, c.d_conv - 1), axis=0))
         new = {s.name: [] for s in self.state}
         K = c.pool_size
         if c.memory:
@@ -310,8 +309,7 @@ class GraphWriter:
                 h = b.op("Add", h, self._to_fp32(b, y))
             on_layer()
         end = b.op("Max", b.op("Sub", "lengths", b.const(1, INT64)), b.const(0, INT64))           # each row's last
-        last = b.op("Expand", b.unsqueeze(end, 1, 2), b.op("Concat", b.dim("input_ids", 0), b.i64(1, c.d_model),
-                                                          axis=0))
+        last = b.op("Expand", b.unsqueeze(end, 1, 2), b.op("Concat", batch, b.i64(1, c.d_model), axis=0))
         h_last = b.squeeze(b.op("GatherElements", h, last, axis=1), 1)
         return self._finish(b, "prefill", h_last, new, TOKENS,
                             no_tokens=b.op("Equal", "lengths", b.const(0, INT64)))

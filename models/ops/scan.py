@@ -15,6 +15,13 @@ def padding(lengths, T: int):
     return torch.arange(T, device=lengths.device)[None, :] >= lengths[:, None]
 
 
+def padded_dt(dt, lengths, dt_softplus: bool):
+    """dt [B,T,Di] with -inf past each row's length: δ = softplus(-inf) = 0 there, the recurrence's identity."""
+    if not dt_softplus:
+        raise ValueError("selective_scan: lengths needs dt_softplus (padding's δ is softplus(-inf) = 0)")
+    return dt.masked_fill(padding(lengths.to(dt.device), dt.shape[1])[..., None], float("-inf"))
+
+
 def at_row_ends(t, lengths):
     """t [B,T,...] at each row's last token, lengths[b] - 1 (column 0 for a row of length 0): [B,1,...]. A t of
     one column ([B,1,...]) is taken as already there."""
@@ -75,9 +82,7 @@ def selective_scan_ref(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_soft
     [B,1,Di], or [B,T,Di] read there) at each row's last token (column 0 for a row of length 0)."""
     Bsz, T, Di = x.shape
     if lengths is not None:
-        if not dt_softplus:
-            raise ValueError("selective_scan: lengths needs dt_softplus (padding's δ is softplus(-inf) = 0)")
-        dt = dt.masked_fill(padding(lengths.to(x.device), T)[..., None], float("-inf"))
+        dt = padded_dt(dt, lengths, dt_softplus)
     ends = lengths is not None and last_only                # y read at each row's own last token
     if ends and z is not None:
         z = at_row_ends(z, lengths)

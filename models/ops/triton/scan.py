@@ -37,7 +37,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from memmamba_deploy.models.ops import is_integer, needs_grad
-from memmamba_deploy.models.ops.scan import at_row_ends, padding
+from memmamba_deploy.models.ops.scan import at_row_ends, padded_dt
 from memmamba_deploy.models.ops.scan import selective_scan_ref, selective_state_step_ref  # noqa: F401 (references)
 
 from .launch import _after_predecessor, pdl_meta
@@ -947,9 +947,7 @@ def selective_scan(x, dt, A, B, C, D, z=None, dt_bias=None, h0=None, dt_softplus
     if needs_grad(*tensors):
         if lengths is not None:                     # padding's δ = softplus(-inf) = 0, through the Triton autograd
             lengths = _check_lengths(lengths, x.shape[0], x.device)
-            if not dt_softplus:
-                raise ValueError("selective_scan: lengths needs dt_softplus (padding's δ is softplus(-inf) = 0)")
-            dt = dt.masked_fill(padding(lengths, x.shape[1])[..., None], float("-inf"))
+            dt = padded_dt(dt, lengths, dt_softplus)
             if not last_only:
                 return SelectiveScanFn.apply(x, dt, A, B, C, D, z, dt_bias, h0, dt_softplus)
             y, h = SelectiveScanFn.apply(x, dt, A, B, C, D, None, dt_bias, h0, dt_softplus)
